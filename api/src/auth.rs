@@ -1,0 +1,126 @@
+//! Who is asking: password hashing, session tokens, and the `AuthUser` extractor.
+use std::sync::LazyLock;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+use axum::extract::FromRequestParts;
+use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::request::Parts;
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use aichat_shared::db;
+use aichat_shared::domain::User;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub const SESSION_COOKIE: &str = "sessionid";
+
+/// Hashes a password with argon2 (default parameters) off the async runtime.
+pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|hash| hash.to_string())
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("hashing failed: {e}")))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
+}
+
+/// A real hash to check against when the username is unknown, so that a wrong username
+/// takes as long as a wrong password.
+static DUMMY_HASH: LazyLock<Option<String>> = LazyLock::new(|| {
+    Argon2::default()
+        .hash_password(b"not a real password")
+        .ok()
+        .map(|h| h.to_string())
+});
+
+/// Checks a password against a stored hash (or the dummy one) off the async runtime.
+pub async fn verify_password(password: String, stored: Option<String>) -> Result<bool, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let known = stored.is_some();
+        let Some(hash) = stored.or_else(|| DUMMY_HASH.clone()) else {
+            return false;
+        };
+        let Ok(parsed) = PasswordHash::new(&hash) else {
+            return false;
+        };
+        let matches = Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
+        known && matches
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// A fresh session token (256 random bits, URL-safe) and the hash stored in its place.
+pub fn new_token() -> (String, Vec<u8>) {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+pub fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The session token of a request: `Authorization: Bearer`, else the `sessionid` cookie.
+pub fn request_token(parts: &Parts) -> Option<String> {
+    if let Some(value) = parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let mut words = value.split_whitespace();
+        if let (Some(scheme), Some(token)) = (words.next(), words.next())
+            && (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
+        {
+            return Some(token.to_owned());
+        }
+    }
+    parts
+        .headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// Resolves a token to its user, if the session is live.
+pub async fn user_for_token(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
+    Ok(db::sessions::find_session_user(&state.db, &hash_token(token)).await?)
+}
+
+/// An authenticated user; extracting it answers 401 for anyone else.
+pub struct AuthUser {
+    pub user: User,
+    pub token_hash: Vec<u8>,
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = request_token(parts).ok_or(ApiError::Unauthenticated)?;
+        let user = user_for_token(state, &token)
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        Ok(AuthUser {
+            user,
+            token_hash: hash_token(&token),
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! The API's one error type and the one place it becomes an HTTP response.
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Validation problems by field, as `{"field": ["problem", ...]}`.
+#[derive(Debug, Default, Clone)]
+pub struct FieldErrors(BTreeMap<String, Vec<String>>);
+
+impl FieldErrors {
+    pub fn add(&mut self, field: &str, problem: impl Into<String>) {
+        self.0
+            .entry(field.to_owned())
+            .or_default()
+            .push(problem.into());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `Ok(())` when nothing was added, else the 400 error.
+    pub fn check(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::Validation(self))
+        }
+    }
+
+    pub fn single(field: &str, problem: impl Into<String>) -> ApiError {
+        let mut errors = FieldErrors::default();
+        errors.add(field, problem);
+        ApiError::Validation(errors)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Authentication required")]
+    Unauthenticated,
+    #[error("Invalid credentials")]
+    InvalidCredentials,
+    #[error("Not found.")]
+    NotFound,
+    #[error("{0}")]
+    NotFoundBecause(&'static str),
+    #[error("Method not allowed.")]
+    MethodNotAllowed,
+    #[error("validation failed")]
+    Validation(FieldErrors),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Unavailable(&'static str),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound | ApiError::NotFoundBecause(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<aichat_shared::Error> for ApiError {
+    fn from(err: aichat_shared::Error) -> Self {
+        if err.is_unavailable() {
+            tracing::warn!(error = %err, "backing service unavailable");
+            ApiError::Unavailable("Service temporarily unavailable, please retry shortly")
+        } else {
+            ApiError::Internal(err.into())
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        aichat_shared::Error::from(err).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match self {
+            ApiError::Validation(errors) => json!(errors.0),
+            ApiError::Internal(err) => {
+                // Details go to the log, never to the client.
+                tracing::error!(error = ?err, "request failed");
+                json!({"error": "Internal server error"})
+            }
+            other => json!({"error": other.to_string()}),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

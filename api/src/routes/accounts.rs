@@ -1,0 +1,182 @@
+//! Registration, login and logout, and who the user is.
+use axum::Json;
+use axum::extract::State;
+use axum::http::header::SET_COOKIE;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use chrono::{Duration, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use aichat_shared::db;
+use aichat_shared::domain::{User, UserSummary};
+
+use crate::auth::{self, AuthUser, SESSION_COOKIE};
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::extract::ApiJson;
+use crate::state::AppState;
+use crate::validate;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(me))
+        .routes(routes!(users))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_confirm: Option<String>,
+}
+
+/// Create an account.
+#[utoipa::path(post, path = "/api/register/", tag = "auth", request_body = RegisterRequest,
+    responses((status = 201, body = User), (status = 400, description = "Field errors")))]
+#[tracing::instrument(skip_all)]
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> ApiResult<(StatusCode, Json<User>)> {
+    let mut errors = FieldErrors::default();
+    validate::username(&mut errors, body.username.as_deref());
+    let email = body.email.unwrap_or_default();
+    validate::email(&mut errors, &email);
+    validate::password(
+        &mut errors,
+        body.password.as_deref(),
+        body.password_confirm.as_deref(),
+    );
+    errors.check()?;
+    let (Some(username), Some(password)) = (body.username, body.password) else {
+        return Err(ApiError::BadRequest(
+            "username and password are required".into(),
+        ));
+    };
+    let hash = auth::hash_password(password).await?;
+    match db::users::insert_user(&state.db, &username, &email, &hash, false).await {
+        Ok(user) => Ok((StatusCode::CREATED, Json(user))),
+        Err(e) if e.constraint() == Some(db::users::USERNAME_TAKEN) => Err(FieldErrors::single(
+            "username",
+            "A user with that username already exists.",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LoginRequest {
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoginResponse {
+    #[serde(flatten)]
+    user: User,
+    /// The session token: send it as `Authorization: Bearer <token>` (or rely on the cookie).
+    token: String,
+}
+
+/// Log in: answers the user with a session token and sets the `sessionid` cookie.
+#[utoipa::path(post, path = "/api/login/", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 401, description = "Invalid credentials")))]
+#[tracing::instrument(skip_all)]
+async fn login(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let mut errors = FieldErrors::default();
+    validate::required_text(&mut errors, "username", body.username.as_deref(), 150);
+    if body.password.as_deref().is_none_or(str::is_empty) {
+        errors.add("password", validate::REQUIRED);
+    }
+    errors.check()?;
+    let (Some(username), Some(password)) = (body.username, body.password) else {
+        return Err(ApiError::InvalidCredentials);
+    };
+    let credentials = db::users::find_credentials(&state.db, &username).await?;
+    let user_id = credentials.as_ref().map(|c| c.id);
+    if !auth::verify_password(password, credentials.map(|c| c.password_hash)).await? {
+        return Err(ApiError::InvalidCredentials);
+    }
+    let user_id = user_id.ok_or(ApiError::InvalidCredentials)?;
+    let user = db::users::get_user(&state.db, user_id)
+        .await?
+        .ok_or(ApiError::InvalidCredentials)?;
+
+    let ttl = Duration::hours(state.settings.session_ttl_hours);
+    let (token, token_hash) = auth::new_token();
+    db::sessions::delete_expired_sessions(&state.db, user.id).await?;
+    db::sessions::insert_session(&state.db, user.id, &token_hash, Utc::now() + ttl).await?;
+
+    let secure = if state.settings.cookie_secure {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{secure}",
+        ttl.num_seconds()
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    Ok((headers, Json(LoginResponse { user, token })))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageResponse {
+    message: String,
+}
+
+/// Log out: revokes this session server-side and clears the cookie.
+#[utoipa::path(post, path = "/api/logout/", tag = "auth",
+    responses((status = 200, body = MessageResponse), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
+    db::sessions::delete_session(&state.db, &auth.token_hash).await?;
+    let clear = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        SET_COOKIE,
+        HeaderValue::from_str(&clear).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    Ok((
+        headers,
+        Json(MessageResponse {
+            message: "Logged out successfully".into(),
+        }),
+    ))
+}
+
+/// The logged-in user.
+#[utoipa::path(get, path = "/api/me/", tag = "auth",
+    responses((status = 200, body = User), (status = 401, description = "Authentication required")))]
+async fn me(auth: AuthUser) -> Json<User> {
+    Json(auth.user)
+}
+
+/// Every user, to pick chat participants from.
+#[utoipa::path(get, path = "/api/users/", tag = "auth",
+    responses((status = 200, body = Vec<UserSummary>), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn users(
+    State(state): State<AppState>,
+    _auth: AuthUser,
+) -> ApiResult<Json<Vec<UserSummary>>> {
+    Ok(Json(db::users::list_users(&state.db).await?))
+}

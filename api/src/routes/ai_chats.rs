@@ -1,0 +1,267 @@
+//! AI chats: create, read, change and delete them, and read their related chat.
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use aichat_shared::db;
+use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
+use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
+
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::state::AppState;
+use crate::validate;
+
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat.";
+const MAX_SYSTEM_PROMPT_CHARS: usize = 20_000;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_ai_chats, create_ai_chat))
+        .routes(routes!(
+            get_ai_chat,
+            patch_ai_chat,
+            put_ai_chat,
+            delete_ai_chat
+        ))
+        .routes(routes!(related_chat_context))
+}
+
+/// The user's AI chats, most recently updated first.
+#[utoipa::path(get, path = "/api/ai/chats/", tag = "ai",
+    responses((status = 200, body = Vec<AiChat>), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn list_ai_chats(
+    State(state): State<AppState>,
+    auth: AuthUser,
+) -> ApiResult<Json<Vec<AiChat>>> {
+    Ok(Json(
+        db::ai_chats::list_ai_chats(&state.db, auth.user.id).await?,
+    ))
+}
+
+/// `Some(None)` for an explicit `null`, so a change can unlink the related chat.
+fn explicit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AiChatRequest {
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    system_prompt: Option<String>,
+    /// A chat the user takes part in; `null` unlinks.
+    #[serde(default, deserialize_with = "explicit")]
+    #[schema(value_type = Option<i64>)]
+    related_chat: Option<Option<i64>>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+impl AiChatRequest {
+    /// Checks every field that was sent (and `title` when `require_title`).
+    async fn validate(&self, state: &AppState, user_id: i64, require_title: bool) -> ApiResult<()> {
+        let mut errors = FieldErrors::default();
+        match (&self.title, require_title) {
+            (None, true) => errors.add("title", validate::REQUIRED),
+            (Some(title), _) => {
+                validate::optional_text(&mut errors, "title", title, 255);
+            }
+            (None, false) => {}
+        }
+        if let Some(prompt) = &self.system_prompt
+            && prompt.chars().count() > MAX_SYSTEM_PROMPT_CHARS
+        {
+            errors.add(
+                "system_prompt",
+                format!("Ensure this field has no more than {MAX_SYSTEM_PROMPT_CHARS} characters."),
+            );
+        }
+        if let Some(model) = &self.model
+            && validate::optional_text(&mut errors, "model", model, 100).is_some()
+            && !model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c))
+        {
+            errors.add("model", "Enter a valid model name.");
+        }
+        if let Some(Some(chat_id)) = self.related_chat
+            && !db::chats::is_participant(&state.db, chat_id, user_id).await?
+        {
+            errors.add("related_chat", NOT_A_PARTICIPANT);
+        }
+        errors.check()
+    }
+
+    fn changes(&self) -> AiChatChanges<'_> {
+        AiChatChanges {
+            title: self.title.as_deref(),
+            system_prompt: self.system_prompt.as_deref(),
+            related_chat: self.related_chat,
+            model: self.model.as_deref(),
+        }
+    }
+}
+
+/// Create an AI chat.
+#[utoipa::path(post, path = "/api/ai/chats/", tag = "ai", request_body = AiChatRequest,
+    responses((status = 201, body = AiChat), (status = 400, description = "Field errors")))]
+#[tracing::instrument(skip_all)]
+async fn create_ai_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiJson(body): ApiJson<AiChatRequest>,
+) -> ApiResult<(StatusCode, Json<AiChat>)> {
+    body.validate(&state, auth.user.id, true).await?;
+    let new = NewAiChat {
+        user_id: auth.user.id,
+        title: body.title.as_deref().unwrap_or_default(),
+        system_prompt: body
+            .system_prompt
+            .as_deref()
+            .unwrap_or(DEFAULT_SYSTEM_PROMPT),
+        related_chat: body.related_chat.flatten(),
+        model: body
+            .model
+            .as_deref()
+            .unwrap_or(&state.settings.openai.openai_model),
+    };
+    let id = db::ai_chats::insert_ai_chat(&state.db, &new).await?;
+    let chat = db::ai_chats::get_ai_chat(&state.db, id, auth.user.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok((StatusCode::CREATED, Json(chat)))
+}
+
+/// One AI chat with its messages, oldest first.
+#[utoipa::path(get, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
+    responses((status = 200, body = AiChatDetail), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn get_ai_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<AiChatDetail>> {
+    let chat = owned_chat(&state, id, auth.user.id).await?;
+    let messages = db::ai_messages::list_chat_messages(&state.db, id, None, None).await?;
+    Ok(Json(AiChatDetail { chat, messages }))
+}
+
+/// Change any of the create fields, with the same validation as create.
+#[utoipa::path(patch, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
+    request_body = AiChatRequest,
+    responses((status = 200, body = AiChat), (status = 400, description = "Field errors"), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn patch_ai_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<AiChatRequest>,
+) -> ApiResult<Json<AiChat>> {
+    update(state, auth, id, body, false).await
+}
+
+/// Replace the chat's fields; `title` is required, as on create.
+#[utoipa::path(put, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
+    request_body = AiChatRequest,
+    responses((status = 200, body = AiChat), (status = 400, description = "Field errors"), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn put_ai_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<AiChatRequest>,
+) -> ApiResult<Json<AiChat>> {
+    update(state, auth, id, body, true).await
+}
+
+async fn update(
+    state: AppState,
+    auth: AuthUser,
+    id: i64,
+    body: AiChatRequest,
+    require_title: bool,
+) -> ApiResult<Json<AiChat>> {
+    owned_chat(&state, id, auth.user.id).await?;
+    body.validate(&state, auth.user.id, require_title).await?;
+    if !db::ai_chats::update_ai_chat(&state.db, id, auth.user.id, &body.changes()).await? {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(owned_chat(&state, id, auth.user.id).await?))
+}
+
+/// Delete an AI chat and its messages.
+#[utoipa::path(delete, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
+    responses((status = 204), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn delete_ai_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
+    if db::ai_chats::delete_ai_chat(&state.db, id, auth.user.id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ContextQuery {
+    /// How many of the latest messages, 1–200 (default 50).
+    message_limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RelatedChatContext {
+    chat_name: String,
+    message_count: usize,
+    messages: Vec<ContextMessage>,
+}
+
+/// The latest messages of the linked user-to-user chat, oldest first.
+#[utoipa::path(get, path = "/api/ai/chats/{id}/related_chat_context/", tag = "ai",
+    params(("id" = i64, Path), ContextQuery),
+    responses((status = 200, body = RelatedChatContext), (status = 404, description = "No related chat linked")))]
+#[tracing::instrument(skip_all)]
+async fn related_chat_context(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(query): ApiQuery<ContextQuery>,
+) -> ApiResult<Json<RelatedChatContext>> {
+    let limit = query.message_limit.unwrap_or(50);
+    let mut errors = FieldErrors::default();
+    validate::in_range(&mut errors, "message_limit", limit, 1, 200);
+    errors.check()?;
+    let chat = owned_chat(&state, id, auth.user.id).await?;
+    let (Some(related), Some(chat_name)) = (chat.related_chat, chat.related_chat_name) else {
+        return Err(ApiError::NotFoundBecause(
+            "No related chat linked to this AI chat",
+        ));
+    };
+    if !db::chats::is_participant(&state.db, related, auth.user.id).await? {
+        return Err(ApiError::NotFoundBecause(
+            "You are no longer a participant in the related chat",
+        ));
+    }
+    let messages = db::chats::latest_context_messages(&state.db, related, limit).await?;
+    Ok(Json(RelatedChatContext {
+        chat_name,
+        message_count: messages.len(),
+        messages,
+    }))
+}
+
+/// The AI chat `id` if `user_id` owns it; anyone else's is not found.
+pub async fn owned_chat(state: &AppState, id: i64, user_id: i64) -> ApiResult<AiChat> {
+    db::ai_chats::get_ai_chat(&state.db, id, user_id)
+        .await?
+        .ok_or(ApiError::NotFound)
+}

@@ -1,0 +1,163 @@
+//! AI messages: sending one to the model, and reading them back; token usage.
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use aichat_shared::db;
+use aichat_shared::domain::{AiMessage, ContextOptions, Usage};
+
+use crate::auth::AuthUser;
+use crate::dispatch::submit_message;
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::routes::ai_chats::owned_chat;
+use crate::state::AppState;
+use crate::validate;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(send_message))
+        .routes(routes!(list_chat_messages))
+        .routes(routes!(list_messages))
+        .routes(routes!(get_message))
+        .routes(routes!(usage))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SendMessageRequest {
+    #[serde(default)]
+    content: Option<String>,
+    /// Add the related chat's latest messages to the system prompt.
+    #[serde(default)]
+    include_related_chat_context: Option<bool>,
+    /// How many related-chat messages, 1–100 (default 20).
+    #[serde(default)]
+    context_message_limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SendMessageResponse {
+    message: AiMessage,
+    status: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct SendMessageQuery {
+    /// `true` or a number of seconds: hold the request until the reply is saved.
+    #[allow(dead_code)]
+    wait: Option<String>,
+}
+
+/// Store a user message and queue its completion; the reply comes from a worker.
+#[utoipa::path(post, path = "/api/ai/chats/{id}/send_message/", tag = "ai",
+    params(("id" = i64, Path), SendMessageQuery), request_body = SendMessageRequest,
+    responses((status = 202, body = SendMessageResponse), (status = 400, description = "Field errors"),
+        (status = 404, description = "Not found"), (status = 503, description = "Queue unavailable")))]
+#[tracing::instrument(skip_all, fields(ai_chat_id = id))]
+async fn send_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(_query): ApiQuery<SendMessageQuery>,
+    ApiJson(body): ApiJson<SendMessageRequest>,
+) -> ApiResult<(StatusCode, Json<SendMessageResponse>)> {
+    owned_chat(&state, id, auth.user.id).await?;
+    let mut errors = FieldErrors::default();
+    let content = validate::required_text(
+        &mut errors,
+        "content",
+        body.content.as_deref(),
+        state.settings.max_content_chars,
+    );
+    let limit = body.context_message_limit.unwrap_or(20);
+    validate::in_range(&mut errors, "context_message_limit", limit, 1, 100);
+    errors.check()?;
+    let content = content.ok_or(ApiError::BadRequest("content is required".into()))?;
+    let options = ContextOptions {
+        include_related_chat_context: body.include_related_chat_context.unwrap_or(false),
+        context_message_limit: i32::try_from(limit).unwrap_or(20),
+    };
+    let message = submit_message(&state, id, content, options, None).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SendMessageResponse {
+            message,
+            status: "queued".into(),
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct MessagesQuery {
+    /// Only messages with a larger id.
+    after_id: Option<i64>,
+    /// At most this many (1–1000).
+    limit: Option<i64>,
+}
+
+/// The messages of one AI chat, oldest first.
+#[utoipa::path(get, path = "/api/ai/chats/{id}/messages/", tag = "ai",
+    params(("id" = i64, Path), MessagesQuery),
+    responses((status = 200, body = Vec<AiMessage>), (status = 400, description = "Bad query"), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn list_chat_messages(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(query): ApiQuery<MessagesQuery>,
+) -> ApiResult<Json<Vec<AiMessage>>> {
+    let mut errors = FieldErrors::default();
+    if let Some(after_id) = query.after_id {
+        validate::in_range(&mut errors, "after_id", after_id, 0, i64::MAX);
+    }
+    if let Some(limit) = query.limit {
+        validate::in_range(&mut errors, "limit", limit, 1, 1000);
+    }
+    errors.check()?;
+    owned_chat(&state, id, auth.user.id).await?;
+    let messages =
+        db::ai_messages::list_chat_messages(&state.db, id, query.after_id, query.limit).await?;
+    Ok(Json(messages))
+}
+
+/// Every AI message of the user, oldest first.
+#[utoipa::path(get, path = "/api/ai/messages/", tag = "ai",
+    responses((status = 200, body = Vec<AiMessage>), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn list_messages(
+    State(state): State<AppState>,
+    auth: AuthUser,
+) -> ApiResult<Json<Vec<AiMessage>>> {
+    Ok(Json(
+        db::ai_messages::list_user_messages(&state.db, auth.user.id).await?,
+    ))
+}
+
+/// One AI message of the user's.
+#[utoipa::path(get, path = "/api/ai/messages/{id}/", tag = "ai", params(("id" = i64, Path)),
+    responses((status = 200, body = AiMessage), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn get_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<AiMessage>> {
+    db::ai_messages::get_user_message(&state.db, id, auth.user.id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound)
+}
+
+/// The user's token totals: overall, per model and per UTC day.
+#[utoipa::path(get, path = "/api/ai/usage/", tag = "ai",
+    responses((status = 200, body = Usage), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn usage(State(state): State<AppState>, auth: AuthUser) -> ApiResult<Json<Usage>> {
+    let mut conn = state.db.acquire().await?;
+    Ok(Json(
+        db::usage::usage_for_user(&mut conn, auth.user.id).await?,
+    ))
+}

@@ -1,0 +1,167 @@
+//! User-to-user chats: the conversations AI chats can draw context from.
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use aichat_shared::db;
+use aichat_shared::domain::{Chat, ChatMessage};
+
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::extract::{ApiJson, ApiPath};
+use crate::state::AppState;
+use crate::validate;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_chats, create_chat))
+        .routes(routes!(get_chat, delete_chat))
+        .routes(routes!(send_chat_message))
+        .routes(routes!(list_chat_messages))
+}
+
+/// The chats the user takes part in.
+#[utoipa::path(get, path = "/api/chats/", tag = "chats",
+    responses((status = 200, body = Vec<Chat>), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn list_chats(State(state): State<AppState>, auth: AuthUser) -> ApiResult<Json<Vec<Chat>>> {
+    let mut conn = state.db.acquire().await?;
+    Ok(Json(db::chats::list_chats(&mut conn, auth.user.id).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateChatRequest {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    participant_ids: Option<Vec<i64>>,
+    #[serde(default)]
+    participant_usernames: Option<Vec<String>>,
+}
+
+/// Create a chat; the creator always takes part. Unknown usernames are skipped; unknown ids are 400.
+#[utoipa::path(post, path = "/api/chats/", tag = "chats", request_body = CreateChatRequest,
+    responses((status = 201, body = Chat), (status = 400, description = "Field errors")))]
+#[tracing::instrument(skip_all)]
+async fn create_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiJson(body): ApiJson<CreateChatRequest>,
+) -> ApiResult<(StatusCode, Json<Chat>)> {
+    let mut errors = FieldErrors::default();
+    let name = validate::required_text(&mut errors, "name", body.name.as_deref(), 255);
+    let mut ids = body.participant_ids.unwrap_or_default();
+    let usernames = body.participant_usernames.unwrap_or_default();
+    if ids.len() > 1000 || usernames.len() > 1000 {
+        errors.add("participant_ids", "At most 1000 participants.");
+    }
+    if errors.is_empty() && !ids.is_empty() {
+        for id in db::users::unknown_user_ids(&state.db, &ids).await? {
+            errors.add(
+                "participant_ids",
+                format!("Invalid pk \"{id}\" - object does not exist."),
+            );
+        }
+    }
+    errors.check()?;
+    let name = name.ok_or(ApiError::BadRequest("name is required".into()))?;
+    if !usernames.is_empty() {
+        ids.extend(db::users::ids_by_usernames(&state.db, &usernames).await?);
+    }
+    ids.push(auth.user.id);
+    ids.sort_unstable();
+    ids.dedup();
+
+    let mut tx = state.db.begin().await?;
+    let chat = db::chats::insert_chat(&mut tx, name, &ids).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(chat)))
+}
+
+/// One chat the user takes part in.
+#[utoipa::path(get, path = "/api/chats/{id}/", tag = "chats", params(("id" = i64, Path)),
+    responses((status = 200, body = Chat), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn get_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<Chat>> {
+    let mut conn = state.db.acquire().await?;
+    let chat = db::chats::get_chat(&mut conn, id, auth.user.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(chat))
+}
+
+/// Delete a chat; AI chats that referenced it keep living with `related_chat: null`.
+#[utoipa::path(delete, path = "/api/chats/{id}/", tag = "chats", params(("id" = i64, Path)),
+    responses((status = 204), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn delete_chat(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
+    if db::chats::delete_chat(&state.db, id, auth.user.id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatMessageRequest {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Post a message to a chat the user takes part in.
+#[utoipa::path(post, path = "/api/chats/{id}/send_message/", tag = "chats", params(("id" = i64, Path)),
+    request_body = ChatMessageRequest,
+    responses((status = 201, body = ChatMessage), (status = 400, description = "Field errors"), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn send_chat_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<ChatMessageRequest>,
+) -> ApiResult<(StatusCode, Json<ChatMessage>)> {
+    ensure_participant(&state, id, auth.user.id).await?;
+    let mut errors = FieldErrors::default();
+    let content = validate::required_text(
+        &mut errors,
+        "content",
+        body.content.as_deref(),
+        state.settings.max_content_chars,
+    );
+    errors.check()?;
+    let content = content.ok_or(ApiError::BadRequest("content is required".into()))?;
+    let mut conn = state.db.acquire().await?;
+    let message = db::chats::insert_chat_message(&mut conn, id, auth.user.id, content).await?;
+    Ok((StatusCode::CREATED, Json(message)))
+}
+
+/// Every message of a chat, oldest first.
+#[utoipa::path(get, path = "/api/chats/{id}/messages/", tag = "chats", params(("id" = i64, Path)),
+    responses((status = 200, body = Vec<ChatMessage>), (status = 404, description = "Not found")))]
+#[tracing::instrument(skip_all)]
+async fn list_chat_messages(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<Vec<ChatMessage>>> {
+    ensure_participant(&state, id, auth.user.id).await?;
+    Ok(Json(db::chats::list_chat_messages(&state.db, id).await?))
+}
+
+async fn ensure_participant(state: &AppState, chat_id: i64, user_id: i64) -> ApiResult<()> {
+    if db::chats::is_participant(&state.db, chat_id, user_id).await? {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound)
+    }
+}

@@ -1,0 +1,78 @@
+//! Every route, merged in one place, with the OpenAPI document built from them.
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub mod accounts;
+pub mod ai_chats;
+pub mod ai_messages;
+pub mod chats;
+pub mod ops;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "aichat", description = "Private conversations with an LLM, optionally grounded in a user-to-user chat."),
+    modifiers(&SecurityAddon),
+    security(("bearer" = []), ("cookie" = []))
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("sessionid"))),
+        );
+    }
+}
+
+/// The OpenAPI document and the router it describes.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(accounts::router())
+        .merge(chats::router())
+        .merge(ai_chats::router())
+        .merge(ai_messages::router())
+        .merge(ops::router())
+        .split_for_parts()
+}
+
+/// The whole application router (state still to be supplied).
+pub fn router() -> Router<AppState> {
+    let (api, openapi) = api();
+    api.merge(SwaggerUi::new("/api/docs").url("/api/schema/", openapi))
+        .route("/api/redoc/", get(redoc))
+        .route("/api/redoc/redoc.standalone.js", get(redoc_js))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}
+
+async fn redoc() -> Html<&'static str> {
+    Html(include_str!("../../assets/redoc.html"))
+}
+
+async fn redoc_js() -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/javascript; charset=utf-8"),
+            ("cache-control", "public, max-age=86400"),
+        ],
+        include_str!("../../assets/redoc.standalone.js"),
+    )
+}

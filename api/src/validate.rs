@@ -1,0 +1,105 @@
+//! Field rules shared by several routes; each adds its problems to a `FieldErrors`.
+use crate::error::FieldErrors;
+
+pub const REQUIRED: &str = "This field is required.";
+pub const BLANK: &str = "This field may not be blank.";
+
+/// A required text field: present, not blank, at most `max` characters. Returns it trimmed
+/// of nothing (stored as sent) when valid.
+pub fn required_text<'a>(
+    errors: &mut FieldErrors,
+    field: &str,
+    value: Option<&'a str>,
+    max: usize,
+) -> Option<&'a str> {
+    match value {
+        None => {
+            errors.add(field, REQUIRED);
+            None
+        }
+        Some(v) => optional_text(errors, field, v, max),
+    }
+}
+
+/// A text field that was sent: not blank, at most `max` characters.
+pub fn optional_text<'a>(
+    errors: &mut FieldErrors,
+    field: &str,
+    value: &'a str,
+    max: usize,
+) -> Option<&'a str> {
+    if value.trim().is_empty() {
+        errors.add(field, BLANK);
+        None
+    } else if value.chars().count() > max {
+        errors.add(
+            field,
+            format!("Ensure this field has no more than {max} characters."),
+        );
+        None
+    } else {
+        Some(value)
+    }
+}
+
+/// An integer in `min..=max`.
+pub fn in_range(errors: &mut FieldErrors, field: &str, value: i64, min: i64, max: i64) -> bool {
+    if (min..=max).contains(&value) {
+        true
+    } else {
+        errors.add(
+            field,
+            format!("Ensure this value is between {min} and {max}."),
+        );
+        false
+    }
+}
+
+pub fn username(errors: &mut FieldErrors, value: Option<&str>) {
+    let Some(name) = required_text(errors, "username", value, 150) else {
+        return;
+    };
+    if !name
+        .chars()
+        .all(|c| c.is_alphanumeric() || "@.+-_".contains(c))
+    {
+        errors.add(
+            "username",
+            "Enter a valid username. This value may contain only letters, numbers, and @/./+/-/_ characters.",
+        );
+    }
+}
+
+pub fn email(errors: &mut FieldErrors, value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    let valid = value.chars().count() <= 254
+        && !value.chars().any(char::is_whitespace)
+        && value.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !domain.contains('@')
+        });
+    if !valid {
+        errors.add("email", "Enter a valid email address.");
+    }
+}
+
+pub fn password(errors: &mut FieldErrors, password: Option<&str>, confirm: Option<&str>) {
+    match password {
+        None => errors.add("password", REQUIRED),
+        Some(p) if p.chars().count() < 8 => errors.add(
+            "password",
+            "This password is too short. It must contain at least 8 characters.",
+        ),
+        Some(p) if p.len() > 4096 => errors.add("password", "This password is too long."),
+        Some(p) => {
+            if confirm != Some(p) {
+                errors.add("password", "Password fields didn't match.");
+            }
+        }
+    }
+}

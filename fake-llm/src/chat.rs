@@ -1,0 +1,149 @@
+//! Owns `POST /v1/chat/completions`: picking the outcome, recording, latency and the (streamed) answer.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    Json,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use futures::{StreamExt, stream};
+
+use crate::{
+    config::Outcome,
+    protocol::{self, ChatRequest, Completion, DONE_FRAME},
+    state::FakeState,
+    tokens::{Usage, reply_text, split_word_chunks},
+};
+
+pub(crate) async fn chat_completions(
+    State(state): State<FakeState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request = match ChatRequest::parse(&body, &headers) {
+        Ok(request) => request,
+        Err(message) => return protocol::invalid_request(&message),
+    };
+    let config = state.config();
+    let outcome = state.next_outcome(&config);
+    let reply = reply_text(request.last_user_content().as_deref(), config.reply_words);
+    let usage = Usage::for_exchange(request.contents(), &reply);
+    let seq = state.record(
+        &request,
+        &outcome,
+        outcome.answers().then_some(usage),
+        config.max_recorded,
+    );
+    tracing::debug!(
+        seq,
+        outcome = outcome.name(),
+        stream = request.stream,
+        "chat completion"
+    );
+
+    let latency_ms = match &outcome {
+        Outcome::Hang => return hang(&state, config.hang_ms).await,
+        Outcome::Slow { latency_ms } => *latency_ms,
+        _ => config.latency_ms,
+    };
+    if latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+    }
+
+    match outcome {
+        Outcome::RateLimited { retry_after } => protocol::rate_limited(&retry_after),
+        Outcome::InsufficientQuota => protocol::insufficient_quota(),
+        Outcome::ServerError => protocol::server_error(),
+        Outcome::BadRequest => {
+            protocol::invalid_request("Invalid request (injected by aichat-fake-llm).")
+        }
+        Outcome::Ok | Outcome::Slow { .. } | Outcome::Hang => {
+            let completion = Completion {
+                id: format!("chatcmpl-{seq}"),
+                created: unix_secs(),
+                model: request.model,
+            };
+            if request.stream {
+                let delay = Duration::from_millis(config.chunk_delay_ms);
+                stream_response(
+                    &state,
+                    &completion,
+                    &reply,
+                    usage,
+                    request.include_usage,
+                    delay,
+                )
+            } else {
+                Json(completion.body(&reply, usage)).into_response()
+            }
+        }
+    }
+}
+
+/// Never answers on its own; hyper drops this future when the client disconnects.
+/// The 504 after `hang_ms` only exists so leaked hangs (and shutdown) terminate.
+async fn hang(state: &FakeState, hang_ms: u64) -> Response {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(hang_ms)) => {}
+        () = state.shutdown_requested() => {}
+    }
+    protocol::error_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "Request hung until hang_ms elapsed (injected by aichat-fake-llm).",
+        "timeout",
+        None,
+    )
+}
+
+fn stream_response(
+    state: &FakeState,
+    completion: &Completion,
+    reply: &str,
+    usage: Usage,
+    include_usage: bool,
+    delay: Duration,
+) -> Response {
+    let frames = completion.stream_frames(&split_word_chunks(reply), usage, include_usage);
+    let mut timed: Vec<(Duration, String)> = Vec::with_capacity(frames.words.len() + 4);
+    timed.push((Duration::ZERO, frames.role));
+    timed.extend(frames.words.into_iter().map(|frame| (delay, frame)));
+    timed.push((Duration::ZERO, frames.finish));
+    timed.extend(frames.usage.map(|frame| (Duration::ZERO, frame)));
+    timed.push((Duration::ZERO, DONE_FRAME.to_owned()));
+
+    let shutdown = Box::pin(state.shutdown_requested());
+    let body = stream::unfold(
+        (timed.into_iter(), shutdown),
+        |(mut frames, mut shutdown)| async move {
+            let (delay, frame) = frames.next()?;
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    // Cut slow streams short so graceful shutdown is not held up by them.
+                    () = &mut shutdown => return None,
+                }
+            }
+            Some((Bytes::from(frame), (frames, shutdown)))
+        },
+    )
+    .map(Ok::<_, Infallible>);
+
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

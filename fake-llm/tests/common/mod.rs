@@ -1,0 +1,65 @@
+//! Shared helpers for the black-box HTTP tests: starting a fake and talking to it with reqwest.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use aichat_fake_llm::{FakeConfig, FakeLlm};
+use serde_json::{Value, json};
+
+pub async fn start(config: FakeConfig) -> FakeLlm {
+    FakeLlm::start(config).await.expect("fake starts")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client builds")
+}
+
+pub fn chat_body(user: &str, stream: bool, include_usage: bool) -> Value {
+    let mut body = json!({
+        "model": "test-model",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": user},
+        ],
+        "temperature": 0.2,
+    });
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": include_usage});
+    }
+    body
+}
+
+pub async fn post_chat(
+    client: &reqwest::Client,
+    fake: &FakeLlm,
+    body: &Value,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(format!("{}/chat/completions", fake.base_url()))
+        .bearer_auth("sk-test")
+        .json(body)
+        .send()
+        .await
+}
+
+/// Parses an SSE body into the JSON of each `data:` event, checking it ends with `[DONE]`.
+pub fn parse_sse(text: &str) -> Vec<Value> {
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .expect("every event is a data line")
+        })
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "stream ends with [DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
+        .collect()
+}

@@ -1,0 +1,154 @@
+//! Settings pieces both binaries share. Each binary flattens these into its own `Settings`
+//! (clap, flags with environment fallback); this is the only place that reads the environment.
+use std::fmt;
+
+use clap::{Args, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::keys::Namespace;
+
+/// Reads `.env` when present. Values already in the environment win.
+pub fn load_dotenv() {
+    let _ = dotenvy::dotenv();
+}
+
+fn secret(value: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(value.to_owned()))
+}
+
+#[derive(Args, Clone)]
+pub struct DatabaseSettings {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/aichat", value_parser = secret)]
+    pub database_url: SecretString,
+    /// Most connections this process keeps open to PostgreSQL.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    pub database_max_connections: u32,
+    /// Seconds a request waits for a free database connection before it fails with 503.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
+    pub database_acquire_timeout_secs: u64,
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field(
+                "database_url",
+                &redact_url(self.database_url.expose_secret()),
+            )
+            .field("database_max_connections", &self.database_max_connections)
+            .field(
+                "database_acquire_timeout_secs",
+                &self.database_acquire_timeout_secs,
+            )
+            .finish()
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct RedisSettings {
+    /// Redis connection URL (jobs, pub/sub, rate limits).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", value_parser = secret)]
+    pub redis_url: SecretString,
+    /// Prefix of every Redis key, queue and channel this deployment uses.
+    #[arg(long, env = "AICHAT_NAMESPACE", default_value = "aichat")]
+    pub aichat_namespace: String,
+}
+
+impl RedisSettings {
+    pub fn namespace(&self) -> Namespace {
+        Namespace::new(self.aichat_namespace.clone())
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("redis_url", &redact_url(self.redis_url.expose_secret()))
+            .field("aichat_namespace", &self.aichat_namespace)
+            .finish()
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct OpenAiSettings {
+    /// API key for the model provider. Unset: the README's run command starts the fake model.
+    #[arg(long, env = "OPENAI_API_KEY", value_parser = secret)]
+    pub openai_api_key: Option<SecretString>,
+    /// Model used by AI chats that do not name one.
+    #[arg(long, env = "OPENAI_MODEL", default_value = "gpt-3.5-turbo")]
+    pub openai_model: String,
+    /// Base URL of any OpenAI-compatible chat-completions server.
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub openai_base_url: String,
+}
+
+impl fmt::Debug for OpenAiSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiSettings")
+            .field(
+                "openai_api_key",
+                &self.openai_api_key.as_ref().map(|_| "[redacted]"),
+            )
+            .field("openai_model", &self.openai_model)
+            .field("openai_base_url", &self.openai_base_url)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogSettings {
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` env-filter syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// `scheme://user:password@host/db` → `scheme://user:***@host/db`, so URLs can be logged.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_in_urls_are_hidden() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

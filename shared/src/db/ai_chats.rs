@@ -1,0 +1,134 @@
+//! AI chats: one user's conversations with the model.
+use sqlx::PgExecutor;
+
+use crate::domain::AiChat;
+use crate::error::Result;
+
+const SELECT_AI_CHAT: &str = r#"
+    select a.id, a.user_id as "user", u.username as user_username,
+           a.related_chat_id as related_chat, c.name as related_chat_name,
+           a.title, a.system_prompt, a.model, a.created_at, a.updated_at,
+           (select count(*) from ai_messages m where m.ai_chat_id = a.id) as message_count
+    from ai_chats a
+    join users u on u.id = a.user_id
+    left join chats c on c.id = a.related_chat_id"#;
+
+/// The fields of a new AI chat, validated by the caller.
+#[derive(Debug, Clone)]
+pub struct NewAiChat<'a> {
+    pub user_id: i64,
+    pub title: &'a str,
+    pub system_prompt: &'a str,
+    pub related_chat: Option<i64>,
+    pub model: &'a str,
+}
+
+/// A change to an AI chat: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct AiChatChanges<'a> {
+    pub title: Option<&'a str>,
+    pub system_prompt: Option<&'a str>,
+    /// `Some(None)` unlinks the related chat.
+    pub related_chat: Option<Option<i64>>,
+    pub model: Option<&'a str>,
+}
+
+/// A user's AI chats, most recently updated first.
+#[tracing::instrument(skip(db))]
+pub async fn list_ai_chats(db: impl PgExecutor<'_>, user_id: i64) -> Result<Vec<AiChat>> {
+    let chats = sqlx::query_as::<_, AiChat>(sql!(
+        "{SELECT_AI_CHAT} where a.user_id = $1 order by a.updated_at desc, a.id desc"
+    ))
+    .bind(user_id)
+    .fetch_all(db)
+    .await?;
+    Ok(chats)
+}
+
+/// One AI chat, only if `user_id` owns it.
+#[tracing::instrument(skip(db))]
+pub async fn get_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<Option<AiChat>> {
+    let chat =
+        sqlx::query_as::<_, AiChat>(sql!("{SELECT_AI_CHAT} where a.id = $1 and a.user_id = $2"))
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(db)
+            .await?;
+    Ok(chat)
+}
+
+/// One AI chat by id, whoever owns it (for the worker).
+#[tracing::instrument(skip(db))]
+pub async fn find_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiChat>> {
+    let chat = sqlx::query_as::<_, AiChat>(sql!("{SELECT_AI_CHAT} where a.id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+    Ok(chat)
+}
+
+#[tracing::instrument(skip(db))]
+pub async fn insert_ai_chat(db: impl PgExecutor<'_>, new: &NewAiChat<'_>) -> Result<i64> {
+    let id = sqlx::query_scalar::<_, i64>(
+        r#"insert into ai_chats (user_id, title, system_prompt, related_chat_id, model)
+           values ($1, $2, $3, $4, $5) returning id"#,
+    )
+    .bind(new.user_id)
+    .bind(new.title)
+    .bind(new.system_prompt)
+    .bind(new.related_chat)
+    .bind(new.model)
+    .fetch_one(db)
+    .await?;
+    Ok(id)
+}
+
+/// Applies `changes` to a chat `user_id` owns; false when there is none.
+#[tracing::instrument(skip(db))]
+pub async fn update_ai_chat(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    user_id: i64,
+    changes: &AiChatChanges<'_>,
+) -> Result<bool> {
+    let done = sqlx::query(
+        r#"update ai_chats set
+             title = coalesce($3, title),
+             system_prompt = coalesce($4, system_prompt),
+             related_chat_id = case when $5 then $6 else related_chat_id end,
+             model = coalesce($7, model),
+             updated_at = now()
+           where id = $1 and user_id = $2"#,
+    )
+    .bind(id)
+    .bind(user_id)
+    .bind(changes.title)
+    .bind(changes.system_prompt)
+    .bind(changes.related_chat.is_some())
+    .bind(changes.related_chat.flatten())
+    .bind(changes.model)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Deletes a chat `user_id` owns, with its messages; false when there is none.
+#[tracing::instrument(skip(db))]
+pub async fn delete_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<bool> {
+    let done = sqlx::query(r#"delete from ai_chats where id = $1 and user_id = $2"#)
+        .bind(id)
+        .bind(user_id)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a chat as just used, so it sorts first.
+#[tracing::instrument(skip(db))]
+pub async fn touch_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<()> {
+    sqlx::query(r#"update ai_chats set updated_at = now() where id = $1"#)
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Messages of AI chats: the user's, waiting or answered, and the model's replies.
+use sqlx::PgExecutor;
+
+use crate::domain::{AiMessage, ContextOptions, role, status};
+use crate::error::Result;
+
+pub(crate) const MESSAGE_COLUMNS: &str = "m.id, m.ai_chat_id as ai_chat, m.role, m.content, \
+     m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error, \
+     m.model, m.reply_to";
+
+/// Stores a user message as `queued`, with what its completion job will need.
+#[tracing::instrument(skip(db, content))]
+pub async fn insert_user_message(
+    db: impl PgExecutor<'_>,
+    ai_chat_id: i64,
+    content: &str,
+    options: ContextOptions,
+) -> Result<AiMessage> {
+    let message = sqlx::query_as::<_, AiMessage>(sql!(
+        "insert into ai_messages as m (ai_chat_id, role, content, status,
+             include_related_chat_context, context_message_limit)
+         values ($1, $2, $3, $4, $5, $6)
+         returning {MESSAGE_COLUMNS}"
+    ))
+    .bind(ai_chat_id)
+    .bind(role::USER)
+    .bind(content)
+    .bind(status::QUEUED)
+    .bind(options.include_related_chat_context)
+    .bind(options.context_message_limit)
+    .fetch_one(db)
+    .await?;
+    Ok(message)
+}
+
+/// Records that the message's completion job is in the queue.
+#[tracing::instrument(skip(db))]
+pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result<()> {
+    sqlx::query(r#"update ai_messages set dispatched_at = now() where id = $1"#)
+        .bind(message_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Removes a message whose job could not be queued, so no message waits for a reply that
+/// nothing will produce.
+#[tracing::instrument(skip(db))]
+pub async fn delete_undispatched_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<()> {
+    sqlx::query(r#"delete from ai_messages where id = $1 and dispatched_at is null"#)
+        .bind(message_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Messages of one chat, oldest first; `after_id` and `limit` page through them.
+#[tracing::instrument(skip(db))]
+pub async fn list_chat_messages(
+    db: impl PgExecutor<'_>,
+    ai_chat_id: i64,
+    after_id: Option<i64>,
+    limit: Option<i64>,
+) -> Result<Vec<AiMessage>> {
+    let messages = sqlx::query_as::<_, AiMessage>(sql!(
+        "select {MESSAGE_COLUMNS} from ai_messages m
+         where m.ai_chat_id = $1 and m.id > $2
+         order by m.id limit $3"
+    ))
+    .bind(ai_chat_id)
+    .bind(after_id.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(messages)
+}
+
+/// Every AI message of a user, oldest first.
+#[tracing::instrument(skip(db))]
+pub async fn list_user_messages(db: impl PgExecutor<'_>, user_id: i64) -> Result<Vec<AiMessage>> {
+    let messages = sqlx::query_as::<_, AiMessage>(sql!(
+        "select {MESSAGE_COLUMNS} from ai_messages m join ai_chats a on a.id = m.ai_chat_id
+         where a.user_id = $1 order by m.id"
+    ))
+    .bind(user_id)
+    .fetch_all(db)
+    .await?;
+    Ok(messages)
+}
+
+/// One AI message, only if it belongs to one of `user_id`'s chats.
+#[tracing::instrument(skip(db))]
+pub async fn get_user_message(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    user_id: i64,
+) -> Result<Option<AiMessage>> {
+    let message = sqlx::query_as::<_, AiMessage>(sql!(
+        "select {MESSAGE_COLUMNS} from ai_messages m join ai_chats a on a.id = m.ai_chat_id
+         where m.id = $1 and a.user_id = $2"
+    ))
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(message)
+}

@@ -1,0 +1,48 @@
+//! PostgreSQL access: the pool, the migrations, and every query, one module per aggregate.
+//! Functions take `impl PgExecutor` (or a transaction) so the caller owns the transaction.
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::config::DatabaseSettings;
+
+/// SQL assembled from this module's own constants, never from input: sqlx asks that such
+/// strings be marked as audited.
+macro_rules! sql {
+    ($($t:tt)*) => {
+        sqlx::AssertSqlSafe(format!($($t)*))
+    };
+}
+
+pub mod ai_chats;
+pub mod ai_messages;
+pub mod chats;
+pub mod sessions;
+pub mod usage;
+pub mod users;
+
+pub use sqlx::PgPool as Pool;
+
+/// The schema, embedded in the binaries.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A lazily connecting pool: the process starts even while PostgreSQL is down and requests
+/// get 503 until it is back.
+pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(settings.database_max_connections)
+        .acquire_timeout(Duration::from_secs(settings.database_acquire_timeout_secs))
+        .connect_lazy(settings.database_url.expose_secret())
+}
+
+/// Applies every pending migration; a no-op when the schema is current.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// One round trip, for readiness checks.
+pub async fn ping(pool: &PgPool) -> crate::error::Result<()> {
+    sqlx::query("select 1").execute(pool).await?;
+    Ok(())
+}

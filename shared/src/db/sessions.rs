@@ -1,0 +1,55 @@
+//! Server-side login sessions, stored by the hash of their token.
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+
+use crate::domain::User;
+use crate::error::Result;
+
+#[tracing::instrument(skip(db, token_hash))]
+pub async fn insert_session(
+    db: impl PgExecutor<'_>,
+    user_id: i64,
+    token_hash: &[u8],
+    expires_at: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(r#"insert into sessions (user_id, token_hash, expires_at) values ($1, $2, $3)"#)
+        .bind(user_id)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The user a live (unexpired) session belongs to.
+#[tracing::instrument(skip_all)]
+pub async fn find_session_user(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<Option<User>> {
+    let user = sqlx::query_as::<_, User>(
+        r#"select u.id, u.username, u.email, u.is_staff
+           from sessions s join users u on u.id = s.user_id
+           where s.token_hash = $1 and s.expires_at > now()"#,
+    )
+    .bind(token_hash)
+    .fetch_optional(db)
+    .await?;
+    Ok(user)
+}
+
+#[tracing::instrument(skip_all)]
+pub async fn delete_session(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<()> {
+    sqlx::query(r#"delete from sessions where token_hash = $1"#)
+        .bind(token_hash)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Drops expired sessions of one user, so the table does not grow with every login.
+#[tracing::instrument(skip(db))]
+pub async fn delete_expired_sessions(db: impl PgExecutor<'_>, user_id: i64) -> Result<u64> {
+    let done = sqlx::query(r#"delete from sessions where user_id = $1 and expires_at <= now()"#)
+        .bind(user_id)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,98 @@
+//! Accounts.
+use sqlx::PgExecutor;
+
+use crate::domain::{User, UserCredentials, UserSummary};
+use crate::error::Result;
+
+/// The unique constraint a duplicate username violates.
+pub const USERNAME_TAKEN: &str = "users_username_key";
+
+#[tracing::instrument(skip(db, password_hash))]
+pub async fn insert_user(
+    db: impl PgExecutor<'_>,
+    username: &str,
+    email: &str,
+    password_hash: &str,
+    is_staff: bool,
+) -> Result<User> {
+    let user = sqlx::query_as::<_, User>(
+        r#"insert into users (username, email, password_hash, is_staff)
+           values ($1, $2, $3, $4)
+           returning id, username, email, is_staff"#,
+    )
+    .bind(username)
+    .bind(email)
+    .bind(password_hash)
+    .bind(is_staff)
+    .fetch_one(db)
+    .await?;
+    Ok(user)
+}
+
+#[tracing::instrument(skip(db))]
+pub async fn find_credentials(
+    db: impl PgExecutor<'_>,
+    username: &str,
+) -> Result<Option<UserCredentials>> {
+    let row = sqlx::query_as::<_, UserCredentials>(
+        r#"select id, password_hash from users where username = $1"#,
+    )
+    .bind(username)
+    .fetch_optional(db)
+    .await?;
+    Ok(row)
+}
+
+#[tracing::instrument(skip(db))]
+pub async fn get_user(db: impl PgExecutor<'_>, id: i64) -> Result<Option<User>> {
+    let user = sqlx::query_as::<_, User>(
+        r#"select id, username, email, is_staff from users where id = $1"#,
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(user)
+}
+
+#[tracing::instrument(skip(db))]
+pub async fn list_users(db: impl PgExecutor<'_>) -> Result<Vec<UserSummary>> {
+    let users = sqlx::query_as::<_, UserSummary>(r#"select id, username from users order by id"#)
+        .fetch_all(db)
+        .await?;
+    Ok(users)
+}
+
+/// The ids among `ids` that belong to no account.
+#[tracing::instrument(skip(db))]
+pub async fn unknown_user_ids(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<Vec<i64>> {
+    let unknown = sqlx::query_scalar::<_, i64>(
+        r#"select wanted.id from unnest($1::bigint[]) as wanted(id)
+           where not exists (select 1 from users u where u.id = wanted.id)
+           order by wanted.id"#,
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    Ok(unknown)
+}
+
+/// The ids of the accounts named in `usernames`; unknown names are skipped.
+#[tracing::instrument(skip(db))]
+pub async fn ids_by_usernames(db: impl PgExecutor<'_>, usernames: &[String]) -> Result<Vec<i64>> {
+    let ids = sqlx::query_scalar::<_, i64>(r#"select id from users where username = any($1)"#)
+        .bind(usernames)
+        .fetch_all(db)
+        .await?;
+    Ok(ids)
+}
+
+/// Grants or revokes staff rights; false when no such user.
+#[tracing::instrument(skip(db))]
+pub async fn set_staff(db: impl PgExecutor<'_>, username: &str, is_staff: bool) -> Result<bool> {
+    let done = sqlx::query(r#"update users set is_staff = $2 where username = $1"#)
+        .bind(username)
+        .bind(is_staff)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}

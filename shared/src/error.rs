@@ -1,0 +1,46 @@
+//! The one error type of the shared crate: what can go wrong talking to PostgreSQL or Redis.
+
+/// A failure in a shared-layer call. Callers map it to their own responses.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("job queue error: {0}")]
+    Queue(#[from] apalis_redis::Error),
+    #[error("serialization error: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// The name of the violated constraint, when the database refused a write for one.
+    pub fn constraint(&self) -> Option<&str> {
+        match self {
+            Error::Database(sqlx::Error::Database(db)) => db.constraint(),
+            _ => None,
+        }
+    }
+
+    /// True when the backing service could not be reached (as opposed to refusing the query):
+    /// the caller should answer 503 rather than 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+            }
+            Error::Redis(_) | Error::Queue(_) => true,
+            Error::Json(_) => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,90 @@
+//! Events of one AI chat, published on its Redis channel and sent as-is to WebSocket clients.
+use chrono::{DateTime, Utc};
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::AiMessage;
+use crate::error::Result;
+use crate::keys::Namespace;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenUsage {
+    pub prompt_tokens: Option<i32>,
+    pub completion_tokens: Option<i32>,
+    pub total_tokens: Option<i32>,
+}
+
+/// A message as WebSocket events carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventMessage {
+    pub id: i64,
+    pub role: String,
+    pub content: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenUsage>,
+    /// For an assistant message: the user message it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<i64>,
+}
+
+impl EventMessage {
+    pub fn user(message: &AiMessage) -> Self {
+        EventMessage {
+            id: message.id,
+            role: message.role.clone(),
+            content: message.content.clone(),
+            timestamp: message.timestamp,
+            usage: None,
+            reply_to: None,
+        }
+    }
+
+    pub fn assistant(message: &AiMessage) -> Self {
+        EventMessage {
+            usage: Some(TokenUsage {
+                prompt_tokens: message.prompt_tokens,
+                completion_tokens: message.completion_tokens,
+                total_tokens: message.total_tokens,
+            }),
+            reply_to: message.reply_to,
+            ..EventMessage::user(message)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChatEvent {
+    UserMessage {
+        message: EventMessage,
+    },
+    AssistantDelta {
+        /// The user message being answered.
+        message_id: i64,
+        delta: String,
+    },
+    AssistantMessage {
+        message: EventMessage,
+    },
+    Error {
+        message: String,
+        /// The user message that failed, when the error is about one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<i64>,
+    },
+}
+
+/// Publishes `event` on the chat's channel; returns how many subscribers got it.
+pub async fn publish_event(
+    conn: &mut ConnectionManager,
+    ns: &Namespace,
+    ai_chat_id: i64,
+    event: &ChatEvent,
+) -> Result<usize> {
+    let payload = serde_json::to_string(event)?;
+    let receivers: usize = conn.publish(ns.chat_channel(ai_chat_id), payload).await?;
+    Ok(receivers)
+}

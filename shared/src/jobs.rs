@@ -1,0 +1,90 @@
+//! The completion job: what the API puts in the Redis queue and the worker takes out.
+use std::time::Duration;
+
+use apalis::prelude::TaskBuilder;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::ContextOptions;
+use crate::error::Result;
+use crate::keys::Namespace;
+
+/// Ask the model to answer one user message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionJob {
+    /// The user message to answer.
+    pub message_id: i64,
+    pub ai_chat_id: i64,
+    pub include_related_chat_context: bool,
+    pub context_message_limit: i32,
+    /// The id of the API request that queued it, so its log lines can be followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl CompletionJob {
+    pub fn new(
+        message_id: i64,
+        ai_chat_id: i64,
+        options: ContextOptions,
+        request_id: Option<String>,
+    ) -> Self {
+        CompletionJob {
+            message_id,
+            ai_chat_id,
+            include_related_chat_context: options.include_related_chat_context,
+            context_message_limit: options.context_message_limit,
+            request_id,
+        }
+    }
+}
+
+/// How long a pushed job's de-duplication key lives: a second push of the same message within
+/// this window is a no-op. Longer than any re-enqueue grace period.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The apalis-redis queue configuration both sides use. The worker adds its heartbeat settings.
+pub fn queue_config(ns: &Namespace) -> apalis_redis::Config {
+    apalis_redis::Config::default()
+        .queue(ns.completion_queue())
+        // Nothing listens to apalis' own pub/sub events; they would cost a PUBLISH per push/ack.
+        .emit_events(false)
+        .idempotency_ttl(Some(IDEMPOTENCY_TTL))
+}
+
+/// The producer side of the completion queue.
+#[derive(Clone)]
+pub struct JobQueue {
+    conn: ConnectionManager,
+    config: apalis_redis::Config,
+}
+
+impl JobQueue {
+    pub fn new(conn: ConnectionManager, ns: &Namespace) -> Self {
+        JobQueue {
+            conn,
+            config: queue_config(ns),
+        }
+    }
+
+    pub fn config(&self) -> &apalis_redis::Config {
+        &self.config
+    }
+
+    /// Pushes the job; `key` de-duplicates pushes (a second push with the same key is dropped).
+    /// Returns whether a new job was queued.
+    #[tracing::instrument(skip(self))]
+    pub async fn enqueue_completion(&self, job: &CompletionJob, key: &str) -> Result<bool> {
+        let args = serde_json::to_vec(job)?;
+        let task = TaskBuilder::new(args).idempotency_key(key).build();
+        let mut conn = self.conn.clone();
+        let (enqueued, scheduled) =
+            apalis_redis::queries::push_tasks(&mut conn, &self.config, &[task]).await?;
+        Ok(enqueued + scheduled > 0)
+    }
+}
+
+/// The de-duplication key of a message's first job.
+pub fn message_job_key(message_id: i64) -> String {
+    format!("message:{message_id}")
+}

@@ -1,0 +1,30 @@
+//! Names of every Redis key, queue and channel, all under one namespace (`AICHAT_NAMESPACE`).
+
+/// The prefix that keeps one deployment's (or one test's) Redis data apart from others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace(String);
+
+impl Namespace {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Namespace(prefix.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The apalis queue of completion jobs; apalis appends its own suffixes (`:active`, `:data`, ...).
+    pub fn completion_queue(&self) -> String {
+        format!("{}:jobs:completion", self.0)
+    }
+
+    /// The pub/sub channel that carries one AI chat's WebSocket events.
+    pub fn chat_channel(&self, ai_chat_id: i64) -> String {
+        format!("{}:chat:{ai_chat_id}", self.0)
+    }
+
+    /// The prefix of the shared rate-limit state of one model.
+    pub fn rate_limit(&self, model: &str) -> String {
+        format!("{}:rl:{model}", self.0)
+    }
+}

@@ -1,0 +1,13 @@
+//! Everything the API and the worker share: settings, domain types, database access,
+//! job and event types, Redis naming and telemetry.
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod events;
+pub mod jobs;
+pub mod keys;
+pub mod redis_conn;
+pub mod telemetry;
+
+pub use error::Error;
