@@ -1,0 +1,227 @@
+//! Test harness: the real API router on a random port, a fresh database and a Redis
+//! namespace per test, and a small HTTP client that speaks JSON.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use aichat_api::{Application, Settings};
+use clap::Parser;
+use redis::AsyncCommands;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+pub fn pg_base() -> String {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Creates an empty, uniquely named database and returns its URL.
+pub async fn fresh_database() -> (String, String) {
+    let name = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&format!("{}/postgres", pg_base()))
+        .await
+        .expect("connect to postgres");
+    conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
+        .await
+        .expect("create test database");
+    (format!("{}/{name}", pg_base()), name)
+}
+
+pub async fn drop_database(name: &str) {
+    if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+        let _ = conn
+            .execute(sqlx::AssertSqlSafe(format!(r#"drop database if exists "{name}" with (force)"#)))
+            .await;
+    }
+}
+
+/// Deletes every Redis key of a test namespace.
+pub async fn delete_namespace(redis_url: &str, ns: &str) {
+    let Ok(client) = redis::Client::open(redis_url) else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let keys: Vec<String> = conn.keys(format!("{ns}:*")).await.unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: Result<(), _> = conn.del(chunk).await;
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub db_url: String,
+    pub db: PgPool,
+    pub db_name: String,
+    pub ns: String,
+    pub redis_url: String,
+    pub client: reqwest::Client,
+}
+
+pub struct Options {
+    pub redis_url: String,
+    pub extra: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { redis_url: redis_url(), extra: Vec::new() }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    let (db_url, db_name) = fresh_database().await;
+    let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
+    start(db_url, db_name, ns, options).await
+}
+
+/// A second API instance on the same database and namespace, with extra settings.
+pub async fn restart_with(app: TestApp, extra: &[&str]) -> TestApp {
+    let options = Options {
+        redis_url: app.redis_url.clone(),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+    };
+    start(app.db_url.clone(), app.db_name.clone(), app.ns.clone(), options).await
+}
+
+async fn start(db_url: String, db_name: String, ns: String, options: Options) -> TestApp {
+    let mut args = vec![
+        "aichat-api".to_string(),
+        "--api-addr".into(),
+        "127.0.0.1:0".into(),
+        "--database-url".into(),
+        db_url.clone(),
+        "--redis-url".into(),
+        options.redis_url.clone(),
+        "--aichat-namespace".into(),
+        ns.clone(),
+        "--openai-model".into(),
+        "gpt-test".into(),
+    ];
+    args.extend(options.extra);
+    let settings = Settings::try_parse_from(args).expect("settings");
+    let app = Application::build(settings).await.expect("build app");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let db = app.state().db.clone();
+    tokio::spawn(app.run_until(std::future::pending()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    TestApp { base, db_url, db, db_name, ns, redis_url: options.redis_url, client }
+}
+
+/// A registered, logged-in user.
+pub struct TestUser {
+    pub id: i64,
+    pub username: String,
+    pub token: String,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request and returns the status and the JSON body (`Null` when empty or not JSON).
+    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(token), Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PUT, path, Some(token), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, Some(token), None).await
+    }
+
+    pub async fn register(&self, username: &str) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            "/api/register/",
+            None,
+            Some(json!({"username": username, "password": "correct horse", "password_confirm": "correct horse"})),
+        )
+        .await
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, "/api/login/", None, Some(json!({"username": username, "password": password})))
+            .await
+    }
+
+    /// Registers and logs in a user.
+    pub async fn user(&self, username: &str) -> TestUser {
+        let (status, body) = self.register(username).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body) = self.login(username, "correct horse").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        TestUser {
+            id: body["id"].as_i64().expect("id"),
+            username: username.to_owned(),
+            token: body["token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    pub async fn create_chat(&self, owner: &TestUser, name: &str, others: &[&TestUser]) -> i64 {
+        let ids: Vec<i64> = others.iter().map(|u| u.id).collect();
+        let (status, body) = self
+            .post("/api/chats/", &owner.token, json!({"name": name, "participant_ids": ids}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_i64().expect("chat id")
+    }
+
+    pub async fn create_ai_chat(&self, owner: &TestUser, body: Value) -> Value {
+        let (status, body) = self.post("/api/ai/chats/", &owner.token, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    /// The job arguments stored in the completion queue, parsed.
+    pub async fn queued_jobs(&self) -> Vec<Value> {
+        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+        let data: Vec<(String, Vec<u8>)> = conn
+            .hgetall(format!("{}:jobs:completion:data", self.ns))
+            .await
+            .expect("hgetall");
+        data.into_iter()
+            .map(|(_, args)| serde_json::from_slice(&args).expect("job json"))
+            .collect()
+    }
+
+    pub async fn cleanup(self) {
+        self.db.close().await;
+        drop_database(&self.db_name).await;
+        delete_namespace(&self.redis_url, &self.ns).await;
+    }
+}
