@@ -1,0 +1,87 @@
+//! The OpenAPI document, the offline documentation pages, the probes and the migrations.
+mod common;
+
+use common::{fresh_database, drop_database, spawn_app};
+use reqwest::{Method, StatusCode};
+
+/// Every route of the contract (`API.md`), by path and method.
+const CONTRACT: &[(&str, &[&str])] = &[
+    ("/api/register/", &["post"]),
+    ("/api/login/", &["post"]),
+    ("/api/logout/", &["post"]),
+    ("/api/me/", &["get"]),
+    ("/api/users/", &["get"]),
+    ("/api/chats/", &["get", "post"]),
+    ("/api/chats/{id}/", &["get", "delete"]),
+    ("/api/chats/{id}/send_message/", &["post"]),
+    ("/api/chats/{id}/messages/", &["get"]),
+    ("/api/ai/chats/", &["get", "post"]),
+    ("/api/ai/chats/{id}/", &["get", "patch", "put", "delete"]),
+    ("/api/ai/chats/{id}/send_message/", &["post"]),
+    ("/api/ai/chats/{id}/messages/", &["get"]),
+    ("/api/ai/chats/{id}/related_chat_context/", &["get"]),
+    ("/api/ai/messages/", &["get"]),
+    ("/api/ai/messages/{id}/", &["get"]),
+    ("/api/ai/usage/", &["get"]),
+    ("/healthz", &["get"]),
+    ("/readyz", &["get"]),
+];
+
+#[tokio::test]
+async fn the_schema_lists_every_route_of_the_contract() {
+    let app = spawn_app().await;
+    let (status, schema) = app.call(Method::GET, "/api/schema/", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(schema["openapi"].as_str().unwrap().starts_with('3'));
+    for (path, methods) in CONTRACT {
+        let item = &schema["paths"][*path];
+        assert!(item.is_object(), "{path} missing from the schema");
+        for method in *methods {
+            assert!(item[*method]["responses"].is_object(), "{method} {path} missing");
+        }
+    }
+    assert!(schema["components"]["securitySchemes"]["bearer"].is_object());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn swagger_ui_and_redoc_are_served_by_the_binary_itself() {
+    let app = spawn_app().await;
+    for page in ["/api/docs/", "/api/redoc/"] {
+        let resp = app.client.get(app.url(page)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{page}");
+        let html = resp.text().await.unwrap();
+        assert!(html.contains("<html") || html.contains("<!DOCTYPE"), "{page}");
+        // No script or stylesheet from another host: the pages work offline.
+        for attr in ["src=\"http", "href=\"http", "src='http", "href='http"] {
+            assert!(!html.contains(attr), "{page} loads {attr}");
+        }
+    }
+    for asset in ["/api/docs/swagger-ui-bundle.js", "/api/docs/swagger-ui.css", "/api/redoc/redoc.standalone.js"] {
+        let resp = app.client.get(app.url(asset)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{asset}");
+        assert!(resp.bytes().await.unwrap().len() > 10_000, "{asset} is the real bundle");
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn probes_report_liveness_and_readiness() {
+    let app = spawn_app().await;
+    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, ready) = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ready, serde_json::json!({"status": "ready", "database": "ok", "redis": "ok"}));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn migrations_run_twice_on_the_same_database() {
+    let (url, name) = fresh_database().await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    aichat_shared::db::migrate(&pool).await.expect("first run");
+    aichat_shared::db::migrate(&pool).await.expect("second run is a no-op");
+    pool.close().await;
+    drop_database(&name).await;
+}
