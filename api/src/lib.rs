@@ -1,12 +1,14 @@
 //! aichat HTTP API: authentication, REST under `/api/`, docs and probes.
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -17,13 +19,17 @@ pub mod auth;
 pub mod dispatch;
 pub mod error;
 pub mod extract;
+pub mod fanout;
 pub mod routes;
 pub mod settings;
 pub mod state;
 pub mod validate;
+pub mod wait;
+pub mod ws;
 
+use fanout::Hub;
 pub use settings::Settings;
-use state::AppState;
+use state::{AppState, SocketTracker};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -32,6 +38,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
+    shutdown_tx: watch::Sender<bool>,
 }
 
 impl Application {
@@ -47,12 +54,23 @@ impl Application {
             .await
             .context("connecting to Redis")?;
         let ns = settings.redis.namespace();
+        let hub = Hub::connect(
+            settings.redis.redis_url.expose_secret(),
+            ns.clone(),
+            settings.ws_queue_capacity,
+        )
+        .await
+        .context("connecting the pub/sub connection to Redis")?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
         let state = AppState {
             db: pool,
             queue: JobQueue::new(redis.clone(), &ns),
             redis,
+            hub,
             ns,
             settings: Arc::new(settings),
+            shutdown,
+            sockets: SocketTracker::default(),
         };
         let listener = TcpListener::bind(&state.settings.api_addr)
             .await
@@ -62,6 +80,7 @@ impl Application {
             listener,
             router,
             state,
+            shutdown_tx,
         })
     }
 
@@ -73,15 +92,28 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    /// Serves until `shutdown` completes, then closes every WebSocket (1001) and finishes
+    /// in-flight requests.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "aichat-api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
+        let Application {
+            listener,
+            router,
+            state,
+            shutdown_tx,
+        } = self;
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing WebSockets");
+            let _ = shutdown_tx.send(true);
+        };
+        axum::serve(listener, router)
+            .with_graceful_shutdown(signal)
             .await?;
+        state.sockets.wait_closed(Duration::from_secs(5)).await;
         Ok(())
     }
 }
@@ -90,6 +122,7 @@ impl Application {
 pub fn app_router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     routes::router()
+        .merge(ws::router())
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

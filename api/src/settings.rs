@@ -32,6 +32,21 @@ pub struct Settings {
     /// Apply pending database migrations at start-up.
     #[arg(long, env = "RUN_MIGRATIONS", action = ArgAction::Set, default_value_t = true)]
     pub run_migrations: bool,
+    /// Events a WebSocket may fall behind before it is closed (1013).
+    #[arg(long, env = "WS_QUEUE_CAPACITY", default_value_t = 256)]
+    pub ws_queue_capacity: usize,
+    /// Largest WebSocket message a client may send, in bytes.
+    #[arg(long, env = "WS_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub ws_max_message_bytes: usize,
+    /// Seconds between server pings; a socket silent for two intervals is dropped.
+    #[arg(long, env = "WS_PING_SECS", default_value_t = 30)]
+    pub ws_ping_secs: u64,
+    /// Seconds one frame may take to reach a client before the socket counts as stuck.
+    #[arg(long, env = "WS_SEND_TIMEOUT_SECS", default_value_t = 10)]
+    pub ws_send_timeout_secs: u64,
+    /// Longest `send_message?wait=N`, in seconds (`?wait=true` waits this long).
+    #[arg(long, env = "MAX_WAIT_SECS", default_value_t = 60)]
+    pub max_wait_secs: u64,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -31,24 +31,64 @@ async fn register_rejects_each_invalid_field_with_field_errors() {
     app.user("taken").await;
     let long = "x".repeat(151);
     let cases = [
-        (json!({"password": "password1", "password_confirm": "password1"}), "username"),
-        (json!({"username": "", "password": "password1", "password_confirm": "password1"}), "username"),
-        (json!({"username": long, "password": "password1", "password_confirm": "password1"}), "username"),
-        (json!({"username": "bad name!", "password": "password1", "password_confirm": "password1"}), "username"),
-        (json!({"username": "taken", "password": "password1", "password_confirm": "password1"}), "username"),
-        (json!({"username": "bob", "password": "short", "password_confirm": "short"}), "password"),
-        (json!({"username": "bob", "password": "password1", "password_confirm": "password2"}), "password"),
-        (json!({"username": "bob", "password_confirm": "password1"}), "password"),
-        (json!({"username": "bob", "email": "not-an-email", "password": "password1", "password_confirm": "password1"}), "email"),
+        (
+            json!({"password": "password1", "password_confirm": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": "", "password": "password1", "password_confirm": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": long, "password": "password1", "password_confirm": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": "bad name!", "password": "password1", "password_confirm": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": "taken", "password": "password1", "password_confirm": "password1"}),
+            "username",
+        ),
+        (
+            json!({"username": "bob", "password": "short", "password_confirm": "short"}),
+            "password",
+        ),
+        (
+            json!({"username": "bob", "password": "password1", "password_confirm": "password2"}),
+            "password",
+        ),
+        (
+            json!({"username": "bob", "password_confirm": "password1"}),
+            "password",
+        ),
+        (
+            json!({"username": "bob", "email": "not-an-email", "password": "password1", "password_confirm": "password1"}),
+            "email",
+        ),
     ];
     for (body, field) in cases {
-        let (status, errors) = app.call(Method::POST, "/api/register/", None, Some(body.clone())).await;
+        let (status, errors) = app
+            .call(Method::POST, "/api/register/", None, Some(body.clone()))
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        let problems = errors[field].as_array().unwrap_or_else(|| panic!("{field} errors for {body}: {errors}"));
-        assert!(!problems.is_empty() && problems.iter().all(|p| p.is_string()), "{errors}");
+        let problems = errors[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("{field} errors for {body}: {errors}"));
+        assert!(
+            !problems.is_empty() && problems.iter().all(|p| p.is_string()),
+            "{errors}"
+        );
     }
-    let (_, users) = app.get("/api/users/", &app.user("checker").await.token).await;
-    assert_eq!(users.as_array().map(Vec::len), Some(2), "only taken and checker exist: {users}");
+    let (_, users) = app
+        .get("/api/users/", &app.user("checker").await.token)
+        .await;
+    assert_eq!(
+        users.as_array().map(Vec::len),
+        Some(2),
+        "only taken and checker exist: {users}"
+    );
     app.cleanup().await;
 }
 
@@ -71,7 +111,10 @@ async fn login_answers_the_user_a_token_and_a_session_cookie() {
     assert_eq!(body["username"], "alice");
     assert_eq!(body["is_staff"], false);
     assert!(body["id"].is_i64() && body["email"].is_string());
-    assert!(cookie.starts_with(&format!("sessionid={token};")), "{cookie}");
+    assert!(
+        cookie.starts_with(&format!("sessionid={token};")),
+        "{cookie}"
+    );
     for attr in ["HttpOnly", "SameSite=Lax", "Path=/"] {
         assert!(cookie.contains(attr), "{attr} missing in {cookie}");
     }
@@ -86,7 +129,10 @@ async fn login_answers_the_user_a_token_and_a_session_cookie() {
         .unwrap();
     assert_eq!(me.status(), StatusCode::OK);
     let me: serde_json::Value = me.json().await.unwrap();
-    assert_eq!(me, json!({"id": body["id"], "username": "alice", "email": "", "is_staff": false}));
+    assert_eq!(
+        me,
+        json!({"id": body["id"], "username": "alice", "email": "", "is_staff": false})
+    );
     app.cleanup().await;
 }
 
@@ -99,7 +145,14 @@ async fn wrong_credentials_are_401_invalid_credentials() {
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body, json!({"error": "Invalid credentials"}));
     }
-    let (status, body) = app.call(Method::POST, "/api/login/", None, Some(json!({"username": "alice"}))).await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/api/login/",
+            None,
+            Some(json!({"username": "alice"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["password"].is_array(), "{body}");
     app.cleanup().await;
@@ -109,7 +162,10 @@ async fn wrong_credentials_are_401_invalid_credentials() {
 async fn logout_revokes_the_session_server_side() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
-    let other_session = app.login("alice", "correct horse").await.1["token"].as_str().unwrap().to_owned();
+    let other_session = app.login("alice", "correct horse").await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (status, body) = app.post("/api/logout/", &alice.token, json!({})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({"message": "Logged out successfully"}));
@@ -128,7 +184,10 @@ async fn an_expired_session_is_refused() {
     assert_eq!(app.get("/api/me/", &alice.token).await.0, StatusCode::OK);
     let app = common::restart_with(app, &["--session-ttl-hours", "0"]).await;
     let bob = app.user("bob").await;
-    assert_eq!(app.get("/api/me/", &bob.token).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.get("/api/me/", &bob.token).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(app.get("/api/me/", &alice.token).await.0, StatusCode::OK);
     app.cleanup().await;
 }
@@ -140,7 +199,10 @@ async fn users_lists_ids_and_usernames_only() {
     let bob = app.user("bob").await;
     let (status, body) = app.get("/api/users/", &alice.token).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, json!([{"id": alice.id, "username": "alice"}, {"id": bob.id, "username": "bob"}]));
+    assert_eq!(
+        body,
+        json!([{"id": alice.id, "username": "alice"}, {"id": bob.id, "username": "bob"}])
+    );
     app.cleanup().await;
 }
 
@@ -148,8 +210,15 @@ async fn users_lists_ids_and_usernames_only() {
 async fn passwords_are_stored_as_argon2_hashes() {
     let app = spawn_app().await;
     app.user("alice").await;
-    let creds = aichat_shared::db::users::find_credentials(&app.db, "alice").await.unwrap().unwrap();
-    assert!(creds.password_hash.starts_with("$argon2id$"), "{}", creds.password_hash);
+    let creds = aichat_shared::db::users::find_credentials(&app.db, "alice")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        creds.password_hash.starts_with("$argon2id$"),
+        "{}",
+        creds.password_hash
+    );
     assert!(!creds.password_hash.contains("correct horse"));
     app.cleanup().await;
 }

@@ -11,11 +11,27 @@ const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat."
 async fn create_answers_every_field_with_the_defaults() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "General"})).await;
-    let fields: Vec<&str> = chat.as_object().unwrap().keys().map(String::as_str).collect();
+    let chat = app
+        .create_ai_chat(&alice, json!({"title": "General"}))
+        .await;
+    let fields: Vec<&str> = chat
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     let mut expected = vec![
-        "id", "user", "user_username", "related_chat", "related_chat_name", "title", "system_prompt", "model",
-        "created_at", "updated_at", "message_count",
+        "id",
+        "user",
+        "user_username",
+        "related_chat",
+        "related_chat_name",
+        "title",
+        "system_prompt",
+        "model",
+        "created_at",
+        "updated_at",
+        "message_count",
     ];
     expected.sort_unstable();
     let mut fields = fields;
@@ -35,7 +51,9 @@ async fn create_answers_every_field_with_the_defaults() {
     assert_eq!(custom["system_prompt"], "Talk like a pirate.");
     assert_eq!(custom["model"], "gpt-4o-mini");
 
-    let (status, detail) = app.get(&format!("/api/ai/chats/{}/", chat["id"]), &alice.token).await;
+    let (status, detail) = app
+        .get(&format!("/api/ai/chats/{}/", chat["id"]), &alice.token)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(detail["messages"], json!([]));
     assert_eq!(detail["title"], "General");
@@ -52,20 +70,39 @@ async fn create_and_update_validate_every_field() {
         (json!({}), "title"),
         (json!({"title": ""}), "title"),
         (json!({"title": "t".repeat(256)}), "title"),
-        (json!({"title": "ok", "related_chat": bobs_chat}), "related_chat"),
-        (json!({"title": "ok", "related_chat": 987654}), "related_chat"),
+        (
+            json!({"title": "ok", "related_chat": bobs_chat}),
+            "related_chat",
+        ),
+        (
+            json!({"title": "ok", "related_chat": 987654}),
+            "related_chat",
+        ),
         (json!({"title": "ok", "model": ""}), "model"),
         (json!({"title": "ok", "model": "bad model name"}), "model"),
-        (json!({"title": "ok", "system_prompt": "p".repeat(20_001)}), "system_prompt"),
+        (
+            json!({"title": "ok", "system_prompt": "p".repeat(20_001)}),
+            "system_prompt",
+        ),
     ];
     for (body, field) in &cases {
         let (status, errors) = app.post("/api/ai/chats/", &alice.token, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(errors[field].is_array(), "{body} -> {errors}");
     }
-    let (_, errors) = app.post("/api/ai/chats/", &alice.token, json!({"title": "x", "related_chat": bobs_chat})).await;
+    let (_, errors) = app
+        .post(
+            "/api/ai/chats/",
+            &alice.token,
+            json!({"title": "x", "related_chat": bobs_chat}),
+        )
+        .await;
     assert_eq!(errors, json!({"related_chat": [NOT_A_PARTICIPANT]}));
-    assert_eq!(app.get("/api/ai/chats/", &alice.token).await.1, json!([]), "nothing stored");
+    assert_eq!(
+        app.get("/api/ai/chats/", &alice.token).await.1,
+        json!([]),
+        "nothing stored"
+    );
 
     // PATCH and PUT apply the same rules (the old app skipped the participant check here).
     let chat = app.create_ai_chat(&alice, json!({"title": "mine"})).await;
@@ -77,7 +114,9 @@ async fn create_and_update_validate_every_field() {
         let (status, _) = app.put(&path, &alice.token, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "PUT {body}");
     }
-    let (status, errors) = app.put(&path, &alice.token, json!({"system_prompt": "no title"})).await;
+    let (status, errors) = app
+        .put(&path, &alice.token, json!({"system_prompt": "no title"}))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(errors["title"].is_array());
     let (_, unchanged) = app.get(&path, &alice.token).await;
@@ -91,22 +130,41 @@ async fn patch_changes_only_what_is_sent_and_null_unlinks() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
     let team = app.create_chat(&alice, "team", &[]).await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "a", "related_chat": team})).await;
+    let chat = app
+        .create_ai_chat(&alice, json!({"title": "a", "related_chat": team}))
+        .await;
     let path = format!("/api/ai/chats/{}/", chat["id"]);
 
-    let (status, patched) = app.patch(&path, &alice.token, json!({"system_prompt": "Be brief."})).await;
+    let (status, patched) = app
+        .patch(&path, &alice.token, json!({"system_prompt": "Be brief."}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{patched}");
     assert_eq!(patched["system_prompt"], "Be brief.");
     assert_eq!(patched["title"], "a");
     assert_eq!(patched["related_chat"], team);
 
-    let (_, patched) = app.patch(&path, &alice.token, json!({"related_chat": null})).await;
+    let (_, patched) = app
+        .patch(&path, &alice.token, json!({"related_chat": null}))
+        .await;
     assert_eq!(patched["related_chat"], Value::Null);
     assert_eq!(patched["system_prompt"], "Be brief.");
 
-    let (status, put) = app.put(&path, &alice.token, json!({"title": "b", "related_chat": team, "model": "m-2"})).await;
+    let (status, put) = app
+        .put(
+            &path,
+            &alice.token,
+            json!({"title": "b", "related_chat": team, "model": "m-2"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((put["title"].as_str(), put["related_chat"].as_i64(), put["model"].as_str()), (Some("b"), Some(team), Some("m-2")));
+    assert_eq!(
+        (
+            put["title"].as_str(),
+            put["related_chat"].as_i64(),
+            put["model"].as_str()
+        ),
+        (Some("b"), Some(team), Some("m-2"))
+    );
     assert_eq!(put["related_chat_name"], "team");
     app.cleanup().await;
 }
@@ -117,11 +175,24 @@ async fn list_is_most_recently_updated_first_and_delete_takes_the_messages() {
     let alice = app.user("alice").await;
     let first = app.create_ai_chat(&alice, json!({"title": "first"})).await;
     let second = app.create_ai_chat(&alice, json!({"title": "second"})).await;
-    let titles = |list: &Value| list.as_array().unwrap().iter().map(|c| c["title"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
-    assert_eq!(titles(&app.get("/api/ai/chats/", &alice.token).await.1), ["second", "first"]);
+    let titles = |list: &Value| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["title"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        titles(&app.get("/api/ai/chats/", &alice.token).await.1),
+        ["second", "first"]
+    );
 
     let (status, sent) = app
-        .post(&format!("/api/ai/chats/{}/send_message/", first["id"]), &alice.token, json!({"content": "bump"}))
+        .post(
+            &format!("/api/ai/chats/{}/send_message/", first["id"]),
+            &alice.token,
+            json!({"content": "bump"}),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
     let (_, list) = app.get("/api/ai/chats/", &alice.token).await;
@@ -129,10 +200,20 @@ async fn list_is_most_recently_updated_first_and_delete_takes_the_messages() {
     assert_eq!(list[0]["message_count"], 1);
 
     let message_id = sent["message"]["id"].as_i64().unwrap();
-    let (status, _) = app.delete(&format!("/api/ai/chats/{}/", first["id"]), &alice.token).await;
+    let (status, _) = app
+        .delete(&format!("/api/ai/chats/{}/", first["id"]), &alice.token)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    assert_eq!(app.get(&format!("/api/ai/messages/{message_id}/"), &alice.token).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(titles(&app.get("/api/ai/chats/", &alice.token).await.1), ["second"]);
+    assert_eq!(
+        app.get(&format!("/api/ai/messages/{message_id}/"), &alice.token)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        titles(&app.get("/api/ai/chats/", &alice.token).await.1),
+        ["second"]
+    );
     let _ = second;
     app.cleanup().await;
 }
@@ -146,7 +227,11 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
     let mut ids = Vec::new();
     for n in 0..5 {
         let (_, sent) = app
-            .post(&format!("/api/ai/chats/{id}/send_message/"), &alice.token, json!({"content": format!("m{n}")}))
+            .post(
+                &format!("/api/ai/chats/{id}/send_message/"),
+                &alice.token,
+                json!({"content": format!("m{n}")}),
+            )
             .await;
         ids.push(sent["message"]["id"].as_i64().unwrap());
     }
@@ -158,19 +243,54 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
     };
     let (status, all) = page("").await;
     assert_eq!(status, StatusCode::OK);
-    let got: Vec<i64> = all.as_array().unwrap().iter().map(|m| m["id"].as_i64().unwrap()).collect();
+    let got: Vec<i64> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(got, ids);
     let m = &all[0];
-    for field in ["id", "ai_chat", "role", "content", "timestamp", "prompt_tokens", "completion_tokens", "total_tokens", "status", "model"] {
+    for field in [
+        "id",
+        "ai_chat",
+        "role",
+        "content",
+        "timestamp",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "status",
+        "model",
+    ] {
         assert!(m.get(field).is_some(), "{field} missing in {m}");
     }
-    assert_eq!((m["role"].as_str(), m["status"].as_str(), m["ai_chat"].as_i64()), (Some("user"), Some("queued"), Some(id)));
+    assert_eq!(
+        (
+            m["role"].as_str(),
+            m["status"].as_str(),
+            m["ai_chat"].as_i64()
+        ),
+        (Some("user"), Some("queued"), Some(id))
+    );
     assert_eq!(m["total_tokens"], Value::Null);
 
     let (_, after) = page(&format!("?after_id={}&limit=2", ids[1])).await;
-    let got: Vec<i64> = after.as_array().unwrap().iter().map(|m| m["id"].as_i64().unwrap()).collect();
+    let got: Vec<i64> = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(got, ids[2..4]);
-    for bad in ["?limit=0", "?limit=-1", "?limit=1001", "?after_id=-5", "?limit=abc", "?after_id=99999999999999999999999"] {
+    for bad in [
+        "?limit=0",
+        "?limit=-1",
+        "?limit=1001",
+        "?after_id=-5",
+        "?limit=abc",
+        "?after_id=99999999999999999999999",
+    ] {
         let (status, body) = page(bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
         assert!(body.is_object(), "{bad}: {body}");
@@ -179,7 +299,9 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
     // The user's messages across chats, and one by id.
     let (_, mine) = app.get("/api/ai/messages/", &alice.token).await;
     assert_eq!(mine, all);
-    let (status, one) = app.get(&format!("/api/ai/messages/{}/", ids[3]), &alice.token).await;
+    let (status, one) = app
+        .get(&format!("/api/ai/messages/{}/", ids[3]), &alice.token)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one, all[3]);
     app.cleanup().await;
@@ -193,16 +315,33 @@ async fn related_chat_context_answers_the_latest_messages_oldest_first() {
     let team = app.create_chat(&alice, "team", &[&bob]).await;
     for n in 0..6 {
         let who = if n % 2 == 0 { &alice } else { &bob };
-        app.post(&format!("/api/chats/{team}/send_message/"), &who.token, json!({"content": format!("line {n}")})).await;
+        app.post(
+            &format!("/api/chats/{team}/send_message/"),
+            &who.token,
+            json!({"content": format!("line {n}")}),
+        )
+        .await;
     }
     let unlinked = app.create_ai_chat(&alice, json!({"title": "none"})).await;
-    let (status, body) = app.get(&format!("/api/ai/chats/{}/related_chat_context/", unlinked["id"]), &alice.token).await;
+    let (status, body) = app
+        .get(
+            &format!("/api/ai/chats/{}/related_chat_context/", unlinked["id"]),
+            &alice.token,
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(body, json!({"error": "No related chat linked to this AI chat"}));
+    assert_eq!(
+        body,
+        json!({"error": "No related chat linked to this AI chat"})
+    );
 
-    let linked = app.create_ai_chat(&alice, json!({"title": "ctx", "related_chat": team})).await;
+    let linked = app
+        .create_ai_chat(&alice, json!({"title": "ctx", "related_chat": team}))
+        .await;
     let path = format!("/api/ai/chats/{}/related_chat_context/", linked["id"]);
-    let (status, ctx) = app.get(&format!("{path}?message_limit=3"), &alice.token).await;
+    let (status, ctx) = app
+        .get(&format!("{path}?message_limit=3"), &alice.token)
+        .await;
     assert_eq!(status, StatusCode::OK, "{ctx}");
     assert_eq!(ctx["chat_name"], "team");
     assert_eq!(ctx["message_count"], 3);
@@ -210,14 +349,22 @@ async fn related_chat_context_answers_the_latest_messages_oldest_first() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| format!("{}: {}", m["sender"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m["sender"].as_str().unwrap(),
+                m["content"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(lines, ["bob: line 3", "alice: line 4", "bob: line 5"]);
     assert!(ctx["messages"][0]["timestamp"].is_string());
     let (_, all) = app.get(&path, &alice.token).await;
     assert_eq!(all["message_count"], 6, "default limit 50");
     for bad in ["0", "201", "-1", "x"] {
-        let (status, _) = app.get(&format!("{path}?message_limit={bad}"), &alice.token).await;
+        let (status, _) = app
+            .get(&format!("{path}?message_limit={bad}"), &alice.token)
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
     }
     app.cleanup().await;

@@ -5,46 +5,135 @@ use common::spawn_app;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-async fn raw(app: &common::TestApp, method: reqwest::Method, path: &str, token: &str, content_type: Option<&str>, body: Vec<u8>) -> (StatusCode, Value) {
-    let mut req = app.client.request(method, app.url(path)).bearer_auth(token).body(body);
+async fn raw(
+    app: &common::TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut req = app
+        .client
+        .request(method, app.url(path))
+        .bearer_auth(token)
+        .body(body);
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
     let resp = req.send().await.unwrap();
     let status = resp.status();
     let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {status} {text}")))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {status} {text}")),
+    )
 }
 
 #[tokio::test]
 async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
-    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"].as_i64().unwrap();
+    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
     let send = format!("/api/ai/chats/{ai}/send_message/");
     let json_ct = Some("application/json");
     let post = reqwest::Method::POST;
     let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode)> = vec![
-        (send.as_str(), json_ct, b"{not json".to_vec(), StatusCode::BAD_REQUEST),
-        (send.as_str(), json_ct, b"".to_vec(), StatusCode::BAD_REQUEST),
-        (send.as_str(), json_ct, b"\"just a string\"".to_vec(), StatusCode::BAD_REQUEST),
-        (send.as_str(), json_ct, b"{\"content\": [1,2]}".to_vec(), StatusCode::BAD_REQUEST),
-        (send.as_str(), json_ct, b"{\"content\": \"hi\", \"context_message_limit\": 1e99}".to_vec(), StatusCode::BAD_REQUEST),
-        (send.as_str(), json_ct, b"{\"content\": \"hi\", \"context_message_limit\": 99999999999999999999}".to_vec(), StatusCode::BAD_REQUEST),
-        (send.as_str(), json_ct, vec![0xff, 0xfe, 0x00], StatusCode::BAD_REQUEST),
-        (send.as_str(), Some("text/plain"), b"{\"content\": \"hi\"}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (send.as_str(), None, b"{\"content\": \"hi\"}".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (send.as_str(), Some("application/x-www-form-urlencoded"), b"content=hi".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("/api/ai/chats/", json_ct, b"{\"title\": null}".to_vec(), StatusCode::BAD_REQUEST),
-        ("/api/ai/chats/", json_ct, b"{\"title\": \"t\", \"related_chat\": \"1\"}".to_vec(), StatusCode::BAD_REQUEST),
-        ("/api/ai/chats/", json_ct, b"{\"title\": \"t\", \"related_chat\": -1}".to_vec(), StatusCode::BAD_REQUEST),
-        ("/api/chats/", json_ct, b"{\"name\": \"n\", \"participant_ids\": [1.5]}".to_vec(), StatusCode::BAD_REQUEST),
+        (
+            send.as_str(),
+            json_ct,
+            b"{not json".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            json_ct,
+            b"".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            json_ct,
+            b"\"just a string\"".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            json_ct,
+            b"{\"content\": [1,2]}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            json_ct,
+            b"{\"content\": \"hi\", \"context_message_limit\": 1e99}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            json_ct,
+            b"{\"content\": \"hi\", \"context_message_limit\": 99999999999999999999}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            json_ct,
+            vec![0xff, 0xfe, 0x00],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send.as_str(),
+            Some("text/plain"),
+            b"{\"content\": \"hi\"}".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            send.as_str(),
+            None,
+            b"{\"content\": \"hi\"}".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            send.as_str(),
+            Some("application/x-www-form-urlencoded"),
+            b"content=hi".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "/api/ai/chats/",
+            json_ct,
+            b"{\"title\": null}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/ai/chats/",
+            json_ct,
+            b"{\"title\": \"t\", \"related_chat\": \"1\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/ai/chats/",
+            json_ct,
+            b"{\"title\": \"t\", \"related_chat\": -1}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/chats/",
+            json_ct,
+            b"{\"name\": \"n\", \"participant_ids\": [1.5]}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
     ];
     for (path, ct, body, expected) in cases {
         let shown = String::from_utf8_lossy(&body).into_owned();
         let (status, error) = raw(&app, post.clone(), path, &alice.token, ct, body).await;
         assert_eq!(status, expected, "{path} {ct:?} {shown}: {error}");
-        assert!(error.is_object() && !error.as_object().unwrap().is_empty(), "{error}");
+        assert!(
+            error.is_object() && !error.as_object().unwrap().is_empty(),
+            "{error}"
+        );
     }
 
     // A body over 1 MiB is 413.
@@ -53,8 +142,19 @@ async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(error["error"].is_string());
 
-    assert_eq!(app.get("/api/ai/messages/", &alice.token).await.1, json!([]));
-    assert_eq!(app.get("/api/ai/chats/", &alice.token).await.1.as_array().unwrap().len(), 1);
+    assert_eq!(
+        app.get("/api/ai/messages/", &alice.token).await.1,
+        json!([])
+    );
+    assert_eq!(
+        app.get("/api/ai/chats/", &alice.token)
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(app.get("/api/chats/", &alice.token).await.1, json!([]));
     assert!(app.queued_jobs().await.is_empty());
     app.cleanup().await;
@@ -64,7 +164,15 @@ async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
 async fn unknown_and_out_of_range_ids_are_404() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
-    for id in ["0", "-1", "999999", "99999999999999999999999", "abc", "1.5", "%00"] {
+    for id in [
+        "0",
+        "-1",
+        "999999",
+        "99999999999999999999999",
+        "abc",
+        "1.5",
+        "%00",
+    ] {
         for path in [
             format!("/api/ai/chats/{id}/"),
             format!("/api/ai/chats/{id}/messages/"),
@@ -75,11 +183,20 @@ async fn unknown_and_out_of_range_ids_are_404() {
             assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
             assert_eq!(body, json!({"error": "Not found."}), "{path}");
         }
-        let (status, _) = app.post(&format!("/api/ai/chats/{id}/send_message/"), &alice.token, json!({"content": "x"})).await;
+        let (status, _) = app
+            .post(
+                &format!("/api/ai/chats/{id}/send_message/"),
+                &alice.token,
+                json!({"content": "x"}),
+            )
+            .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
     let (status, body) = app.get("/api/no-such-route/", &alice.token).await;
-    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"error": "Not found."})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_FOUND, json!({"error": "Not found."}))
+    );
     let (status, body) = app.delete("/api/me/", &alice.token).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(body["error"].is_string());

@@ -1,7 +1,7 @@
 //! The OpenAPI document, the offline documentation pages, the probes and the migrations.
 mod common;
 
-use common::{fresh_database, drop_database, spawn_app};
+use common::{drop_database, fresh_database, spawn_app};
 use reqwest::{Method, StatusCode};
 
 /// Every route of the contract (`API.md`), by path and method.
@@ -37,7 +37,10 @@ async fn the_schema_lists_every_route_of_the_contract() {
         let item = &schema["paths"][*path];
         assert!(item.is_object(), "{path} missing from the schema");
         for method in *methods {
-            assert!(item[*method]["responses"].is_object(), "{method} {path} missing");
+            assert!(
+                item[*method]["responses"].is_object(),
+                "{method} {path} missing"
+            );
         }
     }
     assert!(schema["components"]["securitySchemes"]["bearer"].is_object());
@@ -51,16 +54,26 @@ async fn swagger_ui_and_redoc_are_served_by_the_binary_itself() {
         let resp = app.client.get(app.url(page)).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{page}");
         let html = resp.text().await.unwrap();
-        assert!(html.contains("<html") || html.contains("<!DOCTYPE"), "{page}");
+        assert!(
+            html.contains("<html") || html.contains("<!DOCTYPE"),
+            "{page}"
+        );
         // No script or stylesheet from another host: the pages work offline.
         for attr in ["src=\"http", "href=\"http", "src='http", "href='http"] {
             assert!(!html.contains(attr), "{page} loads {attr}");
         }
     }
-    for asset in ["/api/docs/swagger-ui-bundle.js", "/api/docs/swagger-ui.css", "/api/redoc/redoc.standalone.js"] {
+    for asset in [
+        "/api/docs/swagger-ui-bundle.js",
+        "/api/docs/swagger-ui.css",
+        "/api/redoc/redoc.standalone.js",
+    ] {
         let resp = app.client.get(app.url(asset)).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{asset}");
-        assert!(resp.bytes().await.unwrap().len() > 10_000, "{asset} is the real bundle");
+        assert!(
+            resp.bytes().await.unwrap().len() > 10_000,
+            "{asset} is the real bundle"
+        );
     }
     app.cleanup().await;
 }
@@ -72,7 +85,10 @@ async fn probes_report_liveness_and_readiness() {
     assert_eq!(resp.status(), StatusCode::OK);
     let (status, ready) = app.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(ready, serde_json::json!({"status": "ready", "database": "ok", "redis": "ok"}));
+    assert_eq!(
+        ready,
+        serde_json::json!({"status": "ready", "database": "ok", "redis": "ok"})
+    );
     app.cleanup().await;
 }
 
@@ -81,7 +97,9 @@ async fn migrations_run_twice_on_the_same_database() {
     let (url, name) = fresh_database().await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     aichat_shared::db::migrate(&pool).await.expect("first run");
-    aichat_shared::db::migrate(&pool).await.expect("second run is a no-op");
+    aichat_shared::db::migrate(&pool)
+        .await
+        .expect("second run is a no-op");
     pool.close().await;
     drop_database(&name).await;
 }

@@ -14,7 +14,9 @@ async fn send_message_stores_a_queued_message_and_queues_exactly_one_job() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
     let team = app.create_chat(&alice, "team", &[]).await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t", "related_chat": team})).await;
+    let chat = app
+        .create_ai_chat(&alice, json!({"title": "t", "related_chat": team}))
+        .await;
     let id = chat["id"].as_i64().unwrap();
     let (status, body) = app
         .post(
@@ -39,7 +41,9 @@ async fn send_message_stores_a_queued_message_and_queues_exactly_one_job() {
     assert_eq!(jobs[0]["include_related_chat_context"], true);
     assert_eq!(jobs[0]["context_message_limit"], 7);
 
-    let (_, stored) = app.get(&format!("/api/ai/messages/{message_id}/"), &alice.token).await;
+    let (_, stored) = app
+        .get(&format!("/api/ai/messages/{message_id}/"), &alice.token)
+        .await;
     assert_eq!(&stored, message);
     app.cleanup().await;
 }
@@ -55,20 +59,33 @@ async fn invalid_messages_are_400_and_store_and_queue_nothing() {
         (json!({"content": ""}), "content"),
         (json!({"content": " \n\t "}), "content"),
         (json!({"content": "x".repeat(32_001)}), "content"),
-        (json!({"content": "hi", "context_message_limit": 0}), "context_message_limit"),
-        (json!({"content": "hi", "context_message_limit": 101}), "context_message_limit"),
+        (
+            json!({"content": "hi", "context_message_limit": 0}),
+            "context_message_limit",
+        ),
+        (
+            json!({"content": "hi", "context_message_limit": 101}),
+            "context_message_limit",
+        ),
     ];
     for (body, field) in cases {
         let (status, errors) = app.post(&path, &alice.token, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(errors[field].is_array(), "{body} -> {errors}");
     }
-    for body in [json!({"content": 5}), json!({"content": "hi", "include_related_chat_context": "yes"}), json!([1])] {
+    for body in [
+        json!({"content": 5}),
+        json!({"content": "hi", "include_related_chat_context": "yes"}),
+        json!([1]),
+    ] {
         let (status, error) = app.post(&path, &alice.token, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(error["error"].is_string(), "{error}");
     }
-    assert_eq!(app.get("/api/ai/messages/", &alice.token).await.1, json!([]));
+    assert_eq!(
+        app.get("/api/ai/messages/", &alice.token).await.1,
+        json!([])
+    );
     assert!(app.queued_jobs().await.is_empty());
     app.cleanup().await;
 }
@@ -81,9 +98,22 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
@@ -96,11 +126,17 @@ impl PrivateRedis {
         loop {
             if let Ok(client) = redis::Client::open(url.as_str())
                 && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
             {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "private redis did not start");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private redis did not start"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -121,21 +157,38 @@ impl Drop for PrivateRedis {
 async fn when_redis_cannot_take_the_job_the_client_gets_503_and_no_message_is_left() {
     let mut redis = PrivateRedis::start();
     redis.wait_ready().await;
-    let app = spawn_app_with(Options { redis_url: format!("redis://127.0.0.1:{}", redis.port), ..Options::default() }).await;
+    let app = spawn_app_with(Options {
+        redis_url: format!("redis://127.0.0.1:{}", redis.port),
+        ..Options::default()
+    })
+    .await;
     let alice = app.user("alice").await;
     let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await;
     let path = format!("/api/ai/chats/{}/send_message/", chat["id"]);
-    let (status, _) = app.post(&path, &alice.token, json!({"content": "before"})).await;
+    let (status, _) = app
+        .post(&path, &alice.token, json!({"content": "before"}))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
     redis.stop();
-    let (status, body) = app.post(&path, &alice.token, json!({"content": "during the outage"})).await;
+    let (status, body) = app
+        .post(&path, &alice.token, json!({"content": "during the outage"}))
+        .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
 
     let (_, messages) = app.get("/api/ai/messages/", &alice.token).await;
-    let contents: Vec<&Value> = messages.as_array().unwrap().iter().map(|m| &m["content"]).collect();
-    assert_eq!(contents, [&json!("before")], "the refused message is not stored");
+    let contents: Vec<&Value> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["content"])
+        .collect();
+    assert_eq!(
+        contents,
+        [&json!("before")],
+        "the refused message is not stored"
+    );
     let (status, ready) = app.call(reqwest::Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready["redis"], "unavailable");

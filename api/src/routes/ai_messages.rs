@@ -2,6 +2,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -16,6 +17,7 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::routes::ai_chats::owned_chat;
 use crate::state::AppState;
 use crate::validate;
+use crate::wait::{self, Outcome};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -47,24 +49,25 @@ pub struct SendMessageResponse {
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct SendMessageQuery {
     /// `true` or a number of seconds: hold the request until the reply is saved.
-    #[allow(dead_code)]
     wait: Option<String>,
 }
 
 /// Store a user message and queue its completion; the reply comes from a worker.
 #[utoipa::path(post, path = "/api/ai/chats/{id}/send_message/", tag = "ai",
     params(("id" = i64, Path), SendMessageQuery), request_body = SendMessageRequest,
-    responses((status = 202, body = SendMessageResponse), (status = 400, description = "Field errors"),
+    responses((status = 202, body = SendMessageResponse), (status = 200, body = AiMessage, description = "With ?wait: the reply"),
+        (status = 502, description = "With ?wait: the model could not answer"), (status = 400, description = "Field errors"),
         (status = 404, description = "Not found"), (status = 503, description = "Queue unavailable")))]
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
 async fn send_message(
     State(state): State<AppState>,
     auth: AuthUser,
     ApiPath(id): ApiPath<i64>,
-    ApiQuery(_query): ApiQuery<SendMessageQuery>,
+    ApiQuery(query): ApiQuery<SendMessageQuery>,
     ApiJson(body): ApiJson<SendMessageRequest>,
-) -> ApiResult<(StatusCode, Json<SendMessageResponse>)> {
+) -> ApiResult<Response> {
     owned_chat(&state, id, auth.user.id).await?;
+    let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut errors = FieldErrors::default();
     let content = validate::required_text(
         &mut errors,
@@ -80,14 +83,36 @@ async fn send_message(
         include_related_chat_context: body.include_related_chat_context.unwrap_or(false),
         context_message_limit: i32::try_from(limit).unwrap_or(20),
     };
+    // Subscribe before the message exists, so its reply cannot slip past.
+    let mut events = match wait {
+        Some(_) => Some(state.hub.subscribe(id).await.map_err(|err| {
+            tracing::warn!(error = %err, "pub/sub subscribe failed");
+            ApiError::Unavailable(
+                "Waiting for replies is unavailable right now; send without ?wait",
+            )
+        })?),
+        None => None,
+    };
     let message = submit_message(&state, id, content, options, None).await?;
+    if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
+        match wait::wait_for_reply(&state, events, message.id, limit).await? {
+            Outcome::Answered(reply) => return Ok((StatusCode::OK, Json(reply)).into_response()),
+            Outcome::Failed(error) => {
+                return Err(ApiError::BadGateway(format!(
+                    "Failed to get response from ChatGPT: {error}"
+                )));
+            }
+            Outcome::Pending => {}
+        }
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(SendMessageResponse {
             message,
             status: "queued".into(),
         }),
-    ))
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

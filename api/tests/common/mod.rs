@@ -34,15 +34,21 @@ pub async fn fresh_database() -> (String, String) {
 pub async fn drop_database(name: &str) {
     if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
         let _ = conn
-            .execute(sqlx::AssertSqlSafe(format!(r#"drop database if exists "{name}" with (force)"#)))
+            .execute(sqlx::AssertSqlSafe(format!(
+                r#"drop database if exists "{name}" with (force)"#
+            )))
             .await;
     }
 }
 
 /// Deletes every Redis key of a test namespace.
 pub async fn delete_namespace(redis_url: &str, ns: &str) {
-    let Ok(client) = redis::Client::open(redis_url) else { return };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let Ok(client) = redis::Client::open(redis_url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
     let keys: Vec<String> = conn.keys(format!("{ns}:*")).await.unwrap_or_default();
     for chunk in keys.chunks(500) {
         let _: Result<(), _> = conn.del(chunk).await;
@@ -66,7 +72,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { redis_url: redis_url(), extra: Vec::new() }
+        Options {
+            redis_url: redis_url(),
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -86,7 +95,13 @@ pub async fn restart_with(app: TestApp, extra: &[&str]) -> TestApp {
         redis_url: app.redis_url.clone(),
         extra: extra.iter().map(|s| s.to_string()).collect(),
     };
-    start(app.db_url.clone(), app.db_name.clone(), app.ns.clone(), options).await
+    start(
+        app.db_url.clone(),
+        app.db_name.clone(),
+        app.ns.clone(),
+        options,
+    )
+    .await
 }
 
 async fn start(db_url: String, db_name: String, ns: String, options: Options) -> TestApp {
@@ -113,7 +128,15 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client");
-    TestApp { base, db_url, db, db_name, ns, redis_url: options.redis_url, client }
+    TestApp {
+        base,
+        db_url,
+        db,
+        db_name,
+        ns,
+        redis_url: options.redis_url,
+        client,
+    }
 }
 
 /// A registered, logged-in user.
@@ -129,7 +152,13 @@ impl TestApp {
     }
 
     /// Sends a request and returns the status and the JSON body (`Null` when empty or not JSON).
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.client.request(method, self.url(path));
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -152,7 +181,8 @@ impl TestApp {
     }
 
     pub async fn patch(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
-        self.call(Method::PATCH, path, Some(token), Some(body)).await
+        self.call(Method::PATCH, path, Some(token), Some(body))
+            .await
     }
 
     pub async fn put(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
@@ -174,8 +204,13 @@ impl TestApp {
     }
 
     pub async fn login(&self, username: &str, password: &str) -> (StatusCode, Value) {
-        self.call(Method::POST, "/api/login/", None, Some(json!({"username": username, "password": password})))
-            .await
+        self.call(
+            Method::POST,
+            "/api/login/",
+            None,
+            Some(json!({"username": username, "password": password})),
+        )
+        .await
     }
 
     /// Registers and logs in a user.
@@ -194,7 +229,11 @@ impl TestApp {
     pub async fn create_chat(&self, owner: &TestUser, name: &str, others: &[&TestUser]) -> i64 {
         let ids: Vec<i64> = others.iter().map(|u| u.id).collect();
         let (status, body) = self
-            .post("/api/chats/", &owner.token, json!({"name": name, "participant_ids": ids}))
+            .post(
+                "/api/chats/",
+                &owner.token,
+                json!({"name": name, "participant_ids": ids}),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body["id"].as_i64().expect("chat id")
@@ -209,7 +248,10 @@ impl TestApp {
     /// The job arguments stored in the completion queue, parsed.
     pub async fn queued_jobs(&self) -> Vec<Value> {
         let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
         let data: Vec<(String, Vec<u8>)> = conn
             .hgetall(format!("{}:jobs:completion:data", self.ns))
             .await

@@ -105,3 +105,30 @@ pub async fn get_user_message(
     .await?;
     Ok(message)
 }
+
+/// The assistant message answering `user_message_id`, once saved.
+#[tracing::instrument(skip(db))]
+pub async fn find_reply(
+    db: impl PgExecutor<'_>,
+    user_message_id: i64,
+) -> Result<Option<AiMessage>> {
+    let message = sqlx::query_as::<_, AiMessage>(sql!(
+        "select {MESSAGE_COLUMNS} from ai_messages m where m.reply_to = $1"
+    ))
+    .bind(user_message_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(message)
+}
+
+/// One message by id, whoever owns it.
+#[tracing::instrument(skip(db))]
+pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiMessage>> {
+    let message = sqlx::query_as::<_, AiMessage>(sql!(
+        "select {MESSAGE_COLUMNS} from ai_messages m where m.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(message)
+}

@@ -1,0 +1,276 @@
+//! Fan-out of chat events: one Redis pub/sub connection per process, subscribed to a chat's
+//! channel while at least one local socket (or waiting request) wants it; events go to every
+//! local subscriber through a bounded broadcast queue.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{broadcast, mpsc};
+
+use aichat_shared::keys::Namespace;
+
+/// One event as published: the WebSocket JSON text.
+pub type Event = Arc<str>;
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Topic {
+    tx: broadcast::Sender<Event>,
+    refs: usize,
+    subscribed: bool,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    ns: Namespace,
+    topics: Mutex<HashMap<i64, Topic>>,
+    /// Serialises SUBSCRIBE/UNSUBSCRIBE so a quick leave-and-rejoin cannot end unsubscribed.
+    ops: tokio::sync::Mutex<()>,
+    capacity: usize,
+}
+
+impl Inner {
+    fn topics(&self) -> MutexGuard<'_, HashMap<i64, Topic>> {
+        // A panic while holding the lock leaves plain counters behind: still usable.
+        self.topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The RESP3 form of a Redis URL: pub/sub over a `ConnectionManager` needs it.
+fn resp3_url(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+impl Hub {
+    /// Connects the pub/sub connection and starts the task that routes its messages.
+    /// `capacity` bounds each subscriber's queue: one that falls further behind is cut off.
+    pub async fn connect(url: &str, ns: Namespace, capacity: usize) -> redis::RedisResult<Hub> {
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let client = redis::Client::open(resp3_url(url))?;
+        let config = ConnectionManagerConfig::new()
+            .set_push_sender(push_tx)
+            .set_automatic_resubscription()
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let inner = Arc::new(Inner {
+            conn,
+            ns,
+            topics: Mutex::new(HashMap::new()),
+            ops: tokio::sync::Mutex::new(()),
+            capacity: capacity.max(1),
+        });
+        tokio::spawn(route_pushes(Arc::downgrade(&inner), push_rx));
+        Ok(Hub { inner })
+    }
+
+    /// Starts receiving the chat's events. Once this returns, every event published afterwards
+    /// reaches the subscription.
+    pub async fn subscribe(&self, ai_chat_id: i64) -> redis::RedisResult<Subscription> {
+        let rx = {
+            let mut topics = self.inner.topics();
+            let topic = topics.entry(ai_chat_id).or_insert_with(|| Topic {
+                tx: broadcast::channel(self.inner.capacity).0,
+                refs: 0,
+                subscribed: false,
+            });
+            topic.refs += 1;
+            topic.tx.subscribe()
+        };
+        // From here on, dropping the subscription releases the reference.
+        let subscription = Subscription {
+            ai_chat_id,
+            rx,
+            hub: self.clone(),
+        };
+        let _ops = self.inner.ops.lock().await;
+        let needed = self
+            .inner
+            .topics()
+            .get(&ai_chat_id)
+            .is_some_and(|t| !t.subscribed);
+        if needed {
+            let mut conn = self.inner.conn.clone();
+            conn.subscribe(self.inner.ns.chat_channel(ai_chat_id))
+                .await?;
+            if let Some(topic) = self.inner.topics().get_mut(&ai_chat_id) {
+                topic.subscribed = true;
+            }
+        }
+        Ok(subscription)
+    }
+
+    /// How many chats this process is subscribed to (for metrics and tests).
+    pub fn subscribed_chats(&self) -> usize {
+        self.inner
+            .topics()
+            .values()
+            .filter(|t| t.subscribed)
+            .count()
+    }
+
+    fn release(&self, ai_chat_id: i64) {
+        let last = {
+            let mut topics = self.inner.topics();
+            match topics.get_mut(&ai_chat_id) {
+                Some(topic) => {
+                    topic.refs = topic.refs.saturating_sub(1);
+                    topic.refs == 0
+                }
+                None => false,
+            }
+        };
+        if !last {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let _ops = inner.ops.lock().await;
+            let unsubscribe = {
+                let mut topics = inner.topics();
+                match topics.get(&ai_chat_id) {
+                    Some(topic) if topic.refs == 0 => {
+                        topics.remove(&ai_chat_id).is_some_and(|t| t.subscribed)
+                    }
+                    _ => false,
+                }
+            };
+            if unsubscribe {
+                let mut conn = inner.conn.clone();
+                if let Err(err) = conn.unsubscribe(inner.ns.chat_channel(ai_chat_id)).await {
+                    tracing::warn!(error = %err, ai_chat_id, "unsubscribe failed");
+                }
+            }
+        });
+    }
+}
+
+/// A local subscriber's view of one chat's events.
+pub struct Subscription {
+    ai_chat_id: i64,
+    rx: broadcast::Receiver<Event>,
+    hub: Hub,
+}
+
+impl Subscription {
+    /// The next event; `Err(Lagged)` when this subscriber fell more than the queue behind.
+    pub async fn recv(&mut self) -> Result<Event, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.release(self.ai_chat_id);
+    }
+}
+
+/// Routes pub/sub messages to the chats' queues; after a disconnect, pings with backoff until
+/// the connection manager has reconnected (which re-subscribes every channel).
+async fn route_pushes(hub: std::sync::Weak<Inner>, mut pushes: mpsc::UnboundedReceiver<PushInfo>) {
+    while let Some(push) = pushes.recv().await {
+        let Some(inner) = hub.upgrade() else { return };
+        match push.kind {
+            PushKind::Message => {
+                if let Some((chat_id, payload)) = parse_message(&inner.ns, &push.data)
+                    && let Some(topic) = inner.topics().get(&chat_id)
+                {
+                    // No receivers is fine: the last socket just left.
+                    let _ = topic.tx.send(payload);
+                }
+            }
+            PushKind::Disconnection => {
+                tracing::warn!("pub/sub connection to Redis lost; reconnecting");
+                tokio::spawn(reconnect(Arc::downgrade(&inner)));
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn reconnect(hub: std::sync::Weak<Inner>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(inner) = hub.upgrade() else { return };
+        let mut conn = inner.conn.clone();
+        drop(inner);
+        if redis::cmd("PING")
+            .query_async::<Value>(&mut conn)
+            .await
+            .is_ok()
+        {
+            tracing::info!("pub/sub connection to Redis is back");
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn parse_message(ns: &Namespace, data: &[Value]) -> Option<(i64, Event)> {
+    let [channel, payload, ..] = data else {
+        return None;
+    };
+    let channel = value_text(channel)?;
+    let prefix = ns.chat_channel(0);
+    let prefix = prefix.strip_suffix('0')?;
+    let chat_id = channel.strip_prefix(prefix)?.parse().ok()?;
+    Some((chat_id, Arc::from(value_text(payload)?)))
+}
+
+fn value_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp3_is_requested_once() {
+        assert_eq!(resp3_url("redis://h:1"), "redis://h:1?protocol=resp3");
+        assert_eq!(
+            resp3_url("redis://h:1/?db=2"),
+            "redis://h:1/?db=2&protocol=resp3"
+        );
+        assert_eq!(
+            resp3_url("redis://h?protocol=resp3"),
+            "redis://h?protocol=resp3"
+        );
+    }
+
+    #[test]
+    fn messages_are_routed_by_the_chat_id_in_the_channel() {
+        let ns = Namespace::new("ns");
+        let data = [
+            Value::BulkString(b"ns:chat:42".to_vec()),
+            Value::BulkString(b"{\"type\":\"x\"}".to_vec()),
+        ];
+        let (id, payload) = parse_message(&ns, &data).unwrap();
+        assert_eq!((id, &*payload), (42, "{\"type\":\"x\"}"));
+        let other = [
+            Value::BulkString(b"other:chat:42".to_vec()),
+            Value::BulkString(b"x".to_vec()),
+        ];
+        assert!(parse_message(&ns, &other).is_none());
+    }
+}

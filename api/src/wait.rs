@@ -1,0 +1,81 @@
+//! `send_message?wait=`: hold a REST request until its reply is saved, woken by the same
+//! fan-out the WebSockets use (no database polling loop).
+use std::time::Duration;
+
+use tokio::time::{Instant, timeout_at};
+
+use aichat_shared::db;
+use aichat_shared::domain::{AiMessage, status};
+use aichat_shared::events::ChatEvent;
+
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::fanout::Subscription;
+use crate::state::AppState;
+
+/// How a waited-for message ended.
+pub enum Outcome {
+    Answered(AiMessage),
+    Failed(String),
+    /// Not done within the wait.
+    Pending,
+}
+
+/// `?wait=true` → the longest wait; `false`/`0` → none; `N` → N seconds (at most the longest).
+pub fn parse_wait(raw: Option<&str>, max_secs: u64) -> ApiResult<Option<Duration>> {
+    let Some(raw) = raw else { return Ok(None) };
+    let secs = match raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "" => max_secs,
+        "false" | "0" | "no" => 0,
+        n => match n.parse::<u64>() {
+            Ok(n) if n <= max_secs => n,
+            _ => {
+                return Err(FieldErrors::single(
+                    "wait",
+                    format!("Must be true, false or a number of seconds from 0 to {max_secs}."),
+                ));
+            }
+        },
+    };
+    Ok((secs > 0).then(|| Duration::from_secs(secs)))
+}
+
+/// Waits for the reply to `message_id` (or its failure) on `events`, for at most `limit`.
+pub async fn wait_for_reply(
+    state: &AppState,
+    events: &mut Subscription,
+    message_id: i64,
+    limit: Duration,
+) -> ApiResult<Outcome> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match timeout_at(deadline, events.recv()).await {
+            Ok(Ok(text)) => match serde_json::from_str::<ChatEvent>(&text) {
+                Ok(ChatEvent::AssistantMessage { message })
+                    if message.reply_to == Some(message_id) =>
+                {
+                    return stored_outcome(state, message_id).await;
+                }
+                Ok(ChatEvent::Error {
+                    message,
+                    message_id: Some(id),
+                }) if id == message_id => {
+                    return Ok(Outcome::Failed(message));
+                }
+                _ => {}
+            },
+            // Fell behind, the channel closed, or time is up: the database has the final word.
+            Ok(Err(_)) | Err(_) => return stored_outcome(state, message_id).await,
+        }
+    }
+}
+
+async fn stored_outcome(state: &AppState, message_id: i64) -> ApiResult<Outcome> {
+    if let Some(reply) = db::ai_messages::find_reply(&state.db, message_id).await? {
+        return Ok(Outcome::Answered(reply));
+    }
+    match db::ai_messages::find_message(&state.db, message_id).await? {
+        Some(m) if m.status == status::FAILED => Ok(Outcome::Failed(m.error.unwrap_or_default())),
+        Some(_) => Ok(Outcome::Pending),
+        None => Err(ApiError::NotFound),
+    }
+}

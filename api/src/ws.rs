@@ -1,0 +1,326 @@
+//! The WebSocket endpoint `/ws/ai-chat/{id}/`: authenticated before the upgrade, then a
+//! send task (events, pings, close) and a receive task (client messages) joined by `select!`.
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use axum::routing::get;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::{Instant, timeout};
+
+use aichat_shared::db;
+use aichat_shared::domain::{AiMessage, ContextOptions, User, role};
+use aichat_shared::events::{ChatEvent, EventMessage};
+
+use crate::auth::{request_token, user_for_token};
+use crate::dispatch::submit_message;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::fanout::Subscription;
+use crate::routes::ai_chats::owned_chat;
+use crate::state::AppState;
+
+/// Close code for a client too slow to keep up ("try again later").
+const SLOW_CONSUMER: u16 = 1013;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws/ai-chat/{id}/", get(upgrade))
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+    /// Send the stored messages after this id first, then live events.
+    after_id: Option<i64>,
+}
+
+/// The request's session token: header or cookie, else `?token=`.
+struct WsToken(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for WsToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(WsToken(request_token(parts)))
+    }
+}
+
+#[tracing::instrument(skip_all, fields(ai_chat_id = id))]
+async fn upgrade(
+    State(state): State<AppState>,
+    WsToken(token): WsToken,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(query): ApiQuery<WsQuery>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let token = token.or(query.token).ok_or(ApiError::Unauthenticated)?;
+    let user = user_for_token(&state, &token)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
+    owned_chat(&state, id, user.id).await?;
+    if query.after_id.is_some_and(|a| a < 0) {
+        return Err(ApiError::BadRequest(
+            "after_id must be a non-negative integer".into(),
+        ));
+    }
+    let ws = ws.map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
+    // Subscribe before the upgrade: nothing published from here on is missed.
+    let subscription = state.hub.subscribe(id).await.map_err(|err| {
+        tracing::warn!(error = %err, "pub/sub subscribe failed");
+        ApiError::Unavailable("Real-time events are unavailable, please retry shortly")
+    })?;
+    let settings = &state.settings;
+    Ok(ws
+        .max_message_size(settings.ws_max_message_bytes)
+        .max_frame_size(settings.ws_max_message_bytes)
+        .on_upgrade(move |socket| session(state, user, id, subscription, query.after_id, socket)))
+}
+
+async fn session(
+    state: AppState,
+    user: User,
+    ai_chat_id: i64,
+    subscription: Subscription,
+    after_id: Option<i64>,
+    socket: WebSocket,
+) {
+    let _open = state.sockets.track();
+    let (sink, stream) = socket.split();
+    // Replies meant for this socket only (errors about its own frames).
+    let (direct_tx, direct_rx) = mpsc::channel::<String>(32);
+    let (alive_tx, alive_rx) = tokio::sync::watch::channel(Instant::now());
+    let send = send_loop(
+        state.clone(),
+        ai_chat_id,
+        subscription,
+        after_id,
+        sink,
+        direct_rx,
+        alive_rx,
+    );
+    let recv = recv_loop(state, user, ai_chat_id, stream, direct_tx, alive_tx);
+    tokio::select! {
+        _ = send => {},
+        _ = recv => {},
+    }
+}
+
+type Sink = futures::stream::SplitSink<WebSocket, Message>;
+
+async fn send_loop(
+    state: AppState,
+    ai_chat_id: i64,
+    mut events: Subscription,
+    after_id: Option<i64>,
+    mut sink: Sink,
+    mut direct: mpsc::Receiver<String>,
+    alive: tokio::sync::watch::Receiver<Instant>,
+) {
+    let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
+    let ping_every = Duration::from_secs(state.settings.ws_ping_secs.max(1));
+    let mut shutdown = state.shutdown.clone();
+
+    // Catch-up: stored messages after `after_id`; their live events are then skipped by id.
+    let mut caught_up: HashSet<i64> = HashSet::new();
+    if let Some(after_id) = after_id {
+        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Some(after_id), None).await
+        {
+            Ok(messages) => {
+                for message in messages {
+                    caught_up.insert(message.id);
+                    let text = stored_event(&message);
+                    if !send_text(&mut sink, text, send_timeout).await {
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "catch-up query failed");
+                close(&mut sink, close_code::AGAIN, "catch-up unavailable").await;
+                return;
+            }
+        }
+    }
+
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    loop {
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    close(&mut sink, close_code::AWAY, "server shutting down").await;
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if alive.borrow().elapsed() > ping_every * 2 {
+                    tracing::info!("dropping a WebSocket that stopped answering pings");
+                    return;
+                }
+                if !send_message(&mut sink, Message::Ping(Default::default()), send_timeout).await {
+                    return;
+                }
+            }
+            Some(text) = direct.recv() => {
+                if !send_text(&mut sink, text, send_timeout).await {
+                    return;
+                }
+            }
+            event = events.recv() => match event {
+                Ok(text) => {
+                    if !caught_up.is_empty() && already_sent(&text, &caught_up) {
+                        continue;
+                    }
+                    if !send_text(&mut sink, text.to_string(), send_timeout).await {
+                        close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::info!(missed, "closing a WebSocket that fell behind");
+                    close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+async fn recv_loop(
+    state: AppState,
+    user: User,
+    ai_chat_id: i64,
+    mut stream: futures::stream::SplitStream<WebSocket>,
+    direct: mpsc::Sender<String>,
+    alive: tokio::sync::watch::Sender<Instant>,
+) {
+    while let Some(Ok(frame)) = stream.next().await {
+        let _ = alive.send(Instant::now());
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Close(_) => return,
+            _ => continue,
+        };
+        if let Some(error) = handle_frame(&state, &user, ai_chat_id, &text).await {
+            let event = ChatEvent::Error {
+                message: error,
+                message_id: None,
+            };
+            let Ok(json) = serde_json::to_string(&event) else {
+                continue;
+            };
+            if direct.send(json).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ClientFrame {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    content: Option<serde_json::Value>,
+    include_related_chat_context: Option<bool>,
+    context_message_limit: Option<i64>,
+}
+
+/// Handles one client frame; returns the error to send back, if any.
+async fn handle_frame(
+    state: &AppState,
+    user: &User,
+    ai_chat_id: i64,
+    text: &str,
+) -> Option<String> {
+    let Ok(frame) = serde_json::from_str::<ClientFrame>(text) else {
+        return Some("Invalid JSON".into());
+    };
+    if frame.kind.as_deref() != Some("message") {
+        return None; // `typing` and unknown types are ignored
+    }
+    let content = frame
+        .content
+        .as_ref()
+        .and_then(|c| c.as_str())
+        .unwrap_or_default();
+    if content.trim().is_empty() {
+        return Some("Message content cannot be empty".into());
+    }
+    if content.chars().count() > state.settings.max_content_chars {
+        return Some(format!(
+            "Message content is too long (at most {} characters)",
+            state.settings.max_content_chars
+        ));
+    }
+    let limit = frame.context_message_limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Some("context_message_limit must be between 1 and 100".into());
+    }
+    let options = ContextOptions {
+        include_related_chat_context: frame.include_related_chat_context.unwrap_or(false),
+        context_message_limit: i32::try_from(limit).unwrap_or(20),
+    };
+    let result = async {
+        owned_chat(state, ai_chat_id, user.id).await?;
+        submit_message(state, ai_chat_id, content, options, None).await
+    }
+    .await;
+    match result {
+        Ok(_) => None, // the `user_message` event comes back through the fan-out
+        Err(ApiError::Internal(err)) => {
+            tracing::error!(error = ?err, "WebSocket message failed");
+            Some("Internal server error".into())
+        }
+        Err(err) => Some(err.to_string()),
+    }
+}
+
+/// The event a stored message would have produced.
+fn stored_event(message: &AiMessage) -> String {
+    let event = if message.role == role::ASSISTANT {
+        ChatEvent::AssistantMessage {
+            message: EventMessage::assistant(message),
+        }
+    } else {
+        ChatEvent::UserMessage {
+            message: EventMessage::user(message),
+        }
+    };
+    serde_json::to_string(&event).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct EventIds {
+    message: Option<serde_json::Value>,
+}
+
+/// Whether a live event repeats a message the catch-up already sent.
+fn already_sent(text: &str, sent: &HashSet<i64>) -> bool {
+    serde_json::from_str::<EventIds>(text)
+        .ok()
+        .and_then(|e| e.message)
+        .and_then(|m| m.get("id").and_then(|id| id.as_i64()))
+        .is_some_and(|id| sent.contains(&id))
+}
+
+async fn send_text(sink: &mut Sink, text: String, limit: Duration) -> bool {
+    send_message(sink, Message::Text(Utf8Bytes::from(text)), limit).await
+}
+
+async fn send_message(sink: &mut Sink, message: Message, limit: Duration) -> bool {
+    matches!(timeout(limit, sink.send(message)).await, Ok(Ok(())))
+}
+
+async fn close(sink: &mut Sink, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let _ = timeout(Duration::from_secs(1), sink.send(frame)).await;
+}
