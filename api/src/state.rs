@@ -53,8 +53,16 @@ impl SocketTracker {
 
     /// Waits until every socket has closed, or `limit` passes.
     pub async fn wait_closed(&self, limit: Duration) {
+        self.wait_for_at_most(0, limit).await;
+    }
+
+    /// Waits until at most `n` sockets are open; false if `limit` passed first.
+    pub async fn wait_for_at_most(&self, n: usize, limit: Duration) -> bool {
         let mut rx = self.open.subscribe();
-        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        matches!(
+            tokio::time::timeout(limit, rx.wait_for(|open| *open <= n)).await,
+            Ok(Ok(_))
+        )
     }
 }
 

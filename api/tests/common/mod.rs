@@ -2,6 +2,7 @@
 //! namespace per test, and a small HTTP client that speaks JSON.
 #![allow(dead_code)]
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use aichat_api::{Application, Settings};
@@ -63,6 +64,8 @@ pub struct TestApp {
     pub ns: String,
     pub redis_url: String,
     pub client: reqwest::Client,
+    pub sockets: aichat_api::state::SocketTracker,
+    pub shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct Options {
@@ -89,19 +92,26 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     start(db_url, db_name, ns, options).await
 }
 
-/// A second API instance on the same database and namespace, with extra settings.
+/// Replaces `app` by an instance on the same database and namespace, with extra settings.
 pub async fn restart_with(app: TestApp, extra: &[&str]) -> TestApp {
-    let options = Options {
-        redis_url: app.redis_url.clone(),
-        extra: extra.iter().map(|s| s.to_string()).collect(),
-    };
-    start(
-        app.db_url.clone(),
-        app.db_name.clone(),
-        app.ns.clone(),
-        options,
-    )
-    .await
+    app.another_instance(extra).await
+}
+
+impl TestApp {
+    /// Another API instance on the same database and Redis namespace.
+    pub async fn another_instance(&self, extra: &[&str]) -> TestApp {
+        let options = Options {
+            redis_url: self.redis_url.clone(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        start(
+            self.db_url.clone(),
+            self.db_name.clone(),
+            self.ns.clone(),
+            options,
+        )
+        .await
+    }
 }
 
 async fn start(db_url: String, db_name: String, ns: String, options: Options) -> TestApp {
@@ -123,7 +133,11 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
     let app = Application::build(settings).await.expect("build app");
     let base = format!("http://127.0.0.1:{}", app.port());
     let db = app.state().db.clone();
-    tokio::spawn(app.run_until(std::future::pending()));
+    let sockets = app.state().sockets.clone();
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stop.await;
+    }));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -136,6 +150,8 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
         ns,
         redis_url: options.redis_url,
         client,
+        sockets,
+        shutdown: Some(shutdown),
     }
 }
 
@@ -265,5 +281,151 @@ impl TestApp {
         self.db.close().await;
         drop_database(&self.db_name).await;
         delete_namespace(&self.redis_url, &self.ns).await;
+    }
+}
+
+/// A WebSocket client connection.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl TestApp {
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("{}{path}", self.base.replacen("http://", "ws://", 1))
+    }
+
+    /// Opens `/ws/ai-chat/{id}/` with `?token=` (and `&after_id=` when given).
+    pub async fn ws(&self, chat_id: i64, token: &str, after_id: Option<i64>) -> Ws {
+        let mut url = self.ws_url(&format!("/ws/ai-chat/{chat_id}/?token={token}"));
+        if let Some(after) = after_id {
+            url.push_str(&format!("&after_id={after}"));
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        ws
+    }
+
+    /// Stops accepting requests and closes every WebSocket.
+    pub fn shut_down(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The next text event, parsed; panics after `secs` seconds without one.
+pub async fn next_event(ws: &mut Ws, secs: u64) -> Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("an event in time")
+            .expect("socket open")
+            .expect("frame");
+        match frame {
+            Message::Text(text) => return serde_json::from_str(&text).expect("event JSON"),
+            Message::Close(frame) => panic!("socket closed: {frame:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Reads events until one of `kind` arrives; returns it with the events before it.
+pub async fn event_of(ws: &mut Ws, kind: &str, secs: u64) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_secs()
+            .max(1);
+        let event = next_event(ws, left).await;
+        if event["type"] == kind {
+            return (event, before);
+        }
+        before.push(event);
+    }
+}
+
+pub async fn send_ws(ws: &mut Ws, value: Value) {
+    use futures::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        value.to_string().into(),
+    ))
+    .await
+    .expect("send");
+}
+
+/// A Redis server of the test's own, on a free port, that the test can stop.
+pub struct PrivateRedis {
+    child: Child,
+    pub port: u16,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    /// Starts a server on `port` (again, after `stop`).
+    pub fn start_on(port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        PrivateRedis { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(url.as_str())
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private redis did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
