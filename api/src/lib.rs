@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod error;
 pub mod extract;
 pub mod fanout;
+pub mod metrics;
 pub mod routes;
 pub mod settings;
 pub mod state;
@@ -44,6 +45,8 @@ pub struct Application {
 impl Application {
     /// Connects to PostgreSQL and Redis, migrates, and binds `API_ADDR` (port 0 picks one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Install the recorder before anything records.
+        aichat_shared::telemetry::prometheus();
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
         if settings.run_migrations {
             db::migrate(&pool)
@@ -123,6 +126,8 @@ pub fn app_router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     routes::router()
         .merge(ws::router())
+        .route("/metrics", axum::routing::get(metrics::render))
+        .route_layer(axum::middleware::from_fn(metrics::track_requests))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

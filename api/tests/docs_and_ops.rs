@@ -103,3 +103,44 @@ async fn migrations_run_twice_on_the_same_database() {
     pool.close().await;
     drop_database(&name).await;
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status_and_show_the_queue() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let chat = app
+        .create_ai_chat(&alice, serde_json::json!({"title": "t"}))
+        .await["id"]
+        .as_i64()
+        .unwrap();
+    app.post(
+        &format!("/api/ai/chats/{chat}/send_message/"),
+        &alice.token,
+        serde_json::json!({"content": "x"}),
+    )
+    .await;
+    app.get("/api/ai/chats/999999/", &alice.token).await;
+    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    let has = |needle: &str| {
+        text.lines()
+            .any(|l| l.contains("http_requests_total") && l.contains(needle))
+    };
+    assert!(
+        has(r#"route="/api/ai/chats/{id}/send_message/""#) && has(r#"status="202""#),
+        "{text}"
+    );
+    assert!(has(r#"status="404""#), "{text}");
+    assert!(
+        text.contains("http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    // This test's own queue holds its one job (metrics of other tests' apps share the process).
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("queue_jobs{state=\"waiting\"}")),
+        "{text}"
+    );
+    app.cleanup().await;
+}

@@ -84,6 +84,44 @@ impl JobQueue {
     }
 }
 
+/// How many completion jobs are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Queued or scheduled, not yet taken by a worker.
+    pub waiting: u64,
+    /// Taken by a live worker.
+    pub in_flight: u64,
+    /// Ended for good (the model could not answer); re-drivable.
+    pub dead: u64,
+}
+
+/// Counts in one round trip; worker in-flight sets are named in the workers set.
+const DEPTH_SCRIPT: &str = r#"
+local running = 0
+for _, inflight in ipairs(redis.call('zrange', KEYS[2], 0, -1)) do
+  running = running + redis.call('scard', inflight)
+end
+return { redis.call('llen', KEYS[1]) + redis.call('zcard', KEYS[4]), running, redis.call('zcard', KEYS[3]) }
+"#;
+
+impl JobQueue {
+    pub async fn depth(&self) -> Result<QueueDepth> {
+        let mut conn = self.conn.clone();
+        let (waiting, in_flight, dead): (u64, u64, u64) = redis::Script::new(DEPTH_SCRIPT)
+            .key(self.config.active_jobs_list())
+            .key(self.config.workers_set())
+            .key(self.config.dead_jobs_set())
+            .key(self.config.scheduled_jobs_set())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(QueueDepth {
+            waiting,
+            in_flight,
+            dead,
+        })
+    }
+}
+
 /// The de-duplication key of a message's first job.
 pub fn message_job_key(message_id: i64) -> String {
     format!("message:{message_id}")

@@ -1,4 +1,7 @@
-//! Tracing set-up: text or JSON lines, filtered by `RUST_LOG`.
+//! Tracing set-up (text or JSON lines, filtered by `RUST_LOG`) and the Prometheus recorder.
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{LogFormat, LogSettings};
@@ -16,3 +19,22 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Text => registry.with(fmt::layer()).try_init(),
     };
 }
+
+/// The process's Prometheus recorder, installed on first use. One per process, shared by
+/// everything in it (tests run API and worker in one process).
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .as_ref()
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];

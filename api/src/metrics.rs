@@ -1,0 +1,56 @@
+//! Prometheus metrics of the API: requests by route and status with latency, open sockets,
+//! and the completion queue's depth read from Redis at scrape time.
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use aichat_shared::telemetry;
+
+use crate::state::AppState;
+
+/// Records every request: `http_requests_total` and `http_request_duration_seconds`.
+pub async fn track_requests(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn render(State(state): State<AppState>) -> Response {
+    metrics::gauge!("websockets_open").set(state.sockets.open() as f64);
+    metrics::gauge!("pubsub_subscribed_chats").set(state.hub.subscribed_chats() as f64);
+    match state.queue.depth().await {
+        Ok(depth) => {
+            metrics::gauge!("queue_jobs", "state" => "waiting").set(depth.waiting as f64);
+            metrics::gauge!("queue_jobs", "state" => "in_flight").set(depth.in_flight as f64);
+            metrics::gauge!("queue_jobs", "state" => "dead").set(depth.dead as f64);
+        }
+        Err(err) => tracing::warn!(error = %err, "could not read the queue depth"),
+    }
+    match telemetry::prometheus() {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable",
+        )
+            .into_response(),
+    }
+}
