@@ -62,6 +62,8 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("{0}")]
     BadGateway(String),
+    #[error("{0}")]
+    Conflict(&'static str),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -77,6 +79,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod error;
 pub mod extract;
 pub mod fanout;
+pub mod idempotency;
 pub mod metrics;
 pub mod routes;
 pub mod settings;

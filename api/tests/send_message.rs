@@ -128,3 +128,88 @@ async fn when_redis_cannot_take_the_job_the_client_gets_503_and_no_message_is_le
     assert_eq!(ready["redis"], "unavailable");
     app.cleanup().await;
 }
+
+async fn post_with_key(
+    app: &common::TestApp,
+    path: &str,
+    token: &str,
+    key: &str,
+    content: &str,
+) -> (StatusCode, Value) {
+    let resp = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(&json!({"content": content}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_repeated_post_with_the_same_idempotency_key_returns_the_same_message_and_queues_once() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let path = format!("/api/ai/chats/{chat}/send_message/");
+    let (status, first) = post_with_key(&app, &path, &alice.token, "key-1", "hello").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (status, again) = post_with_key(&app, &path, &alice.token, "key-1", "hello").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(again["message"], first["message"]);
+
+    // Concurrent repeats of a new key: one message, every answer names it or says "in progress".
+    let tries = futures::future::join_all(
+        (0..10).map(|_| post_with_key(&app, &path, &alice.token, "key-2", "burst")),
+    )
+    .await;
+    let ids: std::collections::HashSet<i64> = tries
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+        .map(|(_, b)| b["message"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{tries:?}");
+    assert!(
+        tries
+            .iter()
+            .all(|(s, _)| *s == StatusCode::ACCEPTED || *s == StatusCode::CONFLICT),
+        "{tries:?}"
+    );
+
+    // Keys are per user: bob's "key-1" is his own.
+    let (status, bobs_msg) = post_with_key(
+        &app,
+        &format!("/api/ai/chats/{bobs}/send_message/"),
+        &bob.token,
+        "key-1",
+        "hi",
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_ne!(bobs_msg["message"]["id"], first["message"]["id"]);
+
+    let (_, messages) = app.get("/api/ai/messages/", &alice.token).await;
+    assert_eq!(
+        messages.as_array().unwrap().len(),
+        2,
+        "hello and burst, once each"
+    );
+    assert_eq!(
+        app.queued_jobs().await.len(),
+        3,
+        "alice's two and bob's one"
+    );
+
+    let (status, _) = post_with_key(&app, &path, &alice.token, &"k".repeat(256), "x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    app.cleanup().await;
+}

@@ -23,6 +23,11 @@ impl Namespace {
         format!("{}:chat:{ai_chat_id}", self.0)
     }
 
+    /// An `Idempotency-Key` a user sent (hashed by the caller, so its length is bounded).
+    pub fn idempotency(&self, user_id: i64, key_hash: &str) -> String {
+        format!("{}:idem:{user_id}:{key_hash}", self.0)
+    }
+
     /// The prefix of the shared rate-limit state of one model.
     pub fn rate_limit(&self, model: &str) -> String {
         format!("{}:rl:{model}", self.0)

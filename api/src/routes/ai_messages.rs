@@ -1,7 +1,7 @@
 //! AI messages: sending one to the model, and reading them back; token usage.
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -14,6 +14,7 @@ use crate::auth::AuthUser;
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::idempotency::{self, Claim};
 use crate::routes::ai_chats::owned_chat;
 use crate::state::AppState;
 use crate::validate;
@@ -57,13 +58,15 @@ pub struct SendMessageQuery {
     params(("id" = i64, Path), SendMessageQuery), request_body = SendMessageRequest,
     responses((status = 202, body = SendMessageResponse), (status = 200, body = AiMessage, description = "With ?wait: the reply"),
         (status = 502, description = "With ?wait: the model could not answer"), (status = 400, description = "Field errors"),
-        (status = 404, description = "Not found"), (status = 503, description = "Queue unavailable")))]
+        (status = 404, description = "Not found"), (status = 409, description = "Idempotency-Key in use"),
+        (status = 503, description = "Queue unavailable")))]
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
 async fn send_message(
     State(state): State<AppState>,
     auth: AuthUser,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(query): ApiQuery<SendMessageQuery>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SendMessageRequest>,
 ) -> ApiResult<Response> {
     owned_chat(&state, id, auth.user.id).await?;
@@ -93,7 +96,41 @@ async fn send_message(
         })?),
         None => None,
     };
-    let message = submit_message(&state, id, content, options, None).await?;
+    let idempotency_key = idempotency::key_from(&headers)?;
+    let claim = match &idempotency_key {
+        Some(key) => Some(idempotency::claim(&state, auth.user.id, key).await?),
+        None => None,
+    };
+    let message = match claim {
+        Some(Claim::Existing(message_id)) => {
+            // A repeat: answer the first request's message, queue nothing.
+            let message = db::ai_messages::get_user_message(&state.db, message_id, auth.user.id)
+                .await?
+                .filter(|m| m.ai_chat == id)
+                .ok_or(ApiError::Conflict(
+                    "This Idempotency-Key was used for another chat",
+                ))?;
+            let status = message.status.clone();
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(SendMessageResponse { message, status }),
+            )
+                .into_response());
+        }
+        Some(Claim::New(redis_key)) => {
+            match submit_message(&state, id, content, options, None).await {
+                Ok(message) => {
+                    idempotency::complete(&state, &redis_key, message.id).await;
+                    message
+                }
+                Err(err) => {
+                    idempotency::release(&state, &redis_key).await;
+                    return Err(err);
+                }
+            }
+        }
+        None => submit_message(&state, id, content, options, None).await?,
+    };
     if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
         match wait::wait_for_reply(&state, events, message.id, limit).await? {
             Outcome::Answered(reply) => return Ok((StatusCode::OK, Json(reply)).into_response()),
