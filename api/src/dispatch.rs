@@ -6,6 +6,7 @@ use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
 use aichat_shared::jobs::{CompletionJob, message_job_key};
 
 use crate::error::{ApiError, ApiResult};
+use crate::send_rate;
 use crate::state::AppState;
 
 /// Stores `content` as a queued user message of `ai_chat_id` and queues its completion job.
@@ -18,11 +19,13 @@ use crate::state::AppState;
 #[tracing::instrument(skip(state, content))]
 pub async fn submit_message(
     state: &AppState,
+    user_id: i64,
     ai_chat_id: i64,
     content: &str,
     options: ContextOptions,
     request_id: Option<String>,
 ) -> ApiResult<AiMessage> {
+    send_rate::admit(state, user_id).await?;
     let mut tx = state.db.begin().await?;
     let message =
         db::ai_messages::insert_user_message(&mut *tx, ai_chat_id, content, options).await?;

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -64,6 +65,8 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     Conflict(&'static str),
+    #[error("Too many messages, please slow down")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -80,6 +83,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,10 +116,23 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = ?err, "request failed");
                 json!({"error": "Internal server error"})
             }
+            ApiError::TooManyRequests { retry_after_secs } => {
+                let body = json!({"error": self_text(retry_after_secs)});
+                return (
+                    status,
+                    [(RETRY_AFTER, retry_after_secs.to_string())],
+                    Json(body),
+                )
+                    .into_response();
+            }
             other => json!({"error": other.to_string()}),
         };
         (status, Json(body)).into_response()
     }
+}
+
+fn self_text(retry_after_secs: u64) -> String {
+    format!("Too many messages, please slow down (retry in {retry_after_secs} s)")
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -23,6 +23,7 @@ pub mod fanout;
 pub mod idempotency;
 pub mod metrics;
 pub mod routes;
+pub mod send_rate;
 pub mod settings;
 pub mod state;
 pub mod validate;

@@ -32,6 +32,9 @@ pub struct Settings {
     /// Apply pending database migrations at start-up.
     #[arg(long, env = "RUN_MIGRATIONS", action = ArgAction::Set, default_value_t = true)]
     pub run_migrations: bool,
+    /// Messages one user may send per minute, over REST and WebSocket together (0: no limit).
+    #[arg(long, env = "SEND_RATE_PER_MINUTE", default_value_t = 60)]
+    pub send_rate_per_minute: u64,
     /// Events a WebSocket may fall behind before it is closed (1013).
     #[arg(long, env = "WS_QUEUE_CAPACITY", default_value_t = 256)]
     pub ws_queue_capacity: usize,

@@ -268,7 +268,7 @@ async fn handle_frame(
     };
     let result = async {
         owned_chat(state, ai_chat_id, user.id).await?;
-        submit_message(state, ai_chat_id, content, options, None).await
+        submit_message(state, user.id, ai_chat_id, content, options, None).await
     }
     .await;
     match result {

@@ -213,3 +213,72 @@ async fn a_repeated_post_with_the_same_idempotency_key_returns_the_same_message_
     assert_eq!(status, StatusCode::BAD_REQUEST);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn past_the_per_user_send_rate_requests_get_429_with_retry_after() {
+    let app = spawn_app_with(Options {
+        extra: vec!["--send-rate-per-minute".into(), "3".into()],
+        ..Options::default()
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let path = format!("/api/ai/chats/{chat}/send_message/");
+    for n in 0..3 {
+        assert_eq!(
+            app.post(&path, &alice.token, json!({"content": format!("m{n}")}))
+                .await
+                .0,
+            StatusCode::ACCEPTED
+        );
+    }
+    let resp = app
+        .client
+        .post(app.url(&path))
+        .bearer_auth(&alice.token)
+        .json(&json!({"content": "one too many"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("slow down"));
+    // The WebSocket path counts too, and says so in an error event.
+    let mut ws = app.ws(chat, &alice.token, None).await;
+    common::send_ws(&mut ws, json!({"type": "message", "content": "via socket"})).await;
+    let event = common::next_event(&mut ws, 5).await;
+    assert_eq!(event["type"], "error", "{event}");
+    // Another user is not affected.
+    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        app.post(
+            &format!("/api/ai/chats/{bobs}/send_message/"),
+            &bob.token,
+            json!({"content": "hi"})
+        )
+        .await
+        .0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        app.get("/api/ai/messages/", &alice.token)
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    app.cleanup().await;
+}

@@ -28,6 +28,11 @@ impl Namespace {
         format!("{}:idem:{user_id}:{key_hash}", self.0)
     }
 
+    /// The per-user send counter of the current window.
+    pub fn send_rate(&self, user_id: i64) -> String {
+        format!("{}:sendrate:{user_id}", self.0)
+    }
+
     /// The prefix of the shared rate-limit state of one model.
     pub fn rate_limit(&self, model: &str) -> String {
         format!("{}:rl:{model}", self.0)

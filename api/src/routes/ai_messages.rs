@@ -118,7 +118,7 @@ async fn send_message(
                 .into_response());
         }
         Some(Claim::New(redis_key)) => {
-            match submit_message(&state, id, content, options, None).await {
+            match submit_message(&state, auth.user.id, id, content, options, None).await {
                 Ok(message) => {
                     idempotency::complete(&state, &redis_key, message.id).await;
                     message
@@ -129,7 +129,7 @@ async fn send_message(
                 }
             }
         }
-        None => submit_message(&state, id, content, options, None).await?,
+        None => submit_message(&state, auth.user.id, id, content, options, None).await?,
     };
     if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
         match wait::wait_for_reply(&state, events, message.id, limit).await? {
