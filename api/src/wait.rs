@@ -24,7 +24,7 @@ pub enum Outcome {
 pub fn parse_wait(raw: Option<&str>, max_secs: u64) -> ApiResult<Option<Duration>> {
     let Some(raw) = raw else { return Ok(None) };
     let secs = match raw.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "" => max_secs,
+        "true" | "yes" | "" => max_secs,
         "false" | "0" | "no" => 0,
         n => match n.parse::<u64>() {
             Ok(n) if n <= max_secs => n,
@@ -77,5 +77,33 @@ async fn stored_outcome(state: &AppState, message_id: i64) -> ApiResult<Outcome>
         Some(m) if m.status == status::FAILED => Ok(Outcome::Failed(m.error.unwrap_or_default())),
         Some(_) => Ok(Outcome::Pending),
         None => Err(ApiError::NotFound),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wait;
+    use std::time::Duration;
+
+    #[test]
+    fn wait_takes_true_false_or_seconds_up_to_the_maximum() {
+        assert_eq!(parse_wait(None, 60).ok(), Some(None));
+        assert_eq!(
+            parse_wait(Some("true"), 60).ok(),
+            Some(Some(Duration::from_secs(60)))
+        );
+        assert_eq!(parse_wait(Some("false"), 60).ok(), Some(None));
+        assert_eq!(parse_wait(Some("0"), 60).ok(), Some(None));
+        assert_eq!(
+            parse_wait(Some("1"), 60).ok(),
+            Some(Some(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            parse_wait(Some("60"), 60).ok(),
+            Some(Some(Duration::from_secs(60)))
+        );
+        assert!(parse_wait(Some("61"), 60).is_err());
+        assert!(parse_wait(Some("-1"), 60).is_err());
+        assert!(parse_wait(Some("soon"), 60).is_err());
     }
 }
