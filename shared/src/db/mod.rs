@@ -18,6 +18,7 @@ macro_rules! sql {
 pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;
+pub mod completions;
 pub mod sessions;
 pub mod usage;
 pub mod users;

@@ -1,0 +1,252 @@
+//! End to end: the real API, the real worker and the fake model over HTTP. A message sent over
+//! REST to one API instance streams to a WebSocket on another; `?wait` answers with the reply.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome, Usage};
+use clap::Parser;
+use common::{TestApp, event_of, next_event, spawn_app};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A worker of this test's namespace and database, talking to `fake`.
+async fn start_worker(
+    app: &TestApp,
+    fake: &FakeLlm,
+    extra: &[&str],
+) -> tokio::sync::oneshot::Sender<()> {
+    let mut args = vec![
+        "aichat-worker".to_string(),
+        "--database-url".into(),
+        app.db_url.clone(),
+        "--redis-url".into(),
+        app.redis_url.clone(),
+        "--aichat-namespace".into(),
+        app.ns.clone(),
+        "--openai-base-url".into(),
+        fake.base_url(),
+        "--openai-api-key".into(),
+        "test-key".into(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let settings = aichat_worker::Settings::try_parse_from(args).expect("worker settings");
+    let worker = aichat_worker::Worker::build(settings)
+        .await
+        .expect("worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(worker.run_until(async move {
+        let _ = stopped.await;
+    }));
+    stop
+}
+
+#[tokio::test]
+async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_usage() {
+    let fake = FakeLlm::start(FakeConfig {
+        chunk_delay_ms: 20,
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let a = spawn_app().await;
+    let b = a.another_instance(&[]).await;
+    let _worker = start_worker(
+        &a,
+        &fake,
+        &["--delta-flush-ms", "1", "--delta-flush-chars", "1"],
+    )
+    .await;
+    let alice = a.user("alice").await;
+    let chat = a
+        .create_ai_chat(&alice, json!({"title": "t", "system_prompt": "Be kind."}))
+        .await["id"]
+        .as_i64()
+        .unwrap();
+    let mut ws = b.ws(chat, &alice.token, None).await;
+
+    let content = "tell me about the weather in Lisbon";
+    let (status, sent) = a
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/"),
+            &alice.token,
+            json!({"content": content}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let user_id = sent["message"]["id"].as_i64().unwrap();
+
+    let first = next_event(&mut ws, 10).await;
+    assert_eq!(
+        (first["type"].as_str(), first["message"]["id"].as_i64()),
+        (Some("user_message"), Some(user_id))
+    );
+    let (reply, before) = event_of(&mut ws, "assistant_message", 30).await;
+    let deltas: Vec<&Value> = before
+        .iter()
+        .filter(|e| e["type"] == "assistant_delta")
+        .collect();
+    assert!(
+        deltas.len() >= 2,
+        "the reply streamed in pieces: {before:?}"
+    );
+    assert!(deltas.iter().all(|d| d["message_id"] == user_id));
+    let streamed: String = deltas
+        .iter()
+        .map(|d| d["delta"].as_str().unwrap())
+        .collect();
+    let expected = format!("Echo: {content}");
+    assert_eq!(streamed, expected);
+    assert_eq!(reply["message"]["content"], expected);
+    assert_eq!(reply["message"]["role"], "assistant");
+
+    let usage = Usage::for_exchange(["Be kind.", content], &expected);
+    assert_eq!(
+        reply["message"]["usage"],
+        json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens})
+    );
+
+    // Stored: the user message answered, the reply with its tokens and model.
+    let (_, messages) = a
+        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
+        .await;
+    let messages = messages.as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["status"], "answered");
+    assert_eq!(messages[1]["id"], reply["message"]["id"]);
+    assert_eq!(messages[1]["status"], "complete");
+    assert_eq!(messages[1]["reply_to"], user_id);
+    assert_eq!(messages[1]["model"], "gpt-test");
+    assert_eq!(messages[1]["total_tokens"], usage.total_tokens);
+
+    // And counted in the usage report.
+    let (_, report) = a.get("/api/ai/usage/", &alice.token).await;
+    assert_eq!(report["total"]["total_tokens"], usage.total_tokens);
+    assert_eq!(report["total"]["message_count"], 1);
+    assert_eq!(report["by_model"][0]["model"], "gpt-test");
+    assert_eq!(report["by_model"][0]["prompt_tokens"], usage.prompt_tokens);
+    assert_eq!(
+        report["by_day"][0]["completion_tokens"],
+        usage.completion_tokens
+    );
+    b.cleanup().await;
+}
+
+#[tokio::test]
+async fn wait_true_answers_200_with_the_assistant_message() {
+    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
+    let app = spawn_app().await;
+    let _worker = start_worker(&app, &fake, &[]).await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let (status, reply) = app
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/?wait=true"),
+            &alice.token,
+            json!({"content": "hi there"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["role"], "assistant");
+    assert_eq!(reply["content"], "Echo: hi there");
+    assert_eq!(reply["status"], "complete");
+    assert_eq!(reply["ai_chat"], chat);
+    assert!(reply["total_tokens"].as_i64().unwrap() > 0);
+    let (_, stored) = app
+        .get(&format!("/api/ai/messages/{}/", reply["id"]), &alice.token)
+        .await;
+    assert_eq!(stored, reply);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn wait_answers_202_when_the_reply_takes_longer_than_the_wait() {
+    let fake = FakeLlm::start(FakeConfig {
+        latency_ms: 3000,
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let app = spawn_app().await;
+    let _worker = start_worker(&app, &fake, &[]).await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let started = Instant::now();
+    let (status, body) = app
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/?wait=1"),
+            &alice.token,
+            json!({"content": "slow one"}),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "queued");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(2900),
+        "{took:?}"
+    );
+    let (status, _) = app
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/?wait=forever"),
+            &alice.token,
+            json!({"content": "x"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn wait_answers_502_when_the_model_cannot_answer() {
+    let fake = FakeLlm::start(FakeConfig {
+        always: Some(Outcome::ServerError),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let app = spawn_app().await;
+    let _worker = start_worker(
+        &app,
+        &fake,
+        &["--llm-max-attempts", "2", "--llm-backoff-base-ms", "10"],
+    )
+    .await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let mut ws = app.ws(chat, &alice.token, None).await;
+    let (status, body) = app
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/?wait=true"),
+            &alice.token,
+            json!({"content": "hello?"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("Failed to get response from ChatGPT: "),
+        "{error}"
+    );
+    let (event, _) = event_of(&mut ws, "error", 10).await;
+    assert!(event["message"].is_string());
+    let (_, messages) = app
+        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
+        .await;
+    assert_eq!(messages[0]["status"], "failed");
+    assert!(messages[0]["error"].is_string());
+    assert_eq!(
+        messages.as_array().unwrap().len(),
+        1,
+        "no assistant message"
+    );
+    app.cleanup().await;
+}

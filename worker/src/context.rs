@@ -1,0 +1,254 @@
+//! Building the prompt of one completion (API.md, "How context is built") and trimming it to
+//! the token budget. Pure functions: the job loads the rows, this decides what the model sees.
+use aichat_shared::db::completions::HistoryMessage;
+use aichat_shared::domain::{ContextMessage, role};
+use tiktoken_rs::CoreBPE;
+
+/// Heading of the related chat's lines inside the system message.
+pub const RELATED_CONTEXT_HEADER: &str = "\n\nContext from related chat:\n";
+
+/// Tokens a chat template spends around each message (role and separators), after OpenAI's
+/// published counting recipe for the gpt-3.5/gpt-4 family.
+const TOKENS_PER_MESSAGE: usize = 4;
+/// Tokens that prime the assistant's reply.
+const REPLY_PRIMING_TOKENS: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl PromptMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        PromptMessage {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// The system message: the chat's prompt, plus the related chat's lines when they are given
+/// (the caller passes them only when asked for and the owner still takes part in that chat).
+pub fn system_content(system_prompt: &str, related: Option<&[ContextMessage]>) -> String {
+    let mut content = system_prompt.to_owned();
+    if let Some(lines) = related {
+        content.push_str(RELATED_CONTEXT_HEADER);
+        for line in lines {
+            content.push_str(&line.sender);
+            content.push_str(": ");
+            content.push_str(&line.content);
+            content.push('\n');
+        }
+    }
+    content
+}
+
+/// System message, then the history oldest first, then the new user message.
+pub fn build_prompt(
+    system: String,
+    history: &[HistoryMessage],
+    new_message: &str,
+) -> Vec<PromptMessage> {
+    let mut prompt = Vec::with_capacity(history.len() + 2);
+    prompt.push(PromptMessage::new(Role::System, system));
+    prompt.extend(history.iter().filter_map(|m| {
+        let role = match m.role.as_str() {
+            role::USER => Role::User,
+            role::ASSISTANT => Role::Assistant,
+            _ => return None,
+        };
+        Some(PromptMessage::new(role, m.content.clone()))
+    }));
+    prompt.push(PromptMessage::new(Role::User, new_message));
+    prompt
+}
+
+/// Counts prompt tokens the way the provider bills them (cl100k_base, which ships inside
+/// tiktoken-rs, so this works offline).
+#[derive(Clone, Copy)]
+pub struct TokenCounter {
+    bpe: &'static CoreBPE,
+}
+
+impl TokenCounter {
+    pub fn cl100k() -> Self {
+        TokenCounter {
+            bpe: tiktoken_rs::cl100k_base_singleton(),
+        }
+    }
+
+    pub fn text(&self, text: &str) -> usize {
+        self.bpe.encode_with_special_tokens(text).len()
+    }
+
+    pub fn message(&self, message: &PromptMessage) -> usize {
+        TOKENS_PER_MESSAGE + self.text(&message.content)
+    }
+
+    /// Tokens of a whole prompt, reply priming included.
+    pub fn prompt(&self, prompt: &[PromptMessage]) -> usize {
+        REPLY_PRIMING_TOKENS + prompt.iter().map(|m| self.message(m)).sum::<usize>()
+    }
+}
+
+/// Drops the oldest turns of history until the prompt fits `budget` tokens. A turn is a user
+/// message with the assistant replies that follow it, so no reply is left without its
+/// question. The system message (first) and the new message (last) always stay, even when
+/// they alone exceed the budget. Returns the trimmed prompt and its token count.
+pub fn trim_to_budget(
+    prompt: Vec<PromptMessage>,
+    budget: usize,
+    count: impl Fn(&PromptMessage) -> usize,
+) -> (Vec<PromptMessage>, usize) {
+    let costs: Vec<usize> = prompt.iter().map(&count).collect();
+    let mut total = REPLY_PRIMING_TOKENS + costs.iter().sum::<usize>();
+    if prompt.len() <= 2 || total <= budget {
+        return (prompt, total);
+    }
+    let last = prompt.len() - 1;
+    // History is prompt[1..last]; find where to cut it, always at a turn boundary.
+    let mut cut = 1;
+    while cut < last && total > budget {
+        let turn_end = next_turn_start(&prompt, cut, last);
+        total -= costs[cut..turn_end].iter().sum::<usize>();
+        cut = turn_end;
+    }
+    let mut trimmed = prompt;
+    trimmed.drain(1..cut);
+    (trimmed, total)
+}
+
+/// The index after the turn starting at `start`: the next user message, or `end`.
+fn next_turn_start(prompt: &[PromptMessage], start: usize, end: usize) -> usize {
+    let mut i = start + 1;
+    while i < end && prompt[i].role != Role::User {
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn history(items: &[(&str, &str)]) -> Vec<HistoryMessage> {
+        items
+            .iter()
+            .map(|(role, content)| HistoryMessage {
+                role: (*role).to_owned(),
+                content: (*content).to_owned(),
+            })
+            .collect()
+    }
+
+    fn line(sender: &str, content: &str) -> ContextMessage {
+        ContextMessage {
+            sender: sender.to_owned(),
+            content: content.to_owned(),
+            timestamp: Utc::now(),
+        }
+    }
+
+    /// One token per word, so budgets are easy to reason about.
+    fn words(m: &PromptMessage) -> usize {
+        m.content.split_whitespace().count()
+    }
+
+    fn contents(prompt: &[PromptMessage]) -> Vec<&str> {
+        prompt.iter().map(|m| m.content.as_str()).collect()
+    }
+
+    #[test]
+    fn system_message_carries_the_related_chat_lines_in_order() {
+        let lines = [line("bob", "hi"), line("alice", "the plan")];
+        assert_eq!(
+            system_content("Be brief.", Some(&lines)),
+            "Be brief.\n\nContext from related chat:\nbob: hi\nalice: the plan\n"
+        );
+        assert_eq!(system_content("Be brief.", None), "Be brief.");
+    }
+
+    #[test]
+    fn prompt_is_system_history_then_the_new_message() {
+        let prompt = build_prompt(
+            "sys".into(),
+            &history(&[("user", "a"), ("assistant", "b"), ("system", "x")]),
+            "c",
+        );
+        let roles: Vec<Role> = prompt.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        assert_eq!(contents(&prompt), ["sys", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_prompt_within_budget_is_untouched() {
+        let prompt = build_prompt("s".into(), &history(&[("user", "a b")]), "c");
+        let (trimmed, total) = trim_to_budget(prompt.clone(), 100, words);
+        assert_eq!(trimmed, prompt);
+        assert_eq!(total, REPLY_PRIMING_TOKENS + 4);
+    }
+
+    #[test]
+    fn the_oldest_whole_turns_go_first() {
+        let prompt = build_prompt(
+            "s".into(),
+            &history(&[
+                ("user", "one one one"),
+                ("assistant", "r1 r1"),
+                ("user", "two"),
+                ("assistant", "r2"),
+            ]),
+            "new",
+        );
+        // Everything: 3 priming + 1 + 5 + 2 + 1 = 12. Dropping the first turn leaves 7.
+        let (trimmed, total) = trim_to_budget(prompt, 8, words);
+        assert_eq!(contents(&trimmed), ["s", "two", "r2", "new"]);
+        assert_eq!(total, 7);
+    }
+
+    #[test]
+    fn system_and_new_message_stay_even_over_budget() {
+        let prompt = build_prompt(
+            "a long system prompt".into(),
+            &history(&[("user", "old"), ("assistant", "reply")]),
+            "a long new message",
+        );
+        let (trimmed, total) = trim_to_budget(prompt, 1, words);
+        assert_eq!(
+            contents(&trimmed),
+            ["a long system prompt", "a long new message"]
+        );
+        assert_eq!(total, REPLY_PRIMING_TOKENS + 8);
+    }
+
+    #[test]
+    fn a_leading_reply_without_its_question_goes_with_the_first_turn() {
+        let prompt = build_prompt(
+            "s".into(),
+            &history(&[("assistant", "orphan"), ("user", "q"), ("assistant", "a")]),
+            "n",
+        );
+        let (trimmed, _) = trim_to_budget(prompt, REPLY_PRIMING_TOKENS + 4, words);
+        assert_eq!(contents(&trimmed), ["s", "q", "a", "n"]);
+    }
+
+    #[test]
+    fn cl100k_counts_known_text() {
+        let counter = TokenCounter::cl100k();
+        assert_eq!(counter.text("hello world"), 2);
+        let prompt = [PromptMessage::new(Role::User, "hello world")];
+        assert_eq!(counter.prompt(&prompt), 3 + 4 + 2);
+    }
+}

@@ -1,0 +1,315 @@
+//! The completion job: load the message and its context, ask the model, save the reply (or
+//! the failure) and tell the chat.
+//!
+//! How a run ends decides what apalis does with the job:
+//! - `Ok` → done (also when there is nothing to do: message deleted, already answered);
+//! - `AbortError` → Killed, parked in the dead set, never retried by the storage: the model
+//!   failed for good or after our own retries, and the user message is `failed`;
+//! - any other error → the storage runs the job again later (database or Redis trouble, or
+//!   shutdown before the model was called). The reply write is idempotent, so a second run is
+//!   harmless.
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use apalis::prelude::{AbortError, Attempt, BoxDynError, Data};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use aichat_shared::db;
+use aichat_shared::db::completions::{CompletionSubject, NewReply};
+use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
+use aichat_shared::jobs::CompletionJob;
+use aichat_shared::keys::Namespace;
+
+use crate::context::{self, TokenCounter};
+use crate::deltas::{DeltaTarget, publish_deltas};
+use crate::llm::{ChatRequest, CompletionError, LlmClient};
+use crate::metrics;
+use crate::rate_limit::RateLimiter;
+
+/// The related chat's lines are never more than this, whatever the job asks.
+const MAX_CONTEXT_MESSAGES: i64 = 200;
+
+/// Everything a job needs, shared by all jobs of the process.
+pub struct JobContext {
+    pub db: PgPool,
+    pub redis: ConnectionManager,
+    pub ns: Namespace,
+    pub llm: LlmClient,
+    pub limiter: RateLimiter,
+    pub tokens: TokenCounter,
+    pub token_budget: usize,
+    /// Completion tokens reserved under the token rate limit before the real count is known.
+    pub completion_allowance: u64,
+    /// Model of chats that have none.
+    pub default_model: String,
+    pub delta_flush_every: Duration,
+    pub delta_flush_chars: usize,
+    /// Turns true when the worker starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// How a run ended, for logs.
+#[derive(Debug)]
+enum Done {
+    Answered,
+    AlreadyAnswered,
+    MessageGone,
+    Failed,
+}
+
+/// Why a run did not finish.
+#[derive(Debug)]
+enum JobError {
+    /// The message cannot be answered; the job goes to the dead set.
+    Abort(String),
+    /// Try the job again later.
+    Retry(anyhow::Error),
+}
+
+impl From<anyhow::Error> for JobError {
+    fn from(err: anyhow::Error) -> Self {
+        JobError::Retry(err)
+    }
+}
+
+/// The apalis handler. Arguments arrive as JSON (what `JobQueue::enqueue_completion` pushes);
+/// they are decoded here rather than by the storage so a malformed job is killed instead of
+/// stopping the worker's poll loop.
+pub async fn answer_message(
+    args: serde_json::Value,
+    ctx: Data<Arc<JobContext>>,
+    attempt: Attempt,
+) -> Result<(), BoxDynError> {
+    metrics::job_started();
+    let job: CompletionJob = match serde_json::from_value(args) {
+        Ok(job) => job,
+        Err(err) => {
+            tracing::error!(error = %err, "undecodable completion job");
+            metrics::job_failed("undecodable");
+            return Err(Box::new(AbortError::new(format!(
+                "undecodable completion job: {err}"
+            ))));
+        }
+    };
+    let span = tracing::info_span!(
+        "completion",
+        message_id = job.message_id,
+        ai_chat_id = job.ai_chat_id,
+        request_id = job.request_id.as_deref().unwrap_or("-"),
+        attempt = attempt.current(),
+    );
+    match run(&job, &ctx).instrument(span.clone()).await {
+        Ok(done) => {
+            span.in_scope(|| tracing::info!(outcome = ?done, "completion job finished"));
+            if matches!(done, Done::Failed) {
+                return Err(Box::new(AbortError::new("the model could not answer")));
+            }
+            metrics::job_succeeded();
+            Ok(())
+        }
+        Err(JobError::Abort(reason)) => {
+            span.in_scope(|| tracing::error!(%reason, "completion job killed"));
+            metrics::job_failed("aborted");
+            Err(Box::new(AbortError::new(reason)))
+        }
+        Err(JobError::Retry(err)) => {
+            span.in_scope(|| {
+                tracing::warn!(error = format!("{err:#}"), "completion job will run again")
+            });
+            metrics::job_requeued();
+            Err(err.into())
+        }
+    }
+}
+
+async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
+    let Some(subject) = db::completions::find_completion_subject(&ctx.db, job.message_id)
+        .await
+        .context("loading the user message")?
+    else {
+        metrics::job_skipped("message_gone");
+        return Ok(Done::MessageGone);
+    };
+    if subject.answered {
+        metrics::job_skipped("already_answered");
+        return Ok(Done::AlreadyAnswered);
+    }
+    if subject.ai_chat_id != job.ai_chat_id {
+        return Err(JobError::Abort(format!(
+            "message {} belongs to AI chat {}, not {}",
+            subject.message_id, subject.ai_chat_id, job.ai_chat_id
+        )));
+    }
+
+    let request = build_request(job, &subject, ctx).await?;
+    let (chunks_tx, chunks_rx) = mpsc::unbounded_channel();
+    let target = DeltaTarget {
+        redis: ctx.redis.clone(),
+        ns: ctx.ns.clone(),
+        ai_chat_id: subject.ai_chat_id,
+        message_id: subject.message_id,
+        flush_every: ctx.delta_flush_every,
+        flush_chars: ctx.delta_flush_chars,
+    };
+    let mut cancel = ctx.shutdown.clone();
+    let call = async {
+        // Dropping the sender when the call ends lets the publisher flush and finish.
+        let chunks_tx = chunks_tx;
+        ctx.llm
+            .complete(&request, &ctx.limiter, &chunks_tx, &mut cancel)
+            .await
+    };
+    let (result, ()) = tokio::join!(call, publish_deltas(chunks_rx, target));
+
+    match result {
+        Ok(completion) => save_and_announce(ctx, &subject, &request.model, completion).await,
+        Err(err @ CompletionError::Failed { .. }) => {
+            if record_failure(ctx, &subject, &err).await? {
+                metrics::job_failed("model");
+                Ok(Done::Failed)
+            } else {
+                // Answered by another run meanwhile (or deleted): nothing is lost.
+                Ok(Done::AlreadyAnswered)
+            }
+        }
+        Err(err) => Err(JobError::Retry(err.into())),
+    }
+}
+
+/// Loads the history (and the related chat's lines when asked), builds the prompt and trims it
+/// to the token budget.
+async fn build_request(
+    job: &CompletionJob,
+    subject: &CompletionSubject,
+    ctx: &JobContext,
+) -> Result<ChatRequest, JobError> {
+    // Every message costs at least its framing tokens, so more than this can never fit.
+    let history_limit = i64::try_from(ctx.token_budget / 4 + 1).unwrap_or(i64::MAX);
+    let history = db::completions::list_history(
+        &ctx.db,
+        subject.ai_chat_id,
+        subject.message_id,
+        history_limit,
+    )
+    .await
+    .context("loading the conversation")?;
+    let related = match subject.related_chat_id {
+        Some(chat_id) if job.include_related_chat_context => {
+            let limit = i64::from(job.context_message_limit).clamp(0, MAX_CONTEXT_MESSAGES);
+            Some(
+                db::chats::latest_context_messages(&ctx.db, chat_id, limit)
+                    .await
+                    .context("loading the related chat")?,
+            )
+        }
+        _ => None,
+    };
+    let system = context::system_content(&subject.system_prompt, related.as_deref());
+    let prompt = context::build_prompt(system, &history, &subject.content);
+    let counter = ctx.tokens;
+    let budget = ctx.token_budget;
+    // BPE over a few thousand tokens is CPU work: keep it off the async threads.
+    let (messages, prompt_tokens) = tokio::task::spawn_blocking(move || {
+        context::trim_to_budget(prompt, budget, |m| counter.message(m))
+    })
+    .await
+    .context("counting prompt tokens")?;
+    let model = if subject.model.is_empty() {
+        ctx.default_model.clone()
+    } else {
+        subject.model.clone()
+    };
+    tracing::debug!(
+        prompt_tokens,
+        messages = messages.len(),
+        history = history.len(),
+        "prompt built"
+    );
+    Ok(ChatRequest {
+        model,
+        messages,
+        estimated_tokens: u64::try_from(prompt_tokens)
+            .unwrap_or(u64::MAX)
+            .saturating_add(ctx.completion_allowance),
+    })
+}
+
+async fn save_and_announce(
+    ctx: &JobContext,
+    subject: &CompletionSubject,
+    model: &str,
+    completion: crate::llm::Completion,
+) -> Result<Done, JobError> {
+    let usage = completion.usage.as_ref();
+    let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    let reply = NewReply {
+        content: &completion.content,
+        prompt_tokens: usage.map(|u| to_i32(u.prompt_tokens)),
+        completion_tokens: usage.map(|u| to_i32(u.completion_tokens)),
+        total_tokens: usage.map(|u| to_i32(u.total_tokens)),
+        model,
+        latency_ms: i32::try_from(completion.latency.as_millis()).unwrap_or(i32::MAX),
+    };
+    let mut tx = ctx.db.begin().await.context("saving the reply")?;
+    let saved = db::completions::save_reply(&mut tx, subject.message_id, &reply)
+        .await
+        .context("saving the reply")?;
+    tx.commit().await.context("saving the reply")?;
+    if let Some(usage) = usage {
+        metrics::tokens(
+            model,
+            u64::from(usage.prompt_tokens),
+            u64::from(usage.completion_tokens),
+        );
+    }
+    let Some(saved) = saved else {
+        // Another run answered first (or the message went away): its reply stands.
+        metrics::duplicate_reply();
+        return Ok(Done::AlreadyAnswered);
+    };
+    let event = ChatEvent::AssistantMessage {
+        message: EventMessage::assistant(&saved),
+    };
+    publish(ctx, subject.ai_chat_id, &event).await;
+    tracing::info!(
+        reply_id = saved.id,
+        attempts = completion.attempts,
+        latency_ms = reply.latency_ms,
+        "reply saved"
+    );
+    Ok(Done::Answered)
+}
+
+/// Marks the message failed with a user-safe error and tells the chat. False when the message
+/// was answered meanwhile or is gone.
+async fn record_failure(
+    ctx: &JobContext,
+    subject: &CompletionSubject,
+    err: &CompletionError,
+) -> Result<bool, JobError> {
+    let message = err.user_message();
+    let changed = db::completions::mark_failed(&ctx.db, subject.message_id, message)
+        .await
+        .context("marking the message failed")?;
+    if changed {
+        let event = ChatEvent::Error {
+            message: message.to_owned(),
+            message_id: Some(subject.message_id),
+        };
+        publish(ctx, subject.ai_chat_id, &event).await;
+        tracing::warn!(error = %err, "message marked failed");
+    }
+    Ok(changed)
+}
+
+/// Events follow the database, which is the truth: a lost event is logged, not retried.
+async fn publish(ctx: &JobContext, ai_chat_id: i64, event: &ChatEvent) {
+    let mut redis = ctx.redis.clone();
+    if let Err(err) = publish_event(&mut redis, &ctx.ns, ai_chat_id, event).await {
+        tracing::warn!(error = %err, "could not publish a chat event");
+    }
+}

@@ -1,0 +1,308 @@
+//! aichat completion worker: takes completion jobs from the Redis queue (apalis), answers them
+//! with the model, and serves `/healthz` and `/metrics`.
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use apalis::prelude::{
+    BackendExt, Event, Monitor, ParallelizeExt, WorkerBuilder, WorkerBuilderExt,
+};
+use apalis_redis::RedisStorage;
+use metrics_exporter_prometheus::PrometheusHandle;
+use rand::Rng;
+use redis::aio::ConnectionManager;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use aichat_shared::{db, jobs, redis_conn};
+
+pub mod context;
+pub mod deltas;
+pub mod http;
+pub mod job;
+pub mod llm;
+pub mod metrics;
+pub mod rate_limit;
+pub mod retry;
+pub mod settings;
+
+pub use settings::Settings;
+
+use crate::context::TokenCounter;
+use crate::job::JobContext;
+use crate::llm::{LlmClient, RetryPolicy};
+use crate::rate_limit::{Limits, RateLimiter};
+
+/// Longest pause before a worker that lost Redis tries again.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// A worker process, connected and bound, ready to run.
+pub struct Worker {
+    settings: Settings,
+    redis: ConnectionManager,
+    jobs: Arc<JobContext>,
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Worker {
+    /// Connects to Redis (PostgreSQL lazily), prepares the model client and binds
+    /// `METRICS_ADDR` (port 0 picks one). Jobs start flowing in [`Worker::run_until`].
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = metrics::install();
+        let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
+        let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
+            .await
+            .context("connecting to Redis")?;
+        let ns = settings.redis.namespace();
+        let policy = RetryPolicy {
+            max_attempts: settings.llm_max_attempts,
+            attempt_timeout: Duration::from_secs(settings.llm_attempt_timeout_secs),
+            max_total: Duration::from_secs(settings.llm_max_retry_secs),
+            backoff_base: Duration::from_millis(settings.llm_backoff_base_ms),
+            backoff_max: Duration::from_millis(settings.llm_backoff_max_ms),
+        };
+        let llm = LlmClient::new(&settings.openai, policy).context("building the model client")?;
+        let limiter = RateLimiter::new(
+            redis.clone(),
+            ns.clone(),
+            Limits {
+                requests: settings.rate_limit_rpm,
+                tokens: settings.rate_limit_tpm,
+                window: Duration::from_millis(settings.rate_limit_window_ms),
+                margin: Duration::from_millis(settings.rate_limit_margin_ms),
+            },
+        );
+        // Loading the BPE ranks takes a moment: do it now rather than in the first job.
+        let tokens = tokio::task::spawn_blocking(TokenCounter::cl100k)
+            .await
+            .context("loading the tokenizer")?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let jobs = Arc::new(JobContext {
+            db: pool,
+            redis: redis.clone(),
+            ns,
+            llm,
+            limiter,
+            tokens,
+            token_budget: usize::try_from(settings.context_token_budget).unwrap_or(usize::MAX),
+            completion_allowance: settings.rate_limit_completion_tokens,
+            default_model: settings.openai.openai_model.clone(),
+            delta_flush_every: Duration::from_millis(settings.delta_flush_ms),
+            delta_flush_chars: usize::try_from(settings.delta_flush_chars).unwrap_or(usize::MAX),
+            shutdown: shutdown_rx,
+        });
+        let listener = TcpListener::bind(&settings.metrics_addr)
+            .await
+            .with_context(|| format!("binding {}", settings.metrics_addr))?;
+        Ok(Worker {
+            settings,
+            redis,
+            jobs,
+            listener,
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+            shutdown,
+        })
+    }
+
+    /// Port of the `/healthz` and `/metrics` server.
+    pub fn metrics_port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Takes jobs until `shutdown` completes, then stops taking new ones and waits up to
+    /// `WORKER_SHUTDOWN_GRACE_SECS` for the running ones.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.listener.local_addr()?;
+        let router = http::router(http::HttpState {
+            ready: self.ready.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let mut http_stop = self.shutdown.subscribe();
+        let server = tokio::spawn(
+            axum::serve(self.listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|stopping| *stopping).await;
+                })
+                .into_future(),
+        );
+        tracing::info!(
+            %addr,
+            queue = %jobs::queue_config(&self.settings.redis.namespace()).queue.as_ref(),
+            concurrency = self.settings.worker_concurrency,
+            "aichat-worker starting"
+        );
+
+        let monitor = monitor(&self.settings, self.redis, self.jobs, self.ready.clone());
+        let stop = self.shutdown;
+        let ready = self.ready;
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new jobs, waiting for running ones");
+            ready.store(false, Ordering::SeqCst);
+            let _ = stop.send(true);
+            Ok(())
+        };
+        let result = monitor.run_with_signal(signal).await;
+        if let Err(err) = server.await.context("metrics server task")? {
+            tracing::warn!(error = %err, "metrics server ended with an error");
+        }
+        result.context("running the worker")?;
+        tracing::info!("aichat-worker stopped");
+        Ok(())
+    }
+}
+
+/// The apalis monitor running one queue consumer, restarted (with a growing pause) whenever
+/// its poll loop dies, e.g. because Redis went away.
+fn monitor(
+    settings: &Settings,
+    redis: ConnectionManager,
+    jobs: Arc<JobContext>,
+    ready: Arc<AtomicBool>,
+) -> Monitor {
+    // One task per fetch: apalis only heart-beats (and acknowledges results) while nothing
+    // fetched is waiting in its buffer. With a larger batch, a worker whose concurrency is
+    // full sits on buffered tasks, misses heartbeats and has its jobs handed to others while
+    // still running them. Fetching stays back-to-back while tasks are queued.
+    let config = jobs::queue_config(&settings.redis.namespace())
+        .batch_size(1)
+        .heartbeat_interval(settings.heartbeat_interval())
+        .missed_heartbeats(usize::try_from(settings.worker_missed_heartbeats).unwrap_or(2));
+    let poll = settings.poll_interval();
+    let concurrency = usize::try_from(settings.worker_concurrency).unwrap_or(64);
+    let prefix = settings
+        .worker_name_prefix
+        .clone()
+        .unwrap_or_else(host_name);
+    // Failures since the last successful heartbeat: what the pause before a restart grows
+    // with (apalis' own restart count never goes down).
+    let failures = Arc::new(AtomicU32::new(0));
+    let (failed, recovered) = (failures.clone(), failures.clone());
+    let on_restart = ready.clone();
+    Monitor::new()
+        .register(move |restarts| {
+            let pause = restart_delay(failures.load(Ordering::SeqCst));
+            let backend = RedisStorage::<serde_json::Value>::new(redis.clone())
+                .with_config(config.clone())
+                .before_start(move |_| async move {
+                    if !pause.is_zero() {
+                        tracing::info!(
+                            restarts,
+                            pause_ms = pause.as_millis() as u64,
+                            "restarting the queue consumer"
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
+                    Ok(())
+                })
+                .poll_with_interval(poll);
+            WorkerBuilder::new(worker_name(&prefix, restarts))
+                .backend(backend)
+                .data(jobs.clone())
+                .concurrency(concurrency)
+                .parallelize(tokio::spawn)
+                .catch_panic()
+                .build(job::answer_message)
+        })
+        .should_restart(move |worker, error| {
+            tracing::error!(worker = worker.name(), %error, "queue consumer failed; restarting");
+            on_restart.store(false, Ordering::SeqCst);
+            failed.fetch_add(1, Ordering::SeqCst);
+            metrics::worker_restart();
+            true
+        })
+        .on_event(move |worker, event| match event {
+            // Sent once the worker is registered in Redis, then on every heartbeat.
+            Event::HeartBeat => {
+                recovered.store(0, Ordering::SeqCst);
+                if !ready.swap(true, Ordering::SeqCst) {
+                    tracing::info!(worker = worker.name(), "taking jobs");
+                }
+            }
+            Event::Error(error) => {
+                tracing::debug!(worker = worker.name(), %error, "job ended with an error");
+            }
+            _ => {}
+        })
+        .shutdown_timeout(settings.shutdown_grace())
+}
+
+/// Unique per process and per restart: apalis refuses a name seen alive within the orphan
+/// window, even after a clean stop.
+fn worker_name(prefix: &str, restarts: usize) -> String {
+    let suffix: u32 = rand::rng().random();
+    format!("{prefix}-{}-{restarts}-{suffix:08x}", std::process::id())
+}
+
+/// Pause before restarting after `failures` failures in a row: none for a first start, then
+/// 250 ms doubling up to 30 s, half of it random.
+fn restart_delay(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let doubling = 1u32 << failures.saturating_sub(1).min(10);
+    let ceiling = Duration::from_millis(250)
+        .saturating_mul(doubling)
+        .min(MAX_RESTART_DELAY);
+    // Half fixed, half jitter: several workers that lost Redis together do not return together.
+    let half = ceiling / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "aichat-worker".to_owned())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_names_differ_per_run() {
+        assert_ne!(worker_name("h", 0), worker_name("h", 0));
+        assert!(worker_name("host", 3).starts_with(&format!("host-{}-3-", std::process::id())));
+    }
+
+    #[test]
+    fn restart_pauses_grow_and_stay_capped() {
+        assert_eq!(restart_delay(0), Duration::ZERO);
+        assert!(restart_delay(1) <= Duration::from_millis(250));
+        assert!(restart_delay(1) >= Duration::from_millis(125));
+        assert!(restart_delay(50) <= MAX_RESTART_DELAY);
+        assert!(restart_delay(50) >= MAX_RESTART_DELAY / 2);
+    }
+}

@@ -1,0 +1,451 @@
+//! Calling the model: async-openai with its own retries switched off, one streamed attempt at
+//! a time, and our retry policy around it (exponential backoff with full jitter, `Retry-After`,
+//! caps on attempts and total time), every attempt admitted by the shared rate limit first.
+//!
+//! async-openai's default client retries 429/5xx/connection errors by itself, hidden from us.
+//! We install our own tower service with `Client::with_http_service` instead: it sends the
+//! request with a plain `reqwest::Client` (no retry layer) and copies the status and the
+//! `Retry-After` header of error responses aside, because async-openai turns them into an
+//! `OpenAIError` that keeps the status but drops the headers.
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::middleware::HttpRequestFactory;
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
+};
+use chrono::Utc;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderValue, RETRY_AFTER};
+use secrecy::ExposeSecret;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use aichat_shared::config::OpenAiSettings;
+
+use crate::context::{PromptMessage, Role};
+use crate::metrics;
+use crate::rate_limit::{RateLimitError, RateLimiter};
+pub use crate::retry::{RetryPolicy, parse_retry_after};
+
+/// What the model is asked.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<PromptMessage>,
+    /// Prompt tokens plus the completion allowance, reserved under the token rate limit.
+    pub estimated_tokens: u64,
+}
+
+/// A finished reply.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub content: String,
+    /// `None` when the provider sent no usage chunk.
+    pub usage: Option<CompletionUsage>,
+    /// Duration of the attempt that produced the reply.
+    pub latency: Duration,
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompletionError {
+    /// The model did not answer: after the last attempt, past the time cap, or for good.
+    #[error("the model did not answer ({reason}) after {attempts} attempt(s)")]
+    Failed { reason: &'static str, attempts: u32 },
+    /// The shared rate limit could not be consulted; the job should run again later.
+    #[error("rate limit unavailable: {0}")]
+    RateLimitUnavailable(redis::RedisError),
+    /// The worker is stopping; the job should run again elsewhere.
+    #[error("the worker is shutting down")]
+    Cancelled,
+}
+
+impl CompletionError {
+    /// What the user is told; never the provider's own words.
+    pub fn user_message(&self) -> &'static str {
+        match self {
+            CompletionError::Failed { reason, .. } => user_message(reason),
+            _ => "The AI service did not respond. Please try again later.",
+        }
+    }
+}
+
+fn user_message(reason: &str) -> &'static str {
+    match reason {
+        "rate_limited" | "rate_limit_wait" => {
+            "The AI service is busy right now. Please try again in a moment."
+        }
+        "insufficient_quota" | "auth" => {
+            "The AI service is currently unavailable. Please try again later."
+        }
+        "bad_request" | "not_found" | "client_error" => {
+            "The AI service could not process this message."
+        }
+        _ => "The AI service did not respond. Please try again later.",
+    }
+}
+
+/// Why one attempt failed. `detail` may hold the provider's text: logs only.
+#[derive(Debug)]
+struct AttemptError {
+    retryable: bool,
+    reason: &'static str,
+    retry_after: Option<Duration>,
+    detail: String,
+}
+
+impl AttemptError {
+    fn retryable(reason: &'static str, retry_after: Option<Duration>, detail: String) -> Self {
+        AttemptError {
+            retryable: true,
+            reason,
+            retry_after,
+            detail,
+        }
+    }
+
+    fn permanent(reason: &'static str, detail: String) -> Self {
+        AttemptError {
+            retryable: false,
+            reason,
+            retry_after: None,
+            detail,
+        }
+    }
+}
+
+/// The status and `Retry-After` of an error response, as the transport saw them.
+#[derive(Debug, Default)]
+struct ErrorResponseInfo {
+    status: Option<StatusCode>,
+    retry_after: Option<HeaderValue>,
+}
+
+type ResponseSlot = Arc<Mutex<ErrorResponseInfo>>;
+
+#[derive(Clone)]
+pub struct LlmClient {
+    client: Client<OpenAIConfig>,
+    http: reqwest::Client,
+    policy: RetryPolicy,
+}
+
+impl LlmClient {
+    pub fn new(settings: &OpenAiSettings, policy: RetryPolicy) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(policy.attempt_timeout.min(Duration::from_secs(10)))
+            .build()?;
+        let api_key = settings
+            .openai_api_key
+            .as_ref()
+            .map(|key| key.expose_secret().to_owned())
+            .unwrap_or_default();
+        let config = OpenAIConfig::new()
+            .with_api_base(settings.openai_base_url.trim_end_matches('/'))
+            .with_api_key(api_key);
+        Ok(LlmClient {
+            client: Client::build(http.clone(), config),
+            http,
+            policy,
+        })
+    }
+
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    /// A client for one attempt: plain transport, error status and `Retry-After` kept in `slot`.
+    fn attempt_client(&self, slot: ResponseSlot) -> Client<OpenAIConfig> {
+        let http = self.http.clone();
+        let service = tower::service_fn(move |factory: HttpRequestFactory| {
+            let http = http.clone();
+            let slot = slot.clone();
+            async move {
+                let request = factory.build().await?;
+                let response = http.execute(request).await?;
+                if !response.status().is_success() {
+                    let mut info = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    info.status = Some(response.status());
+                    info.retry_after = response.headers().get(RETRY_AFTER).cloned();
+                }
+                Ok::<_, OpenAIError>(response)
+            }
+        });
+        self.client.clone().with_http_service(service)
+    }
+
+    /// Streams the reply to `request`, sending text pieces to `chunks` as they arrive, retrying
+    /// as the policy allows. A retry after a failure mid-stream starts the reply over; the
+    /// pieces already sent stay sent (the saved `assistant_message` is the authoritative text).
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        limiter: &RateLimiter,
+        chunks: &mpsc::UnboundedSender<String>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<Completion, CompletionError> {
+        let body = request_body(request);
+        let model = request.model.as_str();
+        let deadline = Instant::now() + self.policy.max_total;
+        let mut failures = 0u32;
+        loop {
+            let (reservation, waited) = match limiter
+                .acquire(model, request.estimated_tokens, deadline, cancel)
+                .await
+            {
+                Ok(granted) => granted,
+                Err(RateLimitError::DeadlinePassed) => {
+                    return Err(CompletionError::Failed {
+                        reason: "rate_limit_wait",
+                        attempts: failures,
+                    });
+                }
+                Err(RateLimitError::Cancelled) => return Err(CompletionError::Cancelled),
+                Err(RateLimitError::Redis(err)) => {
+                    return Err(CompletionError::RateLimitUnavailable(err));
+                }
+            };
+            if let Some(waited) = waited {
+                metrics::rate_limit_wait(model, waited);
+            }
+
+            let started = Instant::now();
+            let result = self.attempt(body.clone(), chunks).await;
+            let elapsed = started.elapsed();
+            let err = match result {
+                Ok((content, usage)) => {
+                    metrics::model_call(model, "ok", elapsed);
+                    if let Some(usage) = &usage {
+                        limiter
+                            .settle(&reservation, u64::from(usage.total_tokens))
+                            .await;
+                    }
+                    return Ok(Completion {
+                        content,
+                        usage,
+                        latency: elapsed,
+                        attempts: failures + 1,
+                    });
+                }
+                Err(err) => err,
+            };
+            failures += 1;
+            metrics::model_call(model, err.reason, elapsed);
+            tracing::warn!(
+                attempt = failures,
+                reason = err.reason,
+                retryable = err.retryable,
+                detail = %err.detail,
+                "model call failed"
+            );
+            if !err.retryable || failures >= self.policy.max_attempts {
+                return Err(CompletionError::Failed {
+                    reason: err.reason,
+                    attempts: failures,
+                });
+            }
+            let delay = self
+                .policy
+                .delay(failures, err.retry_after, &mut rand::rng());
+            if Instant::now() + delay > deadline {
+                return Err(CompletionError::Failed {
+                    reason: err.reason,
+                    attempts: failures,
+                });
+            }
+            metrics::retry(model, err.reason);
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "retrying the model call"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                Ok(_) = cancel.wait_for(|stopping| *stopping) => return Err(CompletionError::Cancelled),
+            }
+        }
+    }
+
+    /// One streamed call: the reply text and usage, or why it failed.
+    async fn attempt(
+        &self,
+        body: CreateChatCompletionRequest,
+        chunks: &mpsc::UnboundedSender<String>,
+    ) -> Result<(String, Option<CompletionUsage>), AttemptError> {
+        let slot = ResponseSlot::default();
+        let client = self.attempt_client(slot.clone());
+        let silence = self.policy.attempt_timeout;
+        let mut stream =
+            match tokio::time::timeout(silence, client.chat().create_stream(body)).await {
+                Err(_) => {
+                    return Err(AttemptError::retryable(
+                        "timeout",
+                        None,
+                        "no response before the attempt time-out".into(),
+                    ));
+                }
+                Ok(Err(err)) => return Err(classify(err, &slot)),
+                Ok(Ok(stream)) => stream,
+            };
+        let mut content = String::new();
+        let mut usage = None;
+        let mut finished = false;
+        loop {
+            let next = match tokio::time::timeout(silence, stream.next()).await {
+                Err(_) => {
+                    return Err(AttemptError::retryable(
+                        "timeout",
+                        None,
+                        "the stream went silent".into(),
+                    ));
+                }
+                Ok(next) => next,
+            };
+            let chunk = match next {
+                None => break,
+                Some(Err(err)) => return Err(classify(err, &slot)),
+                Some(Ok(chunk)) => chunk,
+            };
+            if chunk.usage.is_some() {
+                usage = chunk.usage;
+            }
+            for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
+                if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                    content.push_str(&text);
+                    // The receiver only goes away when the job is being dropped.
+                    let _ = chunks.send(text);
+                }
+                finished |= choice.finish_reason.is_some();
+            }
+        }
+        if !finished {
+            return Err(AttemptError::retryable(
+                "truncated",
+                None,
+                "the stream ended without a finish reason".into(),
+            ));
+        }
+        Ok((content, usage))
+    }
+}
+
+fn request_body(request: &ChatRequest) -> CreateChatCompletionRequest {
+    let messages = request
+        .messages
+        .iter()
+        .map(|m| -> ChatCompletionRequestMessage {
+            let content = m.content.as_str();
+            match m.role {
+                Role::System => ChatCompletionRequestSystemMessage::from(content).into(),
+                Role::User => ChatCompletionRequestUserMessage::from(content).into(),
+                Role::Assistant => ChatCompletionRequestAssistantMessage::from(content).into(),
+            }
+        })
+        .collect();
+    CreateChatCompletionRequest {
+        model: request.model.clone(),
+        messages,
+        stream: Some(true),
+        stream_options: Some(ChatCompletionStreamOptions {
+            include_usage: Some(true),
+            include_obfuscation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Sorts a failure into retry-or-not, with a short fixed reason for logs and metrics.
+fn classify(err: OpenAIError, slot: &ResponseSlot) -> AttemptError {
+    let (status, retry_after) = {
+        let info = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let retry_after = info
+            .retry_after
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, Utc::now()));
+        (info.status, retry_after)
+    };
+    match err {
+        OpenAIError::ApiError(api) => {
+            let detail = format!("HTTP {}: {}", api.status_code, api.api_error.message);
+            let quota = api.api_error.r#type.as_deref() == Some("insufficient_quota")
+                || api.api_error.code.as_deref() == Some("insufficient_quota");
+            classify_status(api.status_code, quota, retry_after, detail)
+        }
+        // An error response whose body is not OpenAI's JSON: the status still decides.
+        OpenAIError::JSONDeserialize(err, _) => match status {
+            Some(status) => classify_status(status, false, retry_after, err.to_string()),
+            None => AttemptError::retryable("bad_response", None, err.to_string()),
+        },
+        OpenAIError::Reqwest(err) if err.is_builder() => {
+            AttemptError::permanent("bad_request", err.to_string())
+        }
+        OpenAIError::Reqwest(err) if err.is_timeout() => {
+            AttemptError::retryable("timeout", None, err.to_string())
+        }
+        OpenAIError::Reqwest(err) => AttemptError::retryable("connection", None, err.to_string()),
+        OpenAIError::StreamError(err) => AttemptError::retryable("stream", None, err.to_string()),
+        OpenAIError::Boxed(err) => AttemptError::retryable("connection", None, err.to_string()),
+        other => AttemptError::permanent("client_error", other.to_string()),
+    }
+}
+
+fn classify_status(
+    status: StatusCode,
+    quota: bool,
+    retry_after: Option<Duration>,
+    detail: String,
+) -> AttemptError {
+    match status.as_u16() {
+        429 if quota => AttemptError::permanent("insufficient_quota", detail),
+        429 => AttemptError::retryable("rate_limited", retry_after, detail),
+        408 => AttemptError::retryable("timeout", retry_after, detail),
+        409 => AttemptError::retryable("conflict", retry_after, detail),
+        code if code >= 500 => AttemptError::retryable("server_error", retry_after, detail),
+        401 | 403 => AttemptError::permanent("auth", detail),
+        404 => AttemptError::permanent("not_found", detail),
+        _ => AttemptError::permanent("bad_request", detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_split_into_retryable_and_permanent() {
+        let cases = [
+            (429, false, true, "rate_limited"),
+            (429, true, false, "insufficient_quota"),
+            (500, false, true, "server_error"),
+            (503, false, true, "server_error"),
+            (408, false, true, "timeout"),
+            (400, false, false, "bad_request"),
+            (401, false, false, "auth"),
+            (404, false, false, "not_found"),
+        ];
+        for (code, quota, retryable, reason) in cases {
+            let status = StatusCode::from_u16(code).expect("status");
+            let err = classify_status(status, quota, None, String::new());
+            assert_eq!((err.retryable, err.reason), (retryable, reason), "{code}");
+        }
+    }
+
+    #[test]
+    fn users_never_see_provider_text() {
+        let err = CompletionError::Failed {
+            reason: "server_error",
+            attempts: 5,
+        };
+        assert_eq!(
+            err.user_message(),
+            "The AI service did not respond. Please try again later."
+        );
+    }
+}
