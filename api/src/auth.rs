@@ -124,3 +124,22 @@ impl FromRequestParts<AppState> for AuthUser {
         })
     }
 }
+
+/// An authenticated staff user; anyone else gets 401 (anonymous) or 403.
+pub struct StaffUser(pub User);
+
+impl FromRequestParts<AppState> for StaffUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let auth = AuthUser::from_request_parts(parts, state).await?;
+        if auth.user.is_staff {
+            Ok(StaffUser(auth.user))
+        } else {
+            Err(ApiError::Forbidden)
+        }
+    }
+}

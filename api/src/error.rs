@@ -45,6 +45,8 @@ pub enum ApiError {
     Unauthenticated,
     #[error("Invalid credentials")]
     InvalidCredentials,
+    #[error("Staff only")]
+    Forbidden,
     #[error("Not found.")]
     NotFound,
     #[error("{0}")]
@@ -75,6 +77,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::NotFoundBecause(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,

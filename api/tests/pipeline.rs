@@ -5,43 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome, Usage};
-use clap::Parser;
-use common::{TestApp, event_of, next_event, spawn_app};
+use common::{event_of, next_event, spawn_app, start_worker};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-/// A worker of this test's namespace and database, talking to `fake`.
-async fn start_worker(
-    app: &TestApp,
-    fake: &FakeLlm,
-    extra: &[&str],
-) -> tokio::sync::oneshot::Sender<()> {
-    let mut args = vec![
-        "aichat-worker".to_string(),
-        "--database-url".into(),
-        app.db_url.clone(),
-        "--redis-url".into(),
-        app.redis_url.clone(),
-        "--aichat-namespace".into(),
-        app.ns.clone(),
-        "--openai-base-url".into(),
-        fake.base_url(),
-        "--openai-api-key".into(),
-        "test-key".into(),
-        "--metrics-addr".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let settings = aichat_worker::Settings::try_parse_from(args).expect("worker settings");
-    let worker = aichat_worker::Worker::build(settings)
-        .await
-        .expect("worker");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(worker.run_until(async move {
-        let _ = stopped.await;
-    }));
-    stop
-}
 
 #[tokio::test]
 async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_usage() {

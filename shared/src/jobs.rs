@@ -2,6 +2,7 @@
 use std::time::Duration;
 
 use apalis::prelude::TaskBuilder;
+use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
@@ -95,13 +96,14 @@ pub struct QueueDepth {
     pub dead: u64,
 }
 
-/// Counts in one round trip; worker in-flight sets are named in the workers set.
+/// Counts in one round trip; worker in-flight sets are named in the workers set. (apalis-redis
+/// keeps the dead jobs in a plain set, the scheduled ones in a sorted set.)
 const DEPTH_SCRIPT: &str = r#"
 local running = 0
 for _, inflight in ipairs(redis.call('zrange', KEYS[2], 0, -1)) do
   running = running + redis.call('scard', inflight)
 end
-return { redis.call('llen', KEYS[1]) + redis.call('zcard', KEYS[4]), running, redis.call('zcard', KEYS[3]) }
+return { redis.call('llen', KEYS[1]) + redis.call('zcard', KEYS[4]), running, redis.call('scard', KEYS[3]) }
 "#;
 
 impl JobQueue {
@@ -125,4 +127,80 @@ impl JobQueue {
 /// The de-duplication key of a message's first job.
 pub fn message_job_key(message_id: i64) -> String {
     format!("message:{message_id}")
+}
+
+/// A completion job the worker gave up on (it sits in the queue's dead set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeadJob {
+    pub task_id: String,
+    pub message_id: i64,
+    pub ai_chat_id: i64,
+    pub attempts: i64,
+}
+
+impl JobQueue {
+    /// Dead jobs, at most `limit`, oldest task id (ULIDs sort by time) first.
+    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
+        let mut conn = self.conn.clone();
+        let mut ids: Vec<String> = conn.smembers(self.config.dead_jobs_set()).await?;
+        ids.sort_unstable();
+        ids.truncate(limit);
+        let mut jobs = Vec::with_capacity(ids.len());
+        for task_id in ids {
+            if let Some(job) = self.dead_job(&task_id).await? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// One dead job, if `task_id` is in the dead set and its arguments are readable.
+    pub async fn dead_job(&self, task_id: &str) -> Result<Option<DeadJob>> {
+        let mut conn = self.conn.clone();
+        let dead: bool = conn.sismember(self.config.dead_jobs_set(), task_id).await?;
+        if !dead {
+            return Ok(None);
+        }
+        let args: Option<Vec<u8>> = conn.hget(self.config.job_data_hash(), task_id).await?;
+        let attempts: Option<i64> = conn
+            .hget(
+                format!("{}:{task_id}", self.config.job_meta_hash()),
+                "attempts",
+            )
+            .await?;
+        let Some(job) = args.and_then(|a| serde_json::from_slice::<CompletionJob>(&a).ok()) else {
+            return Ok(None);
+        };
+        Ok(Some(DeadJob {
+            task_id: task_id.to_owned(),
+            message_id: job.message_id,
+            ai_chat_id: job.ai_chat_id,
+            attempts: attempts.unwrap_or(0),
+        }))
+    }
+
+    /// The stored arguments of a job.
+    pub async fn job_args(&self, task_id: &str) -> Result<Option<CompletionJob>> {
+        let mut conn = self.conn.clone();
+        let args: Option<Vec<u8>> = conn.hget(self.config.job_data_hash(), task_id).await?;
+        Ok(args.and_then(|a| serde_json::from_slice(&a).ok()))
+    }
+
+    /// Forgets a dead job (after it was re-driven or its message is gone).
+    pub async fn remove_dead_job(&self, task_id: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .srem(self.config.dead_jobs_set(), task_id)
+            .hdel(self.config.job_data_hash(), task_id)
+            .del(format!("{}:{task_id}", self.config.job_meta_hash()))
+            .exec_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The de-duplication key of a re-drive of a dead job.
+pub fn redrive_job_key(message_id: i64, dead_task_id: &str) -> String {
+    format!("message:{message_id}:redrive:{dead_task_id}")
 }

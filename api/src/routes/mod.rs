@@ -12,6 +12,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub mod accounts;
+pub mod admin;
 pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;
@@ -49,6 +50,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(ai_chats::router())
         .merge(ai_messages::router())
         .merge(ops::router())
+        .merge(admin::router())
         .split_for_parts()
 }
 

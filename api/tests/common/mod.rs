@@ -429,3 +429,36 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// A worker of this test's namespace and database, talking to `fake`.
+pub async fn start_worker(
+    app: &TestApp,
+    fake: &aichat_fake_llm::FakeLlm,
+    extra: &[&str],
+) -> tokio::sync::oneshot::Sender<()> {
+    let mut args = vec![
+        "aichat-worker".to_string(),
+        "--database-url".into(),
+        app.db_url.clone(),
+        "--redis-url".into(),
+        app.redis_url.clone(),
+        "--aichat-namespace".into(),
+        app.ns.clone(),
+        "--openai-base-url".into(),
+        fake.base_url(),
+        "--openai-api-key".into(),
+        "test-key".into(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let settings = aichat_worker::Settings::try_parse_from(args).expect("worker settings");
+    let worker = aichat_worker::Worker::build(settings)
+        .await
+        .expect("worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(worker.run_until(async move {
+        let _ = stopped.await;
+    }));
+    stop
+}

@@ -4,7 +4,7 @@ use sqlx::PgExecutor;
 use crate::domain::AiChat;
 use crate::error::Result;
 
-const SELECT_AI_CHAT: &str = r#"
+pub(crate) const SELECT_AI_CHAT: &str = r#"
     select a.id, a.user_id as "user", u.username as user_username,
            a.related_chat_id as related_chat, c.name as related_chat_name,
            a.title, a.system_prompt, a.model, a.created_at, a.updated_at,

@@ -15,6 +15,7 @@ macro_rules! sql {
     };
 }
 
+pub mod admin;
 pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;

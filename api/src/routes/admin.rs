@@ -1,0 +1,195 @@
+//! Staff-only JSON: search AI chats, filter messages, token totals, and the dead jobs with
+//! their re-drive.
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use aichat_shared::db;
+use aichat_shared::db::admin::UsageRow;
+use aichat_shared::domain::{AiChat, AiMessage, role};
+use aichat_shared::jobs::{DeadJob, redrive_job_key};
+
+use crate::auth::StaffUser;
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::state::AppState;
+use crate::validate;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(search_chats))
+        .routes(routes!(filter_messages))
+        .routes(routes!(usage))
+        .routes(routes!(dead_jobs))
+        .routes(routes!(redrive))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ChatSearch {
+    /// Part of the title or of the owner's username.
+    q: Option<String>,
+    /// At most this many (1–500, default 100).
+    limit: Option<i64>,
+}
+
+/// Every user's AI chats whose title or owner matches `q`.
+#[utoipa::path(get, path = "/api/admin/ai-chats/", tag = "admin", params(ChatSearch),
+    responses((status = 200, body = Vec<AiChat>), (status = 401), (status = 403)))]
+#[tracing::instrument(skip_all)]
+async fn search_chats(
+    State(state): State<AppState>,
+    _staff: StaffUser,
+    ApiQuery(query): ApiQuery<ChatSearch>,
+) -> ApiResult<Json<Vec<AiChat>>> {
+    let limit = checked_limit(query.limit, 500)?;
+    let q = query.q.unwrap_or_default();
+    Ok(Json(
+        db::admin::search_ai_chats(&state.db, q.trim(), limit).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct MessageFilter {
+    /// `user`, `assistant` or `system`.
+    role: Option<String>,
+    /// Only messages at or after this time (RFC 3339).
+    since: Option<DateTime<Utc>>,
+    /// Only messages before this time (RFC 3339).
+    until: Option<DateTime<Utc>>,
+    /// At most this many (1–1000, default 100).
+    limit: Option<i64>,
+}
+
+/// Messages of every user, newest first, filtered by role and date.
+#[utoipa::path(get, path = "/api/admin/messages/", tag = "admin", params(MessageFilter),
+    responses((status = 200, body = Vec<AiMessage>), (status = 401), (status = 403)))]
+#[tracing::instrument(skip_all)]
+async fn filter_messages(
+    State(state): State<AppState>,
+    _staff: StaffUser,
+    ApiQuery(query): ApiQuery<MessageFilter>,
+) -> ApiResult<Json<Vec<AiMessage>>> {
+    let limit = checked_limit(query.limit, 1000)?;
+    if let Some(r) = &query.role
+        && ![role::USER, role::ASSISTANT, role::SYSTEM].contains(&r.as_str())
+    {
+        return Err(FieldErrors::single(
+            "role",
+            "Must be user, assistant or system.",
+        ));
+    }
+    let messages = db::admin::filter_messages(
+        &state.db,
+        query.role.as_deref(),
+        query.since,
+        query.until,
+        limit,
+    )
+    .await?;
+    Ok(Json(messages))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct UsageQuery {
+    /// How many days back (1–366, default 30).
+    days: Option<i64>,
+}
+
+/// Token totals per user, model and UTC day.
+#[utoipa::path(get, path = "/api/admin/usage/", tag = "admin", params(UsageQuery),
+    responses((status = 200, body = Vec<UsageRow>), (status = 401), (status = 403)))]
+#[tracing::instrument(skip_all)]
+async fn usage(
+    State(state): State<AppState>,
+    _staff: StaffUser,
+    ApiQuery(query): ApiQuery<UsageQuery>,
+) -> ApiResult<Json<Vec<UsageRow>>> {
+    let days = query.days.unwrap_or(30);
+    let mut errors = FieldErrors::default();
+    validate::in_range(&mut errors, "days", days, 1, 366);
+    errors.check()?;
+    let days = i32::try_from(days).unwrap_or(30);
+    Ok(Json(
+        db::admin::usage_by_user_model_day(&state.db, days).await?,
+    ))
+}
+
+/// Completion jobs the worker gave up on, newest first.
+#[utoipa::path(get, path = "/api/admin/dead-jobs/", tag = "admin",
+    responses((status = 200, body = Vec<DeadJob>), (status = 401), (status = 403)))]
+#[tracing::instrument(skip_all)]
+async fn dead_jobs(
+    State(state): State<AppState>,
+    _staff: StaffUser,
+) -> ApiResult<Json<Vec<DeadJob>>> {
+    Ok(Json(state.queue.dead_jobs(500).await?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Redriven {
+    task_id: String,
+    message_id: i64,
+    status: &'static str,
+}
+
+/// Queue a dead job's message again: it goes back to `queued` and a new job is pushed.
+#[utoipa::path(post, path = "/api/admin/dead-jobs/{task_id}/redrive/", tag = "admin",
+    params(("task_id" = String, Path)),
+    responses((status = 202, body = Redriven), (status = 401), (status = 403), (status = 404),
+        (status = 409, description = "The message is not failed")))]
+#[tracing::instrument(skip_all, fields(task_id = %task_id))]
+async fn redrive(
+    State(state): State<AppState>,
+    _staff: StaffUser,
+    ApiPath(task_id): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<Redriven>)> {
+    let dead = state
+        .queue
+        .dead_job(&task_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let job = state
+        .queue
+        .job_args(&task_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    // Back to `queued` only if the push succeeds: the transaction spans the push.
+    let mut tx = state.db.begin().await?;
+    if !db::admin::requeue_failed_message(&mut *tx, dead.message_id).await? {
+        return match db::ai_messages::find_message(&state.db, dead.message_id).await? {
+            None => {
+                state.queue.remove_dead_job(&task_id).await?;
+                Err(ApiError::NotFoundBecause(
+                    "The message of this job no longer exists",
+                ))
+            }
+            Some(_) => Err(ApiError::Conflict("The message of this job is not failed")),
+        };
+    }
+    state
+        .queue
+        .enqueue_completion(&job, &redrive_job_key(dead.message_id, &task_id))
+        .await?;
+    tx.commit().await?;
+    state.queue.remove_dead_job(&task_id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Redriven {
+            task_id,
+            message_id: dead.message_id,
+            status: "queued",
+        }),
+    ))
+}
+
+fn checked_limit(limit: Option<i64>, max: i64) -> ApiResult<i64> {
+    let limit = limit.unwrap_or(100);
+    let mut errors = FieldErrors::default();
+    validate::in_range(&mut errors, "limit", limit, 1, max);
+    errors.check()?;
+    Ok(limit)
+}

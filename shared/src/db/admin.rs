@@ -1,0 +1,110 @@
+//! Staff views across all users: search, filters and token totals.
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use sqlx::PgExecutor;
+use utoipa::ToSchema;
+
+use crate::db::ai_messages::MESSAGE_COLUMNS;
+use crate::domain::{AiChat, AiMessage, status};
+use crate::error::Result;
+
+/// AI chats whose title or owner's username contains `query` (case-insensitive), newest first.
+#[tracing::instrument(skip(db))]
+pub async fn search_ai_chats(
+    db: impl PgExecutor<'_>,
+    query: &str,
+    limit: i64,
+) -> Result<Vec<AiChat>> {
+    let pattern = format!(
+        "%{}%",
+        query
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
+    let chats = sqlx::query_as::<_, AiChat>(sql!(
+        "{} where a.title ilike $1 or u.username ilike $1 order by a.updated_at desc, a.id desc limit $2",
+        crate::db::ai_chats::SELECT_AI_CHAT
+    ))
+    .bind(pattern)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(chats)
+}
+
+/// Messages filtered by role and time, newest first.
+#[tracing::instrument(skip(db))]
+pub async fn filter_messages(
+    db: impl PgExecutor<'_>,
+    role: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<AiMessage>> {
+    let messages = sqlx::query_as::<_, AiMessage>(sql!(
+        "select {MESSAGE_COLUMNS} from ai_messages m
+         where ($1::text is null or m.role = $1)
+           and ($2::timestamptz is null or m.timestamp >= $2)
+           and ($3::timestamptz is null or m.timestamp < $3)
+         order by m.id desc limit $4"
+    ))
+    .bind(role)
+    .bind(since)
+    .bind(until)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(messages)
+}
+
+/// Token totals of one user, model and UTC day.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+pub struct UsageRow {
+    pub user_id: i64,
+    pub username: String,
+    pub model: String,
+    pub day: NaiveDate,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub message_count: i64,
+}
+
+/// Token totals per user, model and day, newest day first.
+#[tracing::instrument(skip(db))]
+pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Result<Vec<UsageRow>> {
+    let rows = sqlx::query_as::<_, UsageRow>(
+        r#"select u.id as user_id, u.username, coalesce(m.model, 'unknown') as model,
+                  (m.timestamp at time zone 'UTC')::date as day,
+                  coalesce(sum(m.prompt_tokens), 0)::bigint as prompt_tokens,
+                  coalesce(sum(m.completion_tokens), 0)::bigint as completion_tokens,
+                  coalesce(sum(m.total_tokens), 0)::bigint as total_tokens,
+                  count(*) as message_count
+           from ai_messages m
+           join ai_chats a on a.id = m.ai_chat_id
+           join users u on u.id = a.user_id
+           where m.role = 'assistant' and m.timestamp >= now() - make_interval(days => $1)
+           group by 1, 2, 3, 4
+           order by day desc, total_tokens desc"#,
+    )
+    .bind(days)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
+}
+
+/// Puts a failed user message back in the queue's hands; false if it is not failed.
+#[tracing::instrument(skip(db))]
+pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
+    let done = sqlx::query(
+        r#"update ai_messages set status = $2, error = null
+           where id = $1 and role = 'user' and status = $3"#,
+    )
+    .bind(message_id)
+    .bind(status::QUEUED)
+    .bind(status::FAILED)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
