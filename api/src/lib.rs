@@ -127,7 +127,6 @@ impl Application {
 pub fn app_router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     routes::router()
-        .merge(ws::router())
         .route("/metrics", axum::routing::get(metrics::render))
         .route_layer(axum::middleware::from_fn(metrics::track_requests))
         .layer(DefaultBodyLimit::max(body_limit))

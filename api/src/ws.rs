@@ -3,16 +3,16 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::Response;
-use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, timeout};
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
 use aichat_shared::domain::{AiMessage, ContextOptions, User, role};
@@ -29,12 +29,13 @@ use crate::state::AppState;
 /// Close code for a client too slow to keep up ("try again later").
 const SLOW_CONSUMER: u16 = 1013;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/ws/ai-chat/{id}/", get(upgrade))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(upgrade))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 struct WsQuery {
+    /// The session token, for clients that cannot set headers or cookies.
     token: Option<String>,
     /// Send the stored messages after this id first, then live events.
     after_id: Option<i64>,
@@ -51,6 +52,13 @@ impl<S: Send + Sync> FromRequestParts<S> for WsToken {
     }
 }
 
+/// The chat's live events over a WebSocket (see the README's "Real time"): `user_message`,
+/// `assistant_delta`, `assistant_message` and `error` events; client frames
+/// `{"type": "message", "content", ...}`.
+#[utoipa::path(get, path = "/ws/ai-chat/{id}/", tag = "ai", params(("id" = i64, Path), WsQuery),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade request"),
+        (status = 401, description = "Authentication required"), (status = 404, description = "Not found")))]
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
 async fn upgrade(
     State(state): State<AppState>,

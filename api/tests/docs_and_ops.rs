@@ -25,6 +25,7 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("/api/ai/usage/", &["get"]),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
+    ("/ws/ai-chat/{id}/", &["get"]),
 ];
 
 #[tokio::test]

@@ -402,3 +402,52 @@ async fn the_server_pings_and_closes_sockets_with_1001_on_shutdown() {
     assert_eq!(close, Some(1001));
     app.cleanup().await;
 }
+
+async fn subscribers(app: &common::TestApp, chat: i64) -> i64 {
+    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("{}:chat:{chat}", app.ns))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    counts[0].1
+}
+
+#[tokio::test]
+async fn an_instance_subscribes_once_per_chat_and_unsubscribes_when_its_last_socket_leaves() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(subscribers(&app, chat).await, 0);
+    let first = app.ws(chat, &alice.token, None).await;
+    let second = app.ws(chat, &alice.token, None).await;
+    assert_eq!(
+        subscribers(&app, chat).await,
+        1,
+        "one pub/sub subscription for both sockets"
+    );
+    drop(first);
+    assert!(
+        app.sockets
+            .wait_for_at_most(1, Duration::from_secs(5))
+            .await
+    );
+    assert_eq!(subscribers(&app, chat).await, 1, "still one socket");
+    drop(second);
+    assert!(
+        app.sockets
+            .wait_for_at_most(0, Duration::from_secs(5))
+            .await
+    );
+    // The unsubscribe runs just after the last socket goes: wait for Redis to see it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while subscribers(&app, chat).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.cleanup().await;
+}

@@ -51,6 +51,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(ai_messages::router())
         .merge(ops::router())
         .merge(admin::router())
+        .merge(crate::ws::router())
         .split_for_parts()
 }
 
