@@ -11,6 +11,7 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, timeout};
+use tracing::Instrument;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -21,7 +22,7 @@ use aichat_shared::events::{ChatEvent, EventMessage};
 use crate::auth::{request_token, user_for_token};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery};
+use crate::extract::{ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
 use crate::routes::ai_chats::owned_chat;
 use crate::state::AppState;
@@ -63,6 +64,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WsToken {
 async fn upgrade(
     State(state): State<AppState>,
     WsToken(token): WsToken,
+    RequestId(request_id): RequestId,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(query): ApiQuery<WsQuery>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -87,7 +89,15 @@ async fn upgrade(
     Ok(ws
         .max_message_size(settings.ws_max_message_bytes)
         .max_frame_size(settings.ws_max_message_bytes)
-        .on_upgrade(move |socket| session(state, user, id, subscription, query.after_id, socket)))
+        .on_upgrade(move |socket| {
+            session(state, user, id, subscription, query.after_id, socket).instrument(
+                tracing::info_span!(
+                    "websocket",
+                    ai_chat_id = id,
+                    request_id = request_id.as_deref().unwrap_or("-")
+                ),
+            )
+        }))
 }
 
 async fn session(
@@ -276,7 +286,8 @@ async fn handle_frame(
     };
     let result = async {
         owned_chat(state, ai_chat_id, user.id).await?;
-        submit_message(state, user.id, ai_chat_id, content, options, None).await
+        let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
+        submit_message(state, user.id, ai_chat_id, content, options, request_id).await
     }
     .await;
     match result {

@@ -282,3 +282,43 @@ async fn past_the_per_user_send_rate_requests_get_429_with_retry_after() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_request_id_travels_from_the_request_into_the_job() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let resp = app
+        .client
+        .post(app.url(&format!("/api/ai/chats/{chat}/send_message/")))
+        .bearer_auth(&alice.token)
+        .header("x-request-id", "req-from-the-edge-42")
+        .json(&json!({"content": "trace me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(resp.headers()["x-request-id"], "req-from-the-edge-42");
+    let jobs = app.queued_jobs().await;
+    assert_eq!(jobs[0]["request_id"], "req-from-the-edge-42");
+
+    // Without one, the API makes one up and still hands it on.
+    let resp = app
+        .client
+        .post(app.url(&format!("/api/ai/chats/{chat}/send_message/")))
+        .bearer_auth(&alice.token)
+        .json(&json!({"content": "again"}))
+        .send()
+        .await
+        .unwrap();
+    let generated = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(!generated.is_empty());
+    let jobs = app.queued_jobs().await;
+    assert!(
+        jobs.iter().any(|j| j["request_id"] == generated.as_str()),
+        "{jobs:?}"
+    );
+    app.cleanup().await;
+}

@@ -13,7 +13,7 @@ use aichat_shared::domain::{AiMessage, ContextOptions, Usage};
 use crate::auth::AuthUser;
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult, FieldErrors};
-use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
 use crate::idempotency::{self, Claim};
 use crate::routes::ai_chats::owned_chat;
 use crate::state::AppState;
@@ -67,6 +67,7 @@ async fn send_message(
     ApiPath(id): ApiPath<i64>,
     ApiQuery(query): ApiQuery<SendMessageQuery>,
     headers: HeaderMap,
+    RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<SendMessageRequest>,
 ) -> ApiResult<Response> {
     owned_chat(&state, id, auth.user.id).await?;
@@ -118,7 +119,16 @@ async fn send_message(
                 .into_response());
         }
         Some(Claim::New(redis_key)) => {
-            match submit_message(&state, auth.user.id, id, content, options, None).await {
+            match submit_message(
+                &state,
+                auth.user.id,
+                id,
+                content,
+                options,
+                request_id.clone(),
+            )
+            .await
+            {
                 Ok(message) => {
                     idempotency::complete(&state, &redis_key, message.id).await;
                     message
@@ -129,7 +139,17 @@ async fn send_message(
                 }
             }
         }
-        None => submit_message(&state, auth.user.id, id, content, options, None).await?,
+        None => {
+            submit_message(
+                &state,
+                auth.user.id,
+                id,
+                content,
+                options,
+                request_id.clone(),
+            )
+            .await?
+        }
     };
     if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
         match wait::wait_for_reply(&state, events, message.id, limit).await? {
