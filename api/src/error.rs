@@ -69,6 +69,8 @@ pub enum ApiError {
     Conflict(&'static str),
     #[error("Too many messages, please slow down")]
     TooManyRequests { retry_after_secs: u64 },
+    #[error("Daily token budget exceeded; it resets at midnight UTC")]
+    BudgetExceeded { retry_after_secs: u64 },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -86,7 +88,9 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::BudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +116,11 @@ impl From<sqlx::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            ApiError::TooManyRequests { retry_after_secs }
+            | ApiError::BudgetExceeded { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        };
         let body = match self {
             ApiError::Validation(errors) => json!(errors.0),
             ApiError::Internal(err) => {
@@ -120,17 +129,15 @@ impl IntoResponse for ApiError {
                 json!({"error": "Internal server error"})
             }
             ApiError::TooManyRequests { retry_after_secs } => {
-                let body = json!({"error": self_text(retry_after_secs)});
-                return (
-                    status,
-                    [(RETRY_AFTER, retry_after_secs.to_string())],
-                    Json(body),
-                )
-                    .into_response();
+                json!({"error": self_text(retry_after_secs)})
             }
             other => json!({"error": other.to_string()}),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

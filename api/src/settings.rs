@@ -35,6 +35,17 @@ pub struct Settings {
     /// Messages one user may send per minute, over REST and WebSocket together (0: no limit).
     #[arg(long, env = "SEND_RATE_PER_MINUTE", default_value_t = 60)]
     pub send_rate_per_minute: u64,
+    /// Tokens one user may spend per UTC day, prompt and completion together (0: no budget).
+    /// Each message reserves an estimate when it is sent; the worker settles it to the real use.
+    #[arg(long, env = "DAILY_TOKEN_BUDGET", default_value_t = 0)]
+    pub daily_token_budget: i64,
+    /// Completion tokens a message's reservation counts on.
+    #[arg(long, env = "BUDGET_COMPLETION_TOKENS", default_value_t = 500)]
+    pub budget_completion_tokens: i64,
+    /// Most prompt tokens a message's reservation counts on (the worker trims prompts to its
+    /// own `CONTEXT_TOKEN_BUDGET`; keep the two alike).
+    #[arg(long, env = "BUDGET_PROMPT_CAP_TOKENS", default_value_t = 3000)]
+    pub budget_prompt_cap_tokens: i64,
     /// Events a WebSocket may fall behind before it is closed (1013).
     #[arg(long, env = "WS_QUEUE_CAPACITY", default_value_t = 256)]
     pub ws_queue_capacity: usize,

@@ -285,9 +285,9 @@ async fn handle_frame(
         context_message_limit: i32::try_from(limit).unwrap_or(20),
     };
     let result = async {
-        owned_chat(state, ai_chat_id, user.id).await?;
+        let chat = owned_chat(state, ai_chat_id, user.id).await?;
         let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
-        submit_message(state, user.id, ai_chat_id, content, options, request_id).await
+        submit_message(state, user.id, &chat, content, options, request_id).await
     }
     .await;
     match result {

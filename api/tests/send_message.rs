@@ -322,3 +322,82 @@ async fn the_request_id_travels_from_the_request_into_the_job() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn fifty_concurrent_sends_against_a_budget_for_five_replies_admit_at_most_six() {
+    // A reply to "hi" from the fake model costs 16 tokens (14 prompt + 2 completion); the
+    // budget covers five of them, and each send reserves its estimate before it is queued.
+    let app = spawn_app_with(Options {
+        extra: [
+            "--daily-token-budget",
+            "85",
+            "--budget-completion-tokens",
+            "2",
+            "--send-rate-per-minute",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..Options::default()
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let path = format!("/api/ai/chats/{chat}/send_message/");
+    let sends = futures::future::join_all((0..50).map(|_| {
+        let req = app
+            .client
+            .post(app.url(&path))
+            .bearer_auth(&alice.token)
+            .json(&json!({"content": "hi"}));
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, retry_after, resp.json::<Value>().await.unwrap())
+        }
+    }))
+    .await;
+    let admitted = sends
+        .iter()
+        .filter(|(s, _, _)| *s == StatusCode::ACCEPTED)
+        .count();
+    assert!((1..=6).contains(&admitted), "admitted {admitted}");
+    for (status, retry_after, body) in sends.iter().filter(|(s, _, _)| *s != StatusCode::ACCEPTED) {
+        assert_eq!(*status, StatusCode::TOO_MANY_REQUESTS);
+        let secs: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+        assert!((1..=86_400).contains(&secs));
+        assert!(body["error"].as_str().unwrap().contains("budget"), "{body}");
+    }
+    println!("budget for 5 replies: {admitted} of 50 concurrent sends admitted");
+    assert_eq!(
+        app.get("/api/ai/messages/", &alice.token)
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        admitted
+    );
+    assert_eq!(app.queued_jobs().await.len(), admitted);
+    // Another user's budget is their own.
+    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let (status, _) = app
+        .post(
+            &format!("/api/ai/chats/{bobs}/send_message/"),
+            &bob.token,
+            json!({"content": "hi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    app.cleanup().await;
+}

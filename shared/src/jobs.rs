@@ -21,6 +21,9 @@ pub struct CompletionJob {
     /// The id of the API request that queued it, so its log lines can be followed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The user's daily token budget reserved for this message, to settle after the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::Reservation>,
 }
 
 impl CompletionJob {
@@ -36,6 +39,7 @@ impl CompletionJob {
             include_related_chat_context: options.include_related_chat_context,
             context_message_limit: options.context_message_limit,
             request_id,
+            budget: None,
         }
     }
 }

@@ -28,6 +28,11 @@ impl Namespace {
         format!("{}:idem:{user_id}:{key_hash}", self.0)
     }
 
+    /// One user's token use (reserved and settled) on one UTC day, `YYYY-MM-DD`.
+    pub fn budget(&self, user_id: i64, day: &str) -> String {
+        format!("{}:budget:{user_id}:{day}", self.0)
+    }
+
     /// The per-user send counter of the current window.
     pub fn send_rate(&self, user_id: i64) -> String {
         format!("{}:sendrate:{user_id}", self.0)

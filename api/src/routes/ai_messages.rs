@@ -70,7 +70,7 @@ async fn send_message(
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<SendMessageRequest>,
 ) -> ApiResult<Response> {
-    owned_chat(&state, id, auth.user.id).await?;
+    let chat = owned_chat(&state, id, auth.user.id).await?;
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut errors = FieldErrors::default();
     let content = validate::required_text(
@@ -122,7 +122,7 @@ async fn send_message(
             match submit_message(
                 &state,
                 auth.user.id,
-                id,
+                &chat,
                 content,
                 options,
                 request_id.clone(),
@@ -143,7 +143,7 @@ async fn send_message(
             submit_message(
                 &state,
                 auth.user.id,
-                id,
+                &chat,
                 content,
                 options,
                 request_id.clone(),
