@@ -216,3 +216,54 @@ async fn wait_answers_502_when_the_model_cannot_answer() {
     );
     app.cleanup().await;
 }
+
+async fn budget_used(app: &common::TestApp, user_id: i64) -> i64 {
+    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let day = chrono::Utc::now().format("%Y-%m-%d");
+    let used: Option<i64> =
+        redis::AsyncCommands::get(&mut conn, format!("{}:budget:{user_id}:{day}", app.ns))
+            .await
+            .unwrap();
+    used.unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_worker_settles_a_budget_reservation_to_the_real_usage_or_releases_it() {
+    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
+    let app = common::spawn_app_with(common::Options {
+        extra: vec!["--daily-token-budget".into(), "100000".into()],
+        ..common::Options::default()
+    })
+    .await;
+    let _worker = start_worker(&app, &fake, &["--llm-max-attempts", "1"]).await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let path = format!("/api/ai/chats/{chat}/send_message/?wait=true");
+    let (status, reply) = app
+        .post(&path, &alice.token, json!({"content": "count me"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(
+        budget_used(&app, alice.id).await,
+        reply["total_tokens"].as_i64().unwrap(),
+        "settled to the real use"
+    );
+
+    fake.set_config(FakeConfig {
+        always: Some(Outcome::ServerError),
+        ..FakeConfig::default()
+    });
+    let (status, _) = app
+        .post(&path, &alice.token, json!({"content": "this one fails"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        budget_used(&app, alice.id).await,
+        reply["total_tokens"].as_i64().unwrap(),
+        "the failure released its reservation"
+    );
+    app.cleanup().await;
+}

@@ -166,9 +166,9 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
     let (result, ()) = tokio::join!(call, publish_deltas(chunks_rx, target));
 
     match result {
-        Ok(completion) => save_and_announce(ctx, &subject, &request.model, completion).await,
+        Ok(completion) => save_and_announce(ctx, job, &subject, &request.model, completion).await,
         Err(err @ CompletionError::Failed { .. }) => {
-            if record_failure(ctx, &subject, &err).await? {
+            if record_failure(ctx, job, &subject, &err).await? {
                 metrics::job_failed("model");
                 Ok(Done::Failed)
             } else {
@@ -238,8 +238,22 @@ async fn build_request(
     })
 }
 
+/// Replaces the message's budget reservation by what it really used (nothing, when it failed;
+/// the reservation stands when the provider reported no usage). Only the run that saved the
+/// reply or marked the failure settles, so a job that runs twice settles once.
+async fn settle_budget(ctx: &JobContext, job: &CompletionJob, used: Option<i64>) {
+    let (Some(reservation), Some(used)) = (&job.budget, used) else {
+        return;
+    };
+    let mut redis = ctx.redis.clone();
+    if let Err(err) = aichat_shared::budget::settle(&mut redis, reservation, used).await {
+        tracing::warn!(error = %err, "could not settle the token budget");
+    }
+}
+
 async fn save_and_announce(
     ctx: &JobContext,
+    job: &CompletionJob,
     subject: &CompletionSubject,
     model: &str,
     completion: crate::llm::Completion,
@@ -271,6 +285,8 @@ async fn save_and_announce(
         metrics::duplicate_reply();
         return Ok(Done::AlreadyAnswered);
     };
+    // Settled before the event goes out, so whoever the event wakes sees the real use.
+    settle_budget(ctx, job, usage.map(|u| i64::from(u.total_tokens))).await;
     let event = ChatEvent::AssistantMessage {
         message: EventMessage::assistant(&saved),
     };
@@ -288,6 +304,7 @@ async fn save_and_announce(
 /// was answered meanwhile or is gone.
 async fn record_failure(
     ctx: &JobContext,
+    job: &CompletionJob,
     subject: &CompletionSubject,
     err: &CompletionError,
 ) -> Result<bool, JobError> {
@@ -296,6 +313,7 @@ async fn record_failure(
         .await
         .context("marking the message failed")?;
     if changed {
+        settle_budget(ctx, job, Some(0)).await;
         let event = ChatEvent::Error {
             message: message.to_owned(),
             message_id: Some(subject.message_id),
