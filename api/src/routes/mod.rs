@@ -17,6 +17,7 @@ pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;
 pub mod ops;
+pub mod web;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -61,6 +62,7 @@ pub fn router() -> Router<AppState> {
     api.merge(SwaggerUi::new("/api/docs").url("/api/schema/", openapi))
         .route("/api/redoc/", get(redoc))
         .route("/api/redoc/redoc.standalone.js", get(redoc_js))
+        .merge(web::router())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }

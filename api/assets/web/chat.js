@@ -1,0 +1,613 @@
+// The chat page: log in or register, list and create AI chats, and talk to the model over
+// the chat's WebSocket (`user_message`, `assistant_delta`, `assistant_message`, `error`).
+import {
+  $,
+  api,
+  busy,
+  el,
+  formatNumber,
+  formatTime,
+  formatUsage,
+  logOut,
+  onUnauthorized,
+  session,
+  setMessage,
+  setupAuth,
+  show,
+} from './common.js';
+
+const CONTEXT_MESSAGE_LIMIT = 20;
+const MAX_RECONNECT_DELAY_MS = 15000;
+
+const state = {
+  chats: [],
+  userChats: [],
+  chat: null, // the open AI chat
+  socket: null,
+  reconnectTimer: null,
+  attempts: 0,
+  lastId: 0, // highest message id seen: where a (re)connection's catch-up starts
+  pendingText: null, // sent over the socket, not yet confirmed: restored if refused
+  opening: 0,
+};
+
+const authView = $('#auth-view');
+const appView = $('#app-view');
+const list = $('#messages');
+const input = $('#message-input');
+const includeBox = $('#include-context');
+const chatError = $('#chat-error');
+const newChatForm = $('#new-chat-form');
+const relatedSelect = $('#related-chat-select');
+
+// ---------------------------------------------------------------- session
+
+const auth = setupAuth(authView, (user) => enterApp(user));
+
+onUnauthorized(() => showAuth('Your session has ended. Please log in again.'));
+
+$('#logout').addEventListener('click', async () => {
+  leaveChat();
+  await logOut();
+  showAuth('');
+});
+
+function showAuth(notice) {
+  leaveChat();
+  show(appView, false);
+  show(authView, true);
+  for (const id of ['#whoami', '#logout', '#admin-link']) show($(id), false);
+  setMessage($('#auth-notice'), notice);
+  auth.select('login');
+  $('#login-form input[name=username]').focus();
+}
+
+function enterApp(user) {
+  show(authView, false);
+  show(appView, true);
+  setMessage($('#auth-notice'), '');
+  const who = $('#whoami');
+  who.textContent = user.username;
+  show(who, true);
+  show($('#logout'), true);
+  show($('#admin-link'), !!user.is_staff);
+  loadUserChats();
+  loadChats().then(() => {
+    const match = /^#chat-(\d+)$/.exec(location.hash);
+    if (match) openChat(Number(match[1]));
+  });
+}
+
+async function boot() {
+  if (!session.token) {
+    showAuth('');
+    return;
+  }
+  try {
+    const me = await api('GET', '/api/me/');
+    session.remember(me);
+    enterApp(me);
+  } catch (err) {
+    if (err.status !== 401) showAuth(err.message);
+  }
+}
+
+// ---------------------------------------------------------------- chat list
+
+async function loadChats() {
+  try {
+    state.chats = await api('GET', '/api/ai/chats/');
+    renderChatList();
+  } catch (err) {
+    setMessage($('.form-error', newChatForm), err.status === 401 ? '' : err.message);
+  }
+}
+
+let refreshTimer = null;
+function refreshChatsSoon() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(loadChats, 300);
+}
+
+function renderChatList() {
+  const ul = $('#chat-list');
+  ul.replaceChildren(
+    ...state.chats.map((chat) =>
+      el(
+        'li',
+        {},
+        el(
+          'button',
+          {
+            type: 'button',
+            class: 'chat-item' + (state.chat && state.chat.id === chat.id ? ' active' : ''),
+            dataset: { id: chat.id },
+            onclick: () => openChat(chat.id),
+          },
+          el('span', { class: 'chat-item-title' }, chat.title),
+          el(
+            'span',
+            { class: 'chat-item-meta' },
+            chat.related_chat_name ? el('span', { class: 'tag' }, `↔ ${chat.related_chat_name}`) : null,
+            `${chat.message_count} message${chat.message_count === 1 ? '' : 's'} · ${formatTime(chat.updated_at)}`,
+          ),
+        ),
+      ),
+    ),
+  );
+  show($('#chat-list-empty'), state.chats.length === 0);
+}
+
+async function loadUserChats(selectId) {
+  try {
+    state.userChats = await api('GET', '/api/chats/');
+  } catch {
+    return;
+  }
+  const current = selectId ?? relatedSelect.value;
+  relatedSelect.replaceChildren(
+    el('option', { value: '' }, 'None'),
+    ...state.userChats.map((chat) => {
+      const people = (chat.participants || []).map((p) => p.username).join(', ');
+      return el('option', { value: chat.id }, people ? `${chat.name} (${people})` : chat.name);
+    }),
+  );
+  relatedSelect.value = String(current || '');
+}
+
+// ---------------------------------------------------------------- creating chats
+
+const toggleButton = $('#new-chat-toggle');
+function showNewChatForm(visible) {
+  show(newChatForm, visible);
+  toggleButton.setAttribute('aria-expanded', String(visible));
+  if (visible) {
+    loadUserChats();
+    newChatForm.elements.title.focus();
+  } else {
+    setMessage($('.form-error', newChatForm), '');
+  }
+}
+toggleButton.addEventListener('click', () => showNewChatForm(newChatForm.hidden));
+$('#new-chat-cancel').addEventListener('click', () => showNewChatForm(false));
+
+newChatForm.addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const form = newChatForm.elements;
+  const body = { title: form.title.value.trim() };
+  if (form.system_prompt.value.trim()) body.system_prompt = form.system_prompt.value.trim();
+  if (relatedSelect.value) body.related_chat = Number(relatedSelect.value);
+  try {
+    const chat = await busy(newChatForm, api('POST', '/api/ai/chats/', body));
+    newChatForm.reset();
+    showNewChatForm(false);
+    await loadChats();
+    openChat(chat.id);
+  } catch (err) {
+    setMessage($('.form-error', newChatForm), err.message);
+  }
+});
+
+async function createUserChat() {
+  const name = $('#user-chat-name').value.trim();
+  const error = $('.form-error', newChatForm);
+  if (!name) {
+    setMessage(error, 'Give the user-to-user chat a name.');
+    $('#user-chat-name').focus();
+    return;
+  }
+  const participant_usernames = $('#user-chat-people')
+    .value.split(/[\s,]+/)
+    .filter(Boolean);
+  const first = $('#user-chat-first').value.trim();
+  try {
+    const chat = await busy(
+      newChatForm,
+      (async () => {
+        const created = await api('POST', '/api/chats/', { name, participant_usernames });
+        if (first) await api('POST', `/api/chats/${created.id}/send_message/`, { content: first });
+        return created;
+      })(),
+    );
+    for (const id of ['#user-chat-name', '#user-chat-people', '#user-chat-first']) $(id).value = '';
+    $('#user-chat-box').open = false;
+    await loadUserChats(chat.id);
+    setMessage(error, '');
+  } catch (err) {
+    setMessage(error, err.message);
+  }
+}
+$('#user-chat-create').addEventListener('click', createUserChat);
+// Enter inside the nested fields creates the user chat, not the AI chat around them.
+$('#user-chat-fields').addEventListener('keydown', (event) => {
+  if (event.key === 'Enter' && event.target.tagName === 'INPUT') {
+    event.preventDefault();
+    createUserChat();
+  }
+});
+
+// ---------------------------------------------------------------- one chat
+
+async function openChat(id) {
+  const ticket = ++state.opening;
+  leaveChat();
+  let chat;
+  try {
+    chat = await api('GET', `/api/ai/chats/${id}/`);
+  } catch (err) {
+    if (ticket === state.opening && err.status !== 401) {
+      history.replaceState(null, '', location.pathname);
+      setMessage($('.form-error', newChatForm), err.status === 404 ? 'That chat does not exist.' : err.message);
+    }
+    return;
+  }
+  if (ticket !== state.opening) return; // another chat was chosen meanwhile
+  state.chat = chat;
+  state.lastId = 0;
+  history.replaceState(null, '', `#chat-${chat.id}`);
+  document.body.classList.add('chat-open');
+  show($('#no-chat'), false);
+  show($('#chat-pane'), true);
+  $('#chat-title').textContent = chat.title;
+  setMessage(chatError, '');
+  list.replaceChildren();
+  for (const message of chat.messages) renderStored(message);
+  updateChatMeta();
+  const linked = chat.related_chat != null;
+  includeBox.disabled = !linked;
+  includeBox.checked = linked && localStorage.getItem(contextKey(chat.id)) !== 'off';
+  $('#context-toggle').classList.toggle('disabled', !linked);
+  $('#context-toggle').title = linked ? '' : 'This chat has no related user-to-user chat';
+  renderChatList();
+  scrollToEnd(true);
+  connect();
+  if (window.matchMedia('(min-width: 760px)').matches) input.focus();
+}
+
+function leaveChat() {
+  closeSocket();
+  state.chat = null;
+  state.pendingText = null;
+  document.body.classList.remove('chat-open');
+  show($('#chat-pane'), false);
+  show($('#no-chat'), true);
+}
+
+$('#back').addEventListener('click', () => {
+  state.opening++;
+  leaveChat();
+  history.replaceState(null, '', location.pathname);
+  renderChatList();
+});
+
+const contextKey = (id) => `aichat.context.${id}`;
+includeBox.addEventListener('change', () => {
+  if (state.chat) localStorage.setItem(contextKey(state.chat.id), includeBox.checked ? 'on' : 'off');
+});
+
+function updateChatMeta() {
+  const chat = state.chat;
+  if (!chat) return;
+  let tokens = 0;
+  for (const node of list.querySelectorAll('li.assistant[data-tokens]')) tokens += Number(node.dataset.tokens);
+  const parts = [chat.model];
+  if (chat.related_chat_name) parts.push(`linked to “${chat.related_chat_name}”`);
+  parts.push(`${formatNumber(tokens)} tokens used`);
+  $('#chat-meta').textContent = parts.join(' · ');
+}
+
+// ---------------------------------------------------------------- messages
+
+const byId = (id) => list.querySelector(`li[data-id="${Number(id)}"]`);
+const pendingReply = (userId) =>
+  list.querySelector(`li.assistant[data-reply-to="${Number(userId)}"]:not([data-id])`);
+
+function seen(id) {
+  if (id > state.lastId) state.lastId = id;
+}
+
+function nearBottom() {
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 120;
+}
+
+function scrollToEnd(force) {
+  if (force || nearBottom()) list.scrollTop = list.scrollHeight;
+}
+
+function renderStored(message) {
+  if (message.role === 'assistant') addAssistantMessage(message);
+  else if (message.role === 'user') addUserMessage(message);
+  else {
+    seen(message.id);
+    list.append(el('li', { class: 'msg system', dataset: { id: message.id } }, message.content));
+  }
+}
+
+function userNode(message) {
+  return el(
+    'li',
+    { class: 'msg user', dataset: { id: message.id } },
+    el('div', { class: 'bubble' }, el('div', { class: 'content' }, message.content)),
+    el(
+      'div',
+      { class: 'meta' },
+      el('time', { datetime: message.timestamp }, formatTime(message.timestamp)),
+      el('span', { class: 'status' }),
+    ),
+    el('p', { class: 'msg-error', role: 'alert', hidden: true }),
+  );
+}
+
+function assistantNode(replyTo) {
+  return el(
+    'li',
+    { class: 'msg assistant', dataset: replyTo != null ? { replyTo } : {} },
+    el('div', { class: 'bubble' }, el('div', { class: 'content' })),
+    el('div', { class: 'meta' }, el('time'), el('span', { class: 'usage' })),
+  );
+}
+
+function setStatus(node, status, error) {
+  if (!node) return;
+  node.dataset.status = status;
+  node.classList.toggle('failed', status === 'failed');
+  $('.status', node).textContent = status === 'answered' ? '' : status;
+  const errorText = $('.msg-error', node);
+  errorText.textContent = status === 'failed' ? error || 'The assistant could not answer this message.' : '';
+  errorText.hidden = status !== 'failed';
+}
+
+/** A user message, from the REST detail or a `user_message` event (which has no status). */
+function addUserMessage(message) {
+  seen(message.id);
+  let node = byId(message.id);
+  if (!node) {
+    const stick = nearBottom();
+    node = userNode(message);
+    const early = pendingReply(message.id); // a reply that started before this event arrived
+    if (early) early.before(node);
+    else list.append(node);
+    scrollToEnd(stick);
+  }
+  if (message.status) setStatus(node, message.status, message.error);
+  else if (!node.dataset.status) setStatus(node, 'queued');
+}
+
+/** Puts `node` under its user message, after any reply already there. */
+function placeReply(node, userId) {
+  const user = userId != null ? byId(userId) : null;
+  if (!user) {
+    list.append(node);
+    return;
+  }
+  let after = user;
+  while (after.nextElementSibling && after.nextElementSibling.classList.contains('assistant')) {
+    after = after.nextElementSibling;
+  }
+  after.after(node);
+}
+
+function streamDelta(userId, delta) {
+  const stick = nearBottom();
+  let node = pendingReply(userId);
+  if (!node) {
+    node = assistantNode(userId);
+    node.classList.add('streaming');
+    $('.usage', node).textContent = 'writing…';
+    placeReply(node, userId);
+  }
+  $('.content', node).append(delta);
+  $('.content', node).normalize();
+  const user = byId(userId);
+  if (user && user.dataset.status === 'queued') $('.status', user).textContent = 'answering…';
+  scrollToEnd(stick);
+}
+
+function usageOf(message) {
+  return (
+    message.usage || {
+      prompt_tokens: message.prompt_tokens,
+      completion_tokens: message.completion_tokens,
+      total_tokens: message.total_tokens,
+    }
+  );
+}
+
+/** A saved reply: replaces the streamed text, or is added when nothing streamed. */
+function addAssistantMessage(message) {
+  seen(message.id);
+  if (byId(message.id)) return;
+  const stick = nearBottom();
+  const replyTo = message.reply_to ?? null;
+  let node = replyTo != null ? pendingReply(replyTo) : null;
+  if (!node) {
+    node = assistantNode(replyTo);
+    placeReply(node, replyTo);
+  }
+  node.dataset.id = message.id;
+  node.classList.remove('streaming');
+  $('.content', node).textContent = message.content;
+  const time = $('time', node);
+  time.dateTime = message.timestamp;
+  time.textContent = formatTime(message.timestamp);
+  const usage = usageOf(message);
+  $('.usage', node).textContent = formatUsage(usage);
+  if (usage.total_tokens != null) node.dataset.tokens = usage.total_tokens;
+  if (replyTo != null) setStatus(byId(replyTo), 'answered');
+  updateChatMeta();
+  scrollToEnd(stick);
+}
+
+function failMessage(userId, error) {
+  pendingReply(userId)?.remove();
+  setStatus(byId(userId), 'failed', error);
+}
+
+function handleEvent(event) {
+  switch (event.type) {
+    case 'user_message':
+      addUserMessage(event.message);
+      if (state.pendingText !== null && event.message.content === state.pendingText) {
+        state.pendingText = null;
+      }
+      refreshChatsSoon();
+      break;
+    case 'assistant_delta':
+      streamDelta(event.message_id, event.delta);
+      break;
+    case 'assistant_message':
+      addAssistantMessage(event.message);
+      refreshChatsSoon();
+      break;
+    case 'error':
+      if (event.message_id != null) {
+        failMessage(event.message_id, event.message);
+      } else {
+        setMessage(chatError, event.message);
+        // The message we sent was refused: give its text back.
+        if (state.pendingText !== null && !input.value) input.value = state.pendingText;
+        state.pendingText = null;
+      }
+      break;
+    default:
+      break; // unknown events are for newer pages
+  }
+}
+
+/**
+ * After the socket opens, statuses of messages still `queued` here may have changed while
+ * no socket listened: read them once (later changes arrive as events).
+ */
+async function refreshQueued(chatId) {
+  const queued = [...list.querySelectorAll('li.user[data-status="queued"]')].map((n) => Number(n.dataset.id));
+  if (queued.length === 0) return;
+  try {
+    const after = Math.min(...queued) - 1;
+    const messages = await api('GET', `/api/ai/chats/${chatId}/messages/?after_id=${after}`);
+    if (!state.chat || state.chat.id !== chatId) return;
+    for (const message of messages) {
+      if (message.role === 'user') {
+        addUserMessage(message);
+        if (message.status === 'failed') pendingReply(message.id)?.remove();
+      } else if (message.role === 'assistant') addAssistantMessage(message);
+    }
+  } catch {
+    // Best effort: the events still arrive.
+  }
+}
+
+// ---------------------------------------------------------------- the socket
+
+function setConnection(status) {
+  const badge = $('#conn');
+  badge.dataset.state = status;
+  badge.textContent = status;
+}
+
+function connect() {
+  const chat = state.chat;
+  const token = session.token;
+  if (!chat || !token) return;
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const url =
+    `${scheme}://${location.host}/ws/ai-chat/${chat.id}/` +
+    `?token=${encodeURIComponent(token)}&after_id=${state.lastId}`;
+  const socket = new WebSocket(url);
+  state.socket = socket;
+  setConnection('connecting');
+  socket.addEventListener('open', () => {
+    if (state.socket !== socket) return;
+    state.attempts = 0;
+    setConnection('live');
+    refreshQueued(chat.id);
+  });
+  socket.addEventListener('message', (message) => {
+    if (state.socket !== socket) return;
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    handleEvent(event);
+  });
+  socket.addEventListener('close', (close) => {
+    if (state.socket !== socket) return;
+    state.socket = null;
+    setConnection('offline');
+    if (close.code === 4401) {
+      showAuth('Your session has ended. Please log in again.');
+    } else if (close.code === 4404) {
+      setMessage(chatError, 'This chat no longer exists.');
+    } else {
+      reconnectLater(chat.id);
+    }
+  });
+}
+
+function reconnectLater(chatId) {
+  const delay = Math.min(MAX_RECONNECT_DELAY_MS, 500 * 2 ** state.attempts) * (0.5 + Math.random() / 2);
+  state.attempts += 1;
+  setConnection('reconnecting');
+  state.reconnectTimer = setTimeout(async () => {
+    state.reconnectTimer = null;
+    if (!state.chat || state.chat.id !== chatId) return;
+    // A refused upgrade looks like any dropped socket: ask REST why (401 logs out).
+    try {
+      await api('GET', `/api/ai/chats/${chatId}/`);
+    } catch (err) {
+      if (err.status === 401) return;
+      if (err.status === 404) {
+        setMessage(chatError, 'This chat no longer exists.');
+        return;
+      }
+    }
+    if (state.chat && state.chat.id === chatId && !state.socket) connect();
+  }, delay);
+}
+
+function closeSocket() {
+  clearTimeout(state.reconnectTimer);
+  state.reconnectTimer = null;
+  const socket = state.socket;
+  state.socket = null;
+  if (socket) socket.close(1000);
+  state.attempts = 0;
+  setConnection('offline');
+}
+
+// ---------------------------------------------------------------- sending
+
+const composer = $('#composer');
+composer.addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const chat = state.chat;
+  const content = input.value.trim();
+  if (!chat || !content) return;
+  setMessage(chatError, '');
+  const include_related_chat_context = includeBox.checked && chat.related_chat != null;
+  const body = { content, include_related_chat_context, context_message_limit: CONTEXT_MESSAGE_LIMIT };
+  if (state.socket && state.socket.readyState === WebSocket.OPEN) {
+    state.socket.send(JSON.stringify({ type: 'message', ...body }));
+    state.pendingText = content;
+    input.value = '';
+    return;
+  }
+  // No live socket: REST stores and queues it the same way; the reply shows on reconnect.
+  try {
+    const answer = await busy(composer, api('POST', `/api/ai/chats/${chat.id}/send_message/`, body));
+    if (state.chat === chat) addUserMessage(answer.message);
+    input.value = '';
+  } catch (err) {
+    if (err.status !== 401) setMessage(chatError, err.message);
+  }
+});
+
+input.addEventListener('keydown', (event) => {
+  if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    composer.requestSubmit();
+  }
+});
+
+boot();

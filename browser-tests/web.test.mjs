@@ -1,0 +1,368 @@
+// Browser tests of the chat page (/) and the staff page (/admin/), in headless Chromium.
+// Run by scripts/browser-test, which starts the fake model, the API and a worker and passes
+// their addresses here. The tests run in order and share one user and its chat.
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+
+import { chromium } from 'playwright-core';
+
+const BASE = required('AICHAT_BASE_URL');
+const FAKE_LLM = required('FAKE_LLM_URL');
+const ADMIN = { name: required('ADMIN_USERNAME'), password: required('ADMIN_PASSWORD') };
+const SHOTS = process.env.SCREENSHOT_DIR || 'target/browser-screenshots';
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+/** The longest any single wait may take. */
+const STEP_MS = 15000;
+const TEST_MS = 60000;
+const PHONE = { width: 375, height: 740 };
+
+const user = { name: `alice_${Date.now().toString(36)}`, password: 'correct horse battery' };
+const shared = { chatId: null };
+const problems = [];
+let browser;
+let desktop; // the user's desktop browser context
+let page; // its chat page, open from the first test to the last
+
+function required(name) {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set: run the tests with scripts/browser-test`);
+  return value;
+}
+
+/** Records console errors, uncaught exceptions and any request that leaves the API's host. */
+function watch(context) {
+  const host = new URL(BASE).host;
+  context.on('request', (request) => {
+    const url = new URL(request.url());
+    if (url.protocol === 'data:' || url.protocol === 'about:') return;
+    if (url.host !== host) problems.push(`request to another host: ${request.url()}`);
+  });
+  context.on('page', (p) => {
+    p.on('pageerror', (err) => problems.push(`uncaught on ${p.url()}: ${err.message}`));
+    p.on('console', (message) => {
+      // An expected 4xx answer is logged by Chromium itself; anything else is a problem.
+      if (message.type() === 'error' && !/status of 4\d\d/.test(message.text())) {
+        problems.push(`console error on ${p.url()}: ${message.text()}`);
+      }
+    });
+  });
+}
+
+async function newContext(options = {}) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...options });
+  context.setDefaultTimeout(STEP_MS);
+  context.setDefaultNavigationTimeout(STEP_MS);
+  watch(context);
+  return context;
+}
+
+async function shot(target, name) {
+  await target.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true, timeout: STEP_MS });
+}
+
+async function fake(method, path, body) {
+  const response = await fetch(`${FAKE_LLM}${path}`, {
+    method,
+    headers: body ? { 'content-type': 'application/json' } : {},
+    body: body ? JSON.stringify(body) : undefined,
+    signal: AbortSignal.timeout(STEP_MS),
+  });
+  assert.ok(response.ok, `${method} ${path}: ${response.status}`);
+  const text = await response.text();
+  return text ? JSON.parse(text) : null;
+}
+
+/** `document.documentElement.scrollWidth`: wider than the viewport means sideways scrolling. */
+const pageWidth = (p) => p.evaluate(() => document.documentElement.scrollWidth);
+
+before(async () => {
+  mkdirSync(SHOTS, { recursive: true });
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    timeout: 30000,
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  desktop = await newContext();
+  page = await desktop.newPage();
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+test('a visitor registers, logs out and logs in again', { timeout: TEST_MS }, async () => {
+  await page.goto(`${BASE}/`);
+  await page.locator('#login-form').waitFor();
+  await shot(page, 'login-desktop');
+
+  await page.getByRole('tab', { name: 'Register' }).click();
+  const register = page.locator('#register-form');
+  await register.locator('input[name=username]').fill(user.name);
+  await register.locator('input[name=password]').fill(user.password);
+  await register.locator('input[name=password_confirm]').fill(user.password);
+  await register.getByRole('button', { name: 'Create account' }).click();
+  await page.locator('#whoami', { hasText: user.name }).waitFor();
+  assert.ok(await page.evaluate(() => localStorage.getItem('aichat.token')), 'token stored');
+  const cookies = await desktop.cookies(BASE);
+  assert.ok(cookies.some((c) => c.name === 'sessionid' && c.httpOnly), 'sessionid cookie set');
+  assert.equal(await page.locator('#admin-link').isVisible(), false, 'no admin link for a user');
+
+  await page.getByRole('button', { name: 'Log out' }).click();
+  await page.locator('#login-form').waitFor();
+  assert.equal(await page.evaluate(() => localStorage.getItem('aichat.token')), null);
+
+  const login = page.locator('#login-form');
+  await login.locator('input[name=username]').fill(user.name);
+  await login.locator('input[name=password]').fill('not the password');
+  await login.getByRole('button', { name: 'Log in' }).click();
+  await page.locator('#auth-view .form-error', { hasText: 'Invalid credentials' }).waitFor();
+  await login.locator('input[name=password]').fill(user.password);
+  await login.getByRole('button', { name: 'Log in' }).click();
+  await page.locator('#app-view').waitFor();
+
+  // The session survives a reload.
+  await page.reload();
+  await page.locator('#whoami', { hasText: user.name }).waitFor();
+});
+
+test('an AI chat is created, linked to a new user-to-user chat', { timeout: TEST_MS }, async () => {
+  await page.getByRole('button', { name: 'New chat' }).click();
+  const form = page.locator('#new-chat-form');
+  await form.locator('input[name=title]').fill('Project helper');
+  await page.locator('#user-chat-box summary').click();
+  await page.locator('#user-chat-name').fill('Project');
+  await page.locator('#user-chat-first').fill('Ship on Friday?');
+  await page.getByRole('button', { name: 'Create user chat' }).click();
+  await page.waitForFunction(() => document.querySelector('#related-chat-select').value !== '', null, {
+    timeout: STEP_MS,
+  });
+  const chosen = await page.locator('#related-chat-select option:checked').textContent();
+  assert.match(chosen, /^Project/);
+  await shot(page, 'new-chat-desktop');
+
+  await form.getByRole('button', { name: 'Create AI chat' }).click();
+  await page.locator('#chat-title', { hasText: 'Project helper' }).waitFor();
+  assert.match(await page.locator('#chat-meta').textContent(), /linked to “Project”/);
+  assert.ok(await page.locator('#include-context').isEnabled(), 'context toggle enabled');
+  assert.ok(await page.locator('#include-context').isChecked(), 'context on by default when linked');
+  await page.locator('.chat-item.active', { hasText: 'Project helper' }).waitFor();
+  await page.locator('#conn[data-state="live"]').waitFor();
+  shared.chatId = Number(/#chat-(\d+)/.exec(page.url())[1]);
+});
+
+test('a message is answered: the reply streams in, then shows its token use', { timeout: TEST_MS }, async () => {
+  const text =
+    'Please summarise our plan for the release: the owners, the dates, the risks, ' +
+    'and the open questions we still have to settle before Friday afternoon';
+  const expected = `Echo: ${text}`;
+  await fake('DELETE', '/_fake/requests');
+  // Every text the reply bubble shows, in order.
+  await page.evaluate(() => {
+    window.replyTexts = [];
+    const list = document.querySelector('#messages');
+    new MutationObserver(() => {
+      const node = list.querySelector('li.assistant:last-child .content');
+      const seen = window.replyTexts;
+      if (node && seen[seen.length - 1] !== node.textContent) seen.push(node.textContent);
+    }).observe(list, { childList: true, subtree: true, characterData: true });
+  });
+
+  await page.locator('#message-input').fill(text);
+  await page.locator('#message-input').press('Enter');
+  await page.locator('li.user', { hasText: 'Please summarise our plan' }).waitFor();
+
+  // While streaming: a non-empty prefix of the final text, marked as streaming.
+  const partial = await page.waitForFunction(
+    (full) => {
+      const text = document.querySelector('li.assistant.streaming .content')?.textContent;
+      return text && text.length < full.length && full.startsWith(text) ? text : null;
+    },
+    expected,
+    { timeout: STEP_MS, polling: 10 },
+  );
+  const partialText = await partial.jsonValue();
+  assert.ok(partialText.length > 0 && partialText.length < expected.length);
+  await shot(page, 'chat-streaming-desktop');
+
+  const reply = page.locator('li.assistant[data-id]');
+  await reply.waitFor();
+  assert.equal(await reply.locator('.content').textContent(), expected);
+  assert.equal(await reply.evaluate((n) => n.classList.contains('streaming')), false);
+  const seen = await page.evaluate(() => window.replyTexts);
+  assert.ok(seen.length >= 3, `the reply grew in steps: ${JSON.stringify(seen)}`);
+  for (const step of seen) assert.ok(expected.startsWith(step), `"${step}" is a prefix of the reply`);
+
+  // Token use: the fake model counts one token per word of the reply.
+  const usage = await reply.locator('.usage').textContent();
+  const match = /^([\d,]+) tokens \(prompt ([\d,]+) · completion ([\d,]+)\)$/.exec(usage);
+  assert.ok(match, `usage shown: "${usage}"`);
+  const [total, prompt, completion] = match.slice(1).map((n) => Number(n.replaceAll(',', '')));
+  assert.equal(completion, expected.split(/\s+/).length);
+  assert.equal(total, prompt + completion);
+  assert.match(await page.locator('#chat-meta').textContent(), new RegExp(`${total} tokens used`));
+  assert.equal(await page.locator('li.user').first().getAttribute('data-status'), 'answered');
+
+  // The toggle was on: the model was given the related chat's messages.
+  const requests = await fake('GET', '/_fake/requests');
+  assert.equal(requests.length, 1);
+  const system = requests[0].messages[0];
+  assert.equal(system.role, 'system');
+  assert.match(system.content, /Context from related chat:\n.*: Ship on Friday\?/);
+  await shot(page, 'chat-desktop');
+});
+
+test('a message the model refuses is shown failed with its error', { timeout: TEST_MS }, async () => {
+  await fake('POST', '/_fake/script', { kind: 'bad_request' });
+  await page.locator('#message-input').fill('This one fails');
+  await page.getByRole('button', { name: 'Send' }).click();
+  const failed = page.locator('li.user.failed', { hasText: 'This one fails' });
+  await failed.waitFor();
+  assert.match(await failed.locator('.msg-error').textContent(), /could not process this message/);
+  assert.equal(await failed.locator('.status').textContent(), 'failed');
+  await shot(page, 'chat-failed-desktop');
+  // A reload shows the same, from the stored message.
+  await page.reload();
+  await page.locator('li.user.failed .msg-error', { hasText: 'could not process' }).waitFor();
+  await page.locator('#conn[data-state="live"]').waitFor();
+});
+
+test('the staff page tells a user who is not staff that it is staff only', { timeout: TEST_MS }, async () => {
+  const other = await desktop.newPage();
+  await other.goto(`${BASE}/admin/`);
+  await other.locator('#staff-only', { hasText: 'Staff only' }).waitFor();
+  assert.match(await other.locator('#staff-only').textContent(), new RegExp(user.name));
+  assert.equal(await other.locator('#admin-view').isVisible(), false);
+  await shot(other, 'admin-staff-only');
+  await other.close();
+});
+
+test('staff see the chart, usage, chats, messages and re-drive a dead job', { timeout: TEST_MS }, async () => {
+  const context = await newContext();
+  const admin = await context.newPage();
+  await admin.goto(`${BASE}/admin/`);
+  const login = admin.locator('#login-form');
+  await login.locator('input[name=username]').fill(ADMIN.name);
+  await login.locator('input[name=password]').fill(ADMIN.password);
+  await login.getByRole('button', { name: 'Log in' }).click();
+  await admin.locator('#admin-view').waitFor();
+
+  // The chart has a bar for today's reply; the usage table names the user.
+  await admin.locator('#chart-svg rect.bar').first().waitFor();
+  const bars = await admin.locator('#chart-svg rect.bar').count();
+  assert.ok(bars >= 1, `${bars} bars`);
+  const height = Number(await admin.locator('#chart-svg rect.bar').first().getAttribute('height'));
+  assert.ok(height > 0);
+  await admin.locator('#usage-table td', { hasText: user.name }).waitFor();
+
+  // Search and filters (each result must replace the unfiltered table shown at first).
+  await admin.locator('#chat-search input[name=q]').fill('no-such-chat');
+  await admin.locator('#chat-search button').click();
+  await admin.locator('#chats-table td.empty', { hasText: 'No AI chat matches' }).waitFor();
+  await admin.locator('#chat-search input[name=q]').fill(user.name);
+  await admin.locator('#chat-search button').click();
+  await admin.locator('#chats-table td', { hasText: 'Project helper' }).waitFor();
+  await admin.locator('#message-filter select[name=role]').selectOption('assistant');
+  const today = new Date().toISOString().slice(0, 10);
+  await admin.locator('#message-filter input[name=since]').fill(today);
+  await admin.locator('#message-filter input[name=until]').fill(today);
+  await admin.locator('#message-filter button').click();
+  await admin.waitForFunction(
+    () => {
+      const cells = [...document.querySelectorAll('#messages-table td')].map((td) => td.textContent);
+      const roles = [...document.querySelectorAll('#messages-table td[data-label="Role"]')];
+      return (
+        cells.some((text) => text.startsWith('Echo: Please summarise')) &&
+        roles.length > 0 &&
+        roles.every((td) => td.textContent === 'assistant')
+      );
+    },
+    null,
+    { timeout: STEP_MS },
+  );
+  assert.equal(await admin.locator('#messages-table td', { hasText: /^This one fails$/ }).count(), 0);
+  await shot(admin, 'admin-desktop');
+
+  // The failed message's job is dead; re-driving it gets the message answered.
+  const redrive = admin.locator('#dead-table button.redrive');
+  await redrive.first().waitFor();
+  assert.equal(await redrive.count(), 1);
+  await redrive.click();
+  await admin.locator('#dead-notice', { hasText: 'queued again' }).waitFor();
+  await admin.locator('#dead-table td.empty', { hasText: 'No dead jobs' }).waitFor();
+  // The user's open chat page gets the reply live.
+  await page.locator('li.assistant[data-id] .content', { hasText: 'Echo: This one fails' }).waitFor();
+  await page.locator('li.user[data-status="answered"]', { hasText: 'This one fails' }).waitFor();
+
+  // At phone width the tables become cards and nothing scrolls sideways.
+  await admin.setViewportSize(PHONE);
+  await admin.reload();
+  await admin.locator('#chart-svg rect.bar').first().waitFor();
+  await admin.locator('#usage-table td', { hasText: user.name }).waitFor();
+  await admin.locator('#chats-table td', { hasText: 'Project helper' }).waitFor();
+  await admin.locator('#dead-table td.empty').waitFor();
+  await admin.locator('#messages-table td', { hasText: 'This one fails' }).first().waitFor();
+  assert.ok((await pageWidth(admin)) <= PHONE.width, `admin page ${await pageWidth(admin)} px wide`);
+  await shot(admin, 'admin-phone');
+  await context.close();
+});
+
+test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async () => {
+  const token = await page.evaluate(() => localStorage.getItem('aichat.token'));
+  const context = await newContext({ viewport: PHONE, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
+  const phone = await context.newPage();
+
+  await phone.goto(`${BASE}/`);
+  await phone.locator('#login-form').waitFor();
+  assert.ok((await pageWidth(phone)) <= PHONE.width);
+  await shot(phone, 'login-phone');
+
+  await phone.evaluate((t) => localStorage.setItem('aichat.token', t), token);
+  await phone.goto(`${BASE}/#chat-${shared.chatId}`); // same document: only the hash changes
+  await phone.reload();
+  await phone.locator('li.assistant[data-id]').first().waitFor();
+  await phone.locator('#conn[data-state="live"]').waitFor();
+  assert.equal(await phone.locator('.sidebar').isVisible(), false, 'one pane at a time');
+  const width = await pageWidth(phone);
+  assert.ok(width <= PHONE.width, `chat page is ${width} px wide`);
+  await phone.screenshot({ path: join(SHOTS, 'chat-phone.png'), timeout: STEP_MS });
+  await phone.emulateMedia({ colorScheme: 'dark' });
+  await phone.screenshot({ path: join(SHOTS, 'chat-phone-dark.png'), timeout: STEP_MS });
+  await phone.emulateMedia({ colorScheme: 'light' });
+
+  await phone.getByRole('button', { name: 'Back to chats' }).click();
+  await phone.locator('.chat-item', { hasText: 'Project helper' }).waitFor();
+  assert.ok((await pageWidth(phone)) <= PHONE.width);
+  await phone.getByRole('button', { name: 'New chat' }).click();
+  await phone.locator('#user-chat-box summary').click();
+  assert.ok((await pageWidth(phone)) <= PHONE.width);
+  await shot(phone, 'chats-phone');
+  await context.close();
+});
+
+test('a revoked session sends the page back to the log-in form', { timeout: TEST_MS }, async () => {
+  const token = await page.evaluate(() => localStorage.getItem('aichat.token'));
+  const response = await fetch(`${BASE}/api/logout/`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${token}` },
+    signal: AbortSignal.timeout(STEP_MS),
+  });
+  assert.equal(response.status, 200);
+  await page.getByRole('button', { name: 'New chat' }).click(); // loads the user chats: 401
+  await page.locator('#auth-notice', { hasText: 'session has ended' }).waitFor();
+  assert.equal(await page.evaluate(() => localStorage.getItem('aichat.token')), null);
+});
+
+test('no page loaded anything from another host or logged an error', () => {
+  assert.deepEqual(problems, []);
+});
