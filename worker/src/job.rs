@@ -102,7 +102,19 @@ pub async fn answer_message(
         request_id = job.request_id.as_deref().unwrap_or("-"),
         attempt = attempt.current(),
     );
-    match run(&job, &ctx).instrument(span.clone()).await {
+    let started = std::time::Instant::now();
+    let result = run(&job, &ctx).instrument(span.clone()).await;
+    metrics::job_duration(
+        match &result {
+            Ok(Done::Answered) => "answered",
+            Ok(Done::Failed) => "failed",
+            Ok(_) => "skipped",
+            Err(JobError::Abort(_)) => "aborted",
+            Err(JobError::Retry(_)) => "requeued",
+        },
+        started.elapsed(),
+    );
+    match result {
         Ok(done) => {
             span.in_scope(|| tracing::info!(outcome = ?done, "completion job finished"));
             if matches!(done, Done::Failed) {

@@ -21,6 +21,12 @@ pub fn job_started() {
     counter!("aichat_worker_jobs_started_total").increment(1);
 }
 
+/// How long one run of a job took, from taking it to its end, by outcome.
+pub fn job_duration(outcome: &'static str, elapsed: Duration) {
+    histogram!("aichat_worker_job_duration_seconds", "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+}
+
 pub fn job_succeeded() {
     counter!("aichat_worker_jobs_succeeded_total").increment(1);
 }

@@ -136,6 +136,7 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
         "aichat_worker_jobs_started_total",
         "aichat_worker_jobs_succeeded_total",
         "aichat_worker_model_latency_seconds_bucket",
+        "aichat_worker_job_duration_seconds_bucket",
         "aichat_worker_tokens_total",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
