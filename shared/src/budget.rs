@@ -49,7 +49,11 @@ pub async fn reserve(
 }
 
 /// Replaces a reservation by what was really used (0 to release it).
-pub async fn settle(conn: &mut ConnectionManager, reservation: &Reservation, used: i64) -> Result<()> {
+pub async fn settle(
+    conn: &mut ConnectionManager,
+    reservation: &Reservation,
+    used: i64,
+) -> Result<()> {
     let delta = used - reservation.tokens;
     if delta != 0 {
         redis::cmd("INCRBY")
@@ -63,7 +67,10 @@ pub async fn settle(conn: &mut ConnectionManager, reservation: &Reservation, use
 
 /// Seconds until the next UTC midnight, when a new day's budget starts.
 pub fn seconds_until_reset(now: DateTime<Utc>) -> u64 {
-    let tomorrow = now.date_naive().succ_opt().and_then(|d| d.and_hms_opt(0, 0, 0));
+    let tomorrow = now
+        .date_naive()
+        .succ_opt()
+        .and_then(|d| d.and_hms_opt(0, 0, 0));
     tomorrow
         .map(|t| (t.and_utc() - now).num_seconds().max(1) as u64)
         .unwrap_or(86_400)
