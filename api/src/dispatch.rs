@@ -2,7 +2,7 @@
 //! `send_message` and the WebSocket.
 use aichat_shared::budget::{self, Reservation};
 use aichat_shared::db;
-use aichat_shared::domain::{AiChat, AiMessage, ContextOptions};
+use aichat_shared::domain::{AiMessage, ContextOptions};
 use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
 use aichat_shared::jobs::{CompletionJob, message_job_key};
 use chrono::Utc;
@@ -18,20 +18,20 @@ use crate::state::AppState;
 /// gets 503: no message is left waiting for a reply that nothing will produce. (A message whose
 /// push succeeded but whose `dispatched_at` could not be recorded keeps waiting on its job,
 /// which the idempotency key stops from being queued twice.)
-#[tracing::instrument(skip(state, chat, content), fields(ai_chat_id = chat.id))]
+#[tracing::instrument(skip(state, content))]
 pub async fn submit_message(
     state: &AppState,
     user_id: i64,
-    chat: &AiChat,
+    ai_chat_id: i64,
     content: &str,
     options: ContextOptions,
     request_id: Option<String>,
 ) -> ApiResult<AiMessage> {
     send_rate::admit(state, user_id).await?;
-    let reservation = reserve_budget(state, user_id, chat, content).await?;
+    let reservation = reserve_budget(state, user_id, ai_chat_id, content).await?;
     let result = store_and_queue(
         state,
-        chat.id,
+        ai_chat_id,
         content,
         options,
         request_id,
@@ -53,13 +53,16 @@ pub async fn submit_message(
 async fn reserve_budget(
     state: &AppState,
     user_id: i64,
-    chat: &AiChat,
+    ai_chat_id: i64,
     content: &str,
 ) -> ApiResult<Option<Reservation>> {
     let settings = &state.settings;
     if settings.daily_token_budget <= 0 {
         return Ok(None);
     }
+    let chat = db::ai_chats::get_ai_chat(&state.db, ai_chat_id, user_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     // About four characters a token; every message adds a few tokens of framing.
     let history = db::ai_messages::history_chars(&state.db, chat.id).await?;
     let chars = history + (chat.system_prompt.chars().count() + content.chars().count()) as i64;

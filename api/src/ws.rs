@@ -24,7 +24,7 @@ use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
-use crate::routes::ai_chats::owned_chat;
+use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
 
 /// Close code for a client too slow to keep up ("try again later").
@@ -73,7 +73,7 @@ async fn upgrade(
     let user = user_for_token(&state, &token)
         .await?
         .ok_or(ApiError::Unauthenticated)?;
-    owned_chat(&state, id, user.id).await?;
+    ensure_owner(&state, id, user.id).await?;
     if query.after_id.is_some_and(|a| a < 0) {
         return Err(ApiError::BadRequest(
             "after_id must be a non-negative integer".into(),
@@ -87,6 +87,9 @@ async fn upgrade(
     })?;
     let settings = &state.settings;
     Ok(ws
+        // tungstenite's 128 KiB default read buffer is zero-filled on every read: at 10k idle
+        // sockets it cost 152 KiB each and a third of the API's CPU in memset (BENCHMARKS.md).
+        .read_buffer_size(4 * 1024)
         .max_message_size(settings.ws_max_message_bytes)
         .max_frame_size(settings.ws_max_message_bytes)
         .on_upgrade(move |socket| {
@@ -285,9 +288,9 @@ async fn handle_frame(
         context_message_limit: i32::try_from(limit).unwrap_or(20),
     };
     let result = async {
-        let chat = owned_chat(state, ai_chat_id, user.id).await?;
+        ensure_owner(state, ai_chat_id, user.id).await?;
         let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
-        submit_message(state, user.id, &chat, content, options, request_id).await
+        submit_message(state, user.id, ai_chat_id, content, options, request_id).await
     }
     .await;
     match result {

@@ -259,6 +259,15 @@ async fn related_chat_context(
     }))
 }
 
+/// Not found unless `user_id` owns AI chat `id` (no chat fields are loaded).
+pub async fn ensure_owner(state: &AppState, id: i64, user_id: i64) -> ApiResult<()> {
+    if db::ai_chats::is_owner(&state.db, id, user_id).await? {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
 /// The AI chat `id` if `user_id` owns it; anyone else's is not found.
 pub async fn owned_chat(state: &AppState, id: i64, user_id: i64) -> ApiResult<AiChat> {
     db::ai_chats::get_ai_chat(&state.db, id, user_id)

@@ -15,7 +15,7 @@ use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
 use crate::idempotency::{self, Claim};
-use crate::routes::ai_chats::owned_chat;
+use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
 use crate::validate;
 use crate::wait::{self, Outcome};
@@ -70,7 +70,7 @@ async fn send_message(
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<SendMessageRequest>,
 ) -> ApiResult<Response> {
-    let chat = owned_chat(&state, id, auth.user.id).await?;
+    ensure_owner(&state, id, auth.user.id).await?;
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut errors = FieldErrors::default();
     let content = validate::required_text(
@@ -122,7 +122,7 @@ async fn send_message(
             match submit_message(
                 &state,
                 auth.user.id,
-                &chat,
+                id,
                 content,
                 options,
                 request_id.clone(),
@@ -143,7 +143,7 @@ async fn send_message(
             submit_message(
                 &state,
                 auth.user.id,
-                &chat,
+                id,
                 content,
                 options,
                 request_id.clone(),
@@ -199,7 +199,7 @@ async fn list_chat_messages(
         validate::in_range(&mut errors, "limit", limit, 1, 1000);
     }
     errors.check()?;
-    owned_chat(&state, id, auth.user.id).await?;
+    ensure_owner(&state, id, auth.user.id).await?;
     let messages =
         db::ai_messages::list_chat_messages(&state.db, id, query.after_id, query.limit).await?;
     Ok(Json(messages))

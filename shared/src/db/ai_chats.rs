@@ -132,3 +132,16 @@ pub async fn touch_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// Whether `user_id` owns AI chat `id`: the cheap check for routes that need no chat fields.
+#[tracing::instrument(skip(db))]
+pub async fn is_owner(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<bool> {
+    let owns = sqlx::query_scalar::<_, bool>(
+        r#"select exists (select 1 from ai_chats where id = $1 and user_id = $2)"#,
+    )
+    .bind(id)
+    .bind(user_id)
+    .fetch_one(db)
+    .await?;
+    Ok(owns)
+}
