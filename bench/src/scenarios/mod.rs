@@ -1,0 +1,117 @@
+//! The scenarios. Each starts its own stack of children under its own namespace, seeds its
+//! own users and chats, measures, and adds rows (figure, baseline, ratio, target) to the report.
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::env::Env;
+use crate::report::{CpuRow, Report};
+use crate::seed::Account;
+
+pub mod concurrency;
+pub mod fanout;
+pub mod ingest;
+pub mod pipeline;
+pub mod reads;
+pub mod soak;
+
+pub const ALL: [&str; 6] = [
+    "ingest",
+    "pipeline",
+    "concurrency",
+    "fanout",
+    "reads",
+    "soak",
+];
+
+/// Sizes and durations of a run.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub quick: bool,
+    /// Length of each measured phase.
+    pub secs: u64,
+    pub soak_secs: u64,
+    pub fanout_clients: usize,
+    pub fanout_chats: usize,
+    pub fanout_rate: u64,
+    pub concurrency_jobs: u64,
+    pub concurrency: u32,
+}
+
+impl Opts {
+    pub fn new(quick: bool, soak_minutes: Option<f64>, fanout_clients: Option<usize>) -> Self {
+        let soak_secs = match (quick, soak_minutes) {
+            (_, Some(m)) => (m * 60.0).round().max(5.0) as u64,
+            (true, None) => 20,
+            (false, None) => 600,
+        };
+        let fanout_clients = fanout_clients.unwrap_or(if quick { 500 } else { 10_000 });
+        Opts {
+            quick,
+            secs: if quick { 4 } else { 20 },
+            soak_secs,
+            fanout_clients,
+            fanout_chats: if quick { 10 } else { 100 }.min(fanout_clients.max(1)),
+            fanout_rate: if quick { 200 } else { 1000 },
+            concurrency_jobs: if quick { 1000 } else { 3000 },
+            concurrency: 500,
+        }
+    }
+
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs(if self.quick { 1 } else { 2 })
+    }
+}
+
+/// Everything the scenarios share.
+pub struct Ctx {
+    pub env: Env,
+    pub opts: Opts,
+    pub report: Report,
+    /// Ingest rate of this run (the pipeline's baseline).
+    pub ingest_rps: Option<f64>,
+}
+
+impl Ctx {
+    pub fn cpu(&mut self, scenario: &str, usage: Vec<(String, f64)>) {
+        let text: Vec<String> = usage.iter().map(|(n, p)| format!("{n} {p:.0}%")).collect();
+        eprintln!("  cpu [{scenario}]: {}", text.join(", "));
+        self.report.cpu.push(CpuRow {
+            scenario: scenario.to_owned(),
+            usage,
+        });
+    }
+}
+
+/// `POST send_message` from `clients` closed-loop clients spread over the accounts' chats.
+pub async fn send_load(
+    label: &str,
+    http: &reqwest::Client,
+    api: &str,
+    accounts: &Arc<Vec<Account>>,
+    clients: usize,
+    duration: Duration,
+    max_ops: u64,
+) -> crate::load::LoadResult {
+    let http = http.clone();
+    let api: Arc<str> = Arc::from(api);
+    let accounts = accounts.clone();
+    crate::load::closed_loop(label, clients, duration, max_ops, move |client, seq| {
+        let http = http.clone();
+        let api = api.clone();
+        let accounts = accounts.clone();
+        async move {
+            let n = accounts.len().max(1);
+            let account = &accounts[client % n];
+            let chats = account.chats.len().max(1);
+            let chat = account.chats[(seq as usize / n) % chats];
+            let resp = http
+                .post(format!("{api}/api/ai/chats/{chat}/send_message/"))
+                .bearer_auth(&account.token)
+                .json(&serde_json::json!({ "content": format!("bench message {seq}") }))
+                .send()
+                .await;
+            crate::load::expect_status(resp, 202).await.map(|_| ())
+        }
+    })
+    .await
+}

@@ -1,0 +1,320 @@
+//! Pipeline: replies completed per second end to end (REST send → worker → model at 0 ms →
+//! reply saved → `assistant_message` received by a WebSocket client of the chat), with one
+//! worker and then two, beside the ingest rate.
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::env::Stack;
+use crate::load::{self, Counters, Progress};
+use crate::procs::CpuMeter;
+use crate::report::Row;
+use crate::scenarios::{Ctx, ingest};
+use crate::seed;
+use crate::stats::{Samples, Summary};
+
+const CHATS: usize = 64;
+const SENDERS: usize = 64;
+
+pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
+    if ctx.ingest_rps.is_none() {
+        eprintln!("pipeline: no ingest figure yet; measuring ingest first");
+        ingest::run(ctx).await?;
+    }
+    let ingest_rps = ctx.ingest_rps.unwrap_or(0.0);
+    let mut stack = Stack::api(&ctx.env, "pipeline").await?;
+    stack.start_fake(&ctx.env, 0, 100).await?;
+    let outstanding = if ctx.opts.quick { 128 } else { 256 };
+    let mut results = Vec::new();
+    for workers in [1usize, 2] {
+        for _ in 0..workers {
+            stack.add_worker(&ctx.env, 64).await?;
+        }
+        let accounts = seed::accounts(&ctx.env.db, &format!("pipe{workers}"), CHATS, 1).await?;
+        eprintln!(
+            "pipeline: {workers} worker(s), {outstanding} messages outstanding over {CHATS} chats, {}s",
+            ctx.opts.secs
+        );
+        let cpu = CpuMeter::start(&stack.pids());
+        let r = measure(ctx, &stack, &accounts, outstanding, workers).await?;
+        ctx.cpu(&format!("pipeline{workers}w"), cpu.finish());
+        stack.check_alive()?;
+        stack.stop_workers().await;
+        results.push(r);
+    }
+    stack.stop().await;
+
+    let (one, two) = (&results[0], &results[1]);
+    let rep = &mut ctx.report;
+    rep.push(
+        Row::new(
+            "pipeline",
+            "replies/s, 1 worker (e2e)",
+            one.rate,
+            "replies/s",
+        )
+        .baseline("ingest req/s", ingest_rps)
+        .target(">= 0.50 × ingest", one.rate >= 0.5 * ingest_rps),
+    );
+    rep.push(
+        Row::new(
+            "pipeline",
+            "replies/s, 2 workers (e2e)",
+            two.rate,
+            "replies/s",
+        )
+        .baseline("1 worker", one.rate)
+        .target("> 1 worker", two.rate > one.rate),
+    );
+    for (w, r) in [(1, one), (2, two)] {
+        rep.push(Row::new(
+            "pipeline",
+            &format!("send→assistant_message p50, {w}w"),
+            r.latency.p50_ms,
+            "ms",
+        ));
+        rep.push(Row::new(
+            "pipeline",
+            &format!("send→assistant_message p99, {w}w"),
+            r.latency.p99_ms,
+            "ms",
+        ));
+        rep.push(
+            Row::new("pipeline", &format!("errors, {w}w"), r.errors as f64, "")
+                .target("0", r.errors == 0),
+        );
+        if !r.first_errors.is_empty() {
+            rep.note(format!("pipeline {w}w errors: {:?}", r.first_errors));
+        }
+        if r.unanswered > 0 {
+            rep.note(format!(
+                "pipeline {w}w: {} sends had no assistant_message within the drain limit",
+                r.unanswered
+            ));
+        }
+    }
+    rep.note(format!(
+        "pipeline: closed loop with {outstanding} messages outstanding (a new send as each reply arrives), {CHATS} chats each watched by one WebSocket; the rate counts replies received after a warm-up; latency includes time queued behind the other outstanding messages"
+    ));
+    Ok(())
+}
+
+struct PipeResult {
+    rate: f64,
+    latency: Summary,
+    errors: u64,
+    unanswered: usize,
+    first_errors: Vec<String>,
+}
+
+enum Slot {
+    Sent(Instant),
+    Arrived(Instant),
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<HashMap<i64, Slot>>,
+    /// (arrival, latency) of every completed reply.
+    done: Mutex<Vec<(Instant, Duration)>>,
+}
+
+impl Shared {
+    /// Pairs a send with its reply, whichever is seen first. Returns true when completed.
+    fn meet(&self, id: i64, slot: Slot) -> bool {
+        let Ok(mut pending) = self.pending.lock() else {
+            return false;
+        };
+        let pair = match (pending.remove(&id), slot) {
+            (Some(Slot::Sent(t)), Slot::Arrived(a)) | (Some(Slot::Arrived(a)), Slot::Sent(t)) => {
+                Some((a, a.saturating_duration_since(t)))
+            }
+            (_, slot) => {
+                pending.insert(id, slot);
+                None
+            }
+        };
+        drop(pending);
+        match pair {
+            Some(p) => {
+                if let Ok(mut done) = self.done.lock() {
+                    done.push(p);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn sent_waiting(&self) -> usize {
+        self.pending
+            .lock()
+            .map(|p| p.values().filter(|s| matches!(s, Slot::Sent(_))).count())
+            .unwrap_or(0)
+    }
+}
+
+async fn measure(
+    ctx: &Ctx,
+    stack: &Stack,
+    accounts: &[seed::Account],
+    outstanding: usize,
+    workers: usize,
+) -> anyhow::Result<PipeResult> {
+    let shared = Arc::new(Shared::default());
+    let counters = Arc::new(Counters::default());
+    let permits = Arc::new(Semaphore::new(outstanding));
+    let secs = ctx.opts.secs;
+    let warm = Duration::from_secs(if ctx.opts.quick { 1 } else { 3 });
+    let drain = Duration::from_secs(20);
+    // One WebSocket per chat, connected before the first send.
+    let connect_start = Instant::now();
+    let mut sockets = Vec::new();
+    for account in accounts {
+        let chat = account.chats[0];
+        let ws = load::ws_connect(stack.api_port, chat, &account.token)
+            .await
+            .map_err(|e| anyhow::anyhow!("pipeline ws: {e}"))?;
+        sockets.push((chat, ws));
+    }
+    eprintln!(
+        "  {} sockets connected in {:.2}s",
+        sockets.len(),
+        connect_start.elapsed().as_secs_f64()
+    );
+    let start = Instant::now();
+    let send_end = start + warm + Duration::from_secs(secs);
+    let read_end = send_end + drain;
+    let mut readers = Vec::new();
+    for (chat, mut ws) in sockets {
+        let shared = shared.clone();
+        let counters = counters.clone();
+        let permits = permits.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                let text = match tokio::time::timeout_at(read_end.into(), load::next_text(&mut ws))
+                    .await
+                {
+                    Err(_) => return,
+                    Ok(Err(e)) => {
+                        counters.error(format!("chat {chat}: {e}"));
+                        return;
+                    }
+                    Ok(Ok(t)) => t,
+                };
+                if !text.contains("\"assistant_message\"") && !text.contains("\"error\"") {
+                    continue;
+                }
+                let arrived = Instant::now();
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                match v["type"].as_str() {
+                    Some("assistant_message") => {
+                        if let Some(id) = v["message"]["reply_to"].as_i64()
+                            && shared.meet(id, Slot::Arrived(arrived))
+                        {
+                            counters.ok.fetch_add(1, Ordering::Relaxed);
+                            permits.add_permits(1);
+                        }
+                    }
+                    Some("error") => counters.error(format!("error event: {text}")),
+                    _ => {}
+                }
+            }
+        }));
+    }
+
+    let _progress = Progress::start(format!("pipeline {workers}w"), counters.clone());
+    let http = load::http_client(SENDERS)?;
+    let accounts = Arc::new(accounts.to_vec());
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let (http, shared, counters, permits, accounts) = (
+            http.clone(),
+            shared.clone(),
+            counters.clone(),
+            permits.clone(),
+            accounts.clone(),
+        );
+        let api = stack.api_url();
+        senders.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while Instant::now() < send_end {
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout_at(send_end.into(), permits.acquire()).await
+                else {
+                    break;
+                };
+                permit.forget();
+                let account = &accounts[s % accounts.len()];
+                let chat = account.chats[0];
+                seq += 1;
+                let t = Instant::now();
+                let resp = http
+                    .post(format!("{api}/api/ai/chats/{chat}/send_message/"))
+                    .bearer_auth(&account.token)
+                    .json(&serde_json::json!({ "content": format!("pipeline {s}-{seq}") }))
+                    .send()
+                    .await;
+                let id = match resp {
+                    Ok(r) if r.status().as_u16() == 202 => r
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["message"]["id"].as_i64()),
+                    Ok(r) => {
+                        counters.error(format!("send: HTTP {}", r.status()));
+                        None
+                    }
+                    Err(e) => {
+                        counters.error(format!("send: {e}"));
+                        None
+                    }
+                };
+                match id {
+                    Some(id) => {
+                        if shared.meet(id, Slot::Sent(t)) {
+                            counters.ok.fetch_add(1, Ordering::Relaxed);
+                            permits.add_permits(1);
+                        }
+                    }
+                    None => permits.add_permits(1),
+                }
+            }
+        }));
+    }
+    for s in senders {
+        let _ = s.await;
+    }
+    // Let the outstanding replies arrive (bounded), then stop the readers.
+    while Instant::now() < read_end && shared.sent_waiting() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in &readers {
+        r.abort();
+    }
+    let unanswered = shared.sent_waiting();
+    let done = shared.done.lock().map(|d| d.clone()).unwrap_or_default();
+    let window_start = start + warm;
+    let in_window = done
+        .iter()
+        .filter(|(a, _)| *a >= window_start && *a <= send_end)
+        .count();
+    let mut samples = Samples::with_capacity(done.len());
+    for (a, l) in &done {
+        if *a >= window_start && *a <= send_end {
+            samples.record(*l);
+        }
+    }
+    Ok(PipeResult {
+        rate: in_window as f64 / (send_end - window_start).as_secs_f64(),
+        latency: samples.summary(),
+        errors: counters.errors.load(Ordering::Relaxed),
+        unanswered,
+        first_errors: counters.first_errors(),
+    })
+}

@@ -1,0 +1,85 @@
+//! Test data written straight to the database (no argon2 per user): users with a live
+//! session token each, their AI chats, and bulk message history.
+use aichat_shared::db;
+use aichat_shared::db::ai_chats::NewAiChat;
+use anyhow::Context;
+use chrono::{Duration, Utc};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+/// A seeded user: the bearer token the API accepts, and its AI chats.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub token: String,
+    pub chats: Vec<i64>,
+}
+
+/// `users` users named `{prefix}-{i}`, each with a session and `chats_per_user` AI chats.
+pub async fn accounts(
+    db: &PgPool,
+    prefix: &str,
+    users: usize,
+    chats_per_user: usize,
+) -> anyhow::Result<Vec<Account>> {
+    let mut out = Vec::with_capacity(users);
+    for i in 0..users {
+        let name = format!("{prefix}-{i}");
+        // Not a valid argon2 hash: these users cannot log in, only use their session.
+        let user = db::users::insert_user(db, &name, "", "!bench", false)
+            .await
+            .with_context(|| format!("inserting user {name}"))?;
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let token = hex::encode(bytes);
+        let hash = Sha256::digest(token.as_bytes()).to_vec();
+        db::sessions::insert_session(db, user.id, &hash, Utc::now() + Duration::days(1)).await?;
+        let mut chats = Vec::with_capacity(chats_per_user);
+        for c in 0..chats_per_user {
+            let title = format!("bench chat {c}");
+            let new = NewAiChat {
+                user_id: user.id,
+                title: &title,
+                system_prompt: "You are a benchmark.",
+                related_chat: None,
+                model: "gpt-3.5-turbo",
+            };
+            chats.push(db::ai_chats::insert_ai_chat(db, &new).await?);
+        }
+        out.push(Account { token, chats });
+    }
+    Ok(out)
+}
+
+/// Adds `n` answered messages (alternating user / assistant) to a chat in one statement, then
+/// refreshes the planner's statistics.
+pub async fn history(db: &PgPool, ai_chat_id: i64, n: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "insert into ai_messages (ai_chat_id, role, content, status, timestamp, dispatched_at)
+         select $1,
+                case when g % 2 = 1 then 'user' else 'assistant' end,
+                'seeded message ' || g || ': lorem ipsum dolor sit amet, consectetur adipiscing elit',
+                case when g % 2 = 1 then 'answered' else 'complete' end,
+                now() - make_interval(secs => ($2 - g)::double precision),
+                now()
+         from generate_series(1, $2) g",
+    )
+    .bind(ai_chat_id)
+    .bind(n)
+    .execute(db)
+    .await
+    .context("seeding messages")?;
+    sqlx::query("analyze ai_messages").execute(db).await?;
+    Ok(())
+}
+
+/// Id such that `after_id=<it>&limit=50` returns a chat's latest 50 messages.
+pub async fn latest_50_after(db: &PgPool, ai_chat_id: i64) -> anyhow::Result<i64> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "select id from ai_messages where ai_chat_id = $1 order by id desc offset 50 limit 1",
+    )
+    .bind(ai_chat_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(id.unwrap_or(0))
+}
