@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use apalis::prelude::{AbortError, Attempt, BoxDynError, Data};
+use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, TaskId, WorkerContext};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -29,6 +29,7 @@ use crate::deltas::{DeltaTarget, publish_deltas};
 use crate::llm::{ChatRequest, CompletionError, LlmClient};
 use crate::metrics;
 use crate::rate_limit::RateLimiter;
+use crate::stop::{Ack, Stopping};
 
 /// The related chat's lines are never more than this, whatever the job asks.
 const MAX_CONTEXT_MESSAGES: i64 = 200;
@@ -50,6 +51,11 @@ pub struct JobContext {
     pub delta_flush_chars: usize,
     /// Turns true when the worker starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Running jobs, and what finished after the stop began (see `stop.rs`).
+    pub stopping: Arc<Stopping>,
+    /// How long a finished reply (or failure) keeps trying to reach the database before the
+    /// job is handed back to the queue.
+    pub save_retry_for: Duration,
 }
 
 /// How a run ended, for logs.
@@ -83,6 +89,25 @@ pub async fn answer_message(
     args: serde_json::Value,
     ctx: Data<Arc<JobContext>>,
     attempt: Attempt,
+    task_id: TaskId,
+    worker: WorkerContext,
+) -> Result<(), BoxDynError> {
+    let _running = ctx.stopping.job_started();
+    let result = answer(args, &ctx, attempt).await;
+    // After the stop began apalis no longer acknowledges jobs: the worker does it on exit.
+    let ack = match &result {
+        Ok(()) => Ack::Done,
+        Err(err) if err.downcast_ref::<AbortError>().is_some() => Ack::Dead,
+        Err(_) => Ack::Retry,
+    };
+    ctx.stopping.record(worker.name(), task_id.to_string(), ack);
+    result
+}
+
+async fn answer(
+    args: serde_json::Value,
+    ctx: &JobContext,
+    attempt: Attempt,
 ) -> Result<(), BoxDynError> {
     metrics::job_started();
     let job: CompletionJob = match serde_json::from_value(args) {
@@ -103,7 +128,7 @@ pub async fn answer_message(
         attempt = attempt.current(),
     );
     let started = std::time::Instant::now();
-    let result = run(&job, &ctx).instrument(span.clone()).await;
+    let result = run(&job, ctx).instrument(span.clone()).await;
     metrics::job_duration(
         match &result {
             Ok(Done::Answered) => "answered",
@@ -175,7 +200,17 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             .complete(&request, &ctx.limiter, &chunks_tx, &mut cancel)
             .await
     };
-    let (result, ()) = tokio::join!(call, publish_deltas(chunks_rx, target));
+    // Past the shutdown grace, a call still waiting on the model is dropped: the job goes
+    // back to the queue for another worker.
+    let mut abandoned = ctx.stopping.abandoned();
+    let (result, ()) = tokio::select! {
+        out = async { tokio::join!(call, publish_deltas(chunks_rx, target)) } => out,
+        Ok(_) = abandoned.wait_for(|a| *a) => {
+            return Err(JobError::Retry(anyhow::anyhow!(
+                "abandoned: the worker's shutdown grace ended during the model call"
+            )));
+        }
+    };
 
     match result {
         Ok(completion) => save_and_announce(ctx, job, &subject, &request.model, completion).await,
@@ -280,11 +315,7 @@ async fn save_and_announce(
         model,
         latency_ms: i32::try_from(completion.latency.as_millis()).unwrap_or(i32::MAX),
     };
-    let mut tx = ctx.db.begin().await.context("saving the reply")?;
-    let saved = db::completions::save_reply(&mut tx, subject.message_id, &reply)
-        .await
-        .context("saving the reply")?;
-    tx.commit().await.context("saving the reply")?;
+    let saved = save_reply(ctx, subject.message_id, &reply).await?;
     if let Some(usage) = usage {
         metrics::tokens(
             model,
@@ -312,6 +343,79 @@ async fn save_and_announce(
     Ok(Done::Answered)
 }
 
+/// Saves the reply in its own transaction. The model's answer is in hand, so a database that
+/// cannot be reached is retried here (up to `save_retry_for`) rather than by running the job,
+/// and the model call, again. When a commit failed without saying whether it happened and the
+/// retry then finds the message answered, the stored reply is returned as this run's: it is
+/// almost surely the one just committed, and its event must still go out.
+async fn save_reply(
+    ctx: &JobContext,
+    message_id: i64,
+    reply: &NewReply<'_>,
+) -> Result<Option<aichat_shared::domain::AiMessage>, JobError> {
+    let deadline = tokio::time::Instant::now() + ctx.save_retry_for;
+    let mut delay = Duration::from_millis(100);
+    let mut commit_unknown = false;
+    loop {
+        // The error, and whether it came from the commit (outcome unknown).
+        let attempt: Result<_, (aichat_shared::Error, bool)> = async {
+            let mut tx = ctx.db.begin().await.map_err(|e| (e.into(), false))?;
+            let saved = db::completions::save_reply(&mut tx, message_id, reply)
+                .await
+                .map_err(|e| (e, false))?;
+            tx.commit().await.map_err(|e| (e.into(), true))?;
+            Ok(saved)
+        }
+        .await;
+        let err = match attempt {
+            Ok(Some(saved)) => return Ok(Some(saved)),
+            Ok(None) if commit_unknown => {
+                return db_retry(ctx, "loading the saved reply", || {
+                    db::ai_messages::find_reply(&ctx.db, message_id)
+                })
+                .await;
+            }
+            Ok(None) => return Ok(None),
+            Err((err, during_commit)) => {
+                commit_unknown |= during_commit;
+                err
+            }
+        };
+        if !err.is_unavailable() || tokio::time::Instant::now() + delay > deadline {
+            return Err(JobError::Retry(
+                anyhow::Error::from(err).context("saving the reply"),
+            ));
+        }
+        tracing::warn!(error = %err, "database unreachable while saving the reply; retrying");
+        metrics::save_retry();
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs a database operation, retrying while the database cannot be reached, for at most
+/// `save_retry_for`; then (or for any other error) the job will run again.
+async fn db_retry<T, F, Fut>(ctx: &JobContext, what: &'static str, mut op: F) -> Result<T, JobError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, aichat_shared::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + ctx.save_retry_for;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(err) if err.is_unavailable() && tokio::time::Instant::now() + delay <= deadline => {
+                tracing::warn!(error = %err, "database unreachable ({what}); retrying");
+                metrics::save_retry();
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(err) => return Err(JobError::Retry(anyhow::Error::from(err).context(what))),
+        }
+    }
+}
+
 /// Marks the message failed with a user-safe error and tells the chat. False when the message
 /// was answered meanwhile or is gone.
 async fn record_failure(
@@ -321,9 +425,10 @@ async fn record_failure(
     err: &CompletionError,
 ) -> Result<bool, JobError> {
     let message = err.user_message();
-    let changed = db::completions::mark_failed(&ctx.db, subject.message_id, message)
-        .await
-        .context("marking the message failed")?;
+    let changed = db_retry(ctx, "marking the message failed", || {
+        db::completions::mark_failed(&ctx.db, subject.message_id, message)
+    })
+    .await?;
     if changed {
         settle_budget(ctx, job, Some(0)).await;
         let event = ChatEvent::Error {

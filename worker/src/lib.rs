@@ -28,6 +28,8 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod retry;
 pub mod settings;
+pub mod stop;
+pub mod sweeper;
 
 pub use settings::Settings;
 
@@ -35,6 +37,8 @@ use crate::context::TokenCounter;
 use crate::job::JobContext;
 use crate::llm::{LlmClient, RetryPolicy};
 use crate::rate_limit::{Limits, RateLimiter};
+use crate::stop::Stopping;
+use crate::sweeper::Sweeper;
 
 /// Longest pause before a worker that lost Redis tries again.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
@@ -96,6 +100,8 @@ impl Worker {
             delta_flush_every: Duration::from_millis(settings.delta_flush_ms),
             delta_flush_chars: usize::try_from(settings.delta_flush_chars).unwrap_or(usize::MAX),
             shutdown: shutdown_rx,
+            stopping: Stopping::new(),
+            save_retry_for: Duration::from_secs(settings.worker_save_retry_secs),
         });
         let listener = TcpListener::bind(&settings.metrics_addr)
             .await
@@ -142,17 +148,84 @@ impl Worker {
             "aichat-worker starting"
         );
 
-        let monitor = monitor(&self.settings, self.redis, self.jobs, self.ready.clone());
+        let settings = self.settings;
+        let config = queue_config(&settings);
+        let stopping = self.jobs.stopping.clone();
+        let (settled_tx, settled_rx) = watch::channel(false);
+        // From the signal until the in-flight set is settled, this process keeps its worker
+        // registration fresh: apalis stops heart-beating at the signal.
+        let keep_alive = {
+            let stopping = stopping.clone();
+            let redis = self.redis.clone();
+            let workers_set = config.workers_set();
+            let interval = settings.heartbeat_interval();
+            let mut begun = self.shutdown.subscribe();
+            tokio::spawn(async move {
+                if begun.wait_for(|stopping| *stopping).await.is_ok() {
+                    stopping
+                        .keep_alive(redis, workers_set, interval, settled_rx)
+                        .await;
+                }
+            })
+        };
+        let sweeper = (settings.worker_sweep_interval_secs > 0).then(|| {
+            let sweeper = Sweeper {
+                db: self.jobs.db.clone(),
+                redis: self.redis.clone(),
+                queue: jobs::JobQueue::new(self.redis.clone(), &settings.redis.namespace()),
+                interval: Duration::from_secs(settings.worker_sweep_interval_secs),
+                grace: Duration::from_secs(settings.worker_sweep_grace_secs),
+            };
+            tokio::spawn(sweeper.run(self.shutdown.subscribe()))
+        });
+        let grace = settings.shutdown_grace();
+        let terminator = {
+            let stopping = stopping.clone();
+            async move {
+                let drained = stopping.drain(grace).await;
+                if drained.in_time {
+                    tracing::info!("every running job finished");
+                } else {
+                    tracing::warn!(
+                        abandoned = drained.abandoned,
+                        grace_secs = grace.as_secs(),
+                        "shutdown grace over; abandoning the jobs still running"
+                    );
+                }
+            }
+        };
+        let monitor = monitor(&settings, self.redis.clone(), self.jobs, self.ready.clone())
+            .with_terminator(terminator);
         let stop = self.shutdown;
         let ready = self.ready;
+        let begin = stopping.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: no new jobs, waiting for running ones");
             ready.store(false, Ordering::SeqCst);
+            begin.begin();
             let _ = stop.send(true);
             Ok(())
         };
         let result = monitor.run_with_signal(signal).await;
+        let mut redis = self.redis;
+        match stopping.settle(&mut redis, &config).await {
+            Ok(settled) => tracing::info!(
+                acknowledged = settled.acknowledged,
+                handed_back = settled.handed_back,
+                "in-flight jobs settled"
+            ),
+            Err(err) => tracing::warn!(
+                error = %err,
+                "could not settle the in-flight jobs; other workers take them over after the \
+                 orphan window"
+            ),
+        }
+        let _ = settled_tx.send(true);
+        let _ = keep_alive.await;
+        if let Some(sweeper) = sweeper {
+            let _ = sweeper.await;
+        }
         if let Err(err) = server.await.context("metrics server task")? {
             tracing::warn!(error = %err, "metrics server ended with an error");
         }
@@ -160,6 +233,18 @@ impl Worker {
         tracing::info!("aichat-worker stopped");
         Ok(())
     }
+}
+
+/// The queue configuration of this worker: the shared one plus heartbeats and batch size.
+fn queue_config(settings: &Settings) -> apalis_redis::Config {
+    // One task per fetch: apalis only heart-beats (and acknowledges results) while nothing
+    // fetched is waiting in its buffer. With a larger batch, a worker whose concurrency is
+    // full sits on buffered tasks, misses heartbeats and has its jobs handed to others while
+    // still running them. Fetching stays back-to-back while tasks are queued.
+    jobs::queue_config(&settings.redis.namespace())
+        .batch_size(1)
+        .heartbeat_interval(settings.heartbeat_interval())
+        .missed_heartbeats(usize::try_from(settings.worker_missed_heartbeats).unwrap_or(2))
 }
 
 /// The apalis monitor running one queue consumer, restarted (with a growing pause) whenever
@@ -170,14 +255,7 @@ fn monitor(
     jobs: Arc<JobContext>,
     ready: Arc<AtomicBool>,
 ) -> Monitor {
-    // One task per fetch: apalis only heart-beats (and acknowledges results) while nothing
-    // fetched is waiting in its buffer. With a larger batch, a worker whose concurrency is
-    // full sits on buffered tasks, misses heartbeats and has its jobs handed to others while
-    // still running them. Fetching stays back-to-back while tasks are queued.
-    let config = jobs::queue_config(&settings.redis.namespace())
-        .batch_size(1)
-        .heartbeat_interval(settings.heartbeat_interval())
-        .missed_heartbeats(usize::try_from(settings.worker_missed_heartbeats).unwrap_or(2));
+    let config = queue_config(settings);
     let poll = settings.poll_interval();
     let concurrency = usize::try_from(settings.worker_concurrency).unwrap_or(64);
     let prefix = settings
@@ -189,24 +267,31 @@ fn monitor(
     let failures = Arc::new(AtomicU32::new(0));
     let (failed, recovered) = (failures.clone(), failures.clone());
     let on_restart = ready.clone();
+    let stopping = jobs.stopping.clone();
     Monitor::new()
         .register(move |restarts| {
             let pause = restart_delay(failures.load(Ordering::SeqCst));
+            let probe = redis.clone();
             let backend = RedisStorage::<serde_json::Value>::new(redis.clone())
                 .with_config(config.clone())
-                .before_start(move |_| async move {
-                    if !pause.is_zero() {
-                        tracing::info!(
-                            restarts,
-                            pause_ms = pause.as_millis() as u64,
-                            "restarting the queue consumer"
-                        );
-                        tokio::time::sleep(pause).await;
+                .before_start(move |_| {
+                    let probe = probe.clone();
+                    async move {
+                        if !pause.is_zero() {
+                            tracing::info!(
+                                restarts,
+                                pause_ms = pause.as_millis() as u64,
+                                "restarting the queue consumer"
+                            );
+                            restart_pause(probe, pause).await;
+                        }
+                        Ok(())
                     }
-                    Ok(())
                 })
                 .poll_with_interval(poll);
-            WorkerBuilder::new(worker_name(&prefix, restarts))
+            let name = worker_name(&prefix, restarts);
+            stopping.register_name(&name);
+            WorkerBuilder::new(name)
                 .backend(backend)
                 .data(jobs.clone())
                 .concurrency(concurrency)
@@ -234,7 +319,6 @@ fn monitor(
             }
             _ => {}
         })
-        .shutdown_timeout(settings.shutdown_grace())
 }
 
 /// Unique per process and per restart: apalis refuses a name seen alive within the orphan
@@ -259,6 +343,35 @@ fn restart_delay(failures: u32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
+/// Sleeps `pause` before a restart, but ends early once Redis, unreachable at some point of
+/// the pause, answers again: after an outage the consumer comes back within a quarter second
+/// of Redis instead of sitting out a backoff that grew while Redis was away. When Redis stays
+/// reachable (the consumer failed for another reason) the whole pause applies.
+async fn restart_pause(mut redis: ConnectionManager, pause: Duration) {
+    let deadline = tokio::time::Instant::now() + pause;
+    let mut was_down = false;
+    loop {
+        let ping = tokio::time::timeout(
+            Duration::from_secs(1),
+            redis::cmd("PING").query_async::<String>(&mut redis),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) if was_down => {
+                tracing::info!("Redis answers again; restarting the queue consumer now");
+                return;
+            }
+            Ok(Ok(_)) => {}
+            _ => was_down = true,
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep((deadline - now).min(Duration::from_millis(250))).await;
+    }
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -266,6 +379,18 @@ fn host_name() -> String {
         .ok()
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| "aichat-worker".to_owned())
+}
+
+/// The `aichat-worker` process: settings from flags and the environment (and `.env`), logs,
+/// then jobs until Ctrl-C or SIGTERM. Returns once the graceful stop is over.
+pub async fn run_from_env() -> anyhow::Result<()> {
+    use clap::Parser;
+    aichat_shared::config::load_dotenv();
+    let settings = Settings::parse();
+    aichat_shared::telemetry::init(&settings.log);
+    tracing::debug!(?settings, "settings");
+    let worker = Worker::build(settings).await?;
+    worker.run_until(shutdown_signal()).await
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

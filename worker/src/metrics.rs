@@ -82,3 +82,11 @@ pub fn duplicate_reply() {
 pub fn worker_restart() {
     counter!("aichat_worker_restarts_total").increment(1);
 }
+
+pub fn save_retry() {
+    counter!("aichat_worker_db_retries_total").increment(1);
+}
+
+pub fn swept(count: u64) {
+    counter!("aichat_worker_swept_messages_total").increment(count);
+}

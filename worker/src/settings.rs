@@ -38,6 +38,17 @@ pub struct Settings {
     /// then go to another worker after the orphan window).
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub worker_shutdown_grace_secs: u64,
+    /// Seconds between two sweeps for user messages left `queued` with no live job (Redis lost
+    /// it, or it died during a long database outage); they are queued again. 0: no sweeping.
+    #[arg(long, env = "WORKER_SWEEP_INTERVAL_SECS", default_value_t = 30)]
+    pub worker_sweep_interval_secs: u64,
+    /// Seconds a message must have been waiting before a sweep looks at it.
+    #[arg(long, env = "WORKER_SWEEP_GRACE_SECS", default_value_t = 60)]
+    pub worker_sweep_grace_secs: u64,
+    /// Seconds a finished reply (or failure) keeps trying to reach an unreachable database
+    /// before its job is handed back to the queue (which would call the model again).
+    #[arg(long, env = "WORKER_SAVE_RETRY_SECS", default_value_t = 30)]
+    pub worker_save_retry_secs: u64,
     /// Prefix of this process's worker name in Redis (default: the host name). The pid, the
     /// restart count and a random suffix are appended, so every run is unique.
     #[arg(long, env = "WORKER_NAME_PREFIX")]

@@ -1,0 +1,582 @@
+//! Faults 3 and 4: Redis down for 10 s, and PostgreSQL connections cut again and again for
+//! 10 s, both under a steady stream of sends. Each send is accepted (202) or refused (503),
+//! never a 500 or a hang; every accepted message is answered exactly once afterwards.
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use aichat_fake_llm::FakeConfig;
+use aichat_faults::{
+    Client, Env, EventCounter, HEAVY, PrivateRedis, User, WsCollector, epoch_now, quantile, report,
+    worker_metric, ws_connect,
+};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// What one send came to.
+#[derive(Debug, Clone)]
+struct Sent {
+    /// When it started, from the start of the load.
+    at: Duration,
+    took: Duration,
+    outcome: Result<(StatusCode, Value), String>,
+}
+
+impl Sent {
+    fn accepted_id(&self) -> Option<i64> {
+        match &self.outcome {
+            Ok((StatusCode::ACCEPTED, body)) => body["message"]["id"].as_i64(),
+            _ => None,
+        }
+    }
+
+    fn label(&self) -> String {
+        match &self.outcome {
+            Ok((status, _)) => status.as_u16().to_string(),
+            Err(err) => err.clone(),
+        }
+    }
+}
+
+/// Sends one message every `every` for `count` sends, round-robin over `chats`, each on its
+/// own task (a slow answer never delays the next send); returns every outcome.
+async fn steady_load(
+    base: String,
+    user: User,
+    chats: Vec<i64>,
+    count: usize,
+    every: Duration,
+    timeout: Duration,
+) -> Vec<Sent> {
+    let started = Instant::now();
+    let client = std::sync::Arc::new(Client::for_base(&base, timeout));
+    let mut tasks = Vec::with_capacity(count);
+    let mut tick = tokio::time::interval(every);
+    for i in 0..count {
+        tick.tick().await;
+        let client = client.clone();
+        let user = user.clone();
+        let chat = chats[i % chats.len()];
+        tasks.push(tokio::spawn(async move {
+            let at = started.elapsed();
+            let begun = Instant::now();
+            let outcome = client
+                .send(&user, chat, &format!("load {i}"))
+                .await
+                .map(|a| (a.status, a.body));
+            Sent {
+                at,
+                took: begun.elapsed(),
+                outcome,
+            }
+        }));
+    }
+    let mut sent = Vec::with_capacity(count);
+    for task in tasks {
+        sent.push(task.await.expect("send task"));
+    }
+    sent
+}
+
+fn tally(sent: &[Sent]) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for s in sent {
+        *by.entry(s.label()).or_default() += 1;
+    }
+    by
+}
+
+/// A private Redis is killed under load and started again, empty, on the same port 10 s later.
+/// Sends during the outage get 503 quickly; accepted messages whose jobs died with Redis are
+/// found by the worker's sweeper and answered once; the API's pub/sub and the worker come back
+/// by themselves, and a WebSocket opened before the outage receives events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
+    const OUTAGE: Duration = Duration::from_secs(10);
+    const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+    let _heavy = HEAVY.lock().await;
+    let mut redis = PrivateRedis::start().await;
+    // A slow model and a worker of 2 jobs in flight: a backlog of jobs waits in Redis when it
+    // dies, and dies with it.
+    let env = Env::start_with_redis(
+        FakeConfig {
+            latency_ms: 500,
+            ..FakeConfig::default()
+        },
+        redis.url(),
+    )
+    .await;
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let worker = env
+        .worker(&[
+            "--worker-concurrency",
+            "2",
+            "--worker-sweep-interval-secs",
+            "1",
+            "--worker-sweep-grace-secs",
+            "3",
+        ])
+        .await;
+    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let swept_before = worker_metric(worker.port, "aichat_worker_swept_messages_total").await;
+    let alice = client.user("alice").await;
+    let mut chats = Vec::new();
+    for c in 0..5 {
+        chats.push(client.ai_chat(&alice, &format!("chat {c}")).await);
+    }
+    // One socket per chat, opened before the outage and kept open through it.
+    let mut sockets = Vec::new();
+    for chat in &chats {
+        sockets.push(WsCollector::start(
+            ws_connect(&api, *chat, &alice.token).await,
+        ));
+    }
+
+    // 2 s of normal traffic, 10 s of outage, 4 s after: one send every 100 ms.
+    let load_started = Instant::now();
+    let load = tokio::spawn(steady_load(
+        api.base.clone(),
+        alice.clone(),
+        chats.clone(),
+        160,
+        Duration::from_millis(100),
+        SEND_TIMEOUT,
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting_at_crash = env.queue_snapshot().await;
+    redis.stop();
+    let down_at = Instant::now();
+    tokio::time::sleep(OUTAGE).await;
+    redis.restart().await;
+    let back_at = Instant::now();
+    let back_epoch = epoch_now();
+    let sent = load.await.expect("load");
+    let (down, back) = (down_at - load_started, back_at - load_started);
+    let refused_during: Vec<Duration> = sent
+        .iter()
+        .filter(|s| s.accepted_id().is_none())
+        .map(|s| s.at)
+        .collect();
+    let first_accepted_after_restart = sent
+        .iter()
+        .filter(|s| s.at >= down && s.accepted_id().is_some())
+        .map(|s| s.at.saturating_sub(back))
+        .min()
+        .unwrap_or_default();
+
+    let by_status = tally(&sent);
+    let accepted: Vec<i64> = sent.iter().filter_map(Sent::accepted_id).collect();
+    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
+    let refused = sent
+        .iter()
+        .filter(|s| matches!(&s.outcome, Ok((StatusCode::SERVICE_UNAVAILABLE, _))))
+        .count();
+    // Every send was answered, and only with 202 or 503.
+    let unexpected: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| {
+            !matches!(
+                &s.outcome,
+                Ok((StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE, _))
+            )
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "{by_status:?}: {unexpected:?}");
+    for s in &sent {
+        if let Ok((StatusCode::SERVICE_UNAVAILABLE, body)) = &s.outcome {
+            assert!(
+                body["error"].is_string(),
+                "503 without an error text: {body}"
+            );
+        }
+    }
+    assert!(refused > 0, "the outage refused nothing: {by_status:?}");
+    assert!(
+        slowest < Duration::from_secs(11),
+        "a send took {slowest:?} (Redis time-outs are 5 s)"
+    );
+
+    // The socket opened before the outage carries events again: send one more message.
+    let probe = client.send_ok(&alice, chats[0], "after the outage").await;
+    let first_reply_after = back_at.elapsed();
+    let reply = sockets[0]
+        .wait_for(
+            Duration::from_secs(30),
+            "the probe's reply on the old socket",
+            |e| e["type"] == "assistant_message" && e["message"]["reply_to"] == probe,
+        )
+        .await;
+    assert_eq!(reply["message"]["content"], "Echo: after the outage");
+    let ws_back_after = back_at.elapsed();
+
+    let mut all = accepted.clone();
+    all.push(probe);
+    let audit = env.settled(Duration::from_secs(60)).await;
+    let settled_after = back_at.elapsed();
+    audit.assert_answered_once(&all);
+    // Replies announced on the sockets: never twice (those published while Redis was down
+    // are gone; clients catch up with `?after_id=`).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut announced_twice = Vec::new();
+    let mut announced = 0;
+    for socket in &sockets {
+        assert!(
+            socket.closed().is_none(),
+            "a socket was closed: {:?}",
+            socket.closed()
+        );
+        for (id, n) in socket.replies() {
+            announced += 1;
+            if n > 1 {
+                announced_twice.push(id);
+            }
+        }
+    }
+    assert!(announced_twice.is_empty(), "{announced_twice:?}");
+    let swept =
+        worker_metric(worker.port, "aichat_worker_swept_messages_total").await - swept_before;
+    let delays = env.reply_delays().await;
+    report(
+        "redis_down",
+        &[
+            (
+                "outage_s",
+                format!("{:.1}", (back_at - down_at).as_secs_f64()),
+            ),
+            ("sends", sent.len().to_string()),
+            ("by_status", format!("{by_status:?}")),
+            ("slowest_send_s", format!("{:.2}", slowest.as_secs_f64())),
+            ("accepted", accepted.len().to_string()),
+            ("lost", audit.not_answered_once(&all).len().to_string()),
+            ("duplicated", audit.duplicated().len().to_string()),
+            ("replies_announced_on_sockets", announced.to_string()),
+            ("replies_announced_twice", announced_twice.len().to_string()),
+            (
+                "jobs_waiting_in_redis_at_crash",
+                (waiting_at_crash.waiting + waiting_at_crash.scheduled).to_string(),
+            ),
+            (
+                "jobs_in_flight_at_crash",
+                waiting_at_crash
+                    .in_flight
+                    .iter()
+                    .map(|(_, n)| n)
+                    .sum::<u64>()
+                    .to_string(),
+            ),
+            ("requeued_by_sweeper", swept.to_string()),
+            (
+                "first_refusal_after_crash_s",
+                format!(
+                    "{:.1}",
+                    refused_during
+                        .first()
+                        .map(|d| d.as_secs_f64() - down.as_secs_f64())
+                        .unwrap_or(-1.0)
+                ),
+            ),
+            (
+                "first_accept_after_restart_s",
+                format!("{:.1}", first_accepted_after_restart.as_secs_f64()),
+            ),
+            (
+                "first_reply_after_restart_s",
+                format!(
+                    "{:.1}",
+                    env.first_reply_after(back_epoch).await.unwrap_or(-1.0)
+                ),
+            ),
+            (
+                "probe_sent_after_restart_s",
+                format!("{:.1}", first_reply_after.as_secs_f64()),
+            ),
+            (
+                "websocket_events_again_after_s",
+                format!("{:.1}", ws_back_after.as_secs_f64()),
+            ),
+            (
+                "all_answered_after_restart_s",
+                format!("{:.1}", settled_after.as_secs_f64()),
+            ),
+            (
+                "reply_delay_max_s",
+                format!("{:.1}", quantile(&delays, 1.0)),
+            ),
+        ],
+    );
+    let first_reply = env.first_reply_after(back_epoch).await.unwrap_or(f64::MAX);
+    assert!(
+        first_reply < 3.0,
+        "the worker answered its first message {first_reply:.1} s after Redis came back"
+    );
+    drop(sockets);
+    worker.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// Every 250 ms for 10 s, every connection to the test's database is terminated
+/// (`pg_terminate_backend`) while messages are sent and read. The API answers 503, never 500;
+/// workers retry their saves; every accepted message is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
+    const CUTS_FOR: Duration = Duration::from_secs(10);
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig {
+        latency_ms: 300,
+        ..FakeConfig::default()
+    })
+    .await;
+    let api = env
+        .api(&[
+            "--send-rate-per-minute",
+            "0",
+            "--database-acquire-timeout-secs",
+            "2",
+        ])
+        .await;
+    let client = Client::new(&api);
+    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let worker = env
+        .worker(&[
+            "--database-acquire-timeout-secs",
+            "2",
+            "--worker-sweep-interval-secs",
+            "2",
+            "--worker-sweep-grace-secs",
+            "5",
+        ])
+        .await;
+    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let retries_before = worker_metric(worker.port, "aichat_worker_db_retries_total").await;
+    let requeued_before = worker_metric(worker.port, "aichat_worker_jobs_requeued_total").await;
+    let alice = client.user("alice").await;
+    let mut chats = Vec::new();
+    for c in 0..5 {
+        chats.push(client.ai_chat(&alice, &format!("chat {c}")).await);
+    }
+
+    // Readers alongside the senders: every read must be 200 or 503 too.
+    let reader = {
+        let base = api.base.clone();
+        let token = alice.token.clone();
+        let chats = chats.clone();
+        tokio::spawn(async move {
+            let client = Client::for_base(&base, Duration::from_secs(15));
+            let mut statuses = BTreeMap::<u16, usize>::new();
+            let deadline = Instant::now() + CUTS_FOR + Duration::from_secs(3);
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let path = if i % 2 == 0 {
+                    format!("/api/ai/chats/{}/messages/", chats[i % chats.len()])
+                } else {
+                    "/api/ai/chats/".to_owned()
+                };
+                let status = client
+                    .try_call(reqwest::Method::GET, &path, Some(&token), None, &[])
+                    .await
+                    .map(|a| a.status.as_u16())
+                    .unwrap_or(0);
+                *statuses.entry(status).or_default() += 1;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            statuses
+        })
+    };
+    let load = tokio::spawn(steady_load(
+        api.base.clone(),
+        alice.clone(),
+        chats.clone(),
+        140,
+        Duration::from_millis(100),
+        Duration::from_secs(15),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cuts_started = Instant::now();
+    let mut cuts = 0;
+    let mut terminated = 0;
+    while cuts_started.elapsed() < CUTS_FOR {
+        terminated += env.db.terminate_connections().await;
+        cuts += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let cuts_ended = Instant::now();
+    let sent = load.await.expect("load");
+    let reads = reader.await.expect("reader");
+
+    let by_status = tally(&sent);
+    let accepted: Vec<i64> = sent.iter().filter_map(Sent::accepted_id).collect();
+    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
+    let unexpected: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| {
+            !matches!(
+                &s.outcome,
+                Ok((StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE, _))
+            )
+        })
+        .collect();
+    let bad_reads: Vec<_> = reads
+        .iter()
+        .filter(|(status, _)| !matches!(**status, 200 | 503))
+        .collect();
+
+    let audit = env.settled(Duration::from_secs(60)).await;
+    let settled_after = cuts_ended.elapsed();
+    // Messages stored although their send was refused: the client was told 503 and will
+    // send again, so such a message would be answered twice from the user's point of view.
+    let refused_but_stored: Vec<i64> = audit
+        .messages
+        .iter()
+        .map(|m| m.id)
+        .filter(|id| !accepted.contains(id))
+        .collect();
+    let counts = events.drain().await;
+    let delays = env.reply_delays().await;
+    let db_retries =
+        worker_metric(worker.port, "aichat_worker_db_retries_total").await - retries_before;
+    let jobs_rerun =
+        worker_metric(worker.port, "aichat_worker_jobs_requeued_total").await - requeued_before;
+    report(
+        "postgres_cut",
+        &[
+            ("cut_rounds", cuts.to_string()),
+            ("connections_terminated", terminated.to_string()),
+            ("sends", sent.len().to_string()),
+            ("by_status", format!("{by_status:?}")),
+            ("reads_by_status", format!("{reads:?}")),
+            ("slowest_send_s", format!("{:.2}", slowest.as_secs_f64())),
+            ("accepted", accepted.len().to_string()),
+            ("lost", audit.not_answered_once(&accepted).len().to_string()),
+            ("duplicated", audit.duplicated().len().to_string()),
+            ("refused_but_stored", format!("{refused_but_stored:?}")),
+            ("worker_db_retries", db_retries.to_string()),
+            ("jobs_run_again", jobs_rerun.to_string()),
+            (
+                "announced_twice",
+                counts.announced_twice().len().to_string(),
+            ),
+            (
+                "all_answered_after_cuts_s",
+                format!("{:.1}", settled_after.as_secs_f64()),
+            ),
+            (
+                "reply_delay_max_s",
+                format!("{:.1}", quantile(&delays, 1.0)),
+            ),
+        ],
+    );
+    assert!(unexpected.is_empty(), "{by_status:?}: {unexpected:?}");
+    assert!(bad_reads.is_empty(), "reads: {reads:?}");
+    assert!(slowest < Duration::from_secs(12), "a send took {slowest:?}");
+    for id in &accepted {
+        assert!(
+            !audit.not_answered_once(&[*id]).contains(id),
+            "accepted message {id} not answered exactly once: {:?}",
+            audit.messages.iter().find(|m| m.id == *id)
+        );
+    }
+    assert!(audit.duplicated().is_empty());
+    assert!(counts.announced_twice().is_empty());
+    assert!(
+        refused_but_stored.is_empty(),
+        "messages stored although the client got 503: {refused_but_stored:?}"
+    );
+    worker.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// The sweeper, directly: a message whose API died between commit and push (no job at all),
+/// and one whose job died while the message stayed `queued` (e.g. 25 failed runs during a long
+/// database outage), are queued again and answered once; a message whose job is alive is
+/// left alone (one model call each, nothing doubled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
+    use aichat_shared::db;
+    use aichat_shared::domain::ContextOptions;
+    use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key};
+    use aichat_shared::keys::Namespace;
+    use redis::AsyncCommands;
+
+    let env = Env::start(FakeConfig::default()).await;
+    let api = env.api(&[]).await;
+    let client = Client::new(&api);
+    let alice = client.user("alice").await;
+    let chat = client.ai_chat(&alice, "swept").await;
+    let options = ContextOptions {
+        include_related_chat_context: false,
+        context_message_limit: 20,
+    };
+    let queue = JobQueue::new(
+        aichat_shared::redis_conn::connect(&env.redis_url)
+            .await
+            .expect("redis"),
+        &Namespace::new(env.ns.clone()),
+    );
+    let mut ids = Vec::new();
+    // 1. Stored, never pushed.
+    let orphan = db::ai_messages::insert_user_message(&env.pool, chat, "no job", options)
+        .await
+        .expect("insert");
+    ids.push(orphan.id);
+    // 2. Pushed, then its job died without marking the message.
+    let dead = db::ai_messages::insert_user_message(&env.pool, chat, "dead job", options)
+        .await
+        .expect("insert");
+    let job = CompletionJob::new(dead.id, chat, options, None);
+    assert!(
+        queue
+            .enqueue_completion(&job, &message_job_key(dead.id))
+            .await
+            .expect("push")
+    );
+    let mut conn = env.redis().await;
+    let q = env.queue();
+    let task: String = conn
+        .get(format!("{q}:idempotency:{}", message_job_key(dead.id)))
+        .await
+        .expect("task of the dead job");
+    let _: () = redis::pipe()
+        .zrem(format!("{q}:scheduled"), &task)
+        .lrem(format!("{q}:active"), 0, &task)
+        .sadd(format!("{q}:dead"), &task)
+        .hset(format!("{q}:meta:{task}"), "status", "Killed")
+        .query_async(&mut conn)
+        .await
+        .expect("kill the job");
+    ids.push(dead.id);
+    // 3. A healthy message with its job waiting.
+    let alive = client.send_ok(&alice, chat, "alive").await;
+    ids.push(alive);
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let worker = env
+        .worker(&[
+            "--worker-sweep-interval-secs",
+            "1",
+            "--worker-sweep-grace-secs",
+            "1",
+        ])
+        .await;
+    let audit = env.settled(Duration::from_secs(30)).await;
+    audit.assert_answered_once(&ids);
+    // Give the sweeper two more rounds to (wrongly) find something to do.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let audit = env.audit().await;
+    audit.assert_answered_once(&ids);
+    assert_eq!(env.fake.requests().len(), 3, "one model call per message");
+    report(
+        "sweeper",
+        &[
+            ("message_without_job", "answered".into()),
+            ("message_with_dead_job", "answered".into()),
+            ("message_with_live_job", "answered".into()),
+            ("model_calls", env.fake.requests().len().to_string()),
+        ],
+    );
+    worker.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,267 @@
+//! Fault 5: the model misbehaves. 30 % of calls fail (429 with Retry-After, 500, or a hang
+//! past the attempt time-out): every message is still answered exactly once. Every call fails:
+//! every message ends `failed` with a user-safe error, its job in the dead set, listed to staff
+//! only, and a staff re-drive answers each message once when the model is back.
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use aichat_fake_llm::FakeConfig;
+use aichat_faults::{Client, Env, EventCounter, HEAVY, quantile, report};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+/// Everything the worker may tell a user about a failed message (worker/src/llm.rs).
+const USER_SAFE_ERRORS: [&str; 4] = [
+    "The AI service is busy right now. Please try again in a moment.",
+    "The AI service is currently unavailable. Please try again later.",
+    "The AI service could not process this message.",
+    "The AI service did not respond. Please try again later.",
+];
+
+fn outcomes(env: &Env) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for request in env.fake.requests() {
+        *by.entry(request.outcome).or_default() += 1;
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_failing_30_percent_of_calls_still_answers_every_message_once() {
+    const MESSAGES: usize = 60;
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig {
+        latency_ms: 100,
+        fail_rate: 0.3,
+        // A hang holds the call 1.5 s; the worker gives up on a silent call after 1 s.
+        hang_ms: 1500,
+        ..FakeConfig::default()
+    })
+    .await;
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    // Ten attempts: a message fails only if ten calls in a row fail (0.3^10 ≈ 6e-6).
+    let worker = env
+        .worker(&[
+            "--worker-concurrency",
+            "16",
+            "--llm-attempt-timeout-secs",
+            "1",
+            "--llm-max-attempts",
+            "10",
+            "--llm-max-retry-secs",
+            "90",
+        ])
+        .await;
+    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let alice = client.user("alice").await;
+    let mut chats = Vec::new();
+    for c in 0..6 {
+        chats.push(client.ai_chat(&alice, &format!("chat {c}")).await);
+    }
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..MESSAGES {
+        ids.push(
+            client
+                .send_ok(&alice, chats[i % chats.len()], &format!("flaky {i}"))
+                .await,
+        );
+    }
+    let audit = env.settled(Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    let by_outcome = outcomes(&env);
+    let counts = events.drain().await;
+    let delays = env.reply_delays().await;
+    report(
+        "model_30_percent_failing",
+        &[
+            ("messages", MESSAGES.to_string()),
+            ("model_calls_by_outcome", format!("{by_outcome:?}")),
+            ("answered", audit.with_status("answered").len().to_string()),
+            ("failed", audit.with_status("failed").len().to_string()),
+            ("lost", audit.not_answered_once(&ids).len().to_string()),
+            ("duplicated", audit.duplicated().len().to_string()),
+            (
+                "announced_twice",
+                counts.announced_twice().len().to_string(),
+            ),
+            (
+                "all_answered_after_s",
+                format!("{:.1}", elapsed.as_secs_f64()),
+            ),
+            (
+                "reply_delay_p50_s",
+                format!("{:.1}", quantile(&delays, 0.5)),
+            ),
+            (
+                "reply_delay_max_s",
+                format!("{:.1}", quantile(&delays, 1.0)),
+            ),
+        ],
+    );
+    audit.assert_answered_once(&ids);
+    assert!(counts.announced_twice().is_empty());
+    assert!(counts.never_announced(&ids).is_empty());
+    let failures: usize = by_outcome
+        .iter()
+        .filter(|(outcome, _)| outcome.as_str() != "ok")
+        .map(|(_, n)| n)
+        .sum();
+    assert!(failures > 0, "the model never failed: {by_outcome:?}");
+    worker.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_once() {
+    const MESSAGES: usize = 10;
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig {
+        fail_rate: 1.0,
+        hang_ms: 1500,
+        ..FakeConfig::default()
+    })
+    .await;
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let worker = env
+        .worker(&["--llm-attempt-timeout-secs", "1", "--llm-max-attempts", "3"])
+        .await;
+    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let alice = client.user("alice").await;
+    let root = client.user("root").await;
+    assert!(
+        aichat_shared::db::users::set_staff(&env.pool, "root", true)
+            .await
+            .expect("set staff")
+    );
+    let chats = [
+        client.ai_chat(&alice, "one").await,
+        client.ai_chat(&alice, "two").await,
+    ];
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..MESSAGES {
+        ids.push(
+            client
+                .send_ok(&alice, chats[i % 2], &format!("doomed {i}"))
+                .await,
+        );
+    }
+    let audit = env.settled(Duration::from_secs(60)).await;
+    let all_failed_after = started.elapsed();
+    let failed = audit.with_status("failed");
+    assert_eq!(failed.len(), MESSAGES, "{:?}", audit.messages);
+    for row in &audit.messages {
+        let error = row.error.as_deref().unwrap_or_default();
+        assert!(
+            USER_SAFE_ERRORS.contains(&error),
+            "message {} failed with a text users must not see: {error:?}",
+            row.id
+        );
+        assert_eq!(row.replies, 0);
+    }
+    // One `error` event per message, and the same text on the REST side.
+    let counts = events.drain().await;
+    for id in &ids {
+        assert_eq!(counts.errors.get(id), Some(&1), "error events of {id}");
+    }
+    let listed = client
+        .get(
+            &format!("/api/ai/chats/{}/messages/", chats[0]),
+            &alice.token,
+        )
+        .await;
+    for message in listed.body.as_array().expect("messages") {
+        assert_eq!(message["status"], "failed");
+        assert!(USER_SAFE_ERRORS.contains(&message["error"].as_str().unwrap_or_default()));
+    }
+    assert_eq!(env.queue_set("dead").await.len(), MESSAGES);
+
+    // The dead jobs: staff only.
+    let anonymous = client
+        .call(Method::GET, "/api/admin/dead-jobs/", None, None)
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let user = client.get("/api/admin/dead-jobs/", &alice.token).await;
+    assert_eq!(user.status, StatusCode::FORBIDDEN);
+    let dead = client.get("/api/admin/dead-jobs/", &root.token).await;
+    assert_eq!(dead.status, StatusCode::OK, "{}", dead.body);
+    let dead = dead.body.as_array().expect("dead jobs").clone();
+    assert_eq!(dead.len(), MESSAGES);
+    let listed_ids: HashSet<i64> = dead
+        .iter()
+        .map(|d| d["message_id"].as_i64().expect("message_id"))
+        .collect();
+    assert_eq!(listed_ids, ids.iter().copied().collect());
+    for job in &dead {
+        assert!(chats.contains(&job["ai_chat_id"].as_i64().expect("ai_chat_id")));
+        assert!(job["attempts"].as_i64().is_some(), "{job}");
+        assert!(job["task_id"].is_string(), "{job}");
+    }
+
+    // The model is back: staff re-drives every dead job; each message is answered once.
+    env.fake.set_config(FakeConfig::default());
+    let task = dead[0]["task_id"].as_str().expect("task id").to_owned();
+    let path = format!("/api/admin/dead-jobs/{task}/redrive/");
+    let anonymous = client.call(Method::POST, &path, None, None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let user = client.post(&path, &alice.token, json!({})).await;
+    assert_eq!(user.status, StatusCode::FORBIDDEN);
+    let redriven_at = Instant::now();
+    for job in &dead {
+        let task = job["task_id"].as_str().expect("task id");
+        let answer = client
+            .post(
+                &format!("/api/admin/dead-jobs/{task}/redrive/"),
+                &root.token,
+                json!({}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+        assert_eq!(
+            answer.body,
+            json!({"task_id": task, "message_id": job["message_id"], "status": "queued"})
+        );
+    }
+    let audit = env.settled(Duration::from_secs(30)).await;
+    let redrive_answered_after = redriven_at.elapsed();
+    audit.assert_answered_once(&ids);
+    let counts = events.drain().await;
+    assert!(counts.announced_twice().is_empty());
+    assert!(counts.never_announced(&ids).is_empty());
+    let after = client.get("/api/admin/dead-jobs/", &root.token).await;
+    assert_eq!(after.body, json!([]));
+    let again = client.post(&path, &root.token, json!({})).await;
+    assert_eq!(
+        again.status,
+        StatusCode::NOT_FOUND,
+        "a second re-drive finds nothing"
+    );
+    report(
+        "model_dead",
+        &[
+            ("messages", MESSAGES.to_string()),
+            ("failed", failed.len().to_string()),
+            (
+                "all_failed_after_s",
+                format!("{:.1}", all_failed_after.as_secs_f64()),
+            ),
+            ("model_calls_by_outcome", format!("{:?}", outcomes(&env))),
+            ("dead_jobs_listed", dead.len().to_string()),
+            (
+                "redriven_answered_after_s",
+                format!("{:.1}", redrive_answered_after.as_secs_f64()),
+            ),
+            ("lost", audit.not_answered_once(&ids).len().to_string()),
+            ("duplicated", audit.duplicated().len().to_string()),
+        ],
+    );
+    worker.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}

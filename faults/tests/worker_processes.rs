@@ -1,0 +1,362 @@
+//! Faults 1 and 2: worker processes killed without warning (SIGKILL) or asked to stop
+//! (SIGTERM) while they hold jobs. Every message must end answered exactly once.
+use std::time::{Duration, Instant};
+
+use aichat_fake_llm::{FakeConfig, Outcome};
+use aichat_faults::{
+    Client, Env, EventCounter, HEAVY, epoch_now, quantile, report, wait_worker_ready,
+};
+use futures::StreamExt;
+use rand::Rng;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_faults-worker");
+
+/// 200 messages over 20 chats, 2 s of model latency each, two worker processes of 16 jobs in
+/// flight; twice, one of them (at random) is SIGKILLed at a random moment and started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_workers_lose_and_duplicate_no_message() {
+    const MESSAGES: usize = 200;
+    const CHATS: usize = 20;
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig {
+        latency_ms: 2000,
+        ..FakeConfig::default()
+    })
+    .await;
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let flags = ["--worker-concurrency", "16"];
+    let mut workers = vec![
+        env.worker_process(WORKER, &flags),
+        env.worker_process(WORKER, &flags),
+    ];
+    for worker in &workers {
+        wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    }
+    let mut chats = Vec::new();
+    for u in 0..4 {
+        let user = client.user(&format!("user{u}")).await;
+        for c in 0..CHATS / 4 {
+            let chat = client.ai_chat(&user, &format!("chat {c}")).await;
+            chats.push((user.clone(), chat));
+        }
+    }
+
+    let started = Instant::now();
+    // Senders: 4 at a time, round-robin over the chats, every send must be accepted.
+    let sender = {
+        let base = api.base.clone();
+        let chats = chats.clone();
+        tokio::spawn(async move {
+            let client = Client::for_base(&base, Duration::from_secs(30));
+            let client = &client;
+            let sends = (0..MESSAGES).map(|i| {
+                let (user, chat) = chats[i % chats.len()].clone();
+                async move { client.send_ok(&user, chat, &format!("message {i}")).await }
+            });
+            futures::stream::iter(sends)
+                .buffer_unordered(4)
+                .collect::<Vec<i64>>()
+                .await
+        })
+    };
+
+    let mut kills = Vec::new();
+    for _ in 0..2 {
+        let pause = rand::rng().random_range(1500..4000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let victim = rand::rng().random_range(0..workers.len());
+        let held = env.held_by_pid(workers[victim].pid).await;
+        workers[victim].sigkill();
+        let killed_epoch = epoch_now();
+        let taken_over = env.watch_takeover(workers[victim].pid);
+        workers[victim]
+            .wait(Duration::from_secs(10))
+            .await
+            .expect("the killed worker is gone");
+        workers[victim] = env.worker_process(WORKER, &flags);
+        kills.push((held, killed_epoch, taken_over));
+    }
+    let ids = sender.await.expect("sender");
+    assert_eq!(ids.len(), MESSAGES);
+
+    let audit = env.settled(Duration::from_secs(120)).await;
+    let all_answered = started.elapsed();
+    audit.assert_answered_once(&ids);
+    let counts = events.drain().await;
+    assert!(
+        counts.announced_twice().is_empty(),
+        "replies announced twice: {:?}",
+        counts.announced_twice()
+    );
+    let unannounced = counts.never_announced(&ids);
+    // How long the jobs a killed worker held took to be answered by the others.
+    let mut recoveries = Vec::new();
+    for (held, killed_epoch, taken_over) in kills {
+        let taken_over = taken_over
+            .await
+            .expect("watcher")
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "never".into());
+        let last = env.last_reply_to(&held, killed_epoch).await.unwrap_or(-1.0);
+        recoveries.push(format!(
+            "{} held, back in the queue after {taken_over}, last answered after {last:.1}s",
+            held.len()
+        ));
+    }
+    let delays = env.reply_delays().await;
+    let calls = env.fake.requests().len();
+    report(
+        "sigkill",
+        &[
+            ("messages", MESSAGES.to_string()),
+            ("kills", format!("{recoveries:?}")),
+            ("lost", audit.not_answered_once(&ids).len().to_string()),
+            ("duplicated", audit.duplicated().len().to_string()),
+            (
+                "replies_announced_twice",
+                counts.announced_twice().len().to_string(),
+            ),
+            ("replies_never_announced", unannounced.len().to_string()),
+            ("model_calls", calls.to_string()),
+            (
+                "all_answered_after_s",
+                format!("{:.1}", all_answered.as_secs_f64()),
+            ),
+            (
+                "reply_delay_p50_s",
+                format!("{:.1}", quantile(&delays, 0.5)),
+            ),
+            (
+                "reply_delay_max_s",
+                format!("{:.1}", quantile(&delays, 1.0)),
+            ),
+        ],
+    );
+    // A kill between saving a reply and announcing it would lose the event (never a
+    // duplicate); clients catch up with `?after_id=`. With 2 kills that window is tiny.
+    assert!(unannounced.len() <= 2, "unannounced: {unannounced:?}");
+    for worker in &workers {
+        worker.sigkill();
+    }
+    for worker in &mut workers {
+        worker.wait(Duration::from_secs(10)).await;
+    }
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// Model calls made with `key` (each worker gets its own API key, so calls tell who made them).
+fn calls_by(env: &Env, key: &str) -> usize {
+    env.fake
+        .requests()
+        .iter()
+        .filter(|r| r.api_key.as_deref() == Some(key))
+        .count()
+}
+
+/// SIGTERM while 8 jobs are in flight, with a second worker running: the stopping worker takes
+/// no new job, keeps its registration alive so the other one does not take its jobs over
+/// (the orphan window is 2 s, the jobs take 4 s), finishes the 8, settles them and exits 0
+/// long before its grace period ends. The messages sent after the signal go to the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_running_jobs_takes_no_new_ones_and_exits_zero() {
+    const LATENCY: Duration = Duration::from_secs(4);
+    const GRACE_SECS: u64 = 10;
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig {
+        latency_ms: LATENCY.as_millis() as u64,
+        ..FakeConfig::default()
+    })
+    .await;
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let grace = GRACE_SECS.to_string();
+    let mut worker = env.worker_process(
+        WORKER,
+        &[
+            "--worker-concurrency",
+            "8",
+            "--worker-shutdown-grace-secs",
+            &grace,
+            "--openai-api-key",
+            "stopping",
+        ],
+    );
+    wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let alice = client.user("alice").await;
+    let chats = [
+        client.ai_chat(&alice, "one").await,
+        client.ai_chat(&alice, "two").await,
+    ];
+    let mut before = Vec::new();
+    for i in 0..8 {
+        before.push(
+            client
+                .send_ok(&alice, chats[i % 2], &format!("before {i}"))
+                .await,
+        );
+    }
+    env.fake.wait_for_requests(8, Duration::from_secs(20)).await;
+    let other = env.worker(&["--openai-api-key", "other"]).await;
+    wait_worker_ready(other.port, Duration::from_secs(30)).await;
+
+    worker.sigterm();
+    let signalled = Instant::now();
+    let mut after = Vec::new();
+    for i in 0..8 {
+        after.push(
+            client
+                .send_ok(&alice, chats[i % 2], &format!("after {i}"))
+                .await,
+        );
+    }
+    let status = worker
+        .wait(Duration::from_secs(GRACE_SECS + 10))
+        .await
+        .expect("the worker exits after SIGTERM");
+    let exited_after = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    let audit = env.audit().await;
+    assert!(
+        audit.not_answered_once(&before).is_empty(),
+        "in-flight jobs not finished before the exit: {:?}",
+        audit.messages
+    );
+    assert!(
+        exited_after < LATENCY + Duration::from_secs(3),
+        "it should exit once its jobs are done, not at the end of the grace: {exited_after:?}"
+    );
+    let snapshot = env.queue_snapshot().await;
+    assert_eq!(
+        snapshot.in_flight.len(),
+        1,
+        "the stopped worker left the workers set: {snapshot:?}"
+    );
+
+    let audit = env.settled(Duration::from_secs(30)).await;
+    let all: Vec<i64> = before.iter().chain(&after).copied().collect();
+    audit.assert_answered_once(&all);
+    let counts = events.drain().await;
+    assert!(counts.announced_twice().is_empty());
+    assert!(counts.never_announced(&all).is_empty());
+    let (stopping_calls, other_calls) = (calls_by(&env, "stopping"), calls_by(&env, "other"));
+    report(
+        "sigterm_graceful",
+        &[
+            ("in_flight_at_sigterm", "8".into()),
+            ("sent_after_sigterm", "8".into()),
+            ("exit_code", format!("{:?}", status.code())),
+            (
+                "exited_after_s",
+                format!("{:.1}", exited_after.as_secs_f64()),
+            ),
+            ("grace_s", GRACE_SECS.to_string()),
+            ("lost", audit.not_answered_once(&all).len().to_string()),
+            ("duplicated", audit.duplicated().len().to_string()),
+            ("model_calls_stopping_worker", stopping_calls.to_string()),
+            ("model_calls_other_worker", other_calls.to_string()),
+        ],
+    );
+    assert_eq!(
+        stopping_calls, 8,
+        "the stopping worker made no call after SIGTERM"
+    );
+    assert_eq!(
+        other_calls, 8,
+        "the other worker re-ran none of the stopping one's jobs"
+    );
+    other.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// SIGTERM while 4 jobs wait on a model that will not answer within the grace period: the
+/// worker exits 0 when the grace ends and hands the 4 jobs back at once, so another worker
+/// answers them without waiting for the orphan window (here 5 s × 2 = 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_jobs_it_cannot_finish_within_the_grace() {
+    const GRACE_SECS: u64 = 2;
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig::default()).await;
+    // The first four calls would take a minute; every later one answers at once.
+    env.fake
+        .push_script(vec![Outcome::Slow { latency_ms: 60_000 }; 4]);
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let slow_heartbeats = [
+        "--worker-heartbeat-secs",
+        "5",
+        "--worker-missed-heartbeats",
+        "2",
+    ];
+    let grace = GRACE_SECS.to_string();
+    let mut flags = slow_heartbeats.to_vec();
+    flags.extend([
+        "--worker-shutdown-grace-secs",
+        &grace,
+        "--openai-api-key",
+        "stopping",
+    ]);
+    let mut worker = env.worker_process(WORKER, &flags);
+    wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let alice = client.user("alice").await;
+    let chat = client.ai_chat(&alice, "slow").await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(client.send_ok(&alice, chat, &format!("slow {i}")).await);
+    }
+    env.fake.wait_for_requests(4, Duration::from_secs(20)).await;
+    let mut rescuer_flags = slow_heartbeats.to_vec();
+    rescuer_flags.extend(["--openai-api-key", "other"]);
+    let rescuer = env.worker(&rescuer_flags).await;
+    wait_worker_ready(rescuer.port, Duration::from_secs(30)).await;
+
+    worker.sigterm();
+    let signalled = Instant::now();
+    let status = worker
+        .wait(Duration::from_secs(GRACE_SECS + 10))
+        .await
+        .expect("the worker exits after its grace");
+    let exited_after = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    let audit = env.settled(Duration::from_secs(30)).await;
+    let answered_after = signalled.elapsed();
+    audit.assert_answered_once(&ids);
+    let counts = events.drain().await;
+    assert!(counts.announced_twice().is_empty());
+    let calls = env.fake.requests().len();
+    report(
+        "sigterm_handback",
+        &[
+            ("in_flight_at_sigterm", "4".into()),
+            ("grace_s", GRACE_SECS.to_string()),
+            ("exit_code", format!("{:?}", status.code())),
+            (
+                "exited_after_s",
+                format!("{:.1}", exited_after.as_secs_f64()),
+            ),
+            (
+                "all_answered_after_s",
+                format!("{:.1}", answered_after.as_secs_f64()),
+            ),
+            ("orphan_window_s", "10".into()),
+            ("lost", "0".into()),
+            ("duplicated", "0".into()),
+            ("model_calls", calls.to_string()),
+        ],
+    );
+    assert!(
+        answered_after < Duration::from_secs(GRACE_SECS + 6),
+        "handed-back jobs answered {answered_after:?} after SIGTERM: they waited for the \
+         orphan window instead of going back to the queue when the worker stopped"
+    );
+    assert_eq!(calls_by(&env, "stopping"), 4, "4 abandoned calls");
+    assert_eq!(calls_by(&env, "other"), 4, "4 answered by the other worker");
+    rescuer.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,200 @@
+//! The sweeper: queues again every user message left `queued` with no live job behind it.
+//!
+//! The API commits a message before pushing its job, and removes it if the push fails; that
+//! leaves three ways for a committed message to have no job that will ever answer it:
+//! - Redis lost its data (a restart without persistence, a fail-over to a replica that missed
+//!   the last writes): the job is gone, the message waits forever;
+//! - the job died without marking the message (apalis-redis kills a job after 25 failed runs:
+//!   a database down for longer than the ~5 minutes those runs span);
+//! - the API process died between its commit and its push.
+//!
+//! Every `WORKER_SWEEP_INTERVAL_SECS` one worker (a Redis lock elects it) looks at messages
+//! `queued` for longer than `WORKER_SWEEP_GRACE_SECS` and follows each one's job keys: the
+//! first push (`message:{id}`), a staff re-drive (`message:{id}:redrive:{task}`) or an earlier
+//! rescue (`message:{id}:rescue:{task}`). If the last job is still alive (waiting, scheduled or
+//! in flight) nothing happens; otherwise a new job is pushed under the next rescue key. The
+//! keys are deterministic, so two sweepers rescuing the same message push one job, and the
+//! reply write is idempotent anyway (one reply per message).
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::Rng;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use aichat_shared::domain::ContextOptions;
+use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key, redrive_job_key};
+
+use crate::metrics;
+
+/// Stale messages looked at per sweep.
+const BATCH: i64 = 200;
+/// Lost jobs followed per message before the sweeper gives up on it (and says so).
+const MAX_GENERATIONS: usize = 10;
+
+pub struct Sweeper {
+    pub db: PgPool,
+    pub redis: ConnectionManager,
+    pub queue: JobQueue,
+    pub interval: Duration,
+    pub grace: Duration,
+}
+
+/// What one sweep found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Stale `queued` messages looked at.
+    pub stale: u64,
+    /// Of those, messages given a new job.
+    pub requeued: u64,
+}
+
+impl Sweeper {
+    /// Sweeps every interval (with ±25 % jitter) until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut cursor = 0;
+        loop {
+            let pause = self.interval.mul_f64(rand::rng().random_range(0.75..1.25));
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.sweep(&mut cursor).await {
+                Ok(swept) if swept.requeued > 0 => tracing::warn!(
+                    stale = swept.stale,
+                    requeued = swept.requeued,
+                    "queued messages without a live job were queued again"
+                ),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = format!("{err:#}"), "sweep failed"),
+            }
+        }
+    }
+
+    /// One sweep over the next batch of stale messages after `cursor` (wrapping around), if
+    /// this worker wins the sweep lock.
+    pub async fn sweep(&self, cursor: &mut i64) -> anyhow::Result<Swept> {
+        let mut conn = self.redis.clone();
+        let lock_ms = (self.interval.as_millis() as u64).saturating_mul(4) / 5;
+        let won: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:sweeper", self.queue.config().queue.as_ref()))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(lock_ms.max(100))
+            .query_async(&mut conn)
+            .await
+            .context("taking the sweep lock")?;
+        if won.is_none() {
+            return Ok(Swept::default());
+        }
+        let stale: Vec<(i64, i64, bool, i32)> = sqlx::query_as(
+            "select id, ai_chat_id, include_related_chat_context, context_message_limit
+             from ai_messages
+             where role = 'user' and status = 'queued' and id > $1
+               and coalesce(dispatched_at, timestamp) < now() - make_interval(secs => $2)
+             order by id limit $3",
+        )
+        .bind(*cursor)
+        .bind(self.grace.as_secs_f64())
+        .bind(BATCH)
+        .fetch_all(&self.db)
+        .await
+        .context("listing stale queued messages")?;
+        *cursor = match stale.last() {
+            Some((id, ..)) if stale.len() as i64 == BATCH => *id,
+            _ => 0,
+        };
+        let mut swept = Swept {
+            stale: stale.len() as u64,
+            requeued: 0,
+        };
+        for (message_id, ai_chat_id, include_related_chat_context, context_message_limit) in stale {
+            let Some((key, lost_task)) = self.next_job_key(message_id).await? else {
+                continue;
+            };
+            let stored = match &lost_task {
+                Some(task) => self.queue.job_args(task).await.ok().flatten(),
+                None => None,
+            };
+            let job = stored.unwrap_or_else(|| {
+                CompletionJob::new(
+                    message_id,
+                    ai_chat_id,
+                    ContextOptions {
+                        include_related_chat_context,
+                        context_message_limit,
+                    },
+                    Some(format!("sweep-{message_id}")),
+                )
+            });
+            if self
+                .queue
+                .enqueue_completion(&job, &key)
+                .await
+                .context("queueing a swept message")?
+            {
+                tracing::warn!(
+                    message_id,
+                    key,
+                    lost_task = lost_task.as_deref().unwrap_or("-"),
+                    "a queued message had no live job; queued it again"
+                );
+                swept.requeued += 1;
+            }
+        }
+        metrics::swept(swept.requeued);
+        Ok(swept)
+    }
+
+    /// The key to push a new job for `message_id` under, with the lost task it replaces;
+    /// `None` when a job of the message is still alive.
+    async fn next_job_key(
+        &self,
+        message_id: i64,
+    ) -> anyhow::Result<Option<(String, Option<String>)>> {
+        let mut conn = self.redis.clone();
+        let idempotency = self.queue.config().idempotency_key_set();
+        let mut key = message_job_key(message_id);
+        let mut lost = None;
+        for _ in 0..MAX_GENERATIONS {
+            let task: Option<String> = conn.get(format!("{idempotency}:{key}")).await?;
+            let Some(task) = task else {
+                return Ok(Some((key, lost)));
+            };
+            if self.alive(&task).await? {
+                return Ok(None);
+            }
+            let redrive = redrive_job_key(message_id, &task);
+            let redriven: bool = conn.exists(format!("{idempotency}:{redrive}")).await?;
+            key = if redriven {
+                redrive
+            } else {
+                format!("message:{message_id}:rescue:{task}")
+            };
+            lost = Some(task);
+        }
+        tracing::error!(
+            message_id,
+            "a queued message lost {MAX_GENERATIONS} jobs in a row; leaving it to staff"
+        );
+        Ok(None)
+    }
+
+    /// A job is alive while its data exists and it is neither done nor dead: it waits, is
+    /// scheduled for a retry, or is in some worker's hands (a dead worker's jobs come back to
+    /// the queue after the orphan window).
+    async fn alive(&self, task: &str) -> anyhow::Result<bool> {
+        let mut conn = self.redis.clone();
+        let config = self.queue.config();
+        let (exists, done, dead): (bool, bool, bool) = redis::pipe()
+            .hexists(config.job_data_hash(), task)
+            .sismember(config.done_jobs_set(), task)
+            .sismember(config.dead_jobs_set(), task)
+            .query_async(&mut conn)
+            .await?;
+        Ok(exists && !done && !dead)
+    }
+}
