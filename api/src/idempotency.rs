@@ -11,8 +11,11 @@ use crate::state::AppState;
 
 const HEADER: &str = "idempotency-key";
 const PENDING: &str = "pending";
-/// How long a key is remembered.
+/// How long a key is remembered once it produced a message.
 const TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a claim lives before it produced one: if the API process dies between claiming and
+/// completing, the key frees itself after this instead of answering 409 for a day.
+const PENDING_TTL: Duration = Duration::from_secs(60);
 
 /// What a key says about this request.
 pub enum Claim {
@@ -48,7 +51,7 @@ pub async fn claim(state: &AppState, user_id: i64, key: &str) -> ApiResult<Claim
     let mut conn = state.redis.clone();
     let options = redis::SetOptions::default()
         .conditional_set(redis::ExistenceCheck::NX)
-        .with_expiration(redis::SetExpiry::EX(TTL.as_secs()));
+        .with_expiration(redis::SetExpiry::EX(PENDING_TTL.as_secs()));
     let claimed: Option<String> = conn
         .set_options(&redis_key, PENDING, options)
         .await

@@ -3,6 +3,18 @@ use crate::error::FieldErrors;
 
 pub const REQUIRED: &str = "This field is required.";
 pub const BLANK: &str = "This field may not be blank.";
+/// PostgreSQL text cannot hold U+0000, so no text field may carry it.
+pub const NULL_CHARACTER: &str = "Null characters are not allowed.";
+
+/// Adds the error when `value` holds a NUL character; true when it is clean.
+pub fn no_nul(errors: &mut FieldErrors, field: &str, value: &str) -> bool {
+    if value.contains('\0') {
+        errors.add(field, NULL_CHARACTER);
+        false
+    } else {
+        true
+    }
+}
 
 /// A required text field: present, not blank, at most `max` characters. Returns it trimmed
 /// of nothing (stored as sent) when valid.
@@ -21,14 +33,16 @@ pub fn required_text<'a>(
     }
 }
 
-/// A text field that was sent: not blank, at most `max` characters.
+/// A text field that was sent: not blank, no NUL, at most `max` characters.
 pub fn optional_text<'a>(
     errors: &mut FieldErrors,
     field: &str,
     value: &'a str,
     max: usize,
 ) -> Option<&'a str> {
-    if value.trim().is_empty() {
+    if !no_nul(errors, field, value) {
+        None
+    } else if value.trim().is_empty() {
         errors.add(field, BLANK);
         None
     } else if value.chars().count() > max {
@@ -71,7 +85,7 @@ pub fn username(errors: &mut FieldErrors, value: Option<&str>) {
 }
 
 pub fn email(errors: &mut FieldErrors, value: &str) {
-    if value.is_empty() {
+    if value.is_empty() || !no_nul(errors, "email", value) {
         return;
     }
     let valid = value.chars().count() <= 254

@@ -26,6 +26,7 @@ use crate::extract::{ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
 use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
+use crate::validate;
 
 /// Close code for a client too slow to keep up ("try again later").
 const SLOW_CONSUMER: u16 = 1013;
@@ -113,8 +114,8 @@ async fn session(
 ) {
     let _open = state.sockets.track();
     let (sink, stream) = socket.split();
-    // Replies meant for this socket only (errors about its own frames).
-    let (direct_tx, direct_rx) = mpsc::channel::<String>(32);
+    // Replies meant for this socket only (errors about its own frames, a close).
+    let (direct_tx, direct_rx) = mpsc::channel::<Direct>(32);
     let (alive_tx, alive_rx) = tokio::sync::watch::channel(Instant::now());
     let send = send_loop(
         state.clone(),
@@ -126,10 +127,30 @@ async fn session(
         alive_rx,
     );
     let recv = recv_loop(state, user, ai_chat_id, stream, direct_tx, alive_tx);
+    tokio::pin!(send);
     tokio::select! {
-        _ = send => {},
-        _ = recv => {},
+        _ = &mut send => {},
+        ended = recv => {
+            if ended == RecvEnd::Closing {
+                // The send loop is writing the close frame the receive loop asked for.
+                let _ = timeout(Duration::from_secs(2), send).await;
+            }
+        },
     }
+}
+
+/// What the receive loop hands to the send loop, the socket's only writer.
+enum Direct {
+    Text(String),
+    Close(u16, &'static str),
+}
+
+#[derive(PartialEq, Eq)]
+enum RecvEnd {
+    /// The client closed, vanished or the send loop is gone.
+    Gone,
+    /// A close frame was queued for the send loop.
+    Closing,
 }
 
 type Sink = futures::stream::SplitSink<WebSocket, Message>;
@@ -140,7 +161,7 @@ async fn send_loop(
     mut events: Subscription,
     after_id: Option<i64>,
     mut sink: Sink,
-    mut direct: mpsc::Receiver<String>,
+    mut direct: mpsc::Receiver<Direct>,
     alive: tokio::sync::watch::Receiver<Instant>,
 ) {
     let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
@@ -187,11 +208,17 @@ async fn send_loop(
                     return;
                 }
             }
-            Some(text) = direct.recv() => {
-                if !send_text(&mut sink, text, send_timeout).await {
+            Some(direct) = direct.recv() => match direct {
+                Direct::Text(text) => {
+                    if !send_text(&mut sink, text, send_timeout).await {
+                        return;
+                    }
+                }
+                Direct::Close(code, reason) => {
+                    close(&mut sink, code, reason).await;
                     return;
                 }
-            }
+            },
             event = events.recv() => match event {
                 Ok(text) => {
                     if !caught_up.is_empty() && already_sent(&text, &caught_up) {
@@ -218,14 +245,26 @@ async fn recv_loop(
     user: User,
     ai_chat_id: i64,
     mut stream: futures::stream::SplitStream<WebSocket>,
-    direct: mpsc::Sender<String>,
+    direct: mpsc::Sender<Direct>,
     alive: tokio::sync::watch::Sender<Instant>,
-) {
-    while let Some(Ok(frame)) = stream.next().await {
+) -> RecvEnd {
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) if is_too_big(&err) => {
+                tracing::info!(error = %err, "closing a WebSocket that sent an oversized message");
+                let close = Direct::Close(close_code::SIZE, "message too big");
+                return match direct.send(close).await {
+                    Ok(()) => RecvEnd::Closing,
+                    Err(_) => RecvEnd::Gone,
+                };
+            }
+            Some(Err(_)) | None => return RecvEnd::Gone,
+        };
         let _ = alive.send(Instant::now());
         let text = match frame {
             Message::Text(text) => text,
-            Message::Close(_) => return,
+            Message::Close(_) => return RecvEnd::Gone,
             _ => continue,
         };
         if let Some(error) = handle_frame(&state, &user, ai_chat_id, &text).await {
@@ -236,11 +275,24 @@ async fn recv_loop(
             let Ok(json) = serde_json::to_string(&event) else {
                 continue;
             };
-            if direct.send(json).await.is_err() {
-                return;
+            if direct.send(Direct::Text(json)).await.is_err() {
+                return RecvEnd::Gone;
             }
         }
     }
+}
+
+/// Whether a read failed because a frame or message was over the configured size.
+fn is_too_big(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>()
+        {
+            return true;
+        }
+        source = current.source();
+    }
+    false
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,6 +324,9 @@ async fn handle_frame(
         .unwrap_or_default();
     if content.trim().is_empty() {
         return Some("Message content cannot be empty".into());
+    }
+    if content.contains('\0') {
+        return Some(validate::NULL_CHARACTER.into());
     }
     if content.chars().count() > state.settings.max_content_chars {
         return Some(format!(

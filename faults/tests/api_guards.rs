@@ -282,7 +282,6 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
 /// README and the issue: a WebSocket message over `WS_MAX_MESSAGE_BYTES` closes the socket
 /// with 1009 (message too big), so the client knows not to resend it as is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fix: api/src/ws.rs drops an oversized socket without a close frame (no 1009)"]
 async fn an_oversized_websocket_message_is_answered_with_close_1009() {
     use tokio_tungstenite::tungstenite::Message;
     let env = Env::start(FakeConfig::default()).await;

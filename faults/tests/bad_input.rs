@@ -12,8 +12,6 @@ use serde_json::{Value, json};
 const NUL: &str = "a\u{0}b";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fix: NUL (U+0000) in text input reaches PostgreSQL and answers 500 \
-            (api/src/validate.rs, login, admin search, WebSocket content)"]
 async fn nul_characters_in_text_input_are_refused_not_500() {
     let env = Env::start(FakeConfig::default()).await;
     let api = env.api(&[]).await;
@@ -138,8 +136,6 @@ async fn nul_characters_in_text_input_are_refused_not_500() {
 /// `JobQueue::depth`) must count the jobs workers hold, or an operator watching a stuck
 /// worker sees nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fix: shared/src/jobs.rs DEPTH_SCRIPT reads SCARD of the worker *name*, not of \
-            `{queue}:inflight:{name}`, so in_flight is always 0"]
 async fn queue_depth_counts_the_jobs_workers_hold() {
     let env = Env::start(FakeConfig {
         latency_ms: 5_000,

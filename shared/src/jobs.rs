@@ -104,8 +104,8 @@ pub struct QueueDepth {
 /// keeps the dead jobs in a plain set, the scheduled ones in a sorted set.)
 const DEPTH_SCRIPT: &str = r#"
 local running = 0
-for _, inflight in ipairs(redis.call('zrange', KEYS[2], 0, -1)) do
-  running = running + redis.call('scard', inflight)
+for _, worker in ipairs(redis.call('zrange', KEYS[2], 0, -1)) do
+  running = running + redis.call('scard', ARGV[1] .. ':' .. worker)
 end
 return { redis.call('llen', KEYS[1]) + redis.call('zcard', KEYS[4]), running, redis.call('scard', KEYS[3]) }
 "#;
@@ -118,6 +118,8 @@ impl JobQueue {
             .key(self.config.workers_set())
             .key(self.config.dead_jobs_set())
             .key(self.config.scheduled_jobs_set())
+            // apalis-redis keeps each worker's jobs in `<inflight set>:<worker name>`.
+            .arg(self.config.inflight_jobs_set())
             .invoke_async(&mut conn)
             .await?;
         Ok(QueueDepth {

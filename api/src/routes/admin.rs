@@ -47,6 +47,9 @@ async fn search_chats(
 ) -> ApiResult<Json<Vec<AiChat>>> {
     let limit = checked_limit(query.limit, 500)?;
     let q = query.q.unwrap_or_default();
+    let mut errors = FieldErrors::default();
+    validate::no_nul(&mut errors, "q", &q);
+    errors.check()?;
     Ok(Json(
         db::admin::search_ai_chats(&state.db, q.trim(), limit).await?,
     ))

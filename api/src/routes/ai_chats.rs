@@ -76,6 +76,7 @@ impl AiChatRequest {
             (None, false) => {}
         }
         if let Some(prompt) = &self.system_prompt
+            && validate::no_nul(&mut errors, "system_prompt", prompt)
             && prompt.chars().count() > MAX_SYSTEM_PROMPT_CHARS
         {
             errors.add(

@@ -58,6 +58,11 @@ async fn create_chat(
     if ids.len() > 1000 || usernames.len() > 1000 {
         errors.add("participant_ids", "At most 1000 participants.");
     }
+    for username in &usernames {
+        if !validate::no_nul(&mut errors, "participant_usernames", username) {
+            break;
+        }
+    }
     if errors.is_empty() && !ids.is_empty() {
         for id in db::users::unknown_user_ids(&state.db, &ids).await? {
             errors.add(
