@@ -5,14 +5,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use aichat_shared::keys::Namespace;
 
-/// One event as published: the WebSocket JSON text.
-pub type Event = Arc<str>;
+/// One event as published: the WebSocket JSON text. `Utf8Bytes` is what a WebSocket text frame
+/// holds, so every socket of the chat sends the same buffer (a reference count, no copy).
+pub type Event = Utf8Bytes;
 
 #[derive(Clone)]
 pub struct Hub {
@@ -172,6 +174,11 @@ impl Subscription {
     pub async fn recv(&mut self) -> Result<Event, broadcast::error::RecvError> {
         self.rx.recv().await
     }
+
+    /// The next event if one is already queued.
+    pub fn try_recv(&mut self) -> Result<Event, broadcast::error::TryRecvError> {
+        self.rx.try_recv()
+    }
 }
 
 impl Drop for Subscription {
@@ -230,7 +237,7 @@ fn parse_message(ns: &Namespace, data: &[Value]) -> Option<(i64, Event)> {
     let prefix = ns.chat_channel(0);
     let prefix = prefix.strip_suffix('0')?;
     let chat_id = channel.strip_prefix(prefix)?.parse().ok()?;
-    Some((chat_id, Arc::from(value_text(payload)?)))
+    Some((chat_id, Utf8Bytes::from(value_text(payload)?)))
 }
 
 fn value_text(value: &Value) -> Option<String> {

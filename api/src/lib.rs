@@ -115,7 +115,10 @@ impl Application {
             tracing::info!("shutting down: closing WebSockets");
             let _ = shutdown_tx.send(true);
         };
-        axum::serve(listener, router)
+        // `into_make_service` hands each connection a clone of the router's `Arc`; serving the
+        // `Router` itself re-boxes every route per connection (~10 KiB that a WebSocket keeps
+        // for its whole life; BENCHMARKS.md, fan-out).
+        axum::serve(listener, router.into_make_service())
             .with_graceful_shutdown(signal)
             .await?;
         state.sockets.wait_closed(Duration::from_secs(5)).await;

@@ -23,7 +23,7 @@ use crate::auth::{request_token, user_for_token};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, RequestId};
-use crate::fanout::Subscription;
+use crate::fanout::{Event, Subscription};
 use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
 use crate::validate;
@@ -90,7 +90,7 @@ async fn upgrade(
     Ok(ws
         // tungstenite's 128 KiB default read buffer is zero-filled on every read: at 10k idle
         // sockets it cost 152 KiB each and a third of the API's CPU in memset (BENCHMARKS.md).
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .max_message_size(settings.ws_max_message_bytes)
         .max_frame_size(settings.ws_max_message_bytes)
         .on_upgrade(move |socket| {
@@ -221,12 +221,17 @@ async fn send_loop(
             },
             event = events.recv() => match event {
                 Ok(text) => {
-                    if !caught_up.is_empty() && already_sent(&text, &caught_up) {
-                        continue;
-                    }
-                    if !send_text(&mut sink, text.to_string(), send_timeout).await {
-                        close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
-                        return;
+                    match send_events(&mut sink, &mut events, text, &caught_up, send_timeout).await {
+                        Batch::Sent => {}
+                        Batch::Slow => {
+                            close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                            return;
+                        }
+                        Batch::Lagged => {
+                            tracing::info!("closing a WebSocket that fell behind");
+                            close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                            return;
+                        }
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -384,6 +389,54 @@ fn already_sent(text: &str, sent: &HashSet<i64>) -> bool {
         .and_then(|e| e.message)
         .and_then(|m| m.get("id").and_then(|id| id.as_i64()))
         .is_some_and(|id| sent.contains(&id))
+}
+
+/// Most events written before one flush: under load a socket's queued events go out in one
+/// write instead of one system call each.
+const BATCH: usize = 64;
+
+enum Batch {
+    Sent,
+    /// The client did not take the frames within the send time-out.
+    Slow,
+    /// The socket's queue overflowed while it was being written.
+    Lagged,
+}
+
+/// Writes `first` and the events already queued behind it (up to `BATCH`), then flushes once;
+/// events the catch-up already sent are skipped.
+async fn send_events(
+    sink: &mut Sink,
+    events: &mut Subscription,
+    first: Event,
+    caught_up: &HashSet<i64>,
+    limit: Duration,
+) -> Batch {
+    let fresh = |text: &Event| caught_up.is_empty() || !already_sent(text, caught_up);
+    let write = async {
+        let mut lagged = false;
+        if fresh(&first) {
+            sink.feed(Message::Text(first)).await?;
+        }
+        for _ in 0..BATCH {
+            match events.try_recv() {
+                Ok(text) if fresh(&text) => sink.feed(Message::Text(text)).await?,
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    lagged = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        sink.flush().await?;
+        Ok::<bool, axum::Error>(lagged)
+    };
+    match timeout(limit, write).await {
+        Ok(Ok(false)) => Batch::Sent,
+        Ok(Ok(true)) => Batch::Lagged,
+        Ok(Err(_)) | Err(_) => Batch::Slow,
+    }
 }
 
 async fn send_text(sink: &mut Sink, text: String, limit: Duration) -> bool {
