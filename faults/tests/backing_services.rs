@@ -567,6 +567,25 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     let audit = env.audit().await;
     audit.assert_answered_once(&ids);
     assert_eq!(env.fake.requests().len(), 3, "one model call per message");
+    // The sweeps also forget finished jobs: only the dead job's data stays (for the staff).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let kept = loop {
+        let (done, kept): (u64, Vec<String>) = redis::pipe()
+            .scard(format!("{q}:done"))
+            .hkeys(format!("{q}:data"))
+            .query_async(&mut conn)
+            .await
+            .expect("job data");
+        if done == 0 && kept.len() <= 1 {
+            break kept;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "finished jobs not trimmed: {done} done, data of {kept:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(kept, vec![task.clone()], "only the dead job's data is kept");
     report(
         "sweeper",
         &[

@@ -130,6 +130,34 @@ impl JobQueue {
     }
 }
 
+/// Forgets up to ARGV[1] finished jobs: their id in the done set, their arguments and their
+/// metadata. apalis-redis keeps them forever (its own `vacuum` reads the whole data hash).
+const TRIM_DONE_SCRIPT: &str = r#"
+local ids = redis.call('spop', KEYS[1], ARGV[1])
+for _, id in ipairs(ids) do
+  redis.call('hdel', KEYS[2], id)
+  redis.call('del', KEYS[3] .. ':' .. id)
+end
+return #ids
+"#;
+
+impl JobQueue {
+    /// Removes the data of at most `limit` finished jobs; returns how many it removed. Nothing
+    /// reads a finished job's data again: its message is answered, and the message's
+    /// idempotency key (which keeps a second push out) lives on its own TTL.
+    pub async fn trim_done(&self, limit: usize) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let removed: u64 = redis::Script::new(TRIM_DONE_SCRIPT)
+            .key(self.config.done_jobs_set())
+            .key(self.config.job_data_hash())
+            .key(self.config.job_meta_hash())
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(removed)
+    }
+}
+
 /// The de-duplication key of a message's first job.
 pub fn message_job_key(message_id: i64) -> String {
     format!("message:{message_id}")

@@ -1,4 +1,5 @@
-//! The sweeper: queues again every user message left `queued` with no live job behind it.
+//! The sweeper: queues again every user message left `queued` with no live job behind it, and
+//! forgets finished jobs (apalis-redis would keep their data in Redis forever).
 //!
 //! The API commits a message before pushing its job, and removes it if the push fails; that
 //! leaves three ways for a committed message to have no job that will ever answer it:
@@ -24,13 +25,17 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use aichat_shared::domain::ContextOptions;
+use aichat_shared::db::{self, stale::StaleMessage};
 use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key, redrive_job_key};
 
 use crate::metrics;
 
 /// Stale messages looked at per sweep.
 const BATCH: i64 = 200;
+/// Finished jobs forgotten per Redis call, and calls per sweep: a sweep removes up to 50,000,
+/// far more than a worker finishes between two sweeps, in calls short enough not to stall Redis.
+const TRIM_BATCH: usize = 1_000;
+const TRIM_ROUNDS: usize = 50;
 /// Lost jobs followed per message before the sweeper gives up on it (and says so).
 const MAX_GENERATIONS: usize = 10;
 
@@ -49,6 +54,8 @@ pub struct Swept {
     pub stale: u64,
     /// Of those, messages given a new job.
     pub requeued: u64,
+    /// Finished jobs whose data was removed from Redis.
+    pub trimmed: u64,
 }
 
 impl Sweeper {
@@ -90,28 +97,37 @@ impl Sweeper {
         if won.is_none() {
             return Ok(Swept::default());
         }
-        let stale: Vec<(i64, i64, bool, i32)> = sqlx::query_as(
-            "select id, ai_chat_id, include_related_chat_context, context_message_limit
-             from ai_messages
-             where role = 'user' and status = 'queued' and id > $1
-               and coalesce(dispatched_at, timestamp) < now() - make_interval(secs => $2)
-             order by id limit $3",
-        )
-        .bind(*cursor)
-        .bind(self.grace.as_secs_f64())
-        .bind(BATCH)
-        .fetch_all(&self.db)
-        .await
-        .context("listing stale queued messages")?;
+        let mut trimmed = 0;
+        for _ in 0..TRIM_ROUNDS {
+            let removed = self
+                .queue
+                .trim_done(TRIM_BATCH)
+                .await
+                .context("trimming finished jobs")?;
+            trimmed += removed;
+            if removed < TRIM_BATCH as u64 {
+                break;
+            }
+        }
+        let stale =
+            db::stale::list_stale_queued(&self.db, *cursor, self.grace.as_secs_f64(), BATCH)
+                .await
+                .context("listing stale queued messages")?;
         *cursor = match stale.last() {
-            Some((id, ..)) if stale.len() as i64 == BATCH => *id,
+            Some(last) if stale.len() as i64 == BATCH => last.id,
             _ => 0,
         };
         let mut swept = Swept {
             stale: stale.len() as u64,
             requeued: 0,
+            trimmed,
         };
-        for (message_id, ai_chat_id, include_related_chat_context, context_message_limit) in stale {
+        for StaleMessage {
+            id: message_id,
+            ai_chat_id,
+            options,
+        } in stale
+        {
             let Some((key, lost_task)) = self.next_job_key(message_id).await? else {
                 continue;
             };
@@ -123,10 +139,7 @@ impl Sweeper {
                 CompletionJob::new(
                     message_id,
                     ai_chat_id,
-                    ContextOptions {
-                        include_related_chat_context,
-                        context_message_limit,
-                    },
+                    options,
                     Some(format!("sweep-{message_id}")),
                 )
             });

@@ -21,6 +21,7 @@ pub mod ai_messages;
 pub mod chats;
 pub mod completions;
 pub mod sessions;
+pub mod stale;
 pub mod usage;
 pub mod users;
 

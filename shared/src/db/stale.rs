@@ -1,0 +1,49 @@
+//! Queued user messages that may have lost their job: what the worker's sweeper looks at.
+use sqlx::PgExecutor;
+
+use crate::domain::ContextOptions;
+use crate::error::Result;
+
+/// A user message still `queued` after the sweep's grace period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleMessage {
+    pub id: i64,
+    pub ai_chat_id: i64,
+    pub options: ContextOptions,
+}
+
+/// User messages `queued` (and not re-dispatched) for longer than `grace_secs`, with an id
+/// above `after_id`, oldest first, at most `limit`.
+#[tracing::instrument(skip(db))]
+pub async fn list_stale_queued(
+    db: impl PgExecutor<'_>,
+    after_id: i64,
+    grace_secs: f64,
+    limit: i64,
+) -> Result<Vec<StaleMessage>> {
+    let rows: Vec<(i64, i64, bool, i32)> = sqlx::query_as(
+        r"select id, ai_chat_id, include_related_chat_context, context_message_limit
+          from ai_messages
+          where role = 'user' and status = 'queued' and id > $1
+            and coalesce(dispatched_at, timestamp) < now() - make_interval(secs => $2)
+          order by id limit $3",
+    )
+    .bind(after_id)
+    .bind(grace_secs)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, ai_chat_id, include_related_chat_context, context_message_limit)| StaleMessage {
+                id,
+                ai_chat_id,
+                options: ContextOptions {
+                    include_related_chat_context,
+                    context_message_limit,
+                },
+            },
+        )
+        .collect())
+}
