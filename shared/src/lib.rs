@@ -9,6 +9,7 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod redis_conn;
+pub mod signals;
 pub mod telemetry;
 
 pub use error::Error;
