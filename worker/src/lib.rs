@@ -152,20 +152,18 @@ impl Worker {
         let config = queue_config(&settings);
         let stopping = self.jobs.stopping.clone();
         let (settled_tx, settled_rx) = watch::channel(false);
-        // From the signal until the in-flight set is settled, this process keeps its worker
-        // registration fresh: apalis stops heart-beating at the signal.
+        // From the start until the in-flight set is settled, this process keeps its worker
+        // registration fresh on its own: apalis heart-beats only while its fetch buffer is
+        // empty (so not while a full worker holds a fetched batch) and stops at the signal.
         let keep_alive = {
             let stopping = stopping.clone();
             let redis = self.redis.clone();
             let workers_set = config.workers_set();
             let interval = settings.heartbeat_interval();
-            let mut begun = self.shutdown.subscribe();
             tokio::spawn(async move {
-                if begun.wait_for(|stopping| *stopping).await.is_ok() {
-                    stopping
-                        .keep_alive(redis, workers_set, interval, settled_rx)
-                        .await;
-                }
+                stopping
+                    .keep_alive(redis, workers_set, interval, settled_rx)
+                    .await;
             })
         };
         let sweeper = (settings.worker_sweep_interval_secs > 0).then(|| {
@@ -235,14 +233,21 @@ impl Worker {
     }
 }
 
+/// Most tasks one fetch takes from the queue.
+const FETCH_BATCH: usize = 8;
+
 /// The queue configuration of this worker: the shared one plus heartbeats and batch size.
 fn queue_config(settings: &Settings) -> apalis_redis::Config {
-    // One task per fetch: apalis only heart-beats (and acknowledges results) while nothing
-    // fetched is waiting in its buffer. With a larger batch, a worker whose concurrency is
-    // full sits on buffered tasks, misses heartbeats and has its jobs handed to others while
-    // still running them. Fetching stays back-to-back while tasks are queued.
+    // Up to FETCH_BATCH tasks per fetch: filling 500 free slots one Lua round trip at a time
+    // took ~0.3 s (BENCHMARKS.md, concurrency). apalis heart-beats only while nothing fetched
+    // waits in its buffer, so `Stopping::keep_alive` refreshes the registration on its own,
+    // and a full worker holding a batch is not taken for dead.
     jobs::queue_config(&settings.redis.namespace())
-        .batch_size(1)
+        .batch_size(
+            FETCH_BATCH
+                .min(usize::try_from(settings.worker_concurrency).unwrap_or(1))
+                .max(1),
+        )
         .heartbeat_interval(settings.heartbeat_interval())
         .missed_heartbeats(usize::try_from(settings.worker_missed_heartbeats).unwrap_or(2))
 }
