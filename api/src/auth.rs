@@ -96,9 +96,23 @@ pub fn request_token(parts: &Parts) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-/// Resolves a token to its user, if the session is live.
+/// Resolves a token to its user, if the session is live: from this instance's session cache
+/// when it was looked up in the last `SESSION_CACHE_SECS`, else from the database.
 pub async fn user_for_token(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
-    Ok(db::sessions::find_session_user(&state.db, &hash_token(token)).await?)
+    user_for_token_hash(state, &hash_token(token)).await
+}
+
+async fn user_for_token_hash(state: &AppState, hash: &[u8]) -> Result<Option<User>, ApiError> {
+    if let Some(user) = state.sessions.get(hash) {
+        return Ok(Some(user));
+    }
+    let Some(session) = db::sessions::find_live_session(&state.db, hash).await? else {
+        return Ok(None);
+    };
+    state
+        .sessions
+        .insert(hash, &session.user, session.expires_at);
+    Ok(Some(session.user))
 }
 
 /// An authenticated user; extracting it answers 401 for anyone else.
@@ -115,13 +129,11 @@ impl FromRequestParts<AppState> for AuthUser {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = request_token(parts).ok_or(ApiError::Unauthenticated)?;
-        let user = user_for_token(state, &token)
+        let token_hash = hash_token(&token);
+        let user = user_for_token_hash(state, &token_hash)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        Ok(AuthUser {
-            user,
-            token_hash: hash_token(&token),
-        })
+        Ok(AuthUser { user, token_hash })
     }
 }
 

@@ -8,10 +8,12 @@ use aichat_shared::jobs::{CompletionJob, message_job_key};
 use chrono::Utc;
 
 use crate::error::{ApiError, ApiResult};
+use crate::routes::ai_chats::ensure_owner;
 use crate::send_rate;
 use crate::state::AppState;
 
-/// Stores `content` as a queued user message of `ai_chat_id` and queues its completion job.
+/// Stores `content` as a queued user message of `ai_chat_id` and queues its completion job;
+/// 404 unless `user_id` owns the chat (checked by the insert itself, so callers need not).
 ///
 /// The message is committed before the push, so a worker can never take a job whose message
 /// is not visible yet. If Redis refuses the push, the message is removed again and the caller
@@ -27,10 +29,14 @@ pub async fn submit_message(
     options: ContextOptions,
     request_id: Option<String>,
 ) -> ApiResult<AiMessage> {
-    send_rate::admit(state, user_id).await?;
+    if let Err(err) = send_rate::admit(state, user_id).await {
+        // Someone else's chat is not found before anything else is said about it.
+        return Err(not_found_first(state, ai_chat_id, user_id, err).await);
+    }
     let reservation = reserve_budget(state, user_id, ai_chat_id, content).await?;
     let result = store_and_queue(
         state,
+        user_id,
         ai_chat_id,
         content,
         options,
@@ -87,19 +93,40 @@ async fn reserve_budget(
     }
 }
 
+/// `err`, unless `user_id` does not own AI chat `ai_chat_id`: then 404, as when ownership was
+/// checked before anything else. Only refusals pay for this query; a send that goes through
+/// is checked by its insert.
+pub async fn not_found_first(
+    state: &AppState,
+    ai_chat_id: i64,
+    user_id: i64,
+    err: ApiError,
+) -> ApiError {
+    if matches!(err, ApiError::NotFound) {
+        return err;
+    }
+    match ensure_owner(state, ai_chat_id, user_id).await {
+        Ok(()) => err,
+        Err(not_owner) => not_owner,
+    }
+}
+
 async fn store_and_queue(
     state: &AppState,
+    user_id: i64,
     ai_chat_id: i64,
     content: &str,
     options: ContextOptions,
     request_id: Option<String>,
     reservation: Option<Reservation>,
 ) -> ApiResult<AiMessage> {
-    let mut tx = state.db.begin().await?;
-    let message =
-        db::ai_messages::insert_user_message(&mut *tx, ai_chat_id, content, options).await?;
-    db::ai_chats::touch_ai_chat(&mut *tx, ai_chat_id).await?;
-    tx.commit().await?;
+    // One statement: the ownership check, the insert and the chat's `updated_at`, committed
+    // before the push.
+    let message = db::ai_messages::insert_owned_user_message(
+        &state.db, ai_chat_id, user_id, content, options,
+    )
+    .await?
+    .ok_or(ApiError::NotFound)?;
 
     let job = CompletionJob {
         budget: reservation,

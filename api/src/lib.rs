@@ -24,6 +24,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod routes;
 pub mod send_rate;
+pub mod session_cache;
 pub mod settings;
 pub mod state;
 pub mod validate;
@@ -31,6 +32,7 @@ pub mod wait;
 pub mod ws;
 
 use fanout::Hub;
+use session_cache::SessionCache;
 pub use settings::Settings;
 use state::{AppState, SocketTracker};
 
@@ -73,6 +75,9 @@ impl Application {
             redis,
             hub,
             ns,
+            sessions: Arc::new(SessionCache::new(Duration::from_secs(
+                settings.session_cache_secs,
+            ))),
             settings: Arc::new(settings),
             shutdown,
             sockets: SocketTracker::default(),

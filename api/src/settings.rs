@@ -20,6 +20,11 @@ pub struct Settings {
     /// Hours a login session lives (default 14 days).
     #[arg(long, env = "SESSION_TTL_HOURS", default_value_t = 336)]
     pub session_ttl_hours: i64,
+    /// Seconds an instance remembers a session it has looked up (0: look it up every time).
+    /// Logout takes effect at once on the instance that served it; elsewhere a revoked or
+    /// expired session is still accepted for at most this long.
+    #[arg(long, env = "SESSION_CACHE_SECS", default_value_t = 3)]
+    pub session_cache_secs: u64,
     /// Mark the `sessionid` cookie `Secure` (set it when served over HTTPS).
     #[arg(long, env = "COOKIE_SECURE", action = ArgAction::Set, default_value_t = false)]
     pub cookie_secure: bool,

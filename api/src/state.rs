@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::fanout::Hub;
+use crate::session_cache::SessionCache;
 use crate::settings::Settings;
 
 #[derive(Clone)]
@@ -22,6 +23,7 @@ pub struct AppState {
     /// Becomes `true` when the server starts shutting down: sockets close with 1001.
     pub shutdown: watch::Receiver<bool>,
     pub sockets: SocketTracker,
+    pub sessions: Arc<SessionCache>,
 }
 
 /// Counts open WebSockets, so shutdown can wait for their close frames to go out.

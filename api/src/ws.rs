@@ -347,12 +347,9 @@ async fn handle_frame(
         include_related_chat_context: frame.include_related_chat_context.unwrap_or(false),
         context_message_limit: i32::try_from(limit).unwrap_or(20),
     };
-    let result = async {
-        ensure_owner(state, ai_chat_id, user.id).await?;
-        let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
-        submit_message(state, user.id, ai_chat_id, content, options, request_id).await
-    }
-    .await;
+    // `submit_message` checks ownership in its insert: a chat deleted since the upgrade is 404.
+    let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
+    let result = submit_message(state, user.id, ai_chat_id, content, options, request_id).await;
     match result {
         Ok(_) => None, // the `user_message` event comes back through the fan-out
         Err(ApiError::Internal(err)) => {

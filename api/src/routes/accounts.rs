@@ -149,6 +149,7 @@ pub struct MessageResponse {
 #[tracing::instrument(skip_all)]
 async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
     db::sessions::delete_session(&state.db, &auth.token_hash).await?;
+    state.sessions.revoke(&auth.token_hash);
     let clear = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0");
     let mut headers = HeaderMap::new();
     headers.insert(

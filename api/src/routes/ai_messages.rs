@@ -11,11 +11,11 @@ use aichat_shared::db;
 use aichat_shared::domain::{AiMessage, ContextOptions, Usage};
 
 use crate::auth::AuthUser;
-use crate::dispatch::submit_message;
+use crate::dispatch::{not_found_first, submit_message};
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
+use crate::fanout::Subscription;
 use crate::idempotency::{self, Claim};
-use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
 use crate::validate;
 use crate::wait::{self, Outcome};
@@ -70,47 +70,31 @@ async fn send_message(
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<SendMessageRequest>,
 ) -> ApiResult<Response> {
-    ensure_owner(&state, id, auth.user.id).await?;
-    let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
-    let mut errors = FieldErrors::default();
-    let content = validate::required_text(
-        &mut errors,
-        "content",
-        body.content.as_deref(),
-        state.settings.max_content_chars,
-    );
-    let limit = body.context_message_limit.unwrap_or(20);
-    validate::in_range(&mut errors, "context_message_limit", limit, 1, 100);
-    errors.check()?;
-    let content = content.ok_or(ApiError::BadRequest("content is required".into()))?;
-    let options = ContextOptions {
-        include_related_chat_context: body.include_related_chat_context.unwrap_or(false),
-        context_message_limit: i32::try_from(limit).unwrap_or(20),
-    };
-    // Subscribe before the message exists, so its reply cannot slip past.
-    let mut events = match wait {
-        Some(_) => Some(state.hub.subscribe(id).await.map_err(|err| {
-            tracing::warn!(error = %err, "pub/sub subscribe failed");
-            ApiError::Unavailable(
-                "Waiting for replies is unavailable right now; send without ?wait",
-            )
-        })?),
-        None => None,
-    };
-    let idempotency_key = idempotency::key_from(&headers)?;
-    let claim = match &idempotency_key {
-        Some(key) => Some(idempotency::claim(&state, auth.user.id, key).await?),
-        None => None,
+    // Ownership is checked by the insert itself (one query for the common send); the refusals
+    // that come earlier ask for it first, so someone else's chat is still a 404 before anything.
+    let user_id = auth.user.id;
+    let prepared = prepare_send(&state, user_id, id, &query, &headers, &body).await;
+    let Prepared {
+        wait,
+        content,
+        options,
+        mut events,
+        claim,
+    } = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => return Err(not_found_first(&state, id, user_id, err).await),
     };
     let message = match claim {
         Some(Claim::Existing(message_id)) => {
             // A repeat: answer the first request's message, queue nothing.
-            let message = db::ai_messages::get_user_message(&state.db, message_id, auth.user.id)
+            let message = db::ai_messages::get_user_message(&state.db, message_id, user_id)
                 .await?
-                .filter(|m| m.ai_chat == id)
-                .ok_or(ApiError::Conflict(
-                    "This Idempotency-Key was used for another chat",
-                ))?;
+                .filter(|m| m.ai_chat == id);
+            let Some(message) = message else {
+                let other_chat =
+                    ApiError::Conflict("This Idempotency-Key was used for another chat");
+                return Err(not_found_first(&state, id, user_id, other_chat).await);
+            };
             let status = message.status.clone();
             return Ok((
                 StatusCode::ACCEPTED,
@@ -119,16 +103,7 @@ async fn send_message(
                 .into_response());
         }
         Some(Claim::New(redis_key)) => {
-            match submit_message(
-                &state,
-                auth.user.id,
-                id,
-                content,
-                options,
-                request_id.clone(),
-            )
-            .await
-            {
+            match submit_message(&state, user_id, id, content, options, request_id.clone()).await {
                 Ok(message) => {
                     idempotency::complete(&state, &redis_key, message.id).await;
                     message
@@ -139,17 +114,7 @@ async fn send_message(
                 }
             }
         }
-        None => {
-            submit_message(
-                &state,
-                auth.user.id,
-                id,
-                content,
-                options,
-                request_id.clone(),
-            )
-            .await?
-        }
+        None => submit_message(&state, user_id, id, content, options, request_id.clone()).await?,
     };
     if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
         match wait::wait_for_reply(&state, events, message.id, limit).await? {
@@ -170,6 +135,65 @@ async fn send_message(
         }),
     )
         .into_response())
+}
+
+/// A send that passed its checks: what `send_message` goes on with.
+struct Prepared<'a> {
+    wait: Option<std::time::Duration>,
+    content: &'a str,
+    options: ContextOptions,
+    events: Option<Subscription>,
+    claim: Option<Claim>,
+}
+
+/// The checks of a send that come before storing it, in their old order: `?wait`, the fields,
+/// the subscription for `?wait`, the Idempotency-Key.
+async fn prepare_send<'a>(
+    state: &AppState,
+    user_id: i64,
+    id: i64,
+    query: &SendMessageQuery,
+    headers: &HeaderMap,
+    body: &'a SendMessageRequest,
+) -> ApiResult<Prepared<'a>> {
+    let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
+    let mut errors = FieldErrors::default();
+    let content = validate::required_text(
+        &mut errors,
+        "content",
+        body.content.as_deref(),
+        state.settings.max_content_chars,
+    );
+    let limit = body.context_message_limit.unwrap_or(20);
+    validate::in_range(&mut errors, "context_message_limit", limit, 1, 100);
+    errors.check()?;
+    let content = content.ok_or(ApiError::BadRequest("content is required".into()))?;
+    let options = ContextOptions {
+        include_related_chat_context: body.include_related_chat_context.unwrap_or(false),
+        context_message_limit: i32::try_from(limit).unwrap_or(20),
+    };
+    // Subscribe before the message exists, so its reply cannot slip past.
+    let events = match wait {
+        Some(_) => Some(state.hub.subscribe(id).await.map_err(|err| {
+            tracing::warn!(error = %err, "pub/sub subscribe failed");
+            ApiError::Unavailable(
+                "Waiting for replies is unavailable right now; send without ?wait",
+            )
+        })?),
+        None => None,
+    };
+    let idempotency_key = idempotency::key_from(headers)?;
+    let claim = match &idempotency_key {
+        Some(key) => Some(idempotency::claim(state, user_id, key).await?),
+        None => None,
+    };
+    Ok(Prepared {
+        wait,
+        content,
+        options,
+        events,
+        claim,
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -199,9 +223,16 @@ async fn list_chat_messages(
         validate::in_range(&mut errors, "limit", limit, 1, 1000);
     }
     errors.check()?;
-    ensure_owner(&state, id, auth.user.id).await?;
-    let messages =
-        db::ai_messages::list_chat_messages(&state.db, id, query.after_id, query.limit).await?;
+    // The ownership check and the page in one query.
+    let messages = db::ai_messages::list_owned_chat_messages(
+        &state.db,
+        id,
+        auth.user.id,
+        query.after_id,
+        query.limit,
+    )
+    .await?
+    .ok_or(ApiError::NotFound)?;
     Ok(Json(messages))
 }
 

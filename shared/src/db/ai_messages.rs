@@ -1,5 +1,5 @@
 //! Messages of AI chats: the user's, waiting or answered, and the model's replies.
-use sqlx::PgExecutor;
+use sqlx::{FromRow, PgExecutor, Row};
 
 use crate::domain::{AiMessage, ContextOptions, role, status};
 use crate::error::Result;
@@ -33,13 +33,60 @@ pub async fn insert_user_message(
     Ok(message)
 }
 
+/// Stores a user message as `queued` in a chat `user_id` owns, and marks the chat as just used,
+/// in one statement (one round trip, one commit); `None` when the user owns no such chat.
+#[tracing::instrument(skip(db, content))]
+pub async fn insert_owned_user_message(
+    db: impl PgExecutor<'_>,
+    ai_chat_id: i64,
+    user_id: i64,
+    content: &str,
+    options: ContextOptions,
+) -> Result<Option<AiMessage>> {
+    // The chat's row is updated (and locked) first, so the insert's foreign-key check finds it
+    // held by this statement; no chat row, no insert.
+    let message = sqlx::query_as::<_, AiMessage>(sql!(
+        "with chat as (
+             update ai_chats set updated_at = now()
+             where id = $1 and user_id = $2
+             returning id
+         )
+         insert into ai_messages as m (ai_chat_id, role, content, status,
+             include_related_chat_context, context_message_limit)
+         select chat.id, $3, $4, $5, $6, $7 from chat
+         returning {MESSAGE_COLUMNS}"
+    ))
+    .bind(ai_chat_id)
+    .bind(user_id)
+    .bind(role::USER)
+    .bind(content)
+    .bind(status::QUEUED)
+    .bind(options.include_related_chat_context)
+    .bind(options.context_message_limit)
+    .fetch_optional(db)
+    .await?;
+    Ok(message)
+}
+
 /// Records that the message's completion job is in the queue.
+///
+/// Committed with `synchronous_commit = off` (local to this statement's transaction, so in one
+/// round trip and without waiting for a WAL flush): `dispatched_at` is bookkeeping, not state
+/// anything waits on. Losing it in a crash (the last ~0.6 s of such commits) leaves it null: the
+/// sweeper then ages the message by its `timestamp` (taken a moment earlier) and still re-queues
+/// it only when its job is no longer alive, and `delete_undispatched_message` runs only when the
+/// push itself failed, before this is ever called.
 #[tracing::instrument(skip(db))]
 pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result<()> {
-    sqlx::query(r#"update ai_messages set dispatched_at = now() where id = $1"#)
-        .bind(message_id)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        r#"with async_commit as (select set_config('synchronous_commit', 'off', true))
+           update ai_messages set dispatched_at = now()
+           from async_commit
+           where id = $1"#,
+    )
+    .bind(message_id)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -73,6 +120,47 @@ pub async fn list_chat_messages(
     .fetch_all(db)
     .await?;
     Ok(messages)
+}
+
+/// Messages of one chat `user_id` owns, oldest first, in one query with the ownership check;
+/// `None` when the user owns no such chat (an owned chat with no messages gives `Some([])`).
+#[tracing::instrument(skip(db))]
+pub async fn list_owned_chat_messages(
+    db: impl PgExecutor<'_>,
+    ai_chat_id: i64,
+    user_id: i64,
+    after_id: Option<i64>,
+    limit: Option<i64>,
+) -> Result<Option<Vec<AiMessage>>> {
+    // The chat row comes back once with null message columns when the page is empty, and not
+    // at all when the chat is someone else's.
+    let rows = sqlx::query(sql!(
+        "select {MESSAGE_COLUMNS}
+         from ai_chats a
+         left join lateral (
+             select * from ai_messages m
+             where m.ai_chat_id = a.id and m.id > $3
+             order by m.id limit $4
+         ) m on true
+         where a.id = $1 and a.user_id = $2
+         order by m.id"
+    ))
+    .bind(ai_chat_id)
+    .bind(user_id)
+    .bind(after_id.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut messages = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<i64>, _>("id")?.is_some() {
+            messages.push(AiMessage::from_row(row)?);
+        }
+    }
+    Ok(Some(messages))
 }
 
 /// Every AI message of a user, oldest first.

@@ -21,18 +21,29 @@ pub async fn insert_session(
     Ok(())
 }
 
-/// The user a live (unexpired) session belongs to.
+/// A live session: its user, and when it stops being valid.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LiveSession {
+    #[sqlx(flatten)]
+    pub user: User,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The user a live (unexpired) session belongs to, with the session's expiry.
 #[tracing::instrument(skip_all)]
-pub async fn find_session_user(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<Option<User>> {
-    let user = sqlx::query_as::<_, User>(
-        r#"select u.id, u.username, u.email, u.is_staff
+pub async fn find_live_session(
+    db: impl PgExecutor<'_>,
+    token_hash: &[u8],
+) -> Result<Option<LiveSession>> {
+    let session = sqlx::query_as::<_, LiveSession>(
+        r#"select u.id, u.username, u.email, u.is_staff, s.expires_at
            from sessions s join users u on u.id = s.user_id
            where s.token_hash = $1 and s.expires_at > now()"#,
     )
     .bind(token_hash)
     .fetch_optional(db)
     .await?;
-    Ok(user)
+    Ok(session)
 }
 
 #[tracing::instrument(skip_all)]

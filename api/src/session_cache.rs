@@ -1,0 +1,202 @@
+//! A short-lived, bounded, per-process memo of session token hash → user, so most
+//! authenticated requests skip the session query.
+//!
+//! Only live sessions are remembered, each for at most `SESSION_CACHE_SECS` and never past the
+//! session's own expiry. Logging out evicts the token here at once; other API instances keep
+//! accepting it until their entry runs out (at most `SESSION_CACHE_SECS`), and the same bound
+//! applies to anything else changed in the database (an expired or deleted session, a changed
+//! `is_staff`).
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aichat_shared::domain::User;
+use chrono::{DateTime, Utc};
+
+/// Entries kept at most; past it the expired ones go, and if none had, all of them (a refill
+/// costs one query per live token, and a full map only means many distinct tokens in a few
+/// seconds).
+const CAPACITY: usize = 10_000;
+
+enum Entry {
+    Live {
+        user: User,
+        until: Instant,
+    },
+    /// Logged out here: a lookup that read the session before the logout must not put it
+    /// back for the rest of the TTL.
+    Revoked {
+        until: Instant,
+    },
+}
+
+impl Entry {
+    fn until(&self) -> Instant {
+        match self {
+            Entry::Live { until, .. } | Entry::Revoked { until } => *until,
+        }
+    }
+}
+
+pub struct SessionCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<Vec<u8>, Entry>>,
+}
+
+impl SessionCache {
+    /// A cache keeping entries for `ttl`; a zero `ttl` disables it.
+    pub fn new(ttl: Duration) -> Self {
+        SessionCache {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
+    /// Nothing held under the lock can be left half-changed, so a poisoned lock is still usable.
+    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The user of a remembered live session, if its entry has not run out.
+    pub fn get(&self, token_hash: &[u8]) -> Option<User> {
+        if !self.enabled() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut entries = self.lock();
+        match entries.get(token_hash) {
+            Some(Entry::Live { user, until }) if *until > now => Some(user.clone()),
+            Some(Entry::Revoked { until }) if *until > now => None,
+            Some(_) => {
+                entries.remove(token_hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers a session just read from the database, until the TTL or its expiry, whichever
+    /// comes first; a token logged out here meanwhile stays out.
+    pub fn insert(&self, token_hash: &[u8], user: &User, expires_at: DateTime<Utc>) {
+        if !self.enabled() {
+            return;
+        }
+        let Ok(left) = (expires_at - Utc::now()).to_std() else {
+            return; // already expired
+        };
+        let now = Instant::now();
+        let until = now + self.ttl.min(left);
+        let mut entries = self.lock();
+        if let Some(Entry::Revoked { until }) = entries.get(token_hash)
+            && *until > now
+        {
+            return;
+        }
+        make_room(&mut entries, now);
+        entries.insert(
+            token_hash.to_vec(),
+            Entry::Live {
+                user: user.clone(),
+                until,
+            },
+        );
+    }
+
+    /// Forgets a session that was just revoked, and keeps it from being remembered again by a
+    /// lookup that raced with the revocation.
+    pub fn revoke(&self, token_hash: &[u8]) {
+        if !self.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        let mut entries = self.lock();
+        make_room(&mut entries, now);
+        entries.insert(
+            token_hash.to_vec(),
+            Entry::Revoked {
+                until: now + self.ttl,
+            },
+        );
+    }
+}
+
+fn make_room(entries: &mut HashMap<Vec<u8>, Entry>, now: Instant) {
+    if entries.len() < CAPACITY {
+        return;
+    }
+    entries.retain(|_, entry| entry.until() > now);
+    if entries.len() >= CAPACITY {
+        entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> User {
+        User {
+            id: 1,
+            username: "alice".into(),
+            email: String::new(),
+            is_staff: false,
+        }
+    }
+
+    fn in_an_hour() -> DateTime<Utc> {
+        Utc::now() + chrono::Duration::hours(1)
+    }
+
+    #[test]
+    fn a_remembered_session_is_returned_until_revoked() {
+        let cache = SessionCache::new(Duration::from_secs(60));
+        cache.insert(b"t", &alice(), in_an_hour());
+        assert_eq!(cache.get(b"t").map(|u| u.id), Some(1));
+        cache.revoke(b"t");
+        assert!(cache.get(b"t").is_none());
+        cache.insert(b"t", &alice(), in_an_hour());
+        assert!(
+            cache.get(b"t").is_none(),
+            "a racing lookup must not bring it back"
+        );
+    }
+
+    #[test]
+    fn an_entry_never_outlives_its_session() {
+        let cache = SessionCache::new(Duration::from_secs(60));
+        cache.insert(b"gone", &alice(), Utc::now() - chrono::Duration::seconds(1));
+        assert!(cache.get(b"gone").is_none());
+        cache.insert(
+            b"soon",
+            &alice(),
+            Utc::now() + chrono::Duration::milliseconds(30),
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.get(b"soon").is_some() {
+            assert!(Instant::now() < deadline, "the entry outlived its session");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_zero_ttl_disables_the_cache() {
+        let cache = SessionCache::new(Duration::ZERO);
+        cache.insert(b"t", &alice(), in_an_hour());
+        assert!(cache.get(b"t").is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let cache = SessionCache::new(Duration::from_secs(60));
+        for n in 0..(CAPACITY + 10) {
+            cache.insert(&n.to_le_bytes(), &alice(), in_an_hour());
+        }
+        assert!(cache.lock().len() <= CAPACITY);
+    }
+}
