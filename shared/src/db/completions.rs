@@ -74,6 +74,11 @@ pub async fn find_completion_subject(
 /// the user saw an error, so the model should not answer them now); queued ones stay, they are
 /// part of what the user said. Assistant messages are placed right after the message they
 /// answer (`reply_to`), not by their own id, so a reply saved late still follows its question.
+///
+/// The index `ai_messages_ai_chat_id_turn_idx` is `(ai_chat_id, coalesce(reply_to, id) desc,
+/// id desc)`: the scan starts at the newest turn before `before_id` and stops after `limit`
+/// rows, whatever the length of the chat. The range condition on the turn is what lets it
+/// start there; for user messages (which answer nothing) it is the same as `id < before_id`.
 #[tracing::instrument(skip(db))]
 pub async fn list_history(
     db: impl PgExecutor<'_>,
@@ -86,8 +91,8 @@ pub async fn list_history(
              select m.id, m.role, m.content, coalesce(m.reply_to, m.id) as turn
              from ai_messages m
              where m.ai_chat_id = $1
-               and ((m.role = $3 and m.id < $2 and m.status <> $5)
-                 or (m.role = $4 and coalesce(m.reply_to, m.id) < $2))
+               and coalesce(m.reply_to, m.id) < $2
+               and ((m.role = $3 and m.id < $2 and m.status <> $5) or m.role = $4)
              order by turn desc, m.id desc
              limit $6
            ) latest
