@@ -4,11 +4,15 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
 
 use aichat_shared::telemetry;
 
+use crate::auth::{hash_token, request_token, user_for_token};
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Records every request: `http_requests_total` and `http_request_duration_seconds`.
@@ -29,8 +33,11 @@ pub async fn track_requests(req: Request, next: Next) -> Response {
     response
 }
 
-/// `GET /metrics`: Prometheus text.
-pub async fn render(State(state): State<AppState>) -> Response {
+/// `GET /metrics`: Prometheus text, for the `METRICS_TOKEN` bearer or a staff session.
+pub async fn render(State(state): State<AppState>, parts: Parts) -> Response {
+    if let Err(refused) = allowed(&state, &parts).await {
+        return refused.into_response();
+    }
     metrics::gauge!("websockets_open").set(state.sockets.open() as f64);
     metrics::gauge!("pubsub_subscribed_chats").set(state.hub.subscribed_chats() as f64);
     match state.queue.depth().await {
@@ -52,5 +59,21 @@ pub async fn render(State(state): State<AppState>) -> Response {
             "metrics recorder unavailable",
         )
             .into_response(),
+    }
+}
+
+/// The scraper's token (compared as hashes, so the comparison leaks nothing useful), or a staff
+/// session: 401 for anyone else, 403 for a signed-in non-staff user.
+async fn allowed(state: &AppState, parts: &Parts) -> Result<(), ApiError> {
+    let token = request_token(parts).ok_or(ApiError::Unauthenticated)?;
+    if let Some(expected) = &state.settings.metrics_token
+        && hash_token(expected.expose_secret()) == hash_token(&token)
+    {
+        return Ok(());
+    }
+    match user_for_token(state, &token).await? {
+        Some(user) if user.is_staff => Ok(()),
+        Some(_) => Err(ApiError::Forbidden),
+        None => Err(ApiError::Unauthenticated),
     }
 }

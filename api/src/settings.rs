@@ -1,5 +1,6 @@
 //! `aichat-api` settings: flags with environment fallback (`aichat-api --help` lists them).
 use clap::{ArgAction, Parser, Subcommand};
+use secrecy::SecretString;
 
 use aichat_shared::config::{DatabaseSettings, LogSettings, OpenAiSettings, RedisSettings};
 
@@ -25,6 +26,10 @@ pub struct Settings {
     /// expired session is still accepted for at most this long.
     #[arg(long, env = "SESSION_CACHE_SECS", default_value_t = 3)]
     pub session_cache_secs: u64,
+    /// Bearer token a Prometheus scraper presents on the API's `/metrics` (unset: only staff
+    /// sessions may read it).
+    #[arg(long, env = "METRICS_TOKEN", value_parser = metrics_token)]
+    pub metrics_token: Option<SecretString>,
     /// Mark the `sessionid` cookie `Secure` (set it when served over HTTPS).
     #[arg(long, env = "COOKIE_SECURE", action = ArgAction::Set, default_value_t = false)]
     pub cookie_secure: bool,
@@ -86,4 +91,11 @@ pub enum Command {
         #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true)]
         password: String,
     },
+}
+
+fn metrics_token(value: &str) -> Result<SecretString, String> {
+    if value.len() < 16 {
+        return Err("METRICS_TOKEN must be at least 16 characters".into());
+    }
+    Ok(SecretString::from(value.to_owned()))
 }

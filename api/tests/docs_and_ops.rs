@@ -1,7 +1,7 @@
 //! The OpenAPI document, the offline documentation pages, the probes and the migrations.
 mod common;
 
-use common::{drop_database, fresh_database, spawn_app};
+use common::{Options, drop_database, fresh_database, spawn_app, spawn_app_with};
 use reqwest::{Method, StatusCode};
 
 /// Every route of the contract (`API.md`), by path and method.
@@ -107,7 +107,12 @@ async fn migrations_run_twice_on_the_same_database() {
 
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status_and_show_the_queue() {
-    let app = spawn_app().await;
+    const SCRAPER: &str = "scraper-token-0123456789";
+    let app = spawn_app_with(Options {
+        extra: vec!["--metrics-token".into(), SCRAPER.into()],
+        ..Options::default()
+    })
+    .await;
     let alice = app.user("alice").await;
     let chat = app
         .create_ai_chat(&alice, serde_json::json!({"title": "t"}))
@@ -121,7 +126,44 @@ async fn metrics_count_requests_by_route_and_status_and_show_the_queue() {
     )
     .await;
     app.get("/api/ai/chats/999999/", &alice.token).await;
-    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    // Only the scraper's token and staff sessions read the metrics.
+    let status = |token: Option<String>| {
+        let mut request = app.client.get(app.url("/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(status(None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        status(Some("wrong-token-0123456789".into())).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(Some(alice.token.clone())).await,
+        StatusCode::FORBIDDEN
+    );
+    let root = app.user("root").await;
+    aichat_shared::db::users::set_staff(&app.db, "root", true)
+        .await
+        .unwrap();
+    // A session this instance looked up before the promotion is cached for SESSION_CACHE_SECS.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = status(Some(root.token.clone())).await;
+        if got == StatusCode::OK {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "staff got {got}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let resp = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(SCRAPER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.text().await.unwrap();
     let has = |needle: &str| {

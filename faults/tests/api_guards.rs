@@ -433,7 +433,7 @@ const MATRIX: &[Row] = &[
     // Public: the same for everyone.
     row("GET", "/healthz", [200, 200, 200, 200]),
     row("GET", "/readyz", [200, 200, 200, 200]),
-    row("GET", "/metrics", [200, 200, 200, 200]),
+    row("GET", "/metrics", [401, 403, 403, 200]),
     row("GET", "/api/schema/", [200, 200, 200, 200]),
     row("GET", "/api/docs/", [200, 200, 200, 200]),
     row("GET", "/api/redoc/", [200, 200, 200, 200]),
