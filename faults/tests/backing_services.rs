@@ -305,8 +305,11 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
         ],
     );
     let first_reply = env.first_reply_after(back_epoch).await.unwrap_or(f64::MAX);
+    // Typically under 1 s (the report above); the bound leaves room for a machine busy with the
+    // other tests of this binary (4.9 s seen once), while a worker that does not reconnect by
+    // itself (restart backoff up to 30 s) still fails it.
     assert!(
-        first_reply < 3.0,
+        first_reply < 10.0,
         "the worker answered its first message {first_reply:.1} s after Redis came back"
     );
     drop(sockets);

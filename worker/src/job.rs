@@ -343,9 +343,9 @@ async fn save_and_announce(
     Ok(Done::Answered)
 }
 
-/// Saves the reply in its own transaction. The model's answer is in hand, so a database that
-/// cannot be reached is retried here (up to `save_retry_for`) rather than by running the job,
-/// and the model call, again. When a commit failed without saying whether it happened and the
+/// Saves the reply (one statement, its own commit). The model's answer is in hand, so a database
+/// that cannot be reached is retried here (up to `save_retry_for`) rather than by running the
+/// job, and the model call, again. When a save failed without saying whether it happened and the
 /// retry then finds the message answered, the stored reply is returned as this run's: it is
 /// almost surely the one just committed, and its event must still go out.
 async fn save_reply(
@@ -358,15 +358,14 @@ async fn save_reply(
     let mut commit_unknown = false;
     loop {
         // The error, and whether it came from the commit (outcome unknown).
-        let attempt: Result<_, (aichat_shared::Error, bool)> = async {
-            let mut tx = ctx.db.begin().await.map_err(|e| (e.into(), false))?;
-            let saved = db::completions::save_reply(&mut tx, message_id, reply)
+        // One autocommitted statement: a connection lost while it ran may have committed it.
+        let attempt: Result<_, (aichat_shared::Error, bool)> =
+            db::completions::save_reply(&ctx.db, message_id, reply)
                 .await
-                .map_err(|e| (e, false))?;
-            tx.commit().await.map_err(|e| (e.into(), true))?;
-            Ok(saved)
-        }
-        .await;
+                .map_err(|e| {
+                    let unknown = e.is_unavailable();
+                    (e, unknown)
+                });
         let err = match attempt {
             Ok(Some(saved)) => return Ok(Some(saved)),
             Ok(None) if commit_unknown => {

@@ -549,12 +549,12 @@ async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
         latency_ms: 5,
     };
     let mut tx = env.db.begin().await.expect("tx");
-    let first = db::completions::save_reply(&mut tx, sent.id, &reply("one"))
+    let first = db::completions::save_reply(&mut *tx, sent.id, &reply("one"))
         .await
         .expect("save");
     tx.commit().await.expect("commit");
     let mut tx = env.db.begin().await.expect("tx");
-    let second = db::completions::save_reply(&mut tx, sent.id, &reply("two"))
+    let second = db::completions::save_reply(&mut *tx, sent.id, &reply("two"))
         .await
         .expect("save again");
     tx.commit().await.expect("commit");
@@ -577,7 +577,7 @@ async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
         .await
         .expect("delete");
     let mut tx = env.db.begin().await.expect("tx");
-    let gone = db::completions::save_reply(&mut tx, sent.id, &reply("three"))
+    let gone = db::completions::save_reply(&mut *tx, sent.id, &reply("three"))
         .await
         .expect("save for a deleted message");
     assert!(gone.is_none());

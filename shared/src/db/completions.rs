@@ -1,6 +1,6 @@
 //! The completion worker's queries: what a job reads to build its prompt, and how it records
 //! the reply or the failure.
-use sqlx::{PgExecutor, Postgres, Transaction};
+use sqlx::PgExecutor;
 
 use super::ai_messages::MESSAGE_COLUMNS;
 use crate::domain::{AiMessage, role, status};
@@ -109,24 +109,31 @@ pub async fn list_history(
     Ok(messages)
 }
 
-/// Stores the assistant reply to `user_message_id` and marks the user message `answered`.
+/// Stores the assistant reply to `user_message_id` and marks the user message `answered`, in
+/// one statement (so one round trip and one commit, both writes or neither).
 ///
 /// Returns the new message, or `None` when there is nothing to do: another run of the job
 /// already saved a reply (the unique `reply_to` index keeps exactly one), or the user message
-/// is gone. Run it in its own transaction so both writes land together.
-#[tracing::instrument(skip(tx, reply), fields(model = reply.model))]
+/// is gone.
+#[tracing::instrument(skip(db, reply), fields(model = reply.model))]
 pub async fn save_reply(
-    tx: &mut Transaction<'_, Postgres>,
+    db: impl PgExecutor<'_>,
     user_message_id: i64,
     reply: &NewReply<'_>,
 ) -> Result<Option<AiMessage>> {
     let saved = sqlx::query_as::<_, AiMessage>(sql!(
-        "insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
-             completion_tokens, total_tokens, model, latency_ms, reply_to)
-         select u.ai_chat_id, $2, $3, $4, $5, $6, $7, $8, $9, u.id
-         from ai_messages u where u.id = $1
-         on conflict (reply_to) where reply_to is not null do nothing
-         returning {MESSAGE_COLUMNS}"
+        "with m as (
+             insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
+                 completion_tokens, total_tokens, model, latency_ms, reply_to)
+             select u.ai_chat_id, $2, $3, $4, $5, $6, $7, $8, $9, u.id
+             from ai_messages u where u.id = $1
+             on conflict (reply_to) where reply_to is not null do nothing
+             returning {MESSAGE_COLUMNS}
+         ), answered as (
+             update ai_messages set status = $10, error = null
+             where id = $1 and exists (select 1 from m)
+         )
+         select * from m"
     ))
     .bind(user_message_id)
     .bind(role::ASSISTANT)
@@ -137,15 +144,9 @@ pub async fn save_reply(
     .bind(reply.total_tokens)
     .bind(reply.model)
     .bind(reply.latency_ms)
-    .fetch_optional(&mut **tx)
+    .bind(status::ANSWERED)
+    .fetch_optional(db)
     .await?;
-    if saved.is_some() {
-        sqlx::query(r#"update ai_messages set status = $2, error = null where id = $1"#)
-            .bind(user_message_id)
-            .bind(status::ANSWERED)
-            .execute(&mut **tx)
-            .await?;
-    }
     Ok(saved)
 }
 
