@@ -17,9 +17,9 @@ use crate::state::AppState;
 ///
 /// The message is committed before the push, so a worker can never take a job whose message
 /// is not visible yet. If Redis refuses the push, the message is removed again and the caller
-/// gets 503: no message is left waiting for a reply that nothing will produce. (A message whose
-/// push succeeded but whose `dispatched_at` could not be recorded keeps waiting on its job,
-/// which the idempotency key stops from being queued twice.)
+/// gets 503: no message is left waiting for a reply that nothing will produce. Nothing else is
+/// written: the sweeper ages a message by its `timestamp`, so a send costs PostgreSQL one
+/// statement.
 #[tracing::instrument(skip(state, content))]
 pub async fn submit_message(
     state: &AppState,
@@ -146,9 +146,6 @@ async fn store_and_queue(
         return Err(ApiError::Unavailable(
             "The message queue is unavailable, so the message was not accepted; please retry shortly",
         ));
-    }
-    if let Err(err) = db::ai_messages::mark_dispatched(&state.db, message.id).await {
-        tracing::warn!(error = %err, message_id = message.id, "could not record dispatch");
     }
 
     let event = ChatEvent::UserMessage {

@@ -26,14 +26,33 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .ok()?
                 .install_recorder()
-                .ok()
+                .ok()?;
+            // Histogram samples pile up in the recorder until upkeep folds them into buckets;
+            // `install_recorder` (unlike the exporter's own server) leaves upkeep to us, and an
+            // API nobody scrapes grew by every request's samples (BENCHMARKS.md, soak).
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_EVERY);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(err) = spawned {
+                tracing::warn!(error = %err, "could not start the metrics upkeep thread");
+            }
+            Some(handle)
         })
         .as_ref()
 }
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Seconds buckets wide enough for a fast API request and a slow model call alike.
 const LATENCY_BUCKETS: &[f64] = &[

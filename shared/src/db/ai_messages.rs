@@ -68,14 +68,13 @@ pub async fn insert_owned_user_message(
     Ok(message)
 }
 
-/// Records that the message's completion job is in the queue.
+/// Records that the sweeper queued the message again, so the next sweeps give its new job a
+/// full grace period before looking at it (the first job is aged by the message's `timestamp`).
 ///
 /// Committed with `synchronous_commit = off` (local to this statement's transaction, so in one
 /// round trip and without waiting for a WAL flush): `dispatched_at` is bookkeeping, not state
-/// anything waits on. Losing it in a crash (the last ~0.6 s of such commits) leaves it null: the
-/// sweeper then ages the message by its `timestamp` (taken a moment earlier) and still re-queues
-/// it only when its job is no longer alive, and `delete_undispatched_message` runs only when the
-/// push itself failed, before this is ever called.
+/// anything waits on. Losing it in a crash only makes a sweep look at the message early, and a
+/// sweep re-queues a message only when its job is no longer alive.
 #[tracing::instrument(skip(db))]
 pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result<()> {
     sqlx::query(

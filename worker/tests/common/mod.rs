@@ -343,9 +343,6 @@ impl TestEnv {
             }
         };
         assert!(queued, "job queued");
-        db::ai_messages::mark_dispatched(&self.db, message.id)
-            .await
-            .expect("mark dispatched");
         message
     }
 
