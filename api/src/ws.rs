@@ -221,17 +221,9 @@ async fn send_loop(
             },
             event = events.recv() => match event {
                 Ok(text) => {
-                    match send_events(&mut sink, &mut events, text, &caught_up, send_timeout).await {
-                        Batch::Sent => {}
-                        Batch::Slow => {
-                            close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
-                            return;
-                        }
-                        Batch::Lagged => {
-                            tracing::info!("closing a WebSocket that fell behind");
-                            close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
-                            return;
-                        }
+                    if !send_events(&mut sink, &mut events, text, &caught_up, send_timeout).await {
+                        close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                        return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -392,23 +384,16 @@ fn already_sent(text: &str, sent: &HashSet<i64>) -> bool {
 /// write instead of one system call each.
 const BATCH: usize = 64;
 
-enum Batch {
-    Sent,
-    /// The client did not take the frames within the send time-out.
-    Slow,
-    /// The socket's queue overflowed while it was being written.
-    Lagged,
-}
-
 /// Writes `first` and the events already queued behind it (up to `BATCH`), then flushes once;
-/// events the catch-up already sent are skipped.
+/// events the catch-up already sent are skipped. False when the socket must be closed as too
+/// slow: the client did not take the frames within `limit`, or its queue overflowed meanwhile.
 async fn send_events(
     sink: &mut Sink,
     events: &mut Subscription,
     first: Event,
     caught_up: &HashSet<i64>,
     limit: Duration,
-) -> Batch {
+) -> bool {
     let fresh = |text: &Event| caught_up.is_empty() || !already_sent(text, caught_up);
     let write = async {
         let mut lagged = false;
@@ -430,9 +415,12 @@ async fn send_events(
         Ok::<bool, axum::Error>(lagged)
     };
     match timeout(limit, write).await {
-        Ok(Ok(false)) => Batch::Sent,
-        Ok(Ok(true)) => Batch::Lagged,
-        Ok(Err(_)) | Err(_) => Batch::Slow,
+        Ok(Ok(false)) => true,
+        Ok(Ok(true)) => {
+            tracing::info!("closing a WebSocket that fell behind");
+            false
+        }
+        Ok(Err(_)) | Err(_) => false,
     }
 }
 

@@ -123,16 +123,6 @@ pub async fn delete_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> R
     Ok(done.rows_affected() == 1)
 }
 
-/// Marks a chat as just used, so it sorts first.
-#[tracing::instrument(skip(db))]
-pub async fn touch_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<()> {
-    sqlx::query(r#"update ai_chats set updated_at = now() where id = $1"#)
-        .bind(id)
-        .execute(db)
-        .await?;
-    Ok(())
-}
-
 /// Whether `user_id` owns AI chat `id`: the cheap check for routes that need no chat fields.
 #[tracing::instrument(skip(db))]
 pub async fn is_owner(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<bool> {
