@@ -2,9 +2,8 @@
 //! `send_message` and the WebSocket.
 use aichat_shared::budget::{self, Reservation};
 use aichat_shared::db;
+use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::{AiMessage, ContextOptions};
-use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
-use aichat_shared::jobs::{CompletionJob, message_job_key};
 use chrono::Utc;
 
 use crate::error::{ApiError, ApiResult};
@@ -18,8 +17,8 @@ use crate::state::AppState;
 /// The message is committed before the push, so a worker can never take a job whose message
 /// is not visible yet. If Redis refuses the push, the message is removed again and the caller
 /// gets 503: no message is left waiting for a reply that nothing will produce. Nothing else is
-/// written: the sweeper ages a message by its `timestamp`, so a send costs PostgreSQL one
-/// statement.
+/// written: the sweeper ages a message by its `timestamp`. Sends that arrive together share
+/// one statement and one push (`send_batch`).
 #[tracing::instrument(skip(state, content))]
 pub async fn submit_message(
     state: &AppState,
@@ -120,40 +119,13 @@ async fn store_and_queue(
     request_id: Option<String>,
     reservation: Option<Reservation>,
 ) -> ApiResult<AiMessage> {
-    // One statement: the ownership check, the insert and the chat's `updated_at`, committed
-    // before the push.
-    let message = db::ai_messages::insert_owned_user_message(
-        &state.db, ai_chat_id, user_id, content, options,
-    )
-    .await?
-    .ok_or(ApiError::NotFound)?;
-
-    let job = CompletionJob {
-        budget: reservation,
-        ..CompletionJob::new(message.id, ai_chat_id, options, request_id)
+    // Written with whatever other sends are waiting: one statement (ownership check, insert,
+    // the chat's `updated_at`) committed before one push of their jobs.
+    let message = NewUserMessage {
+        ai_chat_id,
+        user_id,
+        content: content.to_owned(),
+        options,
     };
-    if let Err(err) = state
-        .queue
-        .enqueue_completion(&job, &message_job_key(message.id))
-        .await
-    {
-        tracing::error!(error = %err, message_id = message.id, "could not queue the completion job");
-        if let Err(cleanup) =
-            db::ai_messages::delete_undispatched_message(&state.db, message.id).await
-        {
-            tracing::error!(error = %cleanup, message_id = message.id, "could not remove the unqueued message");
-        }
-        return Err(ApiError::Unavailable(
-            "The message queue is unavailable, so the message was not accepted; please retry shortly",
-        ));
-    }
-
-    let event = ChatEvent::UserMessage {
-        message: EventMessage::user(&message),
-    };
-    let mut redis = state.redis.clone();
-    if let Err(err) = publish_event(&mut redis, &state.ns, ai_chat_id, &event).await {
-        tracing::warn!(error = %err, message_id = message.id, "could not publish user_message");
-    }
-    Ok(message)
+    state.sends.submit(message, request_id, reservation).await
 }

@@ -1,14 +1,21 @@
 //! Fan-out of chat events: one Redis pub/sub connection per process, subscribed to a chat's
 //! channel while at least one local socket (or waiting request) wants it; events go to every
-//! local subscriber through a bounded broadcast queue.
+//! local subscriber through its own bounded queue.
+//!
+//! A queue is an `mpsc` channel, not one `broadcast` channel per chat: `broadcast` allocates
+//! all of its slots up front (256 × 64 bytes = 16 KiB per chat), while an `mpsc` queue grows
+//! in blocks of 32 as events wait in it. AI chats are private, so most chats have one socket
+//! and the per-chat ring was most of the memory of an idle socket.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use aichat_shared::keys::Namespace;
 
@@ -22,10 +29,16 @@ pub struct Hub {
 }
 
 struct Topic {
-    tx: broadcast::Sender<Event>,
+    /// The queues of the local subscribers that keep up, by subscription id.
+    queues: Vec<(u64, mpsc::Sender<Event>)>,
+    /// Live subscriptions, including any cut off for falling behind.
     refs: usize,
     subscribed: bool,
 }
+
+/// Why a subscription yields no more events: it fell a full queue behind and was cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lagged;
 
 struct Inner {
     conn: ConnectionManager,
@@ -34,6 +47,7 @@ struct Inner {
     /// Serialises SUBSCRIBE/UNSUBSCRIBE so a quick leave-and-rejoin cannot end unsubscribed.
     ops: tokio::sync::Mutex<()>,
     capacity: usize,
+    next_id: AtomicU64,
 }
 
 impl Inner {
@@ -76,6 +90,7 @@ impl Hub {
             topics: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
             capacity: capacity.max(1),
+            next_id: AtomicU64::new(0),
         });
         tokio::spawn(route_pushes(Arc::downgrade(&inner), push_rx));
         Ok(Hub { inner })
@@ -84,19 +99,22 @@ impl Hub {
     /// Starts receiving the chat's events. Once this returns, every event published afterwards
     /// reaches the subscription.
     pub async fn subscribe(&self, ai_chat_id: i64) -> redis::RedisResult<Subscription> {
-        let rx = {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.inner.capacity);
+        {
             let mut topics = self.inner.topics();
             let topic = topics.entry(ai_chat_id).or_insert_with(|| Topic {
-                tx: broadcast::channel(self.inner.capacity).0,
+                queues: Vec::new(),
                 refs: 0,
                 subscribed: false,
             });
             topic.refs += 1;
-            topic.tx.subscribe()
-        };
+            topic.queues.push((id, tx));
+        }
         // From here on, dropping the subscription releases the reference.
         let subscription = Subscription {
             ai_chat_id,
+            id,
             rx,
             hub: self.clone(),
         };
@@ -126,11 +144,12 @@ impl Hub {
             .count()
     }
 
-    fn release(&self, ai_chat_id: i64) {
+    fn release(&self, ai_chat_id: i64, id: u64) {
         let last = {
             let mut topics = self.inner.topics();
             match topics.get_mut(&ai_chat_id) {
                 Some(topic) => {
+                    topic.queues.retain(|(queue, _)| *queue != id);
                     topic.refs = topic.refs.saturating_sub(1);
                     topic.refs == 0
                 }
@@ -165,25 +184,31 @@ impl Hub {
 /// A local subscriber's view of one chat's events.
 pub struct Subscription {
     ai_chat_id: i64,
-    rx: broadcast::Receiver<Event>,
+    id: u64,
+    rx: mpsc::Receiver<Event>,
     hub: Hub,
 }
 
 impl Subscription {
-    /// The next event; `Err(Lagged)` when this subscriber fell more than the queue behind.
-    pub async fn recv(&mut self) -> Result<Event, broadcast::error::RecvError> {
-        self.rx.recv().await
+    /// The next event; `Err(Lagged)` once this subscriber fell a full queue behind (after the
+    /// events queued before that).
+    pub async fn recv(&mut self) -> Result<Event, Lagged> {
+        self.rx.recv().await.ok_or(Lagged)
     }
 
-    /// The next event if one is already queued.
-    pub fn try_recv(&mut self) -> Result<Event, broadcast::error::TryRecvError> {
-        self.rx.try_recv()
+    /// The next event if one is already queued: `Ok(None)` if none is.
+    pub fn try_recv(&mut self) -> Result<Option<Event>, Lagged> {
+        match self.rx.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(Lagged),
+        }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.release(self.ai_chat_id);
+        self.hub.release(self.ai_chat_id, self.id);
     }
 }
 
@@ -195,10 +220,16 @@ async fn route_pushes(hub: std::sync::Weak<Inner>, mut pushes: mpsc::UnboundedRe
         match push.kind {
             PushKind::Message => {
                 if let Some((chat_id, payload)) = parse_message(&inner.ns, &push.data)
-                    && let Some(topic) = inner.topics().get(&chat_id)
+                    && let Some(topic) = inner.topics().get_mut(&chat_id)
                 {
-                    // No receivers is fine: the last socket just left.
-                    let _ = topic.tx.send(payload);
+                    // A full queue is cut off (its subscriber then sees `Lagged`); a closed one
+                    // belongs to a subscription being dropped.
+                    topic
+                        .queues
+                        .retain(|(_, queue)| match queue.try_send(payload.clone()) {
+                            Ok(()) => true,
+                            Err(TrySendError::Full(_) | TrySendError::Closed(_)) => false,
+                        });
                 }
             }
             PushKind::Disconnection => {

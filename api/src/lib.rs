@@ -23,6 +23,7 @@ pub mod fanout;
 pub mod idempotency;
 pub mod metrics;
 pub mod routes;
+pub mod send_batch;
 pub mod send_rate;
 pub mod session_cache;
 pub mod settings;
@@ -32,6 +33,7 @@ pub mod wait;
 pub mod ws;
 
 use fanout::Hub;
+use send_batch::SendBatcher;
 use session_cache::SessionCache;
 pub use settings::Settings;
 use state::{AppState, SocketTracker};
@@ -69,9 +71,12 @@ impl Application {
         .await
         .context("connecting the pub/sub connection to Redis")?;
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let queue = JobQueue::new(redis.clone(), &ns);
+        let sends = SendBatcher::start(pool.clone(), redis.clone(), queue.clone(), ns.clone());
         let state = AppState {
             db: pool,
-            queue: JobQueue::new(redis.clone(), &ns),
+            queue,
+            sends,
             redis,
             hub,
             ns,

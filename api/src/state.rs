@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::fanout::Hub;
+use crate::send_batch::SendBatcher;
 use crate::session_cache::SessionCache;
 use crate::settings::Settings;
 
@@ -17,6 +18,8 @@ pub struct AppState {
     pub db: PgPool,
     pub redis: ConnectionManager,
     pub queue: JobQueue,
+    /// Stores and queues sends in batches (`send_batch`).
+    pub sends: SendBatcher,
     pub hub: Hub,
     pub ns: Namespace,
     pub settings: Arc<Settings>,

@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 use utoipa::IntoParams;
@@ -23,7 +23,7 @@ use crate::auth::{request_token, user_for_token};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, RequestId};
-use crate::fanout::{Event, Subscription};
+use crate::fanout::{Event, Lagged, Subscription};
 use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
 use crate::validate;
@@ -226,12 +226,11 @@ async fn send_loop(
                         return;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::info!(missed, "closing a WebSocket that fell behind");
+                Err(Lagged) => {
+                    tracing::info!("closing a WebSocket that fell behind");
                     close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
                     return;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
             },
         }
     }
@@ -402,13 +401,13 @@ async fn send_events(
         }
         for _ in 0..BATCH {
             match events.try_recv() {
-                Ok(text) if fresh(&text) => sink.feed(Message::Text(text)).await?,
-                Ok(_) => {}
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                Ok(Some(text)) if fresh(&text) => sink.feed(Message::Text(text)).await?,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(Lagged) => {
                     lagged = true;
                     break;
                 }
-                Err(_) => break,
             }
         }
         sink.flush().await?;

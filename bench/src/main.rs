@@ -44,6 +44,10 @@ struct Cli {
     /// WebSocket clients of the fan-out scenario (default 10,000; 500 with --quick).
     #[arg(long)]
     fanout_clients: Option<usize>,
+    /// Chats the fan-out sockets are spread over (default: one chat per socket, as AI chats
+    /// are private; fewer chats make every event a broadcast to clients ÷ chats sockets).
+    #[arg(long)]
+    fanout_chats: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -79,7 +83,12 @@ fn main() -> ExitCode {
 /// Runs the scenarios; returns whether every one of them ran to the end.
 async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
     load::now_us();
-    let opts = Opts::new(cli.quick, cli.soak_minutes, cli.fanout_clients);
+    let opts = Opts::new(
+        cli.quick,
+        cli.soak_minutes,
+        cli.fanout_clients,
+        cli.fanout_chats,
+    );
     if (opts.fanout_clients as u64) + 1024 > nofile {
         eprintln!(
             "warning: open-files limit {nofile} is low for {} fan-out clients",

@@ -4,6 +4,7 @@ use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
 use anyhow::Context;
 use chrono::{Duration, Utc};
+use futures::{StreamExt, TryStreamExt};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -15,40 +16,44 @@ pub struct Account {
     pub chats: Vec<i64>,
 }
 
-/// `users` users named `{prefix}-{i}`, each with a session and `chats_per_user` AI chats.
+/// `users` users named `{prefix}-{i}`, each with a session and `chats_per_user` AI chats
+/// (seeded eight at a time, returned in order).
 pub async fn accounts(
     db: &PgPool,
     prefix: &str,
     users: usize,
     chats_per_user: usize,
 ) -> anyhow::Result<Vec<Account>> {
-    let mut out = Vec::with_capacity(users);
-    for i in 0..users {
-        let name = format!("{prefix}-{i}");
-        // Not a valid argon2 hash: these users cannot log in, only use their session.
-        let user = db::users::insert_user(db, &name, "", "!bench", false)
-            .await
-            .with_context(|| format!("inserting user {name}"))?;
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        let token = hex::encode(bytes);
-        let hash = Sha256::digest(token.as_bytes()).to_vec();
-        db::sessions::insert_session(db, user.id, &hash, Utc::now() + Duration::days(1)).await?;
-        let mut chats = Vec::with_capacity(chats_per_user);
-        for c in 0..chats_per_user {
-            let title = format!("bench chat {c}");
-            let new = NewAiChat {
-                user_id: user.id,
-                title: &title,
-                system_prompt: "You are a benchmark.",
-                related_chat: None,
-                model: "gpt-3.5-turbo",
-            };
-            chats.push(db::ai_chats::insert_ai_chat(db, &new).await?);
-        }
-        out.push(Account { token, chats });
+    futures::stream::iter(0..users)
+        .map(|i| account(db, format!("{prefix}-{i}"), chats_per_user))
+        .buffered(8)
+        .try_collect()
+        .await
+}
+
+async fn account(db: &PgPool, name: String, chats_per_user: usize) -> anyhow::Result<Account> {
+    // Not a valid argon2 hash: these users cannot log in, only use their session.
+    let user = db::users::insert_user(db, &name, "", "!bench", false)
+        .await
+        .with_context(|| format!("inserting user {name}"))?;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    let hash = Sha256::digest(token.as_bytes()).to_vec();
+    db::sessions::insert_session(db, user.id, &hash, Utc::now() + Duration::days(1)).await?;
+    let mut chats = Vec::with_capacity(chats_per_user);
+    for c in 0..chats_per_user {
+        let title = format!("bench chat {c}");
+        let new = NewAiChat {
+            user_id: user.id,
+            title: &title,
+            system_prompt: "You are a benchmark.",
+            related_chat: None,
+            model: "gpt-3.5-turbo",
+        };
+        chats.push(db::ai_chats::insert_ai_chat(db, &new).await?);
     }
-    Ok(out)
+    Ok(Account { token, chats })
 }
 
 /// Adds `n` answered messages (alternating user / assistant) to a chat in one statement, then

@@ -77,6 +77,21 @@ pub enum ChatEvent {
     },
 }
 
+/// Publishes each `(ai_chat_id, event)` on its chat's channel, in order, in one round trip.
+pub async fn publish_events(
+    conn: &mut ConnectionManager,
+    ns: &Namespace,
+    events: &[(i64, ChatEvent)],
+) -> Result<()> {
+    let mut pipe = redis::pipe();
+    for (ai_chat_id, event) in events {
+        pipe.publish(ns.chat_channel(*ai_chat_id), serde_json::to_string(event)?)
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await?;
+    Ok(())
+}
+
 /// Publishes `event` on the chat's channel; returns how many subscribers got it.
 pub async fn publish_event(
     conn: &mut ConnectionManager,

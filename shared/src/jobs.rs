@@ -87,6 +87,20 @@ impl JobQueue {
             apalis_redis::queries::push_tasks(&mut conn, &self.config, &[task]).await?;
         Ok(enqueued + scheduled > 0)
     }
+
+    /// Pushes several jobs in one round trip (one script run); each with its de-duplication
+    /// key, as in [`JobQueue::enqueue_completion`].
+    #[tracing::instrument(skip_all, fields(jobs = jobs.len()))]
+    pub async fn enqueue_completions(&self, jobs: &[(CompletionJob, String)]) -> Result<()> {
+        let mut tasks = Vec::with_capacity(jobs.len());
+        for (job, key) in jobs {
+            let args = serde_json::to_vec(job)?;
+            tasks.push(TaskBuilder::new(args).idempotency_key(key).build());
+        }
+        let mut conn = self.conn.clone();
+        apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks).await?;
+        Ok(())
+    }
 }
 
 /// How many completion jobs are in each state.

@@ -38,7 +38,12 @@ pub struct Opts {
 }
 
 impl Opts {
-    pub fn new(quick: bool, soak_minutes: Option<f64>, fanout_clients: Option<usize>) -> Self {
+    pub fn new(
+        quick: bool,
+        soak_minutes: Option<f64>,
+        fanout_clients: Option<usize>,
+        fanout_chats: Option<usize>,
+    ) -> Self {
         let soak_secs = match (quick, soak_minutes) {
             (_, Some(m)) => (m * 60.0).round().max(5.0) as u64,
             (true, None) => 20,
@@ -50,7 +55,12 @@ impl Opts {
             secs: if quick { 4 } else { 20 },
             soak_secs,
             fanout_clients,
-            fanout_chats: if quick { 10 } else { 100 }.min(fanout_clients.max(1)),
+            // An AI chat is private: by default each socket watches a chat of its own, so an
+            // event is one frame. `--fanout-chats 100` is the broadcast stress (each event to
+            // ~100 sockets, 100 frames per event).
+            fanout_chats: fanout_chats
+                .unwrap_or(fanout_clients)
+                .clamp(1, fanout_clients.max(1)),
             fanout_rate: if quick { 200 } else { 1000 },
             concurrency_jobs: if quick { 1000 } else { 3000 },
             concurrency: 500,

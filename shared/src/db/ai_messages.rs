@@ -33,39 +33,91 @@ pub async fn insert_user_message(
     Ok(message)
 }
 
-/// Stores a user message as `queued` in a chat `user_id` owns, and marks the chat as just used,
-/// in one statement (one round trip, one commit); `None` when the user owns no such chat.
-#[tracing::instrument(skip(db, content))]
-pub async fn insert_owned_user_message(
+/// A user message to store: the chat it goes to, who sends it, and what its job will need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewUserMessage {
+    pub ai_chat_id: i64,
+    pub user_id: i64,
+    pub content: String,
+    pub options: ContextOptions,
+}
+
+/// Stores user messages as `queued`, each in a chat its sender owns, and marks those chats as
+/// just used, in one statement (one round trip, one commit however many messages). Answers
+/// one entry per input, in order: the stored message, or `None` when the sender owns no such
+/// chat (nothing is stored for it).
+///
+/// The ids are drawn in input order, so messages to one chat keep the order they came in.
+/// The chat rows are locked in id order before they are updated, so two batches naming the
+/// same chats cannot deadlock. A message's row can only be inserted once its chat's row is
+/// held by this statement, which also makes the foreign-key check find it.
+#[tracing::instrument(skip_all, fields(messages = messages.len()))]
+pub async fn insert_owned_user_messages(
     db: impl PgExecutor<'_>,
-    ai_chat_id: i64,
-    user_id: i64,
-    content: &str,
-    options: ContextOptions,
-) -> Result<Option<AiMessage>> {
-    // The chat's row is updated (and locked) first, so the insert's foreign-key check finds it
-    // held by this statement; no chat row, no insert.
-    let message = sqlx::query_as::<_, AiMessage>(sql!(
-        "with chat as (
-             update ai_chats set updated_at = now()
-             where id = $1 and user_id = $2
-             returning id
+    messages: &[NewUserMessage],
+) -> Result<Vec<Option<AiMessage>>> {
+    let n = messages.len();
+    let mut chats = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut contents = Vec::with_capacity(n);
+    let mut related = Vec::with_capacity(n);
+    let mut limits = Vec::with_capacity(n);
+    for m in messages {
+        chats.push(m.ai_chat_id);
+        users.push(m.user_id);
+        contents.push(m.content.as_str());
+        related.push(m.options.include_related_chat_context);
+        limits.push(m.options.context_message_limit);
+    }
+    let rows = sqlx::query(sql!(
+        "with input as materialized (
+             select t.*, nextval('ai_messages_id_seq'::regclass) as id
+             from unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[], $5::integer[])
+                  with ordinality as t(ai_chat_id, user_id, content, related, context_limit, ord)
+             order by t.ord
+         ),
+         owned as (
+             select a.id from ai_chats a
+             where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
+             order by a.id
+             for no key update
+         ),
+         chat as (
+             update ai_chats a set updated_at = now() from owned
+             where a.id = owned.id
+             returning a.id, a.user_id
+         ),
+         m as (
+             insert into ai_messages (id, ai_chat_id, role, content, status,
+                 include_related_chat_context, context_message_limit)
+             select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit
+             from input i join chat c on c.id = i.ai_chat_id and c.user_id = i.user_id
+             order by i.id
+             returning *
          )
-         insert into ai_messages as m (ai_chat_id, role, content, status,
-             include_related_chat_context, context_message_limit)
-         select chat.id, $3, $4, $5, $6, $7 from chat
-         returning {MESSAGE_COLUMNS}"
+         select input.ord, {MESSAGE_COLUMNS} from m join input on input.id = m.id"
     ))
-    .bind(ai_chat_id)
-    .bind(user_id)
+    .bind(&chats)
+    .bind(&users)
+    .bind(&contents)
+    .bind(&related)
+    .bind(&limits)
     .bind(role::USER)
-    .bind(content)
     .bind(status::QUEUED)
-    .bind(options.include_related_chat_context)
-    .bind(options.context_message_limit)
-    .fetch_optional(db)
+    .fetch_all(db)
     .await?;
-    Ok(message)
+    let mut stored: Vec<Option<AiMessage>> = vec![None; n];
+    for row in &rows {
+        let ord: i64 = row.try_get("ord")?;
+        if let Some(slot) = usize::try_from(ord)
+            .ok()
+            .and_then(|ord| ord.checked_sub(1))
+            .and_then(|i| stored.get_mut(i))
+        {
+            *slot = Some(AiMessage::from_row(row)?);
+        }
+    }
+    Ok(stored)
 }
 
 /// Records that the sweeper queued the message again, so the next sweeps give its new job a
@@ -89,12 +141,12 @@ pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result
     Ok(())
 }
 
-/// Removes a message whose job could not be queued, so no message waits for a reply that
+/// Removes messages whose jobs could not be queued, so no message waits for a reply that
 /// nothing will produce.
 #[tracing::instrument(skip(db))]
-pub async fn delete_undispatched_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<()> {
-    sqlx::query(r#"delete from ai_messages where id = $1 and dispatched_at is null"#)
-        .bind(message_id)
+pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
+    sqlx::query(r#"delete from ai_messages where id = any($1) and dispatched_at is null"#)
+        .bind(ids)
         .execute(db)
         .await?;
     Ok(())

@@ -1,0 +1,199 @@
+//! Sends are stored and queued in batches. Whatever arrived while the previous batch was being
+//! written goes in together: one PostgreSQL statement (one commit) for all its messages, one
+//! Redis script run for all their jobs and one pipeline for their `user_message` events. A lone
+//! send on an idle server is written at once, on its own: batching adds no wait, it only
+//! gathers what is already waiting.
+//!
+//! Each message still follows the single-send rules: it is committed before its job is pushed
+//! (a worker never takes a job whose message it cannot see), and if Redis refuses the push the
+//! batch's messages are removed again and every sender gets 503.
+use std::sync::Arc;
+
+use aichat_shared::budget::Reservation;
+use aichat_shared::db;
+use aichat_shared::db::ai_messages::NewUserMessage;
+use aichat_shared::domain::AiMessage;
+use aichat_shared::events::{ChatEvent, EventMessage, publish_events};
+use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key};
+use aichat_shared::keys::Namespace;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::error::{ApiError, ApiResult};
+
+/// Batches written at the same time (each holds one database connection while it writes).
+const WRITERS: usize = 4;
+/// Most messages in one batch.
+const MAX_BATCH: usize = 64;
+/// Sends waiting for a writer before new ones wait to be taken in.
+const QUEUE: usize = 1024;
+
+const QUEUE_DOWN: &str =
+    "The message queue is unavailable, so the message was not accepted; please retry shortly";
+const STORE_DOWN: &str = "Service temporarily unavailable, please retry shortly";
+
+/// A send waiting to be written.
+struct Pending {
+    message: NewUserMessage,
+    request_id: Option<String>,
+    reservation: Option<Reservation>,
+    reply: oneshot::Sender<ApiResult<AiMessage>>,
+}
+
+/// What the writers write with.
+struct Writer {
+    db: PgPool,
+    redis: ConnectionManager,
+    queue: JobQueue,
+    ns: Namespace,
+}
+
+/// The way in to the writers; cloned into every request's state.
+#[derive(Clone)]
+pub struct SendBatcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl SendBatcher {
+    /// Starts the writers; they stop once every clone of the batcher is dropped.
+    pub fn start(db: PgPool, redis: ConnectionManager, queue: JobQueue, ns: Namespace) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let writer = Arc::new(Writer {
+            db,
+            redis,
+            queue,
+            ns,
+        });
+        for _ in 0..WRITERS {
+            tokio::spawn(write_batches(rx.clone(), writer.clone()));
+        }
+        SendBatcher { tx }
+    }
+
+    /// Stores `message` as `queued`, queues its completion job and announces it; 404 unless
+    /// its sender owns the chat.
+    pub async fn submit(
+        &self,
+        message: NewUserMessage,
+        request_id: Option<String>,
+        reservation: Option<Reservation>,
+    ) -> ApiResult<AiMessage> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            message,
+            request_id,
+            reservation,
+            reply,
+        };
+        if self.tx.send(pending).await.is_err() {
+            return Err(ApiError::Unavailable(STORE_DOWN));
+        }
+        // A writer answers every send it takes; no answer means it is gone (shutting down).
+        answer
+            .await
+            .unwrap_or(Err(ApiError::Unavailable(STORE_DOWN)))
+    }
+}
+
+async fn write_batches(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, writer: Arc<Writer>) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        metrics::histogram!("send_batch_size").record(batch.len() as f64);
+        writer.write(batch).await;
+    }
+}
+
+impl Writer {
+    async fn write(&self, batch: Vec<Pending>) {
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut rest = Vec::with_capacity(batch.len());
+        for pending in batch {
+            messages.push(pending.message);
+            rest.push((pending.request_id, pending.reservation, pending.reply));
+        }
+
+        let stored = match db::ai_messages::insert_owned_user_messages(&self.db, &messages).await {
+            Ok(stored) => stored,
+            Err(err) => {
+                let unavailable = err.is_unavailable();
+                tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
+                for (_, _, reply) in rest {
+                    let err = if unavailable {
+                        ApiError::Unavailable(STORE_DOWN)
+                    } else {
+                        ApiError::Internal(anyhow::anyhow!("storing the message failed"))
+                    };
+                    let _ = reply.send(Err(err));
+                }
+                return;
+            }
+        };
+
+        let mut jobs = Vec::with_capacity(stored.len());
+        let mut events = Vec::with_capacity(stored.len());
+        for ((message, new), (request_id, reservation, _)) in
+            stored.iter().zip(&messages).zip(&mut rest)
+        {
+            if let Some(message) = message {
+                let job = CompletionJob {
+                    budget: reservation.take(),
+                    ..CompletionJob::new(
+                        message.id,
+                        message.ai_chat,
+                        new.options,
+                        request_id.take(),
+                    )
+                };
+                jobs.push((job, message_job_key(message.id)));
+                let event = ChatEvent::UserMessage {
+                    message: EventMessage::user(message),
+                };
+                events.push((message.ai_chat, event));
+            }
+        }
+
+        if !jobs.is_empty()
+            && let Err(err) = self.queue.enqueue_completions(&jobs).await
+        {
+            tracing::error!(error = %err, jobs = jobs.len(), "could not queue completion jobs");
+            let ids: Vec<i64> = stored.iter().flatten().map(|m| m.id).collect();
+            if let Err(cleanup) =
+                db::ai_messages::delete_undispatched_messages(&self.db, &ids).await
+            {
+                tracing::error!(error = %cleanup, ?ids, "could not remove the unqueued messages");
+            }
+            for (message, (_, _, reply)) in stored.into_iter().zip(rest) {
+                let err = match message {
+                    Some(_) => ApiError::Unavailable(QUEUE_DOWN),
+                    None => ApiError::NotFound,
+                };
+                let _ = reply.send(Err(err));
+            }
+            return;
+        }
+
+        if !events.is_empty() {
+            let mut redis = self.redis.clone();
+            if let Err(err) = publish_events(&mut redis, &self.ns, &events).await {
+                tracing::warn!(error = %err, events = events.len(), "could not publish user_message events");
+            }
+        }
+        for (message, (_, _, reply)) in stored.into_iter().zip(rest) {
+            let _ = reply.send(message.ok_or(ApiError::NotFound));
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Sends written in batches: one statement stores many senders' messages, each only in a chat
+//! its sender owns, in the order they came; concurrent sends each get their own message and
+//! exactly one job, and a stranger's send in the same batch is a 404 that stores nothing.
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use aichat_shared::db::ai_messages::{NewUserMessage, insert_owned_user_messages};
+use aichat_shared::domain::ContextOptions;
+use common::spawn_app;
+use reqwest::StatusCode;
+use serde_json::json;
+
+fn new(ai_chat_id: i64, user_id: i64, content: &str, limit: i32) -> NewUserMessage {
+    NewUserMessage {
+        ai_chat_id,
+        user_id,
+        content: content.to_owned(),
+        options: ContextOptions {
+            include_related_chat_context: limit % 2 == 0,
+            context_message_limit: limit,
+        },
+    }
+}
+
+#[tokio::test]
+async fn one_batch_stores_only_what_each_sender_owns_in_input_order() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let a = app.create_ai_chat(&alice, json!({"title": "a"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let b = app.create_ai_chat(&bob, json!({"title": "b"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let batch = [
+        new(a, alice.id, "a1", 3),
+        new(a, bob.id, "bob into alice's chat", 4), // not bob's: nothing stored
+        new(b, bob.id, "b1", 5),
+        new(a, alice.id, "a2", 6),
+        new(b + 1000, bob.id, "no such chat", 7),
+        new(b, alice.id, "alice into bob's chat", 8),
+        new(b, bob.id, "b2", 9),
+    ];
+    let stored = insert_owned_user_messages(&app.db, &batch).await.unwrap();
+    assert_eq!(stored.len(), batch.len());
+    let owned = [true, false, true, true, false, false, true];
+    for ((message, input), owned) in stored.iter().zip(&batch).zip(owned) {
+        match message {
+            Some(m) => {
+                assert!(owned, "stored {:?} for {:?}", m.content, input.content);
+                assert_eq!(m.content, input.content);
+                assert_eq!(m.ai_chat, input.ai_chat_id);
+                assert_eq!((m.role.as_str(), m.status.as_str()), ("user", "queued"));
+            }
+            None => assert!(!owned, "{:?} was not stored", input.content),
+        }
+    }
+    // Ids follow the input order.
+    let ids: Vec<i64> = stored.iter().flatten().map(|m| m.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    // The options are stored per message, and nothing else was written.
+    let rows: Vec<(i64, String, bool, i32)> = sqlx::query_as(
+        "select ai_chat_id, content, include_related_chat_context, context_message_limit
+         from ai_messages order by id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (a, "a1".to_owned(), false, 3),
+            (b, "b1".to_owned(), false, 5),
+            (a, "a2".to_owned(), true, 6),
+            (b, "b2".to_owned(), false, 9),
+        ]
+    );
+    // An empty batch, and a batch of strangers only, store nothing.
+    assert!(
+        insert_owned_user_messages(&app.db, &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let strangers = [new(a, bob.id, "x", 1), new(b, alice.id, "y", 1)];
+    let none = insert_owned_user_messages(&app.db, &strangers)
+        .await
+        .unwrap();
+    assert!(none.len() == 2 && none.iter().all(Option::is_none));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn concurrent_sends_each_get_their_message_and_one_job_and_strangers_get_404() {
+    const USERS: usize = 6;
+    const SENDS: usize = 15;
+    let app = spawn_app().await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        let user = app.user(&format!("user{i}")).await;
+        let chat = app
+            .create_ai_chat(&user, json!({"title": format!("chat {i}")}))
+            .await["id"]
+            .as_i64()
+            .unwrap();
+        users.push((user, chat));
+    }
+    let mallory = app.user("mallory").await;
+
+    // Every user sends SENDS messages one after another, all users at once; mallory sends
+    // into each of their chats at the same time.
+    let api = &app;
+    let owners = users.iter().map(|(user, chat)| async move {
+        let mut ids = Vec::new();
+        for k in 0..SENDS {
+            let (status, body) = api
+                .post(
+                    &format!("/api/ai/chats/{chat}/send_message/"),
+                    &user.token,
+                    json!({"content": format!("{} #{k}", user.username)}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+            ids.push(body["message"]["id"].as_i64().unwrap());
+        }
+        ids
+    });
+    let strangers = users.iter().map(|(_, chat)| {
+        let token = &mallory.token;
+        async move {
+            for _ in 0..SENDS {
+                let (status, body) = api
+                    .post(
+                        &format!("/api/ai/chats/{chat}/send_message/"),
+                        token,
+                        json!({"content": "intrusion"}),
+                    )
+                    .await;
+                assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+                assert_eq!(body, json!({"error": "Not found."}));
+            }
+        }
+    });
+    let (sent, _) = tokio::join!(
+        futures::future::join_all(owners),
+        futures::future::join_all(strangers)
+    );
+
+    for ((user, chat), ids) in users.iter().zip(&sent) {
+        let (status, messages) = app
+            .get(&format!("/api/ai/chats/{chat}/messages/"), &user.token)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let messages = messages.as_array().unwrap();
+        let contents: Vec<&str> = messages
+            .iter()
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = (0..SENDS)
+            .map(|k| format!("{} #{k}", user.username))
+            .collect();
+        assert_eq!(contents, expected, "stored in the order sent, nothing else");
+        let stored: Vec<i64> = messages.iter().map(|m| m["id"].as_i64().unwrap()).collect();
+        assert_eq!(&stored, ids);
+    }
+
+    // Exactly one job per message, carrying its chat.
+    let jobs = app.queued_jobs().await;
+    assert_eq!(jobs.len(), USERS * SENDS, "{jobs:?}");
+    let chat_of: HashMap<i64, i64> = users
+        .iter()
+        .zip(&sent)
+        .flat_map(|((_, chat), ids)| ids.iter().map(move |id| (*id, *chat)))
+        .collect();
+    let mut seen = HashSet::new();
+    for job in &jobs {
+        let id = job["message_id"].as_i64().unwrap();
+        assert!(seen.insert(id), "two jobs for message {id}");
+        assert_eq!(
+            Some(&job["ai_chat_id"]),
+            chat_of.get(&id).map(|c| json!(c)).as_ref()
+        );
+    }
+    let intrusions: i64 =
+        sqlx::query_scalar("select count(*) from ai_messages where content = 'intrusion'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(intrusions, 0);
+    app.cleanup().await;
+}
