@@ -72,7 +72,14 @@ impl Application {
         .context("connecting the pub/sub connection to Redis")?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let queue = JobQueue::new(redis.clone(), &ns);
-        let sends = SendBatcher::start(pool.clone(), redis.clone(), queue.clone(), ns.clone());
+        let sends = SendBatcher::start(
+            pool.clone(),
+            redis.clone(),
+            queue.clone(),
+            ns.clone(),
+            settings.send_batch_writers.into(),
+            settings.send_batch_max.into(),
+        );
         let state = AppState {
             db: pool,
             queue,

@@ -22,10 +22,6 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{ApiError, ApiResult};
 
-/// Batches written at the same time (each holds one database connection while it writes).
-const WRITERS: usize = 4;
-/// Most messages in one batch.
-const MAX_BATCH: usize = 64;
 /// Sends waiting for a writer before new ones wait to be taken in.
 const QUEUE: usize = 1024;
 
@@ -56,8 +52,16 @@ pub struct SendBatcher {
 }
 
 impl SendBatcher {
-    /// Starts the writers; they stop once every clone of the batcher is dropped.
-    pub fn start(db: PgPool, redis: ConnectionManager, queue: JobQueue, ns: Namespace) -> Self {
+    /// Starts `writers` writers taking up to `max_batch` sends at a time; they stop once every
+    /// clone of the batcher is dropped.
+    pub fn start(
+        db: PgPool,
+        redis: ConnectionManager,
+        queue: JobQueue,
+        ns: Namespace,
+        writers: usize,
+        max_batch: usize,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let writer = Arc::new(Writer {
@@ -66,8 +70,8 @@ impl SendBatcher {
             queue,
             ns,
         });
-        for _ in 0..WRITERS {
-            tokio::spawn(write_batches(rx.clone(), writer.clone()));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(write_batches(rx.clone(), writer.clone(), max_batch.max(1)));
         }
         SendBatcher { tx }
     }
@@ -97,14 +101,18 @@ impl SendBatcher {
     }
 }
 
-async fn write_batches(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, writer: Arc<Writer>) {
+async fn write_batches(
+    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    writer: Arc<Writer>,
+    max_batch: usize,
+) {
     loop {
         let batch = {
             let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else { return };
-            let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
+            let mut batch = Vec::with_capacity(max_batch.min(rx.len() + 1));
             batch.push(first);
-            while batch.len() < MAX_BATCH {
+            while batch.len() < max_batch {
                 match rx.try_recv() {
                     Ok(pending) => batch.push(pending),
                     Err(_) => break,

@@ -56,6 +56,12 @@ pub struct Settings {
     /// own `CONTEXT_TOKEN_BUDGET`; keep the two alike).
     #[arg(long, env = "BUDGET_PROMPT_CAP_TOKENS", default_value_t = 3000)]
     pub budget_prompt_cap_tokens: i64,
+    /// Send batches written at once (each holds a database connection while it writes).
+    #[arg(long, env = "SEND_BATCH_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub send_batch_writers: u16,
+    /// Most sends written in one batch (one statement, one job push).
+    #[arg(long, env = "SEND_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub send_batch_max: u16,
     /// Events a WebSocket may fall behind before it is closed (1013).
     #[arg(long, env = "WS_QUEUE_CAPACITY", default_value_t = 256)]
     pub ws_queue_capacity: usize,
