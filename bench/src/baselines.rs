@@ -6,14 +6,18 @@ use anyhow::{Context, bail};
 use tokio::process::Command;
 
 use crate::env::{Env, PG_HOST, PG_PORT};
+use crate::stats::{Samples, Summary};
 
-/// What pgbench reported.
+/// What pgbench reported, and the percentiles of its per-transaction log.
 pub struct PgBench {
     pub tps: f64,
     pub latency_avg_ms: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
 }
 
-/// Runs `pgbench -c clients -j 2 -T secs -n -f <script>` on the bench database.
+/// Runs `pgbench -c clients -j 2 -T secs -n -l -f <script>` on the bench database; the
+/// per-transaction log (`-l`, one file per thread) gives the latency percentiles.
 pub async fn pgbench(
     env: &Env,
     name: &str,
@@ -23,6 +27,7 @@ pub async fn pgbench(
 ) -> anyhow::Result<PgBench> {
     let script = env.dir.join(format!("{name}.sql"));
     std::fs::write(&script, format!("{sql}\n"))?;
+    let log_prefix = format!("pgbench_{name}");
     let mut cmd = Command::new("pgbench");
     cmd.args(["-h", PG_HOST, "-p", &PG_PORT.to_string(), "-U", "postgres"])
         .args([
@@ -33,9 +38,13 @@ pub async fn pgbench(
             "-T",
             &secs.to_string(),
             "-n",
+            "-l",
+            "--log-prefix",
+            &log_prefix,
             "-f",
         ])
         .arg(&script)
+        .current_dir(&env.dir)
         .arg(&env.db_name)
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(secs + 60), cmd.output())
@@ -62,10 +71,41 @@ pub async fn pgbench(
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
+    let latencies = pgbench_log_latencies(&env.dir, &log_prefix)?;
     Ok(PgBench {
         tps,
         latency_avg_ms,
+        latency_p50_ms: latencies.p50_ms,
+        latency_p99_ms: latencies.p99_ms,
     })
+}
+
+/// Latencies from pgbench's transaction logs `<prefix>.<pid>[.<thread>]` in `dir` (third
+/// field: the transaction's time in microseconds); the files are removed once read.
+fn pgbench_log_latencies(dir: &std::path::Path, prefix: &str) -> anyhow::Result<Summary> {
+    let mut samples = Samples::with_capacity(1 << 16);
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{prefix}.")));
+        if !is_log {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        for us in text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        {
+            samples.record_us(us);
+        }
+        std::fs::remove_file(&path)?;
+    }
+    if samples.len() == 0 {
+        bail!("pgbench wrote no transaction log");
+    }
+    Ok(samples.summary())
 }
 
 /// Creates the scratch table of the insert baseline.

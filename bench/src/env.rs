@@ -366,6 +366,17 @@ pub async fn queued_in(db: &PgPool, chats: &[i64]) -> anyhow::Result<i64> {
     Ok(n)
 }
 
+/// Deletes the messages of these chats still waiting for a reply: their jobs go with the
+/// scenario's namespace, and the next scenarios' sweepers would otherwise queue them again.
+pub async fn forget_queued(db: &PgPool, chats: &[i64]) -> anyhow::Result<u64> {
+    let done =
+        sqlx::query("delete from ai_messages where ai_chat_id = any($1) and status = 'queued'")
+            .bind(chats)
+            .execute(db)
+            .await?;
+    Ok(done.rows_affected())
+}
+
 /// Assistant messages saved in these chats.
 pub async fn replies_in(db: &PgPool, chats: &[i64]) -> anyhow::Result<i64> {
     let n: i64 = sqlx::query_scalar(

@@ -13,8 +13,6 @@ const TOKENS_PER_MESSAGE: usize = 4;
 /// Tokens that prime the assistant's reply.
 const REPLY_PRIMING_TOKENS: usize = 3;
 
-/// Texts shorter than this are counted each time (cheaper than the lookup).
-const MIN_CACHED_BYTES: usize = 32;
 /// Remembered counts at most (8 bytes of key and 8 of count each); past it the memo restarts.
 const MAX_CACHED_COUNTS: usize = 100_000;
 
@@ -103,10 +101,9 @@ impl TokenCounter {
 
     /// Tokens of `text`. Counts are remembered by a hash of the text: every job of a chat
     /// counts the same history again, and BPE was a fifth of the worker's CPU (BENCHMARKS.md).
+    /// Short texts too: hashing a few bytes costs nanoseconds, their BPE (the pre-tokenising
+    /// regex) microseconds; short messages ("thanks", "ok") are common.
     pub fn text(&self, text: &str) -> usize {
-        if text.len() < MIN_CACHED_BYTES {
-            return self.bpe.encode_with_special_tokens(text).len();
-        }
         let key = {
             let mut hasher = std::hash::DefaultHasher::new();
             std::hash::Hash::hash(text, &mut hasher);

@@ -43,6 +43,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         ctx.cpu(&format!("pipeline{workers}w"), cpu.finish());
         stack.check_alive()?;
         stack.stop_workers().await;
+        // What was still outstanding must not be answered (or swept) in the next phase.
+        let chats: Vec<i64> = accounts.iter().map(|a| a.chats[0]).collect();
+        crate::env::forget_queued(&ctx.env.db, &chats).await?;
         results.push(r);
     }
     stack.stop().await;
