@@ -37,11 +37,10 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// A lazily connecting pool: the process starts even while PostgreSQL is down and requests
 /// get 503 until it is back.
 ///
-/// sqlx pings every connection it hands out by default: a round trip (and a wake-up of the
-/// server process) per query, which was a third of PostgreSQL's work for the message page
-/// (BENCHMARKS.md, reads). Only a connection that sat idle for a while is pinged now; one
-/// in steady use is known to be alive, and if the server dropped it since, that one query
-/// fails (503) and the connection is discarded.
+/// sqlx pings every connection it hands out by default: one more round trip (and a wake-up
+/// of the server process) per query. Only a connection that sat idle for a while is pinged
+/// now; one in steady use is known to be alive, and if the server dropped it since, that one
+/// query fails (503) and the connection is discarded.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(settings.database_max_connections)
