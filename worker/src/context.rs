@@ -13,8 +13,11 @@ const TOKENS_PER_MESSAGE: usize = 4;
 /// Tokens that prime the assistant's reply.
 const REPLY_PRIMING_TOKENS: usize = 3;
 
-/// Remembered counts at most (8 bytes of key and 8 of count each); past it the memo restarts.
-const MAX_CACHED_COUNTS: usize = 100_000;
+/// Remembered counts at most; past it the memo restarts. A job counts its chat's last turns,
+/// so a few thousand cover every chat in flight; the table is allocated once (~0.5 MiB) and
+/// reused, so the worker's memory stays flat however many messages go by (BENCHMARKS.md,
+/// soak: at 100,000 it grew for the first ten minutes).
+const MAX_CACHED_COUNTS: usize = 16_384;
 
 /// Token counts by hash of the text, shared by every job of the process.
 fn lock_counts() -> std::sync::MutexGuard<'static, std::collections::HashMap<u64, usize>> {
