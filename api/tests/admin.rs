@@ -153,9 +153,18 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     let (_, sent) = event_of(&mut ws, "error", 10).await;
     let message_id = sent[0]["message"]["id"].as_i64().unwrap();
 
-    let (status, dead) = app.get("/api/admin/dead-jobs/", &root.token).await;
-    assert_eq!(status, StatusCode::OK);
-    let dead = dead.as_array().unwrap();
+    // The worker publishes the error before apalis moves the job to the dead set (after the
+    // handler returns), so the listing may lag the event by a moment.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let dead = loop {
+        let (status, dead) = app.get("/api/admin/dead-jobs/", &root.token).await;
+        assert_eq!(status, StatusCode::OK);
+        let dead = dead.as_array().unwrap().clone();
+        if !dead.is_empty() || tokio::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["message_id"], message_id);
     assert_eq!(dead[0]["ai_chat_id"], chat);
