@@ -33,16 +33,18 @@ pub async fn submit_message(
         return Err(not_found_first(state, ai_chat_id, user_id, err).await);
     }
     let reservation = reserve_budget(state, user_id, ai_chat_id, content).await?;
-    let result = store_and_queue(
-        state,
-        user_id,
+    // Written with whatever other sends are waiting: one statement (ownership check, insert,
+    // the chat's `updated_at`) committed before one push of their jobs.
+    let message = NewUserMessage {
         ai_chat_id,
-        content,
+        user_id,
+        content: content.to_owned(),
         options,
-        request_id,
-        reservation.clone(),
-    )
-    .await;
+    };
+    let result = state
+        .sends
+        .submit(message, request_id, reservation.clone())
+        .await;
     if result.is_err()
         && let Some(reservation) = &reservation
     {
@@ -108,24 +110,4 @@ pub async fn not_found_first(
         Ok(()) => err,
         Err(not_owner) => not_owner,
     }
-}
-
-async fn store_and_queue(
-    state: &AppState,
-    user_id: i64,
-    ai_chat_id: i64,
-    content: &str,
-    options: ContextOptions,
-    request_id: Option<String>,
-    reservation: Option<Reservation>,
-) -> ApiResult<AiMessage> {
-    // Written with whatever other sends are waiting: one statement (ownership check, insert,
-    // the chat's `updated_at`) committed before one push of their jobs.
-    let message = NewUserMessage {
-        ai_chat_id,
-        user_id,
-        content: content.to_owned(),
-        options,
-    };
-    state.sends.submit(message, request_id, reservation).await
 }

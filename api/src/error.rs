@@ -96,11 +96,14 @@ impl ApiError {
     }
 }
 
+/// What a client is told when PostgreSQL or Redis cannot be reached.
+pub const SERVICE_UNAVAILABLE: &str = "Service temporarily unavailable, please retry shortly";
+
 impl From<aichat_shared::Error> for ApiError {
     fn from(err: aichat_shared::Error) -> Self {
         if err.is_unavailable() {
             tracing::warn!(error = %err, "backing service unavailable");
-            ApiError::Unavailable("Service temporarily unavailable, please retry shortly")
+            ApiError::Unavailable(SERVICE_UNAVAILABLE)
         } else {
             ApiError::Internal(err.into())
         }

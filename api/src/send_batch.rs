@@ -20,14 +20,13 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, SERVICE_UNAVAILABLE};
 
 /// Sends waiting for a writer before new ones wait to be taken in.
 const QUEUE: usize = 1024;
 
 const QUEUE_DOWN: &str =
     "The message queue is unavailable, so the message was not accepted; please retry shortly";
-const STORE_DOWN: &str = "Service temporarily unavailable, please retry shortly";
 
 /// A send waiting to be written.
 struct Pending {
@@ -92,12 +91,12 @@ impl SendBatcher {
             reply,
         };
         if self.tx.send(pending).await.is_err() {
-            return Err(ApiError::Unavailable(STORE_DOWN));
+            return Err(ApiError::Unavailable(SERVICE_UNAVAILABLE));
         }
         // A writer answers every send it takes; no answer means it is gone (shutting down).
         answer
             .await
-            .unwrap_or(Err(ApiError::Unavailable(STORE_DOWN)))
+            .unwrap_or(Err(ApiError::Unavailable(SERVICE_UNAVAILABLE)))
     }
 }
 
@@ -141,7 +140,7 @@ impl Writer {
                 tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
                 for (_, _, reply) in rest {
                     let err = if unavailable {
-                        ApiError::Unavailable(STORE_DOWN)
+                        ApiError::Unavailable(SERVICE_UNAVAILABLE)
                     } else {
                         ApiError::Internal(anyhow::anyhow!("storing the message failed"))
                     };

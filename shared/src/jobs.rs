@@ -80,8 +80,7 @@ impl JobQueue {
     /// Returns whether a new job was queued.
     #[tracing::instrument(skip(self))]
     pub async fn enqueue_completion(&self, job: &CompletionJob, key: &str) -> Result<bool> {
-        let args = serde_json::to_vec(job)?;
-        let task = TaskBuilder::new(args).idempotency_key(key).build();
+        let task = completion_task(job, key)?;
         let mut conn = self.conn.clone();
         let (enqueued, scheduled) =
             apalis_redis::queries::push_tasks(&mut conn, &self.config, &[task]).await?;
@@ -92,15 +91,20 @@ impl JobQueue {
     /// key, as in [`JobQueue::enqueue_completion`].
     #[tracing::instrument(skip_all, fields(jobs = jobs.len()))]
     pub async fn enqueue_completions(&self, jobs: &[(CompletionJob, String)]) -> Result<()> {
-        let mut tasks = Vec::with_capacity(jobs.len());
-        for (job, key) in jobs {
-            let args = serde_json::to_vec(job)?;
-            tasks.push(TaskBuilder::new(args).idempotency_key(key).build());
-        }
+        let tasks = jobs
+            .iter()
+            .map(|(job, key)| completion_task(job, key))
+            .collect::<Result<Vec<_>>>()?;
         let mut conn = self.conn.clone();
         apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks).await?;
         Ok(())
     }
+}
+
+/// The apalis task of a completion job: its JSON arguments under the de-duplication `key`.
+fn completion_task(job: &CompletionJob, key: &str) -> Result<apalis_redis::RedisTask> {
+    let args = serde_json::to_vec(job)?;
+    Ok(TaskBuilder::new(args).idempotency_key(key).build())
 }
 
 /// How many completion jobs are in each state.
