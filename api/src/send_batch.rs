@@ -9,6 +9,7 @@
 //! batch's messages are removed again and every sender gets 503.
 use std::sync::Arc;
 
+use aichat_shared::batch::next_batch;
 use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
@@ -105,20 +106,7 @@ async fn write_batches(
     writer: Arc<Writer>,
     max_batch: usize,
 ) {
-    loop {
-        let batch = {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else { return };
-            let mut batch = Vec::with_capacity(max_batch.min(rx.len() + 1));
-            batch.push(first);
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
-                }
-            }
-            batch
-        };
+    while let Some(batch) = next_batch(&rx, max_batch).await {
         metrics::histogram!("send_batch_size").record(batch.len() as f64);
         writer.write(batch).await;
     }

@@ -30,6 +30,7 @@ fn history() -> impl Strategy<Value = Vec<HistoryMessage>> {
             .prop_map(|(role, content)| HistoryMessage {
                 role: role.to_owned(),
                 content,
+                content_tokens: None,
             }),
         0..40,
     )

@@ -41,6 +41,9 @@ pub enum Role {
 pub struct PromptMessage {
     pub role: Role,
     pub content: String,
+    /// Tokens of `content` when already known (stored with the message), so it need not be
+    /// counted again.
+    pub known_tokens: Option<usize>,
 }
 
 impl PromptMessage {
@@ -48,6 +51,7 @@ impl PromptMessage {
         PromptMessage {
             role,
             content: content.into(),
+            known_tokens: None,
         }
     }
 }
@@ -82,7 +86,10 @@ pub fn build_prompt(
             role::ASSISTANT => Role::Assistant,
             _ => return None,
         };
-        Some(PromptMessage::new(role, m.content.clone()))
+        Some(PromptMessage {
+            known_tokens: m.content_tokens.and_then(|n| usize::try_from(n).ok()),
+            ..PromptMessage::new(role, m.content.clone())
+        })
     }));
     prompt.push(PromptMessage::new(Role::User, new_message));
     prompt
@@ -124,8 +131,18 @@ impl TokenCounter {
         count
     }
 
+    /// Tokens of `text`, counted now and not remembered: for a text whose count is stored
+    /// with it (a reply), so it is never asked for again.
+    pub fn text_once(&self, text: &str) -> usize {
+        self.bpe.encode_with_special_tokens(text).len()
+    }
+
+    /// Tokens of a message with its framing; a stored count is taken as it is.
     pub fn message(&self, message: &PromptMessage) -> usize {
-        TOKENS_PER_MESSAGE + self.text(&message.content)
+        TOKENS_PER_MESSAGE
+            + message
+                .known_tokens
+                .unwrap_or_else(|| self.text(&message.content))
     }
 
     /// Tokens of a whole prompt, reply priming included.
@@ -195,6 +212,7 @@ mod tests {
             .map(|(role, content)| HistoryMessage {
                 role: (*role).to_owned(),
                 content: (*content).to_owned(),
+                content_tokens: None,
             })
             .collect()
     }
@@ -291,6 +309,21 @@ mod tests {
         );
         let (trimmed, _) = trim_to_budget(prompt, REPLY_PRIMING_TOKENS + 4, words);
         assert_eq!(contents(&trimmed), ["s", "q", "a", "n"]);
+    }
+
+    #[test]
+    fn a_stored_count_is_used_instead_of_counting_again() {
+        let counter = TokenCounter::cl100k();
+        let stored = HistoryMessage {
+            role: role::USER.to_owned(),
+            content: "hello world".to_owned(),
+            content_tokens: Some(40),
+        };
+        let prompt = build_prompt("s".into(), &[stored], "hello world");
+        assert_eq!(prompt[1].known_tokens, Some(40));
+        assert_eq!(counter.message(&prompt[1]), 4 + 40);
+        // The new message has no stored count yet: it is counted.
+        assert_eq!(counter.message(&prompt[2]), 4 + 2);
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::deltas::{DeltaTarget, publish_deltas};
 use crate::llm::{ChatRequest, CompletionError, LlmClient};
 use crate::metrics;
 use crate::rate_limit::RateLimiter;
+use crate::reply_batch::ReplySaver;
 use crate::stop::{Ack, Stopping};
 
 /// The related chat's lines are never more than this, whatever the job asks.
@@ -53,6 +54,8 @@ pub struct JobContext {
     pub shutdown: watch::Receiver<bool>,
     /// Running jobs, and what finished after the stop began (see `stop.rs`).
     pub stopping: Arc<Stopping>,
+    /// Writes replies, several per statement.
+    pub replies: ReplySaver,
     /// How long a finished reply (or failure) keeps trying to reach the database before the
     /// job is handed back to the queue.
     pub save_retry_for: Duration,
@@ -182,7 +185,7 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         )));
     }
 
-    let request = build_request(job, &subject, ctx).await?;
+    let (request, question_tokens) = build_request(job, &subject, ctx).await?;
     let (chunks_tx, chunks_rx) = mpsc::unbounded_channel();
     let target = DeltaTarget {
         redis: ctx.redis.clone(),
@@ -213,7 +216,17 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
     };
 
     match result {
-        Ok(completion) => save_and_announce(ctx, job, &subject, &request.model, completion).await,
+        Ok(completion) => {
+            save_and_announce(
+                ctx,
+                job,
+                &subject,
+                &request.model,
+                question_tokens,
+                completion,
+            )
+            .await
+        }
         Err(err @ CompletionError::Failed { .. }) => {
             if record_failure(ctx, job, &subject, &err).await? {
                 metrics::job_failed("model");
@@ -228,12 +241,13 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
 }
 
 /// Loads the history (and the related chat's lines when asked), builds the prompt and trims it
-/// to the token budget.
+/// to the token budget. Also returns the tokens of the new message, stored with it once it is
+/// answered so later jobs need not count it again.
 async fn build_request(
     job: &CompletionJob,
     subject: &CompletionSubject,
     ctx: &JobContext,
-) -> Result<ChatRequest, JobError> {
+) -> Result<(ChatRequest, usize), JobError> {
     // Every message costs at least its framing tokens, so more than this can never fit.
     let history_limit = i64::try_from(ctx.token_budget / 4 + 1).unwrap_or(i64::MAX);
     let history = db::completions::list_history(
@@ -260,8 +274,11 @@ async fn build_request(
     let counter = ctx.tokens;
     let budget = ctx.token_budget;
     // BPE over a few thousand tokens is CPU work: keep it off the async threads.
-    let (messages, prompt_tokens) = tokio::task::spawn_blocking(move || {
-        context::trim_to_budget(prompt, budget, |m| counter.message(m))
+    let (messages, prompt_tokens, question_tokens) = tokio::task::spawn_blocking(move || {
+        let question_tokens = prompt.last().map_or(0, |m| counter.text(&m.content));
+        let (messages, prompt_tokens) =
+            context::trim_to_budget(prompt, budget, |m| counter.message(m));
+        (messages, prompt_tokens, question_tokens)
     })
     .await
     .context("counting prompt tokens")?;
@@ -276,13 +293,14 @@ async fn build_request(
         history = history.len(),
         "prompt built"
     );
-    Ok(ChatRequest {
+    let request = ChatRequest {
         model,
         messages,
         estimated_tokens: u64::try_from(prompt_tokens)
             .unwrap_or(u64::MAX)
             .saturating_add(ctx.completion_allowance),
-    })
+    };
+    Ok((request, question_tokens))
 }
 
 /// Replaces the message's budget reservation by what it really used (nothing, when it failed;
@@ -303,19 +321,24 @@ async fn save_and_announce(
     job: &CompletionJob,
     subject: &CompletionSubject,
     model: &str,
+    question_tokens: usize,
     completion: crate::llm::Completion,
 ) -> Result<Done, JobError> {
     let usage = completion.usage.as_ref();
     let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    let reply_tokens = count_text(ctx.tokens, &completion.content).await;
     let reply = NewReply {
-        content: &completion.content,
+        content: completion.content.clone(),
         prompt_tokens: usage.map(|u| to_i32(u.prompt_tokens)),
         completion_tokens: usage.map(|u| to_i32(u.completion_tokens)),
         total_tokens: usage.map(|u| to_i32(u.total_tokens)),
-        model,
+        model: model.to_owned(),
         latency_ms: i32::try_from(completion.latency.as_millis()).unwrap_or(i32::MAX),
+        content_tokens: reply_tokens.and_then(|n| i32::try_from(n).ok()),
+        question_tokens: i32::try_from(question_tokens).ok(),
     };
-    let saved = save_reply(ctx, subject.message_id, &reply).await?;
+    let latency_ms = reply.latency_ms;
+    let saved = save_reply(ctx, subject.message_id, reply).await?;
     if let Some(usage) = usage {
         metrics::tokens(
             model,
@@ -337,13 +360,30 @@ async fn save_and_announce(
     tracing::info!(
         reply_id = saved.id,
         attempts = completion.attempts,
-        latency_ms = reply.latency_ms,
+        latency_ms,
         "reply saved"
     );
     Ok(Done::Answered)
 }
 
-/// Saves the reply (one statement, its own commit). The model's answer is in hand, so a database
+/// Texts longer than this are counted on a blocking thread.
+const COUNT_INLINE_BYTES: usize = 2048;
+
+/// Tokens of a reply, stored with it for later prompts. A short text is counted in place; BPE
+/// over a long one is CPU work kept off the async threads. `None` if that thread failed: the
+/// count is then left to whoever needs it.
+async fn count_text(counter: TokenCounter, text: &str) -> Option<usize> {
+    if text.len() <= COUNT_INLINE_BYTES {
+        return Some(counter.text_once(text));
+    }
+    let text = text.to_owned();
+    tokio::task::spawn_blocking(move || counter.text_once(&text))
+        .await
+        .ok()
+}
+
+/// Saves the reply (with the other replies finishing at the same time: one statement, one
+/// commit; `reply_batch.rs`). The model's answer is in hand, so a database
 /// that cannot be reached is retried here (up to `save_retry_for`) rather than by running the
 /// job, and the model call, again. When a save failed without saying whether it happened and the
 /// retry then finds the message answered, the stored reply is returned as this run's: it is
@@ -351,7 +391,7 @@ async fn save_and_announce(
 async fn save_reply(
     ctx: &JobContext,
     message_id: i64,
-    reply: &NewReply<'_>,
+    reply: NewReply,
 ) -> Result<Option<aichat_shared::domain::AiMessage>, JobError> {
     let deadline = tokio::time::Instant::now() + ctx.save_retry_for;
     let mut delay = Duration::from_millis(100);
@@ -359,13 +399,14 @@ async fn save_reply(
     loop {
         // The error, and whether it came from the commit (outcome unknown).
         // One autocommitted statement: a connection lost while it ran may have committed it.
-        let attempt: Result<_, (aichat_shared::Error, bool)> =
-            db::completions::save_reply(&ctx.db, message_id, reply)
-                .await
-                .map_err(|e| {
-                    let unknown = e.is_unavailable();
-                    (e, unknown)
-                });
+        let attempt = ctx
+            .replies
+            .save(message_id, reply.clone())
+            .await
+            .map_err(|e| {
+                let unknown = e.is_unavailable();
+                (e, unknown)
+            });
         let err = match attempt {
             Ok(Some(saved)) => return Ok(Some(saved)),
             Ok(None) if commit_unknown => {

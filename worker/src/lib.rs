@@ -26,6 +26,7 @@ pub mod job;
 pub mod llm;
 pub mod metrics;
 pub mod rate_limit;
+pub mod reply_batch;
 pub mod retry;
 pub mod settings;
 pub mod stop;
@@ -88,7 +89,7 @@ impl Worker {
             .context("loading the tokenizer")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let jobs = Arc::new(JobContext {
-            db: pool,
+            db: pool.clone(),
             redis: redis.clone(),
             ns,
             llm,
@@ -101,6 +102,7 @@ impl Worker {
             delta_flush_chars: usize::try_from(settings.delta_flush_chars).unwrap_or(usize::MAX),
             shutdown: shutdown_rx,
             stopping: Stopping::new(),
+            replies: reply_batch::ReplySaver::start(pool.clone()),
             save_retry_for: Duration::from_secs(settings.worker_save_retry_secs),
         });
         let listener = TcpListener::bind(&settings.metrics_addr)

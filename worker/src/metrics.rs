@@ -90,3 +90,8 @@ pub fn save_retry() {
 pub fn swept(count: u64) {
     counter!("aichat_worker_swept_messages_total").increment(count);
 }
+
+/// Replies saved by one statement (`reply_batch.rs`).
+pub fn reply_batch(size: usize) {
+    histogram!("aichat_worker_reply_batch_size").record(size as f64);
+}

@@ -285,6 +285,53 @@ async fn the_oldest_turns_are_dropped_to_fit_the_token_budget() {
 }
 
 #[tokio::test]
+async fn token_counts_are_stored_once_and_then_decide_what_fits() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let worker = env.spawn_worker(&[]).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+    let first = "how many tokens does this sentence hold?";
+    let sent = env.send(chat, first, false, 20).await;
+    events.reply_to(sent.id, WAIT).await;
+
+    // Both sides of the exchange carry their cl100k count.
+    let counter = TokenCounter::cl100k();
+    let counts: Vec<(String, Option<i32>)> = sqlx::query_as(
+        "select content, content_tokens from ai_messages where ai_chat_id = $1 order by id",
+    )
+    .bind(chat)
+    .fetch_all(&env.db)
+    .await
+    .expect("counts");
+    let expected: Vec<(String, Option<i32>)> = [first.to_owned(), format!("Echo: {first}")]
+        .into_iter()
+        .map(|text| {
+            let n = counter.text(&text) as i32;
+            (text, Some(n))
+        })
+        .collect();
+    assert_eq!(counts, expected);
+
+    // The next job takes the stored counts as they are: a first question said to be larger
+    // than the whole budget (3,000) drops its turn, though its text is short.
+    sqlx::query("update ai_messages set content_tokens = 5000 where id = $1")
+        .bind(sent.id)
+        .execute(&env.db)
+        .await
+        .expect("inflate the stored count");
+    let second = env.send(chat, "and this one?", false, 20).await;
+    events.reply_to(second.id, WAIT).await;
+    let requests = env.fake.requests();
+    assert_eq!(
+        role_and_content(&requests[1].messages),
+        pairs(&[("system", SYSTEM_PROMPT), ("user", "and this one?")])
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn rate_limited_calls_wait_for_retry_after_then_succeed() {
     let env = TestEnv::start(FakeConfig::default()).await;
     env.fake.push_script([
@@ -534,20 +581,27 @@ async fn a_job_queued_twice_is_answered_exactly_once() {
     env.cleanup().await;
 }
 
+/// A reply as a job would save it; its question is said to count `tokens + 100`.
+fn reply_of(content: &str, tokens: i32) -> NewReply {
+    NewReply {
+        content: content.to_owned(),
+        prompt_tokens: Some(10),
+        completion_tokens: Some(2),
+        total_tokens: Some(12),
+        model: MODEL.to_owned(),
+        latency_ms: 5,
+        content_tokens: Some(tokens),
+        question_tokens: Some(tokens + 100),
+    }
+}
+
 #[tokio::test]
 async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
     let env = TestEnv::start(FakeConfig::default()).await;
     let alice = env.user("alice").await;
     let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
     let sent = env.send(chat, "hi", false, 20).await;
-    let reply = |content| NewReply {
-        content,
-        prompt_tokens: Some(10),
-        completion_tokens: Some(2),
-        total_tokens: Some(12),
-        model: MODEL,
-        latency_ms: 5,
-    };
+    let reply = |content: &str| reply_of(content, 1);
     let mut tx = env.db.begin().await.expect("tx");
     let first = db::completions::save_reply(&mut *tx, sent.id, &reply("one"))
         .await
@@ -582,6 +636,73 @@ async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
         .expect("save for a deleted message");
     assert!(gone.is_none());
     tx.rollback().await.expect("rollback");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_replies_is_saved_in_one_statement_aligned_with_its_input() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let other = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let first = env.send(chat, "first", false, 20).await;
+    let second = env.send(other, "second", false, 20).await;
+    let (a, b, dup, missing) = (
+        reply_of("a", 1),
+        reply_of("b", 2),
+        reply_of("dup", 3),
+        reply_of("x", 4),
+    );
+    // Input order is not id order; a message asked twice and one that does not exist.
+    let saved = db::completions::save_replies(
+        &env.db,
+        &[
+            (second.id, &b),
+            (first.id, &a),
+            (second.id, &dup),
+            (i64::MAX, &missing),
+        ],
+    )
+    .await
+    .expect("save the batch");
+    let got: Vec<Option<(i64, String)>> = saved
+        .iter()
+        .map(|m| {
+            m.as_ref()
+                .map(|m| (m.reply_to.unwrap_or(0), m.content.clone()))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            Some((second.id, "b".to_owned())),
+            Some((first.id, "a".to_owned())),
+            None,
+            None
+        ]
+    );
+    let rows: Vec<(i64, String, String, Option<i32>)> = sqlx::query_as(
+        "select ai_chat_id, content, status, content_tokens from ai_messages order by id",
+    )
+    .fetch_all(&env.db)
+    .await
+    .expect("rows");
+    assert_eq!(
+        rows,
+        [
+            (chat, "first".to_owned(), "answered".to_owned(), Some(101)),
+            (other, "second".to_owned(), "answered".to_owned(), Some(102)),
+            // Written in the order of the messages they answer.
+            (chat, "a".to_owned(), "complete".to_owned(), Some(1)),
+            (other, "b".to_owned(), "complete".to_owned(), Some(2)),
+        ]
+    );
+    // Saving again stores nothing and changes nothing.
+    let again = db::completions::save_replies(&env.db, &[(first.id, &dup)])
+        .await
+        .expect("save again");
+    assert!(again[0].is_none());
+    assert_eq!(env.messages(chat).await.len(), 2);
     env.cleanup().await;
 }
 

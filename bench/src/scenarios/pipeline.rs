@@ -16,7 +16,12 @@ use crate::scenarios::{Ctx, ingest};
 use crate::seed;
 use crate::stats::{Samples, Summary};
 
+/// Chats of the measured (target) phases: each receives ~1/64 of the sends, so its history,
+/// and with it every prompt, grows through the run (to ~175 turns at ~500 replies/s).
 const CHATS: usize = 64;
+/// Chats of the extra phase: the same load spread so thin that conversations stay short
+/// (~10 turns by the end), which shows what a reply costs apart from its history.
+const SHORT_CHATS: usize = 1024;
 const SENDERS: usize = 64;
 
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
@@ -29,18 +34,25 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     stack.start_fake(&ctx.env, 0, 100).await?;
     let outstanding = if ctx.opts.quick { 128 } else { 256 };
     let mut results = Vec::new();
-    for workers in [1usize, 2] {
+    for (workers, chats) in [(1usize, CHATS), (2, CHATS), (1, SHORT_CHATS)] {
         for _ in 0..workers {
             stack.add_worker(&ctx.env, 64).await?;
         }
-        let accounts = seed::accounts(&ctx.env.db, &format!("pipe{workers}"), CHATS, 1).await?;
+        let phase = format!("pipe{workers}w{chats}");
+        let accounts = seed::accounts(&ctx.env.db, &phase, chats, 1).await?;
         eprintln!(
-            "pipeline: {workers} worker(s), {outstanding} messages outstanding over {CHATS} chats, {}s",
+            "pipeline: {workers} worker(s), {outstanding} messages outstanding over {chats} chats, {}s",
             ctx.opts.secs
         );
         let cpu = CpuMeter::start(&stack.pids());
-        let r = measure(ctx, &stack, &accounts, outstanding, workers).await?;
-        ctx.cpu(&format!("pipeline{workers}w"), cpu.finish());
+        let label = format!("pipeline {workers}w {chats} chats");
+        let r = measure(ctx, &stack, &accounts, outstanding, &label).await?;
+        let cpu_label = if chats == CHATS {
+            format!("pipeline{workers}w")
+        } else {
+            format!("pipeline{workers}w-{chats}chats")
+        };
+        ctx.cpu(&cpu_label, cpu.finish());
         stack.check_alive()?;
         stack.stop_workers().await;
         // What was still outstanding must not be answered (or swept) in the next phase.
@@ -50,7 +62,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     }
     stack.stop().await;
 
-    let (one, two) = (&results[0], &results[1]);
+    let (one, two, short) = (&results[0], &results[1], &results[2]);
     let rep = &mut ctx.report;
     rep.push(
         Row::new(
@@ -72,6 +84,27 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         .baseline("1 worker", one.rate)
         .target("> 1 worker", two.rate > one.rate),
     );
+    rep.push(
+        Row::new(
+            "pipeline",
+            &format!("replies/s, 1 worker, {SHORT_CHATS} chats"),
+            short.rate,
+            "replies/s",
+        )
+        .baseline("ingest req/s", ingest_rps),
+    );
+    for (label, r) in [
+        ("1w", one),
+        ("2w", two),
+        (&*format!("1w {SHORT_CHATS} chats"), short),
+    ] {
+        rep.push(Row::new(
+            "pipeline",
+            &format!("prompt messages (mean of the last 100), {label}"),
+            r.prompt_messages,
+            "",
+        ));
+    }
     for (w, r) in [(1, one), (2, two)] {
         rep.push(Row::new(
             "pipeline",
@@ -100,13 +133,21 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         }
     }
     rep.note(format!(
-        "pipeline: closed loop with {outstanding} messages outstanding (a new send as each reply arrives), {CHATS} chats each watched by one WebSocket; the rate counts replies received after a warm-up; latency includes time queued behind the other outstanding messages"
+        "pipeline: closed loop with {outstanding} messages outstanding (a new send as each reply arrives), {CHATS} chats each watched by one WebSocket; the rate counts replies received after a warm-up; latency includes time queued behind the other outstanding messages; every prompt carries its chat's whole history (up to the 3,000-token budget), so with {CHATS} chats prompts grow through the run; the {SHORT_CHATS}-chat phase spreads the same load so conversations stay short"
     ));
+    if short.errors > 0 || short.unanswered > 0 {
+        rep.note(format!(
+            "pipeline {SHORT_CHATS} chats: {} errors, {} unanswered: {:?}",
+            short.errors, short.unanswered, short.first_errors
+        ));
+    }
     Ok(())
 }
 
 struct PipeResult {
     rate: f64,
+    /// Mean length of the prompts the model received last (the fake keeps the last 100).
+    prompt_messages: f64,
     latency: Summary,
     errors: u64,
     unanswered: usize,
@@ -165,7 +206,7 @@ async fn measure(
     stack: &Stack,
     accounts: &[seed::Account],
     outstanding: usize,
-    workers: usize,
+    label: &str,
 ) -> anyhow::Result<PipeResult> {
     let shared = Arc::new(Shared::default());
     let counters = Arc::new(Counters::default());
@@ -231,7 +272,7 @@ async fn measure(
         }));
     }
 
-    let _progress = Progress::start(format!("pipeline {workers}w"), counters.clone());
+    let _progress = Progress::start(label.to_owned(), counters.clone());
     let http = load::http_client(SENDERS)?;
     let accounts = Arc::new(accounts.to_vec());
     let mut senders = Vec::new();
@@ -253,7 +294,8 @@ async fn measure(
                     break;
                 };
                 permit.forget();
-                let account = &accounts[s % accounts.len()];
+                // Round robin: with as many chats as senders, each sender keeps to one chat.
+                let account = &accounts[(s + SENDERS * seq as usize) % accounts.len()];
                 let chat = account.chats[0];
                 seq += 1;
                 let t = Instant::now();
@@ -313,11 +355,29 @@ async fn measure(
             samples.record(*l);
         }
     }
+    let prompt_messages = mean_prompt_messages(&http, &stack.fake_url()).await?;
     Ok(PipeResult {
         rate: in_window as f64 / (send_end - window_start).as_secs_f64(),
+        prompt_messages,
         latency: samples.summary(),
         errors: counters.errors.load(Ordering::Relaxed),
         unanswered,
         first_errors: counters.first_errors(),
     })
+}
+
+/// Mean number of messages in the prompts the fake model recorded (its last 100).
+async fn mean_prompt_messages(http: &reqwest::Client, fake: &str) -> anyhow::Result<f64> {
+    let log: Vec<serde_json::Value> = http
+        .get(format!("{fake}/_fake/requests"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let lengths: Vec<usize> = log
+        .iter()
+        .filter_map(|r| r["messages"].as_array().map(|m| m.len()))
+        .collect();
+    Ok(lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64)
 }

@@ -28,18 +28,25 @@ pub struct HistoryMessage {
     /// `user` or `assistant`.
     pub role: String,
     pub content: String,
+    /// Tokens of `content` as stored when the message was answered (or was the answer);
+    /// `None` when not known yet.
+    pub content_tokens: Option<i32>,
 }
 
 /// The reply to store for a user message.
 #[derive(Debug, Clone)]
-pub struct NewReply<'a> {
-    pub content: &'a str,
+pub struct NewReply {
+    pub content: String,
     /// Token counts as the provider reported them; `None` when it did not.
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
     pub total_tokens: Option<i32>,
-    pub model: &'a str,
+    pub model: String,
     pub latency_ms: i32,
+    /// Tokens of `content`, kept for the history of later jobs.
+    pub content_tokens: Option<i32>,
+    /// Tokens of the user message it answers, stored on that message likewise.
+    pub question_tokens: Option<i32>,
 }
 
 /// The user message `message_id` with its chat; `None` when it no longer exists (deleted with
@@ -87,8 +94,8 @@ pub async fn list_history(
     limit: i64,
 ) -> Result<Vec<HistoryMessage>> {
     let messages = sqlx::query_as::<_, HistoryMessage>(
-        r#"select role, content from (
-             select m.id, m.role, m.content, coalesce(m.reply_to, m.id) as turn
+        r#"select role, content, content_tokens from (
+             select m.id, m.role, m.content, m.content_tokens, coalesce(m.reply_to, m.id) as turn
              from ai_messages m
              where m.ai_chat_id = $1
                and coalesce(m.reply_to, m.id) < $2
@@ -115,38 +122,96 @@ pub async fn list_history(
 /// Returns the new message, or `None` when there is nothing to do: another run of the job
 /// already saved a reply (the unique `reply_to` index keeps exactly one), or the user message
 /// is gone.
-#[tracing::instrument(skip(db, reply), fields(model = reply.model))]
 pub async fn save_reply(
     db: impl PgExecutor<'_>,
     user_message_id: i64,
-    reply: &NewReply<'_>,
+    reply: &NewReply,
 ) -> Result<Option<AiMessage>> {
-    let saved = sqlx::query_as::<_, AiMessage>(sql!(
-        "with m as (
+    let saved = save_replies(db, &[(user_message_id, reply)]).await?;
+    Ok(saved.into_iter().next().flatten())
+}
+
+/// [`save_reply`] for several replies at once: one statement, one commit. The result is
+/// aligned with `replies`. When the same user message appears more than once, only its first
+/// reply can be stored; the others come back `None`, as when another run answered first.
+///
+/// Rows are written in user-message id order, so two batches answering the same messages
+/// (a job run twice) wait for each other instead of deadlocking.
+#[tracing::instrument(skip_all, fields(replies = replies.len()))]
+pub async fn save_replies(
+    db: impl PgExecutor<'_>,
+    replies: &[(i64, &NewReply)],
+) -> Result<Vec<Option<AiMessage>>> {
+    let n = replies.len();
+    let mut questions = Vec::with_capacity(n);
+    let mut contents = Vec::with_capacity(n);
+    let mut prompt_tokens = Vec::with_capacity(n);
+    let mut completion_tokens = Vec::with_capacity(n);
+    let mut total_tokens = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let mut content_tokens = Vec::with_capacity(n);
+    let mut question_tokens = Vec::with_capacity(n);
+    for (question, reply) in replies {
+        questions.push(*question);
+        contents.push(reply.content.as_str());
+        prompt_tokens.push(reply.prompt_tokens);
+        completion_tokens.push(reply.completion_tokens);
+        total_tokens.push(reply.total_tokens);
+        models.push(reply.model.as_str());
+        latencies.push(reply.latency_ms);
+        content_tokens.push(reply.content_tokens);
+        question_tokens.push(reply.question_tokens);
+    }
+    let rows = sqlx::query_as::<_, AiMessage>(sql!(
+        "with input as (
+             select distinct on (t.question_id) t.*
+             from unnest($1::bigint[], $2::text[], $3::integer[], $4::integer[], $5::integer[],
+                         $6::text[], $7::integer[], $8::integer[], $9::integer[])
+                  with ordinality as t(question_id, content, prompt_tokens, completion_tokens,
+                      total_tokens, model, latency_ms, content_tokens, question_tokens, ord)
+             order by t.question_id, t.ord
+         ), m as (
              insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
-                 completion_tokens, total_tokens, model, latency_ms, reply_to)
-             select u.ai_chat_id, $2, $3, $4, $5, $6, $7, $8, $9, u.id
-             from ai_messages u where u.id = $1
+                 completion_tokens, total_tokens, model, latency_ms, reply_to, content_tokens)
+             select u.ai_chat_id, $10, i.content, $11, i.prompt_tokens, i.completion_tokens,
+                 i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens
+             from input i join ai_messages u on u.id = i.question_id
+             order by u.id
              on conflict (reply_to) where reply_to is not null do nothing
              returning {MESSAGE_COLUMNS}
          ), answered as (
-             update ai_messages set status = $10, error = null
-             where id = $1 and exists (select 1 from m)
+             update ai_messages q set status = $12, error = null,
+                 content_tokens = coalesce(i.question_tokens, q.content_tokens)
+             from m join input i on i.question_id = m.reply_to
+             where q.id = m.reply_to
          )
          select * from m"
     ))
-    .bind(user_message_id)
+    .bind(&questions)
+    .bind(&contents)
+    .bind(&prompt_tokens)
+    .bind(&completion_tokens)
+    .bind(&total_tokens)
+    .bind(&models)
+    .bind(&latencies)
+    .bind(&content_tokens)
+    .bind(&question_tokens)
     .bind(role::ASSISTANT)
-    .bind(reply.content)
     .bind(status::COMPLETE)
-    .bind(reply.prompt_tokens)
-    .bind(reply.completion_tokens)
-    .bind(reply.total_tokens)
-    .bind(reply.model)
-    .bind(reply.latency_ms)
     .bind(status::ANSWERED)
-    .fetch_optional(db)
+    .fetch_all(db)
     .await?;
+    let mut saved: Vec<Option<AiMessage>> = vec![None; n];
+    for row in rows {
+        // The first slot asking for this message gets its reply.
+        let slot = row
+            .reply_to
+            .and_then(|q| questions.iter().position(|&asked| asked == q));
+        if let Some(slot) = slot.and_then(|i| saved.get_mut(i)) {
+            *slot = Some(row);
+        }
+    }
     Ok(saved)
 }
 
