@@ -6,10 +6,6 @@ use aichat_api::{Application, Settings, auth, shutdown_signal};
 use aichat_shared::{config, db, telemetry};
 use secrecy::ExposeSecret;
 
-/// glibc malloc was ~10 % of the machine's CPU in the pipeline benchmark (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     config::load_dotenv();

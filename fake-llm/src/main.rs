@@ -4,10 +4,6 @@ use aichat_fake_llm::{FakeLlm, cli};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-/// glibc malloc was ~10 % of the machine's CPU in the pipeline benchmark (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

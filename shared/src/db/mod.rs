@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::config::DatabaseSettings;
 
@@ -33,24 +33,16 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// A lazily connecting pool: the process starts even while PostgreSQL is down and requests
 /// get 503 until it is back.
 ///
-/// Its connections keep one generic plan per prepared statement (`plan_cache_mode =
-/// force_generic_plan`) instead of planning every execution afresh. Every query here is a
-/// lookup, page or write by key whose best plan does not depend on the values; but for some,
-/// PostgreSQL's custom plans look cheaper than the generic one (an `id > $2` looks selective
-/// once the value is known; a batch over parameter arrays knows its length), so it never
-/// switched and re-planned them on every run: planning was 60 % of the time of the message
-/// page query under the reads benchmark, and as long as running the batched reply save
-/// (BENCHMARKS.md, fourth session).
+/// Statements keep PostgreSQL's default plan caching (custom plans while they look cheaper).
+/// Forcing generic plans removed the planning time of the message page and of the batched
+/// reply save, but a generic plan is made from the statistics of the moment and kept until
+/// the next ANALYZE: made on a young table it scanned and sorted whole chats, and the soak's
+/// PostgreSQL CPU doubled (BENCHMARKS.md, fourth session).
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let options = settings
-        .database_url
-        .expose_secret()
-        .parse::<PgConnectOptions>()?
-        .options([("plan_cache_mode", "force_generic_plan")]);
-    Ok(PgPoolOptions::new()
+    PgPoolOptions::new()
         .max_connections(settings.database_max_connections)
         .acquire_timeout(Duration::from_secs(settings.database_acquire_timeout_secs))
-        .connect_lazy_with(options))
+        .connect_lazy(settings.database_url.expose_secret())
 }
 
 /// Applies every pending migration; a no-op when the schema is current.
@@ -62,27 +54,4 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub async fn ping(pool: &PgPool) -> crate::error::Result<()> {
     sqlx::query("select 1").execute(pool).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The pool's connections plan each statement once (see [`pool`]).
-    #[tokio::test]
-    async fn pooled_connections_keep_generic_plans() {
-        let server = std::env::var("TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let settings = DatabaseSettings {
-            database_url: format!("{server}/postgres").into(),
-            database_max_connections: 1,
-            database_acquire_timeout_secs: 5,
-        };
-        let pool = pool(&settings).expect("pool");
-        let mode: String = sqlx::query_scalar("select current_setting('plan_cache_mode')")
-            .fetch_one(&pool)
-            .await
-            .expect("PostgreSQL on TEST_PG_URL");
-        assert_eq!(mode, "force_generic_plan");
-    }
 }
