@@ -71,7 +71,7 @@ impl SendBatcher {
             ns,
         });
         for _ in 0..writers.max(1) {
-            tokio::spawn(write_batches(rx.clone(), writer.clone(), max_batch.max(1)));
+            tokio::spawn(write_batches(rx.clone(), writer.clone(), max_batch));
         }
         SendBatcher { tx }
     }

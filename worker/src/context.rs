@@ -122,7 +122,7 @@ impl TokenCounter {
         if let Some(&count) = lock_counts().get(&key) {
             return count;
         }
-        let count = self.bpe.encode_with_special_tokens(text).len();
+        let count = self.text_once(text);
         let mut counts = lock_counts();
         if counts.len() >= MAX_CACHED_COUNTS {
             counts.clear();

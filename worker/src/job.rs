@@ -270,12 +270,18 @@ async fn build_request(
         _ => None,
     };
     let system = context::system_content(&subject.system_prompt, related.as_deref());
-    let prompt = context::build_prompt(system, &history, &subject.content);
+    let mut prompt = context::build_prompt(system, &history, &subject.content);
     let counter = ctx.tokens;
     let budget = ctx.token_budget;
     // BPE over a few thousand tokens is CPU work: keep it off the async threads.
     let (messages, prompt_tokens, question_tokens) = tokio::task::spawn_blocking(move || {
-        let question_tokens = prompt.last().map_or(0, |m| counter.text(&m.content));
+        // Counted once, not remembered (it is stored with the message), and handed to the
+        // trimming as known.
+        let question_tokens = prompt.last_mut().map_or(0, |m| {
+            let n = counter.text_once(&m.content);
+            m.known_tokens = Some(n);
+            n
+        });
         let (messages, prompt_tokens) =
             context::trim_to_budget(prompt, budget, |m| counter.message(m));
         (messages, prompt_tokens, question_tokens)
@@ -328,7 +334,7 @@ async fn save_and_announce(
     let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
     let reply_tokens = count_text(ctx.tokens, &completion.content).await;
     let reply = NewReply {
-        content: completion.content.clone(),
+        content: completion.content,
         prompt_tokens: usage.map(|u| to_i32(u.prompt_tokens)),
         completion_tokens: usage.map(|u| to_i32(u.completion_tokens)),
         total_tokens: usage.map(|u| to_i32(u.total_tokens)),
