@@ -96,6 +96,10 @@ impl ApiError {
     }
 }
 
+/// When a client told 503 may try again: long enough for a pool or a queue to drain, short
+/// enough that nobody waits for nothing.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
 /// What a client is told when PostgreSQL or Redis cannot be reached.
 pub const SERVICE_UNAVAILABLE: &str = "Service temporarily unavailable, please retry shortly";
 
@@ -103,6 +107,11 @@ impl From<aichat_shared::Error> for ApiError {
     fn from(err: aichat_shared::Error) -> Self {
         if err.is_unavailable() {
             tracing::warn!(error = %err, "backing service unavailable");
+            ApiError::Unavailable(SERVICE_UNAVAILABLE)
+        } else if err.is_conflict() {
+            // Load, not a fault of the request: retried where it can be (`db::retry`), and
+            // otherwise the client's to try again.
+            tracing::warn!(error = %err, "statement aborted by a conflict");
             ApiError::Unavailable(SERVICE_UNAVAILABLE)
         } else {
             ApiError::Internal(err.into())
@@ -122,6 +131,7 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::TooManyRequests { retry_after_secs }
             | ApiError::BudgetExceeded { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
             _ => None,
         };
         let body = match self {

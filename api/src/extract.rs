@@ -1,13 +1,17 @@
 //! Extractors that turn malformed input into our JSON errors instead of axum's plain text.
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
-/// A JSON body: 415 without a JSON content type, 413 when too large, 400 when malformed.
+/// A JSON object body: 415 without a JSON content type, 413 when too large, 400 when malformed
+/// or when it is any other JSON value (serde would read an array as a struct's fields in
+/// order; the original API answered 400 for it).
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -18,11 +22,47 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !has_json_content_type(req.headers()) {
+            return Err(json_rejection(JsonRejection::MissingJsonContentType(
+                Default::default(),
+            )));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| json_rejection(JsonRejection::BytesRejection(rejection)))?;
+        if !is_json_object(&bytes) {
+            return Err(ApiError::BadRequest(NOT_AN_OBJECT.into()));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// What a body or a WebSocket frame that is JSON but not an object is told.
+pub const NOT_AN_OBJECT: &str = "Invalid data: expected a JSON object";
+
+/// Whether `text` can only be a JSON object: its first character other than JSON whitespace
+/// is `{` (whether the rest is valid is the parser's to say).
+pub fn is_json_object(text: &[u8]) -> bool {
+    text.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|&b| b == b'{')
+}
+
+/// `application/json` or any `application/*+json`, as axum's own `Json` accepts.
+fn has_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {

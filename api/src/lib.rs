@@ -53,6 +53,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Install the recorder before anything records.
         aichat_shared::telemetry::prometheus();
+        metrics::describe();
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
         if settings.run_migrations {
             db::migrate(&pool)

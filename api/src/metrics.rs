@@ -15,6 +15,47 @@ use crate::auth::{hash_token, request_token, user_for_token};
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Conflict retries of the API's writes (`db::retry`), by path.
+pub const CONFLICT_PATHS: &[&str] = &["send_batch", "send", "send_cleanup"];
+
+/// Names every metric with its help text and registers each series whose labels are known at
+/// start-up at zero, so the first scrape of an idle API already lists them all. The request
+/// metrics are labelled by route and status, known only once answered: their first series is
+/// the one a load balancer makes first, `GET /healthz` answered 200.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "http_requests_total",
+        "Requests answered, by method, matched route and status"
+    );
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer a request, by method and matched route"
+    );
+    describe_gauge!("websockets_open", "WebSockets open on this instance");
+    describe_gauge!(
+        "pubsub_subscribed_chats",
+        "AI chats this instance listens to on Redis pub/sub"
+    );
+    describe_gauge!(
+        "queue_jobs",
+        "Completion jobs in the queue, by state (waiting, in_flight, dead), read at scrape time"
+    );
+    describe_histogram!("send_batch_size", "Sends stored by one statement");
+    aichat_shared::db::retry::describe(CONFLICT_PATHS);
+
+    metrics::counter!("http_requests_total", "method" => "GET", "route" => "/healthz", "status" => "200")
+        .increment(0);
+    let _ = metrics::histogram!("http_request_duration_seconds", "method" => "GET", "route" => "/healthz");
+    metrics::gauge!("websockets_open").set(0.0);
+    metrics::gauge!("pubsub_subscribed_chats").set(0.0);
+    for state in ["waiting", "in_flight", "dead"] {
+        metrics::gauge!("queue_jobs", "state" => state).increment(0.0);
+    }
+    let _ = metrics::histogram!("send_batch_size");
+}
+
 /// Records every request: `http_requests_total` and `http_request_duration_seconds`.
 pub async fn track_requests(req: Request, next: Next) -> Response {
     let start = Instant::now();

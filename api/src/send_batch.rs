@@ -112,6 +112,10 @@ async fn write_batches(
     }
 }
 
+/// How one send of a batch was stored: its message, `None` when its sender owns no such chat,
+/// or why it could not be stored.
+type Stored = ApiResult<Option<AiMessage>>;
+
 impl Writer {
     async fn write(&self, batch: Vec<Pending>) {
         let mut messages = Vec::with_capacity(batch.len());
@@ -121,29 +125,14 @@ impl Writer {
             rest.push((pending.request_id, pending.reservation, pending.reply));
         }
 
-        let stored = match db::ai_messages::insert_owned_user_messages(&self.db, &messages).await {
-            Ok(stored) => stored,
-            Err(err) => {
-                let unavailable = err.is_unavailable();
-                tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
-                for (_, _, reply) in rest {
-                    let err = if unavailable {
-                        ApiError::Unavailable(SERVICE_UNAVAILABLE)
-                    } else {
-                        ApiError::Internal(anyhow::anyhow!("storing the message failed"))
-                    };
-                    let _ = reply.send(Err(err));
-                }
-                return;
-            }
-        };
+        let stored = self.store(&messages).await;
 
         let mut jobs = Vec::with_capacity(stored.len());
         let mut events = Vec::with_capacity(stored.len());
         for ((message, new), (request_id, reservation, _)) in
             stored.iter().zip(&messages).zip(&mut rest)
         {
-            if let Some(message) = message {
+            if let Ok(Some(message)) = message {
                 let job = CompletionJob {
                     budget: reservation.take(),
                     ..CompletionJob::new(
@@ -165,18 +154,25 @@ impl Writer {
             && let Err(err) = self.queue.enqueue_completions(&jobs).await
         {
             tracing::error!(error = %err, jobs = jobs.len(), "could not queue completion jobs");
-            let ids: Vec<i64> = stored.iter().flatten().map(|m| m.id).collect();
-            if let Err(cleanup) =
-                db::ai_messages::delete_undispatched_messages(&self.db, &ids).await
+            let ids: Vec<i64> = stored
+                .iter()
+                .filter_map(|m| m.as_ref().ok().and_then(Option::as_ref))
+                .map(|m| m.id)
+                .collect();
+            if let Err(cleanup) = db::retry::on_conflict("send_cleanup", || {
+                db::ai_messages::delete_undispatched_messages(&self.db, &ids)
+            })
+            .await
             {
                 tracing::error!(error = %cleanup, ?ids, "could not remove the unqueued messages");
             }
             for (message, (_, _, reply)) in stored.into_iter().zip(rest) {
-                let err = match message {
-                    Some(_) => ApiError::Unavailable(QUEUE_DOWN),
-                    None => ApiError::NotFound,
+                let answer = match message {
+                    Ok(Some(_)) => Err(ApiError::Unavailable(QUEUE_DOWN)),
+                    Ok(None) => Err(ApiError::NotFound),
+                    Err(err) => Err(err),
                 };
-                let _ = reply.send(Err(err));
+                let _ = reply.send(answer);
             }
             return;
         }
@@ -188,7 +184,47 @@ impl Writer {
             }
         }
         for (message, (_, _, reply)) in stored.into_iter().zip(rest) {
-            let _ = reply.send(message.ok_or(ApiError::NotFound));
+            let _ = reply.send(message.and_then(|m| m.ok_or(ApiError::NotFound)));
         }
+    }
+
+    /// Stores the batch in one statement, run again while PostgreSQL reports a conflict. A
+    /// batch it refuses for another reason may be one message's fault, so each message is
+    /// then stored on its own: one send that cannot be stored never fails its neighbours. A
+    /// send that still cannot be stored gets 503 with `Retry-After` (nothing of it was kept;
+    /// PostgreSQL's own words stay in the log).
+    async fn store(&self, messages: &[NewUserMessage]) -> Vec<Stored> {
+        let batch = db::retry::on_conflict("send_batch", || {
+            db::ai_messages::insert_owned_user_messages(&self.db, messages)
+        })
+        .await;
+        let err = match batch {
+            Ok(stored) => return stored.into_iter().map(Ok).collect(),
+            Err(err) => err,
+        };
+        if messages.len() == 1 || err.is_unavailable() {
+            tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
+            return messages
+                .iter()
+                .map(|_| Err(ApiError::Unavailable(SERVICE_UNAVAILABLE)))
+                .collect();
+        }
+        tracing::warn!(error = %err, messages = messages.len(), "a batch of messages was refused; storing them one by one");
+        let mut stored = Vec::with_capacity(messages.len());
+        for message in messages {
+            let one = std::slice::from_ref(message);
+            let result = db::retry::on_conflict("send", || {
+                db::ai_messages::insert_owned_user_messages(&self.db, one)
+            })
+            .await;
+            stored.push(match result {
+                Ok(mut one) => Ok(one.pop().flatten()),
+                Err(err) => {
+                    tracing::error!(error = %err, ai_chat_id = message.ai_chat_id, "could not store a message");
+                    Err(ApiError::Unavailable(SERVICE_UNAVAILABLE))
+                }
+            });
+        }
+        stored
     }
 }

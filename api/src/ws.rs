@@ -22,7 +22,7 @@ use aichat_shared::events::{ChatEvent, EventMessage};
 use crate::auth::{request_token, user_for_token};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery, RequestId};
+use crate::extract::{ApiPath, ApiQuery, NOT_AN_OBJECT, RequestId, is_json_object};
 use crate::fanout::{Event, Lagged, Subscription};
 use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
@@ -307,6 +307,13 @@ async fn handle_frame(
     ai_chat_id: i64,
     text: &str,
 ) -> Option<String> {
+    if !is_json_object(text.as_bytes()) {
+        // Arrays and scalars included: serde would read an array as the frame's fields.
+        return Some(match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(_) => NOT_AN_OBJECT.into(),
+            Err(_) => "Invalid JSON".into(),
+        });
+    }
     let Ok(frame) = serde_json::from_str::<ClientFrame>(text) else {
         return Some("Invalid JSON".into());
     };

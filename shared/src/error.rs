@@ -22,6 +22,13 @@ impl Error {
         }
     }
 
+    /// True when PostgreSQL aborted the statement so that another could go on, and asks for it
+    /// to be run again: a deadlock (`40P01`) or a serialization failure (`40001`).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
+    }
+
     /// True when the backing service could not be reached (as opposed to refusing the query):
     /// the caller should answer 503 rather than 500.
     pub fn is_unavailable(&self) -> bool {

@@ -427,12 +427,13 @@ async fn save_reply(
                 err
             }
         };
-        if !err.is_unavailable() || tokio::time::Instant::now() + delay > deadline {
+        let transient = err.is_unavailable() || err.is_conflict();
+        if !transient || tokio::time::Instant::now() + delay > deadline {
             return Err(JobError::Retry(
                 anyhow::Error::from(err).context("saving the reply"),
             ));
         }
-        tracing::warn!(error = %err, "database unreachable while saving the reply; retrying");
+        tracing::warn!(error = %err, "database unreachable or busy while saving the reply; retrying");
         metrics::save_retry();
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
@@ -472,7 +473,9 @@ async fn record_failure(
 ) -> Result<bool, JobError> {
     let message = err.user_message();
     let changed = db_retry(ctx, "marking the message failed", || {
-        db::completions::mark_failed(&ctx.db, subject.message_id, message)
+        db::retry::on_conflict("mark_failed", || {
+            db::completions::mark_failed(&ctx.db, subject.message_id, message)
+        })
     })
     .await?;
     if changed {

@@ -60,6 +60,7 @@ impl Worker {
     /// `METRICS_ADDR` (port 0 picks one). Jobs start flowing in [`Worker::run_until`].
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let metrics = metrics::install();
+        metrics::describe(&settings.openai.openai_model);
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
         let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
             .await

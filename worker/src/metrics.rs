@@ -17,6 +17,123 @@ pub fn install() -> PrometheusHandle {
     }
 }
 
+/// Conflict retries of the worker's writes (`db::retry`), by path.
+pub const CONFLICT_PATHS: &[&str] = &["reply_batch", "reply", "mark_failed", "sweeper"];
+
+/// Names every metric with its help text and registers each series whose labels are known at
+/// start-up at zero, so the first scrape of an idle worker already lists them all (a counter
+/// that appears only with its first event breaks `rate()` and alerts on absence).
+/// `default_model` stands for the model-labelled series until a job names another.
+pub fn describe(default_model: &str) {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!("aichat_worker_jobs_started_total", "Completion jobs taken");
+    describe_counter!(
+        "aichat_worker_jobs_succeeded_total",
+        "Completion jobs that ended with a reply"
+    );
+    describe_counter!(
+        "aichat_worker_jobs_failed_total",
+        "Completion jobs that ended without a reply, by reason"
+    );
+    describe_counter!(
+        "aichat_worker_jobs_skipped_total",
+        "Completion jobs with nothing to do (message deleted, already answered), by reason"
+    );
+    describe_counter!(
+        "aichat_worker_jobs_requeued_total",
+        "Completion jobs handed back to the queue to run again"
+    );
+    describe_histogram!(
+        "aichat_worker_job_duration_seconds",
+        Unit::Seconds,
+        "Time from taking a job to its end, by outcome"
+    );
+    describe_histogram!(
+        "aichat_worker_model_latency_seconds",
+        Unit::Seconds,
+        "Model calls from request to the last chunk, by model and outcome"
+    );
+    describe_counter!(
+        "aichat_worker_model_retries_total",
+        "Model calls tried again, by model and reason"
+    );
+    describe_counter!(
+        "aichat_worker_rate_limit_waits_total",
+        "Model calls that waited for the shared rate limit, by model"
+    );
+    describe_histogram!(
+        "aichat_worker_rate_limit_wait_seconds",
+        Unit::Seconds,
+        "Time waited for the shared rate limit, by model"
+    );
+    describe_counter!(
+        "aichat_worker_tokens_total",
+        "Tokens the provider reported, by model and kind (prompt, completion)"
+    );
+    describe_counter!(
+        "aichat_worker_duplicate_replies_total",
+        "Replies another run of the same job had already saved"
+    );
+    describe_counter!(
+        "aichat_worker_restarts_total",
+        "Restarts of the job loop after Redis trouble"
+    );
+    describe_counter!(
+        "aichat_worker_db_retries_total",
+        "Database writes tried again while PostgreSQL could not be reached"
+    );
+    describe_counter!(
+        "aichat_worker_swept_messages_total",
+        "Queued messages whose job was lost and that the sweeper queued again"
+    );
+    describe_histogram!(
+        "aichat_worker_reply_batch_size",
+        "Replies saved by one statement"
+    );
+    aichat_shared::db::retry::describe(CONFLICT_PATHS);
+
+    counter!("aichat_worker_jobs_started_total").increment(0);
+    counter!("aichat_worker_jobs_succeeded_total").increment(0);
+    counter!("aichat_worker_jobs_requeued_total").increment(0);
+    for reason in ["undecodable", "aborted", "model"] {
+        counter!("aichat_worker_jobs_failed_total", "reason" => reason).increment(0);
+    }
+    for reason in ["message_gone", "already_answered"] {
+        counter!("aichat_worker_jobs_skipped_total", "reason" => reason).increment(0);
+    }
+    for outcome in ["answered", "failed", "skipped", "aborted", "requeued"] {
+        let _ = histogram!("aichat_worker_job_duration_seconds", "outcome" => outcome);
+    }
+    let model = default_model.to_owned();
+    let _ = histogram!("aichat_worker_model_latency_seconds", "model" => model.clone(), "outcome" => "ok");
+    for reason in RETRY_REASONS {
+        counter!("aichat_worker_model_retries_total", "model" => model.clone(), "reason" => *reason)
+            .increment(0);
+    }
+    counter!("aichat_worker_rate_limit_waits_total", "model" => model.clone()).increment(0);
+    let _ = histogram!("aichat_worker_rate_limit_wait_seconds", "model" => model.clone());
+    for kind in ["prompt", "completion"] {
+        counter!("aichat_worker_tokens_total", "model" => model.clone(), "kind" => kind)
+            .increment(0);
+    }
+    counter!("aichat_worker_duplicate_replies_total").increment(0);
+    counter!("aichat_worker_restarts_total").increment(0);
+    counter!("aichat_worker_db_retries_total").increment(0);
+    counter!("aichat_worker_swept_messages_total").increment(0);
+    let _ = histogram!("aichat_worker_reply_batch_size");
+}
+
+/// The reasons a model call is tried again (`llm.rs`), registered at zero by [`describe`].
+const RETRY_REASONS: &[&str] = &[
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "conflict",
+    "connection",
+    "stream",
+    "bad_response",
+];
+
 pub fn job_started() {
     counter!("aichat_worker_jobs_started_total").increment(1);
 }

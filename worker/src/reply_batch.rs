@@ -6,6 +6,8 @@
 //! Each reply keeps the single-save contract: the job learns whether its reply was stored
 //! (`Some`), was not needed (`None`: answered by another run, or the message is gone), or
 //! failed (the error, shared by the whole batch, for the job's own retry loop to judge).
+//! PostgreSQL's conflicts are retried here first (`db::retry`), and a batch refused for any
+//! other reason is saved reply by reply, so one reply never fails its neighbours.
 use std::sync::Arc;
 
 use aichat_shared::batch::next_batch;
@@ -75,7 +77,11 @@ async fn write_batches(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, db: PgPool) {
         crate::metrics::reply_batch(batch.len());
         let replies: Vec<(i64, &NewReply)> =
             batch.iter().map(|p| (p.message_id, &p.reply)).collect();
-        match db::completions::save_replies(&db, &replies).await {
+        let saved = db::retry::on_conflict("reply_batch", || {
+            db::completions::save_replies(&db, &replies)
+        })
+        .await;
+        match saved {
             Ok(saved) => {
                 for (pending, saved) in batch.into_iter().zip(saved) {
                     let _ = pending.answer.send(Ok(saved));
@@ -86,10 +92,11 @@ async fn write_batches(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, db: PgPool) {
             Err(err) if batch.len() > 1 && !err.is_unavailable() => {
                 tracing::warn!(error = %err, replies = batch.len(), "a batch of replies was refused; saving them one by one");
                 for pending in batch {
-                    let saved =
+                    let saved = db::retry::on_conflict("reply", || {
                         db::completions::save_reply(&db, pending.message_id, &pending.reply)
-                            .await
-                            .map_err(Arc::new);
+                    })
+                    .await
+                    .map_err(Arc::new);
                     let _ = pending.answer.send(saved);
                 }
             }

@@ -155,7 +155,11 @@ impl Sweeper {
                     lost_task = lost_task.as_deref().unwrap_or("-"),
                     "a queued message had no live job; queued it again"
                 );
-                if let Err(err) = db::ai_messages::mark_dispatched(&self.db, message_id).await {
+                if let Err(err) = db::retry::on_conflict("sweeper", || {
+                    db::ai_messages::mark_dispatched(&self.db, message_id)
+                })
+                .await
+                {
                     tracing::warn!(error = %err, message_id, "could not record the re-dispatch");
                 }
                 swept.requeued += 1;

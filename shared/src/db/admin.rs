@@ -23,7 +23,7 @@ pub async fn search_ai_chats(
             .replace('_', "\\_")
     );
     let chats = sqlx::query_as::<_, AiChat>(sql!(
-        "{} where a.title ilike $1 or u.username ilike $1 order by a.updated_at desc, a.id desc limit $2",
+        "{} where a.title ilike $1 or u.username ilike $1 order by updated_at desc, a.id desc limit $2",
         crate::db::ai_chats::SELECT_AI_CHAT
     ))
     .bind(pattern)

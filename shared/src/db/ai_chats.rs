@@ -4,10 +4,16 @@ use sqlx::PgExecutor;
 use crate::domain::AiChat;
 use crate::error::Result;
 
+/// A chat's `updated_at` is the later of its last edit and its newest user message. It is read,
+/// not written by a send, so sends into one chat never wait for each other on the chat's row
+/// (the lock order in `db/mod.rs`); ordering by it reads one index entry per chat.
 pub(crate) const SELECT_AI_CHAT: &str = r#"
     select a.id, a.user_id as "user", u.username as user_username,
            a.related_chat_id as related_chat, c.name as related_chat_name,
-           a.title, a.system_prompt, a.model, a.created_at, a.updated_at,
+           a.title, a.system_prompt, a.model, a.created_at,
+           greatest(a.updated_at, (select m.timestamp from ai_messages m
+                                   where m.ai_chat_id = a.id and m.role = 'user'
+                                   order by m.id desc limit 1)) as updated_at,
            (select count(*) from ai_messages m where m.ai_chat_id = a.id) as message_count
     from ai_chats a
     join users u on u.id = a.user_id
@@ -33,11 +39,12 @@ pub struct AiChatChanges<'a> {
     pub model: Option<&'a str>,
 }
 
-/// A user's AI chats, most recently updated first.
+/// A user's AI chats, most recently updated first (`updated_at` is the output column of
+/// [`SELECT_AI_CHAT`], not the table's).
 #[tracing::instrument(skip(db))]
 pub async fn list_ai_chats(db: impl PgExecutor<'_>, user_id: i64) -> Result<Vec<AiChat>> {
     let chats = sqlx::query_as::<_, AiChat>(sql!(
-        "{SELECT_AI_CHAT} where a.user_id = $1 order by a.updated_at desc, a.id desc"
+        "{SELECT_AI_CHAT} where a.user_id = $1 order by updated_at desc, a.id desc"
     ))
     .bind(user_id)
     .fetch_all(db)

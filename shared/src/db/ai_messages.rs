@@ -42,15 +42,18 @@ pub struct NewUserMessage {
     pub options: ContextOptions,
 }
 
-/// Stores user messages as `queued`, each in a chat its sender owns, and marks those chats as
-/// just used, in one statement (one round trip, one commit however many messages). Answers
-/// one entry per input, in order: the stored message, or `None` when the sender owns no such
-/// chat (nothing is stored for it).
+/// Stores user messages as `queued`, each in a chat its sender owns, in one statement (one
+/// round trip, one commit however many messages). Answers one entry per input, in order: the
+/// stored message, or `None` when the sender owns no such chat (nothing is stored for it).
 ///
 /// The ids are drawn in input order, so messages to one chat keep the order they came in.
-/// The chat rows are locked in id order before they are updated, so two batches naming the
-/// same chats cannot deadlock. A message's row can only be inserted once its chat's row is
-/// held by this statement, which also makes the foreign-key check find it.
+///
+/// Locks (the order of `db/mod.rs`): the chat rows only, `for key share`, in id order, and no
+/// message row. A key-share lock waits for nothing but a chat being deleted, so batches into
+/// the same chat, reply saves and chat edits never wait for this statement or it for them. A
+/// chat deleted meanwhile is skipped by the lock (its message is `None`) instead of failing
+/// the foreign-key check at the end of the statement. The chat's row is not written: its
+/// `updated_at` is read from its newest message (`ai_chats::SELECT_AI_CHAT`).
 #[tracing::instrument(skip_all, fields(messages = messages.len()))]
 pub async fn insert_owned_user_messages(
     db: impl PgExecutor<'_>,
@@ -76,22 +79,17 @@ pub async fn insert_owned_user_messages(
                   with ordinality as t(ai_chat_id, user_id, content, related, context_limit, ord)
              order by t.ord
          ),
-         owned as (
-             select a.id from ai_chats a
+         owned as materialized (
+             select a.id, a.user_id from ai_chats a
              where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
              order by a.id
-             for no key update
-         ),
-         chat as (
-             update ai_chats a set updated_at = now() from owned
-             where a.id = owned.id
-             returning a.id, a.user_id
+             for key share
          ),
          m as (
              insert into ai_messages (id, ai_chat_id, role, content, status,
                  include_related_chat_context, context_message_limit)
              select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit
-             from input i join chat c on c.id = i.ai_chat_id and c.user_id = i.user_id
+             from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
              order by i.id
              returning *
          )
@@ -142,13 +140,19 @@ pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result
 }
 
 /// Removes messages whose jobs could not be queued, so no message waits for a reply that
-/// nothing will produce.
+/// nothing will produce. Their rows are locked in id order first (`db/mod.rs`).
 #[tracing::instrument(skip(db))]
 pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
-    sqlx::query(r#"delete from ai_messages where id = any($1) and dispatched_at is null"#)
-        .bind(ids)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        r#"with doomed as materialized (
+               select id from ai_messages where id = any($1) and dispatched_at is null
+               order by id for update
+           )
+           delete from ai_messages m using doomed where m.id = doomed.id"#,
+    )
+    .bind(ids)
+    .execute(db)
+    .await?;
     Ok(())
 }
 

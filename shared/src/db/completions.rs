@@ -135,8 +135,12 @@ pub async fn save_reply(
 /// aligned with `replies`. When the same user message appears more than once, only its first
 /// reply can be stored; the others come back `None`, as when another run answered first.
 ///
-/// Rows are written in user-message id order, so two batches answering the same messages
-/// (a job run twice) wait for each other instead of deadlocking.
+/// Locks (the order of `db/mod.rs`): first the chats of the questions, `for key share`, in id
+/// order (so a chat being deleted is waited for before any message row is held, and the
+/// foreign-key checks at the end of the statement find the lock already taken); then the
+/// questions, in id order. Two batches answering the same messages (a job run twice) wait for
+/// each other on the first question they share; sends, which hold only key-share chat locks,
+/// never wait for a reply save.
 #[tracing::instrument(skip_all, fields(replies = replies.len()))]
 pub async fn save_replies(
     db: impl PgExecutor<'_>,
@@ -171,12 +175,23 @@ pub async fn save_replies(
                   with ordinality as t(question_id, content, prompt_tokens, completion_tokens,
                       total_tokens, model, latency_ms, content_tokens, question_tokens, ord)
              order by t.question_id, t.ord
+         ), chats as materialized (
+             select a.id from ai_chats a
+             where a.id in (select q.ai_chat_id from ai_messages q
+                            where q.id in (select question_id from input))
+             order by a.id
+             for key share
+         ), questions as materialized (
+             select q.id, q.ai_chat_id from ai_messages q join chats c on c.id = q.ai_chat_id
+             where q.id in (select question_id from input)
+             order by q.id
+             for no key update of q
          ), m as (
              insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
                  completion_tokens, total_tokens, model, latency_ms, reply_to, content_tokens)
              select u.ai_chat_id, $10, i.content, $11, i.prompt_tokens, i.completion_tokens,
                  i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens
-             from input i join ai_messages u on u.id = i.question_id
+             from input i join questions u on u.id = i.question_id
              order by u.id
              on conflict (reply_to) where reply_to is not null do nothing
              returning {MESSAGE_COLUMNS}

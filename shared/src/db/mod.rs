@@ -1,5 +1,27 @@
 //! PostgreSQL access: the pool, the migrations, and every query, one module per aggregate.
 //! Functions take `impl PgExecutor` (or a transaction) so the caller owns the transaction.
+//!
+//! # Lock order
+//! Every statement that locks rows of `ai_chats` or `ai_messages` takes them in this order,
+//! so no two statements can wait for each other in a cycle:
+//! 1. `ai_chats` rows, in ascending id;
+//! 2. then `ai_messages` rows, in ascending id.
+//!
+//! A statement that holds a message row never asks for a chat row afterwards. The hot paths
+//! take as little as they can:
+//! - a send batch (`ai_messages::insert_owned_user_messages`) takes `for key share` on its
+//!   chats and no message row: key-share locks never conflict with each other nor with an
+//!   edit of a chat's fields, so sends into one chat do not wait for each other at all (a
+//!   chat's `updated_at` is derived from its messages, not written by the send);
+//! - a reply batch (`completions::save_replies`) takes `for key share` on the chats, then
+//!   the question rows `for no key update`, both in id order, before it writes;
+//! - single-row statements (`mark_failed`, `mark_dispatched`, the staff re-drive, a chat's
+//!   edit or deletion) hold one row when they wait, so they can close no cycle; deleting a
+//!   chat takes its row first and its messages after (the cascade), as the order says;
+//! - removing unqueued messages (`delete_undispatched_messages`) locks them in id order.
+//!
+//! PostgreSQL's deadlock and serialization errors are still retried (`retry::on_conflict`) on
+//! every path that writes, so a conflict the order cannot see never reaches a user.
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -20,6 +42,7 @@ pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;
 pub mod completions;
+pub mod retry;
 pub mod sessions;
 pub mod stale;
 pub mod usage;
