@@ -160,6 +160,102 @@ async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
     app.cleanup().await;
 }
 
+/// A body that is JSON but not an object is 400 on every route that takes a body, and stores
+/// nothing: serde would read an array as a struct's fields in order, so `["mallory", pw, pw]`
+/// would register mallory and `["hello"]` would send "hello".
+#[tokio::test]
+async fn bodies_that_are_not_json_objects_are_400_on_every_route_and_store_nothing() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let chat = app.create_chat(&alice, "c", &[]).await;
+    let password = "a long enough password";
+    let routes = [
+        (reqwest::Method::POST, "/api/register/".to_owned()),
+        (reqwest::Method::POST, "/api/login/".to_owned()),
+        (reqwest::Method::POST, "/api/chats/".to_owned()),
+        (
+            reqwest::Method::POST,
+            format!("/api/chats/{chat}/send_message/"),
+        ),
+        (reqwest::Method::POST, "/api/ai/chats/".to_owned()),
+        (reqwest::Method::PATCH, format!("/api/ai/chats/{ai}/")),
+        (reqwest::Method::PUT, format!("/api/ai/chats/{ai}/")),
+        (
+            reqwest::Method::POST,
+            format!("/api/ai/chats/{ai}/send_message/"),
+        ),
+    ];
+    let bodies = [
+        json!(["mallory", password, password]),
+        json!(["hello"]),
+        json!([]),
+        json!("hello"),
+        json!(42),
+        json!(-1.5),
+        Value::Null,
+        json!(true),
+        json!(false),
+    ];
+    for (method, path) in &routes {
+        for body in &bodies {
+            let bytes = serde_json::to_vec(body).unwrap();
+            let (status, error) = raw(
+                &app,
+                method.clone(),
+                path,
+                &alice.token,
+                Some("application/json"),
+                bytes,
+            )
+            .await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{method} {path} {body}: {error}"
+            );
+            assert_eq!(
+                error,
+                json!({"error": "Invalid data: expected a JSON object"}),
+                "{method} {path} {body}"
+            );
+        }
+    }
+    // Whitespace before the object is still an object.
+    let (status, _) = raw(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/ai/chats/{ai}/send_message/"),
+        &alice.token,
+        Some("application/json"),
+        b" \n\t{\"content\": \"spaced\"}".to_vec(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let (_, messages) = app.get("/api/ai/messages/", &alice.token).await;
+    let contents: Vec<&Value> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["content"])
+        .collect();
+    assert_eq!(contents, [&json!("spaced")]);
+    let (_, chat_messages) = app
+        .get(&format!("/api/chats/{chat}/messages/"), &alice.token)
+        .await;
+    assert_eq!(chat_messages, json!([]));
+    let (_, ai_chat) = app.get(&format!("/api/ai/chats/{ai}/"), &alice.token).await;
+    assert_eq!(ai_chat["title"], "t");
+    let (_, chats) = app.get("/api/chats/", &alice.token).await;
+    assert_eq!(chats.as_array().unwrap().len(), 1);
+    let (status, _) = app.login("mallory", password).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "mallory was registered");
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn unknown_and_out_of_range_ids_are_404() {
     let app = spawn_app().await;

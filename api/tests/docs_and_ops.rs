@@ -105,6 +105,94 @@ async fn migrations_run_twice_on_the_same_database() {
     drop_database(&name).await;
 }
 
+/// The first scrape of an API process that has answered nothing lists every metric with its
+/// `# HELP` and `# TYPE`, gauges and counters at 0 (checked on the binary: in this test
+/// process other apps share one recorder and would fill it).
+#[tokio::test]
+async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
+    const SCRAPER: &str = "scraper-token-0123456789";
+    let (url, name) = fresh_database().await;
+    let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let addr = format!("127.0.0.1:{port}");
+    let redis = common::redis_url();
+    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+        .args([
+            "--api-addr",
+            &addr,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis,
+            "--aichat-namespace",
+            &ns,
+            "--metrics-token",
+            SCRAPER,
+            "--log-filter",
+            "error",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the API binary");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // The first request it answers is this scrape (retried only while it cannot connect).
+    let text = loop {
+        match client
+            .get(format!("http://{addr}/metrics"))
+            .bearer_auth(SCRAPER)
+            .send()
+            .await
+        {
+            Ok(resp) => break resp.text().await.expect("metrics text"),
+            Err(err) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the API never listened: {err}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let _ = api.kill();
+    let _ = api.wait();
+    common::delete_namespace(&redis, &ns).await;
+    drop_database(&name).await;
+    for (metric, kind) in [
+        ("http_requests_total", "counter"),
+        ("http_request_duration_seconds", "histogram"),
+        ("websockets_open", "gauge"),
+        ("pubsub_subscribed_chats", "gauge"),
+        ("queue_jobs", "gauge"),
+        ("send_batch_size", "summary"),
+        ("aichat_db_conflict_retries_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {metric} ")),
+            "no help for {metric} in:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {metric} {kind}\n")),
+            "no {kind} type for {metric} in:\n{text}"
+        );
+    }
+    for series in [
+        "websockets_open 0",
+        "queue_jobs{state=\"waiting\"} 0",
+        "queue_jobs{state=\"in_flight\"} 0",
+        "queue_jobs{state=\"dead\"} 0",
+        "aichat_db_conflict_retries_total{path=\"send_batch\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|line| line == series),
+            "no `{series}` in:\n{text}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status_and_show_the_queue() {
     const SCRAPER: &str = "scraper-token-0123456789";

@@ -79,7 +79,7 @@ async fn unauthenticated_missing_and_foreign_chats_are_refused_before_the_upgrad
 }
 
 #[tokio::test]
-async fn invalid_json_and_blank_content_get_error_events_and_typing_is_ignored() {
+async fn invalid_json_non_objects_and_blank_content_get_error_events_and_typing_is_ignored() {
     let app = spawn_app().await;
     let alice = app.user("alice").await;
     let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
@@ -91,6 +91,24 @@ async fn invalid_json_and_blank_content_get_error_events_and_typing_is_ignored()
         next_event(&mut ws, 5).await,
         json!({"type": "error", "message": "Invalid JSON"})
     );
+    // JSON that is not an object: serde would read the array as the frame's fields in order
+    // (`type`, `content`) and store "sneaky".
+    for frame in [
+        json!(["message", "sneaky"]),
+        json!("message"),
+        json!(1),
+        Value::Null,
+        json!(true),
+    ] {
+        ws.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_event(&mut ws, 5).await,
+            json!({"type": "error", "message": "Invalid data: expected a JSON object"}),
+            "{frame}"
+        );
+    }
     for content in [json!(""), json!("   "), Value::Null] {
         send_ws(&mut ws, json!({"type": "message", "content": content})).await;
         assert_eq!(

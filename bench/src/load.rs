@@ -1,5 +1,6 @@
 //! Load generation: closed-loop HTTP clients bounded in time and count, WebSocket clients,
 //! and the progress line on stderr.
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,27 @@ pub fn now_us() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Non-2xx answers of the scenario running now, by status (every request path of the bench
+/// reports its status here).
+static NON_2XX: Mutex<BTreeMap<u16, u64>> = Mutex::new(BTreeMap::new());
+
+/// Counts `status` if it is not 2xx.
+pub fn count_status(status: u16) {
+    if !(200..300).contains(&status)
+        && let Ok(mut counts) = NON_2XX.lock()
+    {
+        *counts.entry(status).or_default() += 1;
+    }
+}
+
+/// The non-2xx answers counted since the last call, by status.
+pub fn take_non_2xx() -> BTreeMap<u16, u64> {
+    NON_2XX
+        .lock()
+        .map(|mut counts| std::mem::take(&mut *counts))
+        .unwrap_or_default()
 }
 
 /// A client pool sized for `conns` concurrent requests to one host.
@@ -171,6 +193,7 @@ pub async fn expect_status(
     match resp {
         Ok(r) => {
             let status = r.status().as_u16();
+            count_status(status);
             let body = r.bytes().await.map_err(|e| format!("body: {e}"))?;
             if status == want {
                 Ok(body.len())

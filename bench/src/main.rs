@@ -17,7 +17,7 @@ use clap::Parser;
 use futures::FutureExt;
 
 use crate::env::Env;
-use crate::report::Report;
+use crate::report::{Report, StatusRow};
 use crate::scenarios::{ALL, Ctx, Opts};
 
 #[derive(Debug, Parser)]
@@ -155,6 +155,22 @@ async fn run_scenarios(ctx: &mut Ctx, selected: &[&str]) {
             eprintln!("FAILED {f}");
             ctx.report.failed_scenarios.push(f);
         }
+        // A figure measured over failed requests is not a figure: any 5xx fails the run.
+        let statuses = StatusRow {
+            scenario: (*name).to_owned(),
+            statuses: load::take_non_2xx(),
+        };
+        eprintln!("  non-2xx [{name}]: {:?}", statuses.statuses);
+        let server_errors = statuses.server_errors();
+        if server_errors > 0 {
+            let f = format!(
+                "{name}: {server_errors} answer(s) 5xx: {:?}",
+                statuses.statuses
+            );
+            eprintln!("FAILED {f}");
+            ctx.report.failed_scenarios.push(f);
+        }
+        ctx.report.non_2xx.push(statuses);
     }
 }
 

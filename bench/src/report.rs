@@ -58,7 +58,38 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub cpu: Vec<CpuRow>,
     pub notes: Vec<String>,
+    /// Answers that were not 2xx, by scenario and status (every scenario has a row).
+    pub non_2xx: Vec<StatusRow>,
     pub failed_scenarios: Vec<String>,
+}
+
+/// The non-2xx answers one scenario got, by status.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusRow {
+    pub scenario: String,
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+}
+
+impl StatusRow {
+    pub fn server_errors(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(status, _)| **status >= 500)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn text(&self) -> String {
+        if self.statuses.is_empty() {
+            return "none".into();
+        }
+        let parts: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(status, n)| format!("{status}×{n}"))
+            .collect();
+        parts.join(", ")
+    }
 }
 
 impl Report {
@@ -149,6 +180,13 @@ impl Report {
                     .map(|(n, p)| format!("{n} {p:.0}%"))
                     .collect();
                 println!("  {:<12} {}", c.scenario, parts.join(", "));
+            }
+        }
+        if !self.non_2xx.is_empty() {
+            println!();
+            println!("Answers that were not 2xx (any 5xx fails the run):");
+            for r in &self.non_2xx {
+                println!("  {:<12} {}", r.scenario, r.text());
             }
         }
         for n in &self.notes {

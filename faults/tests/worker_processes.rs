@@ -360,3 +360,59 @@ async fn sigterm_hands_back_jobs_it_cannot_finish_within_the_grace() {
     api.stop().await;
     env.cleanup().await;
 }
+
+/// The first scrape of a worker process that has run no job lists every metric with its
+/// `# HELP` and `# TYPE`, counters at 0: an alert on a rate or on absence works from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_lists_every_metric_at_zero_on_its_first_scrape() {
+    let env = Env::start(FakeConfig::default()).await;
+    let worker = env.worker_process(WORKER, &[]);
+    wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", worker.port))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    for (name, kind) in [
+        ("aichat_worker_jobs_started_total", "counter"),
+        ("aichat_worker_jobs_succeeded_total", "counter"),
+        ("aichat_worker_jobs_failed_total", "counter"),
+        ("aichat_worker_jobs_skipped_total", "counter"),
+        ("aichat_worker_jobs_requeued_total", "counter"),
+        ("aichat_worker_job_duration_seconds", "histogram"),
+        ("aichat_worker_model_latency_seconds", "histogram"),
+        ("aichat_worker_model_retries_total", "counter"),
+        ("aichat_worker_rate_limit_waits_total", "counter"),
+        ("aichat_worker_rate_limit_wait_seconds", "histogram"),
+        ("aichat_worker_tokens_total", "counter"),
+        ("aichat_worker_duplicate_replies_total", "counter"),
+        ("aichat_worker_restarts_total", "counter"),
+        ("aichat_worker_db_retries_total", "counter"),
+        ("aichat_worker_swept_messages_total", "counter"),
+        ("aichat_worker_reply_batch_size", "summary"),
+        ("aichat_db_conflict_retries_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no help for {name} in:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}\n")),
+            "no {kind} type for {name} in:\n{text}"
+        );
+    }
+    for series in [
+        "aichat_worker_jobs_started_total 0",
+        "aichat_worker_jobs_failed_total{reason=\"model\"} 0",
+        "aichat_db_conflict_retries_total{path=\"reply_batch\"} 0",
+        "aichat_worker_tokens_total{model=\"gpt-test\",kind=\"prompt\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|line| line == series),
+            "no `{series}` in:\n{text}"
+        );
+    }
+    drop(worker);
+    env.cleanup().await;
+}

@@ -312,6 +312,7 @@ async fn measure(
                         .ok()
                         .and_then(|v| v["message"]["id"].as_i64()),
                     Ok(r) => {
+                        crate::load::count_status(r.status().as_u16());
                         counters.error(format!("send: HTTP {}", r.status()));
                         None
                     }

@@ -103,7 +103,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
                         lat[usize::from(Instant::now() >= half)].record(t.elapsed());
                         counters.ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(r) => counters.error(format!("send: HTTP {}", r.status())),
+                    Ok(r) => {
+                        crate::load::count_status(r.status().as_u16());
+                        counters.error(format!("send: HTTP {}", r.status()))
+                    }
                     Err(e) => counters.error(format!("send: {e}")),
                 }
             }
