@@ -198,6 +198,8 @@ async fn list_is_most_recently_updated_first_and_delete_takes_the_messages() {
     let (_, list) = app.get("/api/ai/chats/", &alice.token).await;
     assert_eq!(titles(&list), ["first", "second"]);
     assert_eq!(list[0]["message_count"], 1);
+    // A send does not write the chat's row; its `updated_at` is the newest message's time.
+    assert_eq!(list[0]["updated_at"], sent["message"]["timestamp"]);
 
     let message_id = sent["message"]["id"].as_i64().unwrap();
     let (status, _) = app

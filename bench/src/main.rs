@@ -161,12 +161,7 @@ async fn run_scenarios(ctx: &mut Ctx, selected: &[&str]) {
             statuses: load::take_non_2xx(),
         };
         eprintln!("  non-2xx [{name}]: {:?}", statuses.statuses);
-        let server_errors = statuses.server_errors();
-        if server_errors > 0 {
-            let f = format!(
-                "{name}: {server_errors} answer(s) 5xx: {:?}",
-                statuses.statuses
-            );
+        if let Some(f) = statuses.failure() {
             eprintln!("FAILED {f}");
             ctx.report.failed_scenarios.push(f);
         }

@@ -71,12 +71,21 @@ pub struct StatusRow {
 }
 
 impl StatusRow {
-    pub fn server_errors(&self) -> u64 {
-        self.statuses
+    /// Why the run fails because of this scenario's answers: any 5xx.
+    pub fn failure(&self) -> Option<String> {
+        let server_errors: u64 = self
+            .statuses
             .iter()
             .filter(|(status, _)| **status >= 500)
             .map(|(_, n)| n)
-            .sum()
+            .sum();
+        (server_errors > 0).then(|| {
+            format!(
+                "{}: {server_errors} answer(s) 5xx ({})",
+                self.scenario,
+                self.text()
+            )
+        })
     }
 
     fn text(&self) -> String {
@@ -205,5 +214,36 @@ pub fn fmt_num(x: f64) -> String {
         format!("{x:.1}")
     } else {
         format!("{x:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{count_status, take_non_2xx};
+
+    #[test]
+    fn non_2xx_answers_are_counted_by_status_and_any_5xx_fails_the_scenario() {
+        for status in [200, 202, 204, 404, 429, 429, 503] {
+            count_status(status);
+        }
+        let row = StatusRow {
+            scenario: "ingest".into(),
+            statuses: take_non_2xx(),
+        };
+        assert_eq!(
+            row.statuses.clone().into_iter().collect::<Vec<_>>(),
+            [(404, 1), (429, 2), (503, 1)]
+        );
+        assert_eq!(
+            row.failure().as_deref(),
+            Some("ingest: 1 answer(s) 5xx (404×1, 429×2, 503×1)")
+        );
+        let refused_only = StatusRow {
+            scenario: "reads".into(),
+            statuses: [(429, 7)].into(),
+        };
+        assert_eq!(refused_only.failure(), None);
+        assert!(take_non_2xx().is_empty(), "taking the counts resets them");
     }
 }
