@@ -1,8 +1,4 @@
-//! Who is asking: password hashing, session tokens, and the `AuthUser` extractor.
-use std::sync::LazyLock;
-
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+//! Who is asking: session tokens and the `AuthUser` extractor (passwords: `hashing.rs`).
 use axum::extract::FromRequestParts;
 use axum::http::header::{AUTHORIZATION, COOKIE};
 use axum::http::request::Parts;
@@ -17,46 +13,6 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub const SESSION_COOKIE: &str = "sessionid";
-
-/// Hashes a password with argon2 (default parameters) off the async runtime.
-pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default()
-            .hash_password(password.as_bytes())
-            .map(|hash| hash.to_string())
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("hashing failed: {e}")))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))?
-}
-
-/// A real hash to check against when the username is unknown, so that a wrong username
-/// takes as long as a wrong password.
-static DUMMY_HASH: LazyLock<Option<String>> = LazyLock::new(|| {
-    Argon2::default()
-        .hash_password(b"not a real password")
-        .ok()
-        .map(|h| h.to_string())
-});
-
-/// Checks a password against a stored hash (or the dummy one) off the async runtime.
-pub async fn verify_password(password: String, stored: Option<String>) -> Result<bool, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        let known = stored.is_some();
-        let Some(hash) = stored.or_else(|| DUMMY_HASH.clone()) else {
-            return false;
-        };
-        let Ok(parsed) = PasswordHash::new(&hash) else {
-            return false;
-        };
-        let matches = Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
-        known && matches
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))
-}
 
 /// A fresh session token (256 random bits, URL-safe) and the hash stored in its place.
 pub fn new_token() -> (String, Vec<u8>) {

@@ -47,6 +47,8 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("Staff only")]
     Forbidden,
+    #[error("Cross-site request refused")]
+    CrossSite,
     #[error("Not found.")]
     NotFound,
     #[error("{0}")]
@@ -69,6 +71,8 @@ pub enum ApiError {
     Conflict(&'static str),
     #[error("Too many messages, please slow down")]
     TooManyRequests { retry_after_secs: u64 },
+    #[error("Too many attempts, please try again later")]
+    TooManyAttempts { retry_after_secs: u64 },
     #[error("Daily token budget exceeded; it resets at midnight UTC")]
     BudgetExceeded { retry_after_secs: u64 },
     #[error("internal error")]
@@ -79,7 +83,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::CrossSite => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::NotFoundBecause(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -88,9 +92,9 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TooManyRequests { .. } | ApiError::BudgetExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::TooManyRequests { .. }
+            | ApiError::TooManyAttempts { .. }
+            | ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,6 +134,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let retry_after = match &self {
             ApiError::TooManyRequests { retry_after_secs }
+            | ApiError::TooManyAttempts { retry_after_secs }
             | ApiError::BudgetExceeded { retry_after_secs } => Some(*retry_after_secs),
             ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
             _ => None,

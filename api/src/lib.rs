@@ -16,23 +16,29 @@ use aichat_shared::{db, jobs::JobQueue, redis_conn};
 use secrecy::ExposeSecret;
 
 pub mod auth;
+pub mod client_address;
 pub mod dispatch;
 pub mod error;
 pub mod extract;
 pub mod fanout;
+pub mod hashing;
 pub mod idempotency;
 pub mod metrics;
+pub mod origin_guard;
+pub mod passwords;
 pub mod routes;
 pub mod send_batch;
 pub mod send_rate;
 pub mod session_cache;
 pub mod settings;
 pub mod state;
+pub mod throttle;
 pub mod validate;
 pub mod wait;
 pub mod ws;
 
 use fanout::Hub;
+use hashing::Hashing;
 use send_batch::SendBatcher;
 use session_cache::SessionCache;
 pub use settings::Settings;
@@ -91,6 +97,10 @@ impl Application {
             sessions: Arc::new(SessionCache::new(Duration::from_secs(
                 settings.session_cache_secs,
             ))),
+            hashing: Hashing::new(
+                settings.password_hash_concurrency,
+                Duration::from_millis(settings.password_hash_wait_ms),
+            ),
             settings: Arc::new(settings),
             shutdown,
             sockets: SocketTracker::default(),
@@ -136,9 +146,13 @@ impl Application {
         // `into_make_service` hands each connection a clone of the router's `Arc`; serving the
         // `Router` itself re-boxes every route per connection (~10 KiB that a WebSocket keeps
         // for its whole life; BENCHMARKS.md, fan-out).
-        axum::serve(listener, router.into_make_service())
-            .with_graceful_shutdown(signal)
-            .await?;
+        // With the peer address, which login and registration throttling count by.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal)
+        .await?;
         state.sockets.wait_closed(Duration::from_secs(5)).await;
         Ok(())
     }
@@ -150,6 +164,10 @@ pub fn app_router(state: AppState) -> Router {
     routes::router()
         .route("/metrics", axum::routing::get(metrics::render))
         .route_layer(axum::middleware::from_fn(metrics::track_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin_guard::refuse_cross_site,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use aichat_api::settings::Command;
-use aichat_api::{Application, Settings, auth, shutdown_signal};
+use aichat_api::{Application, Settings, shutdown_signal};
 use aichat_shared::{config, db, telemetry};
 use secrecy::ExposeSecret;
 
@@ -34,8 +34,7 @@ async fn main() -> anyhow::Result<()> {
             if db::users::set_staff(&pool, &username, true).await? {
                 tracing::info!(%username, "existing user is now staff");
             } else {
-                let hash = auth::hash_password(password)
-                    .await
+                let hash = aichat_api::hashing::hash_password(&password)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 db::users::insert_user(&pool, &username, &email, &hash, true).await?;
                 tracing::info!(%username, "staff user created");

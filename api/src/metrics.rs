@@ -43,6 +43,18 @@ pub fn describe() {
         "Completion jobs in the queue, by state (waiting, in_flight, dead), read at scrape time"
     );
     describe_histogram!("send_batch_size", "Sends stored by one statement");
+    describe_counter!(
+        crate::throttle::FAILED_LOGINS_METRIC,
+        "Logins refused for wrong credentials"
+    );
+    describe_counter!(
+        crate::throttle::THROTTLED_METRIC,
+        "Login and registration attempts refused with 429 by a window or a username lock, by action"
+    );
+    describe_counter!(
+        crate::hashing::BUSY_METRIC,
+        "Logins and registrations refused with 503 because every password-hashing slot was taken"
+    );
     aichat_shared::db::retry::describe(CONFLICT_PATHS);
 
     metrics::counter!("http_requests_total", "method" => "GET", "route" => "/healthz", "status" => "200")
@@ -54,6 +66,11 @@ pub fn describe() {
         metrics::gauge!("queue_jobs", "state" => state).increment(0.0);
     }
     let _ = metrics::histogram!("send_batch_size");
+    metrics::counter!(crate::throttle::FAILED_LOGINS_METRIC).increment(0);
+    for action in ["login", "register"] {
+        metrics::counter!(crate::throttle::THROTTLED_METRIC, "action" => action).increment(0);
+    }
+    metrics::counter!(crate::hashing::BUSY_METRIC).increment(0);
 }
 
 /// Records every request: `http_requests_total` and `http_request_duration_seconds`.

@@ -4,6 +4,8 @@ use secrecy::SecretString;
 
 use aichat_shared::config::{DatabaseSettings, LogSettings, OpenAiSettings, RedisSettings};
 
+use crate::client_address::IpRange;
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "aichat-api", version, about = "aichat HTTP and WebSocket API")]
 pub struct Settings {
@@ -77,6 +79,43 @@ pub struct Settings {
     /// Longest `send_message?wait=N`, in seconds (`?wait=true` waits this long).
     #[arg(long, env = "MAX_WAIT_SECS", default_value_t = 60)]
     pub max_wait_secs: u64,
+    /// Reverse proxies (addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For`
+    /// names the client; from any other peer the header is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', num_args = 0..)]
+    pub trusted_proxies: Vec<IpRange>,
+    /// Most participants of a user-to-user chat, its creator included.
+    #[arg(long, env = "MAX_CHAT_PARTICIPANTS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=10_000))]
+    pub max_chat_participants: u64,
+    /// Other origins (`https://app.example.com`, comma-separated) whose pages may make
+    /// cookie-authenticated unsafe requests and WebSocket connections; the API's own origin
+    /// always may.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',', num_args = 0.., value_parser = crate::origin_guard::parse_origin)]
+    pub allowed_origins: Vec<String>,
+    /// Length in seconds of the sliding windows that count login and registration attempts.
+    #[arg(long, env = "AUTH_WINDOW_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_window_secs: u64,
+    /// Login attempts one client address may make per window (0: no limit).
+    #[arg(long, env = "LOGIN_ATTEMPTS_PER_ADDRESS", default_value_t = 30)]
+    pub login_attempts_per_address: u64,
+    /// Login attempts for one username per window, from anywhere (0: no limit).
+    #[arg(long, env = "LOGIN_ATTEMPTS_PER_USERNAME", default_value_t = 10)]
+    pub login_attempts_per_username: u64,
+    /// Registrations one client address may make per window (0: no limit).
+    #[arg(long, env = "REGISTRATIONS_PER_ADDRESS", default_value_t = 10)]
+    pub registrations_per_address: u64,
+    /// Consecutive failed logins of one username before each further failure locks it (1 s,
+    /// then twice as long each time).
+    #[arg(long, env = "LOGIN_FAILURES_BEFORE_BACKOFF", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub login_failures_before_backoff: u64,
+    /// Longest lock of a username after failed logins, in seconds.
+    #[arg(long, env = "LOGIN_BACKOFF_MAX_SECS", default_value_t = 900)]
+    pub login_backoff_max_secs: u64,
+    /// Password hashes and checks run at once (argon2, 19 MiB each; 0: one per core).
+    #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
+    pub password_hash_concurrency: usize,
+    /// Milliseconds a login or registration waits for a hashing slot before it gets 503.
+    #[arg(long, env = "PASSWORD_HASH_WAIT_MS", default_value_t = 500)]
+    pub password_hash_wait_ms: u64,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::fanout::Hub;
+use crate::hashing::Hashing;
 use crate::send_batch::SendBatcher;
 use crate::session_cache::SessionCache;
 use crate::settings::Settings;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub sockets: SocketTracker,
     pub sessions: Arc<SessionCache>,
+    /// The bounded pool every password hash and check goes through.
+    pub hashing: Hashing,
 }
 
 /// Counts open WebSockets, so shutdown can wait for their close frames to go out.

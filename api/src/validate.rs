@@ -102,18 +102,23 @@ pub fn email(errors: &mut FieldErrors, value: &str) {
     }
 }
 
-pub fn password(errors: &mut FieldErrors, password: Option<&str>, confirm: Option<&str>) {
-    match password {
-        None => errors.add("password", REQUIRED),
-        Some(p) if p.chars().count() < 8 => errors.add(
-            "password",
-            "This password is too short. It must contain at least 8 characters.",
-        ),
-        Some(p) if p.len() > 4096 => errors.add("password", "This password is too long."),
-        Some(p) => {
-            if confirm != Some(p) {
-                errors.add("password", "Password fields didn't match.");
-            }
-        }
+/// A new password: Django's default validators (`passwords.rs`), then the confirmation.
+pub fn password(
+    errors: &mut FieldErrors,
+    password: Option<&str>,
+    confirm: Option<&str>,
+    username: &str,
+    email: &str,
+) {
+    let Some(p) = password else {
+        errors.add("password", REQUIRED);
+        return;
+    };
+    let problems = crate::passwords::problems(p, username, email);
+    if problems.is_empty() && confirm != Some(p) {
+        errors.add("password", "Password fields didn't match.");
+    }
+    for problem in problems {
+        errors.add("password", problem);
     }
 }

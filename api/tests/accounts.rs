@@ -13,7 +13,7 @@ async fn register_creates_a_user_and_answers_its_fields() {
             Method::POST,
             "/api/register/",
             None,
-            Some(json!({"username": "alice", "email": "a@example.com", "password": "password1", "password_confirm": "password1"})),
+            Some(json!({"username": "alice", "email": "a@example.com", "password": "orange tractor 42", "password_confirm": "orange tractor 42"})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
@@ -32,23 +32,23 @@ async fn register_rejects_each_invalid_field_with_field_errors() {
     let long = "x".repeat(151);
     let cases = [
         (
-            json!({"password": "password1", "password_confirm": "password1"}),
+            json!({"password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
             "username",
         ),
         (
-            json!({"username": "", "password": "password1", "password_confirm": "password1"}),
+            json!({"username": "", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
             "username",
         ),
         (
-            json!({"username": long, "password": "password1", "password_confirm": "password1"}),
+            json!({"username": long, "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
             "username",
         ),
         (
-            json!({"username": "bad name!", "password": "password1", "password_confirm": "password1"}),
+            json!({"username": "bad name!", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
             "username",
         ),
         (
-            json!({"username": "taken", "password": "password1", "password_confirm": "password1"}),
+            json!({"username": "taken", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
             "username",
         ),
         (
@@ -56,15 +56,15 @@ async fn register_rejects_each_invalid_field_with_field_errors() {
             "password",
         ),
         (
-            json!({"username": "bob", "password": "password1", "password_confirm": "password2"}),
+            json!({"username": "bob", "password": "orange tractor 42", "password_confirm": "orange tractor 43"}),
             "password",
         ),
         (
-            json!({"username": "bob", "password_confirm": "password1"}),
+            json!({"username": "bob", "password_confirm": "orange tractor 42"}),
             "password",
         ),
         (
-            json!({"username": "bob", "email": "not-an-email", "password": "password1", "password_confirm": "password1"}),
+            json!({"username": "bob", "email": "not-an-email", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
             "email",
         ),
     ];

@@ -432,6 +432,17 @@ impl Env {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // Tests register and log in many accounts from one address: the login and
+        // registration windows are off unless a test sets them.
+        for flag in [
+            "--registrations-per-address",
+            "--login-attempts-per-address",
+            "--login-attempts-per-username",
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_owned(), "0".to_owned()]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let settings = aichat_api::Settings::try_parse_from(args).expect("api settings");
         let app = aichat_api::Application::build(settings)

@@ -26,12 +26,13 @@ pub struct UserCredentials {
     pub password_hash: String,
 }
 
-/// A user-to-user chat.
+/// A user-to-user chat. Participants show only `{id, username}`: an account's email and staff
+/// flag are its own business (`/api/me/`), not every chat partner's.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Chat {
     pub id: i64,
     pub name: String,
-    pub participants: Vec<User>,
+    pub participants: Vec<UserSummary>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -40,7 +41,7 @@ pub struct Chat {
 pub struct ChatMessage {
     pub id: i64,
     pub chat: i64,
-    pub sender: User,
+    pub sender: UserSummary,
     pub content: String,
     pub timestamp: DateTime<Utc>,
 }

@@ -38,6 +38,17 @@ impl Namespace {
         format!("{}:sendrate:{user_id}", self.0)
     }
 
+    /// One sliding window of login or registration attempts (`attempt`: `login`/`register`;
+    /// `by`: `address`/`username`; `subject`: a hash of the address or username).
+    pub fn auth_window(&self, attempt: &str, by: &str, subject: &str) -> String {
+        format!("{}:auth:{attempt}:{by}:{subject}", self.0)
+    }
+
+    /// Consecutive failed logins of one username (a hash of it) and its lock.
+    pub fn login_failures(&self, subject: &str) -> String {
+        format!("{}:auth:failures:{subject}", self.0)
+    }
+
     /// The prefix of the shared rate-limit state of one model.
     pub fn rate_limit(&self, model: &str) -> String {
         format!("{}:rl:{model}", self.0)

@@ -13,9 +13,12 @@ use aichat_shared::db;
 use aichat_shared::domain::{User, UserSummary};
 
 use crate::auth::{self, AuthUser, SESSION_COOKIE};
+use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::ApiJson;
+use crate::passwords;
 use crate::state::AppState;
+use crate::throttle::{self, Attempt};
 use crate::validate;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -41,12 +44,16 @@ pub struct RegisterRequest {
 
 /// Create an account.
 #[utoipa::path(post, path = "/api/register/", tag = "auth", request_body = RegisterRequest,
-    responses((status = 201, body = User), (status = 400, description = "Field errors")))]
+    responses((status = 201, body = User), (status = 400, description = "Field errors"),
+        (status = 429, description = "Too many registrations from this address (`Retry-After`)"),
+        (status = 503, description = "Password hashing busy (`Retry-After`)")))]
 #[tracing::instrument(skip_all)]
 async fn register(
     State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<User>)> {
+    throttle::admit(&state, Attempt::Register, address, "").await?;
     let mut errors = FieldErrors::default();
     validate::username(&mut errors, body.username.as_deref());
     let email = body.email.unwrap_or_default();
@@ -55,6 +62,8 @@ async fn register(
         &mut errors,
         body.password.as_deref(),
         body.password_confirm.as_deref(),
+        body.username.as_deref().unwrap_or_default(),
+        &email,
     );
     errors.check()?;
     let (Some(username), Some(password)) = (body.username, body.password) else {
@@ -62,7 +71,7 @@ async fn register(
             "username and password are required".into(),
         ));
     };
-    let hash = auth::hash_password(password).await?;
+    let hash = state.hashing.hash(password).await?;
     match db::users::insert_user(&state.db, &username, &email, &hash, false).await {
         Ok(user) => Ok((StatusCode::CREATED, Json(user))),
         Err(e) if e.constraint() == Some(db::users::USERNAME_TAKEN) => Err(FieldErrors::single(
@@ -91,26 +100,38 @@ pub struct LoginResponse {
 
 /// Log in: answers the user with a session token and sets the `sessionid` cookie.
 #[utoipa::path(post, path = "/api/login/", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, description = "Invalid credentials")))]
+    responses((status = 200, body = LoginResponse), (status = 401, description = "Invalid credentials"),
+        (status = 429, description = "Too many attempts for this address or username (`Retry-After`); the same body whether or not the user exists"),
+        (status = 503, description = "Password hashing busy (`Retry-After`)")))]
 #[tracing::instrument(skip_all)]
 async fn login(
     State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let mut errors = FieldErrors::default();
     validate::required_text(&mut errors, "username", body.username.as_deref(), 150);
-    if body.password.as_deref().is_none_or(str::is_empty) {
-        errors.add("password", validate::REQUIRED);
+    match body.password.as_deref() {
+        None | Some("") => errors.add("password", validate::REQUIRED),
+        Some(p) if p.len() > passwords::MAX_BYTES => {
+            errors.add("password", "This password is too long.")
+        }
+        Some(_) => {}
     }
     errors.check()?;
     let (Some(username), Some(password)) = (body.username, body.password) else {
         return Err(ApiError::InvalidCredentials);
     };
+    // Before anything is looked up or hashed, and alike for known and unknown usernames.
+    throttle::admit(&state, Attempt::Login, address, &username).await?;
     let credentials = db::users::find_credentials(&state.db, &username).await?;
     let user_id = credentials.as_ref().map(|c| c.id);
-    if !auth::verify_password(password, credentials.map(|c| c.password_hash)).await? {
+    let stored = credentials.map(|c| c.password_hash);
+    if !state.hashing.verify(password, stored).await? {
+        throttle::login_failed(&state, &username).await?;
         return Err(ApiError::InvalidCredentials);
     }
+    throttle::login_succeeded(&state, &username).await?;
     let user_id = user_id.ok_or(ApiError::InvalidCredentials)?;
     let user = db::users::get_user(&state.db, user_id)
         .await?

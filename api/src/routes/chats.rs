@@ -55,8 +55,10 @@ async fn create_chat(
     let name = validate::required_text(&mut errors, "name", body.name.as_deref(), 255);
     let mut ids = body.participant_ids.unwrap_or_default();
     let usernames = body.participant_usernames.unwrap_or_default();
-    if ids.len() > 1000 || usernames.len() > 1000 {
-        errors.add("participant_ids", "At most 1000 participants.");
+    let max = usize::try_from(state.settings.max_chat_participants).unwrap_or(usize::MAX);
+    let too_many = format!("At most {max} participants, the creator included.");
+    if ids.len() >= max || usernames.len() >= max {
+        errors.add("participant_ids", too_many.clone());
     }
     for username in &usernames {
         if !validate::no_nul(&mut errors, "participant_usernames", username) {
@@ -79,6 +81,9 @@ async fn create_chat(
     ids.push(auth.user.id);
     ids.sort_unstable();
     ids.dedup();
+    if ids.len() > max {
+        return Err(FieldErrors::single("participant_ids", too_many));
+    }
 
     let mut tx = state.db.begin().await?;
     let chat = db::chats::insert_chat(&mut tx, name, &ids).await?;

@@ -56,6 +56,13 @@ pub async fn delete_namespace(redis_url: &str, ns: &str) {
     }
 }
 
+/// The settings of the login and registration windows.
+pub const AUTH_WINDOWS: [&str; 3] = [
+    "--registrations-per-address",
+    "--login-attempts-per-address",
+    "--login-attempts-per-username",
+];
+
 pub struct TestApp {
     pub base: String,
     pub db_url: String,
@@ -128,6 +135,13 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
         "--openai-model".into(),
         "gpt-test".into(),
     ];
+    // Tests register and log in many accounts from one address: the login and registration
+    // windows are off unless a test sets them (`tests/security.rs` does).
+    for flag in AUTH_WINDOWS {
+        if !options.extra.iter().any(|given| given == flag) {
+            args.extend([flag.to_string(), "0".into()]);
+        }
+    }
     args.extend(options.extra);
     let settings = Settings::try_parse_from(args).expect("settings");
     let app = Application::build(settings).await.expect("build app");

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
-use crate::domain::{Chat, ChatMessage, ContextMessage, User};
+use crate::domain::{Chat, ChatMessage, ContextMessage, UserSummary};
 use crate::error::Result;
 
 #[derive(sqlx::FromRow)]
@@ -18,7 +18,7 @@ struct ChatRow {
 struct ParticipantRow {
     chat_id: i64,
     #[sqlx(flatten)]
-    user: User,
+    user: UserSummary,
 }
 
 #[derive(sqlx::FromRow)]
@@ -29,8 +29,6 @@ struct MessageRow {
     timestamp: DateTime<Utc>,
     sender_id: i64,
     sender_username: String,
-    sender_email: String,
-    sender_is_staff: bool,
 }
 
 impl From<MessageRow> for ChatMessage {
@@ -38,11 +36,9 @@ impl From<MessageRow> for ChatMessage {
         ChatMessage {
             id: row.id,
             chat: row.chat_id,
-            sender: User {
+            sender: UserSummary {
                 id: row.sender_id,
                 username: row.sender_username,
-                email: row.sender_email,
-                is_staff: row.sender_is_staff,
             },
             content: row.content,
             timestamp: row.timestamp,
@@ -54,7 +50,7 @@ impl From<MessageRow> for ChatMessage {
 async fn with_participants(conn: &mut PgConnection, rows: Vec<ChatRow>) -> Result<Vec<Chat>> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let participants = sqlx::query_as::<_, ParticipantRow>(
-        r#"select p.chat_id, u.id, u.username, u.email, u.is_staff
+        r#"select p.chat_id, u.id, u.username
            from chat_participants p join users u on u.id = p.user_id
            where p.chat_id = any($1)
            order by p.chat_id, u.id"#,
@@ -62,7 +58,7 @@ async fn with_participants(conn: &mut PgConnection, rows: Vec<ChatRow>) -> Resul
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let mut by_chat: BTreeMap<i64, Vec<User>> = BTreeMap::new();
+    let mut by_chat: BTreeMap<i64, Vec<UserSummary>> = BTreeMap::new();
     for p in participants {
         by_chat.entry(p.chat_id).or_default().push(p.user);
     }
@@ -162,8 +158,8 @@ pub async fn delete_chat(db: impl PgExecutor<'_>, chat_id: i64, user_id: i64) ->
     Ok(done.rows_affected() == 1)
 }
 
-const MESSAGE_COLUMNS: &str = "m.id, m.chat_id, m.content, m.timestamp, u.id as sender_id, \
-     u.username as sender_username, u.email as sender_email, u.is_staff as sender_is_staff";
+const MESSAGE_COLUMNS: &str =
+    "m.id, m.chat_id, m.content, m.timestamp, u.id as sender_id, u.username as sender_username";
 
 #[tracing::instrument(skip(conn))]
 pub async fn insert_chat_message(

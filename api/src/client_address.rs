@@ -1,0 +1,160 @@
+//! Who is at the other end: the socket's peer address, or, when that peer is one of the
+//! operator's reverse proxies (`TRUSTED_PROXIES`), the client its `X-Forwarded-For` names.
+//! A header from anyone else is ignored, so a client cannot pick the address it is throttled by.
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+
+use crate::state::AppState;
+
+/// One address, or a CIDR range (`10.0.0.0/8`, `fd00::/8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (net, ip, width) = match (self.network, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                (u32::from(net) as u128, u32::from(ip) as u128, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => (u128::from(net), u128::from(ip), 128),
+            _ => return false,
+        };
+        let prefix = u32::from(self.prefix);
+        if prefix == 0 {
+            return true;
+        }
+        let shift = width - prefix;
+        (net >> shift) == (ip >> shift)
+    }
+}
+
+impl FromStr for IpRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network = address
+            .parse::<IpAddr>()
+            .map(canonical)
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let width = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= width)
+                .ok_or_else(|| format!("{text:?} has no valid prefix length"))?,
+        };
+        Ok(IpRange { network, prefix })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) compare as the IPv4 address they carry.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client's address; `None` when the server was not told the peer (a router driven
+/// without a socket, as some tests do).
+pub struct ClientAddress(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| canonical(addr.ip()));
+        Ok(ClientAddress(peer.map(|peer| {
+            client_of(peer, &parts.headers, &state.settings.trusted_proxies)
+        })))
+    }
+}
+
+/// The client behind `peer`: `peer` itself unless it is a trusted proxy; then the rightmost
+/// `X-Forwarded-For` entry that is not a trusted proxy (each proxy appends the address it got
+/// the request from, so only entries to the right of the first untrusted one can be believed).
+fn client_of(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[IpRange]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|range| range.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        let Ok(ip) = entry.parse::<IpAddr>().map(canonical) else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
+    #[test]
+    fn ranges_hold_their_addresses_only() {
+        let net: IpRange = "10.1.0.0/16".parse().expect("range");
+        assert!(net.contains(ip("10.1.200.3")));
+        assert!(net.contains(ip("::ffff:10.1.0.1")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        let one: IpRange = "::1".parse().expect("address");
+        assert!(one.contains(ip("::1")) && !one.contains(ip("::2")));
+        assert!("10.0.0.0/33".parse::<IpRange>().is_err());
+        assert!("proxy.local".parse::<IpRange>().is_err());
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_behind_a_trusted_proxy() {
+        let trusted: Vec<IpRange> = vec!["10.0.0.0/8".parse().expect("range")];
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "1.1.1.1, 203.0.113.9, 10.0.0.7".parse().expect("header"),
+        );
+        // From the proxy: the rightmost untrusted entry (1.1.1.1 may be forged by the client).
+        assert_eq!(
+            client_of(ip("10.0.0.2"), &headers, &trusted),
+            ip("203.0.113.9")
+        );
+        // From anyone else the header is ignored.
+        assert_eq!(
+            client_of(ip("198.51.100.4"), &headers, &trusted),
+            ip("198.51.100.4")
+        );
+        assert_eq!(client_of(ip("10.0.0.2"), &headers, &[]), ip("10.0.0.2"));
+    }
+}

@@ -1,0 +1,104 @@
+//! Cross-site use of the session cookie is refused. A browser attaches the `sessionid` cookie
+//! to requests any page makes (`SameSite=Lax` still lets a sibling site's forms and sockets
+//! through), so an unsafe request or a WebSocket upgrade whose only credential is that cookie
+//! must come from this origin or one the operator allows (`ALLOWED_ORIGINS`). A request with
+//! `Authorization` or `?token=` carries a credential no other page can make a browser send, and
+//! passes as it is.
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, HOST, ORIGIN, UPGRADE};
+use axum::http::{HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::SESSION_COOKIE;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Answers 403 before any effect when a cookie-authenticated unsafe request or socket upgrade
+/// comes from another site.
+pub async fn refuse_cross_site(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let unsafe_method = !matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    let upgrade = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if (unsafe_method || upgrade)
+        && cookie_is_the_credential(&req)
+        && from_another_site(req.headers(), &state.settings.allowed_origins)
+    {
+        return ApiError::CrossSite.into_response();
+    }
+    next.run(req).await
+}
+
+fn cookie_is_the_credential(req: &Request) -> bool {
+    let headers = req.headers();
+    if headers.contains_key(AUTHORIZATION) {
+        return false;
+    }
+    let token_in_query = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("token=")));
+    if token_in_query {
+        return false;
+    }
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .any(|(name, _)| name == SESSION_COOKIE)
+}
+
+/// `Sec-Fetch-Site: cross-site`, or an `Origin` that is neither the request's own (its host
+/// and port are the `Host` it was sent to) nor an allowed one.
+fn from_another_site(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let fetch_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if fetch_site.eq_ignore_ascii_case("cross-site") {
+        return true;
+    }
+    let Some(origin) = headers.get(ORIGIN) else {
+        return false;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return true;
+    };
+    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    if allowed.contains(&origin) {
+        return false;
+    }
+    let own_host = headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let origin_host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match (origin_host, own_host) {
+        (Some(origin_host), Some(own_host)) => origin_host != own_host,
+        _ => true,
+    }
+}
+
+/// `ALLOWED_ORIGINS` entries as they are compared: lower case, no trailing slash.
+pub fn parse_origin(value: &str) -> Result<String, String> {
+    let origin = value.trim().trim_end_matches('/').to_ascii_lowercase();
+    if origin.starts_with("http://") || origin.starts_with("https://") {
+        Ok(origin)
+    } else {
+        Err(format!("{value:?} is not an origin (scheme://host[:port])"))
+    }
+}

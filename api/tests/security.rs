@@ -1,0 +1,552 @@
+//! What an attacker of an open-registration service tries: login and registration abuse
+//! (throttled by client address and by username, shared through Redis; failures backing off
+//! per username; password hashing bounded; passwords checked as Django checks them) and
+//! cross-site use of the session cookie.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Options, spawn_app_with};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse";
+
+fn app_with(flags: &[&str]) -> Options {
+    Options {
+        extra: flags.iter().map(|s| s.to_string()).collect(),
+        ..Options::default()
+    }
+}
+
+/// A login attempt, optionally as forwarded by a proxy for `forwarded_for`.
+async fn login(
+    app: &common::TestApp,
+    username: &str,
+    password: &str,
+    forwarded_for: Option<&str>,
+) -> (StatusCode, Value, Option<String>) {
+    let mut request = app
+        .client
+        .post(app.url("/api/login/"))
+        .json(&json!({"username": username, "password": password}));
+    if let Some(address) = forwarded_for {
+        request = request.header("x-forwarded-for", address);
+    }
+    let response = request.send().await.expect("login answered");
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body, retry_after)
+}
+
+fn too_many(answer: &(StatusCode, Value, Option<String>)) -> bool {
+    answer.0 == StatusCode::TOO_MANY_REQUESTS
+        && answer.1 == json!({"error": "Too many attempts, please try again later"})
+        && answer
+            .2
+            .as_deref()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|secs| secs >= 1)
+}
+
+#[tokio::test]
+async fn logins_past_the_address_window_get_429_alike_for_known_and_unknown_users() {
+    let app = spawn_app_with(app_with(&[
+        "--login-attempts-per-address",
+        "3",
+        "--login-attempts-per-username",
+        "0",
+    ]))
+    .await;
+    app.register("alice").await;
+    for _ in 0..3 {
+        let answer = login(&app, "alice", "wrong password", None).await;
+        assert_eq!(answer.0, StatusCode::UNAUTHORIZED, "{answer:?}");
+    }
+    let known = login(&app, "alice", PASSWORD, None).await;
+    let unknown = login(&app, "nobody", PASSWORD, None).await;
+    assert!(too_many(&known), "{known:?}");
+    assert!(too_many(&unknown), "{unknown:?}");
+    assert_eq!(
+        known.1, unknown.1,
+        "the same body whether or not the user exists"
+    );
+    // A client's own X-Forwarded-For is ignored: no proxy is trusted.
+    let spoofed = login(&app, "alice", PASSWORD, Some("203.0.113.50")).await;
+    assert!(too_many(&spoofed), "{spoofed:?}");
+    // Another instance sees the same window (Redis).
+    let other = app.another_instance(&[
+        "--login-attempts-per-address",
+        "3",
+        "--login-attempts-per-username",
+        "0",
+    ]);
+    let other = other.await;
+    assert!(too_many(&login(&other, "alice", PASSWORD, None).await));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_username_is_throttled_from_every_address_and_trusted_proxies_name_the_client() {
+    let app = spawn_app_with(app_with(&[
+        "--trusted-proxies",
+        "127.0.0.1,::1",
+        "--login-attempts-per-address",
+        "2",
+        "--login-attempts-per-username",
+        "3",
+    ]))
+    .await;
+    app.register("alice").await;
+    // Behind the trusted proxy every attempt comes from another client address, so only the
+    // username's window counts them.
+    for n in 0..3 {
+        let address = format!("198.51.100.{n}");
+        let answer = login(&app, "alice", "wrong password", Some(&address)).await;
+        assert_eq!(answer.0, StatusCode::UNAUTHORIZED, "{answer:?}");
+    }
+    assert!(too_many(
+        &login(&app, "alice", PASSWORD, Some("198.51.100.9")).await
+    ));
+    // The address window is per forwarded client: a fresh one may try another username.
+    app.register("bob").await;
+    let (status, _, _) = login(&app, "bob", PASSWORD, Some("198.51.100.20")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = login(&app, "bob", PASSWORD, Some("198.51.100.20")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(too_many(
+        &login(&app, "bob", PASSWORD, Some("198.51.100.20")).await
+    ));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn repeated_failures_lock_a_username_for_longer_each_time_until_a_login_succeeds() {
+    let app = spawn_app_with(app_with(&[
+        "--login-attempts-per-address",
+        "0",
+        "--login-attempts-per-username",
+        "0",
+        "--login-failures-before-backoff",
+        "2",
+        "--metrics-token",
+        "abuse-scraper-token-0123",
+    ]))
+    .await;
+    app.register("alice").await;
+    let failures_before = failed_logins(&app).await;
+    assert_eq!(
+        login(&app, "alice", "wrong 1", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The second failure locks the username for 1 s, the third for 2 s.
+    assert_eq!(
+        login(&app, "alice", "wrong 2", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let locked = login(&app, "alice", PASSWORD, None).await;
+    assert!(too_many(&locked), "{locked:?}");
+    assert_eq!(locked.2.as_deref(), Some("1"));
+    let third = until_admitted(&app, "alice", "wrong 3").await;
+    assert_eq!(third.0, StatusCode::UNAUTHORIZED);
+    let locked = login(&app, "alice", PASSWORD, None).await;
+    assert_eq!(locked.2.as_deref(), Some("2"), "{locked:?}");
+    // Another username is not affected.
+    app.register("bob").await;
+    assert_eq!(login(&app, "bob", PASSWORD, None).await.0, StatusCode::OK);
+    // Once the lock is over, a right password logs in and clears the failures: one failure
+    // afterwards does not lock again.
+    let ok = until_admitted(&app, "alice", PASSWORD).await;
+    assert_eq!(ok.0, StatusCode::OK, "{ok:?}");
+    assert_eq!(
+        login(&app, "alice", "wrong 4", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(login(&app, "alice", PASSWORD, None).await.0, StatusCode::OK);
+    assert_eq!(failed_logins(&app).await - failures_before, 4.0);
+    app.cleanup().await;
+}
+
+/// Retries a login while it is refused with 429 (bounded), answering the first other answer.
+async fn until_admitted(
+    app: &common::TestApp,
+    username: &str,
+    password: &str,
+) -> (StatusCode, Value, Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = login(app, username, password, None).await;
+        if answer.0 != StatusCode::TOO_MANY_REQUESTS {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "still locked: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `aichat_login_failures_total` as the API reports it (the recorder is shared by every app
+/// of this test binary: compare before and after).
+async fn failed_logins(app: &common::TestApp) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth("abuse-scraper-token-0123")
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("aichat_login_failures_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn registrations_past_the_address_window_get_429() {
+    let app = spawn_app_with(app_with(&["--registrations-per-address", "2"])).await;
+    assert_eq!(app.register("alice").await.0, StatusCode::CREATED);
+    // A refused registration counts too: the window is what is tried, not what succeeds.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/api/register/",
+            None,
+            Some(json!({"username": "bob", "password": "x", "password_confirm": "x"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = app.register("carol").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(
+        body,
+        json!({"error": "Too many attempts, please try again later"})
+    );
+    let (status, _) = app.login("carol", PASSWORD).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "carol was not registered");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn passwords_are_checked_as_djangos_default_validators_check_them() {
+    let app = spawn_app_with(Options::default()).await;
+    let cases = [
+        ("password1", "This password is too common."),
+        ("Qwertyuiop", "This password is too common."),
+        ("73620194815", "This password is entirely numeric."),
+        (
+            "x7!k",
+            "This password is too short. It must contain at least 8 characters.",
+        ),
+        (
+            "margaret_thatcher1",
+            "The password is too similar to the username.",
+        ),
+    ];
+    for (password, problem) in cases {
+        let (status, errors) = app
+            .call(
+                Method::POST,
+                "/api/register/",
+                None,
+                Some(json!({"username": "margaret_thatcher", "password": password, "password_confirm": password})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{password}: {errors}");
+        let problems = errors["password"].as_array().expect("password errors");
+        assert!(
+            problems.contains(&json!(problem)),
+            "{password}: {problems:?}"
+        );
+    }
+    // The login password has the registration's length cap.
+    let (status, errors) = app.login("margaret", &"x".repeat(5000)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(errors, json!({"password": ["This password is too long."]}));
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/api/register/",
+            None,
+            Some(json!({"username": "margaret_thatcher", "password": "orange tractor 42", "password_confirm": "orange tractor 42"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    app.cleanup().await;
+}
+
+/// 500 concurrent logins with random usernames (each checked against the dummy hash) on the
+/// API binary: hashing runs two at a time, the rest wait briefly and get 503 with
+/// `Retry-After`; the process stays under 256 MiB and `/healthz` keeps answering within 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answering() {
+    let (url, name) = common::fresh_database().await;
+    let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let addr = format!("127.0.0.1:{port}");
+    let redis = common::redis_url();
+    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+        .args([
+            "--api-addr",
+            &addr,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis,
+            "--aichat-namespace",
+            &ns,
+            "--login-attempts-per-address",
+            "0",
+            "--login-attempts-per-username",
+            "0",
+            "--password-hash-concurrency",
+            "500",
+            "--password-hash-wait-ms",
+            "600000",
+            "--log-filter",
+            "error",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the API binary");
+    let pid = api.id();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let base = format!("http://{addr}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the API never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let logins: Vec<_> = (0..500)
+        .map(|n| {
+            let client = client.clone();
+            let url = format!("{base}/api/login/");
+            tokio::spawn(async move {
+                let response = client
+                    .post(url)
+                    .json(&json!({"username": format!("nobody{n}-{}", uuid::Uuid::new_v4()), "password": "orange tractor 42"}))
+                    .send()
+                    .await
+                    .expect("login answered");
+                let retry_after = response.headers().contains_key("retry-after");
+                (response.status().as_u16(), retry_after)
+            })
+        })
+        .collect();
+    // While they run: health probes and the process's resident memory, until all answered.
+    let mut slowest_health = Duration::ZERO;
+    let mut peak_rss_kib = 0u64;
+    while logins.iter().any(|l| !l.is_finished()) {
+        let started = Instant::now();
+        let health = client
+            .get(format!("{base}/healthz"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map(|r| r.status());
+        slowest_health = slowest_health.max(started.elapsed());
+        assert!(matches!(health, Ok(StatusCode::OK)), "{health:?}");
+        peak_rss_kib = peak_rss_kib.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for login in logins {
+        let (status, retry_after) = login.await.expect("login task");
+        *statuses.entry(status).or_default() += 1;
+        if status == 503 {
+            assert!(retry_after, "503 without Retry-After");
+        }
+    }
+    let _ = api.kill();
+    let _ = api.wait();
+    common::delete_namespace(&redis, &ns).await;
+    common::drop_database(&name).await;
+    eprintln!(
+        "logins {statuses:?}, peak RSS {peak_rss_kib} KiB, slowest /healthz {slowest_health:?}"
+    );
+    assert_eq!(
+        statuses
+            .keys()
+            .copied()
+            .filter(|s| *s != 401 && *s != 503)
+            .count(),
+        0,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains_key(&503),
+        "nothing was turned away: {statuses:?}"
+    );
+    assert!(peak_rss_kib < 256 * 1024, "peak RSS {peak_rss_kib} KiB");
+    assert!(
+        slowest_health < Duration::from_secs(1),
+        "{slowest_health:?}"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A request whose only credential is the `sessionid` cookie.
+fn with_cookie(
+    app: &common::TestApp,
+    method: Method,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    let mut request = app
+        .client
+        .request(method, app.url(path))
+        .header("cookie", format!("sessionid={token}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request
+}
+
+#[tokio::test]
+async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_effect() {
+    let app = spawn_app_with(app_with(&["--allowed-origins", "https://app.example.com"])).await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("chat id");
+    let own_origin = app.base.clone();
+    let send = format!("/api/ai/chats/{chat}/send_message/");
+    let body = json!({"content": "from elsewhere"});
+
+    for headers in [
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "null")],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![
+            ("origin", own_origin.as_str()),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    ] {
+        let refused = with_cookie(&app, Method::POST, &send, &alice.token, &headers)
+            .json(&body)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{headers:?}");
+        assert_eq!(
+            refused.json::<Value>().await.expect("json"),
+            json!({"error": "Cross-site request refused"})
+        );
+        // A body-less POST too: logout would end the session.
+        let logout = with_cookie(&app, Method::POST, "/api/logout/", &alice.token, &headers)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(logout.status(), StatusCode::FORBIDDEN, "{headers:?}");
+    }
+    let (status, messages) = app
+        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
+        .await;
+    assert_eq!(
+        (status, messages),
+        (StatusCode::OK, json!([])),
+        "nothing was stored"
+    );
+    assert_eq!(app.get("/api/me/", &alice.token).await.0, StatusCode::OK);
+
+    // The same cookie from the API's own origin, from an allowed origin, with no Origin at
+    // all (not a browser), and any origin with a bearer token: accepted.
+    for headers in [
+        vec![("origin", own_origin.as_str())],
+        vec![("origin", "https://app.example.com")],
+        vec![("sec-fetch-site", "same-origin")],
+    ] {
+        let accepted = with_cookie(&app, Method::POST, &send, &alice.token, &headers)
+            .json(&body)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(accepted.status(), StatusCode::ACCEPTED, "{headers:?}");
+    }
+    let bearer = app
+        .client
+        .post(app.url(&send))
+        .bearer_auth(&alice.token)
+        .header("origin", "https://evil.example")
+        .json(&body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(bearer.status(), StatusCode::ACCEPTED);
+    // Reading is not refused: a GET has no effect.
+    let read = with_cookie(
+        &app,
+        Method::GET,
+        "/api/me/",
+        &alice.token,
+        &[("origin", "https://evil.example")],
+    )
+    .send()
+    .await
+    .expect("answered");
+    assert_eq!(read.status(), StatusCode::OK);
+
+    // The WebSocket upgrade: refused with the cookie from another site, accepted with
+    // `?token=` (a credential the other site cannot have).
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws_path = format!("/ws/ai-chat/{chat}/");
+    let mut request = app.ws_url(&ws_path).into_client_request().expect("request");
+    request.headers_mut().insert(
+        "cookie",
+        format!("sessionid={}", alice.token)
+            .parse()
+            .expect("header"),
+    );
+    request
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::FORBIDDEN)
+        }
+        other => panic!(
+            "cross-site upgrade not refused: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    let mut request = app
+        .ws_url(&format!("{ws_path}?token={}", alice.token))
+        .into_client_request()
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    let (_socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("token upgrade");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    app.cleanup().await;
+}
