@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod error;
 pub mod extract;
 pub mod fanout;
+pub mod hardening;
 pub mod hashing;
 pub mod idempotency;
 pub mod metrics;
@@ -181,6 +182,8 @@ pub fn app_router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::from_fn(hardening::sanitize_request_id))
+        .layer(axum::middleware::from_fn(hardening::api_headers))
         .with_state(state)
 }
 

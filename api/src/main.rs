@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
             if db::users::set_staff(&pool, &username, true).await? {
                 tracing::info!(%username, "existing user is now staff");
             } else {
-                let hash = aichat_api::hashing::hash_password(&password)
+                let hash = aichat_api::hashing::hash_password(password.expose_secret())
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 db::users::insert_user(&pool, &username, &email, &hash, true).await?;
                 tracing::info!(%username, "staff user created");

@@ -32,8 +32,9 @@ pub struct Settings {
     /// sessions may read it).
     #[arg(long, env = "METRICS_TOKEN", value_parser = metrics_token)]
     pub metrics_token: Option<SecretString>,
-    /// Mark the `sessionid` cookie `Secure` (set it when served over HTTPS).
-    #[arg(long, env = "COOKIE_SECURE", action = ArgAction::Set, default_value_t = false)]
+    /// Mark the `sessionid` cookie `Secure`, so a browser sends it over HTTPS only (turn it off
+    /// only to serve plain HTTP on a developer machine; `scripts/run` does).
+    #[arg(long, env = "COOKIE_SECURE", action = ArgAction::Set, default_value_t = true)]
     pub cookie_secure: bool,
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
@@ -133,9 +134,14 @@ pub enum Command {
         username: String,
         #[arg(long, default_value = "")]
         email: String,
-        #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true)]
-        password: String,
+        #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true, value_parser = secret)]
+        password: SecretString,
     },
+}
+
+/// A value kept out of `Debug` output and logs.
+fn secret(value: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(value.to_owned()))
 }
 
 fn metrics_token(value: &str) -> Result<SecretString, String> {

@@ -69,6 +69,14 @@ pub fn in_range(errors: &mut FieldErrors, field: &str, value: i64, min: i64, max
     }
 }
 
+/// A username as it is stored and looked up: NFKC-normalized, so that look-alike spellings
+/// (full-width letters, ligatures, composed and decomposed accents) are one account, as
+/// Django's `AbstractBaseUser.normalize_username` has it.
+pub fn normalize_username(username: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    username.nfkc().collect()
+}
+
 pub fn username(errors: &mut FieldErrors, value: Option<&str>) {
     let Some(name) = required_text(errors, "username", value, 150) else {
         return;

@@ -119,7 +119,7 @@ async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
         .expect("a free port");
     let addr = format!("127.0.0.1:{port}");
     let redis = common::redis_url();
-    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+    let api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
         .args([
             "--api-addr",
             &addr,
@@ -135,8 +135,10 @@ async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
             "error",
         ])
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the API binary");
+    let api = common::KillOnDrop(api);
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // The first request it answers is this scrape (retried only while it cannot connect).
@@ -157,8 +159,7 @@ async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
             }
         }
     };
-    let _ = api.kill();
-    let _ = api.wait();
+    drop(api);
     common::delete_namespace(&redis, &ns).await;
     drop_database(&name).await;
     for (metric, kind) in [

@@ -168,7 +168,8 @@ async fn repeated_failures_lock_a_username_for_longer_each_time_until_a_login_su
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(login(&app, "alice", PASSWORD, None).await.0, StatusCode::OK);
-    assert_eq!(failed_logins(&app).await - failures_before, 4.0);
+    // Other tests of this binary share the recorder and may fail logins meanwhile.
+    assert!(failed_logins(&app).await - failures_before >= 4.0);
     app.cleanup().await;
 }
 
@@ -297,7 +298,7 @@ async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answe
         .expect("a free port");
     let addr = format!("127.0.0.1:{port}");
     let redis = common::redis_url();
-    let mut api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+    let api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
         .args([
             "--api-addr",
             &addr,
@@ -312,16 +313,16 @@ async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answe
             "--login-attempts-per-username",
             "0",
             "--password-hash-concurrency",
-            "500",
-            "--password-hash-wait-ms",
-            "600000",
+            "2",
             "--log-filter",
             "error",
         ])
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the API binary");
     let pid = api.id();
+    let api = common::KillOnDrop(api);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -373,8 +374,7 @@ async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answe
             assert!(retry_after, "503 without Retry-After");
         }
     }
-    let _ = api.kill();
-    let _ = api.wait();
+    drop(api);
     common::delete_namespace(&redis, &ns).await;
     common::drop_database(&name).await;
     eprintln!(
@@ -548,5 +548,167 @@ async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_e
         .await
         .expect("token upgrade");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn api_answers_are_not_sniffed_or_cached_and_request_ids_are_kept_only_when_plain() {
+    let app = spawn_app_with(Options::default()).await;
+    let alice = app.user("alice").await;
+    let me = app
+        .client
+        .get(app.url("/api/me/"))
+        .bearer_auth(&alice.token)
+        .header("x-request-id", "trace-1.2_3")
+        .send()
+        .await
+        .expect("answered");
+    let headers = me.headers();
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["x-request-id"], "trace-1.2_3");
+    for forged in [
+        "x".repeat(65),
+        "line\tbreak".into(),
+        "spaces are not ok".into(),
+        String::new(),
+    ] {
+        let answer = app
+            .client
+            .get(app.url("/api/me/"))
+            .bearer_auth(&alice.token)
+            .header("x-request-id", forged.as_str())
+            .send()
+            .await
+            .expect("answered");
+        let id = answer.headers()["x-request-id"].to_str().expect("ascii");
+        assert_ne!(id, forged);
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_secure_by_default_and_cleared_with_the_same_attributes() {
+    let app = spawn_app_with(Options::default()).await;
+    app.register("alice").await;
+    let login = app
+        .client
+        .post(app.url("/api/login/"))
+        .json(&json!({"username": "alice", "password": PASSWORD}))
+        .send()
+        .await
+        .expect("answered");
+    let set = login.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let token = login.json::<Value>().await.expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let attributes = |cookie: &str| {
+        let mut parts: Vec<String> = cookie
+            .split(';')
+            .skip(1)
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.starts_with("Max-Age"))
+            .collect();
+        parts.sort();
+        parts
+    };
+    assert_eq!(
+        attributes(&set),
+        ["HttpOnly", "Path=/", "SameSite=Lax", "Secure"]
+    );
+    let logout = app
+        .client
+        .post(app.url("/api/logout/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("answered");
+    let clear = logout.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        clear.starts_with("sessionid=;") && clear.contains("Max-Age=0"),
+        "{clear}"
+    );
+    assert_eq!(attributes(&clear), attributes(&set));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn usernames_are_nfkc_normalized_at_registration_and_login() {
+    let app = spawn_app_with(Options::default()).await;
+    // Full-width letters: the same account as plain "bob".
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/api/register/",
+            None,
+            Some(json!({"username": "ｂｏｂ", "password": PASSWORD, "password_confirm": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["username"], "bob");
+    let (status, body) = app.login("bob", PASSWORD).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = app.login("ｂｏｂ", PASSWORD).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, errors) = app
+        .call(
+            Method::POST,
+            "/api/register/",
+            None,
+            Some(json!({"username": "bob", "password": PASSWORD, "password_confirm": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(errors["username"].is_array(), "{errors}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_chat_has_at_most_max_chat_participants_the_creator_included() {
+    let app = spawn_app_with(app_with(&["--max-chat-participants", "3"])).await;
+    let alice = app.user("alice").await;
+    let mut others = Vec::new();
+    for name in ["bob", "carol", "dave"] {
+        others.push(app.user(name).await.id);
+    }
+    let (status, errors) = app
+        .post(
+            "/api/chats/",
+            &alice.token,
+            json!({"name": "crowd", "participant_ids": others}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        errors,
+        json!({"participant_ids": ["At most 3 participants, the creator included."]})
+    );
+    let (status, chat) = app
+        .post(
+            "/api/chats/",
+            &alice.token,
+            json!({"name": "pair", "participant_ids": &others[..2]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{chat}");
+    assert_eq!(chat["participants"].as_array().map(Vec::len), Some(3));
+    for participant in chat["participants"].as_array().expect("participants") {
+        let keys: Vec<&String> = participant.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["id", "username"], "no email, no staff flag");
+    }
+    let (_, chats) = app.get("/api/chats/", &alice.token).await;
+    assert_eq!(
+        chats.as_array().map(Vec::len),
+        Some(1),
+        "nothing stored for the refused one"
+    );
     app.cleanup().await;
 }

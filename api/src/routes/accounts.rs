@@ -30,7 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(users))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 pub struct RegisterRequest {
     #[serde(default)]
     username: Option<String>,
@@ -54,6 +54,10 @@ async fn register(
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<User>)> {
     throttle::admit(&state, Attempt::Register, address, "").await?;
+    let body = RegisterRequest {
+        username: body.username.as_deref().map(validate::normalize_username),
+        ..body
+    };
     let mut errors = FieldErrors::default();
     validate::username(&mut errors, body.username.as_deref());
     let email = body.email.unwrap_or_default();
@@ -82,7 +86,7 @@ async fn register(
     }
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 pub struct LoginRequest {
     #[serde(default)]
     username: Option<String>,
@@ -90,7 +94,28 @@ pub struct LoginRequest {
     password: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+/// Shown without its passwords.
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("username", &self.username)
+            .field("email", &self.email.as_ref().map(|_| "[redacted]"))
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shown without its password.
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct LoginResponse {
     #[serde(flatten)]
     user: User,
@@ -122,6 +147,7 @@ async fn login(
     let (Some(username), Some(password)) = (body.username, body.password) else {
         return Err(ApiError::InvalidCredentials);
     };
+    let username = validate::normalize_username(&username);
     // Before anything is looked up or hashed, and alike for known and unknown usernames.
     throttle::admit(&state, Attempt::Login, address, &username).await?;
     let credentials = db::users::find_credentials(&state.db, &username).await?;
@@ -142,15 +168,7 @@ async fn login(
     db::sessions::delete_expired_sessions(&state.db, user.id).await?;
     db::sessions::insert_session(&state.db, user.id, &token_hash, Utc::now() + ttl).await?;
 
-    let secure = if state.settings.cookie_secure {
-        "; Secure"
-    } else {
-        ""
-    };
-    let cookie = format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}{secure}",
-        ttl.num_seconds()
-    );
+    let cookie = session_cookie(&state, &token, ttl.num_seconds());
     let mut headers = HeaderMap::new();
     headers.insert(
         SET_COOKIE,
@@ -171,7 +189,7 @@ pub struct MessageResponse {
 async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
     db::sessions::delete_session(&state.db, &auth.token_hash).await?;
     state.sessions.revoke(&auth.token_hash);
-    let clear = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Lax; Path=/; Max-Age=0");
+    let clear = session_cookie(&state, "", 0);
     let mut headers = HeaderMap::new();
     headers.insert(
         SET_COOKIE,
@@ -183,6 +201,17 @@ async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl
             message: "Logged out successfully".into(),
         }),
     ))
+}
+
+/// The `sessionid` cookie carrying `token` for `max_age` seconds; the one that clears it has
+/// the same attributes, so a browser replaces rather than keeps the first.
+fn session_cookie(state: &AppState, token: &str, max_age: i64) -> String {
+    let secure = if state.settings.cookie_secure {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={max_age}{secure}")
 }
 
 /// The logged-in user.

@@ -57,7 +57,7 @@ async fn create_chat(
     let usernames = body.participant_usernames.unwrap_or_default();
     let max = usize::try_from(state.settings.max_chat_participants).unwrap_or(usize::MAX);
     let too_many = format!("At most {max} participants, the creator included.");
-    if ids.len() >= max || usernames.len() >= max {
+    if ids.len() > max || usernames.len() > max {
         errors.add("participant_ids", too_many.clone());
     }
     for username in &usernames {

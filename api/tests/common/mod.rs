@@ -56,6 +56,17 @@ pub async fn delete_namespace(redis_url: &str, ns: &str) {
     }
 }
 
+/// A child process (an API binary a test started) killed and reaped when dropped, also when
+/// the test panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The settings of the login and registration windows.
 pub const AUTH_WINDOWS: [&str; 3] = [
     "--registrations-per-address",

@@ -1,0 +1,42 @@
+//! Response and request hygiene that applies to every route: what `/api/` answers may not be
+//! sniffed or cached, and which request ids from a client are kept.
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::http::header::{CACHE_CONTROL, X_CONTENT_TYPE_OPTIONS};
+use axum::middleware::Next;
+use axum::response::Response;
+
+/// `X-Content-Type-Options: nosniff` and `Cache-Control: no-store` on every `/api/` answer:
+/// they carry a user's own data, which no shared cache should keep and no browser should read
+/// as anything but JSON.
+pub async fn api_headers(req: Request, next: Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    let mut response = next.run(req).await;
+    if api {
+        let headers = response.headers_mut();
+        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// Longest request id kept from a client.
+const MAX_REQUEST_ID: usize = 64;
+
+/// Drops a client's `X-Request-Id` unless it is at most 64 characters of `[A-Za-z0-9._-]`, so
+/// that the id set in its place (a UUID) is what reaches logs, jobs and the answer: a client
+/// cannot write arbitrary text into them.
+pub async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
+    let acceptable = req.headers().get("x-request-id").is_none_or(|value| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    });
+    if !acceptable {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
+}
