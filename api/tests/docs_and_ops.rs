@@ -111,57 +111,17 @@ async fn migrations_run_twice_on_the_same_database() {
 #[tokio::test]
 async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
     const SCRAPER: &str = "scraper-token-0123456789";
-    let (url, name) = fresh_database().await;
-    let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let addr = format!("127.0.0.1:{port}");
-    let redis = common::redis_url();
-    let api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
-        .args([
-            "--api-addr",
-            &addr,
-            "--database-url",
-            &url,
-            "--redis-url",
-            &redis,
-            "--aichat-namespace",
-            &ns,
-            "--metrics-token",
-            SCRAPER,
-            "--log-filter",
-            "error",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the API binary");
-    let api = common::KillOnDrop(api);
-    let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    // The first request it answers is this scrape (retried only while it cannot connect).
-    let text = loop {
-        match client
-            .get(format!("http://{addr}/metrics"))
-            .bearer_auth(SCRAPER)
-            .send()
-            .await
-        {
-            Ok(resp) => break resp.text().await.expect("metrics text"),
-            Err(err) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the API never listened: {err}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    };
-    drop(api);
-    common::delete_namespace(&redis, &ns).await;
-    drop_database(&name).await;
+    let api = common::spawn_api_binary(&["--metrics-token", SCRAPER]).await;
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", api.base))
+        .bearer_auth(SCRAPER)
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    api.cleanup().await;
     for (metric, kind) in [
         ("http_requests_total", "counter"),
         ("http_request_duration_seconds", "histogram"),

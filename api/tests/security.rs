@@ -290,49 +290,20 @@ async fn passwords_are_checked_as_djangos_default_validators_check_them() {
 /// `Retry-After`; the process stays under 256 MiB and `/healthz` keeps answering within 1 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answering() {
-    let (url, name) = common::fresh_database().await;
-    let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let addr = format!("127.0.0.1:{port}");
-    let redis = common::redis_url();
-    let api = std::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
-        .args([
-            "--api-addr",
-            &addr,
-            "--database-url",
-            &url,
-            "--redis-url",
-            &redis,
-            "--aichat-namespace",
-            &ns,
-            "--login-attempts-per-address",
-            "0",
-            "--login-attempts-per-username",
-            "0",
-            "--password-hash-concurrency",
-            "2",
-            "--log-filter",
-            "error",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the API binary");
-    let pid = api.id();
-    let api = common::KillOnDrop(api);
+    let api = common::spawn_api_binary(&[
+        "--login-attempts-per-address",
+        "0",
+        "--login-attempts-per-username",
+        "0",
+        "--password-hash-concurrency",
+        "2",
+    ])
+    .await;
+    let (base, pid) = (api.base.clone(), api.pid);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    let base = format!("http://{addr}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "the API never listened");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let logins: Vec<_> = (0..500)
         .map(|n| {
@@ -374,9 +345,7 @@ async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answe
             assert!(retry_after, "503 without Retry-After");
         }
     }
-    drop(api);
-    common::delete_namespace(&redis, &ns).await;
-    common::drop_database(&name).await;
+    api.cleanup().await;
     eprintln!(
         "logins {statuses:?}, peak RSS {peak_rss_kib} KiB, slowest /healthz {slowest_health:?}"
     );

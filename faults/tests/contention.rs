@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::FakeConfig;
-use aichat_faults::{Client, Env, HEAVY, User, eventually, pg_base, report};
+use aichat_faults::{Api, Client, Env, HEAVY, InProcessWorker, User, eventually, pg_base, report};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -144,9 +144,20 @@ async fn deadlocks(database: &str) -> i64 {
         .expect("read pg_stat_database")
 }
 
-/// Deadlocks counted in `database` once nothing is connected to it any more (every backend
-/// reports its counts when it exits).
-async fn deadlocks_after_disconnect(database: &str) -> i64 {
+/// Stops the scenario's APIs and workers, closes every pool to the test database, and answers
+/// the deadlocks PostgreSQL counted in it once nothing is connected any more (a backend reports
+/// its counts when it exits).
+async fn stop_and_count_deadlocks(env: &Env, apis: Vec<Api>, workers: Vec<InProcessWorker>) -> i64 {
+    for api in apis {
+        let db = api.state.db.clone();
+        api.stop().await;
+        db.close().await;
+    }
+    for worker in workers {
+        worker.stop().await;
+    }
+    env.pool.close().await;
+    let database = env.db.name.as_str();
     eventually(
         Duration::from_secs(30),
         "every connection to the test database closed",
@@ -200,12 +211,7 @@ async fn sixty_four_clients_waiting_on_one_chat_get_no_5xx_and_one_reply_each() 
     let load = closed_loop(senders, Duration::from_secs(20), usize::MAX, "?wait=true").await;
 
     let audit = env.settled(Duration::from_secs(60)).await;
-    let api_db = api.state.db.clone();
-    api.stop().await;
-    api_db.close().await;
-    worker.stop().await;
-    env.pool.close().await;
-    let after = deadlocks_after_disconnect(&env.db.name).await;
+    let after = stop_and_count_deadlocks(&env, vec![api], vec![worker]).await;
     report(
         "contention_one_chat",
         &[
@@ -275,12 +281,7 @@ async fn sends_into_eight_chats_while_a_worker_drains_at_concurrency_500_get_no_
     let load = closed_loop(senders, Duration::from_secs(10), 32, "").await;
 
     let audit = env.settled(Duration::from_secs(120)).await;
-    let api_db = api.state.db.clone();
-    api.stop().await;
-    api_db.close().await;
-    worker.stop().await;
-    env.pool.close().await;
-    let after = deadlocks_after_disconnect(&env.db.name).await;
+    let after = stop_and_count_deadlocks(&env, vec![api], vec![worker]).await;
     report(
         "contention_draining_worker",
         &[
@@ -382,18 +383,7 @@ async fn two_apis_and_two_workers_with_256_clients_staff_reads_and_sweeps_get_no
     }
 
     let audit = env.settled(Duration::from_secs(60)).await;
-    let [first, second] = apis;
-    let dbs = [first.state.db.clone(), second.state.db.clone()];
-    first.stop().await;
-    second.stop().await;
-    for db in dbs {
-        db.close().await;
-    }
-    for worker in workers {
-        worker.stop().await;
-    }
-    env.pool.close().await;
-    let after = deadlocks_after_disconnect(&env.db.name).await;
+    let after = stop_and_count_deadlocks(&env, apis.into(), workers.into()).await;
     report(
         "contention_two_apis_two_workers",
         &[

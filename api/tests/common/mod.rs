@@ -67,6 +67,79 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The `aichat-api` binary itself, on a free port against a fresh database and namespace of
+/// its own, for what only a separate process shows (its own metrics recorder, its memory).
+pub struct ApiProcess {
+    pub base: String,
+    pub pid: u32,
+    child: Option<KillOnDrop>,
+    db_name: String,
+    ns: String,
+}
+
+/// Starts the binary with `extra` flags and waits until it listens (at most 30 s).
+pub async fn spawn_api_binary(extra: &[&str]) -> ApiProcess {
+    let (url, db_name) = fresh_database().await;
+    let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let addr = format!("127.0.0.1:{port}");
+    let redis = redis_url();
+    let child = Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+        .args([
+            "--api-addr",
+            &addr,
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis,
+            "--aichat-namespace",
+            &ns,
+            "--log-filter",
+            "error",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the API binary");
+    let pid = child.id();
+    let process = ApiProcess {
+        base: format!("http://{addr}"),
+        pid,
+        child: Some(KillOnDrop(child)),
+        db_name,
+        ns,
+    };
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Polled only while nothing listens yet: the first answered request is the test's.
+    while client
+        .get(format!("{}/healthz", process.base))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    process
+}
+
+impl ApiProcess {
+    /// Stops the process and removes its database and namespace.
+    pub async fn cleanup(mut self) {
+        drop(self.child.take());
+        delete_namespace(&redis_url(), &self.ns).await;
+        drop_database(&self.db_name).await;
+    }
+}
+
 /// The settings of the login and registration windows.
 pub const AUTH_WINDOWS: [&str; 3] = [
     "--registrations-per-address",
