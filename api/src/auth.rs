@@ -29,20 +29,26 @@ pub fn hash_token(token: &str) -> Vec<u8> {
 
 /// The session token of a request: `Authorization: Bearer`, else the `sessionid` cookie.
 pub fn request_token(parts: &Parts) -> Option<String> {
-    if let Some(value) = parts
-        .headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let mut words = value.split_whitespace();
-        if let (Some(scheme), Some(token)) = (words.next(), words.next())
-            && (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
+    bearer_token(&parts.headers).or_else(|| cookie_token(&parts.headers))
+}
+
+/// The token of an `Authorization: Bearer` (or `Token`) header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok())?;
+    let mut words = value.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(scheme), Some(token))
+            if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") =>
         {
-            return Some(token.to_owned());
+            Some(token.to_owned())
         }
+        _ => None,
     }
-    parts
-        .headers
+}
+
+/// The `sessionid` cookie's token.
+pub fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())

@@ -84,19 +84,20 @@ impl Hashing {
     ) -> ApiResult<T> {
         let permit = self.permit().await?;
         let (done, result) = oneshot::channel();
+        // The job holds the permit until its work is done, also when the request that queued
+        // it is gone: at most `permits` jobs are ever queued or running, and the queue holds
+        // that many, so it is never full here.
         let job: Job = Box::new(move || {
-            let _ = done.send(work());
+            let value = work();
+            drop(permit);
+            let _ = done.send(value);
         });
-        // At most `permits` jobs are ever queued or running (each holds a permit), and the
-        // queue holds that many: it is never full here.
         if self.jobs.try_send(job).is_err() {
             return Err(ApiError::Unavailable(BUSY));
         }
-        let value = result.await.map_err(|_| {
-            ApiError::Internal(anyhow::anyhow!("a password-hashing thread is gone"))
-        })?;
-        drop(permit);
-        Ok(value)
+        result
+            .await
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("a password-hashing thread is gone")))
     }
 
     /// Hashes a new password.

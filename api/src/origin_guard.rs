@@ -5,12 +5,12 @@
 //! `Authorization` or `?token=` carries a credential no other page can make a browser send, and
 //! passes as it is.
 use axum::extract::{Request, State};
-use axum::http::header::{AUTHORIZATION, HOST, ORIGIN, UPGRADE};
+use axum::http::header::{HOST, ORIGIN, UPGRADE};
 use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::SESSION_COOKIE;
+use crate::auth;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -31,7 +31,7 @@ pub async fn refuse_cross_site(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if (unsafe_method || upgrade)
-        && cookie_is_the_credential(&req)
+        && cookie_is_the_credential(&req, upgrade)
         && from_another_site(req.headers(), &state.settings.allowed_origins)
     {
         return ApiError::CrossSite.into_response();
@@ -39,25 +39,24 @@ pub async fn refuse_cross_site(
     next.run(req).await
 }
 
-fn cookie_is_the_credential(req: &Request) -> bool {
+/// Whether the request will be authenticated by the `sessionid` cookie: it carries one, and
+/// no credential that is used before it (`Authorization: Bearer`, which `auth::request_token`
+/// prefers; on a socket upgrade also `?token=`, which the WebSocket route prefers). Any other
+/// `Authorization` header or a `?token=` on another route does not count: the cookie would
+/// still be what authenticates.
+fn cookie_is_the_credential(req: &Request, upgrade: bool) -> bool {
     let headers = req.headers();
-    if headers.contains_key(AUTHORIZATION) {
+    if auth::bearer_token(headers).is_some() {
         return false;
     }
     let token_in_query = req
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("token=")));
-    if token_in_query {
+    if upgrade && token_in_query {
         return false;
     }
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .any(|(name, _)| name == SESSION_COOKIE)
+    auth::cookie_token(headers).is_some()
 }
 
 /// `Sec-Fetch-Site: cross-site`, or an `Origin` that is neither the request's own (its host

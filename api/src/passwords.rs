@@ -61,6 +61,13 @@ fn too_similar(password: &str, attribute: &str) -> bool {
     }
     let password: Vec<char> = password.to_lowercase().chars().collect();
     let attribute: Vec<char> = attribute.to_lowercase().chars().collect();
+    // Django's `exceeds_maximum_length_ratio` (its fix for CVE-2021-45115): a password ten
+    // times longer than the attribute cannot reach the threshold, and comparing it would cost
+    // length × length work on every registration.
+    let (p, a) = (password.len() as f64, attribute.len() as f64);
+    if p >= 10.0 * a && a < MAX_SIMILARITY / 2.0 * p {
+        return false;
+    }
     similarity(&password, &attribute) >= MAX_SIMILARITY
 }
 

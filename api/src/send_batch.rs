@@ -202,7 +202,9 @@ impl Writer {
             Ok(stored) => return stored.into_iter().map(Ok).collect(),
             Err(err) => err,
         };
-        if messages.len() == 1 || err.is_unavailable() {
+        // Only a statement PostgreSQL refused was rolled back; after any other failure the
+        // batch may be stored, and storing it message by message would store it twice.
+        if messages.len() == 1 || !err.is_refused_by_database() {
             tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
             return messages
                 .iter()

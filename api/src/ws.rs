@@ -19,7 +19,7 @@ use aichat_shared::db;
 use aichat_shared::domain::{AiMessage, ContextOptions, User, role};
 use aichat_shared::events::{ChatEvent, EventMessage};
 
-use crate::auth::{request_token, user_for_token};
+use crate::auth::{bearer_token, cookie_token, user_for_token};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, NOT_AN_OBJECT, RequestId, is_json_object};
@@ -43,14 +43,20 @@ struct WsQuery {
     after_id: Option<i64>,
 }
 
-/// The request's session token: header or cookie, else `?token=`.
-struct WsToken(Option<String>);
+/// The request's session tokens: the `Authorization` header's and the cookie's.
+struct WsToken {
+    bearer: Option<String>,
+    cookie: Option<String>,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for WsToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(WsToken(request_token(parts)))
+        Ok(WsToken {
+            bearer: bearer_token(&parts.headers),
+            cookie: cookie_token(&parts.headers),
+        })
     }
 }
 
@@ -64,13 +70,18 @@ impl<S: Send + Sync> FromRequestParts<S> for WsToken {
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
 async fn upgrade(
     State(state): State<AppState>,
-    WsToken(token): WsToken,
+    WsToken { bearer, cookie }: WsToken,
     RequestId(request_id): RequestId,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(query): ApiQuery<WsQuery>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    let token = token.or(query.token).ok_or(ApiError::Unauthenticated)?;
+    // A credential the client named wins over the cookie its browser attaches anyway (the
+    // cross-site check in `origin_guard` relies on this order).
+    let token = bearer
+        .or(query.token)
+        .or(cookie)
+        .ok_or(ApiError::Unauthenticated)?;
     let user = user_for_token(&state, &token)
         .await?
         .ok_or(ApiError::Unauthenticated)?;

@@ -470,6 +470,32 @@ async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_e
         .await
         .expect("answered");
     assert_eq!(bearer.status(), StatusCode::ACCEPTED);
+    // A credential that is not the one used does not make the cookie acceptable: another
+    // `Authorization` scheme, or `?token=` on a route that reads no `?token=`.
+    for (path, headers) in [
+        (
+            "/api/logout/",
+            vec![
+                ("origin", "https://evil.example"),
+                ("authorization", "Basic eDp5"),
+            ],
+        ),
+        (
+            "/api/logout/?token=anything",
+            vec![("origin", "https://evil.example")],
+        ),
+    ] {
+        let refused = with_cookie(&app, Method::POST, path, &alice.token, &headers)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(
+            refused.status(),
+            StatusCode::FORBIDDEN,
+            "{path} {headers:?}"
+        );
+    }
+    assert_eq!(app.get("/api/me/", &alice.token).await.0, StatusCode::OK);
     // Reading is not refused: a GET has no effect.
     let read = with_cookie(
         &app,
@@ -503,6 +529,29 @@ async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_e
         }
         other => panic!(
             "cross-site upgrade not refused: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    // A bogus `?token=` beside the victim's cookie is what the socket authenticates with.
+    let mut request = app
+        .ws_url(&format!("{ws_path}?token=bogus"))
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "cookie",
+        format!("sessionid={}", alice.token)
+            .parse()
+            .expect("header"),
+    );
+    request
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!(
+            "the cookie authenticated a cross-site socket: {:?}",
             other.map(|(_, r)| r.status())
         ),
     }

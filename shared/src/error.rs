@@ -22,6 +22,13 @@ impl Error {
         }
     }
 
+    /// True when PostgreSQL refused the statement (it answered with an error, so an
+    /// autocommitted statement was rolled back), as opposed to a failure after it ran (a row
+    /// that did not decode, a lost connection) where it may have committed.
+    pub fn is_refused_by_database(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::Database(_)))
+    }
+
     /// True when PostgreSQL aborted the statement so that another could go on, and asks for it
     /// to be run again: a deadlock (`40P01`) or a serialization failure (`40001`).
     pub fn is_conflict(&self) -> bool {

@@ -80,7 +80,7 @@ pub fn describe(default_model: &str) {
     );
     describe_counter!(
         "aichat_worker_db_retries_total",
-        "Database writes tried again while PostgreSQL could not be reached"
+        "Reply saves and failure marks tried again while PostgreSQL could not be reached or aborted them for a conflict"
     );
     describe_counter!(
         "aichat_worker_swept_messages_total",

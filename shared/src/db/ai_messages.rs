@@ -140,13 +140,19 @@ pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result
 }
 
 /// Removes messages whose jobs could not be queued, so no message waits for a reply that
-/// nothing will produce. Their rows are locked in id order first (`db/mod.rs`).
+/// nothing will produce. Their chats, then their rows, are locked in id order first
+/// (`db/mod.rs`), as a chat's deletion (chat, then its messages) would take them.
 #[tracing::instrument(skip(db))]
 pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
     sqlx::query(
-        r#"with doomed as materialized (
-               select id from ai_messages where id = any($1) and dispatched_at is null
-               order by id for update
+        r#"with chats as materialized (
+               select a.id from ai_chats a
+               where a.id in (select ai_chat_id from ai_messages where id = any($1))
+               order by a.id for key share
+           ), doomed as materialized (
+               select m.id from ai_messages m join chats c on c.id = m.ai_chat_id
+               where m.id = any($1) and m.dispatched_at is null
+               order by m.id for update of m
            )
            delete from ai_messages m using doomed where m.id = doomed.id"#,
     )
