@@ -1,9 +1,9 @@
 //! Cross-site use of the session cookie is refused. A browser attaches the `sessionid` cookie
 //! to requests any page makes (`SameSite=Lax` still lets a sibling site's forms and sockets
-//! through), so an unsafe request or a WebSocket upgrade whose only credential is that cookie
-//! must come from this origin or one the operator allows (`ALLOWED_ORIGINS`). A request with
-//! `Authorization` or `?token=` carries a credential no other page can make a browser send, and
-//! passes as it is.
+//! through), so an unsafe request or a WebSocket upgrade that the cookie will authenticate must
+//! come from this origin or one the operator allows (`ALLOWED_ORIGINS`). A request that a
+//! bearer token (or, on the socket, `?token=`) authenticates carries a credential no other
+//! page can make a browser send, and passes as it is.
 use axum::extract::{Request, State};
 use axum::http::header::{HOST, ORIGIN, UPGRADE};
 use axum::http::{HeaderMap, Method};

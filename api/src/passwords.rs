@@ -33,9 +33,10 @@ pub fn problems(password: &str, username: &str, email: &str) -> Vec<&'static str
         problems.push("This password is too long.");
         return problems;
     }
-    if too_similar(password, username) {
+    let lowered: Vec<char> = password.to_lowercase().chars().collect();
+    if too_similar(&lowered, username) {
         problems.push("The password is too similar to the username.");
-    } else if email_parts(email).any(|part| too_similar(password, part)) {
+    } else if email_parts(email).any(|part| too_similar(&lowered, part)) {
         problems.push("The password is too similar to the email address.");
     }
     if COMMON.contains(password.trim().to_lowercase().as_str()) {
@@ -55,11 +56,11 @@ fn email_parts(email: &str) -> impl Iterator<Item = &str> {
         .filter(|part| !part.is_empty())
 }
 
-fn too_similar(password: &str, attribute: &str) -> bool {
+/// Whether `password` (lower case, as characters) is too like `attribute`.
+fn too_similar(password: &[char], attribute: &str) -> bool {
     if attribute.is_empty() {
         return false;
     }
-    let password: Vec<char> = password.to_lowercase().chars().collect();
     let attribute: Vec<char> = attribute.to_lowercase().chars().collect();
     // Django's `exceeds_maximum_length_ratio` (its fix for CVE-2021-45115): a password ten
     // times longer than the attribute cannot reach the threshold, and comparing it would cost
@@ -68,7 +69,7 @@ fn too_similar(password: &str, attribute: &str) -> bool {
     if p >= 10.0 * a && a < MAX_SIMILARITY / 2.0 * p {
         return false;
     }
-    similarity(&password, &attribute) >= MAX_SIMILARITY
+    similarity(password, &attribute) >= MAX_SIMILARITY
 }
 
 /// Python's `difflib.SequenceMatcher(a, b).ratio()`: twice the characters of the matching

@@ -24,8 +24,13 @@ impl Backoff {
 
     /// The wait after `failures` failures: uniform in `[0, ceiling]`.
     pub fn delay(&self, failures: u32) -> Duration {
+        self.delay_with(failures, &mut rand::rng())
+    }
+
+    /// [`Backoff::delay`] drawn from `rng` (a seeded one in tests).
+    pub fn delay_with(&self, failures: u32, rng: &mut impl Rng) -> Duration {
         let ceiling_us = u64::try_from(self.ceiling(failures).as_micros()).unwrap_or(u64::MAX);
-        Duration::from_micros(rand::rng().random_range(0..=ceiling_us))
+        Duration::from_micros(rng.random_range(0..=ceiling_us))
     }
 }
 

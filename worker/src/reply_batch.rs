@@ -87,10 +87,9 @@ async fn write_batches(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, db: PgPool) {
                     let _ = pending.answer.send(Ok(saved));
                 }
             }
-            // A refused statement may be one reply's fault: each is tried alone, so the
-            // others are not held back by it.
-            // Only a statement PostgreSQL refused was rolled back (after any other failure the
-            // replies may be saved; the job's own loop then finds them).
+            // A statement PostgreSQL refused may be one reply's fault: each is tried alone, so
+            // the others are not held back by it. Only such a statement was rolled back; after
+            // any other failure the replies may be saved, and the job's own loop finds them.
             Err(err) if batch.len() > 1 && err.is_refused_by_database() => {
                 tracing::warn!(error = %err, replies = batch.len(), "a batch of replies was refused; saving them one by one");
                 for pending in batch {

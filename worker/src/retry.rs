@@ -2,6 +2,7 @@
 //! provider's `Retry-After` (seconds or an HTTP date).
 use std::time::Duration;
 
+use aichat_shared::backoff::Backoff;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 
@@ -20,13 +21,7 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Full jitter: uniform in `[0, min(max, base × 2^(failures-1))]`.
     pub fn backoff(&self, failures: u32, rng: &mut impl Rng) -> Duration {
-        let doubling = 1u32 << failures.saturating_sub(1).min(20);
-        let ceiling = self
-            .backoff_base
-            .saturating_mul(doubling)
-            .min(self.backoff_max);
-        let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(rng.random_range(0..=ceiling_ms))
+        Backoff::new(self.backoff_base, self.backoff_max).delay_with(failures, rng)
     }
 
     /// The wait before the next attempt: the backoff, but never shorter than `Retry-After`.
