@@ -509,64 +509,37 @@ async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_e
     .expect("answered");
     assert_eq!(read.status(), StatusCode::OK);
 
-    // The WebSocket upgrade: refused with the cookie from another site, accepted with
-    // `?token=` (a credential the other site cannot have).
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    // The WebSocket upgrade: refused with the cookie from another site; a bogus `?token=`
+    // beside the victim's cookie is what the socket authenticates with; the right `?token=`
+    // (a credential the other site cannot have) is accepted.
     let ws_path = format!("/ws/ai-chat/{chat}/");
-    let mut request = app.ws_url(&ws_path).into_client_request().expect("request");
-    request.headers_mut().insert(
-        "cookie",
-        format!("sessionid={}", alice.token)
-            .parse()
-            .expect("header"),
-    );
-    request
-        .headers_mut()
-        .insert("origin", "https://evil.example".parse().expect("header"));
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), StatusCode::FORBIDDEN)
-        }
-        other => panic!(
-            "cross-site upgrade not refused: {:?}",
-            other.map(|(_, r)| r.status())
-        ),
-    }
-    // A bogus `?token=` beside the victim's cookie is what the socket authenticates with.
-    let mut request = app
-        .ws_url(&format!("{ws_path}?token=bogus"))
-        .into_client_request()
-        .expect("request");
-    request.headers_mut().insert(
-        "cookie",
-        format!("sessionid={}", alice.token)
-            .parse()
-            .expect("header"),
-    );
-    request
-        .headers_mut()
-        .insert("origin", "https://evil.example".parse().expect("header"));
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), StatusCode::UNAUTHORIZED)
-        }
-        other => panic!(
-            "the cookie authenticated a cross-site socket: {:?}",
-            other.map(|(_, r)| r.status())
-        ),
-    }
-    let mut request = app
-        .ws_url(&format!("{ws_path}?token={}", alice.token))
-        .into_client_request()
-        .expect("request");
-    request
-        .headers_mut()
-        .insert("origin", "https://evil.example".parse().expect("header"));
-    let (_socket, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("token upgrade");
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let cookie = Some(alice.token.as_str());
+    assert_eq!(cross_site_upgrade(&app, &ws_path, cookie).await, 403);
+    let bogus = format!("{ws_path}?token=bogus");
+    assert_eq!(cross_site_upgrade(&app, &bogus, cookie).await, 401);
+    let right = format!("{ws_path}?token={}", alice.token);
+    assert_eq!(cross_site_upgrade(&app, &right, None).await, 101);
     app.cleanup().await;
+}
+
+/// The status a WebSocket upgrade of `path` from `https://evil.example` gets, with `cookie` as
+/// the `sessionid` cookie when given.
+async fn cross_site_upgrade(app: &common::TestApp, path: &str, cookie: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = app.ws_url(path).into_client_request().expect("request");
+    let headers = request.headers_mut();
+    headers.insert("origin", "https://evil.example".parse().expect("header"));
+    if let Some(token) = cookie {
+        headers.insert(
+            "cookie",
+            format!("sessionid={token}").parse().expect("header"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_socket, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(err) => panic!("{path}: {err}"),
+    }
 }
 
 #[tokio::test]
