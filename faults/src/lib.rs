@@ -514,6 +514,17 @@ impl Env {
     /// Starts `binary` (pass `env!("CARGO_BIN_EXE_faults-worker")`) as a worker of this test.
     /// Its log is shown only when `TEST_LOG` is set (as its filter).
     pub fn worker_process(&self, binary: &str, extra: &[&str]) -> WorkerProcess {
+        self.worker_process_env(binary, extra, &[])
+    }
+
+    /// [`Env::worker_process`] with more environment variables (the fault binary's switches,
+    /// such as `FAULTS_DIE_AFTER_SAVE`).
+    pub fn worker_process_env(
+        &self,
+        binary: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> WorkerProcess {
         let port = free_port();
         let metrics_addr = format!("127.0.0.1:{port}");
         let test_log = std::env::var("TEST_LOG").ok();
@@ -528,6 +539,7 @@ impl Env {
         let args = self.worker_args(&flags);
         let child = tokio::process::Command::new(binary)
             .args(&args[1..])
+            .envs(vars.iter().copied())
             .stdout(if test_log.is_some() {
                 Stdio::inherit()
             } else {

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use aichat_fake_llm::{FakeConfig, Outcome};
 use aichat_faults::{
-    Client, Env, EventCounter, HEAVY, epoch_now, quantile, report, wait_worker_ready,
+    Client, Env, EventCounter, HEAVY, WsCollector, epoch_now, quantile, report, wait_worker_ready,
+    worker_metric, ws_connect,
 };
 use futures::StreamExt;
 use rand::Rng;
@@ -134,15 +135,80 @@ async fn sigkilled_workers_lose_and_duplicate_no_message() {
             ),
         ],
     );
-    // A kill between saving a reply and announcing it would lose the event (never a
-    // duplicate); clients catch up with `?after_id=`. With 2 kills that window is tiny.
-    assert!(unannounced.len() <= 2, "unannounced: {unannounced:?}");
+    // A reply saved by a worker killed before it announced it is announced by the run that
+    // takes the job over.
+    assert!(unannounced.is_empty(), "unannounced: {unannounced:?}");
     for worker in &workers {
         worker.sigkill();
     }
     for worker in &mut workers {
         worker.wait(Duration::from_secs(10)).await;
     }
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// A worker dies right after committing a reply, before publishing it (the fault binary aborts
+/// there). A socket open throughout still gets that reply's `assistant_message`, exactly once:
+/// the run that takes the job over finds the message answered and the announcement pending.
+/// No announcement marker is left in Redis afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_saved_by_a_worker_that_died_before_announcing_it_is_announced_once() {
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(FakeConfig::default()).await;
+    let api = env.api(&["--send-rate-per-minute", "0"]).await;
+    let client = Client::new(&api);
+    let alice = client.user("alice").await;
+    let chat = client.ai_chat(&alice, "one").await;
+    let socket = WsCollector::start(ws_connect(&api, chat, &alice.token).await);
+
+    let mut dying = env.worker_process_env(WORKER, &[], &[("FAULTS_DIE_AFTER_SAVE", "1")]);
+    wait_worker_ready(dying.port, Duration::from_secs(30)).await;
+    let first = client.send_ok(&alice, chat, "first").await;
+    let status = dying
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("the worker dies after saving its first reply");
+    assert!(!status.success(), "{status:?}");
+    let audit = env.audit().await;
+    assert_eq!(audit.not_answered_once(&[first]), Vec::<i64>::new());
+    assert_eq!(
+        socket.replies().get(&first),
+        None,
+        "announced before the death"
+    );
+
+    let mut healthy = env.worker_process(WORKER, &[]);
+    wait_worker_ready(healthy.port, Duration::from_secs(30)).await;
+    socket
+        .wait_for(Duration::from_secs(30), "the saved reply announced", |e| {
+            e["type"] == "assistant_message" && e["message"]["reply_to"] == first
+        })
+        .await;
+    // Events of one chat arrive in order: once a later reply is in, any second announcement
+    // of the first would be too.
+    let second = client.send_ok(&alice, chat, "second").await;
+    socket
+        .wait_for(Duration::from_secs(30), "the next reply announced", |e| {
+            e["type"] == "assistant_message" && e["message"]["reply_to"] == second
+        })
+        .await;
+    let replies = socket.replies();
+    assert_eq!(replies.get(&first), Some(&1), "{:?}", socket.events());
+    assert_eq!(replies.get(&second), Some(&1), "{:?}", socket.events());
+    assert_eq!(
+        worker_metric(healthy.port, "aichat_worker_late_announcements_total").await,
+        1.0
+    );
+    let mut redis = env.redis().await;
+    let markers: Vec<String> =
+        redis::AsyncCommands::keys(&mut redis, format!("{}:announce:*", env.ns))
+            .await
+            .expect("keys");
+    assert_eq!(markers, Vec::<String>::new());
+
+    healthy.sigkill();
+    healthy.wait(Duration::from_secs(10)).await;
     api.stop().await;
     env.cleanup().await;
 }

@@ -23,6 +23,12 @@ impl Namespace {
         format!("{}:chat:{ai_chat_id}", self.0)
     }
 
+    /// Present while a run of a user message's completion job has an outcome to announce
+    /// (`announce.rs`).
+    pub fn pending_announcement(&self, message_id: i64) -> String {
+        format!("{}:announce:{message_id}", self.0)
+    }
+
     /// An `Idempotency-Key` a user sent (hashed by the caller, so its length is bounded).
     pub fn idempotency(&self, user_id: i64, key_hash: &str) -> String {
         format!("{}:idem:{user_id}:{key_hash}", self.0)

@@ -1,5 +1,6 @@
 //! Everything the API and the worker share: settings, domain types, database access,
 //! job and event types, Redis naming and telemetry.
+pub mod announce;
 pub mod backoff;
 pub mod batch;
 pub mod budget;

@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use aichat_shared::announce::{self, Claim};
 use aichat_shared::db;
 use aichat_shared::db::completions::{CompletionSubject, NewReply};
 use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
@@ -59,6 +60,15 @@ pub struct JobContext {
     /// How long a finished reply (or failure) keeps trying to reach the database before the
     /// job is handed back to the queue.
     pub save_retry_for: Duration,
+    pub hooks: Hooks,
+}
+
+/// Points where the fault suite's worker binary makes the process fail on purpose; none is
+/// set in `aichat-worker`.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Runs right after this run's reply is committed, before anything is announced.
+    pub after_save: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// How a run ended, for logs.
@@ -167,18 +177,28 @@ async fn answer(
 }
 
 async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
+    // Claimed before the message is read, so a run that finds it answered knows whether that
+    // answer was announced (`announce.rs`).
+    let claim = announce::claim(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
     let Some(subject) = db::completions::find_completion_subject(&ctx.db, job.message_id)
         .await
         .context("loading the user message")?
     else {
+        announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
         metrics::job_skipped("message_gone");
         return Ok(Done::MessageGone);
     };
     if subject.answered {
         metrics::job_skipped("already_answered");
+        if claim == Claim::Inherited {
+            announce_stored_reply(ctx, claim, &subject).await?;
+        } else {
+            announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
+        }
         return Ok(Done::AlreadyAnswered);
     }
     if subject.ai_chat_id != job.ai_chat_id {
+        announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
         return Err(JobError::Abort(format!(
             "message {} belongs to AI chat {}, not {}",
             subject.message_id, subject.ai_chat_id, job.ai_chat_id
@@ -220,6 +240,7 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             save_and_announce(
                 ctx,
                 job,
+                claim,
                 &subject,
                 &request.model,
                 question_tokens,
@@ -228,11 +249,12 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             .await
         }
         Err(err @ CompletionError::Failed { .. }) => {
-            if record_failure(ctx, job, &subject, &err).await? {
+            if record_failure(ctx, job, claim, &subject, &err).await? {
                 metrics::job_failed("model");
                 Ok(Done::Failed)
             } else {
                 // Answered by another run meanwhile (or deleted): nothing is lost.
+                announce_stored_reply(ctx, claim, &subject).await?;
                 Ok(Done::AlreadyAnswered)
             }
         }
@@ -325,6 +347,7 @@ async fn settle_budget(ctx: &JobContext, job: &CompletionJob, used: Option<i64>)
 async fn save_and_announce(
     ctx: &JobContext,
     job: &CompletionJob,
+    claim: Claim,
     subject: &CompletionSubject,
     model: &str,
     question_tokens: usize,
@@ -355,14 +378,18 @@ async fn save_and_announce(
     let Some(saved) = saved else {
         // Another run answered first (or the message went away): its reply stands.
         metrics::duplicate_reply();
+        announce_stored_reply(ctx, claim, subject).await?;
         return Ok(Done::AlreadyAnswered);
     };
+    if let Some(after_save) = &ctx.hooks.after_save {
+        after_save();
+    }
     // Settled before the event goes out, so whoever the event wakes sees the real use.
     settle_budget(ctx, job, usage.map(|u| i64::from(u.total_tokens))).await;
     let event = ChatEvent::AssistantMessage {
         message: EventMessage::assistant(&saved),
     };
-    publish(ctx, subject.ai_chat_id, &event).await;
+    announce(ctx, claim, subject, &event).await;
     tracing::info!(
         reply_id = saved.id,
         attempts = completion.attempts,
@@ -468,6 +495,7 @@ where
 async fn record_failure(
     ctx: &JobContext,
     job: &CompletionJob,
+    claim: Claim,
     subject: &CompletionSubject,
     err: &CompletionError,
 ) -> Result<bool, JobError> {
@@ -484,16 +512,68 @@ async fn record_failure(
             message: message.to_owned(),
             message_id: Some(subject.message_id),
         };
-        publish(ctx, subject.ai_chat_id, &event).await;
+        announce(ctx, claim, subject, &event).await;
         tracing::warn!(error = %err, "message marked failed");
     }
     Ok(changed)
 }
 
-/// Events follow the database, which is the truth: a lost event is logged, not retried.
-async fn publish(ctx: &JobContext, ai_chat_id: i64, event: &ChatEvent) {
+/// Announces the outcome this run stored, unless another run already did. Events follow the
+/// database, which is the truth: an event Redis refused is logged, and the job's next run (if
+/// any) announces it.
+/// True when this call published.
+async fn announce(
+    ctx: &JobContext,
+    claim: Claim,
+    subject: &CompletionSubject,
+    event: &ChatEvent,
+) -> bool {
     let mut redis = ctx.redis.clone();
-    if let Err(err) = publish_event(&mut redis, &ctx.ns, ai_chat_id, event).await {
+    let published = match claim {
+        Claim::Unknown => publish_event(&mut redis, &ctx.ns, subject.ai_chat_id, event)
+            .await
+            .map(|_| true),
+        Claim::Created | Claim::Inherited => {
+            announce::announce_once(
+                &mut redis,
+                &ctx.ns,
+                subject.message_id,
+                subject.ai_chat_id,
+                event,
+            )
+            .await
+        }
+    };
+    published.unwrap_or_else(|err| {
         tracing::warn!(error = %err, "could not publish a chat event");
+        false
+    })
+}
+
+/// The message was answered by another run: announces that run's reply if it may never have
+/// been (the other run died between saving and publishing); otherwise nothing.
+async fn announce_stored_reply(
+    ctx: &JobContext,
+    claim: Claim,
+    subject: &CompletionSubject,
+) -> Result<(), JobError> {
+    if claim == Claim::Unknown {
+        return Ok(());
     }
+    let stored = db_retry(ctx, "loading the stored reply", || {
+        db::ai_messages::find_reply(&ctx.db, subject.message_id)
+    })
+    .await?;
+    match stored {
+        Some(reply) => {
+            let event = ChatEvent::AssistantMessage {
+                message: EventMessage::assistant(&reply),
+            };
+            if announce(ctx, claim, subject, &event).await {
+                metrics::late_announcement();
+            }
+        }
+        None => announce::release(&mut ctx.redis.clone(), &ctx.ns, subject.message_id).await,
+    }
+    Ok(())
 }

@@ -32,6 +32,7 @@ pub mod settings;
 pub mod stop;
 pub mod sweeper;
 
+pub use job::Hooks;
 pub use settings::Settings;
 
 use crate::context::TokenCounter;
@@ -59,6 +60,11 @@ impl Worker {
     /// Connects to Redis (PostgreSQL lazily), prepares the model client and binds
     /// `METRICS_ADDR` (port 0 picks one). Jobs start flowing in [`Worker::run_until`].
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_hooks(settings, Hooks::default()).await
+    }
+
+    /// [`Worker::build`] with fault hooks (the fault suite's worker binary).
+    pub async fn build_with_hooks(settings: Settings, hooks: Hooks) -> anyhow::Result<Self> {
         let metrics = metrics::install();
         metrics::describe(&settings.openai.openai_model);
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
@@ -105,6 +111,7 @@ impl Worker {
             stopping: Stopping::new(),
             replies: reply_batch::ReplySaver::start(pool.clone()),
             save_retry_for: Duration::from_secs(settings.worker_save_retry_secs),
+            hooks,
         });
         let listener = TcpListener::bind(&settings.metrics_addr)
             .await
@@ -392,12 +399,17 @@ fn host_name() -> String {
 /// The `aichat-worker` process: settings from flags and the environment (and `.env`), logs,
 /// then jobs until Ctrl-C or SIGTERM. Returns once the graceful stop is over.
 pub async fn run_from_env() -> anyhow::Result<()> {
+    run_from_env_with_hooks(Hooks::default()).await
+}
+
+/// [`run_from_env`] with fault hooks (the fault suite's worker binary).
+pub async fn run_from_env_with_hooks(hooks: Hooks) -> anyhow::Result<()> {
     use clap::Parser;
     aichat_shared::config::load_dotenv();
     let settings = Settings::parse();
     aichat_shared::telemetry::init(&settings.log);
     tracing::debug!(?settings, "settings");
-    let worker = Worker::build(settings).await?;
+    let worker = Worker::build_with_hooks(settings, hooks).await?;
     worker.run_until(shutdown_signal()).await
 }
 

@@ -75,6 +75,10 @@ pub fn describe(default_model: &str) {
         "Replies another run of the same job had already saved"
     );
     describe_counter!(
+        "aichat_worker_late_announcements_total",
+        "Replies announced by a run of their job other than the one that saved them (which stopped, or was slower, before publishing)"
+    );
+    describe_counter!(
         "aichat_worker_restarts_total",
         "Restarts of the job loop after Redis trouble"
     );
@@ -117,6 +121,7 @@ pub fn describe(default_model: &str) {
             .increment(0);
     }
     counter!("aichat_worker_duplicate_replies_total").increment(0);
+    counter!("aichat_worker_late_announcements_total").increment(0);
     counter!("aichat_worker_restarts_total").increment(0);
     counter!("aichat_worker_db_retries_total").increment(0);
     counter!("aichat_worker_swept_messages_total").increment(0);
@@ -194,6 +199,11 @@ pub fn tokens(model: &str, prompt: u64, completion: u64) {
 /// A reply another run of the same job had already saved.
 pub fn duplicate_reply() {
     counter!("aichat_worker_duplicate_replies_total").increment(1);
+}
+
+/// A reply announced by a later run of its job (the saver stopped before publishing).
+pub fn late_announcement() {
+    counter!("aichat_worker_late_announcements_total").increment(1);
 }
 
 pub fn worker_restart() {
