@@ -1,7 +1,6 @@
 //! Taking in a user message: store it, queue its completion job, announce it. Shared by REST
 //! `send_message` and the WebSocket.
 use aichat_shared::budget::{self, Reservation};
-use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::{AiMessage, ContextOptions};
 use chrono::Utc;
@@ -32,7 +31,10 @@ pub async fn submit_message(
         // Someone else's chat is not found before anything else is said about it.
         return Err(not_found_first(state, ai_chat_id, user_id, err).await);
     }
-    let reservation = reserve_budget(state, user_id, ai_chat_id, content).await?;
+    let reservation = match reserve_budget(state, user_id).await {
+        Ok(reservation) => reservation,
+        Err(err) => return Err(not_found_first(state, ai_chat_id, user_id, err).await),
+    };
     // Written with whatever other sends are waiting: one statement (ownership check, insert,
     // the chat's `updated_at`) committed before one push of their jobs.
     let message = NewUserMessage {
@@ -56,25 +58,15 @@ pub async fn submit_message(
     result
 }
 
-/// Reserves an estimate of the message's tokens under the user's daily budget, if there is one.
-async fn reserve_budget(
-    state: &AppState,
-    user_id: i64,
-    ai_chat_id: i64,
-    content: &str,
-) -> ApiResult<Option<Reservation>> {
+/// Reserves the most the message can cost under the user's daily budget, if there is one: the
+/// worker never sends more than `CONTEXT_TOKEN_BUDGET` of prompt and asks for at most
+/// `MAX_COMPLETION_TOKENS`, so no reply overruns what its send reserved.
+async fn reserve_budget(state: &AppState, user_id: i64) -> ApiResult<Option<Reservation>> {
     let settings = &state.settings;
     if settings.daily_token_budget <= 0 {
         return Ok(None);
     }
-    let chat = db::ai_chats::get_ai_chat(&state.db, ai_chat_id, user_id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    // About four characters a token; every message adds a few tokens of framing.
-    let history = db::ai_messages::history_chars(&state.db, chat.id).await?;
-    let chars = history + (chat.system_prompt.chars().count() + content.chars().count()) as i64;
-    let prompt = (chars / 4 + 8 + 4 * chat.message_count).min(settings.budget_prompt_cap_tokens);
-    let estimate = prompt + settings.budget_completion_tokens;
+    let estimate = settings.openai.most_tokens_per_send();
     let mut redis = state.redis.clone();
     let now = Utc::now();
     match budget::reserve(

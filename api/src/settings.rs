@@ -49,16 +49,10 @@ pub struct Settings {
     #[arg(long, env = "SEND_RATE_PER_MINUTE", default_value_t = 60)]
     pub send_rate_per_minute: u64,
     /// Tokens one user may spend per UTC day, prompt and completion together (0: no budget).
-    /// Each message reserves an estimate when it is sent; the worker settles it to the real use.
+    /// Each message reserves the most it can cost (`CONTEXT_TOKEN_BUDGET` +
+    /// `MAX_COMPLETION_TOKENS`) when it is sent; the worker settles it to the real use.
     #[arg(long, env = "DAILY_TOKEN_BUDGET", default_value_t = 0)]
     pub daily_token_budget: i64,
-    /// Completion tokens a message's reservation counts on.
-    #[arg(long, env = "BUDGET_COMPLETION_TOKENS", default_value_t = 500)]
-    pub budget_completion_tokens: i64,
-    /// Most prompt tokens a message's reservation counts on (the worker trims prompts to its
-    /// own `CONTEXT_TOKEN_BUDGET`; keep the two alike).
-    #[arg(long, env = "BUDGET_PROMPT_CAP_TOKENS", default_value_t = 3000)]
-    pub budget_prompt_cap_tokens: i64,
     /// Send batches written at once (each holds a database connection while it writes).
     #[arg(long, env = "SEND_BATCH_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub send_batch_writers: u16,

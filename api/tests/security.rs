@@ -703,3 +703,63 @@ async fn a_chat_has_at_most_max_chat_participants_the_creator_included() {
     );
     app.cleanup().await;
 }
+
+/// Item 4: only the operator's models. A chat may name `OPENAI_MODEL` or one of
+/// `ALLOWED_MODELS`; any other name is a field error on create, PATCH and PUT, and the stored
+/// chat keeps its model. `GET /api/ai/models/` lists them, the default first and marked.
+#[tokio::test]
+async fn only_the_operators_models_can_be_chosen_and_they_are_listed() {
+    let app = spawn_app_with(Options {
+        extra: vec![
+            "--allowed-models".into(),
+            " gpt-4o-mini , gpt-test,,".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let (status, body) = app.call(Method::GET, "/api/ai/models/", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, models) = app.get("/api/ai/models/", &alice.token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        models,
+        json!([{"id": "gpt-test", "default": true}, {"id": "gpt-4o-mini", "default": false}])
+    );
+
+    let chat = app
+        .create_ai_chat(&alice, json!({"title": "t", "model": "gpt-4o-mini"}))
+        .await;
+    assert_eq!(chat["model"], "gpt-4o-mini");
+    let id = chat["id"].as_i64().expect("id");
+    let (status, body) = app
+        .post(
+            "/api/ai/chats/",
+            &alice.token,
+            json!({"title": "t", "model": "gpt-5-pro"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["model"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not one of the available models"),
+        "{body}"
+    );
+    let path = format!("/api/ai/chats/{id}/");
+    let (status, body) = app.patch(&path, &alice.token, json!({"model": "o1"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["model"].is_array(), "{body}");
+    let (status, body) = app
+        .put(&path, &alice.token, json!({"title": "t", "model": "m-2"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, stored) = app.get(&path, &alice.token).await;
+    assert_eq!(stored["model"], "gpt-4o-mini");
+    let (status, _) = app
+        .patch(&path, &alice.token, json!({"model": "gpt-test"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.cleanup().await;
+}

@@ -324,14 +324,16 @@ async fn the_request_id_travels_from_the_request_into_the_job() {
 }
 
 #[tokio::test]
-async fn fifty_concurrent_sends_against_a_budget_for_five_replies_admit_at_most_six() {
-    // A reply to "hi" from the fake model costs 16 tokens (14 prompt + 2 completion); the
-    // budget covers five of them, and each send reserves its estimate before it is queued.
+async fn fifty_concurrent_sends_against_a_budget_for_five_reservations_admit_exactly_five() {
+    // Each send reserves the most it can cost before it is queued: a full prompt (15) and a
+    // full reply (2). The budget holds five such reservations.
     let app = spawn_app_with(Options {
         extra: [
             "--daily-token-budget",
             "85",
-            "--budget-completion-tokens",
+            "--context-token-budget",
+            "15",
+            "--max-completion-tokens",
             "2",
             "--send-rate-per-minute",
             "0",
@@ -369,14 +371,13 @@ async fn fifty_concurrent_sends_against_a_budget_for_five_replies_admit_at_most_
         .iter()
         .filter(|(s, _, _)| *s == StatusCode::ACCEPTED)
         .count();
-    assert!((1..=6).contains(&admitted), "admitted {admitted}");
+    assert_eq!(admitted, 5);
     for (status, retry_after, body) in sends.iter().filter(|(s, _, _)| *s != StatusCode::ACCEPTED) {
         assert_eq!(*status, StatusCode::TOO_MANY_REQUESTS);
         let secs: u64 = retry_after.as_deref().unwrap().parse().unwrap();
         assert!((1..=86_400).contains(&secs));
         assert!(body["error"].as_str().unwrap().contains("budget"), "{body}");
     }
-    println!("budget for 5 replies: {admitted} of 50 concurrent sends admitted");
     assert_eq!(
         app.get("/api/ai/messages/", &alice.token)
             .await

@@ -85,6 +85,48 @@ pub struct OpenAiSettings {
         default_value = "https://api.openai.com/v1"
     )]
     pub openai_base_url: String,
+    /// Models an AI chat may use, comma-separated; `OPENAI_MODEL` is always one of them.
+    /// Unset: `OPENAI_MODEL` alone.
+    #[arg(long, env = "ALLOWED_MODELS", value_delimiter = ',')]
+    pub allowed_models: Vec<String>,
+    /// Most tokens of prompt sent to the model (tiktoken `cl100k_base`): the oldest turns are
+    /// dropped to fit. With `MAX_COMPLETION_TOKENS`, also what one send reserves of a user's
+    /// daily budget.
+    #[arg(long, env = "CONTEXT_TOKEN_BUDGET", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub context_token_budget: u64,
+    /// Most tokens of one reply: sent as `max_completion_tokens` on every model call.
+    #[arg(long, env = "MAX_COMPLETION_TOKENS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_completion_tokens: u32,
+    /// Most of `CONTEXT_TOKEN_BUDGET` the system message (system prompt and related-chat lines)
+    /// may take, in percent: the oldest related lines are dropped first, a long one is cut.
+    #[arg(long, env = "SYSTEM_TOKEN_SHARE_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub system_token_share_percent: u8,
+}
+
+impl OpenAiSettings {
+    /// The models AI chats may use: `OPENAI_MODEL` first, then `ALLOWED_MODELS` in order.
+    pub fn allowed_models(&self) -> Vec<String> {
+        let mut models = vec![self.openai_model.clone()];
+        for model in &self.allowed_models {
+            let model = model.trim();
+            if !model.is_empty() && !models.iter().any(|m| m == model) {
+                models.push(model.to_owned());
+            }
+        }
+        models
+    }
+
+    /// Whether an AI chat may use `model` (the empty name stands for `OPENAI_MODEL`).
+    pub fn is_allowed(&self, model: &str) -> bool {
+        model.is_empty() || self.allowed_models().iter().any(|m| m == model)
+    }
+
+    /// The most tokens one send can cost: a full prompt and a full reply.
+    pub fn most_tokens_per_send(&self) -> i64 {
+        i64::try_from(self.context_token_budget)
+            .unwrap_or(i64::MAX)
+            .saturating_add(i64::from(self.max_completion_tokens))
+    }
 }
 
 impl fmt::Debug for OpenAiSettings {
@@ -96,6 +138,13 @@ impl fmt::Debug for OpenAiSettings {
             )
             .field("openai_model", &self.openai_model)
             .field("openai_base_url", &self.openai_base_url)
+            .field("allowed_models", &self.allowed_models)
+            .field("context_token_budget", &self.context_token_budget)
+            .field("max_completion_tokens", &self.max_completion_tokens)
+            .field(
+                "system_token_share_percent",
+                &self.system_token_share_percent,
+            )
             .finish()
     }
 }

@@ -9,9 +9,9 @@ pub const RELATED_CONTEXT_HEADER: &str = "\n\nContext from related chat:\n";
 
 /// Tokens a chat template spends around each message (role and separators), after OpenAI's
 /// published counting recipe for the gpt-3.5/gpt-4 family.
-const TOKENS_PER_MESSAGE: usize = 4;
+pub const TOKENS_PER_MESSAGE: usize = 4;
 /// Tokens that prime the assistant's reply.
-const REPLY_PRIMING_TOKENS: usize = 3;
+pub const REPLY_PRIMING_TOKENS: usize = 3;
 
 /// Remembered counts at most; past it the memo restarts. A job counts its chat's last turns,
 /// so a few thousand cover every chat in flight; the table is allocated once (~0.5 MiB) and
@@ -54,22 +54,6 @@ impl PromptMessage {
             known_tokens: None,
         }
     }
-}
-
-/// The system message: the chat's prompt, plus the related chat's lines when they are given
-/// (the caller passes them only when asked for and the owner still takes part in that chat).
-pub fn system_content(system_prompt: &str, related: Option<&[ContextMessage]>) -> String {
-    let mut content = system_prompt.to_owned();
-    if let Some(lines) = related {
-        content.push_str(RELATED_CONTEXT_HEADER);
-        for line in lines {
-            content.push_str(&line.sender);
-            content.push_str(": ");
-            content.push_str(&line.content);
-            content.push('\n');
-        }
-    }
-    content
 }
 
 /// System message, then the history oldest first, then the new user message.
@@ -137,6 +121,23 @@ impl TokenCounter {
         self.bpe.encode_with_special_tokens(text).len()
     }
 
+    /// The longest prefix of `text` within `max` tokens, cut at a character boundary.
+    pub fn truncate(&self, text: &str, max: usize) -> String {
+        let tokens = self.bpe.encode_with_special_tokens(text);
+        if tokens.len() <= max {
+            return text.to_owned();
+        }
+        let bytes = self.bpe.decode_bytes(&tokens[..max]).unwrap_or_default();
+        // The last token may end inside a character: keep what is whole.
+        match String::from_utf8(bytes) {
+            Ok(prefix) => prefix,
+            Err(err) => {
+                let whole = err.utf8_error().valid_up_to();
+                String::from_utf8_lossy(&err.into_bytes()[..whole]).into_owned()
+            }
+        }
+    }
+
     /// Tokens of a message with its framing; a stored count is taken as it is.
     pub fn message(&self, message: &PromptMessage) -> usize {
         TOKENS_PER_MESSAGE
@@ -149,6 +150,55 @@ impl TokenCounter {
     pub fn prompt(&self, prompt: &[PromptMessage]) -> usize {
         REPLY_PRIMING_TOKENS + prompt.iter().map(|m| self.message(m)).sum::<usize>()
     }
+}
+
+/// Related lines are not cut shorter than this: a few words of a line say nothing.
+const MIN_CUT_LINE_TOKENS: usize = 16;
+
+/// The system message within `cap` tokens: the chat's prompt (cut when it alone takes the
+/// cap), then the related chat's newest lines that fit, oldest dropped first; the newest line
+/// that does not fit whole is cut to the room left. `related` is oldest first.
+pub fn system_within(
+    system_prompt: &str,
+    related: Option<&[ContextMessage]>,
+    cap: usize,
+    counter: &TokenCounter,
+) -> String {
+    let prompt_tokens = counter.text(system_prompt);
+    if prompt_tokens >= cap {
+        return counter.truncate(system_prompt, cap);
+    }
+    let mut content = system_prompt.to_owned();
+    let Some(lines) = related.filter(|lines| !lines.is_empty()) else {
+        return content;
+    };
+    let header_tokens = counter.text(RELATED_CONTEXT_HEADER);
+    let Some(mut room) = (cap - prompt_tokens).checked_sub(header_tokens) else {
+        return content;
+    };
+    let mut kept = Vec::new();
+    for line in lines.iter().rev() {
+        let text = format!("{}: {}\n", line.sender, line.content);
+        let cost = counter.text(&text);
+        if cost <= room {
+            room -= cost;
+            kept.push(text);
+            continue;
+        }
+        if room >= MIN_CUT_LINE_TOKENS {
+            let mut cut = counter.truncate(&text, room - 1);
+            cut.push('\n');
+            kept.push(cut);
+        }
+        break;
+    }
+    if !kept.is_empty() {
+        content.push_str(RELATED_CONTEXT_HEADER);
+        for text in kept.iter().rev() {
+            content.push_str(text);
+        }
+    }
+    content
 }
 
 /// Drops the oldest turns of history until the prompt fits `budget` tokens. A turn is a user
@@ -236,12 +286,46 @@ mod tests {
 
     #[test]
     fn system_message_carries_the_related_chat_lines_in_order() {
+        let counter = TokenCounter::cl100k();
         let lines = [line("bob", "hi"), line("alice", "the plan")];
         assert_eq!(
-            system_content("Be brief.", Some(&lines)),
+            system_within("Be brief.", Some(&lines), 1000, &counter),
             "Be brief.\n\nContext from related chat:\nbob: hi\nalice: the plan\n"
         );
-        assert_eq!(system_content("Be brief.", None), "Be brief.");
+        assert_eq!(
+            system_within("Be brief.", None, 1000, &counter),
+            "Be brief."
+        );
+    }
+
+    #[test]
+    fn the_system_message_keeps_within_its_cap_dropping_the_oldest_lines_first() {
+        let counter = TokenCounter::cl100k();
+        let long = "word ".repeat(400);
+        let lines = [
+            line("old", "the oldest line"),
+            line("bob", &long),
+            line("alice", "the newest line"),
+        ];
+        for cap in [5, 20, 40, 100, 300, 1000, 5000] {
+            let system = system_within("Be brief.", Some(&lines), cap, &counter);
+            assert!(counter.text(&system) <= cap, "cap {cap}: {system:?}");
+            assert!(system.starts_with("Be brief."), "cap {cap}");
+            if system.contains("old:") {
+                // A line is never kept while a newer one was dropped.
+                assert!(system.contains("alice: the newest line") && system.contains(&long));
+            }
+        }
+        // Room for the newest line and part of the long one, not the oldest.
+        let system = system_within("Be brief.", Some(&lines), 100, &counter);
+        assert!(system.ends_with("alice: the newest line\n"), "{system:?}");
+        assert!(system.contains("bob: word word"), "{system:?}");
+        assert!(!system.contains("old:"), "{system:?}");
+        // A prompt longer than the cap is cut to it.
+        let prompt = "Be very brief. ".repeat(100);
+        let system = system_within(&prompt, Some(&lines), 50, &counter);
+        assert!(prompt.starts_with(&system) && counter.text(&system) <= 50);
+        assert!(!system.contains("Context from related chat"));
     }
 
     #[test]

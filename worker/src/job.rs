@@ -45,6 +45,12 @@ pub struct JobContext {
     pub limiter: RateLimiter,
     pub tokens: TokenCounter,
     pub token_budget: usize,
+    /// Most tokens of the system message (`SYSTEM_TOKEN_SHARE_PERCENT` of the budget).
+    pub system_token_cap: usize,
+    /// Sent as `max_completion_tokens` on every call.
+    pub max_completion_tokens: u32,
+    /// Models chats may use (`ALLOWED_MODELS` and the default).
+    pub allowed_models: Vec<String>,
     /// Completion tokens reserved under the token rate limit before the real count is known.
     pub completion_allowance: u64,
     /// Model of chats that have none.
@@ -205,7 +211,19 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         )));
     }
 
-    let (request, question_tokens) = build_request(job, &subject, ctx).await?;
+    let Some((request, question_tokens)) = build_request(job, &subject, ctx).await? else {
+        let err = CompletionError::Failed {
+            reason: "too_long",
+            attempts: 0,
+        };
+        return if record_failure(ctx, job, claim, &subject, &err).await? {
+            metrics::job_failed("too_long");
+            Ok(Done::Failed)
+        } else {
+            announce_stored_reply(ctx, claim, &subject).await?;
+            Ok(Done::AlreadyAnswered)
+        };
+    };
     let (chunks_tx, chunks_rx) = mpsc::unbounded_channel();
     let target = DeltaTarget {
         redis: ctx.redis.clone(),
@@ -264,12 +282,13 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
 
 /// Loads the history (and the related chat's lines when asked), builds the prompt and trims it
 /// to the token budget. Also returns the tokens of the new message, stored with it once it is
-/// answered so later jobs need not count it again.
+/// answered so later jobs need not count it again. `None` when the new message alone does not
+/// fit the budget.
 async fn build_request(
     job: &CompletionJob,
     subject: &CompletionSubject,
     ctx: &JobContext,
-) -> Result<(ChatRequest, usize), JobError> {
+) -> Result<Option<(ChatRequest, usize)>, JobError> {
     // Every message costs at least its framing tokens, so more than this can never fit.
     let history_limit = i64::try_from(ctx.token_budget / 4 + 1).unwrap_or(i64::MAX);
     let history = db::completions::list_history(
@@ -291,44 +310,64 @@ async fn build_request(
         }
         _ => None,
     };
-    let system = context::system_content(&subject.system_prompt, related.as_deref());
-    let mut prompt = context::build_prompt(system, &history, &subject.content);
     let counter = ctx.tokens;
     let budget = ctx.token_budget;
+    let system_cap = ctx.system_token_cap;
+    let system_prompt = subject.system_prompt.clone();
+    let question = subject.content.clone();
+    let history_len = history.len();
     // BPE over a few thousand tokens is CPU work: keep it off the async threads.
-    let (messages, prompt_tokens, question_tokens) = tokio::task::spawn_blocking(move || {
+    let built = tokio::task::spawn_blocking(move || {
         // Counted once, not remembered (it is stored with the message), and handed to the
         // trimming as known.
-        let question_tokens = prompt.last_mut().map_or(0, |m| {
-            let n = counter.text_once(&m.content);
-            m.known_tokens = Some(n);
-            n
-        });
+        let question_tokens = counter.text_once(&question);
+        // The system message gets its share of the budget, and never the room the question
+        // and the framing of both need: then only history is dropped to fit.
+        let fixed = context::REPLY_PRIMING_TOKENS + 2 * context::TOKENS_PER_MESSAGE;
+        let room = budget.checked_sub(question_tokens + fixed)?;
+        let system = context::system_within(
+            &system_prompt,
+            related.as_deref(),
+            system_cap.min(room),
+            &counter,
+        );
+        let mut prompt = context::build_prompt(system, &history, &question);
+        if let Some(last) = prompt.last_mut() {
+            last.known_tokens = Some(question_tokens);
+        }
         let (messages, prompt_tokens) =
             context::trim_to_budget(prompt, budget, |m| counter.message(m));
-        (messages, prompt_tokens, question_tokens)
+        Some((messages, prompt_tokens, question_tokens))
     })
     .await
     .context("counting prompt tokens")?;
+    let Some((messages, prompt_tokens, question_tokens)) = built else {
+        return Ok(None);
+    };
     let model = if subject.model.is_empty() {
         ctx.default_model.clone()
-    } else {
+    } else if ctx.allowed_models.contains(&subject.model) {
         subject.model.clone()
+    } else {
+        // The operator took this model off ALLOWED_MODELS after the chat chose it.
+        tracing::warn!(model = %subject.model, "the chat's model is no longer allowed; using the default");
+        ctx.default_model.clone()
     };
     tracing::debug!(
         prompt_tokens,
         messages = messages.len(),
-        history = history.len(),
+        history = history_len,
         "prompt built"
     );
     let request = ChatRequest {
         model,
         messages,
+        max_completion_tokens: ctx.max_completion_tokens,
         estimated_tokens: u64::try_from(prompt_tokens)
             .unwrap_or(u64::MAX)
             .saturating_add(ctx.completion_allowance),
     };
-    Ok((request, question_tokens))
+    Ok(Some((request, question_tokens)))
 }
 
 /// Replaces the message's budget reservation by what it really used (nothing, when it failed;

@@ -66,7 +66,7 @@ impl Worker {
     /// [`Worker::build`] with fault hooks (the fault suite's worker binary).
     pub async fn build_with_hooks(settings: Settings, hooks: Hooks) -> anyhow::Result<Self> {
         let metrics = metrics::install();
-        metrics::describe(&settings.openai.openai_model);
+        metrics::describe(&settings.openai.allowed_models());
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
         let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
             .await
@@ -94,6 +94,8 @@ impl Worker {
         let tokens = tokio::task::spawn_blocking(TokenCounter::cl100k)
             .await
             .context("loading the tokenizer")?;
+        let token_budget =
+            usize::try_from(settings.openai.context_token_budget).unwrap_or(usize::MAX);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let jobs = Arc::new(JobContext {
             db: pool.clone(),
@@ -102,7 +104,12 @@ impl Worker {
             llm,
             limiter,
             tokens,
-            token_budget: usize::try_from(settings.context_token_budget).unwrap_or(usize::MAX),
+            token_budget,
+            system_token_cap: token_budget
+                .saturating_mul(usize::from(settings.openai.system_token_share_percent))
+                / 100,
+            max_completion_tokens: settings.openai.max_completion_tokens,
+            allowed_models: settings.openai.allowed_models(),
             completion_allowance: settings.rate_limit_completion_tokens,
             default_model: settings.openai.openai_model.clone(),
             delta_flush_every: Duration::from_millis(settings.delta_flush_ms),

@@ -39,6 +39,8 @@ pub use crate::retry::{RetryPolicy, parse_retry_after};
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<PromptMessage>,
+    /// The reply's cap, sent to the provider.
+    pub max_completion_tokens: u32,
     /// Prompt tokens plus the completion allowance, reserved under the token rate limit.
     pub estimated_tokens: u64,
 }
@@ -88,6 +90,7 @@ fn user_message(reason: &str) -> &'static str {
         "bad_request" | "not_found" | "client_error" => {
             "The AI service could not process this message."
         }
+        "too_long" => "This message is too long for the AI model's context.",
         _ => "The AI service did not respond. Please try again later.",
     }
 }
@@ -351,6 +354,7 @@ fn request_body(request: &ChatRequest) -> CreateChatCompletionRequest {
     CreateChatCompletionRequest {
         model: request.model.clone(),
         messages,
+        max_completion_tokens: Some(request.max_completion_tokens),
         stream: Some(true),
         stream_options: Some(ChatCompletionStreamOptions {
             include_usage: Some(true),

@@ -23,8 +23,9 @@ pub const CONFLICT_PATHS: &[&str] = &["reply_batch", "reply", "mark_failed", "sw
 /// Names every metric with its help text and registers each series whose labels are known at
 /// start-up at zero, so the first scrape of an idle worker already lists them all (a counter
 /// that appears only with its first event breaks `rate()` and alerts on absence).
-/// `default_model` stands for the model-labelled series until a job names another.
-pub fn describe(default_model: &str) {
+/// The model-labelled series are registered for every allowed model (`models`): jobs only
+/// ever call those.
+pub fn describe(models: &[String]) {
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!("aichat_worker_jobs_started_total", "Completion jobs taken");
     describe_counter!(
@@ -108,17 +109,19 @@ pub fn describe(default_model: &str) {
     for outcome in ["answered", "failed", "skipped", "aborted", "requeued"] {
         let _ = histogram!("aichat_worker_job_duration_seconds", "outcome" => outcome);
     }
-    let model = default_model.to_owned();
-    let _ = histogram!("aichat_worker_model_latency_seconds", "model" => model.clone(), "outcome" => "ok");
-    for reason in RETRY_REASONS {
-        counter!("aichat_worker_model_retries_total", "model" => model.clone(), "reason" => *reason)
-            .increment(0);
-    }
-    counter!("aichat_worker_rate_limit_waits_total", "model" => model.clone()).increment(0);
-    let _ = histogram!("aichat_worker_rate_limit_wait_seconds", "model" => model.clone());
-    for kind in ["prompt", "completion"] {
-        counter!("aichat_worker_tokens_total", "model" => model.clone(), "kind" => kind)
-            .increment(0);
+    for model in models {
+        let model = model.clone();
+        let _ = histogram!("aichat_worker_model_latency_seconds", "model" => model.clone(), "outcome" => "ok");
+        for reason in RETRY_REASONS {
+            counter!("aichat_worker_model_retries_total", "model" => model.clone(), "reason" => *reason)
+                .increment(0);
+        }
+        counter!("aichat_worker_rate_limit_waits_total", "model" => model.clone()).increment(0);
+        let _ = histogram!("aichat_worker_rate_limit_wait_seconds", "model" => model.clone());
+        for kind in ["prompt", "completion"] {
+            counter!("aichat_worker_tokens_total", "model" => model.clone(), "kind" => kind)
+                .increment(0);
+        }
     }
     counter!("aichat_worker_duplicate_replies_total").increment(0);
     counter!("aichat_worker_late_announcements_total").increment(0);

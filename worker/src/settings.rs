@@ -57,11 +57,6 @@ pub struct Settings {
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9100")]
     pub metrics_addr: String,
 
-    /// Most tokens of prompt sent to the model; the oldest turns are dropped to fit (never the
-    /// system message or the new message).
-    #[arg(long, env = "CONTEXT_TOKEN_BUDGET", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub context_token_budget: u64,
-
     /// Model calls per message, first one included.
     #[arg(long, env = "LLM_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub llm_max_attempts: u32,

@@ -842,3 +842,124 @@ async fn a_graceful_stop_finishes_the_running_job_first() {
     );
     env.cleanup().await;
 }
+
+/// Every model call asks for at most `MAX_COMPLETION_TOKENS`; the system message (a long
+/// prompt and a related chat with a very long line) keeps within its share of the budget,
+/// newest lines first; the whole prompt is within the budget; a question that alone does not
+/// fit is failed without calling the model.
+#[tokio::test]
+async fn every_call_is_bounded_by_the_completion_cap_and_the_system_share() {
+    const BUDGET: usize = 400;
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let worker = env
+        .spawn_worker(&[
+            "--context-token-budget",
+            "400",
+            "--system-token-share-percent",
+            "25",
+            "--max-completion-tokens",
+            "77",
+        ])
+        .await;
+    let alice = env.user("alice").await;
+    let bob = env.user("bob").await;
+    let long_line = "word ".repeat(300);
+    let team = env
+        .chat(
+            "team",
+            &[alice.id, bob.id],
+            &[
+                (bob.id, "the oldest line"),
+                (bob.id, &long_line),
+                (alice.id, "the newest line"),
+            ],
+        )
+        .await;
+    let chat = env.ai_chat(alice.id, "Be brief.", Some(team)).await;
+    let mut events = env.events(chat).await;
+    let sent = env.send(chat, "what is the plan?", true, 20).await;
+    events.reply_to(sent.id, WAIT).await;
+
+    let too_long = "word ".repeat(BUDGET);
+    let refused = env.send(chat, &too_long, false, 20).await;
+    events
+        .until(WAIT, |e| {
+            e["type"] == "error" && e["message_id"].as_i64() == Some(refused.id)
+        })
+        .await;
+    let stored = env.message(chat, refused.id).await;
+    assert_eq!(stored.status, "failed");
+    assert_eq!(
+        stored.error.as_deref(),
+        Some("This message is too long for the AI model's context.")
+    );
+
+    let requests = env.fake.requests();
+    assert_eq!(
+        requests.len(),
+        1,
+        "the question too long for the budget never reached the model"
+    );
+    let request = &requests[0];
+    assert_eq!(request.params["max_completion_tokens"], 77);
+    let counter = TokenCounter::cl100k();
+    let system = request.messages[0]["content"]
+        .as_str()
+        .expect("system text");
+    assert!(counter.text(system) <= BUDGET / 4, "{system:?}");
+    assert!(system.starts_with("Be brief."), "{system:?}");
+    assert!(system.ends_with("alice: the newest line\n"), "{system:?}");
+    assert!(
+        system.contains("bob: word word"),
+        "the long line is cut, not dropped: {system:?}"
+    );
+    assert!(!system.contains("the oldest line"), "{system:?}");
+    let prompt: Vec<PromptMessage> = request
+        .messages
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str() {
+                Some("system") => Role::System,
+                Some("assistant") => Role::Assistant,
+                _ => Role::User,
+            };
+            PromptMessage::new(role, m["content"].as_str().unwrap_or_default())
+        })
+        .collect();
+    assert!(counter.prompt(&prompt) <= BUDGET);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A chat's model reaches the provider only while it is allowed; a chat whose model the
+/// operator took off the list is answered by the default model.
+#[tokio::test]
+async fn only_allowed_models_reach_the_provider() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let worker = env.spawn_worker(&["--allowed-models", "other-ok"]).await;
+    let alice = env.user("alice").await;
+    let allowed = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let dropped = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    for (chat, model) in [(allowed, "other-ok"), (dropped, "taken-off-the-list")] {
+        sqlx::query("update ai_chats set model = $2 where id = $1")
+            .bind(chat)
+            .bind(model)
+            .execute(&env.db)
+            .await
+            .expect("set the chat's model");
+    }
+    for chat in [allowed, dropped] {
+        let mut events = env.events(chat).await;
+        let sent = env.send(chat, "hello", false, 20).await;
+        events.reply_to(sent.id, WAIT).await;
+    }
+    let models: Vec<String> = env
+        .fake
+        .requests()
+        .iter()
+        .map(|r| r.model.clone())
+        .collect();
+    assert_eq!(models, vec!["other-ok".to_owned(), MODEL.to_owned()]);
+    worker.stop().await;
+    env.cleanup().await;
+}

@@ -86,11 +86,19 @@ impl AiChatRequest {
         }
         if let Some(model) = &self.model
             && validate::optional_text(&mut errors, "model", model, 100).is_some()
-            && !model
+        {
+            if !model
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c))
-        {
-            errors.add("model", "Enter a valid model name.");
+            {
+                errors.add("model", "Enter a valid model name.");
+            } else if !state.settings.openai.is_allowed(model) {
+                // Only the operator's models reach the provider (and its bill).
+                errors.add(
+                    "model",
+                    format!("Select a valid choice. {model} is not one of the available models."),
+                );
+            }
         }
         if let Some(Some(chat_id)) = self.related_chat
             && !db::chats::is_participant(&state.db, chat_id, user_id).await?

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;
+pub mod models;
 pub mod ops;
 pub mod web;
 
@@ -50,6 +51,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(chats::router())
         .merge(ai_chats::router())
         .merge(ai_messages::router())
+        .merge(models::router())
         .merge(ops::router())
         .merge(admin::router())
         .merge(crate::ws::router())

@@ -141,6 +141,9 @@ impl ApiProcess {
 }
 
 /// The settings of the login and registration windows.
+/// `ALLOWED_MODELS` of every test app unless a test sets it (`gpt-test` is the default model).
+pub const TEST_MODELS: &str = "gpt-4o-mini,m-2";
+
 pub const AUTH_WINDOWS: [&str; 3] = [
     "--registrations-per-address",
     "--login-attempts-per-address",
@@ -225,6 +228,14 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
         if !options.extra.iter().any(|given| given == flag) {
             args.extend([flag.to_string(), "0".into()]);
         }
+    }
+    // The models the tests name besides the default.
+    if !options
+        .extra
+        .iter()
+        .any(|given| given == "--allowed-models")
+    {
+        args.extend(["--allowed-models".to_string(), TEST_MODELS.into()]);
     }
     args.extend(options.extra);
     let settings = Settings::try_parse_from(args).expect("settings");

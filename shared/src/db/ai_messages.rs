@@ -281,16 +281,3 @@ pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiM
     .await?;
     Ok(message)
 }
-
-/// Characters of a chat's history, for estimating a prompt's size before it is built.
-#[tracing::instrument(skip(db))]
-pub async fn history_chars(db: impl PgExecutor<'_>, ai_chat_id: i64) -> Result<i64> {
-    let chars = sqlx::query_scalar::<_, i64>(
-        r#"select coalesce(sum(length(content)), 0)::bigint from ai_messages
-           where ai_chat_id = $1 and status <> 'failed'"#,
-    )
-    .bind(ai_chat_id)
-    .fetch_one(db)
-    .await?;
-    Ok(chars)
-}
