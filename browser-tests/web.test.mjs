@@ -21,6 +21,7 @@ const PHONE = { width: 375, height: 740 };
 const user = { name: `alice_${Date.now().toString(36)}`, password: 'correct horse battery' };
 const shared = { chatId: null };
 const problems = [];
+const sockets = []; // the URL of every WebSocket any page opened
 let browser;
 let desktop; // the user's desktop browser context
 let page; // its chat page, open from the first test to the last
@@ -31,15 +32,23 @@ function required(name) {
   return value;
 }
 
-/** Records console errors, uncaught exceptions and any request that leaves the API's host. */
+/**
+ * Records console errors, uncaught exceptions, any request that leaves the API's host or
+ * carries an `Authorization` header (the pages authenticate by their cookie alone), and the
+ * URL of every WebSocket opened.
+ */
 function watch(context) {
   const host = new URL(BASE).host;
   context.on('request', (request) => {
     const url = new URL(request.url());
     if (url.protocol === 'data:' || url.protocol === 'about:') return;
     if (url.host !== host) problems.push(`request to another host: ${request.url()}`);
+    if (request.headers().authorization) {
+      problems.push(`Authorization header sent: ${request.method()} ${request.url()}`);
+    }
   });
   context.on('page', (p) => {
+    p.on('websocket', (ws) => sockets.push(ws.url()));
     p.on('pageerror', (err) => problems.push(`uncaught on ${p.url()}: ${err.message}`));
     p.on('console', (message) => {
       // An expected 4xx answer is logged by Chromium itself; anything else is a problem.
@@ -72,6 +81,46 @@ async function fake(method, path, body) {
   assert.ok(response.ok, `${method} ${path}: ${response.status}`);
   const text = await response.text();
   return text ? JSON.parse(text) : null;
+}
+
+/** Resolves to the session token of the next log-in `p` makes (from the API's answer). */
+function nextLogin(p) {
+  return p
+    .waitForResponse((r) => r.request().method() === 'POST' && new URL(r.url()).pathname === '/api/login/')
+    .then(async (response) => {
+      assert.equal(response.status(), 200, 'log-in answered 200');
+      const { token } = await response.json();
+      assert.ok(token, 'the log-in answer has a token');
+      return token;
+    });
+}
+
+/** The `sessionid` cookie's value in `context`, or undefined. */
+async function sessionCookie(context) {
+  return (await context.cookies(BASE)).find((c) => c.name === 'sessionid')?.value;
+}
+
+/** Fails when `token` is anywhere a script of `p` can read it: web storage or `document.cookie`. */
+async function assertTokenHidden(p, token) {
+  const readable = await p.evaluate(() => ({
+    cookie: document.cookie,
+    stored: [
+      ['localStorage', localStorage],
+      ['sessionStorage', sessionStorage],
+    ].flatMap(([where, store]) => Object.keys(store).map((key) => [where, key, store.getItem(key)])),
+  }));
+  for (const [where, key, value] of readable.stored) {
+    assert.ok(!key.includes(token) && !value.includes(token), `${where} entry "${key}" holds the session token`);
+  }
+  assert.ok(!readable.cookie.includes(token), 'document.cookie shows the session token');
+}
+
+/** Fails when a WebSocket was opened with a credential in its URL. */
+function assertNoTokenInSocketUrls() {
+  for (const url of sockets) {
+    // The message shows the URL without the token's value: test output is a log too.
+    assert.doesNotMatch(url, /[?&]token=/, `socket URL ${url.replace(/token=[^&]*/, 'token=…')}`);
+  }
 }
 
 /** `document.documentElement.scrollWidth`: wider than the viewport means sideways scrolling. */
@@ -111,29 +160,37 @@ test('a visitor registers, logs out and logs in again', { timeout: TEST_MS }, as
   await register.locator('input[name=username]').fill(user.name);
   await register.locator('input[name=password]').fill(user.password);
   await register.locator('input[name=password_confirm]').fill(user.password);
+  let login = nextLogin(page); // the page logs the new account in
   await register.getByRole('button', { name: 'Create account' }).click();
   await page.locator('#whoami', { hasText: user.name }).waitFor();
-  assert.ok(await page.evaluate(() => localStorage.getItem('aichat.token')), 'token stored');
+  let token = await login;
   const cookies = await desktop.cookies(BASE);
   assert.ok(cookies.some((c) => c.name === 'sessionid' && c.httpOnly), 'sessionid cookie set');
+  assert.equal(await sessionCookie(desktop), token, 'the cookie is the session');
+  await assertTokenHidden(page, token);
   assert.equal(await page.locator('#admin-link').isVisible(), false, 'no admin link for a user');
 
   await page.getByRole('button', { name: 'Log out' }).click();
   await page.locator('#login-form').waitFor();
-  assert.equal(await page.evaluate(() => localStorage.getItem('aichat.token')), null);
+  assert.equal(await sessionCookie(desktop), undefined, 'log-out clears the cookie');
+  assert.equal(await page.locator('#auth-notice').isVisible(), false, 'no notice after a log-out');
 
-  const login = page.locator('#login-form');
-  await login.locator('input[name=username]').fill(user.name);
-  await login.locator('input[name=password]').fill('not the password');
-  await login.getByRole('button', { name: 'Log in' }).click();
+  const form = page.locator('#login-form');
+  await form.locator('input[name=username]').fill(user.name);
+  await form.locator('input[name=password]').fill('not the password');
+  await form.getByRole('button', { name: 'Log in' }).click();
   await page.locator('#auth-view .form-error', { hasText: 'Invalid credentials' }).waitFor();
-  await login.locator('input[name=password]').fill(user.password);
-  await login.getByRole('button', { name: 'Log in' }).click();
+  await form.locator('input[name=password]').fill(user.password);
+  login = nextLogin(page);
+  await form.getByRole('button', { name: 'Log in' }).click();
   await page.locator('#app-view').waitFor();
+  token = await login;
+  await assertTokenHidden(page, token);
 
-  // The session survives a reload.
+  // The session (the cookie) survives a reload; still nothing a script can read holds it.
   await page.reload();
   await page.locator('#whoami', { hasText: user.name }).waitFor();
+  await assertTokenHidden(page, token);
 });
 
 test('an AI chat is created, linked to a new user-to-user chat', { timeout: TEST_MS }, async () => {
@@ -220,6 +277,15 @@ test('a message is answered: the reply streams in, then shows its token use', { 
   assert.equal(system.role, 'system');
   assert.match(system.content, /Context from related chat:\n.*: Ship on Friday\?/);
   await shot(page, 'chat-desktop');
+
+  // The reply came over a socket that the cookie authenticated: no token in its URL.
+  const chatPath = `/ws/ai-chat/${shared.chatId}/`;
+  const opened = sockets.map((url) => new URL(url));
+  assert.ok(
+    opened.some((url) => url.pathname === chatPath && url.searchParams.has('after_id')),
+    `a socket was opened to ${chatPath}?after_id=…: ${JSON.stringify(sockets)}`,
+  );
+  assertNoTokenInSocketUrls();
 });
 
 test('a message the model refuses is shown failed with its error', { timeout: TEST_MS }, async () => {
@@ -254,8 +320,10 @@ test('staff see the chart, usage, chats, messages and re-drive a dead job', { ti
   const login = admin.locator('#login-form');
   await login.locator('input[name=username]').fill(ADMIN.name);
   await login.locator('input[name=password]').fill(ADMIN.password);
+  const token = nextLogin(admin);
   await login.getByRole('button', { name: 'Log in' }).click();
   await admin.locator('#admin-view').waitFor();
+  await assertTokenHidden(admin, await token);
 
   // The chart has a bar for today's reply; the usage table names the user.
   await admin.locator('#chart-svg rect.bar').first().waitFor();
@@ -318,7 +386,6 @@ test('staff see the chart, usage, chats, messages and re-drive a dead job', { ti
 });
 
 test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async () => {
-  const token = await page.evaluate(() => localStorage.getItem('aichat.token'));
   const context = await newContext({ viewport: PHONE, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
   const phone = await context.newPage();
 
@@ -327,11 +394,17 @@ test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async
   assert.ok((await pageWidth(phone)) <= PHONE.width);
   await shot(phone, 'login-phone');
 
-  await phone.evaluate((t) => localStorage.setItem('aichat.token', t), token);
+  // The desktop's session cookie logs the phone in; a token an older page left in
+  // localStorage is wiped at load.
+  await context.addCookies((await desktop.cookies(BASE)).filter((c) => c.name === 'sessionid'));
+  await phone.evaluate(() => localStorage.setItem('aichat.token', 'left by an older page'));
   await phone.goto(`${BASE}/#chat-${shared.chatId}`); // same document: only the hash changes
   await phone.reload();
   await phone.locator('li.assistant[data-id]').first().waitFor();
   await phone.locator('#conn[data-state="live"]').waitFor();
+  assert.equal(await phone.evaluate(() => localStorage.getItem('aichat.token')), null);
+  await assertTokenHidden(phone, await sessionCookie(context));
+  assertNoTokenInSocketUrls();
   assert.equal(await phone.locator('.sidebar').isVisible(), false, 'one pane at a time');
   const width = await pageWidth(phone);
   assert.ok(width <= PHONE.width, `chat page is ${width} px wide`);
@@ -351,7 +424,7 @@ test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async
 });
 
 test('a revoked session sends the page back to the log-in form', { timeout: TEST_MS }, async () => {
-  const token = await page.evaluate(() => localStorage.getItem('aichat.token'));
+  const token = await sessionCookie(desktop); // what only the browser (and this test) can read
   const response = await fetch(`${BASE}/api/logout/`, {
     method: 'POST',
     headers: { authorization: `Bearer ${token}` },
@@ -360,9 +433,11 @@ test('a revoked session sends the page back to the log-in form', { timeout: TEST
   assert.equal(response.status, 200);
   await page.getByRole('button', { name: 'New chat' }).click(); // loads the user chats: 401
   await page.locator('#auth-notice', { hasText: 'session has ended' }).waitFor();
-  assert.equal(await page.evaluate(() => localStorage.getItem('aichat.token')), null);
+  await page.locator('#login-form').waitFor();
 });
 
-test('no page loaded anything from another host or logged an error', () => {
+test('no page loaded anything from another host, sent a token or logged an error', () => {
   assert.deepEqual(problems, []);
+  assert.ok(sockets.length > 0, 'sockets were opened');
+  assertNoTokenInSocketUrls();
 });

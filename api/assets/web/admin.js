@@ -8,6 +8,7 @@ import {
   formatTime,
   logOut,
   onUnauthorized,
+  resumeSession,
   session,
   setMessage,
   setupAuth,
@@ -43,12 +44,11 @@ const deadCall = latestOnly();
 setupAuth(authView, (user) => enter(user));
 onUnauthorized(() => showAuth('Your session has ended. Please log in again.'));
 
-async function leave(notice) {
-  await logOut();
-  showAuth(notice);
+async function leave() {
+  showAuth(await logOut());
 }
-$('#logout').addEventListener('click', () => leave(''));
-$('#switch-user').addEventListener('click', () => leave(''));
+$('#logout').addEventListener('click', leave);
+$('#switch-user').addEventListener('click', leave);
 
 function showAuth(notice) {
   for (const node of [staffOnly, adminView, $('#whoami'), $('#logout')]) show(node, false);
@@ -91,17 +91,14 @@ function refused(err) {
   return err.status === 401;
 }
 
+/** The session is an HttpOnly cookie the page cannot see: `/api/me/` says whether there is one. */
 async function boot() {
-  if (!session.token) {
-    showAuth('');
-    return;
-  }
   try {
-    const me = await api('GET', '/api/me/');
-    session.remember(me);
-    enter(me);
+    const me = await resumeSession();
+    if (me) enter(me);
+    else showAuth('');
   } catch (err) {
-    if (err.status !== 401) showAuth(err.message);
+    showAuth(err.message);
   }
 }
 

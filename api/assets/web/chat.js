@@ -10,6 +10,7 @@ import {
   formatUsage,
   logOut,
   onUnauthorized,
+  resumeSession,
   session,
   setMessage,
   setupAuth,
@@ -48,8 +49,7 @@ onUnauthorized(() => showAuth('Your session has ended. Please log in again.'));
 
 $('#logout').addEventListener('click', async () => {
   leaveChat();
-  await logOut();
-  showAuth('');
+  showAuth(await logOut());
 });
 
 function showAuth(notice) {
@@ -78,17 +78,14 @@ function enterApp(user) {
   });
 }
 
+/** The session is an HttpOnly cookie the page cannot see: `/api/me/` says whether there is one. */
 async function boot() {
-  if (!session.token) {
-    showAuth('');
-    return;
-  }
   try {
-    const me = await api('GET', '/api/me/');
-    session.remember(me);
-    enterApp(me);
+    const me = await resumeSession();
+    if (me) enterApp(me);
+    else showAuth('');
   } catch (err) {
-    if (err.status !== 401) showAuth(err.message);
+    showAuth(err.message);
   }
 }
 
@@ -506,12 +503,12 @@ function setConnection(status) {
 
 function connect() {
   const chat = state.chat;
-  const token = session.token;
-  if (!chat || !token) return;
+  if (!chat || !session.user) return;
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const url =
-    `${scheme}://${location.host}/ws/ai-chat/${chat.id}/` +
-    `?token=${encodeURIComponent(token)}&after_id=${state.lastId}`;
+  // No token in the URL (URLs end up in logs and history): the browser sends the session
+  // cookie with the upgrade, and from this page's origin, the only one the server lets a
+  // cookie open a socket from.
+  const url = `${scheme}://${location.host}/ws/ai-chat/${chat.id}/?after_id=${state.lastId}`;
   const socket = new WebSocket(url);
   state.socket = socket;
   setConnection('connecting');
@@ -536,6 +533,7 @@ function connect() {
     state.socket = null;
     setConnection('offline');
     if (close.code === 4401) {
+      session.end();
       showAuth('Your session has ended. Please log in again.');
     } else if (close.code === 4404) {
       setMessage(chatError, 'This chat no longer exists.');

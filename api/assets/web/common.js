@@ -1,33 +1,31 @@
-// Shared by the chat page and the admin page: the stored session, JSON calls to the API,
+// Shared by the chat page and the admin page: who is logged in, JSON calls to the API,
 // the log-in/register forms and small DOM helpers. Plain ES module, no build step.
 
-const TOKEN_KEY = 'aichat.token';
-const USER_KEY = 'aichat.user';
 const REQUEST_TIMEOUT_MS = 20000;
 
-/** The session token from `/api/login/` (also sent by the server as the `sessionid` cookie). */
+// Pages before this one kept the session token (and the user) in localStorage, where any
+// script could read it: wipe what they left behind.
+for (const key of ['aichat.token', 'aichat.user']) localStorage.removeItem(key);
+
+/**
+ * Who is logged in, kept in memory only. The session itself is the HttpOnly `sessionid`
+ * cookie that `/api/login/` sets: the browser sends it to this origin (REST calls and the
+ * WebSocket alike) and no script can read it, so no injected script, storage dump or logged
+ * URL carries it away. At load the page asks `/api/me/` whether the cookie still holds.
+ */
 export const session = {
-  get token() {
-    return localStorage.getItem(TOKEN_KEY);
-  },
-  get user() {
-    try {
-      return JSON.parse(localStorage.getItem(USER_KEY) || 'null');
-    } catch {
-      return null;
-    }
-  },
-  save(login) {
-    localStorage.setItem(TOKEN_KEY, login.token);
-    session.remember(login);
-  },
-  remember(user) {
+  user: null,
+  generation: 0, // bumped at every log-in and log-out: a late 401 of an older session is ignored
+  /** Keeps the user's public fields: never the `token` that the log-in answer also carries. */
+  start(user) {
     const { id, username, email, is_staff } = user;
-    localStorage.setItem(USER_KEY, JSON.stringify({ id, username, email, is_staff }));
+    session.user = { id, username, email, is_staff };
+    session.generation += 1;
+    return session.user;
   },
-  clear() {
-    localStorage.removeItem(TOKEN_KEY);
-    localStorage.removeItem(USER_KEY);
+  end() {
+    session.user = null;
+    session.generation += 1;
   },
 };
 
@@ -58,12 +56,14 @@ export function onUnauthorized(handler) {
   unauthorized = handler;
 }
 
-/** Calls the API with the stored token; resolves to the JSON body, throws `ApiError`. */
+/**
+ * Calls the API; resolves to the JSON body, throws `ApiError`. The session cookie is the
+ * credential (`same-origin`: sent to this origin only); no `Authorization` header is sent.
+ */
 export async function api(method, path, body) {
   const headers = { Accept: 'application/json' };
-  const token = session.token;
-  if (token) headers.Authorization = `Bearer ${token}`;
   const init = { method, headers, credentials: 'same-origin' };
+  const generation = session.generation;
   if (body !== undefined) {
     headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -92,8 +92,10 @@ export async function api(method, path, body) {
       data = { error: text.slice(0, 200) };
     }
   }
-  if (response.status === 401 && path !== '/api/login/') {
-    session.clear();
+  // Only a session this page believes in can end: a 401 at load (nobody is logged in), from
+  // the log-in form or from a session replaced meanwhile is just an error for the caller.
+  if (response.status === 401 && session.user && generation === session.generation) {
+    session.end();
     unauthorized();
   }
   if (!response.ok) throw new ApiError(response.status, data);
@@ -173,10 +175,19 @@ export async function busy(form, promise) {
   }
 }
 
+/** Logs in: the answer's `Set-Cookie` is what the page authenticates with from now on. */
 async function logIn(username, password) {
-  const login = await api('POST', '/api/login/', { username, password });
-  session.save(login);
-  return login;
+  return session.start(await api('POST', '/api/login/', { username, password }));
+}
+
+/** The user the session cookie belongs to, or null when there is none or it has ended. */
+export async function resumeSession() {
+  try {
+    return session.start(await api('GET', '/api/me/'));
+  } catch (err) {
+    if (err.status === 401) return null;
+    throw err;
+  }
 }
 
 /**
@@ -240,12 +251,17 @@ export function setupAuth(root, loggedIn) {
   return { select, showError: (message) => setMessage(error, message) };
 }
 
-/** Revokes the session server-side (best effort) and forgets it here. */
+/**
+ * Revokes the session server-side, which also clears the cookie. Resolves to '' or, when the
+ * server could not be told, a notice: no script can delete an HttpOnly cookie, so the session
+ * may still be live in this browser.
+ */
 export async function logOut() {
+  session.end(); // first: a 401 here means "already ended", not "your session has ended"
   try {
-    if (session.token) await api('POST', '/api/logout/');
-  } catch {
-    // Already invalid or unreachable: forgetting it locally is what matters.
+    await api('POST', '/api/logout/');
+  } catch (err) {
+    if (err.status !== 401) return `You may still be logged in: ${err.message}`;
   }
-  session.clear();
+  return '';
 }
