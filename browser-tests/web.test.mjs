@@ -423,7 +423,7 @@ test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async
   await context.close();
 });
 
-test('a revoked session sends the page back to the log-in form', { timeout: TEST_MS }, async () => {
+test('a session revoked elsewhere sends the open page back to the log-in form', { timeout: TEST_MS }, async () => {
   const token = await sessionCookie(desktop); // what only the browser (and this test) can read
   const response = await fetch(`${BASE}/api/logout/`, {
     method: 'POST',
@@ -431,9 +431,31 @@ test('a revoked session sends the page back to the log-in form', { timeout: TEST
     signal: AbortSignal.timeout(STEP_MS),
   });
   assert.equal(response.status, 200);
-  await page.getByRole('button', { name: 'New chat' }).click(); // loads the user chats: 401
+  // The server closes the page's socket (4401): the page leaves on its own, no click needed.
   await page.locator('#auth-notice', { hasText: 'session has ended' }).waitFor();
   await page.locator('#login-form').waitFor();
+});
+
+test('the API documentation pages render under their Content-Security-Policy', { timeout: TEST_MS }, async () => {
+  // Not `watch`ed: ReDoc's footer asks for Redocly's logo from their CDN, and the policy is
+  // expected to block exactly that. Any other console error (a script, style or worker the
+  // policy blocks) or uncaught exception fails the test.
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  context.setDefaultTimeout(STEP_MS);
+  const docs = await context.newPage();
+  const errors = [];
+  docs.on('pageerror', (err) => errors.push(`uncaught: ${err.message}`));
+  docs.on('console', (message) => {
+    // As in `watch`: a 4xx (the favicon) is logged by Chromium itself.
+    if (message.type() === 'error' && !/status of 4\d\d/.test(message.text())) errors.push(message.text());
+  });
+  await docs.goto(`${BASE}/api/docs/`);
+  await docs.locator('.swagger-ui .info .title', { hasText: 'aichat' }).waitFor();
+  await docs.goto(`${BASE}/api/redoc/`);
+  await docs.locator('h1', { hasText: 'aichat' }).waitFor();
+  const unexpected = errors.filter((e) => !/cdn\.redoc\.ly.*violates the following Content Security Policy/.test(e));
+  assert.deepEqual(unexpected, []);
+  await context.close();
 });
 
 test('no page loaded anything from another host, sent a token or logged an error', () => {

@@ -7,6 +7,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use aichat_shared::db;
+use aichat_shared::db::sessions::LiveSession;
 use aichat_shared::domain::User;
 
 use crate::error::ApiError;
@@ -58,15 +59,11 @@ pub fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-/// Resolves a token to its user, if the session is live: from this instance's session cache
+/// Resolves a token's hash to its session, if it is live: from this instance's session cache
 /// when it was looked up in the last `SESSION_CACHE_SECS`, else from the database.
-pub async fn user_for_token(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
-    user_for_token_hash(state, &hash_token(token)).await
-}
-
-async fn user_for_token_hash(state: &AppState, hash: &[u8]) -> Result<Option<User>, ApiError> {
-    if let Some(user) = state.sessions.get(hash) {
-        return Ok(Some(user));
+pub async fn live_session(state: &AppState, hash: &[u8]) -> Result<Option<LiveSession>, ApiError> {
+    if let Some(session) = state.sessions.get(hash) {
+        return Ok(Some(session));
     }
     let Some(session) = db::sessions::find_live_session(&state.db, hash).await? else {
         return Ok(None);
@@ -74,7 +71,16 @@ async fn user_for_token_hash(state: &AppState, hash: &[u8]) -> Result<Option<Use
     state
         .sessions
         .insert(hash, &session.user, session.expires_at);
-    Ok(Some(session.user))
+    Ok(Some(session))
+}
+
+/// The user of a live session token (see [`live_session`]).
+pub async fn user_for_token(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
+    user_for_token_hash(state, &hash_token(token)).await
+}
+
+async fn user_for_token_hash(state: &AppState, hash: &[u8]) -> Result<Option<User>, ApiError> {
+    Ok(live_session(state, hash).await?.map(|session| session.user))
 }
 
 /// An authenticated user; extracting it answers 401 for anyone else.

@@ -1,6 +1,7 @@
 //! Fan-out of chat events: one Redis pub/sub connection per process, subscribed to a chat's
 //! channel while at least one local socket (or waiting request) wants it; events go to every
-//! local subscriber through its own bounded queue.
+//! local subscriber through its own bounded queue. The same connection carries revoked
+//! sessions (`revocation.rs`) to every socket of the process.
 //!
 //! A queue is an `mpsc` channel, not one `broadcast` channel per chat: `broadcast` allocates
 //! all of its slots up front (256 × 64 bytes = 16 KiB per chat), while an `mpsc` queue grows
@@ -14,10 +15,16 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc};
 
 use aichat_shared::keys::Namespace;
+
+use crate::revocation::{self, Revocation};
+
+/// Runs for each revocation before the sockets hear of it (the session cache forgets it, so
+/// that a socket authenticated after the revocation cannot be let in from the cache).
+pub type RevocationHook = Box<dyn Fn(&Revocation) + Send + Sync>;
 
 /// One event as published: the WebSocket JSON text. `Utf8Bytes` is what a WebSocket text frame
 /// holds, so every socket of the chat sends the same buffer (a reference count, no copy).
@@ -48,6 +55,8 @@ struct Inner {
     ops: tokio::sync::Mutex<()>,
     capacity: usize,
     next_id: AtomicU64,
+    revocations: broadcast::Sender<Revocation>,
+    on_revocation: RevocationHook,
 }
 
 impl Inner {
@@ -73,7 +82,12 @@ fn resp3_url(url: &str) -> String {
 impl Hub {
     /// Connects the pub/sub connection and starts the task that routes its messages.
     /// `capacity` bounds each subscriber's queue: one that falls further behind is cut off.
-    pub async fn connect(url: &str, ns: Namespace, capacity: usize) -> redis::RedisResult<Hub> {
+    pub async fn connect(
+        url: &str,
+        ns: Namespace,
+        capacity: usize,
+        on_revocation: RevocationHook,
+    ) -> redis::RedisResult<Hub> {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let client = redis::Client::open(resp3_url(url))?;
         let config = ConnectionManagerConfig::new()
@@ -83,7 +97,9 @@ impl Hub {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(3)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        conn.subscribe(ns.revocations()).await?;
+        let (revocations, _) = broadcast::channel(revocation::CHANNEL_CAPACITY);
         let inner = Arc::new(Inner {
             conn,
             ns,
@@ -91,6 +107,8 @@ impl Hub {
             ops: tokio::sync::Mutex::new(()),
             capacity: capacity.max(1),
             next_id: AtomicU64::new(0),
+            revocations,
+            on_revocation,
         });
         tokio::spawn(route_pushes(Arc::downgrade(&inner), push_rx));
         Ok(Hub { inner })
@@ -133,6 +151,11 @@ impl Hub {
             }
         }
         Ok(subscription)
+    }
+
+    /// Revocations arriving from now on (`revocation.rs`).
+    pub fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.inner.revocations.subscribe()
     }
 
     /// How many chats this process is subscribed to (for metrics and tests).
@@ -218,6 +241,18 @@ async fn route_pushes(hub: std::sync::Weak<Inner>, mut pushes: mpsc::UnboundedRe
     while let Some(push) = pushes.recv().await {
         let Some(inner) = hub.upgrade() else { return };
         match push.kind {
+            PushKind::Message if is_revocation(&inner.ns, &push.data) => {
+                if let Some(revocation) = push
+                    .data
+                    .get(1)
+                    .and_then(value_text)
+                    .and_then(|payload| revocation::parse(&payload))
+                {
+                    (inner.on_revocation)(&revocation);
+                    // No socket listening is fine.
+                    let _ = inner.revocations.send(revocation);
+                }
+            }
             PushKind::Message => {
                 if let Some((chat_id, payload)) = parse_message(&inner.ns, &push.data)
                     && let Some(topic) = inner.topics().get_mut(&chat_id)
@@ -269,6 +304,12 @@ fn parse_message(ns: &Namespace, data: &[Value]) -> Option<(i64, Event)> {
     let prefix = prefix.strip_suffix('0')?;
     let chat_id = channel.strip_prefix(prefix)?.parse().ok()?;
     Some((chat_id, Utf8Bytes::from(value_text(payload)?)))
+}
+
+fn is_revocation(ns: &Namespace, data: &[Value]) -> bool {
+    data.first()
+        .and_then(value_text)
+        .is_some_and(|channel| channel == ns.revocations())
 }
 
 fn value_text(value: &Value) -> Option<String> {

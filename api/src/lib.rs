@@ -27,6 +27,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod origin_guard;
 pub mod passwords;
+pub mod revocation;
 pub mod routes;
 pub mod send_batch;
 pub mod send_rate;
@@ -40,6 +41,7 @@ pub mod ws;
 
 use fanout::Hub;
 use hashing::Hashing;
+use revocation::Revocation;
 use send_batch::SendBatcher;
 use session_cache::SessionCache;
 pub use settings::Settings;
@@ -71,10 +73,22 @@ impl Application {
             .await
             .context("connecting to Redis")?;
         let ns = settings.redis.namespace();
+        let sessions = Arc::new(SessionCache::new(Duration::from_secs(
+            settings.session_cache_secs,
+        )));
+        let forget = sessions.clone();
         let hub = Hub::connect(
             settings.redis.redis_url.expose_secret(),
             ns.clone(),
             settings.ws_queue_capacity,
+            Box::new(move |revocation| match revocation {
+                Revocation::Session(hash) => {
+                    if let Ok(hash) = hex::decode(hash) {
+                        forget.revoke(&hash);
+                    }
+                }
+                Revocation::User(user_id) => forget.revoke_user(*user_id),
+            }),
         )
         .await
         .context("connecting the pub/sub connection to Redis")?;
@@ -95,9 +109,7 @@ impl Application {
             redis,
             hub,
             ns,
-            sessions: Arc::new(SessionCache::new(Duration::from_secs(
-                settings.session_cache_secs,
-            ))),
+            sessions,
             hashing: Hashing::new(
                 settings.password_hash_concurrency,
                 Duration::from_millis(settings.password_hash_wait_ms),

@@ -2,14 +2,16 @@
 //! authenticated requests skip the session query.
 //!
 //! Only live sessions are remembered, each for at most `SESSION_CACHE_SECS` and never past the
-//! session's own expiry. Logging out evicts the token here at once; other API instances keep
-//! accepting it until their entry runs out (at most `SESSION_CACHE_SECS`), and the same bound
-//! applies to anything else changed in the database (an expired or deleted session, a changed
-//! `is_staff`).
+//! session's own expiry. Logging out evicts the token here at once, and on every other API
+//! instance when its revocation arrives over pub/sub (`revocation.rs`); should that message be
+//! lost, an instance keeps accepting the token until its entry runs out (at most
+//! `SESSION_CACHE_SECS`), the bound for anything else changed in the database (an expired or
+//! deleted session, a changed `is_staff`).
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use aichat_shared::db::sessions::LiveSession;
 use aichat_shared::domain::User;
 use chrono::{DateTime, Utc};
 
@@ -20,14 +22,12 @@ const CAPACITY: usize = 10_000;
 
 enum Entry {
     Live {
-        user: User,
+        session: LiveSession,
         until: Instant,
     },
     /// Logged out here: a lookup that read the session before the logout must not put it
     /// back for the rest of the TTL.
-    Revoked {
-        until: Instant,
-    },
+    Revoked { until: Instant },
 }
 
 impl Entry {
@@ -63,15 +63,15 @@ impl SessionCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The user of a remembered live session, if its entry has not run out.
-    pub fn get(&self, token_hash: &[u8]) -> Option<User> {
+    /// A remembered live session, if its entry has not run out.
+    pub fn get(&self, token_hash: &[u8]) -> Option<LiveSession> {
         if !self.enabled() {
             return None;
         }
         let now = Instant::now();
         let mut entries = self.lock();
         match entries.get(token_hash) {
-            Some(Entry::Live { user, until }) if *until > now => Some(user.clone()),
+            Some(Entry::Live { session, until }) if *until > now => Some(session.clone()),
             Some(Entry::Revoked { until }) if *until > now => None,
             Some(_) => {
                 entries.remove(token_hash);
@@ -102,7 +102,10 @@ impl SessionCache {
         entries.insert(
             token_hash.to_vec(),
             Entry::Live {
-                user: user.clone(),
+                session: LiveSession {
+                    user: user.clone(),
+                    expires_at,
+                },
                 until,
             },
         );
@@ -123,6 +126,21 @@ impl SessionCache {
                 until: now + self.ttl,
             },
         );
+    }
+}
+
+impl SessionCache {
+    /// Forgets every remembered session of `user_id` (all of them were just revoked).
+    pub fn revoke_user(&self, user_id: i64) {
+        if !self.enabled() {
+            return;
+        }
+        let until = Instant::now() + self.ttl;
+        for entry in self.lock().values_mut() {
+            if matches!(entry, Entry::Live { session, .. } if session.user.id == user_id) {
+                *entry = Entry::Revoked { until };
+            }
+        }
     }
 }
 
@@ -157,7 +175,7 @@ mod tests {
     fn a_remembered_session_is_returned_until_revoked() {
         let cache = SessionCache::new(Duration::from_secs(60));
         cache.insert(b"t", &alice(), in_an_hour());
-        assert_eq!(cache.get(b"t").map(|u| u.id), Some(1));
+        assert_eq!(cache.get(b"t").map(|s| s.user.id), Some(1));
         cache.revoke(b"t");
         assert!(cache.get(b"t").is_none());
         cache.insert(b"t", &alice(), in_an_hour());
@@ -182,6 +200,27 @@ mod tests {
             assert!(Instant::now() < deadline, "the entry outlived its session");
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn revoking_a_user_forgets_every_session_of_theirs_only() {
+        let cache = SessionCache::new(Duration::from_secs(60));
+        let bob = User {
+            id: 2,
+            username: "bob".into(),
+            ..alice()
+        };
+        cache.insert(b"a1", &alice(), in_an_hour());
+        cache.insert(b"a2", &alice(), in_an_hour());
+        cache.insert(b"b1", &bob, in_an_hour());
+        cache.revoke_user(1);
+        assert!(cache.get(b"a1").is_none() && cache.get(b"a2").is_none());
+        cache.insert(b"a1", &alice(), in_an_hour());
+        assert!(
+            cache.get(b"a1").is_none(),
+            "a racing lookup must not bring it back"
+        );
+        assert_eq!(cache.get(b"b1").map(|s| s.user.id), Some(2));
     }
 
     #[test]

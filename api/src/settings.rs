@@ -121,21 +121,32 @@ pub enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
-    /// Create a staff account (or make an existing one staff). The password is read from
-    /// `ADMIN_PASSWORD`, so it never lands in shell history.
+    /// Create a staff account. The password is read from `ADMIN_PASSWORD` only (never a flag),
+    /// so it lands in no shell history or process list. An existing user is made staff only
+    /// with `--promote-existing`.
     CreateAdmin {
         #[arg(long)]
         username: String,
         #[arg(long, default_value = "")]
         email: String,
-        #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true, value_parser = secret)]
-        password: SecretString,
+        /// Make the user staff if the account already exists (otherwise that is an error).
+        #[arg(long)]
+        promote_existing: bool,
+    },
+    /// End every session of a user: their logins stop working and their WebSockets close
+    /// (4401) on every API instance.
+    RevokeSessions {
+        #[arg(long)]
+        username: String,
     },
 }
 
-/// A value kept out of `Debug` output and logs.
-fn secret(value: &str) -> Result<SecretString, String> {
-    Ok(SecretString::from(value.to_owned()))
+/// The staff password `create-admin` sets, from `ADMIN_PASSWORD`.
+pub fn admin_password() -> Option<SecretString> {
+    std::env::var("ADMIN_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(SecretString::from)
 }
 
 fn metrics_token(value: &str) -> Result<SecretString, String> {

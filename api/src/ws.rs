@@ -19,11 +19,12 @@ use aichat_shared::db;
 use aichat_shared::domain::{AiMessage, ContextOptions, User, role};
 use aichat_shared::events::{ChatEvent, EventMessage};
 
-use crate::auth::{bearer_token, cookie_token, user_for_token};
+use crate::auth::{bearer_token, cookie_token, hash_token, live_session};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, NOT_AN_OBJECT, RequestId, is_json_object};
 use crate::fanout::{Event, Lagged, Subscription};
+use crate::revocation::{Revocation, SESSION_ENDED};
 use crate::routes::ai_chats::ensure_owner;
 use crate::state::AppState;
 use crate::validate;
@@ -82,9 +83,20 @@ async fn upgrade(
         .or(query.token)
         .or(cookie)
         .ok_or(ApiError::Unauthenticated)?;
-    let user = user_for_token(&state, &token)
+    // Listening before the session is read: a revocation published from here on reaches this
+    // socket, and one published earlier has already emptied the session cache.
+    let revocations = state.hub.revocations();
+    let token_hash = hash_token(&token);
+    let live = live_session(&state, &token_hash)
         .await?
         .ok_or(ApiError::Unauthenticated)?;
+    let user = live.user;
+    let credential = Credential {
+        user_id: user.id,
+        token_hash,
+        expires_at: live.expires_at,
+        revocations,
+    };
     ensure_owner(&state, id, user.id).await?;
     if query.after_id.is_some_and(|a| a < 0) {
         return Err(ApiError::BadRequest(
@@ -105,19 +117,46 @@ async fn upgrade(
         .max_message_size(settings.ws_max_message_bytes)
         .max_frame_size(settings.ws_max_message_bytes)
         .on_upgrade(move |socket| {
-            session(state, user, id, subscription, query.after_id, socket).instrument(
-                tracing::info_span!(
-                    "websocket",
-                    ai_chat_id = id,
-                    request_id = request_id.as_deref().unwrap_or("-")
-                ),
+            session(
+                state,
+                user,
+                credential,
+                id,
+                subscription,
+                query.after_id,
+                socket,
             )
+            .instrument(tracing::info_span!(
+                "websocket",
+                ai_chat_id = id,
+                request_id = request_id.as_deref().unwrap_or("-")
+            ))
         }))
+}
+
+/// The session a socket was opened with: the socket ends with it.
+struct Credential {
+    user_id: i64,
+    token_hash: Vec<u8>,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    revocations: tokio::sync::broadcast::Receiver<Revocation>,
+}
+
+impl Credential {
+    /// When the session expires, as a timer deadline.
+    fn deadline(&self) -> Instant {
+        let left = (self.expires_at - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        // Sessions last days; a far-off expiry is as good as a year from now.
+        Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
+    }
 }
 
 async fn session(
     state: AppState,
     user: User,
+    credential: Credential,
     ai_chat_id: i64,
     subscription: Subscription,
     after_id: Option<i64>,
@@ -128,15 +167,12 @@ async fn session(
     // Replies meant for this socket only (errors about its own frames, a close).
     let (direct_tx, direct_rx) = mpsc::channel::<Direct>(32);
     let (alive_tx, alive_rx) = tokio::sync::watch::channel(Instant::now());
-    let send = send_loop(
-        state.clone(),
+    let feed = Feed {
         ai_chat_id,
-        subscription,
+        events: subscription,
         after_id,
-        sink,
-        direct_rx,
-        alive_rx,
-    );
+    };
+    let send = send_loop(state.clone(), credential, feed, sink, direct_rx, alive_rx);
     let recv = recv_loop(state, user, ai_chat_id, stream, direct_tx, alive_tx);
     tokio::pin!(send);
     tokio::select! {
@@ -166,15 +202,26 @@ enum RecvEnd {
 
 type Sink = futures::stream::SplitSink<WebSocket, Message>;
 
+/// What a socket sends: the chat's stored messages after `after_id`, then its live events.
+struct Feed {
+    ai_chat_id: i64,
+    events: Subscription,
+    after_id: Option<i64>,
+}
+
 async fn send_loop(
     state: AppState,
-    ai_chat_id: i64,
-    mut events: Subscription,
-    after_id: Option<i64>,
+    mut credential: Credential,
+    feed: Feed,
     mut sink: Sink,
     mut direct: mpsc::Receiver<Direct>,
     alive: tokio::sync::watch::Receiver<Instant>,
 ) {
+    let Feed {
+        ai_chat_id,
+        mut events,
+        after_id,
+    } = feed;
     let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
     let ping_every = Duration::from_secs(state.settings.ws_ping_secs.max(1));
     let mut shutdown = state.shutdown.clone();
@@ -202,8 +249,36 @@ async fn send_loop(
     }
 
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let expiry = tokio::time::sleep_until(credential.deadline());
+    tokio::pin!(expiry);
+    let mut revocations_open = true;
     loop {
         tokio::select! {
+            () = &mut expiry => {
+                close(&mut sink, SESSION_ENDED, "session expired").await;
+                return;
+            }
+            revoked = credential.revocations.recv(), if revocations_open => {
+                use tokio::sync::broadcast::error::RecvError;
+                let ended = match revoked {
+                    Ok(revocation) => revocation.ends(credential.user_id, &credential.token_hash),
+                    // Some revocations were missed: the database says whether this was one.
+                    Err(RecvError::Lagged(_)) => {
+                        matches!(
+                            db::sessions::find_live_session(&state.db, &credential.token_hash).await,
+                            Ok(None)
+                        )
+                    }
+                    Err(RecvError::Closed) => {
+                        revocations_open = false;
+                        false
+                    }
+                };
+                if ended {
+                    close(&mut sink, SESSION_ENDED, "session ended").await;
+                    return;
+                }
+            }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
                     close(&mut sink, close_code::AWAY, "server shutting down").await;

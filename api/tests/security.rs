@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Options, spawn_app_with};
+use common::{Options, closed_with, event_of, spawn_app, spawn_app_with};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -761,5 +761,221 @@ async fn only_the_operators_models_can_be_chosen_and_they_are_listed() {
         .patch(&path, &alice.token, json!({"model": "gpt-test"}))
         .await;
     assert_eq!(status, StatusCode::OK);
+    app.cleanup().await;
+}
+
+/// Item 8: a logout reaches open sockets. Logging out one session closes its sockets on both
+/// API instances with 4401 within 2 s (and the other instance stops accepting the token at
+/// once, although it had just cached it), while the user's other session keeps its socket;
+/// `POST /api/logout/all/` then ends that one too.
+#[tokio::test]
+async fn logout_closes_that_sessions_sockets_on_every_instance_and_logout_all_the_rest() {
+    let a = spawn_app().await;
+    let b = a.another_instance(&[]).await;
+    let alice = a.user("alice").await;
+    let (status, second) = a.login("alice", "correct horse").await;
+    assert_eq!(status, StatusCode::OK);
+    let other_token = second["token"].as_str().expect("token").to_owned();
+    let chat = a.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    let mut on_a = a.ws(chat, &alice.token, None).await;
+    let mut on_b = b.ws(chat, &alice.token, None).await;
+    let mut other = b.ws(chat, &other_token, None).await;
+    assert_eq!(b.get("/api/me/", &alice.token).await.0, StatusCode::OK);
+
+    let (status, body) = a.post("/api/logout/", &alice.token, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(closed_with(&mut on_a, 2).await, Some(4401));
+    assert_eq!(closed_with(&mut on_b, 2).await, Some(4401));
+    assert_eq!(
+        b.get("/api/me/", &alice.token).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let (status, _) = b
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/"),
+            &other_token,
+            json!({"content": "still here"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (event, _) = event_of(&mut other, "user_message", 5).await;
+    assert_eq!(event["message"]["content"], "still here");
+
+    let (status, body) = b.post("/api/logout/all/", &other_token, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(closed_with(&mut other, 2).await, Some(4401));
+    assert_eq!(
+        a.get("/api/me/", &other_token).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, _) = a.call(Method::POST, "/api/logout/all/", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    b.cleanup().await;
+    a.cleanup().await;
+}
+
+/// Item 8: a socket does not outlive its session: it is closed (4401) when the session
+/// expires, though the client keeps answering pings.
+#[tokio::test]
+async fn a_socket_is_closed_when_its_session_expires() {
+    // No session cache: the socket must read the expiry this test writes into the database.
+    let app = spawn_app_with(Options {
+        extra: vec!["--session-cache-secs".into(), "0".into()],
+        ..Options::default()
+    })
+    .await;
+    let bob = app.user("bob").await;
+    let chat = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    sqlx::query("update sessions set expires_at = now() + interval '2 seconds' where user_id = $1")
+        .bind(bob.id)
+        .execute(&app.db)
+        .await
+        .expect("shorten the session");
+    let mut ws = app.ws(chat, &bob.token, None).await;
+    assert_eq!(closed_with(&mut ws, 10).await, Some(4401));
+    app.cleanup().await;
+}
+
+/// Item 8: `aichat-api revoke-sessions --username` ends every session of that user, for
+/// operators: the API instance's sockets close (4401) and the token is refused.
+#[tokio::test]
+async fn the_operator_command_revokes_every_session_of_a_user() {
+    let app = spawn_app().await;
+    let carol = app.user("carol").await;
+    let dave = app.user("dave").await;
+    let chat = app.create_ai_chat(&carol, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    let mut ws = app.ws(chat, &carol.token, None).await;
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+        .args([
+            "--database-url",
+            &app.db_url,
+            "--redis-url",
+            &app.redis_url,
+            "--aichat-namespace",
+            &app.ns,
+            "--log-filter",
+            "error",
+            "revoke-sessions",
+            "--username",
+            "Carol".to_lowercase().as_str(),
+        ])
+        .status()
+        .await
+        .expect("run the command");
+    assert!(status.success());
+    assert_eq!(closed_with(&mut ws, 2).await, Some(4401));
+    assert_eq!(
+        app.get("/api/me/", &carol.token).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(app.get("/api/me/", &dave.token).await.0, StatusCode::OK);
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+        .args([
+            "--database-url",
+            &app.db_url,
+            "revoke-sessions",
+            "--username",
+            "nobody",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("run the command");
+    assert!(!status.success(), "an unknown user is an error");
+    app.cleanup().await;
+}
+
+/// Item 11: the documentation pages carry a Content-Security-Policy that lets them load only
+/// what this binary serves (and no inline script).
+#[tokio::test]
+async fn the_documentation_pages_carry_a_content_security_policy() {
+    let app = spawn_app().await;
+    for path in ["/api/docs/", "/api/redoc/"] {
+        let answer = app
+            .client
+            .get(app.url(path))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        let csp = answer.headers()["content-security-policy"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert!(csp.contains("default-src 'none'"), "{path}: {csp}");
+        assert!(csp.contains("script-src 'self';"), "{path}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+    }
+    app.cleanup().await;
+}
+
+/// Item 11: `create-admin` takes the password from `ADMIN_PASSWORD` only and makes an existing
+/// user staff only when told to with `--promote-existing`.
+#[tokio::test]
+async fn create_admin_takes_the_password_from_the_environment_and_promotes_only_when_told() {
+    let app = spawn_app().await;
+    let eve = app.user("eve").await;
+    let run = |args: Vec<String>, password: Option<&'static str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"));
+        command
+            .args(["--database-url", &app.db_url, "--log-filter", "error"])
+            .args(args)
+            .env_remove("ADMIN_PASSWORD")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(password) = password {
+            command.env("ADMIN_PASSWORD", password);
+        }
+        async move { command.status().await.expect("run create-admin").success() }
+    };
+    let args = |more: &[&str]| -> Vec<String> {
+        ["create-admin"]
+            .iter()
+            .chain(more)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let is_staff = |username: &'static str| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("select is_staff from users where username = $1")
+                .bind(username)
+                .fetch_one(&db)
+                .await
+                .expect("user")
+        }
+    };
+    assert!(!run(args(&["--username", "eve"]), Some("unused password 1")).await);
+    assert!(
+        !is_staff("eve").await,
+        "an existing user is not promoted unasked"
+    );
+    assert!(run(args(&["--username", "eve", "--promote-existing"]), None).await);
+    assert!(is_staff("eve").await);
+    assert_eq!(app.get("/api/me/", &eve.token).await.1["is_staff"], true);
+
+    assert!(
+        !run(
+            args(&["--username", "root", "--password", "on the command line"]),
+            None
+        )
+        .await,
+        "no password flag"
+    );
+    assert!(
+        !run(args(&["--username", "root"]), None).await,
+        "no password at all"
+    );
+    assert!(run(args(&["--username", "root"]), Some("root's long password")).await);
+    let (status, body) = app.login("root", "root's long password").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["is_staff"], true, "{body}");
     app.cleanup().await;
 }

@@ -29,6 +29,11 @@ impl Namespace {
         format!("{}:announce:{message_id}", self.0)
     }
 
+    /// The pub/sub channel on which revoked sessions are announced to every API instance.
+    pub fn revocations(&self) -> String {
+        format!("{}:revoked", self.0)
+    }
+
     /// An `Idempotency-Key` a user sent (hashed by the caller, so its length is bounded).
     pub fn idempotency(&self, user_id: i64, key_hash: &str) -> String {
         format!("{}:idem:{user_id}:{key_hash}", self.0)

@@ -17,6 +17,7 @@ use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::ApiJson;
 use crate::passwords;
+use crate::revocation::{self, Revocation};
 use crate::state::AppState;
 use crate::throttle::{self, Attempt};
 use crate::validate;
@@ -26,6 +27,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(register))
         .routes(routes!(login))
         .routes(routes!(logout))
+        .routes(routes!(logout_all))
         .routes(routes!(me))
         .routes(routes!(users))
 }
@@ -182,25 +184,45 @@ pub struct MessageResponse {
     message: String,
 }
 
-/// Log out: revokes this session server-side and clears the cookie.
+/// Log out: revokes this session server-side (its WebSockets on every instance close with
+/// 4401) and clears the cookie.
 #[utoipa::path(post, path = "/api/logout/", tag = "auth",
     responses((status = 200, body = MessageResponse), (status = 401, description = "Authentication required")))]
 #[tracing::instrument(skip_all)]
 async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
     db::sessions::delete_session(&state.db, &auth.token_hash).await?;
     state.sessions.revoke(&auth.token_hash);
-    let clear = session_cookie(&state, "", 0);
+    let mut redis = state.redis.clone();
+    revocation::publish(
+        &mut redis,
+        &state.ns,
+        &Revocation::session(&auth.token_hash),
+    )
+    .await;
+    logged_out(&state, "Logged out successfully".into())
+}
+
+/// Log out everywhere: ends every session of the caller, this one included (their WebSockets
+/// on every instance close with 4401), and clears the cookie.
+#[utoipa::path(post, path = "/api/logout/all/", tag = "auth",
+    responses((status = 200, body = MessageResponse), (status = 401, description = "Authentication required")))]
+#[tracing::instrument(skip_all)]
+async fn logout_all(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
+    let ended =
+        revocation::end_user_sessions(&state.db, &state.redis, &state.ns, auth.user.id).await?;
+    state.sessions.revoke_user(auth.user.id);
+    logged_out(&state, format!("Logged out of {ended} session(s)"))
+}
+
+/// The answer of a logout: `message`, and the cookie cleared.
+fn logged_out(state: &AppState, message: String) -> ApiResult<impl IntoResponse + use<>> {
+    let clear = session_cookie(state, "", 0);
     let mut headers = HeaderMap::new();
     headers.insert(
         SET_COOKIE,
         HeaderValue::from_str(&clear).map_err(|e| ApiError::Internal(e.into()))?,
     );
-    Ok((
-        headers,
-        Json(MessageResponse {
-            message: "Logged out successfully".into(),
-        }),
-    ))
+    Ok((headers, Json(MessageResponse { message })))
 }
 
 /// The `sessionid` cookie carrying `token` for `max_age` seconds; the one that clears it has

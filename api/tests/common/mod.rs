@@ -458,6 +458,24 @@ pub async fn event_of(ws: &mut Ws, kind: &str, secs: u64) -> (Value, Vec<Value>)
     }
 }
 
+/// Reads until the server closes the socket; the close code (`None`: closed without a frame).
+/// Panics if it is still open after `secs` seconds.
+pub async fn closed_with(ws: &mut Ws, secs: u64) -> Option<u16> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the socket is still open after {secs} s"))
+}
+
 pub async fn send_ws(ws: &mut Ws, value: Value) {
     use futures::SinkExt;
     ws.send(tokio_tungstenite::tungstenite::Message::Text(

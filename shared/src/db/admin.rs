@@ -9,7 +9,7 @@ use crate::domain::{AiChat, AiMessage, status};
 use crate::error::Result;
 
 /// AI chats whose title or owner's username contains `query` (case-insensitive), newest first.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(skip(db, query))]
 pub async fn search_ai_chats(
     db: impl PgExecutor<'_>,
     query: &str,

@@ -74,7 +74,7 @@ pub async fn find_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiC
     Ok(chat)
 }
 
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(skip_all)]
 pub async fn insert_ai_chat(db: impl PgExecutor<'_>, new: &NewAiChat<'_>) -> Result<i64> {
     let id = sqlx::query_scalar::<_, i64>(
         r#"insert into ai_chats (user_id, title, system_prompt, related_chat_id, model)
@@ -91,7 +91,7 @@ pub async fn insert_ai_chat(db: impl PgExecutor<'_>, new: &NewAiChat<'_>) -> Res
 }
 
 /// Applies `changes` to a chat `user_id` owns; false when there is none.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(skip(db, changes))]
 pub async fn update_ai_chat(
     db: impl PgExecutor<'_>,
     id: i64,

@@ -161,7 +161,7 @@ pub async fn delete_chat(db: impl PgExecutor<'_>, chat_id: i64, user_id: i64) ->
 const MESSAGE_COLUMNS: &str =
     "m.id, m.chat_id, m.content, m.timestamp, u.id as sender_id, u.username as sender_username";
 
-#[tracing::instrument(skip(conn))]
+#[tracing::instrument(skip(conn, content))]
 pub async fn insert_chat_message(
     conn: &mut PgConnection,
     chat_id: i64,

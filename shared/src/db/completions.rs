@@ -232,7 +232,7 @@ pub async fn save_replies(
 
 /// Marks a user message `failed` with a user-safe `error`, unless it has been answered in the
 /// meantime. Returns whether it changed.
-#[tracing::instrument(skip(db))]
+#[tracing::instrument(skip(db, error))]
 pub async fn mark_failed(db: impl PgExecutor<'_>, message_id: i64, error: &str) -> Result<bool> {
     let done = sqlx::query(
         r#"update ai_messages set status = $3, error = $2

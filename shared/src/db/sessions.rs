@@ -55,6 +55,16 @@ pub async fn delete_session(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Resul
     Ok(())
 }
 
+/// Ends every session of one user; returns how many there were.
+#[tracing::instrument(skip(db))]
+pub async fn delete_user_sessions(db: impl PgExecutor<'_>, user_id: i64) -> Result<u64> {
+    let done = sqlx::query(r#"delete from sessions where user_id = $1"#)
+        .bind(user_id)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 /// Drops expired sessions of one user, so the table does not grow with every login.
 #[tracing::instrument(skip(db))]
 pub async fn delete_expired_sessions(db: impl PgExecutor<'_>, user_id: i64) -> Result<u64> {

@@ -7,7 +7,7 @@ use crate::error::Result;
 /// The unique constraint a duplicate username violates.
 pub const USERNAME_TAKEN: &str = "users_username_key";
 
-#[tracing::instrument(skip(db, password_hash))]
+#[tracing::instrument(skip(db, email, password_hash))]
 pub async fn insert_user(
     db: impl PgExecutor<'_>,
     username: &str,
@@ -84,6 +84,16 @@ pub async fn ids_by_usernames(db: impl PgExecutor<'_>, usernames: &[String]) -> 
         .fetch_all(db)
         .await?;
     Ok(ids)
+}
+
+/// Whether `username` is staff; `None` when there is no such user.
+#[tracing::instrument(skip(db))]
+pub async fn staff_status(db: impl PgExecutor<'_>, username: &str) -> Result<Option<bool>> {
+    let staff = sqlx::query_scalar::<_, bool>(r#"select is_staff from users where username = $1"#)
+        .bind(username)
+        .fetch_optional(db)
+        .await?;
+    Ok(staff)
 }
 
 /// Grants or revokes staff rights; false when no such user.
