@@ -73,6 +73,9 @@ pub enum ApiError {
     TooManyRequests { retry_after_secs: u64 },
     #[error("Too many attempts, please try again later")]
     TooManyAttempts { retry_after_secs: u64 },
+    /// `MAX_SOCKETS_PER_USER` reached on this instance.
+    #[error("Too many open WebSockets, close one first")]
+    TooManySockets,
     #[error("Daily token budget exceeded; it resets at midnight UTC")]
     BudgetExceeded { retry_after_secs: u64 },
     #[error("internal error")]
@@ -94,7 +97,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooManyRequests { .. }
             | ApiError::TooManyAttempts { .. }
-            | ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | ApiError::BudgetExceeded { .. }
+            | ApiError::TooManySockets => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,6 +107,10 @@ impl ApiError {
 /// When a client told 503 may try again: long enough for a pool or a queue to drain, short
 /// enough that nobody waits for nothing.
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
+/// When a client with every socket taken may try again: a socket it lost closes within a ping
+/// interval or two.
+pub const SOCKET_RETRY_AFTER_SECS: u64 = 5;
 
 /// What a client is told when PostgreSQL or Redis cannot be reached.
 pub const SERVICE_UNAVAILABLE: &str = "Service temporarily unavailable, please retry shortly";
@@ -137,6 +145,7 @@ impl IntoResponse for ApiError {
             | ApiError::TooManyAttempts { retry_after_secs }
             | ApiError::BudgetExceeded { retry_after_secs } => Some(*retry_after_secs),
             ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            ApiError::TooManySockets => Some(SOCKET_RETRY_AFTER_SECS),
             _ => None,
         };
         let body = match self {

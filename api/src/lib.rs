@@ -31,6 +31,7 @@ pub mod revocation;
 pub mod routes;
 pub mod send_batch;
 pub mod send_rate;
+pub mod serve;
 pub mod session_cache;
 pub mod settings;
 pub mod state;
@@ -156,16 +157,15 @@ impl Application {
             tracing::info!("shutting down: closing WebSockets");
             let _ = shutdown_tx.send(true);
         };
-        // `into_make_service` hands each connection a clone of the router's `Arc`; serving the
-        // `Router` itself re-boxes every route per connection (~10 KiB that a WebSocket keeps
-        // for its whole life; BENCHMARKS.md, fan-out).
-        // With the peer address, which login and registration throttling count by.
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(signal)
-        .await?;
+        // Each connection gets a clone of the router's `Arc` (`serve.rs`), as
+        // `into_make_service` would: serving the `Router` itself re-boxes every route per
+        // connection (~10 KiB that a WebSocket keeps for its whole life; BENCHMARKS.md,
+        // fan-out).
+        let limits = serve::Limits {
+            max_connections: usize::try_from(state.settings.max_connections).unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_secs(state.settings.header_read_timeout_secs),
+        };
+        serve::serve(listener, router, limits, signal).await?;
         state.sockets.wait_closed(Duration::from_secs(5)).await;
         Ok(())
     }
@@ -182,6 +182,10 @@ pub fn app_router(state: AppState) -> Router {
             origin_guard::refuse_cross_site,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            serve::request_timeout,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {

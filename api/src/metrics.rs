@@ -55,7 +55,22 @@ pub fn describe() {
         crate::hashing::BUSY_METRIC,
         "Logins and registrations refused with 503 because every password-hashing slot was taken"
     );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections answered 503 and closed because MAX_CONNECTIONS were open"
+    );
+    describe_counter!(
+        REQUESTS_TIMED_OUT,
+        "Requests answered 503 because they took longer than REQUEST_TIMEOUT_SECS"
+    );
+    describe_counter!(
+        SOCKETS_REFUSED,
+        "WebSocket upgrades answered 429 because the user had MAX_SOCKETS_PER_USER open here"
+    );
     aichat_shared::db::retry::describe(CONFLICT_PATHS);
+    for counter in [CONNECTIONS_REFUSED, REQUESTS_TIMED_OUT, SOCKETS_REFUSED] {
+        metrics::counter!(counter).increment(0);
+    }
 
     metrics::counter!("http_requests_total", "method" => "GET", "route" => "/healthz", "status" => "200")
         .increment(0);
@@ -71,6 +86,22 @@ pub fn describe() {
         metrics::counter!(crate::throttle::THROTTLED_METRIC, "action" => action).increment(0);
     }
     metrics::counter!(crate::hashing::BUSY_METRIC).increment(0);
+}
+
+const CONNECTIONS_REFUSED: &str = "connections_refused_total";
+const REQUESTS_TIMED_OUT: &str = "requests_timed_out_total";
+const SOCKETS_REFUSED: &str = "websockets_refused_total";
+
+pub fn connection_refused() {
+    metrics::counter!(CONNECTIONS_REFUSED).increment(1);
+}
+
+pub fn request_timed_out() {
+    metrics::counter!(REQUESTS_TIMED_OUT).increment(1);
+}
+
+pub fn socket_refused() {
+    metrics::counter!(SOCKETS_REFUSED).increment(1);
 }
 
 /// Records every request: `http_requests_total` and `http_request_duration_seconds`.

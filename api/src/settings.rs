@@ -59,6 +59,23 @@ pub struct Settings {
     /// Most sends written in one batch (one statement, one job push).
     #[arg(long, env = "SEND_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub send_batch_max: u16,
+    /// Seconds a client has to send a request's headers (slow-header attacks); the connection
+    /// is closed past it.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take (its body included) before it is answered 503 with
+    /// `Retry-After`; WebSockets are not requests, and `send_message?wait` gets `MAX_WAIT_SECS`
+    /// more.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_secs: u64,
+    /// Connections open at once, WebSockets included; past it a new connection is answered 503
+    /// and closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// WebSockets one user may have open on one API instance (0: no limit); past it the
+    /// upgrade is answered 429.
+    #[arg(long, env = "MAX_SOCKETS_PER_USER", default_value_t = 20)]
+    pub max_sockets_per_user: usize,
     /// Events a WebSocket may fall behind before it is closed (1013).
     #[arg(long, env = "WS_QUEUE_CAPACITY", default_value_t = 256)]
     pub ws_queue_capacity: usize,

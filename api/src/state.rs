@@ -1,5 +1,6 @@
 //! What every handler can reach.
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use aichat_shared::jobs::JobQueue;
@@ -32,16 +33,19 @@ pub struct AppState {
     pub hashing: Hashing,
 }
 
-/// Counts open WebSockets, so shutdown can wait for their close frames to go out.
+/// Counts open WebSockets, so shutdown can wait for their close frames to go out, and each
+/// user's, for `MAX_SOCKETS_PER_USER`.
 #[derive(Clone)]
 pub struct SocketTracker {
     open: Arc<watch::Sender<usize>>,
+    per_user: Arc<Mutex<HashMap<i64, usize>>>,
 }
 
 impl Default for SocketTracker {
     fn default() -> Self {
         SocketTracker {
             open: Arc::new(watch::channel(0).0),
+            per_user: Arc::default(),
         }
     }
 }
@@ -53,6 +57,21 @@ impl SocketTracker {
         SocketGuard {
             open: self.open.clone(),
         }
+    }
+
+    /// Takes one of `user_id`'s `max` sockets on this instance (0: no limit) until the guard
+    /// is dropped; `None` when all are taken.
+    pub fn reserve_for_user(&self, user_id: i64, max: usize) -> Option<UserSocket> {
+        let mut per_user = lock(&self.per_user);
+        let open = per_user.entry(user_id).or_default();
+        if max > 0 && *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(UserSocket {
+            user_id,
+            per_user: self.per_user.clone(),
+        })
     }
 
     pub fn open(&self) -> usize {
@@ -72,6 +91,31 @@ impl SocketTracker {
             Ok(Ok(_))
         )
     }
+}
+
+/// One socket of a user, counted until dropped.
+pub struct UserSocket {
+    user_id: i64,
+    per_user: Arc<Mutex<HashMap<i64, usize>>>,
+}
+
+impl Drop for UserSocket {
+    fn drop(&mut self) {
+        let mut per_user = lock(&self.per_user);
+        if let Some(open) = per_user.get_mut(&self.user_id) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                per_user.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// Counters only: a panic cannot leave one half-written, so a poisoned lock is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub struct SocketGuard {

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{Extension, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -26,6 +26,7 @@ use crate::extract::{ApiPath, ApiQuery, NOT_AN_OBJECT, RequestId, is_json_object
 use crate::fanout::{Event, Lagged, Subscription};
 use crate::revocation::{Revocation, SESSION_ENDED};
 use crate::routes::ai_chats::ensure_owner;
+use crate::serve::ConnectionSlot;
 use crate::state::AppState;
 use crate::validate;
 
@@ -75,6 +76,7 @@ async fn upgrade(
     RequestId(request_id): RequestId,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(query): ApiQuery<WsQuery>,
+    slot: Option<Extension<ConnectionSlot>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     // A credential the client named wins over the cookie its browser attaches anyway (the
@@ -104,6 +106,15 @@ async fn upgrade(
         ));
     }
     let ws = ws.map_err(|_| ApiError::BadRequest("Expected a WebSocket upgrade request".into()))?;
+    let Some(user_socket) = state
+        .sockets
+        .reserve_for_user(user.id, state.settings.max_sockets_per_user)
+    else {
+        crate::metrics::socket_refused();
+        return Err(ApiError::TooManySockets);
+    };
+    // The socket keeps its connection's place under MAX_CONNECTIONS until it closes.
+    let held = (user_socket, slot);
     // Subscribe before the upgrade: nothing published from here on is missed.
     let subscription = state.hub.subscribe(id).await.map_err(|err| {
         tracing::warn!(error = %err, "pub/sub subscribe failed");
@@ -117,20 +128,25 @@ async fn upgrade(
         .max_message_size(settings.ws_max_message_bytes)
         .max_frame_size(settings.ws_max_message_bytes)
         .on_upgrade(move |socket| {
-            session(
-                state,
-                user,
-                credential,
-                id,
-                subscription,
-                query.after_id,
-                socket,
-            )
-            .instrument(tracing::info_span!(
+            let span = tracing::info_span!(
                 "websocket",
                 ai_chat_id = id,
                 request_id = request_id.as_deref().unwrap_or("-")
-            ))
+            );
+            async move {
+                let _held = held;
+                session(
+                    state,
+                    user,
+                    credential,
+                    id,
+                    subscription,
+                    query.after_id,
+                    socket,
+                )
+                .await
+            }
+            .instrument(span)
         }))
 }
 

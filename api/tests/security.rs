@@ -979,3 +979,159 @@ async fn create_admin_takes_the_password_from_the_environment_and_promotes_only_
     assert_eq!(body["is_staff"], true, "{body}");
     app.cleanup().await;
 }
+
+/// Item 10: a client that never finishes its headers is cut off after
+/// `HEADER_READ_TIMEOUT_SECS` (hyper's timeout needs a timer, which the server now has), and
+/// one whose request (its body included) runs past `REQUEST_TIMEOUT_SECS` gets 503 with
+/// `Retry-After`, while `send_message?wait` may wait its own time.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_slow_requests_answered_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(Options {
+        extra: [
+            "--header-read-timeout-secs",
+            "1",
+            "--request-timeout-secs",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..Options::default()
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    // Everything the server answers until it closes the connection (at most 10 s).
+    let answer_to = |request: Vec<u8>| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            stream.write_all(&request).await.expect("write");
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+                .await
+                .expect("the server closes the connection in time")
+                .expect("read");
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+
+    let started = Instant::now();
+    let answer = answer_to(b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec()).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let slow_body = format!(
+        "POST /api/ai/chats/{chat}/send_message/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"content\"",
+        alice.token
+    );
+    let answer = answer_to(slow_body.into_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(answer.contains("took too long"), "{answer}");
+
+    // No worker runs: the wait ends after its 2 s with 202, past the 1 s request timeout.
+    let (status, body) = app
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/?wait=2"),
+            &alice.token,
+            json!({"content": "hi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    app.cleanup().await;
+}
+
+/// Item 10: connections are capped (a WebSocket keeps its place until it closes): past
+/// `MAX_CONNECTIONS` a new connection is answered 503 with `Retry-After`; and a user has at
+/// most `MAX_SOCKETS_PER_USER` sockets on an instance: the next upgrade is 429, before any
+/// upgrade, while other users are unaffected.
+#[tokio::test]
+async fn connections_and_each_users_sockets_are_capped() {
+    let app = spawn_app_with(Options {
+        extra: ["--max-connections", "4", "--max-sockets-per-user", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Options::default()
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    let first = app.ws(chat, &alice.token, None).await;
+    let _second = app.ws(chat, &alice.token, None).await;
+    let refused = tokio_tungstenite::connect_async(
+        app.ws_url(&format!("/ws/ai-chat/{chat}/?token={}", alice.token)),
+    )
+    .await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(answer)) => {
+            assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert!(answer.headers().contains_key("retry-after"));
+        }
+        other => panic!("a third socket of alice's: {:?}", other.map(|_| ())),
+    }
+    let _bobs = app.ws(bobs, &bob.token, None).await;
+
+    // The test's pooled connection and three sockets hold the four places: a new connection
+    // is refused.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client")
+    };
+    let answer = fresh()
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers()["retry-after"], "1");
+    let body: Value = answer.json().await.expect("JSON");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Too many connections")
+    );
+
+    // A socket that closes gives its place (and alice's) back.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = fresh()
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .map(|a| a.status());
+        if matches!(status, Ok(StatusCode::OK)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place was never freed: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.cleanup().await;
+}

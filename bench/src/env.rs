@@ -180,6 +180,10 @@ impl Stack {
             ("API_ADDR", &format!("127.0.0.1:{}", stack.api_port)),
             ("SEND_RATE_PER_MINUTE", "0"),
             ("RUN_MIGRATIONS", "true"),
+            // Sized for the load the scenarios make (fan-out: up to tens of thousands of
+            // sockets, several per account when spread over fewer chats).
+            ("MAX_CONNECTIONS", "65536"),
+            ("MAX_SOCKETS_PER_USER", "0"),
         ]));
         let mut api = Proc::spawn(
             &format!("{scenario}-api"),

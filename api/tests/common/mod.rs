@@ -577,6 +577,11 @@ pub async fn start_worker(
         "test-key".into(),
         "--metrics-addr".into(),
         "127.0.0.1:0".into(),
+        // The same models as the test's API, as in a deployment (shared settings).
+        "--openai-model".into(),
+        "gpt-test".into(),
+        "--allowed-models".into(),
+        TEST_MODELS.into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let settings = aichat_worker::Settings::try_parse_from(args).expect("worker settings");
