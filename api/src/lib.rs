@@ -26,6 +26,7 @@ pub mod hashing;
 pub mod idempotency;
 pub mod metrics;
 pub mod origin_guard;
+pub mod paging;
 pub mod passwords;
 pub mod revocation;
 pub mod routes;

@@ -30,6 +30,10 @@ use crate::serve::ConnectionSlot;
 use crate::state::AppState;
 use crate::validate;
 
+/// Stored messages a socket's catch-up sends at most; past it the socket says so
+/// (`catch_up_truncated`) and the client reads the rest over REST.
+const CATCH_UP_LIMIT: i64 = 500;
+
 /// Close code for a client too slow to keep up ("try again later").
 const SLOW_CONSUMER: u16 = 1013;
 
@@ -245,12 +249,25 @@ async fn send_loop(
     // Catch-up: stored messages after `after_id`; their live events are then skipped by id.
     let mut caught_up: HashSet<i64> = HashSet::new();
     if let Some(after_id) = after_id {
-        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Some(after_id), None).await
+        let limit = Some(CATCH_UP_LIMIT + 1);
+        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Some(after_id), limit)
+            .await
         {
-            Ok(messages) => {
-                for message in messages {
+            Ok(mut messages) => {
+                let truncated = messages.len() > CATCH_UP_LIMIT as usize;
+                messages.truncate(CATCH_UP_LIMIT as usize);
+                for message in &messages {
                     caught_up.insert(message.id);
-                    let text = stored_event(&message);
+                    let text = stored_event(message);
+                    if !send_text(&mut sink, text, send_timeout).await {
+                        return;
+                    }
+                }
+                if let Some(last) = messages.last().filter(|_| truncated) {
+                    let event = ChatEvent::CatchUpTruncated {
+                        next_after_id: last.id,
+                    };
+                    let text = serde_json::to_string(&event).unwrap_or_default();
                     if !send_text(&mut sink, text, send_timeout).await {
                         return;
                     }

@@ -1,7 +1,9 @@
-//! What an attacker of an open-registration service tries: login and registration abuse
-//! (throttled by client address and by username, shared through Redis; failures backing off
-//! per username; password hashing bounded; passwords checked as Django checks them) and
-//! cross-site use of the session cookie.
+//! What an attacker of an open-registration service tries (SECURITY.md, one test per threat):
+//! login and registration abuse (throttled by client address and by username, shared through
+//! Redis; failures backing off per username; password hashing bounded; passwords checked as
+//! Django checks them), cross-site use of the session cookie, running up the model bill,
+//! sessions kept alive after logout, slow or too many connections, and operator commands.
+//! Paged lists are in `paging.rs`.
 mod common;
 
 use std::time::{Duration, Instant};

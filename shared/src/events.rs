@@ -75,6 +75,12 @@ pub enum ChatEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message_id: Option<i64>,
     },
+    /// The catch-up of a socket opened with `?after_id=` stopped at its limit: the stored
+    /// messages after `next_after_id` are to be read over REST
+    /// (`GET /api/ai/chats/{id}/messages/?after_id=`). Live events follow as usual.
+    CatchUpTruncated {
+        next_after_id: i64,
+    },
 }
 
 /// Publishes each `(ai_chat_id, event)` on its chat's channel, in order, in one round trip.

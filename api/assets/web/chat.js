@@ -466,6 +466,9 @@ function handleEvent(event) {
         state.pendingText = null;
       }
       break;
+    case 'catch_up_truncated':
+      if (state.chat) showMessagesAfter(state.chat.id, event.next_after_id);
+      break;
     default:
       break; // unknown events are for newer pages
   }
@@ -478,15 +481,29 @@ function handleEvent(event) {
 async function refreshQueued(chatId) {
   const queued = [...list.querySelectorAll('li.user[data-status="queued"]')].map((n) => Number(n.dataset.id));
   if (queued.length === 0) return;
+  await showMessagesAfter(chatId, Math.min(...queued) - 1);
+}
+
+/** Messages a page of `GET .../messages/` holds by default: a shorter page is the last. */
+const MESSAGES_PAGE = 1000;
+
+/**
+ * Reads the chat's stored messages after `after` over REST, page by page, and shows them
+ * (after a socket's catch-up stopped at its limit, or to refresh queued ones).
+ */
+async function showMessagesAfter(chatId, after) {
   try {
-    const after = Math.min(...queued) - 1;
-    const messages = await api('GET', `/api/ai/chats/${chatId}/messages/?after_id=${after}`);
-    if (!state.chat || state.chat.id !== chatId) return;
-    for (const message of messages) {
-      if (message.role === 'user') {
-        addUserMessage(message);
-        if (message.status === 'failed') pendingReply(message.id)?.remove();
-      } else if (message.role === 'assistant') addAssistantMessage(message);
+    for (;;) {
+      const messages = await api('GET', `/api/ai/chats/${chatId}/messages/?after_id=${after}`);
+      if (!state.chat || state.chat.id !== chatId) return;
+      for (const message of messages) {
+        if (message.role === 'user') {
+          addUserMessage(message);
+          if (message.status === 'failed') pendingReply(message.id)?.remove();
+        } else if (message.role === 'assistant') addAssistantMessage(message);
+      }
+      if (messages.length < MESSAGES_PAGE) return;
+      after = messages[messages.length - 1].id;
     }
   } catch {
     // Best effort: the events still arrive.

@@ -2,7 +2,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::header::SET_COOKIE;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::IntoResponse;
 use chrono::{Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,8 @@ use aichat_shared::domain::{User, UserSummary};
 use crate::auth::{self, AuthUser, SESSION_COOKIE};
 use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, FieldErrors};
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiQuery};
+use crate::paging::{DEFAULT_LIMIT, Order, Page, PageQuery};
 use crate::passwords;
 use crate::revocation::{self, Revocation};
 use crate::state::AppState;
@@ -243,13 +244,19 @@ async fn me(auth: AuthUser) -> Json<User> {
     Json(auth.user)
 }
 
-/// Every user, to pick chat participants from.
-#[utoipa::path(get, path = "/api/users/", tag = "auth",
-    responses((status = 200, body = Vec<UserSummary>), (status = 401, description = "Authentication required")))]
+/// The users, to pick chat participants from, in id order (100 a page by default; a full page
+/// links to the next).
+#[utoipa::path(get, path = "/api/users/", tag = "auth", params(PageQuery),
+    responses((status = 200, body = Vec<UserSummary>), (status = 400, description = "Bad page query"),
+        (status = 401, description = "Authentication required")))]
 #[tracing::instrument(skip_all)]
 async fn users(
     State(state): State<AppState>,
     _auth: AuthUser,
-) -> ApiResult<Json<Vec<UserSummary>>> {
-    Ok(Json(db::users::list_users(&state.db).await?))
+    uri: Uri,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> ApiResult<Page<UserSummary>> {
+    let (after_id, limit) = page.read(Order::OldestFirst, DEFAULT_LIMIT)?;
+    let users = db::users::list_users(&state.db, after_id, limit).await?;
+    Ok(Page::new(users, limit, &uri, Order::OldestFirst, |u| u.id))
 }

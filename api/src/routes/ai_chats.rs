@@ -1,7 +1,7 @@
 //! AI chats: create, read, change and delete them, and read their related chat.
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -13,6 +13,7 @@ use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
 use crate::state::AppState;
 use crate::validate;
 
@@ -32,17 +33,21 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(related_chat_context))
 }
 
-/// The user's AI chats, most recently updated first.
-#[utoipa::path(get, path = "/api/ai/chats/", tag = "ai",
-    responses((status = 200, body = Vec<AiChat>), (status = 401, description = "Authentication required")))]
+/// The user's AI chats, most recently updated first (100 a page by default; a full page links
+/// to the next, whose `before_id` is the last chat of this one).
+#[utoipa::path(get, path = "/api/ai/chats/", tag = "ai", params(PageQuery),
+    responses((status = 200, body = Vec<AiChat>), (status = 400, description = "Bad page query"),
+        (status = 401, description = "Authentication required")))]
 #[tracing::instrument(skip_all)]
 async fn list_ai_chats(
     State(state): State<AppState>,
     auth: AuthUser,
-) -> ApiResult<Json<Vec<AiChat>>> {
-    Ok(Json(
-        db::ai_chats::list_ai_chats(&state.db, auth.user.id).await?,
-    ))
+    uri: Uri,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> ApiResult<Page<AiChat>> {
+    let (before_id, limit) = page.read(Order::NewestFirst, DEFAULT_LIMIT)?;
+    let chats = db::ai_chats::list_ai_chats(&state.db, auth.user.id, before_id, limit).await?;
+    Ok(Page::new(chats, limit, &uri, Order::NewestFirst, |c| c.id))
 }
 
 /// `Some(None)` for an explicit `null`, so a change can unlink the related chat.
@@ -148,7 +153,8 @@ async fn create_ai_chat(
     Ok((StatusCode::CREATED, Json(chat)))
 }
 
-/// One AI chat with its messages, oldest first.
+/// One AI chat with its messages, oldest first: the first 1000 at most (page the rest with
+/// `GET /api/ai/chats/{id}/messages/?after_id=`).
 #[utoipa::path(get, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
     responses((status = 200, body = AiChatDetail), (status = 404, description = "Not found")))]
 #[tracing::instrument(skip_all)]
@@ -158,7 +164,8 @@ async fn get_ai_chat(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<AiChatDetail>> {
     let chat = owned_chat(&state, id, auth.user.id).await?;
-    let messages = db::ai_messages::list_chat_messages(&state.db, id, None, None).await?;
+    let messages =
+        db::ai_messages::list_chat_messages(&state.db, id, None, Some(MAX_LIMIT)).await?;
     Ok(Json(AiChatDetail { chat, messages }))
 }
 

@@ -1,7 +1,7 @@
 //! AI messages: sending one to the model, and reading them back; token usage.
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -16,6 +16,7 @@ use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
 use crate::idempotency::{self, Claim};
+use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
 use crate::state::AppState;
 use crate::validate;
 use crate::wait::{self, Outcome};
@@ -196,57 +197,53 @@ async fn prepare_send<'a>(
     })
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct MessagesQuery {
-    /// Only messages with a larger id.
-    after_id: Option<i64>,
-    /// At most this many (1–1000).
-    limit: Option<i64>,
-}
-
-/// The messages of one AI chat, oldest first.
+/// The messages of one AI chat, oldest first (1000 a page by default; a full page links to
+/// the next).
 #[utoipa::path(get, path = "/api/ai/chats/{id}/messages/", tag = "ai",
-    params(("id" = i64, Path), MessagesQuery),
+    params(("id" = i64, Path), PageQuery),
     responses((status = 200, body = Vec<AiMessage>), (status = 400, description = "Bad query"), (status = 404, description = "Not found")))]
 #[tracing::instrument(skip_all)]
 async fn list_chat_messages(
     State(state): State<AppState>,
     auth: AuthUser,
     ApiPath(id): ApiPath<i64>,
-    ApiQuery(query): ApiQuery<MessagesQuery>,
-) -> ApiResult<Json<Vec<AiMessage>>> {
-    let mut errors = FieldErrors::default();
-    if let Some(after_id) = query.after_id {
-        validate::in_range(&mut errors, "after_id", after_id, 0, i64::MAX);
-    }
-    if let Some(limit) = query.limit {
-        validate::in_range(&mut errors, "limit", limit, 1, 1000);
-    }
-    errors.check()?;
+    uri: Uri,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> ApiResult<Page<AiMessage>> {
+    let (after_id, limit) = page.read(Order::OldestFirst, MAX_LIMIT)?;
     // The ownership check and the page in one query.
     let messages = db::ai_messages::list_owned_chat_messages(
         &state.db,
         id,
         auth.user.id,
-        query.after_id,
-        query.limit,
+        after_id,
+        Some(limit),
     )
     .await?
     .ok_or(ApiError::NotFound)?;
-    Ok(Json(messages))
+    Ok(Page::new(messages, limit, &uri, Order::OldestFirst, |m| {
+        m.id
+    }))
 }
 
-/// Every AI message of the user, oldest first.
-#[utoipa::path(get, path = "/api/ai/messages/", tag = "ai",
-    responses((status = 200, body = Vec<AiMessage>), (status = 401, description = "Authentication required")))]
+/// The user's AI messages, oldest first (1000 a page by default; a full page links to the
+/// next).
+#[utoipa::path(get, path = "/api/ai/messages/", tag = "ai", params(PageQuery),
+    responses((status = 200, body = Vec<AiMessage>), (status = 400, description = "Bad page query"),
+        (status = 401, description = "Authentication required")))]
 #[tracing::instrument(skip_all)]
 async fn list_messages(
     State(state): State<AppState>,
     auth: AuthUser,
-) -> ApiResult<Json<Vec<AiMessage>>> {
-    Ok(Json(
-        db::ai_messages::list_user_messages(&state.db, auth.user.id).await?,
-    ))
+    uri: Uri,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> ApiResult<Page<AiMessage>> {
+    let (after_id, limit) = page.read(Order::OldestFirst, MAX_LIMIT)?;
+    let messages =
+        db::ai_messages::list_user_messages(&state.db, auth.user.id, after_id, limit).await?;
+    Ok(Page::new(messages, limit, &uri, Order::OldestFirst, |m| {
+        m.id
+    }))
 }
 
 /// One AI message of the user's.

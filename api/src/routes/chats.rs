@@ -1,7 +1,7 @@
 //! User-to-user chats: the conversations AI chats can draw context from.
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use serde::Deserialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -11,7 +11,8 @@ use aichat_shared::domain::{Chat, ChatMessage};
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
-use crate::extract::{ApiJson, ApiPath};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
 use crate::state::AppState;
 use crate::validate;
 
@@ -23,13 +24,22 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_chat_messages))
 }
 
-/// The chats the user takes part in.
-#[utoipa::path(get, path = "/api/chats/", tag = "chats",
-    responses((status = 200, body = Vec<Chat>), (status = 401, description = "Authentication required")))]
+/// The chats the user takes part in, newest first (100 a page by default; a full page links
+/// to the next).
+#[utoipa::path(get, path = "/api/chats/", tag = "chats", params(PageQuery),
+    responses((status = 200, body = Vec<Chat>), (status = 400, description = "Bad page query"),
+        (status = 401, description = "Authentication required")))]
 #[tracing::instrument(skip_all)]
-async fn list_chats(State(state): State<AppState>, auth: AuthUser) -> ApiResult<Json<Vec<Chat>>> {
+async fn list_chats(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    uri: Uri,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> ApiResult<Page<Chat>> {
+    let (before_id, limit) = page.read(Order::NewestFirst, DEFAULT_LIMIT)?;
     let mut conn = state.db.acquire().await?;
-    Ok(Json(db::chats::list_chats(&mut conn, auth.user.id).await?))
+    let chats = db::chats::list_chats(&mut conn, auth.user.id, before_id, limit).await?;
+    Ok(Page::new(chats, limit, &uri, Order::NewestFirst, |c| c.id))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -155,17 +165,25 @@ async fn send_chat_message(
     Ok((StatusCode::CREATED, Json(message)))
 }
 
-/// Every message of a chat, oldest first.
-#[utoipa::path(get, path = "/api/chats/{id}/messages/", tag = "chats", params(("id" = i64, Path)),
-    responses((status = 200, body = Vec<ChatMessage>), (status = 404, description = "Not found")))]
+/// The messages of a chat, oldest first (1000 a page by default; a full page links to the
+/// next).
+#[utoipa::path(get, path = "/api/chats/{id}/messages/", tag = "chats", params(("id" = i64, Path), PageQuery),
+    responses((status = 200, body = Vec<ChatMessage>), (status = 400, description = "Bad page query"),
+        (status = 404, description = "Not found")))]
 #[tracing::instrument(skip_all)]
 async fn list_chat_messages(
     State(state): State<AppState>,
     auth: AuthUser,
     ApiPath(id): ApiPath<i64>,
-) -> ApiResult<Json<Vec<ChatMessage>>> {
+    uri: Uri,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> ApiResult<Page<ChatMessage>> {
+    let (after_id, limit) = page.read(Order::OldestFirst, MAX_LIMIT)?;
     ensure_participant(&state, id, auth.user.id).await?;
-    Ok(Json(db::chats::list_chat_messages(&state.db, id).await?))
+    let messages = db::chats::list_chat_messages(&state.db, id, after_id, limit).await?;
+    Ok(Page::new(messages, limit, &uri, Order::OldestFirst, |m| {
+        m.id
+    }))
 }
 
 async fn ensure_participant(state: &AppState, chat_id: i64, user_id: i64) -> ApiResult<()> {

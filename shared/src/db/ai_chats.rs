@@ -40,13 +40,27 @@ pub struct AiChatChanges<'a> {
 }
 
 /// A user's AI chats, most recently updated first (`updated_at` is the output column of
-/// [`SELECT_AI_CHAT`], not the table's).
+/// [`SELECT_AI_CHAT`], not the table's): at most `limit`, and with `before_id`, those that
+/// come after chat `before_id` in that order (the last of the previous page; a chat deleted
+/// since ends the listing).
 #[tracing::instrument(skip(db))]
-pub async fn list_ai_chats(db: impl PgExecutor<'_>, user_id: i64) -> Result<Vec<AiChat>> {
+pub async fn list_ai_chats(
+    db: impl PgExecutor<'_>,
+    user_id: i64,
+    before_id: Option<i64>,
+    limit: i64,
+) -> Result<Vec<AiChat>> {
     let chats = sqlx::query_as::<_, AiChat>(sql!(
-        "{SELECT_AI_CHAT} where a.user_id = $1 order by updated_at desc, a.id desc"
+        "with c as ({SELECT_AI_CHAT} where a.user_id = $1)
+         select * from c
+         where $2::bigint is null
+            or (c.updated_at, c.id) < (select updated_at, id from c where id = $2)
+         order by c.updated_at desc, c.id desc
+         limit $3"
     ))
     .bind(user_id)
+    .bind(before_id)
+    .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(chats)

@@ -224,14 +224,21 @@ pub async fn list_owned_chat_messages(
     Ok(Some(messages))
 }
 
-/// Every AI message of a user, oldest first.
+/// AI messages of a user, oldest first: at most `limit`, with an id above `after_id`.
 #[tracing::instrument(skip(db))]
-pub async fn list_user_messages(db: impl PgExecutor<'_>, user_id: i64) -> Result<Vec<AiMessage>> {
+pub async fn list_user_messages(
+    db: impl PgExecutor<'_>,
+    user_id: i64,
+    after_id: Option<i64>,
+    limit: i64,
+) -> Result<Vec<AiMessage>> {
     let messages = sqlx::query_as::<_, AiMessage>(sql!(
         "select {MESSAGE_COLUMNS} from ai_messages m join ai_chats a on a.id = m.ai_chat_id
-         where a.user_id = $1 order by m.id"
+         where a.user_id = $1 and m.id > $2 order by m.id limit $3"
     ))
     .bind(user_id)
+    .bind(after_id.unwrap_or(0))
+    .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(messages)

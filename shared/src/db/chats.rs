@@ -73,16 +73,24 @@ async fn with_participants(conn: &mut PgConnection, rows: Vec<ChatRow>) -> Resul
         .collect())
 }
 
-/// The chats `user_id` takes part in, newest first.
+/// The chats `user_id` takes part in, newest first: at most `limit`, with an id below
+/// `before_id`.
 #[tracing::instrument(skip(conn))]
-pub async fn list_chats(conn: &mut PgConnection, user_id: i64) -> Result<Vec<Chat>> {
+pub async fn list_chats(
+    conn: &mut PgConnection,
+    user_id: i64,
+    before_id: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Chat>> {
     let rows = sqlx::query_as::<_, ChatRow>(
         r#"select c.id, c.name, c.created_at
            from chats c join chat_participants p on p.chat_id = c.id
-           where p.user_id = $1
-           order by c.id desc"#,
+           where p.user_id = $1 and c.id < $2
+           order by c.id desc limit $3"#,
     )
     .bind(user_id)
+    .bind(before_id.unwrap_or(i64::MAX))
+    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     with_participants(conn, rows).await
@@ -185,14 +193,21 @@ pub async fn insert_chat_message(
     Ok(row.into())
 }
 
-/// Every message of a chat, oldest first.
+/// Messages of a chat, oldest first: at most `limit`, with an id above `after_id`.
 #[tracing::instrument(skip(db))]
-pub async fn list_chat_messages(db: impl PgExecutor<'_>, chat_id: i64) -> Result<Vec<ChatMessage>> {
+pub async fn list_chat_messages(
+    db: impl PgExecutor<'_>,
+    chat_id: i64,
+    after_id: Option<i64>,
+    limit: i64,
+) -> Result<Vec<ChatMessage>> {
     let rows = sqlx::query_as::<_, MessageRow>(sql!(
         "select {MESSAGE_COLUMNS} from chat_messages m join users u on u.id = m.sender_id
-         where m.chat_id = $1 order by m.id"
+         where m.chat_id = $1 and m.id > $2 order by m.id limit $3"
     ))
     .bind(chat_id)
+    .bind(after_id.unwrap_or(0))
+    .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(Into::into).collect())

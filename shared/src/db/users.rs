@@ -54,11 +54,20 @@ pub async fn get_user(db: impl PgExecutor<'_>, id: i64) -> Result<Option<User>> 
     Ok(user)
 }
 
+/// Accounts in id order: at most `limit`, with an id above `after_id`.
 #[tracing::instrument(skip(db))]
-pub async fn list_users(db: impl PgExecutor<'_>) -> Result<Vec<UserSummary>> {
-    let users = sqlx::query_as::<_, UserSummary>(r#"select id, username from users order by id"#)
-        .fetch_all(db)
-        .await?;
+pub async fn list_users(
+    db: impl PgExecutor<'_>,
+    after_id: Option<i64>,
+    limit: i64,
+) -> Result<Vec<UserSummary>> {
+    let users = sqlx::query_as::<_, UserSummary>(
+        r#"select id, username from users where id > $1 order by id limit $2"#,
+    )
+    .bind(after_id.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
     Ok(users)
 }
 

@@ -1,0 +1,253 @@
+//! Bounded lists (security issue, item 10): every list has a default and a maximum page size,
+//! a full page links to the next (`Link: <…>; rel="next"`), the cursor runs the way the list
+//! does, and a socket's catch-up stops at its limit and says where REST takes over.
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Options, TestApp, TestUser, event_of, next_event, spawn_app_with};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn no_send_limit() -> Options {
+    Options {
+        extra: vec!["--send-rate-per-minute".into(), "0".into()],
+        ..Options::default()
+    }
+}
+
+/// Follows `rel="next"` links from `first` to the end; every page's ids, in order.
+async fn every_page(app: &TestApp, user: &TestUser, first: &str) -> Vec<Vec<i64>> {
+    let mut pages = Vec::new();
+    let mut next = Some(first.to_owned());
+    while let Some(path) = next.take() {
+        let answer = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        next = answer
+            .headers()
+            .get("link")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix('<'))
+            .and_then(|v| v.split_once(">; rel=\"next\""))
+            .map(|(path, _)| path.to_owned());
+        let body: Value = answer.json().await.expect("JSON");
+        let ids = body
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|item| item["id"].as_i64().expect("id"))
+            .collect();
+        pages.push(ids);
+        assert!(pages.len() < 100, "the links never end");
+    }
+    pages
+}
+
+fn sorted(mut ids: Vec<i64>, descending: bool) -> Vec<i64> {
+    ids.sort_unstable();
+    if descending {
+        ids.reverse();
+    }
+    ids
+}
+
+#[tokio::test]
+async fn every_list_pages_with_its_cursor_up_to_its_limit() {
+    let app = spawn_app_with(no_send_limit()).await;
+    let alice = app.user("alice").await;
+    let mut others = Vec::new();
+    for n in 0..4 {
+        others.push(app.user(&format!("user{n}")).await);
+    }
+
+    // Users: oldest first, `after_id`.
+    let pages = every_page(&app, &alice, "/api/users/?limit=2").await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    let users: Vec<i64> = pages.concat();
+    assert_eq!(users, sorted(users.clone(), false));
+    assert_eq!(users.len(), 5);
+
+    // User-to-user chats: newest first, `before_id`.
+    for other in &others {
+        app.create_chat(&alice, "c", &[other]).await;
+    }
+    let pages = every_page(&app, &alice, "/api/chats/?limit=3").await;
+    let chats: Vec<i64> = pages.concat();
+    assert_eq!(pages.len(), 2);
+    assert_eq!(chats, sorted(chats.clone(), true));
+    assert_eq!(chats.len(), 4);
+
+    // AI chats: most recently updated first; a message moves the oldest chat to the front.
+    let mut ai_chats = Vec::new();
+    for n in 0..5 {
+        let chat = app
+            .create_ai_chat(&alice, json!({"title": format!("ai {n}")}))
+            .await;
+        ai_chats.push(chat["id"].as_i64().expect("id"));
+    }
+    let (status, _) = app
+        .post(
+            &format!("/api/ai/chats/{}/send_message/", ai_chats[0]),
+            &alice.token,
+            json!({"content": "bump"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (_, whole) = app.get("/api/ai/chats/", &alice.token).await;
+    let whole: Vec<i64> = whole
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(whole[0], ai_chats[0], "the bumped chat comes first");
+    let pages = every_page(&app, &alice, "/api/ai/chats/?limit=2").await;
+    assert_eq!(
+        pages.concat(),
+        whole,
+        "the pages, end to end, are the whole list"
+    );
+
+    // Messages of a chat and of the user: oldest first, `after_id`.
+    for n in 0..4 {
+        let (status, _) = app
+            .post(
+                &format!("/api/ai/chats/{}/send_message/", ai_chats[1]),
+                &alice.token,
+                json!({"content": format!("m{n}")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let pages = every_page(
+        &app,
+        &alice,
+        &format!("/api/ai/chats/{}/messages/?limit=3", ai_chats[1]),
+    )
+    .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 1]);
+    let pages = every_page(&app, &alice, "/api/ai/messages/?limit=2").await;
+    let mine: Vec<i64> = pages.concat();
+    assert_eq!(mine.len(), 5);
+    assert_eq!(mine, sorted(mine.clone(), false));
+    assert_eq!(mine.iter().collect::<HashSet<_>>().len(), 5);
+
+    // Limits at and past their edges; a cursor of the other direction; a negative cursor.
+    for path in [
+        "/api/users/?limit=0",
+        "/api/users/?limit=1001",
+        "/api/users/?limit=x",
+        "/api/users/?before_id=3",
+        "/api/chats/?after_id=3",
+        "/api/ai/chats/?after_id=1",
+        "/api/ai/messages/?after_id=-1",
+        "/api/ai/chats/?limit=-5",
+    ] {
+        let (status, body) = app.get(path, &alice.token).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert!(body.is_object(), "{path}: {body}");
+    }
+    let (status, _) = app.get("/api/users/?limit=1000", &alice.token).await;
+    assert_eq!(status, StatusCode::OK);
+    app.cleanup().await;
+}
+
+/// Lists of chats answer 100 by default (with a link to the rest); lists of messages 1000, so
+/// an old client still reads a whole chat of that size at once.
+#[tokio::test]
+async fn lists_have_a_default_page() {
+    let app = spawn_app_with(no_send_limit()).await;
+    let alice = app.user("alice").await;
+    sqlx::query(
+        "insert into ai_chats (user_id, title, system_prompt, model)
+         select $1, 'chat ' || g, '', 'gpt-test' from generate_series(1, 101) g",
+    )
+    .bind(alice.id)
+    .execute(&app.db)
+    .await
+    .expect("101 AI chats");
+    let answer = app
+        .client
+        .get(app.url("/api/ai/chats/"))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("answered");
+    let link = answer.headers()["link"].to_str().expect("ascii").to_owned();
+    assert!(link.contains("limit=100"), "{link}");
+    let chats: Value = answer.json().await.expect("JSON");
+    assert_eq!(chats.as_array().expect("array").len(), 100);
+
+    let chat = chats[0]["id"].as_i64().expect("id");
+    insert_messages(&app, chat, 1001).await;
+    let answer = app
+        .client
+        .get(app.url(&format!("/api/ai/chats/{chat}/messages/")))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("answered");
+    assert!(answer.headers().contains_key("link"));
+    let messages: Value = answer.json().await.expect("JSON");
+    assert_eq!(messages.as_array().expect("array").len(), 1000);
+    let (_, detail) = app
+        .get(&format!("/api/ai/chats/{chat}/"), &alice.token)
+        .await;
+    assert_eq!(detail["messages"].as_array().expect("array").len(), 1000);
+    app.cleanup().await;
+}
+
+async fn insert_messages(app: &TestApp, chat: i64, n: i32) {
+    sqlx::query(
+        "insert into ai_messages (ai_chat_id, role, content, status)
+         select $1, 'user', 'message ' || g, 'answered' from generate_series(1, $2) g",
+    )
+    .bind(chat)
+    .bind(n)
+    .execute(&app.db)
+    .await
+    .expect("messages");
+}
+
+/// A socket opened with `?after_id=` sends at most 500 stored messages, then
+/// `catch_up_truncated` with the id REST continues from; live events still follow.
+#[tokio::test]
+async fn the_socket_catch_up_stops_at_its_limit_and_says_where_rest_takes_over() {
+    let app = spawn_app_with(no_send_limit()).await;
+    let alice = app.user("alice").await;
+    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .expect("id");
+    insert_messages(&app, chat, 502).await;
+    let mut ws = app.ws(chat, &alice.token, Some(0)).await;
+    let (truncated, before) = event_of(&mut ws, "catch_up_truncated", 20).await;
+    assert_eq!(before.len(), 500);
+    assert!(before.iter().all(|e| e["type"] == "user_message"));
+    let last = before[499]["message"]["id"].as_i64().expect("id");
+    assert_eq!(truncated["next_after_id"], last);
+    let (_, rest) = app
+        .get(
+            &format!("/api/ai/chats/{chat}/messages/?after_id={last}"),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(rest.as_array().expect("array").len(), 2);
+
+    let (status, _) = app
+        .post(
+            &format!("/api/ai/chats/{chat}/send_message/"),
+            &alice.token,
+            json!({"content": "live"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let live = next_event(&mut ws, 5).await;
+    assert_eq!(live["message"]["content"], "live", "{live}");
+    app.cleanup().await;
+}
