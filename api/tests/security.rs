@@ -1137,3 +1137,121 @@ async fn connections_and_each_users_sockets_are_capped() {
     }
     app.cleanup().await;
 }
+
+/// Item 11: spans record ids, never text. The API binary logs at debug level (every statement
+/// inside its span) while a user registers with an email, writes a system prompt, a chat line
+/// and a question; none of them is in the log.
+#[tokio::test]
+async fn debug_logs_hold_no_message_text_prompts_or_emails() {
+    let log_path = std::env::temp_dir().join(format!(
+        "aichat-security-log-{}.json",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let api = common::spawn_api_binary_logging_to(
+        &[
+            "--log-filter",
+            "debug",
+            "--log-format",
+            "json",
+            "--send-rate-per-minute",
+            "0",
+        ],
+        log,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let call = |method: Method, path: &str, token: Option<&str>, body: Value| {
+        let mut request = client
+            .request(method, format!("{}{path}", api.base))
+            .json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let answer = request.send().await.expect("answered");
+            let status = answer.status();
+            (status, answer.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let mut tokens = Vec::new();
+    for (name, email) in [
+        ("alice", "alice-hidden@example.com"),
+        ("bob", "bob-hidden@example.com"),
+    ] {
+        let password = "a long enough pass phrase";
+        let (status, body) = call(
+            Method::POST,
+            "/api/register/",
+            None,
+            json!({"username": name, "email": email, "password": password, "password_confirm": password}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body) = call(
+            Method::POST,
+            "/api/login/",
+            None,
+            json!({"username": name, "password": password}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokens.push(body["token"].as_str().expect("token").to_owned());
+    }
+    let alice = tokens[0].as_str();
+    let (_, chat) = call(
+        Method::POST,
+        "/api/chats/",
+        Some(alice),
+        json!({"name": "n", "participant_usernames": ["bob"]}),
+    )
+    .await;
+    let chat = chat["id"].as_i64().expect("chat id");
+    let (status, _) = call(
+        Method::POST,
+        &format!("/api/chats/{chat}/send_message/"),
+        Some(alice),
+        json!({"content": "HIDDEN-CHAT-LINE"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, ai_chat) = call(
+        Method::POST,
+        "/api/ai/chats/",
+        Some(alice),
+        json!({"title": "t", "system_prompt": "HIDDEN-SYSTEM-PROMPT", "related_chat": chat}),
+    )
+    .await;
+    let ai_chat = ai_chat["id"].as_i64().expect("AI chat id");
+    let (status, _) = call(
+        Method::PATCH,
+        &format!("/api/ai/chats/{ai_chat}/"),
+        Some(alice),
+        json!({"system_prompt": "HIDDEN-CHANGED-PROMPT"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(
+        Method::POST,
+        &format!("/api/ai/chats/{ai_chat}/send_message/"),
+        Some(alice),
+        json!({"content": "HIDDEN-QUESTION"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    api.cleanup().await;
+
+    let log = std::fs::read_to_string(&log_path).expect("the log");
+    let _ = std::fs::remove_file(&log_path);
+    assert!(log.contains("insert_ai_chat"), "spans are in the debug log");
+    for hidden in [
+        "alice-hidden@example.com",
+        "bob-hidden@example.com",
+        "HIDDEN-CHAT-LINE",
+        "HIDDEN-SYSTEM-PROMPT",
+        "HIDDEN-CHANGED-PROMPT",
+        "HIDDEN-QUESTION",
+    ] {
+        assert!(!log.contains(hidden), "{hidden} is in the log");
+    }
+}

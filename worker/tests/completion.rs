@@ -960,6 +960,20 @@ async fn only_allowed_models_reach_the_provider() {
         .map(|r| r.model.clone())
         .collect();
     assert_eq!(models, vec!["other-ok".to_owned(), MODEL.to_owned()]);
+    // Metrics are labelled with allowed models only, the idle ones included.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", worker.port))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(!metrics.contains("taken-off-the-list"), "{metrics}");
+    for model in ["other-ok", MODEL] {
+        assert!(
+            metrics.contains(&format!("aichat_worker_tokens_total{{model=\"{model}\"")),
+            "{model}: {metrics}"
+        );
+    }
     worker.stop().await;
     env.cleanup().await;
 }

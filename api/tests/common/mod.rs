@@ -79,6 +79,11 @@ pub struct ApiProcess {
 
 /// Starts the binary with `extra` flags and waits until it listens (at most 30 s).
 pub async fn spawn_api_binary(extra: &[&str]) -> ApiProcess {
+    spawn_api_binary_logging_to(extra, Stdio::null()).await
+}
+
+/// [`spawn_api_binary`] with its log (stdout) written to `log`; `extra` sets the filter.
+pub async fn spawn_api_binary_logging_to(extra: &[&str], log: impl Into<Stdio>) -> ApiProcess {
     let (url, db_name) = fresh_database().await;
     let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -97,11 +102,14 @@ pub async fn spawn_api_binary(extra: &[&str]) -> ApiProcess {
             &redis,
             "--aichat-namespace",
             &ns,
-            "--log-filter",
-            "error",
         ])
+        .args(if extra.contains(&"--log-filter") {
+            &[][..]
+        } else {
+            &["--log-filter", "error"][..]
+        })
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(log)
         .stderr(Stdio::null())
         .spawn()
         .expect("start the API binary");
@@ -140,10 +148,10 @@ impl ApiProcess {
     }
 }
 
-/// The settings of the login and registration windows.
 /// `ALLOWED_MODELS` of every test app unless a test sets it (`gpt-test` is the default model).
 pub const TEST_MODELS: &str = "gpt-4o-mini,m-2";
 
+/// The settings of the login and registration windows.
 pub const AUTH_WINDOWS: [&str; 3] = [
     "--registrations-per-address",
     "--login-attempts-per-address",
