@@ -5,16 +5,11 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{Options, TestApp, TestUser, event_of, next_event, spawn_app_with};
+use common::{TestApp, TestUser, event_of, next_event, spawn_app_with_flags};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-fn no_send_limit() -> Options {
-    Options {
-        extra: vec!["--send-rate-per-minute".into(), "0".into()],
-        ..Options::default()
-    }
-}
+const NO_SEND_LIMIT: &[&str] = &["--send-rate-per-minute", "0"];
 
 /// Follows `rel="next"` links from `first` to the end; every page's ids, in order.
 async fn every_page(app: &TestApp, user: &TestUser, first: &str) -> Vec<Vec<i64>> {
@@ -59,7 +54,7 @@ fn sorted(mut ids: Vec<i64>, descending: bool) -> Vec<i64> {
 
 #[tokio::test]
 async fn every_list_pages_with_its_cursor_up_to_its_limit() {
-    let app = spawn_app_with(no_send_limit()).await;
+    let app = spawn_app_with_flags(NO_SEND_LIMIT).await;
     let alice = app.user("alice").await;
     let mut others = Vec::new();
     for n in 0..4 {
@@ -162,7 +157,7 @@ async fn every_list_pages_with_its_cursor_up_to_its_limit() {
 /// an old client still reads a whole chat of that size at once.
 #[tokio::test]
 async fn lists_have_a_default_page() {
-    let app = spawn_app_with(no_send_limit()).await;
+    let app = spawn_app_with_flags(NO_SEND_LIMIT).await;
     let alice = app.user("alice").await;
     sqlx::query(
         "insert into ai_chats (user_id, title, system_prompt, model)
@@ -219,11 +214,9 @@ async fn insert_messages(app: &TestApp, chat: i64, n: i32) {
 /// `catch_up_truncated` with the id REST continues from; live events still follow.
 #[tokio::test]
 async fn the_socket_catch_up_stops_at_its_limit_and_says_where_rest_takes_over() {
-    let app = spawn_app_with(no_send_limit()).await;
+    let app = spawn_app_with_flags(NO_SEND_LIMIT).await;
     let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
+    let chat = app.ai_chat_id(&alice).await;
     insert_messages(&app, chat, 502).await;
     let mut ws = app.ws(chat, &alice.token, Some(0)).await;
     let (truncated, before) = event_of(&mut ws, "catch_up_truncated", 20).await;

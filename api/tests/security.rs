@@ -8,18 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Options, closed_with, event_of, spawn_app, spawn_app_with};
+use common::{closed_with, event_of, spawn_app, spawn_app_with_flags};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse";
-
-fn app_with(flags: &[&str]) -> Options {
-    Options {
-        extra: flags.iter().map(|s| s.to_string()).collect(),
-        ..Options::default()
-    }
-}
 
 /// A login attempt, optionally as forwarded by a proxy for `forwarded_for`.
 async fn login(
@@ -58,12 +51,12 @@ fn too_many(answer: &(StatusCode, Value, Option<String>)) -> bool {
 
 #[tokio::test]
 async fn logins_past_the_address_window_get_429_alike_for_known_and_unknown_users() {
-    let app = spawn_app_with(app_with(&[
+    let app = spawn_app_with_flags(&[
         "--login-attempts-per-address",
         "3",
         "--login-attempts-per-username",
         "0",
-    ]))
+    ])
     .await;
     app.register("alice").await;
     for _ in 0..3 {
@@ -95,14 +88,14 @@ async fn logins_past_the_address_window_get_429_alike_for_known_and_unknown_user
 
 #[tokio::test]
 async fn a_username_is_throttled_from_every_address_and_trusted_proxies_name_the_client() {
-    let app = spawn_app_with(app_with(&[
+    let app = spawn_app_with_flags(&[
         "--trusted-proxies",
         "127.0.0.1,::1",
         "--login-attempts-per-address",
         "2",
         "--login-attempts-per-username",
         "3",
-    ]))
+    ])
     .await;
     app.register("alice").await;
     // Behind the trusted proxy every attempt comes from another client address, so only the
@@ -129,7 +122,7 @@ async fn a_username_is_throttled_from_every_address_and_trusted_proxies_name_the
 
 #[tokio::test]
 async fn repeated_failures_lock_a_username_for_longer_each_time_until_a_login_succeeds() {
-    let app = spawn_app_with(app_with(&[
+    let app = spawn_app_with_flags(&[
         "--login-attempts-per-address",
         "0",
         "--login-attempts-per-username",
@@ -138,7 +131,7 @@ async fn repeated_failures_lock_a_username_for_longer_each_time_until_a_login_su
         "2",
         "--metrics-token",
         "abuse-scraper-token-0123",
-    ]))
+    ])
     .await;
     app.register("alice").await;
     let failures_before = failed_logins(&app).await;
@@ -216,7 +209,7 @@ async fn failed_logins(app: &common::TestApp) -> f64 {
 
 #[tokio::test]
 async fn registrations_past_the_address_window_get_429() {
-    let app = spawn_app_with(app_with(&["--registrations-per-address", "2"])).await;
+    let app = spawn_app_with_flags(&["--registrations-per-address", "2"]).await;
     assert_eq!(app.register("alice").await.0, StatusCode::CREATED);
     // A refused registration counts too: the window is what is tried, not what succeeds.
     let (status, _) = app
@@ -241,7 +234,7 @@ async fn registrations_past_the_address_window_get_429() {
 
 #[tokio::test]
 async fn passwords_are_checked_as_djangos_default_validators_check_them() {
-    let app = spawn_app_with(Options::default()).await;
+    let app = spawn_app().await;
     let cases = [
         ("password1", "This password is too common."),
         ("Qwertyuiop", "This password is too common."),
@@ -403,11 +396,9 @@ fn with_cookie(
 
 #[tokio::test]
 async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_effect() {
-    let app = spawn_app_with(app_with(&["--allowed-origins", "https://app.example.com"])).await;
+    let app = spawn_app_with_flags(&["--allowed-origins", "https://app.example.com"]).await;
     let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("chat id");
+    let chat = app.ai_chat_id(&alice).await;
     let own_origin = app.base.clone();
     let send = format!("/api/ai/chats/{chat}/send_message/");
     let body = json!({"content": "from elsewhere"});
@@ -546,7 +537,7 @@ async fn cross_site_upgrade(app: &common::TestApp, path: &str, cookie: Option<&s
 
 #[tokio::test]
 async fn api_answers_are_not_sniffed_or_cached_and_request_ids_are_kept_only_when_plain() {
-    let app = spawn_app_with(Options::default()).await;
+    let app = spawn_app().await;
     let alice = app.user("alice").await;
     let me = app
         .client
@@ -583,7 +574,7 @@ async fn api_answers_are_not_sniffed_or_cached_and_request_ids_are_kept_only_whe
 
 #[tokio::test]
 async fn the_session_cookie_is_secure_by_default_and_cleared_with_the_same_attributes() {
-    let app = spawn_app_with(Options::default()).await;
+    let app = spawn_app().await;
     app.register("alice").await;
     let login = app
         .client
@@ -635,7 +626,7 @@ async fn the_session_cookie_is_secure_by_default_and_cleared_with_the_same_attri
 
 #[tokio::test]
 async fn usernames_are_nfkc_normalized_at_registration_and_login() {
-    let app = spawn_app_with(Options::default()).await;
+    let app = spawn_app().await;
     // Full-width letters: the same account as plain "bob".
     let (status, body) = app
         .call(
@@ -666,7 +657,7 @@ async fn usernames_are_nfkc_normalized_at_registration_and_login() {
 
 #[tokio::test]
 async fn a_chat_has_at_most_max_chat_participants_the_creator_included() {
-    let app = spawn_app_with(app_with(&["--max-chat-participants", "3"])).await;
+    let app = spawn_app_with_flags(&["--max-chat-participants", "3"]).await;
     let alice = app.user("alice").await;
     let mut others = Vec::new();
     for name in ["bob", "carol", "dave"] {
@@ -711,14 +702,7 @@ async fn a_chat_has_at_most_max_chat_participants_the_creator_included() {
 /// chat keeps its model. `GET /api/ai/models/` lists them, the default first and marked.
 #[tokio::test]
 async fn only_the_operators_models_can_be_chosen_and_they_are_listed() {
-    let app = spawn_app_with(Options {
-        extra: vec![
-            "--allowed-models".into(),
-            " gpt-4o-mini , gpt-test,,".into(),
-        ],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--allowed-models", " gpt-4o-mini , gpt-test,,"]).await;
     let alice = app.user("alice").await;
     let (status, body) = app.call(Method::GET, "/api/ai/models/", None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
@@ -778,9 +762,7 @@ async fn logout_closes_that_sessions_sockets_on_every_instance_and_logout_all_th
     let (status, second) = a.login("alice", "correct horse").await;
     assert_eq!(status, StatusCode::OK);
     let other_token = second["token"].as_str().expect("token").to_owned();
-    let chat = a.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
+    let chat = a.ai_chat_id(&alice).await;
     let mut on_a = a.ws(chat, &alice.token, None).await;
     let mut on_b = b.ws(chat, &alice.token, None).await;
     let mut other = b.ws(chat, &other_token, None).await;
@@ -824,15 +806,9 @@ async fn logout_closes_that_sessions_sockets_on_every_instance_and_logout_all_th
 #[tokio::test]
 async fn a_socket_is_closed_when_its_session_expires() {
     // No session cache: the socket must read the expiry this test writes into the database.
-    let app = spawn_app_with(Options {
-        extra: vec!["--session-cache-secs".into(), "0".into()],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--session-cache-secs", "0"]).await;
     let bob = app.user("bob").await;
-    let chat = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
+    let chat = app.ai_chat_id(&bob).await;
     sqlx::query("update sessions set expires_at = now() + interval '2 seconds' where user_id = $1")
         .bind(bob.id)
         .execute(&app.db)
@@ -850,9 +826,7 @@ async fn the_operator_command_revokes_every_session_of_a_user() {
     let app = spawn_app().await;
     let carol = app.user("carol").await;
     let dave = app.user("dave").await;
-    let chat = app.create_ai_chat(&carol, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
+    let chat = app.ai_chat_id(&carol).await;
     let mut ws = app.ws(chat, &carol.token, None).await;
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
         .args([
@@ -989,23 +963,15 @@ async fn create_admin_takes_the_password_from_the_environment_and_promotes_only_
 #[tokio::test]
 async fn slow_headers_are_cut_off_and_slow_requests_answered_503() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = spawn_app_with(Options {
-        extra: [
-            "--header-read-timeout-secs",
-            "1",
-            "--request-timeout-secs",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        ..Options::default()
-    })
+    let app = spawn_app_with_flags(&[
+        "--header-read-timeout-secs",
+        "1",
+        "--request-timeout-secs",
+        "1",
+    ])
     .await;
     let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
+    let chat = app.ai_chat_id(&alice).await;
     let addr = app.base.trim_start_matches("http://").to_owned();
     // Everything the server answers until it closes the connection (at most 10 s).
     let answer_to = |request: Vec<u8>| {
@@ -1063,22 +1029,12 @@ async fn slow_headers_are_cut_off_and_slow_requests_answered_503() {
 /// upgrade, while other users are unaffected.
 #[tokio::test]
 async fn connections_and_each_users_sockets_are_capped() {
-    let app = spawn_app_with(Options {
-        extra: ["--max-connections", "4", "--max-sockets-per-user", "2"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ..Options::default()
-    })
-    .await;
+    let app =
+        spawn_app_with_flags(&["--max-connections", "4", "--max-sockets-per-user", "2"]).await;
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
-    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .expect("id");
+    let chat = app.ai_chat_id(&alice).await;
+    let bobs = app.ai_chat_id(&bob).await;
     let first = app.ws(chat, &alice.token, None).await;
     let _second = app.ws(chat, &alice.token, None).await;
     let refused = tokio_tungstenite::connect_async(

@@ -188,6 +188,15 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
 
+/// An app with these flags besides the test defaults.
+pub async fn spawn_app_with_flags(flags: &[&str]) -> TestApp {
+    spawn_app_with(Options {
+        extra: flags.iter().map(|s| s.to_string()).collect(),
+        ..Options::default()
+    })
+    .await
+}
+
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let (db_url, db_name) = fresh_database().await;
     let ns = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
@@ -379,6 +388,13 @@ impl TestApp {
     }
 
     /// The job arguments stored in the completion queue, parsed.
+    /// A new AI chat of `owner`, titled "t"; its id.
+    pub async fn ai_chat_id(&self, owner: &TestUser) -> i64 {
+        self.create_ai_chat(owner, json!({"title": "t"})).await["id"]
+            .as_i64()
+            .expect("AI chat id")
+    }
+
     pub async fn queued_jobs(&self) -> Vec<Value> {
         let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
         let mut conn = client
