@@ -1,4 +1,4 @@
-//! Building the prompt of one completion (API.md, "How context is built") and trimming it to
+//! Building the prompt of one completion (docs/API.md, "How context is built") and trimming it to
 //! the token budget. Pure functions: the job loads the rows, this decides what the model sees.
 use aichat_shared::db::completions::HistoryMessage;
 use aichat_shared::domain::{ContextMessage, role};
