@@ -2,7 +2,8 @@
 //! when Redis cannot take the job, nothing is stored and the client gets 503.
 mod common;
 
-use common::{Options, PrivateRedis, spawn_app, spawn_app_with};
+use aichat_testkit::PrivateRedis;
+use common::{Options, spawn_app, spawn_app_with};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -89,8 +90,7 @@ async fn invalid_messages_are_400_and_store_and_queue_nothing() {
 
 #[tokio::test]
 async fn when_redis_cannot_take_the_job_the_client_gets_503_and_no_message_is_left() {
-    let mut redis = PrivateRedis::start();
-    redis.wait_ready().await;
+    let mut redis = PrivateRedis::start().await;
     let app = spawn_app_with(Options {
         redis_url: format!("redis://127.0.0.1:{}", redis.port),
         ..Options::default()

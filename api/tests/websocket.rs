@@ -5,7 +5,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Options, PrivateRedis, next_event, send_ws, spawn_app, spawn_app_with};
+use aichat_testkit::PrivateRedis;
+use common::{Options, next_event, send_ws, spawn_app, spawn_app_with};
 use futures::{SinkExt, StreamExt};
 use redis::AsyncCommands;
 use reqwest::StatusCode;
@@ -316,8 +317,7 @@ async fn a_slow_reader_is_cut_off_while_a_fast_reader_keeps_receiving() {
 
 #[tokio::test]
 async fn events_flow_again_after_redis_restarts_while_sockets_stay_open() {
-    let mut redis = PrivateRedis::start();
-    redis.wait_ready().await;
+    let mut redis = PrivateRedis::start().await;
     let app = spawn_app_with(Options {
         redis_url: redis.url(),
         ..Options::default()
@@ -333,14 +333,12 @@ async fn events_flow_again_after_redis_restarts_while_sockets_stay_open() {
         .await;
     assert_eq!(next_event(&mut ws, 5).await["message"]["content"], "before");
 
-    let port = redis.port;
     redis.stop();
     let (status, _) = app
         .post(&path, &alice.token, json!({"content": "during"}))
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    let redis = PrivateRedis::start_on(port);
-    redis.wait_ready().await;
+    redis.restart().await;
     let back = tokio::time::Instant::now();
 
     // Each try sends a message and waits a second for its event; the pub/sub connection

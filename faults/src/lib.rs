@@ -16,7 +16,7 @@ use futures::StreamExt;
 use redis::AsyncCommands;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -27,13 +27,8 @@ pub const MODEL: &str = "gpt-test";
 /// so two of them never distort each other's timings; light tests run alongside freely.
 pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-pub fn pg_base() -> String {
-    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use aichat_testkit::delete_namespace;
+pub use aichat_testkit::{PrivateRedis, TestDb, eventually, free_port, pg_base, redis_url};
 
 /// Logs of in-process components when `TEST_LOG` is set (e.g. `TEST_LOG=aichat_worker=debug`).
 pub fn init_logs() {
@@ -52,25 +47,6 @@ pub fn report(fault: &str, figures: &[(&str, String)]) {
     eprintln!("FAULT {fault} {}", line.join(" "));
 }
 
-/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The value at quantile `q` (0–1) of sorted `values`, 0 when empty.
 pub fn quantile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
@@ -86,162 +62,6 @@ pub fn epoch_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-// ---------------------------------------------------------------------------------------------
-// PostgreSQL
-
-/// An empty, uniquely named database of one test (`aichat_ftest_*`).
-pub struct TestDb {
-    pub url: String,
-    pub name: String,
-}
-
-impl TestDb {
-    pub async fn create() -> TestDb {
-        let name = format!("aichat_ftest_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&format!("{}/postgres", pg_base()))
-            .await
-            .expect("connect to postgres");
-        conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
-            .await
-            .expect("create test database");
-        TestDb {
-            url: format!("{}/{name}", pg_base()),
-            name,
-        }
-    }
-
-    /// Cuts every connection to this database except the caller's; returns how many.
-    pub async fn terminate_connections(&self) -> i64 {
-        let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", pg_base())).await else {
-            return 0;
-        };
-        let cut: Result<Vec<(bool,)>, _> = sqlx::query_as(
-            "select pg_terminate_backend(pid) from pg_stat_activity
-             where datname = $1 and pid <> pg_backend_pid()",
-        )
-        .bind(&self.name)
-        .fetch_all(&mut conn)
-        .await;
-        let _ = conn.close().await;
-        cut.map(|rows| rows.len() as i64).unwrap_or(0)
-    }
-
-    pub async fn drop_database(&self) {
-        if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-            let _ = conn
-                .execute(sqlx::AssertSqlSafe(format!(
-                    r#"drop database if exists "{}" with (force)"#,
-                    self.name
-                )))
-                .await;
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Redis
-
-/// A Redis server of the test's own on a free port, to stop and start again on the same port
-/// (no persistence: a restart comes back empty, as a cache-mode Redis or a failed-over replica
-/// that missed the latest writes would).
-pub struct PrivateRedis {
-    child: Option<std::process::Child>,
-    pub port: u16,
-}
-
-impl PrivateRedis {
-    pub async fn start() -> PrivateRedis {
-        let mut redis = PrivateRedis {
-            child: None,
-            port: free_port(),
-        };
-        redis.restart().await;
-        redis
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on its port and waits until it answers PING.
-    pub async fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        self.child = Some(child);
-        let url = self.url();
-        eventually(Duration::from_secs(10), "private redis answers", || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url.as_str()).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
-        })
-        .await;
-    }
-
-    /// Kills the server (SIGKILL: no goodbye to the clients) and reaps it.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-async fn delete_namespace(redis_url: &str, ns: &str) {
-    let Ok(client) = redis::Client::open(redis_url) else {
-        return;
-    };
-    let Ok(Ok(mut conn)) = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    else {
-        return;
-    };
-    let keys: Vec<String> = conn.keys(format!("{ns}:*")).await.unwrap_or_default();
-    for chunk in keys.chunks(500) {
-        let _: Result<(), _> = conn.del(chunk).await;
-    }
-    let _: Result<(), _> = conn
-        .zrem(
-            "core:apalis:queues:list",
-            format!("{ns}:jobs:completion:workers"),
-        )
-        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,7 +208,7 @@ impl Env {
 
     pub async fn start_with_redis(fake: FakeConfig, redis_url: String) -> Env {
         init_logs();
-        let db = TestDb::create().await;
+        let db = TestDb::create("aichat_ftest").await;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect(&db.url)

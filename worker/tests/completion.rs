@@ -10,9 +10,10 @@ use aichat_shared::db::completions::NewReply;
 use aichat_shared::events::ChatEvent;
 use aichat_shared::jobs::CompletionJob;
 use aichat_shared::keys::Namespace;
+use aichat_testkit::PrivateRedis;
 use aichat_worker::context::{PromptMessage, Role, TokenCounter};
 use apalis::prelude::TaskBuilder;
-use common::{MODEL, PrivateRedis, SYSTEM_PROMPT, TestEnv, chat_event};
+use common::{MODEL, SYSTEM_PROMPT, TestEnv, chat_event};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -790,9 +791,7 @@ async fn a_busy_worker_keeps_heart_beating_so_its_jobs_are_not_run_twice() {
 
 #[tokio::test]
 async fn the_worker_comes_back_after_redis_restarts() {
-    let redis = PrivateRedis::start();
-    redis.wait_ready().await;
-    let port = redis.port;
+    let mut redis = PrivateRedis::start().await;
     let env = TestEnv::start_with_redis(FakeConfig::default(), redis.url()).await;
     let worker = env.spawn_worker(&[]).await;
     env.wait_ready(worker.port).await;
@@ -802,10 +801,9 @@ async fn the_worker_comes_back_after_redis_restarts() {
     let before = env.send(chat, "before", false, 20).await;
     events.reply_to(before.id, WAIT).await;
 
-    drop(redis);
+    redis.stop();
     env.wait_unready(worker.port).await;
-    let redis = PrivateRedis::start_on(port);
-    redis.wait_ready().await;
+    redis.restart().await;
     env.wait_ready(worker.port).await;
 
     let mut events = env.events(chat).await;

@@ -10,50 +10,15 @@ use clap::Parser;
 use redis::AsyncCommands;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
 
-pub fn pg_base() -> String {
-    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
+pub use aichat_testkit::postgres::drop_database;
+use aichat_testkit::{delete_namespace, redis_url};
 
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// Creates an empty, uniquely named database and returns its URL.
+/// Creates an empty, uniquely named database; its URL and name.
 pub async fn fresh_database() -> (String, String) {
-    let name = format!("aichat_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(&format!("{}/postgres", pg_base()))
-        .await
-        .expect("connect to postgres");
-    conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
-        .await
-        .expect("create test database");
-    (format!("{}/{name}", pg_base()), name)
-}
-
-pub async fn drop_database(name: &str) {
-    if let Ok(mut conn) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-        let _ = conn
-            .execute(sqlx::AssertSqlSafe(format!(
-                r#"drop database if exists "{name}" with (force)"#
-            )))
-            .await;
-    }
-}
-
-/// Deletes every Redis key of a test namespace.
-pub async fn delete_namespace(redis_url: &str, ns: &str) {
-    let Ok(client) = redis::Client::open(redis_url) else {
-        return;
-    };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-        return;
-    };
-    let keys: Vec<String> = conn.keys(format!("{ns}:*")).await.unwrap_or_default();
-    for chunk in keys.chunks(500) {
-        let _: Result<(), _> = conn.del(chunk).await;
-    }
+    let db = aichat_testkit::TestDb::create("aichat_test").await;
+    (db.url, db.name)
 }
 
 /// A child process (an API binary a test started) killed and reaped when dropped, also when
@@ -507,78 +472,6 @@ pub async fn send_ws(ws: &mut Ws, value: Value) {
     ))
     .await
     .expect("send");
-}
-
-/// A Redis server of the test's own, on a free port, that the test can stop.
-pub struct PrivateRedis {
-    child: Child,
-    pub port: u16,
-}
-
-impl PrivateRedis {
-    pub fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    /// Starts a server on `port` (again, after `stop`).
-    pub fn start_on(port: u16) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        PrivateRedis { child, port }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub async fn wait_ready(&self) {
-        let url = format!("redis://127.0.0.1:{}", self.port);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(client) = redis::Client::open(url.as_str())
-                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "private redis did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// A worker of this test's namespace and database, talking to `fake`.

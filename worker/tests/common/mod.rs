@@ -19,20 +19,15 @@ use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
+
+use aichat_testkit::postgres::drop_database;
+use aichat_testkit::{TestDb, delete_namespace, redis_url, unique_name};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const MODEL: &str = "gpt-test";
 pub const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
-
-pub fn pg_base() -> String {
-    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// Logs of in-process workers, when `TEST_LOG` is set (e.g. `TEST_LOG=aichat_worker=debug`).
 fn init_logs() {
@@ -166,17 +161,11 @@ impl TestEnv {
 
     pub async fn start_with_redis(fake: FakeConfig, redis_url: String) -> TestEnv {
         init_logs();
-        let name = format!("aichat_wtest_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&format!("{}/postgres", pg_base()))
-            .await
-            .expect("connect to postgres");
-        conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
-            .await
-            .expect("create test database");
-        let db_url = format!("{}/{name}", pg_base());
+        let test_db = TestDb::create("aichat_wtest").await;
+        let (db_url, name) = (test_db.url, test_db.name);
         let db = PgPool::connect(&db_url).await.expect("connect test db");
         db::migrate(&db).await.expect("migrate");
-        let ns = format!("aichat_wtest_{}", uuid::Uuid::new_v4().simple());
+        let ns = unique_name("aichat_wtest");
         let redis = aichat_shared::redis_conn::connect(&redis_url)
             .await
             .expect("connect to redis");
@@ -417,94 +406,9 @@ impl TestEnv {
 
     /// Drops the database and every Redis key of the namespace.
     pub async fn cleanup(self) {
-        let mut conn = self.redis.clone();
-        let keys: Vec<String> = conn
-            .keys(format!("{}:*", self.ns))
-            .await
-            .unwrap_or_default();
-        for chunk in keys.chunks(500) {
-            let _: Result<(), _> = conn.del(chunk).await;
-        }
-        // apalis-redis also lists every queue in one global key; take ours out again.
-        let _: Result<(), _> = conn
-            .zrem("core:apalis:queues:list", self.queue_key("workers"))
-            .await;
+        delete_namespace(&self.redis_url, &self.ns).await;
         let _ = self.fake.shutdown().await;
         self.db.close().await;
-        if let Ok(mut pg) = PgConnection::connect(&format!("{}/postgres", pg_base())).await {
-            let _ = pg
-                .execute(sqlx::AssertSqlSafe(format!(
-                    r#"drop database if exists "{}" with (force)"#,
-                    self.db_name
-                )))
-                .await;
-        }
-    }
-}
-
-/// A Redis server of one test's own, to stop and restart.
-pub struct PrivateRedis {
-    child: std::process::Child,
-    pub port: u16,
-}
-
-impl PrivateRedis {
-    pub fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        Self::start_on(port)
-    }
-
-    /// Starts a server on `port` (again, after `stop`).
-    pub fn start_on(port: u16) -> PrivateRedis {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        PrivateRedis { child, port }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(client) = redis::Client::open(self.url().as_str())
-                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "private redis did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
+        drop_database(&self.db_name).await;
     }
 }

@@ -1,0 +1,63 @@
+//! A database of one test: created empty under a unique name, dropped (connections and all)
+//! at the end.
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::{pg_base, unique_name};
+
+/// An empty, uniquely named database of one test.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates `{prefix}_{uuid}` (each suite has its prefix, so a leftover says whose it is).
+    pub async fn create(prefix: &str) -> TestDb {
+        let name = unique_name(prefix);
+        let mut conn = admin().await.expect("connect to postgres");
+        conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: format!("{}/{name}", pg_base()),
+            name,
+        }
+    }
+
+    /// Cuts every connection to this database except the caller's; returns how many.
+    pub async fn terminate_connections(&self) -> i64 {
+        let Ok(mut conn) = admin().await else {
+            return 0;
+        };
+        let cut: Result<Vec<(bool,)>, _> = sqlx::query_as(
+            "select pg_terminate_backend(pid) from pg_stat_activity
+             where datname = $1 and pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await;
+        let _ = conn.close().await;
+        cut.map(|rows| rows.len() as i64).unwrap_or(0)
+    }
+
+    /// Drops the database, closing whatever is still connected to it.
+    pub async fn drop_database(&self) {
+        drop_database(&self.name).await;
+    }
+}
+
+/// Drops database `name` if it exists, whoever is connected.
+pub async fn drop_database(name: &str) {
+    if let Ok(mut conn) = admin().await {
+        let _ = conn
+            .execute(sqlx::AssertSqlSafe(format!(
+                r#"drop database if exists "{name}" with (force)"#
+            )))
+            .await;
+    }
+}
+
+/// A connection to the server's `postgres` database, to create and drop others.
+async fn admin() -> Result<PgConnection, sqlx::Error> {
+    PgConnection::connect(&format!("{}/postgres", pg_base())).await
+}

@@ -1,0 +1,107 @@
+//! Redis for tests: the keys of one test's namespace removed at its end, and a server of a
+//! test's own to stop and start again.
+use std::process::Stdio;
+use std::time::Duration;
+
+use aichat_shared::keys::Namespace;
+use redis::AsyncCommands;
+
+use crate::{eventually, free_port};
+
+/// apalis-redis lists every queue's worker set in this one global key (its own name, not
+/// ours); a test takes its queue out again.
+const APALIS_QUEUES: &str = "core:apalis:queues:list";
+
+/// Deletes every key of namespace `ns` (and its queue's entry in apalis's global list).
+/// Best effort, at most 5 s to connect: a test's cleanup never hangs on a Redis it stopped.
+pub async fn delete_namespace(redis_url: &str, ns: &str) {
+    let Ok(client) = redis::Client::open(redis_url) else {
+        return;
+    };
+    let Ok(Ok(mut conn)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    else {
+        return;
+    };
+    let keys: Vec<String> = conn.keys(format!("{ns}:*")).await.unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: Result<(), _> = conn.del(chunk).await;
+    }
+    let workers = format!("{}:workers", Namespace::new(ns).completion_queue());
+    let _: Result<(), _> = conn.zrem(APALIS_QUEUES, workers).await;
+}
+
+/// A Redis server of the test's own on a free port, to stop and start again on the same port
+/// (no persistence: a restart comes back empty, as a cache-mode Redis or a failed-over replica
+/// that missed the latest writes would). Killed when dropped.
+pub struct PrivateRedis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+}
+
+impl PrivateRedis {
+    /// Starts a server and waits until it answers PING.
+    pub async fn start() -> PrivateRedis {
+        let mut redis = PrivateRedis {
+            child: None,
+            port: free_port(),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on its port and waits until it answers PING.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        let url = self.url();
+        eventually(Duration::from_secs(10), "private redis answers", || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url.as_str()).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to the clients) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
