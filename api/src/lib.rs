@@ -165,6 +165,13 @@ impl Application {
         let limits = serve::Limits {
             max_connections: usize::try_from(state.settings.max_connections).unwrap_or(usize::MAX),
             header_read_timeout: Duration::from_secs(state.settings.header_read_timeout_secs),
+            write_timeout: Duration::from_secs(state.settings.request_timeout_secs),
+            drain: Duration::from_secs(
+                state
+                    .settings
+                    .request_timeout_secs
+                    .saturating_add(state.settings.max_wait_secs),
+            ),
         };
         serve::serve(listener, router, limits, signal).await?;
         state.sockets.wait_closed(Duration::from_secs(5)).await;

@@ -34,6 +34,11 @@ pub struct ConnectionSlot {
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// Longest a write to a client may stay blocked (a client that stops reading): the
+    /// connection is dropped past it.
+    pub write_timeout: Duration,
+    /// After the shutdown signal, how long open HTTP connections may take to finish.
+    pub drain: Duration,
 }
 
 /// Connections past the cap being told so at once; past this many more, a connection is
@@ -100,8 +105,9 @@ pub async fn serve(
                 req.extensions_mut().insert(slot.clone());
                 req
             });
+        let io = WriteDeadline::new(stream, limits.write_timeout);
         let connection = http
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .with_upgrades();
         let running = running.clone();
         let mut stopping = stopping.clone();
@@ -123,8 +129,106 @@ pub async fn serve(
     drop(listener);
     let _ = stop.send(true);
     drop(running);
-    let _ = all_done.recv().await;
+    if tokio::time::timeout(limits.drain, all_done.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period; leaving them");
+    }
     Ok(())
+}
+
+/// A connection whose writes may not stay blocked longer than `limit`: hyper has no write
+/// timeout, and a client that stops reading would otherwise hold its connection (and its place
+/// under `MAX_CONNECTIONS`) for ever. Reads are not bounded here (the header-read timeout and
+/// the request timeout do that); a WebSocket has its own send timeout and pings.
+struct WriteDeadline {
+    inner: tokio::net::TcpStream,
+    limit: Duration,
+    blocked_since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn new(inner: tokio::net::TcpStream, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            blocked_since: None,
+        }
+    }
+
+    /// `Pending` from the socket starts (or keeps) the clock; past the limit, an error.
+    fn check<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if polled.is_ready() {
+            self.blocked_since = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .blocked_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteDeadline {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, polled)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The answer to any request of a connection past the cap (hyper closes the connection after
@@ -133,9 +237,12 @@ async fn full(_: Request<Incoming>) -> Result<Response, std::convert::Infallible
     Ok(ApiError::Unavailable("Too many connections, retry shortly").into_response())
 }
 
-/// Answers 503 (with `Retry-After`) a request still running after `REQUEST_TIMEOUT_SECS`: a
-/// slow body, a stalled database. WebSocket upgrades are answered at once (the socket is not a
-/// request), and a `send_message?wait` request may also wait its `MAX_WAIT_SECS`.
+/// Answers 503 (with `Retry-After`) a request not done within `REQUEST_TIMEOUT_SECS`: a slow
+/// body, a stalled database. A request that may change something (any method but GET, HEAD
+/// and OPTIONS) is bounded only until its body is in: once it runs, it is not cut, since a
+/// "please retry" for a change that was made anyway (a message stored by its batch) would have
+/// the client make it twice. A `send_message?wait` request may also wait its `MAX_WAIT_SECS`.
+/// (A WebSocket upgrade is answered with 101 at once; the socket lives in its own task.)
 pub async fn request_timeout(
     State(state): State<AppState>,
     req: axum::extract::Request,
@@ -143,20 +250,35 @@ pub async fn request_timeout(
 ) -> Response {
     let settings = &state.settings;
     let mut limit = Duration::from_secs(settings.request_timeout_secs);
-    if req.uri().path().starts_with("/ws/") {
-        return next.run(req).await;
-    }
     if req.uri().query().is_some_and(|q| {
         q.split('&')
             .any(|pair| pair == "wait" || pair.starts_with("wait="))
     }) {
-        limit += Duration::from_secs(settings.max_wait_secs);
+        limit = limit.saturating_add(Duration::from_secs(settings.max_wait_secs));
     }
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => {
-            metrics::request_timed_out();
-            ApiError::Unavailable("The request took too long, please retry").into_response()
+    let timed_out = || {
+        metrics::request_timed_out();
+        ApiError::Unavailable("The request took too long, please retry").into_response()
+    };
+    if req.method().is_safe() {
+        return match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(response) => response,
+            Err(_) => timed_out(),
+        };
+    }
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, settings.max_body_bytes);
+    let bytes = match tokio::time::timeout(limit, read).await {
+        Ok(Ok(bytes)) => bytes,
+        // Over MAX_BODY_BYTES (or the client went away while sending it).
+        Ok(Err(_)) => {
+            return ApiError::PayloadTooLarge("Request body is too large".into()).into_response();
         }
-    }
+        Err(_) => return timed_out(),
+    };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }

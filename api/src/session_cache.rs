@@ -41,6 +41,10 @@ impl Entry {
 pub struct SessionCache {
     ttl: Duration,
     entries: Mutex<HashMap<Vec<u8>, Entry>>,
+    /// Users whose every session was just revoked, until when: a lookup that read one of their
+    /// sessions before the revocation must not put it back (their new sessions are simply not
+    /// remembered for that long).
+    revoked_users: Mutex<HashMap<i64, Instant>>,
 }
 
 impl SessionCache {
@@ -49,6 +53,7 @@ impl SessionCache {
         SessionCache {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            revoked_users: Mutex::new(HashMap::new()),
         }
     }
 
@@ -56,11 +61,8 @@ impl SessionCache {
         !self.ttl.is_zero()
     }
 
-    /// Nothing held under the lock can be left half-changed, so a poisoned lock is still usable.
     fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Entry>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.entries)
     }
 
     /// A remembered live session, if its entry has not run out.
@@ -92,6 +94,13 @@ impl SessionCache {
         };
         let now = Instant::now();
         let until = now + self.ttl.min(left);
+        {
+            let mut revoked = lock(&self.revoked_users);
+            revoked.retain(|_, until| *until > now);
+            if revoked.contains_key(&user.id) {
+                return;
+            }
+        }
         let mut entries = self.lock();
         if let Some(Entry::Revoked { until }) = entries.get(token_hash)
             && *until > now
@@ -136,12 +145,20 @@ impl SessionCache {
             return;
         }
         let until = Instant::now() + self.ttl;
+        lock(&self.revoked_users).insert(user_id, until);
         for entry in self.lock().values_mut() {
             if matches!(entry, Entry::Live { session, .. } if session.user.id == user_id) {
                 *entry = Entry::Revoked { until };
             }
         }
     }
+}
+
+/// Nothing held under these locks can be left half-changed, so a poisoned lock is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn make_room(entries: &mut HashMap<Vec<u8>, Entry>, now: Instant) {
@@ -220,6 +237,9 @@ mod tests {
             cache.get(b"a1").is_none(),
             "a racing lookup must not bring it back"
         );
+        // Nor one of a session that was not remembered when the revocation came.
+        cache.insert(b"a3", &alice(), in_an_hour());
+        assert!(cache.get(b"a3").is_none());
         assert_eq!(cache.get(b"b1").map(|s| s.user.id), Some(2));
     }
 

@@ -63,14 +63,14 @@ pub struct Settings {
     /// is closed past it.
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_secs: u64,
-    /// Seconds a request may take (its body included) before it is answered 503 with
-    /// `Retry-After`; WebSockets are not requests, and `send_message?wait` gets `MAX_WAIT_SECS`
-    /// more.
+    /// Seconds a GET may run, and a body may take to arrive, before the request is answered 503
+    /// with `Retry-After` (`send_message?wait` gets `MAX_WAIT_SECS` more); also the longest a
+    /// write to a client may stay blocked before its connection is dropped.
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_secs: u64,
     /// Connections open at once, WebSockets included; past it a new connection is answered 503
     /// and closed.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
     /// WebSockets one user may have open on one API instance (0: no limit); past it the
     /// upgrade is answered 429.

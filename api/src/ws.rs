@@ -171,6 +171,89 @@ impl Credential {
         // Sessions last days; a far-off expiry is as good as a year from now.
         Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
     }
+
+    /// Resolves when the session ends (its expiry, or its revocation on any instance), with
+    /// the close reason. Cancel-safe: a revocation not yet received stays queued.
+    async fn ended(&mut self, state: &AppState) -> &'static str {
+        use tokio::sync::broadcast::error::RecvError;
+        let expiry = tokio::time::sleep_until(self.deadline());
+        tokio::pin!(expiry);
+        loop {
+            tokio::select! {
+                () = &mut expiry => return "session expired",
+                revoked = self.revocations.recv() => match revoked {
+                    Ok(revocation) if revocation.ends(self.user_id, &self.token_hash) => {
+                        return "session ended";
+                    }
+                    Ok(_) => {}
+                    // Revocations were missed: the database says whether this was one, and
+                    // one that cannot be asked ends the socket (the client reconnects and is
+                    // let in again only if its session is live).
+                    Err(RecvError::Lagged(_)) => {
+                        match db::sessions::find_live_session(&state.db, &self.token_hash).await {
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => return "session ended",
+                        }
+                    }
+                    // The hub outlives every socket; should it not, only the expiry is left.
+                    Err(RecvError::Closed) => {
+                        expiry.as_mut().await;
+                        return "session expired";
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// How a catch-up ended.
+enum CatchUp {
+    Sent,
+    /// The client is gone (a send failed or timed out).
+    Gone,
+    /// The stored messages could not be read.
+    Unavailable,
+}
+
+/// Sends the stored messages after `after_id` (at most [`CATCH_UP_LIMIT`], then
+/// `catch_up_truncated` when there are more), noting their ids in `caught_up`.
+async fn catch_up(
+    state: &AppState,
+    ai_chat_id: i64,
+    after_id: i64,
+    sink: &mut Sink,
+    caught_up: &mut HashSet<i64>,
+) -> CatchUp {
+    let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
+    let limit = Some(CATCH_UP_LIMIT + 1);
+    let mut messages =
+        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Some(after_id), limit)
+            .await
+        {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!(error = %err, "catch-up query failed");
+                return CatchUp::Unavailable;
+            }
+        };
+    let truncated = messages.len() > CATCH_UP_LIMIT as usize;
+    messages.truncate(CATCH_UP_LIMIT as usize);
+    for message in &messages {
+        caught_up.insert(message.id);
+        if !send_text(sink, stored_event(message), send_timeout).await {
+            return CatchUp::Gone;
+        }
+    }
+    if let Some(last) = messages.last().filter(|_| truncated) {
+        let event = ChatEvent::CatchUpTruncated {
+            next_after_id: last.id,
+        };
+        let text = serde_json::to_string(&event).unwrap_or_default();
+        if !send_text(sink, text, send_timeout).await {
+            return CatchUp::Gone;
+        }
+    }
+    CatchUp::Sent
 }
 
 async fn session(
@@ -247,70 +330,30 @@ async fn send_loop(
     let mut shutdown = state.shutdown.clone();
 
     // Catch-up: stored messages after `after_id`; their live events are then skipped by id.
+    // The session may end meanwhile (a slow reader takes long): that ends the catch-up too.
     let mut caught_up: HashSet<i64> = HashSet::new();
     if let Some(after_id) = after_id {
-        let limit = Some(CATCH_UP_LIMIT + 1);
-        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Some(after_id), limit)
-            .await
-        {
-            Ok(mut messages) => {
-                let truncated = messages.len() > CATCH_UP_LIMIT as usize;
-                messages.truncate(CATCH_UP_LIMIT as usize);
-                for message in &messages {
-                    caught_up.insert(message.id);
-                    let text = stored_event(message);
-                    if !send_text(&mut sink, text, send_timeout).await {
-                        return;
-                    }
-                }
-                if let Some(last) = messages.last().filter(|_| truncated) {
-                    let event = ChatEvent::CatchUpTruncated {
-                        next_after_id: last.id,
-                    };
-                    let text = serde_json::to_string(&event).unwrap_or_default();
-                    if !send_text(&mut sink, text, send_timeout).await {
-                        return;
-                    }
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "catch-up query failed");
-                close(&mut sink, close_code::AGAIN, "catch-up unavailable").await;
-                return;
-            }
+        let catch_up = catch_up(&state, ai_chat_id, after_id, &mut sink, &mut caught_up);
+        let ended = tokio::select! {
+            done = catch_up => match done {
+                CatchUp::Sent => None,
+                CatchUp::Gone => return,
+                CatchUp::Unavailable => Some((close_code::AGAIN, "catch-up unavailable")),
+            },
+            ended = credential.ended(&state) => Some((SESSION_ENDED, ended)),
+        };
+        if let Some((code, reason)) = ended {
+            close(&mut sink, code, reason).await;
+            return;
         }
     }
 
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    let expiry = tokio::time::sleep_until(credential.deadline());
-    tokio::pin!(expiry);
-    let mut revocations_open = true;
     loop {
         tokio::select! {
-            () = &mut expiry => {
-                close(&mut sink, SESSION_ENDED, "session expired").await;
+            ended = credential.ended(&state) => {
+                close(&mut sink, SESSION_ENDED, ended).await;
                 return;
-            }
-            revoked = credential.revocations.recv(), if revocations_open => {
-                use tokio::sync::broadcast::error::RecvError;
-                let ended = match revoked {
-                    Ok(revocation) => revocation.ends(credential.user_id, &credential.token_hash),
-                    // Some revocations were missed: the database says whether this was one.
-                    Err(RecvError::Lagged(_)) => {
-                        matches!(
-                            db::sessions::find_live_session(&state.db, &credential.token_hash).await,
-                            Ok(None)
-                        )
-                    }
-                    Err(RecvError::Closed) => {
-                        revocations_open = false;
-                        false
-                    }
-                };
-                if ended {
-                    close(&mut sink, SESSION_ENDED, "session ended").await;
-                    return;
-                }
             }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {

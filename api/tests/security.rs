@@ -1075,22 +1075,10 @@ async fn connections_and_each_users_sockets_are_capped() {
 
     // A socket that closes gives its place (and alice's) back.
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = fresh()
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .map(|a| a.status());
-        if matches!(status, Ok(StatusCode::OK)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the place was never freed: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        a_fresh_connection_is_answered(&app, Duration::from_secs(10)).await,
+        "the place was never freed"
+    );
     app.cleanup().await;
 }
 
@@ -1210,4 +1198,81 @@ async fn debug_logs_hold_no_message_text_prompts_or_emails() {
     ] {
         assert!(!log.contains(hidden), "{hidden} is in the log");
     }
+}
+
+/// Item 10: a client that stops reading its answers cannot hold its connection: a write that
+/// stays blocked longer than the request timeout drops the connection, and its place under
+/// `MAX_CONNECTIONS` is free again.
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    // Idle connections are not closed by the header timeout within the test.
+    let app = spawn_app_with_flags(&[
+        "--request-timeout-secs",
+        "1",
+        "--max-connections",
+        "2",
+        "--header-read-timeout-secs",
+        "60",
+    ])
+    .await;
+    let alice = app.user("alice").await;
+    let chat = app.ai_chat_id(&alice).await;
+    // About a megabyte a page.
+    sqlx::query(
+        "insert into ai_messages (ai_chat_id, role, content, status)
+         select $1, 'user', repeat('x', 1000), 'answered' from generate_series(1, 1000)",
+    )
+    .bind(chat)
+    .execute(&app.db)
+    .await
+    .expect("messages");
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut stuck = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /api/ai/chats/{chat}/messages/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        alice.token
+    );
+    // Far more answer than the socket buffers hold, never read.
+    stuck
+        .write_all(request.repeat(64).as_bytes())
+        .await
+        .expect("write the requests");
+    // The test's pooled connection and the stuck one hold both places.
+    let status = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .map(|a| a.status());
+    assert!(
+        matches!(status, Ok(StatusCode::SERVICE_UNAVAILABLE)),
+        "{status:?}"
+    );
+    let freed = a_fresh_connection_is_answered(&app, Duration::from_secs(15)).await;
+    assert!(freed, "the stuck connection kept its place");
+    drop(stuck);
+    app.cleanup().await;
+}
+
+/// Polls `/healthz` on fresh connections until one is answered 200 (false after `limit`).
+async fn a_fresh_connection_is_answered(app: &common::TestApp, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client");
+        if let Ok(answer) = client.get(app.url("/healthz")).send().await
+            && answer.status() == StatusCode::OK
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }

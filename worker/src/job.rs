@@ -428,7 +428,11 @@ async fn save_and_announce(
     let event = ChatEvent::AssistantMessage {
         message: EventMessage::assistant(&saved),
     };
-    announce(ctx, claim, subject, &event).await;
+    // A reply whose announcement Redis refused runs the job again: the next run finds the
+    // message answered and the marker still there, and announces it then.
+    announce(ctx, claim, subject, &event)
+        .await
+        .map_err(|err| JobError::Retry(anyhow::Error::from(err).context("announcing the reply")))?;
     tracing::info!(
         reply_id = saved.id,
         attempts = completion.attempts,
@@ -551,24 +555,27 @@ async fn record_failure(
             message: message.to_owned(),
             message_id: Some(subject.message_id),
         };
-        announce(ctx, claim, subject, &event).await;
+        // A failed message is not run again, so a lost `error` event stays lost; clients see
+        // the status on their next read.
+        if let Err(err) = announce(ctx, claim, subject, &event).await {
+            tracing::warn!(error = %err, "could not publish a chat event");
+        }
         tracing::warn!(error = %err, "message marked failed");
     }
     Ok(changed)
 }
 
-/// Announces the outcome this run stored, unless another run already did. Events follow the
-/// database, which is the truth: an event Redis refused is logged, and the job's next run (if
-/// any) announces it.
-/// True when this call published.
+/// Announces the outcome this run stored, unless another run already did; true when this call
+/// published. An error leaves the marker in place for the job's next run (when the script did
+/// not run) or means it was published (when only its answer was lost), never both.
 async fn announce(
     ctx: &JobContext,
     claim: Claim,
     subject: &CompletionSubject,
     event: &ChatEvent,
-) -> bool {
+) -> Result<bool, aichat_shared::Error> {
     let mut redis = ctx.redis.clone();
-    let published = match claim {
+    match claim {
         Claim::Unknown => publish_event(&mut redis, &ctx.ns, subject.ai_chat_id, event)
             .await
             .map(|_| true),
@@ -582,11 +589,7 @@ async fn announce(
             )
             .await
         }
-    };
-    published.unwrap_or_else(|err| {
-        tracing::warn!(error = %err, "could not publish a chat event");
-        false
-    })
+    }
 }
 
 /// The message was answered by another run: announces that run's reply if it may never have
@@ -608,7 +611,10 @@ async fn announce_stored_reply(
             let event = ChatEvent::AssistantMessage {
                 message: EventMessage::assistant(&reply),
             };
-            if announce(ctx, claim, subject, &event).await {
+            let published = announce(ctx, claim, subject, &event).await.map_err(|err| {
+                JobError::Retry(anyhow::Error::from(err).context("announcing the stored reply"))
+            })?;
+            if published {
                 metrics::late_announcement();
             }
         }
