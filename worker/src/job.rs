@@ -216,13 +216,7 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             reason: "too_long",
             attempts: 0,
         };
-        return if record_failure(ctx, job, claim, &subject, &err).await? {
-            metrics::job_failed("too_long");
-            Ok(Done::Failed)
-        } else {
-            announce_stored_reply(ctx, claim, &subject).await?;
-            Ok(Done::AlreadyAnswered)
-        };
+        return fail(ctx, job, claim, &subject, &err, "too_long").await;
     };
     let (chunks_tx, chunks_rx) = mpsc::unbounded_channel();
     let target = DeltaTarget {
@@ -267,16 +261,29 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             .await
         }
         Err(err @ CompletionError::Failed { .. }) => {
-            if record_failure(ctx, job, claim, &subject, &err).await? {
-                metrics::job_failed("model");
-                Ok(Done::Failed)
-            } else {
-                // Answered by another run meanwhile (or deleted): nothing is lost.
-                announce_stored_reply(ctx, claim, &subject).await?;
-                Ok(Done::AlreadyAnswered)
-            }
+            fail(ctx, job, claim, &subject, &err, "model").await
         }
         Err(err) => Err(JobError::Retry(err.into())),
+    }
+}
+
+/// Ends a run that cannot be answered (`reason` labels the failure metric): the message is
+/// marked failed, unless another run answered it meanwhile, whose reply then stands (and is
+/// announced if it may not have been).
+async fn fail(
+    ctx: &JobContext,
+    job: &CompletionJob,
+    claim: Claim,
+    subject: &CompletionSubject,
+    err: &CompletionError,
+    reason: &'static str,
+) -> Result<Done, JobError> {
+    if record_failure(ctx, job, claim, subject, err).await? {
+        metrics::job_failed(reason);
+        Ok(Done::Failed)
+    } else {
+        announce_stored_reply(ctx, claim, subject).await?;
+        Ok(Done::AlreadyAnswered)
     }
 }
 

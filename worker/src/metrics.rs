@@ -100,7 +100,7 @@ pub fn describe(models: &[String]) {
     counter!("aichat_worker_jobs_started_total").increment(0);
     counter!("aichat_worker_jobs_succeeded_total").increment(0);
     counter!("aichat_worker_jobs_requeued_total").increment(0);
-    for reason in ["undecodable", "aborted", "model"] {
+    for reason in ["undecodable", "aborted", "model", "too_long"] {
         counter!("aichat_worker_jobs_failed_total", "reason" => reason).increment(0);
     }
     for reason in ["message_gone", "already_answered"] {
