@@ -84,11 +84,7 @@ impl Application {
             ns.clone(),
             settings.ws_queue_capacity,
             Box::new(move |revocation| match revocation {
-                Revocation::Session(hash) => {
-                    if let Ok(hash) = hex::decode(hash) {
-                        forget.revoke(&hash);
-                    }
-                }
+                Revocation::Session(hash) => forget.revoke(hash),
                 Revocation::User(user_id) => forget.revoke_user(*user_id),
             }),
         )

@@ -23,21 +23,22 @@ pub const CHANNEL_CAPACITY: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Revocation {
-    /// One session, by the hex of its token's hash.
-    Session(String),
+    /// One session, by its token's hash (hex on the wire, decoded once when it arrives rather
+    /// than by every socket it is compared with).
+    Session(#[serde(with = "hex::serde")] Vec<u8>),
     /// Every session of a user.
     User(i64),
 }
 
 impl Revocation {
     pub fn session(token_hash: &[u8]) -> Self {
-        Revocation::Session(hex::encode(token_hash))
+        Revocation::Session(token_hash.to_vec())
     }
 
     /// Whether this ends the session `token_hash` of `user_id`.
     pub fn ends(&self, user_id: i64, token_hash: &[u8]) -> bool {
         match self {
-            Revocation::Session(hash) => hex::decode(hash).is_ok_and(|h| h == token_hash),
+            Revocation::Session(hash) => hash == token_hash,
             Revocation::User(id) => *id == user_id,
         }
     }
@@ -89,6 +90,10 @@ mod tests {
         );
         assert!(one.ends(1, b"abc"));
         assert!(!one.ends(1, b"abd"));
+        assert_eq!(
+            serde_json::to_string(&one).unwrap(),
+            r#"{"session":"616263"}"#
+        );
         let all = Revocation::User(7);
         assert_eq!(serde_json::to_string(&all).unwrap(), r#"{"user":7}"#);
         assert!(all.ends(7, b"anything") && !all.ends(8, b"anything"));
