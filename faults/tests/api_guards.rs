@@ -420,6 +420,7 @@ const MATRIX: &[Row] = &[
     row("GET", "/api/ai/messages/", [401, 200, 200, 200]),
     row("GET", "/api/ai/messages/{msg}/", [401, 200, 404, 404]),
     row("GET", "/api/ai/usage/", [401, 200, 200, 200]),
+    row("GET", "/api/ai/models/", [401, 200, 200, 200]),
     row("GET", "/api/admin/ai-chats/", [401, 403, 403, 200]),
     row("GET", "/api/admin/messages/", [401, 403, 403, 200]),
     row("GET", "/api/admin/usage/", [401, 403, 403, 200]),
@@ -595,6 +596,27 @@ async fn authorization_matrix_every_route_every_role() {
         "{}",
         all.body
     );
+    // Logging out everywhere ends every session of the caller, so it goes last, for each role
+    // (no request follows it): anonymous 401, any signed-in user 200.
+    for (role, token, want) in [
+        (Role::Anonymous, None, 401),
+        (Role::Owner, Some(alice.token.as_str()), 200),
+        (Role::Other, Some(mallory.token.as_str()), 200),
+        (Role::Staff, Some(root.token.as_str()), 200),
+    ] {
+        let answer = client
+            .try_call(Method::POST, "/api/logout/all/", token, None, &[])
+            .await
+            .expect("request");
+        checked += 1;
+        if answer.status.as_u16() != want {
+            mismatches.push(format!(
+                "POST /api/logout/all/ as {role:?}: {} (want {want}) {}",
+                answer.status.as_u16(),
+                answer.body
+            ));
+        }
+    }
     report(
         "authorization_matrix",
         &[
