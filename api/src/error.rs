@@ -53,6 +53,9 @@ pub enum ApiError {
     NotFound,
     #[error("{0}")]
     NotFoundBecause(&'static str),
+    /// A path written without its trailing slash (GET and HEAD are redirected instead).
+    #[error("Not found. Every path of this API ends with a slash: {0}")]
+    MissingTrailingSlash(String),
     #[error("Method not allowed.")]
     MethodNotAllowed,
     #[error("validation failed")]
@@ -87,7 +90,9 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::CrossSite => StatusCode::FORBIDDEN,
-            ApiError::NotFound | ApiError::NotFoundBecause(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound
+            | ApiError::NotFoundBecause(_)
+            | ApiError::MissingTrailingSlash(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 
 /// A JSON object body: 415 without a JSON content type, 413 when too large, 400 when malformed
-/// or when it is any other JSON value (serde would read an array as a struct's fields in
-/// order; the original API answered 400 for it).
+/// or when it is any other JSON value (the original API answered 400 for it), and field errors
+/// in JSON's words when a value has the wrong type (`json_body.rs`).
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -30,25 +30,8 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|rejection| json_rejection(JsonRejection::BytesRejection(rejection)))?;
-        if !is_json_object(&bytes) {
-            return Err(ApiError::BadRequest(NOT_AN_OBJECT.into()));
-        }
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
+        Ok(ApiJson(crate::json_body::parse_object(&bytes)?))
     }
-}
-
-/// What a body or a WebSocket frame that is JSON but not an object is told.
-pub const NOT_AN_OBJECT: &str = "Invalid data: expected a JSON object";
-
-/// Whether `text` can only be a JSON object: its first character other than JSON whitespace
-/// is `{` (whether the rest is valid is the parser's to say).
-pub fn is_json_object(text: &[u8]) -> bool {
-    text.iter()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .is_some_and(|&b| b == b'{')
 }
 
 /// `application/json` or any `application/*+json`, as axum's own `Json` accepts.
@@ -69,12 +52,6 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::UnsupportedMediaType("Content-Type must be application/json".into())
-        }
-        JsonRejection::JsonSyntaxError(e) => {
-            ApiError::BadRequest(format!("Invalid JSON: {}", inner(&e.body_text())))
-        }
-        JsonRejection::JsonDataError(e) => {
-            ApiError::BadRequest(format!("Invalid data: {}", inner(&e.body_text())))
         }
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::PayloadTooLarge("Request body is too large".into())

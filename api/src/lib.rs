@@ -24,6 +24,7 @@ pub mod fanout;
 pub mod hardening;
 pub mod hashing;
 pub mod idempotency;
+pub mod json_body;
 pub mod metrics;
 pub mod origin_guard;
 pub mod paging;
@@ -37,6 +38,7 @@ pub mod session_cache;
 pub mod settings;
 pub mod state;
 pub mod throttle;
+pub mod trailing_slash;
 pub mod validate;
 pub mod wait;
 pub mod ws;
@@ -74,7 +76,10 @@ impl Application {
         let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
             .await
             .context("connecting to Redis")?;
-        let ns = settings.redis.namespace();
+        let installation = db::installation_id(&pool)
+            .await
+            .context("reading the database's installation id (is the schema applied? run `aichat-api migrate`)")?;
+        let ns = settings.redis.namespace().for_installation(installation);
         let sessions = Arc::new(SessionCache::new(Duration::from_secs(
             settings.session_cache_secs,
         )));

@@ -7,10 +7,24 @@ use aichat_shared::{config, db, redis_conn, telemetry};
 use secrecy::ExposeSecret;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     config::load_dotenv();
     let settings = Settings::parse();
     telemetry::init(&settings.log);
+    let database = settings.database.clone();
+    match run(settings).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            if let Some(hint) = db::missing_database_hint(&database, err.as_ref()) {
+                eprintln!("{hint}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
     match settings.command.clone() {
         None | Some(Command::Serve) => {
             let app = Application::build(settings).await?;

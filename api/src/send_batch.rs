@@ -15,7 +15,7 @@ use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::AiMessage;
 use aichat_shared::events::{ChatEvent, EventMessage, publish_events};
-use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key};
+use aichat_shared::jobs::{CompletionJob, JobQueue};
 use aichat_shared::keys::Namespace;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -142,7 +142,7 @@ impl Writer {
                         request_id.take(),
                     )
                 };
-                jobs.push((job, message_job_key(message.id)));
+                jobs.push((job, self.queue.message_job_key(message.id)));
                 let event = ChatEvent::UserMessage {
                     message: EventMessage::user(message),
                 };

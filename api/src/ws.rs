@@ -22,7 +22,8 @@ use aichat_shared::events::{ChatEvent, EventMessage};
 use crate::auth::{bearer_token, cookie_token, hash_token, live_session};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery, NOT_AN_OBJECT, RequestId, is_json_object};
+use crate::extract::{ApiPath, ApiQuery, RequestId};
+use crate::json_body::{self, BodyError};
 use crate::fanout::{Event, Lagged, Subscription};
 use crate::revocation::{Revocation, SESSION_ENDED};
 use crate::routes::ai_chats::ensure_owner;
@@ -469,15 +470,10 @@ async fn handle_frame(
     ai_chat_id: i64,
     text: &str,
 ) -> Option<String> {
-    if !is_json_object(text.as_bytes()) {
-        // Arrays and scalars included: serde would read an array as the frame's fields.
-        return Some(match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(_) => NOT_AN_OBJECT.into(),
-            Err(_) => "Invalid JSON".into(),
-        });
-    }
-    let Ok(frame) = serde_json::from_str::<ClientFrame>(text) else {
-        return Some("Invalid JSON".into());
+    let frame = match json_body::parse_object::<ClientFrame>(text.as_bytes()) {
+        Ok(frame) => frame,
+        Err(BodyError::Syntax(_)) => return Some("Invalid JSON".into()),
+        Err(err) => return Some(err.message()),
     };
     if frame.kind.as_deref() != Some("message") {
         return None; // `typing` and unknown types are ignored

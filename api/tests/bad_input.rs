@@ -298,3 +298,121 @@ async fn unknown_and_out_of_range_ids_are_404() {
     assert!(body["error"].is_string());
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_is_named_with_its_field_and_the_json_type_expected() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let send = format!("/api/ai/chats/{ai}/send_message/");
+    let cases = [
+        (
+            send.as_str(),
+            json!({"content": 5}),
+            json!({"content": ["Expected a string, got an integer."]}),
+        ),
+        (
+            send.as_str(),
+            json!({"content": "hi", "include_related_chat_context": "yes"}),
+            json!({"include_related_chat_context": ["Expected true or false, got a string."]}),
+        ),
+        (
+            send.as_str(),
+            json!({"content": ["hi"]}),
+            json!({"content": ["Expected a string, got an array."]}),
+        ),
+        (
+            "/api/ai/chats/",
+            json!({"title": {"text": "t"}}),
+            json!({"title": ["Expected a string, got an object."]}),
+        ),
+        (
+            "/api/chats/",
+            json!({"name": "n", "participant_ids": [1, "bob"]}),
+            json!({"participant_ids[1]": ["Expected an integer, got a string."]}),
+        ),
+    ];
+    for (path, body, expected) in cases {
+        let (status, answer) = app.post(path, &alice.token, body.clone()).await;
+        assert_eq!(
+            (status, &answer),
+            (StatusCode::BAD_REQUEST, &expected),
+            "{path} {body}"
+        );
+        let text = answer.to_string();
+        for rust in ["struct", "i64", "u32", "bool", "Vec", "Request"] {
+            assert!(!text.contains(rust), "{path} {body}: {text}");
+        }
+    }
+    let (_, messages) = app
+        .get(&format!("/api/ai/chats/{ai}/messages/"), &alice.token)
+        .await;
+    assert_eq!(messages, json!([]), "nothing stored");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_path_without_its_trailing_slash_is_redirected_or_named() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let ai = app.ai_chat_id(&alice).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // GET and HEAD: a permanent redirect that keeps the method and the query.
+    for (method, path, location) in [
+        (
+            reqwest::Method::GET,
+            "/api/chats".to_string(),
+            "/api/chats/".to_string(),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/ai/chats/{ai}/messages?limit=5"),
+            format!("/api/ai/chats/{ai}/messages/?limit=5"),
+        ),
+        (
+            reqwest::Method::HEAD,
+            "/api/me".to_string(),
+            "/api/me/".to_string(),
+        ),
+    ] {
+        let response = client
+            .request(method.clone(), app.url(&path))
+            .bearer_auth(&alice.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::PERMANENT_REDIRECT,
+            "{method} {path}"
+        );
+        assert_eq!(response.headers()["location"], location.as_str());
+    }
+    // Following it gets the page.
+    let (status, _) = app.get("/api/ai/chats", &alice.token).await;
+    assert_eq!(status, StatusCode::OK);
+    // Other methods: a JSON 404 that names the slashed path; nothing is created.
+    let (status, body) = app
+        .post("/api/ai/chats", &alice.token, json!({"title": "no slash"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body,
+        json!({"error": "Not found. Every path of this API ends with a slash: /api/ai/chats/"})
+    );
+    let (_, chats) = app.get("/api/ai/chats/", &alice.token).await;
+    assert_eq!(chats.as_array().map(Vec::len), Some(1));
+    // A path that is no route with or without the slash stays a plain 404.
+    for path in ["/api/nothing", "/api/chats/x/y", "/api/nothing/"] {
+        let response = client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body, json!({"error": "Not found."}), "{path}");
+    }
+    app.cleanup().await;
+}

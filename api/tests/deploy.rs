@@ -133,3 +133,50 @@ fn env_example_lists_every_setting_and_nothing_else() {
     assert!(missing.is_empty(), ".env.example lacks {missing:?}");
     assert!(unknown.is_empty(), ".env.example lists unknown {unknown:?}");
 }
+
+/// Runs the API binary with `args` against a database that does not exist; its exit status and
+/// what it wrote to stderr.
+async fn against_a_missing_database(args: &[&str]) -> (Option<i32>, String, String) {
+    let name = aichat_testkit::unique_name("aichat_missing");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"))
+        .args(args)
+        .env(
+            "DATABASE_URL",
+            format!("{}/{name}", aichat_testkit::pg_base()),
+        )
+        .env("ADMIN_PASSWORD", "correct horse battery")
+        .env("API_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), output)
+        .await
+        .expect("the API exits at once")
+        .expect("run the API binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        name,
+    )
+}
+
+#[tokio::test]
+async fn a_missing_database_is_named_with_the_command_that_creates_it() {
+    for args in [
+        &["create-admin", "--username", "root"][..],
+        &["migrate"][..],
+        &[][..],
+    ] {
+        let (code, stderr, name) = against_a_missing_database(args).await;
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "The database \"{name}\" named by DATABASE_URL does not exist"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("-c 'create database \"{name}\"'")),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -220,11 +220,10 @@ async fn wait_answers_502_when_the_model_cannot_answer() {
 async fn budget_used(app: &common::TestApp, user_id: i64) -> i64 {
     let client = redis::Client::open(app.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let day = chrono::Utc::now().format("%Y-%m-%d");
-    let used: Option<i64> =
-        redis::AsyncCommands::get(&mut conn, format!("{}:budget:{user_id}:{day}", app.ns))
-            .await
-            .unwrap();
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let used: Option<i64> = redis::AsyncCommands::get(&mut conn, app.keys.budget(user_id, &day))
+        .await
+        .unwrap();
     used.unwrap_or(0)
 }
 
@@ -266,4 +265,56 @@ async fn the_worker_settles_a_budget_reservation_to_the_real_usage_or_releases_i
         "the failure released its reservation"
     );
     app.cleanup().await;
+}
+
+/// The reset trap: a database dropped and created again under the same Redis namespace starts
+/// its ids at 1 again, and must not find the earlier database's job de-duplication key (the
+/// new message would sit queued until the sweeper, here turned off, rescued it) nor its
+/// idempotency key (the send would be answered with the earlier database's message).
+#[tokio::test]
+async fn a_database_created_again_under_the_same_namespace_gets_its_replies_at_once() {
+    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
+    let flags = ["--max-wait-secs", "10"];
+    let no_sweeper = ["--worker-sweep-interval-secs", "0"];
+    let mut first = common::spawn_app_with_flags(&flags).await;
+    let worker = start_worker(&first, &fake, &no_sweeper).await;
+    let send = |app: &common::TestApp, token: String, chat: i64, content: &'static str| {
+        let request = app
+            .client
+            .post(app.url(&format!("/api/ai/chats/{chat}/send_message/?wait=true")))
+            .bearer_auth(token)
+            .header("Idempotency-Key", "the-same-key")
+            .json(&json!({"content": content}));
+        async move {
+            let response = request.send().await.expect("send");
+            let status = response.status();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let alice = first.user("alice").await;
+    let chat = first.ai_chat_id(&alice).await;
+    let (status, before) = send(&first, alice.token.clone(), chat, "first life").await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert_eq!(before["content"], "Echo: first life");
+
+    drop(worker);
+    first.shut_down();
+    common::drop_database(&first.db_name).await;
+    aichat_testkit::postgres::create_database(&first.db_name).await;
+
+    let second = first.another_instance(&flags).await;
+    let _worker = start_worker(&second, &fake, &no_sweeper).await;
+    let alice = second.user("alice").await;
+    let again = second.ai_chat_id(&alice).await;
+    assert_eq!(again, chat, "the new database gives out the same ids");
+    let started = Instant::now();
+    let (status, after) = send(&second, alice.token.clone(), again, "second life").await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(after["content"], "Echo: second life");
+    assert_eq!(
+        after["reply_to"], before["reply_to"],
+        "the same message id as in the first database"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    second.cleanup().await;
 }

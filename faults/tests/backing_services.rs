@@ -499,7 +499,7 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
 async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     use aichat_shared::db;
     use aichat_shared::domain::ContextOptions;
-    use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key};
+    use aichat_shared::jobs::{CompletionJob, JobQueue};
     use aichat_shared::keys::Namespace;
     use redis::AsyncCommands;
 
@@ -531,14 +531,17 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     let job = CompletionJob::new(dead.id, chat, options, None);
     assert!(
         queue
-            .enqueue_completion(&job, &message_job_key(dead.id))
+            .enqueue_completion(&job, &queue.message_job_key(dead.id))
             .await
             .expect("push")
     );
     let mut conn = env.redis().await;
     let q = env.queue();
     let task: String = conn
-        .get(format!("{q}:idempotency:{}", message_job_key(dead.id)))
+        .get(format!(
+            "{q}:idempotency:{}",
+            queue.message_job_key(dead.id)
+        ))
         .await
         .expect("task of the dead job");
     let _: () = redis::pipe()

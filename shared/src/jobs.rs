@@ -24,6 +24,11 @@ pub struct CompletionJob {
     /// The user's daily token budget reserved for this message, to settle after the call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<crate::budget::Reservation>,
+    /// The database the message is in (`db::installation_id`), stamped by [`JobQueue`]: a
+    /// worker drops a job of another database instead of answering whatever message now has
+    /// that id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<String>,
 }
 
 impl CompletionJob {
@@ -40,6 +45,7 @@ impl CompletionJob {
             context_message_limit: options.context_message_limit,
             request_id,
             budget: None,
+            installation: None,
         }
     }
 }
@@ -62,6 +68,7 @@ pub fn queue_config(ns: &Namespace) -> apalis_redis::Config {
 pub struct JobQueue {
     conn: ConnectionManager,
     config: apalis_redis::Config,
+    installation: Option<String>,
 }
 
 impl JobQueue {
@@ -69,6 +76,31 @@ impl JobQueue {
         JobQueue {
             conn,
             config: queue_config(ns),
+            installation: ns.installation().map(str::to_owned),
+        }
+    }
+
+    /// The de-duplication key of a message's first job.
+    pub fn message_job_key(&self, message_id: i64) -> String {
+        self.job_key(format!("message:{message_id}"))
+    }
+
+    /// The de-duplication key of a re-drive of a dead job.
+    pub fn redrive_job_key(&self, message_id: i64, dead_task_id: &str) -> String {
+        self.job_key(format!("message:{message_id}:redrive:{dead_task_id}"))
+    }
+
+    /// The de-duplication key of the sweeper's rescue of a lost job.
+    pub fn rescue_job_key(&self, message_id: i64, lost_task_id: &str) -> String {
+        self.job_key(format!("message:{message_id}:rescue:{lost_task_id}"))
+    }
+
+    /// De-duplication keys carry the installation: apalis keeps them for a day, longer than a
+    /// database that is dropped and created again keeps its ids apart.
+    fn job_key(&self, key: String) -> String {
+        match &self.installation {
+            Some(id) => format!("{id}:{key}"),
+            None => key,
         }
     }
 
@@ -80,7 +112,7 @@ impl JobQueue {
     /// Returns whether a new job was queued.
     #[tracing::instrument(skip(self))]
     pub async fn enqueue_completion(&self, job: &CompletionJob, key: &str) -> Result<bool> {
-        let task = completion_task(job, key)?;
+        let task = self.task(job, key)?;
         let mut conn = self.conn.clone();
         let (enqueued, scheduled) =
             apalis_redis::queries::push_tasks(&mut conn, &self.config, &[task]).await?;
@@ -93,7 +125,7 @@ impl JobQueue {
     pub async fn enqueue_completions(&self, jobs: &[(CompletionJob, String)]) -> Result<()> {
         let tasks = jobs
             .iter()
-            .map(|(job, key)| completion_task(job, key))
+            .map(|(job, key)| self.task(job, key))
             .collect::<Result<Vec<_>>>()?;
         let mut conn = self.conn.clone();
         apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks).await?;
@@ -101,10 +133,19 @@ impl JobQueue {
     }
 }
 
-/// The apalis task of a completion job: its JSON arguments under the de-duplication `key`.
-fn completion_task(job: &CompletionJob, key: &str) -> Result<apalis_redis::RedisTask> {
-    let args = serde_json::to_vec(job)?;
-    Ok(TaskBuilder::new(args).idempotency_key(key).build())
+impl JobQueue {
+    /// The apalis task of a completion job: its JSON arguments, stamped with this queue's
+    /// installation, under the de-duplication `key`.
+    fn task(&self, job: &CompletionJob, key: &str) -> Result<apalis_redis::RedisTask> {
+        let args = match (&job.installation, &self.installation) {
+            (None, Some(id)) => serde_json::to_vec(&CompletionJob {
+                installation: Some(id.clone()),
+                ..job.clone()
+            })?,
+            _ => serde_json::to_vec(job)?,
+        };
+        Ok(TaskBuilder::new(args).idempotency_key(key).build())
+    }
 }
 
 /// How many completion jobs are in each state.
@@ -176,11 +217,6 @@ impl JobQueue {
     }
 }
 
-/// The de-duplication key of a message's first job.
-pub fn message_job_key(message_id: i64) -> String {
-    format!("message:{message_id}")
-}
-
 /// A completion job the worker gave up on (it sits in the queue's dead set).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadJob {
@@ -250,9 +286,4 @@ impl JobQueue {
             .await?;
         Ok(())
     }
-}
-
-/// The de-duplication key of a re-drive of a dead job.
-pub fn redrive_job_key(message_id: i64, dead_task_id: &str) -> String {
-    format!("message:{message_id}:redrive:{dead_task_id}")
 }

@@ -1,67 +1,101 @@
 //! Names of every Redis key, queue and channel, all under one namespace (`AICHAT_NAMESPACE`).
 
 /// The prefix that keeps one deployment's (or one test's) Redis data apart from others.
+///
+/// Keys that hold ids of database rows (messages, users) also carry the database's
+/// installation id once it is known ([`Namespace::for_installation`]): a database dropped and
+/// created again under the same namespace starts its ids at 1 again, and must not find the
+/// earlier database's job de-duplication keys, idempotency keys, budgets or markers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Namespace(String);
+pub struct Namespace {
+    prefix: String,
+    installation: Option<String>,
+}
 
 impl Namespace {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Namespace(prefix.into())
+        Namespace {
+            prefix: prefix.into(),
+            installation: None,
+        }
+    }
+
+    /// This namespace for the rows of the database whose installation id is `id`
+    /// (`db::installation_id`).
+    pub fn for_installation(self, id: impl Into<String>) -> Self {
+        Namespace {
+            installation: Some(id.into()),
+            ..self
+        }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.prefix
+    }
+
+    /// The database these keys belong to, when known.
+    pub fn installation(&self) -> Option<&str> {
+        self.installation.as_deref()
+    }
+
+    /// `{prefix}:{kind}` followed by `:{installation}` when it is known: the start of a key
+    /// that holds database ids.
+    fn of_rows(&self, kind: &str) -> String {
+        match &self.installation {
+            Some(id) => format!("{}:{kind}:{id}", self.prefix),
+            None => format!("{}:{kind}", self.prefix),
+        }
     }
 
     /// The apalis queue of completion jobs; apalis appends its own suffixes (`:active`, `:data`, ...).
     pub fn completion_queue(&self) -> String {
-        format!("{}:jobs:completion", self.0)
+        format!("{}:jobs:completion", self.prefix)
     }
 
     /// The pub/sub channel that carries one AI chat's WebSocket events.
     pub fn chat_channel(&self, ai_chat_id: i64) -> String {
-        format!("{}:chat:{ai_chat_id}", self.0)
+        format!("{}:chat:{ai_chat_id}", self.prefix)
     }
 
     /// Present while a run of a user message's completion job has an outcome to announce
     /// (`announce.rs`).
     pub fn pending_announcement(&self, message_id: i64) -> String {
-        format!("{}:announce:{message_id}", self.0)
+        format!("{}:{message_id}", self.of_rows("announce"))
     }
 
     /// The pub/sub channel on which revoked sessions are announced to every API instance.
     pub fn revocations(&self) -> String {
-        format!("{}:revoked", self.0)
+        format!("{}:revoked", self.prefix)
     }
 
     /// An `Idempotency-Key` a user sent (hashed by the caller, so its length is bounded).
     pub fn idempotency(&self, user_id: i64, key_hash: &str) -> String {
-        format!("{}:idem:{user_id}:{key_hash}", self.0)
+        format!("{}:{user_id}:{key_hash}", self.of_rows("idem"))
     }
 
     /// One user's token use (reserved and settled) on one UTC day, `YYYY-MM-DD`.
     pub fn budget(&self, user_id: i64, day: &str) -> String {
-        format!("{}:budget:{user_id}:{day}", self.0)
+        format!("{}:{user_id}:{day}", self.of_rows("budget"))
     }
 
     /// The per-user send counter of the current window.
     pub fn send_rate(&self, user_id: i64) -> String {
-        format!("{}:sendrate:{user_id}", self.0)
+        format!("{}:{user_id}", self.of_rows("sendrate"))
     }
 
     /// One sliding window of login or registration attempts (`attempt`: `login`/`register`;
     /// `by`: `address`/`username`; `subject`: a hash of the address or username).
     pub fn auth_window(&self, attempt: &str, by: &str, subject: &str) -> String {
-        format!("{}:auth:{attempt}:{by}:{subject}", self.0)
+        format!("{}:auth:{attempt}:{by}:{subject}", self.prefix)
     }
 
     /// Consecutive failed logins of one username (a hash of it) and its lock.
     pub fn login_failures(&self, subject: &str) -> String {
-        format!("{}:auth:failures:{subject}", self.0)
+        format!("{}:auth:failures:{subject}", self.prefix)
     }
 
     /// The prefix of the shared rate-limit state of one model.
     pub fn rate_limit(&self, model: &str) -> String {
-        format!("{}:rl:{model}", self.0)
+        format!("{}:rl:{model}", self.prefix)
     }
 }

@@ -57,6 +57,14 @@ pub async fn drop_database(name: &str) {
     }
 }
 
+/// Creates the empty database `name` (e.g. again, after [`drop_database`]).
+pub async fn create_database(name: &str) {
+    let mut conn = admin().await.expect("connect to postgres");
+    conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
+        .await
+        .expect("create database");
+}
+
 /// A connection to the server's `postgres` database, to create and drop others.
 async fn admin() -> Result<PgConnection, sqlx::Error> {
     PgConnection::connect(&format!("{}/postgres", pg_base())).await

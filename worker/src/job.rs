@@ -83,6 +83,9 @@ enum Done {
     Answered,
     AlreadyAnswered,
     MessageGone,
+    /// The job was queued for another database that had this namespace before (it was
+    /// dropped and created again): its message id means another message here.
+    OtherDatabase,
     Failed,
 }
 
@@ -183,6 +186,26 @@ async fn answer(
 }
 
 async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
+    if let Some(theirs) = job.installation.as_deref()
+        && ctx.ns.installation().is_some_and(|ours| ours != theirs)
+    {
+        // Either the job is older than the database, or this worker is (it started before
+        // the database was created again): the database says which.
+        let current = db::installation_id(&ctx.db)
+            .await
+            .map_err(|err| JobError::Retry(err.into()))?;
+        if current != theirs {
+            tracing::warn!(
+                job_database = theirs,
+                "dropping a job queued for an earlier database of this namespace"
+            );
+            return Ok(Done::OtherDatabase);
+        }
+        tracing::warn!(
+            "the database was created again after this worker started: restart it so its \
+             Redis keys name the new one"
+        );
+    }
     // Claimed before the message is read, so a run that finds it answered knows whether that
     // answer was announced (`announce.rs`).
     let claim = announce::claim(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;

@@ -17,6 +17,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use aichat_shared::config::DatabaseSettings;
 use aichat_shared::{db, jobs, redis_conn};
 
 pub mod context;
@@ -65,13 +66,7 @@ impl Worker {
 
     /// [`Worker::build`] with fault hooks (the fault suite's worker binary).
     pub async fn build_with_hooks(settings: Settings, hooks: Hooks) -> anyhow::Result<Self> {
-        let metrics = metrics::install();
-        metrics::describe(&settings.openai.allowed_models());
-        let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
-        let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
-            .await
-            .context("connecting to Redis")?;
-        let ns = settings.redis.namespace();
+        // First: a model client that could never be answered is a reason not to start.
         let policy = RetryPolicy {
             max_attempts: settings.llm_max_attempts,
             attempt_timeout: Duration::from_secs(settings.llm_attempt_timeout_secs),
@@ -80,6 +75,16 @@ impl Worker {
             backoff_max: Duration::from_millis(settings.llm_backoff_max_ms),
         };
         let llm = LlmClient::new(&settings.openai, policy).context("building the model client")?;
+        let metrics = metrics::install();
+        metrics::describe(&settings.openai.allowed_models());
+        let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
+        let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
+            .await
+            .context("connecting to Redis")?;
+        let ns = settings
+            .redis
+            .namespace()
+            .for_installation(wait_for_installation(&pool, &settings.database).await);
         let limiter = RateLimiter::new(
             redis.clone(),
             ns.clone(),
@@ -187,7 +192,7 @@ impl Worker {
             let sweeper = Sweeper {
                 db: self.jobs.db.clone(),
                 redis: self.redis.clone(),
-                queue: jobs::JobQueue::new(self.redis.clone(), &settings.redis.namespace()),
+                queue: jobs::JobQueue::new(self.redis.clone(), &self.jobs.ns),
                 interval: Duration::from_secs(settings.worker_sweep_interval_secs),
                 grace: Duration::from_secs(settings.worker_sweep_grace_secs),
             };
@@ -247,6 +252,31 @@ impl Worker {
         result.context("running the worker")?;
         tracing::info!("aichat-worker stopped");
         Ok(())
+    }
+}
+
+/// The database's installation id (`db::installation_id`), asked for until it is there: a
+/// worker may start before PostgreSQL is up or before the API has created the schema, and
+/// its Redis keys must name the database whose messages it answers.
+async fn wait_for_installation(pool: &db::Pool, database: &DatabaseSettings) -> String {
+    let mut failures = 0u32;
+    loop {
+        match db::installation_id(pool).await {
+            Ok(id) => return id,
+            Err(err) => {
+                if let Some(hint) = db::missing_database_hint(database, &err) {
+                    tracing::error!("{hint}");
+                } else if failures == 0 {
+                    tracing::warn!(
+                        error = %err,
+                        "waiting for the database and its schema (DATABASE_URL; the API applies \
+                         the schema at start, or run `aichat-api migrate`)"
+                    );
+                }
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(restart_delay(failures).max(Duration::from_millis(100))).await;
+            }
+        }
     }
 }
 

@@ -140,6 +140,23 @@ pub struct LlmClient {
     policy: RetryPolicy,
 }
 
+/// Whether `base_url` names a loopback host (`localhost`, `127.x.x.x`, `[::1]`): the fake
+/// model and local OpenAI-compatible servers, which take no key.
+fn is_on_this_machine(base_url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(base_url) else {
+        return false;
+    };
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl LlmClient {
     pub fn new(settings: &OpenAiSettings, policy: RetryPolicy) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
@@ -150,6 +167,14 @@ impl LlmClient {
             .as_ref()
             .map(|key| key.expose_secret().to_owned())
             .unwrap_or_default();
+        if api_key.trim().is_empty() && !is_on_this_machine(&settings.openai_base_url) {
+            anyhow::bail!(
+                "OPENAI_API_KEY is empty, and OPENAI_BASE_URL ({}) is not a server on this \
+                 machine: every call would be refused. Set OPENAI_API_KEY to the provider's key \
+                 (a model server on 127.0.0.1 or localhost, such as the fake model, needs none)",
+                settings.openai_base_url
+            );
+        }
         let config = OpenAIConfig::new()
             .with_api_base(settings.openai_base_url.trim_end_matches('/'))
             .with_api_key(api_key);

@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use aichat_shared::db::{self, stale::StaleMessage};
-use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key, redrive_job_key};
+use aichat_shared::jobs::{CompletionJob, JobQueue};
 
 use crate::metrics;
 
@@ -177,7 +177,7 @@ impl Sweeper {
     ) -> anyhow::Result<Option<(String, Option<String>)>> {
         let mut conn = self.redis.clone();
         let idempotency = self.queue.config().idempotency_key_set();
-        let mut key = message_job_key(message_id);
+        let mut key = self.queue.message_job_key(message_id);
         let mut lost = None;
         for _ in 0..MAX_GENERATIONS {
             let task: Option<String> = conn.get(format!("{idempotency}:{key}")).await?;
@@ -187,12 +187,12 @@ impl Sweeper {
             if self.alive(&task).await? {
                 return Ok(None);
             }
-            let redrive = redrive_job_key(message_id, &task);
+            let redrive = self.queue.redrive_job_key(message_id, &task);
             let redriven: bool = conn.exists(format!("{idempotency}:{redrive}")).await?;
             key = if redriven {
                 redrive
             } else {
-                format!("message:{message_id}:rescue:{task}")
+                self.queue.rescue_job_key(message_id, &task)
             };
             lost = Some(task);
         }

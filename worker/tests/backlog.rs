@@ -11,7 +11,7 @@ use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
 use aichat_shared::domain::{ContextOptions, role, status};
-use aichat_shared::jobs::{CompletionJob, message_job_key};
+use aichat_shared::jobs::CompletionJob;
 use common::{MODEL, SYSTEM_PROMPT, TestEnv};
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -74,7 +74,7 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
             let queue = &env.queue;
             async move {
                 let queued = queue
-                    .enqueue_completion(&job, &message_job_key(id))
+                    .enqueue_completion(&job, &queue.message_job_key(id))
                     .await
                     .expect("enqueue");
                 assert!(queued, "job queued");

@@ -1,5 +1,6 @@
-//! A worker process killed mid-job (SIGKILL, no goodbye): another worker takes the job over
-//! after the orphan window and the reply is saved and announced exactly once.
+//! The worker binary as a process: killed mid-job (SIGKILL, no goodbye), another worker takes
+//! the job over after the orphan window and the reply is saved and announced exactly once; and
+//! a worker that could never be answered by its model refuses to start.
 mod common;
 
 use std::process::Stdio;
@@ -106,4 +107,43 @@ async fn a_killed_workers_job_is_finished_by_another_exactly_once() {
     rescuer.start_kill().expect("stop the rescuer");
     let _ = rescuer.wait().await;
     env.cleanup().await;
+}
+
+/// Runs the worker binary with `key` as `OPENAI_API_KEY` against `base_url` until it exits (at
+/// most 20 s); its exit status and what it wrote to stderr.
+async fn start_with_key(key: &str, base_url: &str) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_aichat-worker"))
+        .env("OPENAI_API_KEY", key)
+        .env("OPENAI_BASE_URL", base_url)
+        // Nothing listens here: a worker that got past the check would not get far, and the
+        // test would time out instead of passing.
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20), output)
+        .await
+        .expect("the worker exits at once")
+        .expect("run the worker binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_worker_without_a_key_for_a_remote_model_refuses_to_start_and_says_why() {
+    for key in ["", "   "] {
+        let (code, stderr) = start_with_key(key, "https://models.example.com/v1").await;
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains("OPENAI_API_KEY is empty"), "{stderr}");
+        assert!(stderr.contains("https://models.example.com/v1"), "{stderr}");
+    }
+    // A model server on this machine (the fake, a local server) takes no key: that worker
+    // gets past the check and fails later, on Redis, which nothing here serves.
+    let (code, stderr) = start_with_key("", "http://127.0.0.1:9/v1").await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains("OPENAI_API_KEY"), "{stderr}");
+    assert!(stderr.contains("Redis"), "{stderr}");
 }

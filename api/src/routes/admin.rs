@@ -11,7 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use aichat_shared::db;
 use aichat_shared::db::admin::UsageRow;
 use aichat_shared::domain::{AiChat, AiMessage, role};
-use aichat_shared::jobs::{DeadJob, redrive_job_key};
+use aichat_shared::jobs::DeadJob;
 
 use crate::auth::StaffUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
@@ -175,7 +175,7 @@ async fn redrive(
     }
     state
         .queue
-        .enqueue_completion(&job, &redrive_job_key(dead.message_id, &task_id))
+        .enqueue_completion(&job, &state.queue.redrive_job_key(dead.message_id, &task_id))
         .await?;
     tx.commit().await?;
     state.queue.remove_dead_job(&task_id).await?;

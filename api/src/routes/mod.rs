@@ -1,6 +1,6 @@
 //! Every route, merged in one place, with the OpenAPI document built from them.
 use axum::Router;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use utoipa::OpenApi;
@@ -10,6 +10,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::trailing_slash::SlashedRoutes;
 
 pub mod accounts;
 pub mod admin;
@@ -61,11 +62,22 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// The whole application router (state still to be supplied).
 pub fn router() -> Router<AppState> {
     let (api, openapi) = api();
+    let slashed = SlashedRoutes::new(
+        openapi
+            .paths
+            .paths
+            .keys()
+            .map(String::as_str)
+            .chain(["/api/docs/", "/api/redoc/", "/admin/"]),
+    );
     api.merge(SwaggerUi::new("/api/docs").url("/api/schema/", openapi))
         .route("/api/redoc/", get(redoc))
         .route("/api/redoc/redoc.standalone.js", get(redoc_js))
         .merge(web::router())
-        .fallback(|| async { ApiError::NotFound })
+        .fallback(move |method: Method, uri: Uri| {
+            let slashed = slashed.clone();
+            async move { slashed.answer(&method, &uri) }
+        })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 

@@ -129,6 +129,8 @@ pub struct TestApp {
     pub db: PgPool,
     pub db_name: String,
     pub ns: String,
+    /// The app's Redis key names (its namespace, with the database's installation).
+    pub keys: aichat_shared::keys::Namespace,
     pub redis_url: String,
     pub client: reqwest::Client,
     pub sockets: aichat_api::state::SocketTracker,
@@ -224,6 +226,7 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
     let app = Application::build(settings).await.expect("build app");
     let base = format!("http://127.0.0.1:{}", app.port());
     let db = app.state().db.clone();
+    let keys = app.state().ns.clone();
     let sockets = app.state().sockets.clone();
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until(async move {
@@ -239,6 +242,7 @@ async fn start(db_url: String, db_name: String, ns: String, options: Options) ->
         db,
         db_name,
         ns,
+        keys,
         redis_url: options.redis_url,
         client,
         sockets,

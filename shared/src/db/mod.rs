@@ -78,3 +78,52 @@ pub async fn ping(pool: &PgPool) -> crate::error::Result<()> {
     sqlx::query("select 1").execute(pool).await?;
     Ok(())
 }
+
+/// The id of this database (`migrations/…_installation.sql`): new whenever the database is
+/// created again, so Redis state of an earlier one in the same namespace is told apart.
+pub async fn installation_id(pool: &PgPool) -> crate::error::Result<String> {
+    let (id,): (String,) = sqlx::query_as("select id::text from installation")
+        .fetch_one(pool)
+        .await?;
+    Ok(id)
+}
+
+/// What to do when `err` (or an error it wraps) is PostgreSQL saying that the database of
+/// `DATABASE_URL` does not exist (`3D000`): the command that creates it.
+pub fn missing_database_hint(
+    settings: &DatabaseSettings,
+    err: &(dyn std::error::Error + 'static),
+) -> Option<String> {
+    let mut next = Some(err);
+    let mut missing = false;
+    while let Some(cause) = next {
+        let sqlx_error = cause.downcast_ref::<sqlx::Error>().or_else(|| {
+            match cause.downcast_ref::<sqlx::migrate::MigrateError>() {
+                Some(sqlx::migrate::MigrateError::Execute(inner)) => Some(inner),
+                _ => None,
+            }
+        });
+        if let Some(sqlx::Error::Database(db)) = sqlx_error
+            && db.code().as_deref() == Some("3D000")
+        {
+            missing = true;
+            break;
+        }
+        next = cause.source();
+    }
+    if !missing {
+        return None;
+    }
+    let options: sqlx::postgres::PgConnectOptions =
+        settings.database_url.expose_secret().parse().ok()?;
+    let name = options.get_database().unwrap_or("postgres");
+    Some(format!(
+        "The database \"{name}\" named by DATABASE_URL does not exist. Create it with:\n  \
+         psql -h {host} -p {port} -U {user} -d postgres -c 'create database \"{name}\"'\n\
+         (`scripts/run` creates it for you; the schema is applied when the API starts or by \
+         `aichat-api migrate`.)",
+        host = options.get_host(),
+        port = options.get_port(),
+        user = options.get_username(),
+    ))
+}

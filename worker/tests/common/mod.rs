@@ -11,7 +11,7 @@ use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
 use aichat_shared::domain::{AiMessage, ContextOptions, User};
 use aichat_shared::events::ChatEvent;
-use aichat_shared::jobs::{CompletionJob, JobQueue, message_job_key};
+use aichat_shared::jobs::{CompletionJob, JobQueue};
 use aichat_shared::keys::Namespace;
 use aichat_worker::{Settings, Worker};
 use clap::Parser;
@@ -323,7 +323,7 @@ impl TestEnv {
             tries += 1;
             match self
                 .queue
-                .enqueue_completion(&job, &message_job_key(message.id))
+                .enqueue_completion(&job, &self.queue.message_job_key(message.id))
                 .await
             {
                 Ok(queued) => break queued,
