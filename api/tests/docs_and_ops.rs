@@ -239,3 +239,51 @@ async fn metrics_count_requests_by_route_and_status_and_show_the_queue() {
     );
     app.cleanup().await;
 }
+
+/// The README's curl walkthrough, pasted as one block into bash against a fresh database with
+/// a worker and the fake model: it must end without an error and print the reply.
+#[tokio::test]
+async fn the_readme_walkthrough_works_pasted() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("### curl\n")
+        .nth(1)
+        .expect("a curl section in the README");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a sh block in the curl section");
+    let fake = aichat_fake_llm::FakeLlm::start(aichat_fake_llm::FakeConfig::default())
+        .await
+        .expect("fake model");
+    let app = spawn_app().await;
+    let _worker = common::start_worker(&app, &fake, &[]).await;
+    let script = block.replacen("B=http://127.0.0.1:8000", &format!("B={}", app.base), 1);
+    assert_ne!(script, block, "the block sets B to the default address");
+    let output = tokio::process::Command::new("bash")
+        .args(["-e", "-o", "pipefail", "-c", &script])
+        .output()
+        .await
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some("Echo: Summarise our discussion"),
+        "{stdout}"
+    );
+    let reply_tokens: i64 = lines.get(1).and_then(|t| t.parse().ok()).expect("tokens");
+    assert!(reply_tokens > 0, "{stdout}");
+    let usage: serde_json::Value = serde_json::from_str(lines.get(2).copied().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("usage JSON: {stdout}"));
+    assert_eq!(usage["total"]["total_tokens"], reply_tokens, "{stdout}");
+    assert!(
+        lines.get(3).is_some_and(|l| l.contains("Logged out")),
+        "{stdout}"
+    );
+    app.cleanup().await;
+}
