@@ -19,7 +19,7 @@ const TEST_MS = 60000;
 const PHONE = { width: 375, height: 740 };
 
 const user = { name: `alice_${Date.now().toString(36)}`, password: 'correct horse battery' };
-const shared = { chatId: null };
+const shared = { chatId: null, otherChatId: null };
 const problems = [];
 const sockets = []; // the URL of every WebSocket any page opened
 let browser;
@@ -81,6 +81,23 @@ async function fake(method, path, body) {
   assert.ok(response.ok, `${method} ${path}: ${response.status}`);
   const text = await response.text();
   return text ? JSON.parse(text) : null;
+}
+
+/**
+ * Calls the API from the test itself (not from a page), as the user whose session token is
+ * `token`; resolves to `{ status, body }`.
+ */
+async function apiAs(token, method, path, body) {
+  const headers = { authorization: `Bearer ${token}` };
+  if (body !== undefined) headers['content-type'] = 'application/json';
+  const response = await fetch(`${BASE}${path}`, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal: AbortSignal.timeout(STEP_MS),
+  });
+  const text = await response.text();
+  return { status: response.status, body: text ? JSON.parse(text) : null };
 }
 
 /** Resolves to the session token of the next log-in `p` makes (from the API's answer). */
@@ -288,6 +305,145 @@ test('a message is answered: the reply streams in, then shows its token use', { 
   assertNoTokenInSocketUrls();
 });
 
+test('a reply is rendered as Markdown as it streams, and its code block can be copied', { timeout: TEST_MS }, async () => {
+  await desktop.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: BASE });
+  const code = 'make release VERSION=1.2 && echo "done"';
+  // The fake model answers "Echo: " and the message: the Markdown below is its reply.
+  const text = [
+    'Here is the plan.',
+    '',
+    '# Release plan',
+    '',
+    '- owners',
+    '- dates',
+    '',
+    '| who | when |',
+    '| --- | --- |',
+    '| alice | Friday |',
+    '',
+    '```sh',
+    code,
+    '```',
+  ].join('\n');
+  await page.locator('#message-input').fill(text);
+  await page.getByRole('button', { name: 'Send' }).click();
+
+  // The user's own message stays the plain text it was.
+  const mine = page.locator('li.user', { hasText: 'Here is the plan.' });
+  await mine.waitFor();
+  assert.equal(await mine.locator('.content').textContent(), text);
+  assert.equal(await mine.locator('h1, ul, table, pre').count(), 0, 'a user message is not rendered');
+
+  // While the reply streams in it is already Markdown: the heading shows before the end.
+  await page.waitForFunction(() => document.querySelector('li.assistant.streaming .content h1'), null, {
+    timeout: STEP_MS,
+    polling: 10,
+  });
+  await shot(page, 'chat-markdown-streaming-desktop');
+
+  const reply = page.locator('li.assistant[data-id]', { has: page.locator('h1', { hasText: 'Release plan' }) });
+  await reply.waitFor();
+  const content = reply.locator('.content');
+  assert.equal(await content.locator('p').first().textContent(), 'Echo: Here is the plan.');
+  assert.equal(await content.locator('h1').textContent(), 'Release plan');
+  assert.deepEqual(await content.locator('ul > li').allTextContents(), ['owners', 'dates']);
+  assert.deepEqual(await content.locator('table th').allTextContents(), ['who', 'when']);
+  assert.deepEqual(await content.locator('table td').allTextContents(), ['alice', 'Friday']);
+  assert.equal((await content.locator('pre code').textContent()).trimEnd(), code);
+  assert.equal(await content.locator('.code-lang').textContent(), 'sh');
+  await shot(page, 'chat-markdown-desktop');
+
+  // The copy button puts the code on the clipboard and says so.
+  const copy = reply.getByRole('button', { name: 'Copy code' });
+  await copy.click();
+  await reply.getByRole('status').filter({ hasText: 'Copied' }).waitFor();
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), `${code}\n`);
+});
+
+test('HTML and script links in a message are shown, never run', { timeout: TEST_MS }, async () => {
+  const text =
+    `Careful: <img src=x onerror="window.pwned = 'img'"> and <script>window.pwned = 'script'</script> ` +
+    `and [click me](javascript:window.pwned='link') and ![pic](x) and [the docs](https://example.com/docs)`;
+  const fetched = [];
+  const onRequest = (request) => {
+    if (new URL(request.url()).pathname === '/x') fetched.push(request.url());
+  };
+  page.on('request', onRequest);
+  try {
+    await page.locator('#message-input').fill(text);
+    await page.locator('#message-input').press('Enter');
+    const mine = page.locator('li.user', { hasText: 'Careful:' });
+    await mine.waitFor();
+    assert.equal(await mine.locator('.content').textContent(), text, 'the user message shows what was typed');
+
+    const reply = page.locator('li.assistant[data-id]', { hasText: 'Echo: Careful:' });
+    await reply.waitFor();
+    const content = reply.locator('.content');
+    // The tags are text: no element of the message was made from them.
+    const shown = await content.textContent();
+    assert.ok(shown.includes(`<img src=x onerror="window.pwned = 'img'">`), shown);
+    assert.ok(shown.includes(`<script>window.pwned = 'script'</script>`), shown);
+    assert.equal(await page.locator('#messages').locator('img, script, iframe, object, embed, svg').count(), 0);
+    for (const node of await content.locator('*').all()) {
+      const attributes = await node.evaluate((n) => [...n.attributes].map((a) => a.name));
+      assert.ok(!attributes.some((name) => name.startsWith('on')), `an event handler attribute: ${attributes}`);
+    }
+
+    // A `javascript:` link keeps its text but loses its address; clicking it does nothing.
+    const bad = content.locator('a', { hasText: 'click me' });
+    assert.equal(await bad.getAttribute('href'), null);
+    assert.match(await bad.getAttribute('title'), /Link removed/);
+    const pages = desktop.pages().length;
+    const url = page.url();
+    await bad.click();
+    // An image is a link (nothing is fetched), and a relative address is dropped too.
+    assert.equal(await content.locator('a', { hasText: 'pic' }).getAttribute('href'), null);
+    // An http(s) link stays, opening beside the chat without a handle on it.
+    const good = content.locator('a', { hasText: 'the docs' });
+    assert.equal(await good.getAttribute('href'), 'https://example.com/docs');
+    assert.equal(await good.getAttribute('target'), '_blank');
+    assert.match(await good.getAttribute('rel'), /\bnoopener\b/);
+
+    // A round trip through the page after the click: had anything run, it would have by now.
+    assert.equal(await page.evaluate(() => typeof window.pwned), 'undefined', 'no script of the message ran');
+    assert.equal(page.url(), url, 'the click did not navigate');
+    assert.equal(desktop.pages().length, pages, 'the click opened nothing');
+    assert.deepEqual(fetched, [], 'nothing was fetched for the message');
+    await shot(page, 'chat-hostile-desktop');
+  } finally {
+    page.off('request', onRequest);
+  }
+});
+
+test('sending a blank message says why nothing was sent', { timeout: TEST_MS }, async () => {
+  const users = await page.locator('li.user').count();
+  const input = page.locator('#message-input');
+  const hint = page.getByRole('status').filter({ hasText: 'Nothing was sent' });
+
+  await input.fill('');
+  await input.press('Enter');
+  await hint.filter({ hasText: 'the message is empty' }).waitFor();
+  assert.equal(await input.getAttribute('aria-invalid'), 'true');
+  assert.equal(await input.evaluate((n) => n === document.activeElement), true, 'the field keeps the focus');
+  await shot(page, 'chat-blank-desktop');
+
+  // Typing clears the message; whitespace alone is blank too.
+  await input.fill('   \n\t  ');
+  assert.equal(await page.locator('#composer-hint').textContent(), '');
+  await page.getByRole('button', { name: 'Send' }).click();
+  await hint.filter({ hasText: 'only spaces' }).waitFor();
+
+  // Nothing went out: the next real message is the only new one, and the only one answered.
+  await fake('DELETE', '/_fake/requests');
+  await input.fill('Not blank any more');
+  await input.press('Enter');
+  await page.locator('li.assistant[data-id] .content', { hasText: 'Echo: Not blank any more' }).waitFor();
+  assert.equal(await page.locator('li.user').count(), users + 1);
+  assert.equal(await page.locator('#chat-error').isVisible(), false);
+  assert.equal(await page.locator('#composer-hint').textContent(), '');
+  assert.equal((await fake('GET', '/_fake/requests')).length, 1);
+});
+
 test('a message the model refuses is shown failed with its error', { timeout: TEST_MS }, async () => {
   await fake('POST', '/_fake/script', { kind: 'bad_request' });
   await page.locator('#message-input').fill('This one fails');
@@ -300,6 +456,98 @@ test('a message the model refuses is shown failed with its error', { timeout: TE
   // A reload shows the same, from the stored message.
   await page.reload();
   await page.locator('li.user.failed .msg-error', { hasText: 'could not process' }).waitFor();
+  await page.locator('#conn[data-state="live"]').waitFor();
+});
+
+test('an AI chat is created with the model and related user chat chosen', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const models = (await apiAs(token, 'GET', '/api/ai/models/')).body;
+  assert.ok(models.length >= 2, `scripts/browser-test offers a second model: ${JSON.stringify(models)}`);
+  const model = models.find((m) => !m.default).id;
+  const project = (await apiAs(token, 'GET', '/api/chats/')).body.find((c) => c.name === 'Project');
+  assert.ok(project, 'the user chat made earlier');
+
+  await page.getByRole('button', { name: 'New chat' }).click();
+  const form = page.locator('#new-chat-form');
+  await form.locator('input[name=title]').fill('Model check');
+  const modelSelect = form.getByRole('combobox', { name: 'Model' });
+  await modelSelect.locator('option', { hasText: '(default)' }).waitFor({ state: 'attached' });
+  assert.equal(await modelSelect.inputValue(), models.find((m) => m.default).id, 'the default is chosen at first');
+  await modelSelect.selectOption(model);
+  await form.getByRole('combobox', { name: 'Related user chat' }).selectOption(String(project.id));
+  await form.getByRole('button', { name: 'Create AI chat' }).click();
+  await page.locator('#chat-title', { hasText: 'Model check' }).waitFor();
+  const id = Number(/#chat-(\d+)/.exec(page.url())[1]);
+  assert.notEqual(id, shared.chatId);
+  shared.otherChatId = id;
+  const meta = await page.locator('#chat-meta').textContent();
+  assert.ok(meta.startsWith(`${model} · linked to “Project”`), meta);
+
+  const { status, body } = await apiAs(token, 'GET', `/api/ai/chats/${id}/`);
+  assert.equal(status, 200);
+  assert.equal(body.model, model);
+  assert.equal(body.related_chat, project.id);
+  await page.locator('#conn[data-state="live"]').waitFor();
+});
+
+test('an AI chat is renamed from the page, and the name stays after a reload', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const toggle = page.getByRole('button', { name: 'Chat options' });
+  await toggle.click();
+  assert.equal(await toggle.getAttribute('aria-expanded'), 'true');
+  const options = page.locator('#chat-options');
+  const title = options.getByRole('textbox', { name: 'Title' });
+  assert.equal(await title.inputValue(), 'Model check');
+
+  await title.fill('   ');
+  await options.getByRole('button', { name: 'Rename', exact: true }).click();
+  await options.getByRole('alert').filter({ hasText: 'needs a title' }).waitFor();
+
+  await title.fill('Renamed check');
+  await shot(page, 'chat-options-desktop');
+  await options.getByRole('button', { name: 'Rename', exact: true }).click();
+  await page.locator('#chat-title', { hasText: 'Renamed check' }).waitFor();
+  await page.locator('.chat-item.active', { hasText: 'Renamed check' }).waitFor();
+  assert.equal(await options.isVisible(), false, 'the options close');
+  assert.equal((await apiAs(token, 'GET', `/api/ai/chats/${shared.otherChatId}/`)).body.title, 'Renamed check');
+
+  await page.reload();
+  await page.locator('#chat-title', { hasText: 'Renamed check' }).waitFor();
+  await page.locator('.chat-item.active', { hasText: 'Renamed check' }).waitFor();
+  assert.equal(await page.locator('.chat-item', { hasText: 'Model check' }).count(), 0);
+});
+
+test('an AI chat is deleted from the page: gone from the list and from the server', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const id = shared.otherChatId;
+  await page.locator('#conn[data-state="live"]').waitFor();
+  await page.getByRole('button', { name: 'Chat options' }).click();
+  const options = page.locator('#chat-options');
+
+  // Asked first; "Keep it" keeps it.
+  await options.getByRole('button', { name: 'Delete chat' }).click();
+  const confirm = options.getByRole('group', { name: 'Delete this chat' });
+  await confirm.waitFor();
+  await confirm.getByRole('button', { name: 'Keep it' }).click();
+  assert.equal(await confirm.isVisible(), false);
+  assert.equal((await apiAs(token, 'GET', `/api/ai/chats/${id}/`)).status, 200);
+
+  await options.getByRole('button', { name: 'Delete chat' }).click();
+  await confirm.getByRole('button', { name: 'Delete for good' }).click();
+  await page.getByRole('status').filter({ hasText: 'Deleted “Renamed check”' }).waitFor();
+  assert.equal(await page.locator('.chat-item', { hasText: 'Renamed check' }).count(), 0);
+  assert.equal(await page.locator('#chat-pane').isVisible(), false, 'the chat closes');
+  assert.equal(new URL(page.url()).hash, '');
+  assert.equal((await apiAs(token, 'GET', `/api/ai/chats/${id}/`)).status, 404);
+  await shot(page, 'chat-deleted-desktop');
+
+  await page.reload();
+  await page.locator('.chat-item', { hasText: 'Project helper' }).waitFor();
+  assert.equal(await page.locator('.chat-item', { hasText: 'Renamed check' }).count(), 0);
+
+  // Back to the shared chat, which the tests after this one expect open.
+  await page.locator('.chat-item', { hasText: 'Project helper' }).click();
+  await page.locator('#chat-title', { hasText: 'Project helper' }).waitFor();
   await page.locator('#conn[data-state="live"]').waitFor();
 });
 

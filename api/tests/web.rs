@@ -12,8 +12,30 @@ const STATIC_FILES: &[(&str, &str)] = &[
     ("/static/app.css", "text/css"),
     ("/static/common.js", "text/javascript"),
     ("/static/chat.js", "text/javascript"),
+    ("/static/markdown.js", "text/javascript"),
     ("/static/admin.js", "text/javascript"),
 ];
+
+/// The vendored libraries (`api/assets/vendor/`): path, the file committed, the name its README
+/// table gives it, and how the file's own header names its version. Published files, unchanged:
+/// their comments and XML namespace strings mention other hosts, so they are left out of
+/// `no_page_or_static_file_references_another_host` (the browser tests check that no page
+/// requests anything from another host).
+const VENDORED: &[(&str, &str, &str, &str)] = &[
+    (
+        "/static/marked.umd.js",
+        include_str!("../assets/vendor/marked/marked.umd.js"),
+        "marked",
+        "marked v",
+    ),
+    (
+        "/static/purify.min.js",
+        include_str!("../assets/vendor/dompurify/purify.min.js"),
+        "DOMPurify",
+        "DOMPurify ",
+    ),
+];
+const VENDOR_README: &str = include_str!("../assets/vendor/README.md");
 
 /// Every `src="..."`/`href="..."` value of a page.
 fn references(html: &str) -> Vec<String> {
@@ -52,7 +74,8 @@ async fn the_pages_and_static_files_are_served_with_their_content_types() {
         assert!(html.starts_with("<!doctype html>"), "{page}");
         assert!(html.contains("name=\"viewport\""), "{page} sets a viewport");
     }
-    for (path, content_type) in STATIC_FILES {
+    let vendored = VENDORED.iter().map(|(path, ..)| (*path, "text/javascript"));
+    for (path, content_type) in STATIC_FILES.iter().copied().chain(vendored) {
         let resp = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         let header = resp.headers()["content-type"].to_str().unwrap().to_owned();
@@ -124,6 +147,36 @@ async fn no_page_or_static_file_references_another_host() {
             );
         }
         assert!(!body.contains("@import"), "{path} imports a stylesheet");
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_vendored_libraries_are_served_unchanged_in_the_versions_their_readme_names() {
+    let app = spawn_app().await;
+    for (path, committed, name, header) in VENDORED {
+        let body = app
+            .client
+            .get(app.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(body == *committed, "{path} is the committed file");
+        // The README's table row: `| name | version | ...`.
+        let row = format!("| {name} | ");
+        let version = VENDOR_README
+            .lines()
+            .find_map(|line| line.strip_prefix(row.as_str()))
+            .and_then(|rest| rest.split(" |").next())
+            .unwrap_or_else(|| panic!("the vendor README has a row for {name}"));
+        let head: String = body.chars().take(400).collect();
+        assert!(
+            head.contains(&format!("{header}{version}")),
+            "{path} is {name} {version}, as the README says: {head}"
+        );
     }
     app.cleanup().await;
 }

@@ -1,5 +1,7 @@
-// The chat page: log in or register, list and create AI chats, and talk to the model over
-// the chat's WebSocket (`user_message`, `assistant_delta`, `assistant_message`, `error`).
+// The chat page: log in or register, list, create, rename and delete AI chats, and talk to the
+// model over the chat's WebSocket (`user_message`, `assistant_delta`, `assistant_message`,
+// `error`). The assistant's replies are shown as Markdown (markdown.js); the user's own
+// messages as the plain text they typed.
 import {
   $,
   api,
@@ -16,6 +18,7 @@ import {
   setupAuth,
   show,
 } from './common.js';
+import { cancelRender, renderMarkdown, renderMarkdownSoon } from './markdown.js';
 
 const CONTEXT_MESSAGE_LIMIT = 20;
 const MAX_RECONNECT_DELAY_MS = 15000;
@@ -23,6 +26,7 @@ const MAX_RECONNECT_DELAY_MS = 15000;
 const state = {
   chats: [],
   userChats: [],
+  models: [], // [{id, default}], the default first; [] until loaded
   chat: null, // the open AI chat
   socket: null,
   reconnectTimer: null,
@@ -40,6 +44,8 @@ const includeBox = $('#include-context');
 const chatError = $('#chat-error');
 const newChatForm = $('#new-chat-form');
 const relatedSelect = $('#related-chat-select');
+const modelSelect = $('#model-select');
+const listNotice = $('#chat-list-notice');
 
 // ---------------------------------------------------------------- session
 
@@ -152,6 +158,21 @@ async function loadUserChats(selectId) {
   relatedSelect.value = String(current || '');
 }
 
+/** The models a chat may use, the default chosen; the select keeps "Default" if they cannot be read. */
+async function loadModels() {
+  if (state.models.length > 0) return;
+  try {
+    state.models = await api('GET', '/api/ai/models/');
+  } catch {
+    return;
+  }
+  modelSelect.replaceChildren(
+    ...state.models.map((model) =>
+      el('option', { value: model.id, selected: model.default }, model.default ? `${model.id} (default)` : model.id),
+    ),
+  );
+}
+
 // ---------------------------------------------------------------- creating chats
 
 const toggleButton = $('#new-chat-toggle');
@@ -160,6 +181,7 @@ function showNewChatForm(visible) {
   toggleButton.setAttribute('aria-expanded', String(visible));
   if (visible) {
     loadUserChats();
+    loadModels();
     newChatForm.elements.title.focus();
   } else {
     setMessage($('.form-error', newChatForm), '');
@@ -174,6 +196,7 @@ newChatForm.addEventListener('submit', async (event) => {
   const body = { title: form.title.value.trim() };
   if (form.system_prompt.value.trim()) body.system_prompt = form.system_prompt.value.trim();
   if (relatedSelect.value) body.related_chat = Number(relatedSelect.value);
+  if (modelSelect.value) body.model = modelSelect.value;
   try {
     const chat = await busy(newChatForm, api('POST', '/api/ai/chats/', body));
     newChatForm.reset();
@@ -241,6 +264,7 @@ async function openChat(id) {
   if (ticket !== state.opening) return; // another chat was chosen meanwhile
   state.chat = chat;
   state.lastId = 0;
+  listNotice.textContent = '';
   history.replaceState(null, '', `#chat-${chat.id}`);
   document.body.classList.add('chat-open');
   show($('#no-chat'), false);
@@ -263,6 +287,8 @@ async function openChat(id) {
 
 function leaveChat() {
   closeSocket();
+  showChatOptions(false);
+  setHint('');
   state.chat = null;
   state.pendingText = null;
   document.body.classList.remove('chat-open');
@@ -292,6 +318,91 @@ function updateChatMeta() {
   parts.push(`${formatNumber(tokens)} tokens used`);
   $('#chat-meta').textContent = parts.join(' · ');
 }
+
+// ---------------------------------------------------------------- renaming and deleting
+
+const optionsToggle = $('#chat-options-toggle');
+const optionsPanel = $('#chat-options');
+const renameForm = $('#rename-form');
+const deleteConfirm = $('#delete-confirm');
+const optionsError = $('.form-error', optionsPanel);
+
+function showChatOptions(visible) {
+  show(optionsPanel, visible);
+  optionsToggle.setAttribute('aria-expanded', String(visible));
+  show(deleteConfirm, false);
+  setMessage(optionsError, '');
+  if (visible && state.chat) {
+    renameForm.elements.title.value = state.chat.title;
+    renameForm.elements.title.focus();
+  }
+}
+optionsToggle.addEventListener('click', () => showChatOptions(optionsPanel.hidden));
+$('#chat-options-close').addEventListener('click', () => {
+  showChatOptions(false);
+  optionsToggle.focus();
+});
+
+renameForm.addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const chat = state.chat;
+  const title = renameForm.elements.title.value.trim();
+  if (!chat) return;
+  if (!title) {
+    setMessage(optionsError, 'A chat needs a title.');
+    renameForm.elements.title.focus();
+    return;
+  }
+  try {
+    const changed = await busy(renameForm, api('PATCH', `/api/ai/chats/${chat.id}/`, { title }));
+    if (state.chat !== chat) return;
+    Object.assign(chat, changed);
+    $('#chat-title').textContent = chat.title;
+    updateChatMeta();
+    showChatOptions(false);
+    optionsToggle.focus();
+    await loadChats();
+  } catch (err) {
+    if (err.status !== 401) setMessage(optionsError, err.message);
+  }
+});
+
+renameForm.elements.title.addEventListener('input', () => setMessage(optionsError, ''));
+
+$('#delete-chat').addEventListener('click', () => {
+  setMessage(optionsError, '');
+  show(deleteConfirm, true);
+  $('#delete-chat-cancel').focus();
+});
+$('#delete-chat-cancel').addEventListener('click', () => {
+  show(deleteConfirm, false);
+  $('#delete-chat').focus();
+});
+
+$('#delete-chat-confirm').addEventListener('click', async () => {
+  const chat = state.chat;
+  if (!chat) return;
+  try {
+    await busy(optionsPanel, api('DELETE', `/api/ai/chats/${chat.id}/`));
+  } catch (err) {
+    // Already gone (deleted from another tab) is what was asked for.
+    if (err.status !== 404) {
+      if (err.status !== 401) setMessage(optionsError, err.message);
+      return;
+    }
+  }
+  localStorage.removeItem(contextKey(chat.id));
+  if (state.chat === chat) {
+    state.opening++;
+    leaveChat();
+    history.replaceState(null, '', location.pathname);
+  }
+  state.chats = state.chats.filter((c) => c.id !== chat.id);
+  renderChatList();
+  listNotice.textContent = `Deleted “${chat.title}”.`;
+  toggleButton.focus();
+  loadChats();
+});
 
 // ---------------------------------------------------------------- messages
 
@@ -384,20 +495,28 @@ function placeReply(node, userId) {
   after.after(node);
 }
 
+/** A streaming reply's `.content` -> the text received so far (its DOM is the rendered Markdown). */
+const streamed = new WeakMap();
+
 function streamDelta(userId, delta) {
-  const stick = nearBottom();
   let node = pendingReply(userId);
   if (!node) {
     node = assistantNode(userId);
     node.classList.add('streaming');
+    // Re-rendered as it grows: screen readers wait for the finished reply instead of reading
+    // every version of it.
+    node.setAttribute('aria-busy', 'true');
     $('.usage', node).textContent = 'writing…';
     placeReply(node, userId);
   }
-  $('.content', node).append(delta);
-  $('.content', node).normalize();
+  const content = $('.content', node);
+  const text = (streamed.get(content) ?? '') + delta;
+  streamed.set(content, text);
+  // Re-rendered at most once a frame, however fast the words come.
+  const stick = nearBottom();
+  renderMarkdownSoon(content, text, () => scrollToEnd(stick));
   const user = byId(userId);
   if (user && user.dataset.status === 'queued') $('.status', user).textContent = 'answering…';
-  scrollToEnd(stick);
 }
 
 function usageOf(message) {
@@ -423,7 +542,11 @@ function addAssistantMessage(message) {
   }
   node.dataset.id = message.id;
   node.classList.remove('streaming');
-  $('.content', node).textContent = message.content;
+  node.removeAttribute('aria-busy');
+  const content = $('.content', node);
+  cancelRender(content);
+  streamed.delete(content);
+  renderMarkdown(content, message.content);
   const time = $('time', node);
   time.dateTime = message.timestamp;
   time.textContent = formatTime(message.timestamp);
@@ -594,11 +717,30 @@ function closeSocket() {
 // ---------------------------------------------------------------- sending
 
 const composer = $('#composer');
+const composerHint = $('#composer-hint');
+
+/** Says (politely, to screen readers too) why nothing was sent; '' clears it. */
+function setHint(text) {
+  composerHint.textContent = text;
+  if (text) input.setAttribute('aria-invalid', 'true');
+  else input.removeAttribute('aria-invalid');
+}
+
 composer.addEventListener('submit', async (event) => {
   event.preventDefault();
   const chat = state.chat;
   const content = input.value.trim();
-  if (!chat || !content) return;
+  if (!chat) return;
+  if (!content) {
+    setHint(
+      input.value
+        ? 'Nothing was sent: the message is only spaces or blank lines. Write something first.'
+        : 'Nothing was sent: the message is empty. Write something first.',
+    );
+    input.focus();
+    return;
+  }
+  setHint('');
   setMessage(chatError, '');
   const include_related_chat_context = includeBox.checked && chat.related_chat != null;
   const body = { content, include_related_chat_context, context_message_limit: CONTEXT_MESSAGE_LIMIT };
@@ -616,6 +758,10 @@ composer.addEventListener('submit', async (event) => {
   } catch (err) {
     if (err.status !== 401) setMessage(chatError, err.message);
   }
+});
+
+input.addEventListener('input', () => {
+  if (composerHint.textContent) setHint('');
 });
 
 input.addEventListener('keydown', (event) => {

@@ -38,9 +38,26 @@ const STATIC_FILES: &[(&str, &str, &str)] = &[
         include_str!("../../assets/web/chat.js"),
     ),
     (
+        "markdown.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/markdown.js"),
+    ),
+    (
         "admin.js",
         "text/javascript; charset=utf-8",
         include_str!("../../assets/web/admin.js"),
+    ),
+    // Vendored libraries, the published files unchanged (versions and provenance in
+    // `api/assets/vendor/README.md`).
+    (
+        "marked.umd.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/vendor/marked/marked.umd.js"),
+    ),
+    (
+        "purify.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/vendor/dompurify/purify.min.js"),
     ),
 ];
 
