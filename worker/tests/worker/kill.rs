@@ -1,13 +1,12 @@
 //! The worker binary as a process: killed mid-job (SIGKILL, no goodbye), another worker takes
 //! the job over after the orphan window and the reply is saved and announced exactly once; and
 //! a worker that could never be answered by its model refuses to start.
-mod common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::common::{SYSTEM_PROMPT, TestEnv};
 use aichat_fake_llm::FakeConfig;
-use common::{SYSTEM_PROMPT, TestEnv};
 use tokio::process::{Child, Command};
 
 const HEARTBEAT: Duration = Duration::from_secs(1);

@@ -2,17 +2,16 @@
 //! apalis-redis' scheduled set, and the first fetch used to promote them all in one call
 //! ("too many results to unpack" above ~8,000), wedging the queue for good (BENCHMARKS.md,
 //! finding 1). The vendored apalis-redis promotes them in bounded chunks.
-mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv};
 use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
 use aichat_shared::domain::{ContextOptions, role, status};
 use aichat_shared::jobs::CompletionJob;
-use common::{MODEL, SYSTEM_PROMPT, TestEnv};
 use futures::StreamExt;
 use redis::AsyncCommands;
 

@@ -4,6 +4,9 @@
 //! uses.
 #![allow(dead_code)]
 
+/// How long a test waits for a reply before it fails.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::{FakeConfig, FakeLlm};

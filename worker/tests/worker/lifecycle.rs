@@ -1,0 +1,192 @@
+//! A job's life: queued twice, undecodable, its message deleted, a busy worker's heartbeats,
+//! Redis restarting, a graceful stop.
+
+use crate::common::{SYSTEM_PROMPT, TestEnv, WAIT};
+use aichat_fake_llm::FakeConfig;
+use aichat_shared::db;
+use aichat_shared::jobs::CompletionJob;
+use aichat_shared::keys::Namespace;
+use aichat_testkit::PrivateRedis;
+use apalis::prelude::TaskBuilder;
+
+#[tokio::test]
+async fn a_job_queued_twice_is_answered_exactly_once() {
+    let env = TestEnv::start(FakeConfig {
+        latency_ms: 300,
+        ..FakeConfig::default()
+    })
+    .await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+    let sent = env.send(chat, "only once please", false, 20).await;
+    // The same job again under another de-duplication key, as a re-drive or a relay might.
+    let job = CompletionJob::new(
+        sent.id,
+        chat,
+        aichat_shared::domain::ContextOptions {
+            include_related_chat_context: false,
+            context_message_limit: 20,
+        },
+        None,
+    );
+    assert!(
+        env.queue
+            .enqueue_completion(&job, "redrive:1")
+            .await
+            .expect("enqueue")
+    );
+    // Started after both pushes, the worker takes both in one fetch and runs them together.
+    let worker = env.spawn_worker(&[]).await;
+
+    env.wait_queue_set("done", 2, WAIT).await;
+    events.drain(&env, chat).await;
+    assert_eq!(env.fake.requests().len(), 2, "both runs called the model");
+    assert_eq!(events.of_type("assistant_message").len(), 1);
+    let replies: Vec<_> = env
+        .messages(chat)
+        .await
+        .into_iter()
+        .filter(|m| m.role == "assistant")
+        .collect();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].reply_to, Some(sent.id));
+    assert_eq!(env.message(chat, sent.id).await.status, "answered");
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_undecodable_job_is_killed_and_the_worker_keeps_going() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let worker = env.spawn_worker(&[]).await;
+    let config = aichat_shared::jobs::queue_config(&Namespace::new(env.ns.clone()));
+    let task = TaskBuilder::new(br#"{"not":"a completion job"}"#.to_vec()).build();
+    let mut conn = env.redis.clone();
+    apalis_redis::queries::push_tasks(&mut conn, &config, &[task])
+        .await
+        .expect("push a malformed job");
+    env.wait_queue_set("dead", 1, WAIT).await;
+
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+    let sent = env.send(chat, "still there?", false, 20).await;
+    events.reply_to(sent.id, WAIT).await;
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_deleted_message_ends_its_job_quietly() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let sent = env.send(chat, "never mind", false, 20).await;
+    db::ai_chats::delete_ai_chat(&env.db, chat, alice.id)
+        .await
+        .expect("delete chat");
+    let worker = env.spawn_worker(&[]).await;
+    env.wait_queue_set("done", 1, WAIT).await;
+    assert!(env.fake.requests().is_empty());
+    assert!(env.queue_set("dead").await.is_empty());
+    let _ = sent;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_busy_worker_keeps_heart_beating_so_its_jobs_are_not_run_twice() {
+    let env = TestEnv::start(FakeConfig {
+        latency_ms: 3000,
+        ..FakeConfig::default()
+    })
+    .await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+    // One job at a time, and each takes longer than the 2 s orphan window.
+    let busy = env.spawn_worker(&["--worker-concurrency", "1"]).await;
+    env.wait_ready(busy.port).await;
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(env.send(chat, &format!("slow {i}"), false, 20).await);
+    }
+    env.fake.wait_for_requests(1, WAIT).await;
+    let idle = env.spawn_worker(&[]).await;
+
+    let ids: Vec<i64> = sent.iter().map(|m| m.id).collect();
+    events.replies_to_all(&ids, WAIT).await;
+    env.wait_queue_set("done", 3, WAIT).await;
+    // Nothing left anywhere in the queue that could still run.
+    let mut conn = env.redis.clone();
+    let active: usize = redis::AsyncCommands::llen(&mut conn, env.queue_key("active"))
+        .await
+        .expect("active list");
+    assert_eq!(active, 0);
+    events.drain(&env, chat).await;
+    assert_eq!(
+        env.fake.requests().len(),
+        3,
+        "a job of the busy worker was taken over while it was still alive"
+    );
+    assert_eq!(events.of_type("assistant_message").len(), 3);
+
+    busy.stop().await;
+    idle.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_worker_comes_back_after_redis_restarts() {
+    let mut redis = PrivateRedis::start().await;
+    let env = TestEnv::start_with_redis(FakeConfig::default(), redis.url()).await;
+    let worker = env.spawn_worker(&[]).await;
+    env.wait_ready(worker.port).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+    let before = env.send(chat, "before", false, 20).await;
+    events.reply_to(before.id, WAIT).await;
+
+    redis.stop();
+    env.wait_unready(worker.port).await;
+    redis.restart().await;
+    env.wait_ready(worker.port).await;
+
+    let mut events = env.events(chat).await;
+    let after = env.send(chat, "after", false, 20).await;
+    let reply = events.reply_to(after.id, WAIT).await;
+    assert_eq!(reply["message"]["content"], "Echo: after");
+
+    worker.stop().await;
+    env.cleanup().await;
+    drop(redis);
+}
+
+#[tokio::test]
+async fn a_graceful_stop_finishes_the_running_job_first() {
+    let env = TestEnv::start(FakeConfig {
+        latency_ms: 1500,
+        ..FakeConfig::default()
+    })
+    .await;
+    let worker = env.spawn_worker(&[]).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+    let sent = env.send(chat, "finish me", false, 20).await;
+    env.fake.wait_for_requests(1, WAIT).await;
+
+    worker.stop().await;
+    events.reply_to(sent.id, WAIT).await;
+    assert_eq!(env.message(chat, sent.id).await.status, "answered");
+    assert_eq!(
+        env.queue_set("done").await.len(),
+        1,
+        "acknowledged before exit"
+    );
+    env.cleanup().await;
+}

@@ -1,0 +1,116 @@
+//! A message answered end to end: streamed, saved with the model's token counts, announced.
+
+use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv, WAIT, chat_event};
+use aichat_fake_llm::{FakeConfig, Usage};
+use aichat_shared::events::ChatEvent;
+use serde_json::Value;
+
+#[tokio::test]
+async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_announced() {
+    let env = TestEnv::start(FakeConfig {
+        chunk_delay_ms: 15,
+        ..FakeConfig::default()
+    })
+    .await;
+    let worker = env.spawn_worker(&["--delta-flush-chars", "8"]).await;
+    env.wait_ready(worker.port).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+    let mut events = env.events(chat).await;
+
+    let content = "tell me about the weather in spring";
+    let sent = env.send(chat, content, false, 20).await;
+    let reply = events.reply_to(sent.id, WAIT).await;
+
+    let expected_reply = format!("Echo: {content}");
+    let usage = Usage::for_exchange([SYSTEM_PROMPT, content], &expected_reply);
+    let ChatEvent::AssistantMessage { message } = chat_event(&reply) else {
+        panic!("not an assistant_message: {reply}");
+    };
+    assert_eq!(message.content, expected_reply);
+    assert_eq!(message.reply_to, Some(sent.id));
+    let event_usage = message.usage.expect("usage in the event");
+    assert_eq!(event_usage.prompt_tokens, Some(usage.prompt_tokens as i32));
+    assert_eq!(
+        event_usage.completion_tokens,
+        Some(usage.completion_tokens as i32)
+    );
+    assert_eq!(event_usage.total_tokens, Some(usage.total_tokens as i32));
+
+    // Deltas came first, all for this message, and add up to the reply.
+    let deltas: Vec<String> = events
+        .of_type("assistant_delta")
+        .into_iter()
+        .map(|e| match chat_event(e) {
+            ChatEvent::AssistantDelta { message_id, delta } => {
+                assert_eq!(message_id, sent.id);
+                delta
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        deltas.len() >= 2,
+        "coalesced but still streamed: {deltas:?}"
+    );
+    assert_eq!(deltas.concat(), expected_reply);
+    assert_eq!(
+        events.seen.last().map(|e| e["type"].clone()),
+        Some(Value::from("assistant_message"))
+    );
+
+    // Stored: the reply with tokens, model and latency; the question answered.
+    let stored = env.messages(chat).await;
+    assert_eq!(stored.len(), 2);
+    let question = &stored[0];
+    assert_eq!(
+        (question.status.as_str(), question.error.as_deref()),
+        ("answered", None)
+    );
+    let answer = &stored[1];
+    assert_eq!(answer.id, message.id);
+    assert_eq!(answer.role, "assistant");
+    assert_eq!(answer.status, "complete");
+    assert_eq!(answer.content, expected_reply);
+    assert_eq!(answer.reply_to, Some(sent.id));
+    assert_eq!(answer.model.as_deref(), Some(MODEL));
+    assert_eq!(answer.prompt_tokens, Some(usage.prompt_tokens as i32));
+    assert_eq!(
+        answer.completion_tokens,
+        Some(usage.completion_tokens as i32)
+    );
+    assert_eq!(answer.total_tokens, Some(usage.total_tokens as i32));
+    let latency: Option<i32> =
+        sqlx::query_scalar("select latency_ms from ai_messages where id = $1")
+            .bind(answer.id)
+            .fetch_one(&env.db)
+            .await
+            .expect("latency");
+    assert!(latency.is_some_and(|ms| ms >= 0), "{latency:?}");
+
+    // The model was asked once, streaming, with usage requested, for the chat's model.
+    let requests = env.fake.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(requests[0].stream && requests[0].include_usage);
+    assert_eq!(requests[0].model, MODEL);
+    assert_eq!(requests[0].api_key.as_deref(), Some("test-key"));
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", worker.port))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics body");
+    for name in [
+        "aichat_worker_jobs_started_total",
+        "aichat_worker_jobs_succeeded_total",
+        "aichat_worker_model_latency_seconds_bucket",
+        "aichat_worker_job_duration_seconds_bucket",
+        "aichat_worker_tokens_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+
+    worker.stop().await;
+    env.cleanup().await;
+}
