@@ -21,12 +21,17 @@ pub const MAX_LIMIT: i64 = 1000;
 pub const DEFAULT_LIMIT: i64 = 100;
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
-    /// Only items after this id (lists that run oldest first).
+    /// Only items after this id (lists that run oldest first; 400 on the others).
+    #[param(minimum = 0)]
     pub after_id: Option<i64>,
-    /// Only items after this one in the list's order (lists that run newest first).
+    /// Only items after this one in the list's order (lists that run newest first; 400 on the
+    /// others).
+    #[param(minimum = 0)]
     pub before_id: Option<i64>,
     /// At most this many (1–1000; each list has its default).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
 

@@ -23,10 +23,11 @@ use crate::auth::{bearer_token, cookie_token, hash_token, live_session};
 use crate::dispatch::submit_message;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, RequestId};
-use crate::json_body::{self, BodyError};
 use crate::fanout::{Event, Lagged, Subscription};
+use crate::json_body::{self, BodyError};
 use crate::revocation::{Revocation, SESSION_ENDED};
-use crate::routes::ai_chats::ensure_owner;
+use crate::routes::ai_chats::{NOT_OWNED, ensure_owner};
+use crate::routes::schemas::ErrorBody;
 use crate::serve::ConnectionSlot;
 use crate::state::AppState;
 use crate::validate;
@@ -43,10 +44,12 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WsQuery {
     /// The session token, for clients that cannot set headers or cookies.
     token: Option<String>,
     /// Send the stored messages after this id first, then live events.
+    #[param(minimum = 0)]
     after_id: Option<i64>,
 }
 
@@ -72,8 +75,11 @@ impl<S: Send + Sync> FromRequestParts<S> for WsToken {
 /// `{"type": "message", "content", ...}`.
 #[utoipa::path(get, path = "/ws/ai-chat/{id}/", tag = "ai", params(("id" = i64, Path), WsQuery),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, description = "Not a WebSocket upgrade request"),
-        (status = 401, description = "Authentication required"), (status = 404, description = "Not found")))]
+        (status = 400, description = "Not a WebSocket upgrade request, `after_id` below 0, or a query that does not parse", body = ErrorBody),
+        (status = 403, description = "Cross-site request refused: the cookie authenticated the upgrade and its `Origin` is not allowed", body = ErrorBody),
+        (status = 404, description = NOT_OWNED, body = ErrorBody),
+        (status = 429, description = "`MAX_SOCKETS_PER_USER` sockets already open on this instance", body = ErrorBody),
+        (status = 503, description = "Real-time events unavailable, or a backing service unreachable", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
 async fn upgrade(
     State(state): State<AppState>,

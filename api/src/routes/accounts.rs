@@ -19,6 +19,7 @@ use crate::extract::{ApiJson, ApiQuery};
 use crate::paging::{DEFAULT_LIMIT, Order, Page, PageQuery};
 use crate::passwords;
 use crate::revocation::{self, Revocation};
+use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::throttle::{self, Attempt};
 use crate::validate;
@@ -47,9 +48,11 @@ pub struct RegisterRequest {
 
 /// Create an account.
 #[utoipa::path(post, path = "/api/register/", tag = "auth", request_body = RegisterRequest,
-    responses((status = 201, body = User), (status = 400, description = "Field errors"),
-        (status = 429, description = "Too many registrations from this address (`Retry-After`)"),
-        (status = 503, description = "Password hashing busy (`Retry-After`)")))]
+    security(()),
+    responses((status = 201, description = "The new account", body = User),
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
+        (status = 429, description = "Too many registrations from this address", body = ErrorBody),
+        (status = 503, description = "Password hashing busy, or a backing service unreachable", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn register(
     State(state): State<AppState>,
@@ -128,9 +131,13 @@ pub struct LoginResponse {
 
 /// Log in: answers the user with a session token and sets the `sessionid` cookie.
 #[utoipa::path(post, path = "/api/login/", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, description = "Invalid credentials"),
-        (status = 429, description = "Too many attempts for this address or username (`Retry-After`); the same body whether or not the user exists"),
-        (status = 503, description = "Password hashing busy (`Retry-After`)")))]
+    security(()),
+    responses((status = 200, description = "The user and a session token", body = LoginResponse,
+            headers(("Set-Cookie" = String, description = "`sessionid`, the same token"))),
+        (status = 400, description = "Field errors (username or password missing, password too long); or a body that is not a JSON object", body = BadRequestBody),
+        (status = 401, description = "Invalid credentials", body = ErrorBody),
+        (status = 429, description = "Too many attempts for this address or username; the same body whether or not the user exists", body = ErrorBody),
+        (status = 503, description = "Password hashing busy, or a backing service unreachable", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn login(
     State(state): State<AppState>,
@@ -188,7 +195,8 @@ pub struct MessageResponse {
 /// Log out: revokes this session server-side (its WebSockets on every instance close with
 /// 4401) and clears the cookie.
 #[utoipa::path(post, path = "/api/logout/", tag = "auth",
-    responses((status = 200, body = MessageResponse), (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "Logged out", body = MessageResponse,
+        headers(("Set-Cookie" = String, description = "`sessionid` cleared")))))]
 #[tracing::instrument(skip_all)]
 async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
     db::sessions::delete_session(&state.db, &auth.token_hash).await?;
@@ -206,7 +214,8 @@ async fn logout(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl
 /// Log out everywhere: ends every session of the caller, this one included (their WebSockets
 /// on every instance close with 4401), and clears the cookie.
 #[utoipa::path(post, path = "/api/logout/all/", tag = "auth",
-    responses((status = 200, body = MessageResponse), (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "Logged out of every session", body = MessageResponse,
+        headers(("Set-Cookie" = String, description = "`sessionid` cleared")))))]
 #[tracing::instrument(skip_all)]
 async fn logout_all(State(state): State<AppState>, auth: AuthUser) -> ApiResult<impl IntoResponse> {
     let ended =
@@ -239,7 +248,7 @@ fn session_cookie(state: &AppState, token: &str, max_age: i64) -> String {
 
 /// The logged-in user.
 #[utoipa::path(get, path = "/api/me/", tag = "auth",
-    responses((status = 200, body = User), (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "The user", body = User)))]
 async fn me(auth: AuthUser) -> Json<User> {
     Json(auth.user)
 }
@@ -247,8 +256,9 @@ async fn me(auth: AuthUser) -> Json<User> {
 /// The users, to pick chat participants from, in id order (100 a page by default; a full page
 /// links to the next).
 #[utoipa::path(get, path = "/api/users/", tag = "auth", params(PageQuery),
-    responses((status = 200, body = Vec<UserSummary>), (status = 400, description = "Bad page query"),
-        (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "A page of users", body = Vec<UserSummary>,
+            headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
+        (status = 400, description = BAD_PAGE, body = BadRequestBody)))]
 #[tracing::instrument(skip_all)]
 async fn users(
     State(state): State<AppState>,

@@ -16,6 +16,7 @@ use aichat_shared::jobs::DeadJob;
 use crate::auth::StaffUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiPath, ApiQuery};
+use crate::routes::schemas::{BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::validate;
 
@@ -29,16 +30,20 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ChatSearch {
     /// Part of the title or of the owner's username.
     q: Option<String>,
     /// At most this many (1–500, default 100).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 
 /// Every user's AI chats whose title or owner matches `q`.
 #[utoipa::path(get, path = "/api/admin/ai-chats/", tag = "admin", params(ChatSearch),
-    responses((status = 200, body = Vec<AiChat>), (status = 401), (status = 403)))]
+    responses((status = 200, description = "The matching AI chats", body = Vec<AiChat>),
+        (status = 400, description = "`limit` outside 1–500 or a NUL in `q` (field errors); or a query that does not parse", body = BadRequestBody),
+        (status = 403, description = "Staff only", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn search_chats(
     State(state): State<AppState>,
@@ -56,20 +61,25 @@ async fn search_chats(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MessageFilter {
     /// `user`, `assistant` or `system`.
+    #[param(pattern = "^(user|assistant|system)$")]
     role: Option<String>,
     /// Only messages at or after this time (RFC 3339).
     since: Option<DateTime<Utc>>,
     /// Only messages before this time (RFC 3339).
     until: Option<DateTime<Utc>>,
     /// At most this many (1–1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
 /// Messages of every user, newest first, filtered by role and date.
 #[utoipa::path(get, path = "/api/admin/messages/", tag = "admin", params(MessageFilter),
-    responses((status = 200, body = Vec<AiMessage>), (status = 401), (status = 403)))]
+    responses((status = 200, description = "The matching messages, newest first", body = Vec<AiMessage>),
+        (status = 400, description = "An unknown `role` or `limit` outside 1–1000 (field errors); or a query that does not parse", body = BadRequestBody),
+        (status = 403, description = "Staff only", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn filter_messages(
     State(state): State<AppState>,
@@ -97,14 +107,18 @@ async fn filter_messages(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// How many days back (1–366, default 30).
+    #[param(minimum = 1, maximum = 366)]
     days: Option<i64>,
 }
 
 /// Token totals per user, model and UTC day.
-#[utoipa::path(get, path = "/api/admin/usage/", tag = "admin", params(UsageQuery),
-    responses((status = 200, body = Vec<UsageRow>), (status = 401), (status = 403)))]
+#[utoipa::path(get, path = "/api/admin/usage/", tag = "admin", operation_id = "admin_usage", params(UsageQuery),
+    responses((status = 200, description = "Token totals per user, model and day", body = Vec<UsageRow>),
+        (status = 400, description = "`days` outside 1–366 (field errors); or a query that does not parse", body = BadRequestBody),
+        (status = 403, description = "Staff only", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn usage(
     State(state): State<AppState>,
@@ -123,7 +137,8 @@ async fn usage(
 
 /// Completion jobs the worker gave up on, newest first.
 #[utoipa::path(get, path = "/api/admin/dead-jobs/", tag = "admin",
-    responses((status = 200, body = Vec<DeadJob>), (status = 401), (status = 403)))]
+    responses((status = 200, description = "The dead jobs, at most 500", body = Vec<DeadJob>),
+        (status = 403, description = "Staff only", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn dead_jobs(
     State(state): State<AppState>,
@@ -142,8 +157,10 @@ pub struct Redriven {
 /// Queue a dead job's message again: it goes back to `queued` and a new job is pushed.
 #[utoipa::path(post, path = "/api/admin/dead-jobs/{task_id}/redrive/", tag = "admin",
     params(("task_id" = String, Path)),
-    responses((status = 202, body = Redriven), (status = 401), (status = 403), (status = 404),
-        (status = 409, description = "The message is not failed")))]
+    responses((status = 202, description = "The message, queued again", body = Redriven),
+        (status = 403, description = "Staff only; or a cross-site request the cookie authenticated", body = ErrorBody),
+        (status = 404, description = "No such dead job, or its message no longer exists", body = ErrorBody),
+        (status = 409, description = "The message of this job is not failed", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(task_id = %task_id))]
 async fn redrive(
     State(state): State<AppState>,
@@ -175,7 +192,10 @@ async fn redrive(
     }
     state
         .queue
-        .enqueue_completion(&job, &state.queue.redrive_job_key(dead.message_id, &task_id))
+        .enqueue_completion(
+            &job,
+            &state.queue.redrive_job_key(dead.message_id, &task_id),
+        )
         .await?;
     tx.commit().await?;
     state.queue.remove_dead_job(&task_id).await?;

@@ -14,12 +14,15 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
+use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::validate;
 
 pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat.";
 const MAX_SYSTEM_PROMPT_CHARS: usize = 20_000;
+/// The 404 of every route of an AI chat: someone else's is not found either.
+pub const NOT_OWNED: &str = "No such AI chat of the user's";
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -36,8 +39,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The user's AI chats, most recently updated first (100 a page by default; a full page links
 /// to the next, whose `before_id` is the last chat of this one).
 #[utoipa::path(get, path = "/api/ai/chats/", tag = "ai", params(PageQuery),
-    responses((status = 200, body = Vec<AiChat>), (status = 400, description = "Bad page query"),
-        (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "A page of AI chats", body = Vec<AiChat>,
+            headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
+        (status = 400, description = BAD_PAGE, body = BadRequestBody)))]
 #[tracing::instrument(skip_all)]
 async fn list_ai_chats(
     State(state): State<AppState>,
@@ -125,7 +129,8 @@ impl AiChatRequest {
 
 /// Create an AI chat.
 #[utoipa::path(post, path = "/api/ai/chats/", tag = "ai", request_body = AiChatRequest,
-    responses((status = 201, body = AiChat), (status = 400, description = "Field errors")))]
+    responses((status = 201, description = "The new AI chat", body = AiChat),
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody)))]
 #[tracing::instrument(skip_all)]
 async fn create_ai_chat(
     State(state): State<AppState>,
@@ -156,7 +161,8 @@ async fn create_ai_chat(
 /// One AI chat with its messages, oldest first: the first 1000 at most (page the rest with
 /// `GET /api/ai/chats/{id}/messages/?after_id=`).
 #[utoipa::path(get, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
-    responses((status = 200, body = AiChatDetail), (status = 404, description = "Not found")))]
+    responses((status = 200, description = "The AI chat and its first messages", body = AiChatDetail),
+        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn get_ai_chat(
     State(state): State<AppState>,
@@ -172,7 +178,9 @@ async fn get_ai_chat(
 /// Change any of the create fields, with the same validation as create.
 #[utoipa::path(patch, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
     request_body = AiChatRequest,
-    responses((status = 200, body = AiChat), (status = 400, description = "Field errors"), (status = 404, description = "Not found")))]
+    responses((status = 200, description = "The changed AI chat", body = AiChat),
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
+        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn patch_ai_chat(
     State(state): State<AppState>,
@@ -186,7 +194,9 @@ async fn patch_ai_chat(
 /// Replace the chat's fields; `title` is required, as on create.
 #[utoipa::path(put, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
     request_body = AiChatRequest,
-    responses((status = 200, body = AiChat), (status = 400, description = "Field errors"), (status = 404, description = "Not found")))]
+    responses((status = 200, description = "The changed AI chat", body = AiChat),
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
+        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn put_ai_chat(
     State(state): State<AppState>,
@@ -214,7 +224,8 @@ async fn update(
 
 /// Delete an AI chat and its messages.
 #[utoipa::path(delete, path = "/api/ai/chats/{id}/", tag = "ai", params(("id" = i64, Path)),
-    responses((status = 204), (status = 404, description = "Not found")))]
+    responses((status = 204, description = "Deleted"),
+        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn delete_ai_chat(
     State(state): State<AppState>,
@@ -229,8 +240,10 @@ async fn delete_ai_chat(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ContextQuery {
     /// How many of the latest messages, 1–200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     message_limit: Option<i64>,
 }
 
@@ -244,7 +257,9 @@ pub struct RelatedChatContext {
 /// The latest messages of the linked user-to-user chat, oldest first.
 #[utoipa::path(get, path = "/api/ai/chats/{id}/related_chat_context/", tag = "ai",
     params(("id" = i64, Path), ContextQuery),
-    responses((status = 200, body = RelatedChatContext), (status = 404, description = "No related chat linked")))]
+    responses((status = 200, description = "The related chat's latest messages", body = RelatedChatContext),
+        (status = 400, description = "`message_limit` outside 1–200 (field errors); or a query that does not parse", body = BadRequestBody),
+        (status = 404, description = "No such AI chat of the user's, no related chat linked, or the user no longer takes part in it", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn related_chat_context(
     State(state): State<AppState>,

@@ -17,6 +17,8 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
 use crate::idempotency::{self, Claim};
 use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
+use crate::routes::ai_chats::NOT_OWNED;
+use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::validate;
 use crate::wait::{self, Outcome};
@@ -49,18 +51,41 @@ pub struct SendMessageResponse {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SendMessageQuery {
-    /// `true` or a number of seconds: hold the request until the reply is saved.
+    /// Hold the request until the reply is saved: `true` (for `MAX_WAIT_SECS`), a number of
+    /// seconds up to that, or `false`/`0` (the default: answer 202 at once).
+    #[param(example = "true")]
     wait: Option<String>,
+}
+
+/// The headers `send_message` reads (`crate::idempotency`); only the document uses this type.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct SendMessageHeaders {
+    /// 1–255 visible ASCII characters: a repeated send with the same key (per user, for 24 h)
+    /// answers the message the first one stored and queues nothing new.
+    #[param(rename = "Idempotency-Key", value_type = String, required = false,
+        min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Store a user message and queue its completion; the reply comes from a worker.
 #[utoipa::path(post, path = "/api/ai/chats/{id}/send_message/", tag = "ai",
-    params(("id" = i64, Path), SendMessageQuery), request_body = SendMessageRequest,
-    responses((status = 202, body = SendMessageResponse), (status = 200, body = AiMessage, description = "With ?wait: the reply"),
-        (status = 502, description = "With ?wait: the model could not answer"), (status = 400, description = "Field errors"),
-        (status = 404, description = "Not found"), (status = 409, description = "Idempotency-Key in use"),
-        (status = 503, description = "Queue unavailable")))]
+    params(("id" = i64, Path), SendMessageQuery, SendMessageHeaders), request_body = SendMessageRequest,
+    responses(
+        (status = 200, description = "With `?wait`: the assistant's reply, saved within the wait", body = AiMessage),
+        (status = 202, description = "The message, queued; with `?wait`, the reply was not saved in time. \
+            For a repeated `Idempotency-Key`: the first request's message, as it is now", body = SendMessageResponse),
+        (status = 400, description = "Field errors (`content`, `context_message_limit`, `wait`); \
+            or a body that is not a JSON object, or a bad `Idempotency-Key`", body = BadRequestBody),
+        (status = 404, description = NOT_OWNED, body = ErrorBody),
+        (status = 409, description = "A request with this `Idempotency-Key` is still being processed, \
+            or the key was used for another chat", body = ErrorBody),
+        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
+        (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
+        (status = 503, description = "The queue or a backing service unreachable, or (with `?wait`) \
+            waiting unavailable", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
 async fn send_message(
     State(state): State<AppState>,
@@ -199,9 +224,12 @@ async fn prepare_send<'a>(
 
 /// The messages of one AI chat, oldest first (1000 a page by default; a full page links to
 /// the next).
-#[utoipa::path(get, path = "/api/ai/chats/{id}/messages/", tag = "ai",
+#[utoipa::path(get, path = "/api/ai/chats/{id}/messages/", tag = "ai", operation_id = "list_ai_chat_messages",
     params(("id" = i64, Path), PageQuery),
-    responses((status = 200, body = Vec<AiMessage>), (status = 400, description = "Bad query"), (status = 404, description = "Not found")))]
+    responses((status = 200, description = "A page of the AI chat's messages", body = Vec<AiMessage>,
+            headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
+        (status = 400, description = BAD_PAGE, body = BadRequestBody),
+        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn list_chat_messages(
     State(state): State<AppState>,
@@ -229,8 +257,9 @@ async fn list_chat_messages(
 /// The user's AI messages, oldest first (1000 a page by default; a full page links to the
 /// next).
 #[utoipa::path(get, path = "/api/ai/messages/", tag = "ai", params(PageQuery),
-    responses((status = 200, body = Vec<AiMessage>), (status = 400, description = "Bad page query"),
-        (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "A page of the user's AI messages", body = Vec<AiMessage>,
+            headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
+        (status = 400, description = BAD_PAGE, body = BadRequestBody)))]
 #[tracing::instrument(skip_all)]
 async fn list_messages(
     State(state): State<AppState>,
@@ -248,7 +277,8 @@ async fn list_messages(
 
 /// One AI message of the user's.
 #[utoipa::path(get, path = "/api/ai/messages/{id}/", tag = "ai", params(("id" = i64, Path)),
-    responses((status = 200, body = AiMessage), (status = 404, description = "Not found")))]
+    responses((status = 200, description = "The message", body = AiMessage),
+        (status = 404, description = "No such AI message of the user's", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn get_message(
     State(state): State<AppState>,
@@ -263,7 +293,7 @@ async fn get_message(
 
 /// The user's token totals: overall, per model and per UTC day.
 #[utoipa::path(get, path = "/api/ai/usage/", tag = "ai",
-    responses((status = 200, body = Usage), (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "The user's token totals", body = Usage)))]
 #[tracing::instrument(skip_all)]
 async fn usage(State(state): State<AppState>, auth: AuthUser) -> ApiResult<Json<Usage>> {
     let mut conn = state.db.acquire().await?;

@@ -13,8 +13,12 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
+use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::validate;
+
+/// The 404 of every route of a chat.
+const NOT_A_PARTICIPANT: &str = "No such chat, or the user does not take part in it";
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -27,8 +31,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The chats the user takes part in, newest first (100 a page by default; a full page links
 /// to the next).
 #[utoipa::path(get, path = "/api/chats/", tag = "chats", params(PageQuery),
-    responses((status = 200, body = Vec<Chat>), (status = 400, description = "Bad page query"),
-        (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "A page of chats", body = Vec<Chat>,
+            headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
+        (status = 400, description = BAD_PAGE, body = BadRequestBody)))]
 #[tracing::instrument(skip_all)]
 async fn list_chats(
     State(state): State<AppState>,
@@ -54,7 +59,8 @@ pub struct CreateChatRequest {
 
 /// Create a chat; the creator always takes part. Unknown usernames are skipped; unknown ids are 400.
 #[utoipa::path(post, path = "/api/chats/", tag = "chats", request_body = CreateChatRequest,
-    responses((status = 201, body = Chat), (status = 400, description = "Field errors")))]
+    responses((status = 201, description = "The new chat", body = Chat),
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody)))]
 #[tracing::instrument(skip_all)]
 async fn create_chat(
     State(state): State<AppState>,
@@ -103,7 +109,8 @@ async fn create_chat(
 
 /// One chat the user takes part in.
 #[utoipa::path(get, path = "/api/chats/{id}/", tag = "chats", params(("id" = i64, Path)),
-    responses((status = 200, body = Chat), (status = 404, description = "Not found")))]
+    responses((status = 200, description = "The chat", body = Chat),
+        (status = 404, description = NOT_A_PARTICIPANT, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn get_chat(
     State(state): State<AppState>,
@@ -119,7 +126,8 @@ async fn get_chat(
 
 /// Delete a chat; AI chats that referenced it keep living with `related_chat: null`.
 #[utoipa::path(delete, path = "/api/chats/{id}/", tag = "chats", params(("id" = i64, Path)),
-    responses((status = 204), (status = 404, description = "Not found")))]
+    responses((status = 204, description = "Deleted"),
+        (status = 404, description = NOT_A_PARTICIPANT, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn delete_chat(
     State(state): State<AppState>,
@@ -142,7 +150,9 @@ pub struct ChatMessageRequest {
 /// Post a message to a chat the user takes part in.
 #[utoipa::path(post, path = "/api/chats/{id}/send_message/", tag = "chats", params(("id" = i64, Path)),
     request_body = ChatMessageRequest,
-    responses((status = 201, body = ChatMessage), (status = 400, description = "Field errors"), (status = 404, description = "Not found")))]
+    responses((status = 201, description = "The stored message", body = ChatMessage),
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
+        (status = 404, description = NOT_A_PARTICIPANT, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn send_chat_message(
     State(state): State<AppState>,
@@ -168,8 +178,10 @@ async fn send_chat_message(
 /// The messages of a chat, oldest first (1000 a page by default; a full page links to the
 /// next).
 #[utoipa::path(get, path = "/api/chats/{id}/messages/", tag = "chats", params(("id" = i64, Path), PageQuery),
-    responses((status = 200, body = Vec<ChatMessage>), (status = 400, description = "Bad page query"),
-        (status = 404, description = "Not found")))]
+    responses((status = 200, description = "A page of the chat's messages", body = Vec<ChatMessage>,
+            headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
+        (status = 400, description = BAD_PAGE, body = BadRequestBody),
+        (status = 404, description = NOT_A_PARTICIPANT, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn list_chat_messages(
     State(state): State<AppState>,

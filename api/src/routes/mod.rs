@@ -19,11 +19,22 @@ pub mod ai_messages;
 pub mod chats;
 pub mod models;
 pub mod ops;
+pub mod schemas;
 pub mod web;
 
+/// The operations come from the routers merged in `api()`; an operation that needs no session
+/// says so with `security(())`, every other one inherits the document's `security`.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "aichat", description = "Private conversations with an LLM, optionally grounded in a user-to-user chat."),
+    info(
+        title = "aichat",
+        description = "Private conversations with an LLM, optionally grounded in a user-to-user chat.",
+        // The workspace's `license` (Cargo.toml); the api crate does not inherit it, so
+        // `CARGO_PKG_LICENSE` is empty here.
+        license(name = "MIT", identifier = "MIT"),
+    ),
+    servers((url = "/", description = "The server this document was read from")),
+    components(schemas(schemas::ErrorBody, schemas::FieldErrorsBody, schemas::BadRequestBody)),
     modifiers(&SecurityAddon),
     security(("bearer" = []), ("cookie" = []))
 )]
@@ -47,7 +58,7 @@ impl utoipa::Modify for SecurityAddon {
 
 /// The OpenAPI document and the router it describes.
 pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(accounts::router())
         .merge(chats::router())
         .merge(ai_chats::router())
@@ -56,20 +67,20 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(ops::router())
         .merge(admin::router())
         .merge(crate::ws::router())
-        .split_for_parts()
+        .split_for_parts();
+    // Once every operation is in: `ApiDoc`'s own modifiers run before the routers are merged.
+    utoipa::Modify::modify(&schemas::MiddlewareResponses, &mut openapi);
+    (router, openapi)
 }
 
 /// The whole application router (state still to be supplied).
 pub fn router() -> Router<AppState> {
     let (api, openapi) = api();
-    let slashed = SlashedRoutes::new(
-        openapi
-            .paths
-            .paths
-            .keys()
-            .map(String::as_str)
-            .chain(["/api/docs/", "/api/redoc/", "/admin/"]),
-    );
+    let slashed = SlashedRoutes::new(openapi.paths.paths.keys().map(String::as_str).chain([
+        "/api/docs/",
+        "/api/redoc/",
+        "/admin/",
+    ]));
     api.merge(SwaggerUi::new("/api/docs").url("/api/schema/", openapi))
         .route("/api/redoc/", get(redoc))
         .route("/api/redoc/redoc.standalone.js", get(redoc_js))

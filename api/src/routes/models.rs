@@ -23,7 +23,7 @@ pub struct ModelInfo {
 
 /// The models an AI chat may name, the default first.
 #[utoipa::path(get, path = "/api/ai/models/", tag = "ai",
-    responses((status = 200, body = Vec<ModelInfo>), (status = 401, description = "Authentication required")))]
+    responses((status = 200, description = "The allowed models", body = Vec<ModelInfo>)))]
 #[tracing::instrument(skip_all)]
 async fn list_models(
     State(state): State<AppState>,

@@ -8,6 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
 
+use crate::routes::schemas::ErrorBody;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -17,7 +18,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = String)))]
+#[utoipa::path(get, path = "/healthz", tag = "ops", security(()),
+    responses((status = 200, description = "`ok`", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -29,9 +31,20 @@ pub struct Readiness {
     redis: &'static str,
 }
 
+/// A 503 of `/readyz`: the probe's own answer, or `{"error": ...}` when the API was too busy to
+/// run it (too many connections, or the probe took longer than the request timeout).
+// The second comes from `serve::full` and `serve::request_timeout`.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum NotReady {
+    Readiness(Readiness),
+    Error(ErrorBody),
+}
+
 /// PostgreSQL and Redis both answer.
-#[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+#[utoipa::path(get, path = "/readyz", tag = "ops", security(()),
+    responses((status = 200, description = "Both answer", body = Readiness),
+        (status = 503, description = "One of them does not (or the API is too busy to ask)", body = NotReady)))]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let database = db::ping(&state.db).await.is_ok();
     let mut conn = state.redis.clone();
