@@ -18,7 +18,9 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc};
 
+use aichat_shared::backoff::Backoff;
 use aichat_shared::keys::Namespace;
+use aichat_shared::lock::lock;
 
 use crate::revocation::{self, Revocation};
 
@@ -61,10 +63,7 @@ struct Inner {
 
 impl Inner {
     fn topics(&self) -> MutexGuard<'_, HashMap<i64, Topic>> {
-        // A panic while holding the lock leaves plain counters behind: still usable.
-        self.topics
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.topics)
     }
 }
 
@@ -276,8 +275,11 @@ async fn route_pushes(hub: std::sync::Weak<Inner>, mut pushes: mpsc::UnboundedRe
     }
 }
 
+/// Between pings of a lost pub/sub connection: 100 ms doubling up to 2 s.
+const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+
 async fn reconnect(hub: std::sync::Weak<Inner>) {
-    let mut delay = Duration::from_millis(100);
+    let mut failures = 0u32;
     loop {
         let Some(inner) = hub.upgrade() else { return };
         let mut conn = inner.conn.clone();
@@ -290,8 +292,8 @@ async fn reconnect(hub: std::sync::Weak<Inner>) {
             tracing::info!("pub/sub connection to Redis is back");
             return;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(RECONNECT_BACKOFF.ceiling(failures)).await;
     }
 }
 

@@ -3,7 +3,7 @@
 //! a request that cannot get one within the wait is turned away with 503, so a flood of
 //! logins (unknown usernames included: they are checked against a dummy hash) costs at most
 //! `permits` × 19 MiB and `permits` cores instead of exhausting the machine.
-use std::sync::{Arc, LazyLock, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, LazyLock, Mutex, mpsc};
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -11,6 +11,7 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash}
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::error::{ApiError, ApiResult};
+use aichat_shared::lock::lock;
 
 /// What a request turned away for want of a permit is told.
 pub const BUSY: &str = "Too many sign-ins are being checked at once, please retry shortly";
@@ -49,7 +50,7 @@ impl Hashing {
                 .spawn(move || {
                     loop {
                         // The lock is held only while waiting for the next job, not while hashing.
-                        let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        let job = lock(&queue).recv();
                         match job {
                             Ok(job) => job(),
                             Err(_) => break,

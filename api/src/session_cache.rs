@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use aichat_shared::db::sessions::LiveSession;
 use aichat_shared::domain::User;
+use aichat_shared::lock::lock;
 use chrono::{DateTime, Utc};
 
 /// Entries kept at most; past it the expired ones go, and if none had, all of them (a refill
@@ -152,13 +153,6 @@ impl SessionCache {
             }
         }
     }
-}
-
-/// Nothing held under these locks can be left half-changed, so a poisoned lock is still usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn make_room(entries: &mut HashMap<Vec<u8>, Entry>, now: Instant) {

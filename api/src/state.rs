@@ -1,10 +1,11 @@
 //! What every handler can reach.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aichat_shared::jobs::JobQueue;
 use aichat_shared::keys::Namespace;
+use aichat_shared::lock::lock;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -109,13 +110,6 @@ impl Drop for UserSocket {
             }
         }
     }
-}
-
-/// Counters only: a panic cannot leave one half-written, so a poisoned lock is still usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub struct SocketGuard {

@@ -1,4 +1,6 @@
-//! Exponential backoff with full jitter: how long a retry loop waits before its next attempt.
+//! Exponential backoff: how long a retry loop waits before its next attempt. Every retry loop
+//! of the workspace takes its waits from here: the ceiling alone (deterministic), full jitter,
+//! or half jitter.
 use std::time::Duration;
 
 use rand::Rng;
@@ -25,6 +27,17 @@ impl Backoff {
     /// The wait after `failures` failures: uniform in `[0, ceiling]`.
     pub fn delay(&self, failures: u32) -> Duration {
         self.delay_with(failures, &mut rand::rng())
+    }
+
+    /// The wait after `failures` failures with half of it fixed: in `[ceiling / 2, ceiling]`
+    /// (no wait before the first attempt, `failures == 0`). For loops that must not spin while
+    /// still spreading callers that failed together.
+    pub fn delay_at_least_half(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let half = self.ceiling(failures) / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
     }
 
     /// [`Backoff::delay`] drawn from `rng` (a seeded one in tests).

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod keys;
+pub mod lock;
 pub mod redis_conn;
 pub mod signals;
 pub mod telemetry;

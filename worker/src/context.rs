@@ -2,6 +2,7 @@
 //! the token budget. Pure functions: the job loads the rows, this decides what the model sees.
 use aichat_shared::db::completions::HistoryMessage;
 use aichat_shared::domain::{ContextMessage, role};
+use aichat_shared::lock::lock;
 use tiktoken_rs::CoreBPE;
 
 /// Heading of the related chat's lines inside the system message.
@@ -23,11 +24,7 @@ const MAX_CACHED_COUNTS: usize = 16_384;
 fn lock_counts() -> std::sync::MutexGuard<'static, std::collections::HashMap<u64, usize>> {
     static COUNTS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<u64, usize>>> =
         std::sync::OnceLock::new();
-    COUNTS
-        .get_or_init(Default::default)
-        .lock()
-        // A panic cannot leave a half-written count behind: the map stays usable.
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock(COUNTS.get_or_init(Default::default))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

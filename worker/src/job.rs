@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use aichat_shared::announce::{self, Claim};
+use aichat_shared::backoff::Backoff;
 use aichat_shared::db;
 use aichat_shared::db::completions::{CompletionSubject, NewReply};
 use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
@@ -33,6 +34,9 @@ use crate::rate_limit::RateLimiter;
 use crate::reply_batch::ReplySaver;
 use crate::stop::{Ack, Stopping};
 
+/// Between attempts to reach the database while a reply waits to be saved: 100 ms doubling
+/// up to 2 s, until `WORKER_SAVE_RETRY_SECS` runs out.
+const SAVE_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 /// The related chat's lines are never more than this, whatever the job asks.
 const MAX_CONTEXT_MESSAGES: i64 = 200;
 
@@ -500,7 +504,7 @@ async fn save_reply(
     reply: NewReply,
 ) -> Result<Option<aichat_shared::domain::AiMessage>, JobError> {
     let deadline = tokio::time::Instant::now() + ctx.save_retry_for;
-    let mut delay = Duration::from_millis(100);
+    let mut failures = 1u32;
     let mut commit_unknown = false;
     loop {
         // The error, and whether it came from the commit (outcome unknown).
@@ -528,6 +532,7 @@ async fn save_reply(
             }
         };
         let transient = err.is_unavailable() || err.is_conflict();
+        let delay = SAVE_BACKOFF.ceiling(failures);
         if !transient || tokio::time::Instant::now() + delay > deadline {
             return Err(JobError::Retry(
                 anyhow::Error::from(err).context("saving the reply"),
@@ -536,7 +541,7 @@ async fn save_reply(
         tracing::warn!(error = %err, "database unreachable or busy while saving the reply; retrying");
         metrics::save_retry();
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        failures = failures.saturating_add(1);
     }
 }
 
@@ -548,15 +553,16 @@ where
     Fut: std::future::Future<Output = Result<T, aichat_shared::Error>>,
 {
     let deadline = tokio::time::Instant::now() + ctx.save_retry_for;
-    let mut delay = Duration::from_millis(100);
+    let mut failures = 1u32;
     loop {
+        let delay = SAVE_BACKOFF.ceiling(failures);
         match op().await {
             Ok(value) => return Ok(value),
             Err(err) if err.is_unavailable() && tokio::time::Instant::now() + delay <= deadline => {
                 tracing::warn!(error = %err, "database unreachable ({what}); retrying");
                 metrics::save_retry();
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                failures = failures.saturating_add(1);
             }
             Err(err) => return Err(JobError::Retry(anyhow::Error::from(err).context(what))),
         }

@@ -17,6 +17,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use aichat_shared::backoff::Backoff;
 use aichat_shared::config::DatabaseSettings;
 use aichat_shared::{db, jobs, redis_conn};
 
@@ -45,6 +46,7 @@ use crate::sweeper::Sweeper;
 
 /// Longest pause before a worker that lost Redis tries again.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+const RESTART_BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), MAX_RESTART_DELAY);
 
 /// A worker process, connected and bound, ready to run.
 pub struct Worker {
@@ -381,18 +383,10 @@ fn worker_name(prefix: &str, restarts: usize) -> String {
 }
 
 /// Pause before restarting after `failures` failures in a row: none for a first start, then
-/// 250 ms doubling up to 30 s, half of it random.
+/// 250 ms doubling up to 30 s, half of it random (workers that lost Redis together do not
+/// return together).
 fn restart_delay(failures: u32) -> Duration {
-    if failures == 0 {
-        return Duration::ZERO;
-    }
-    let doubling = 1u32 << failures.saturating_sub(1).min(10);
-    let ceiling = Duration::from_millis(250)
-        .saturating_mul(doubling)
-        .min(MAX_RESTART_DELAY);
-    // Half fixed, half jitter: several workers that lost Redis together do not return together.
-    let half = ceiling / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
+    RESTART_BACKOFF.delay_at_least_half(failures)
 }
 
 /// Sleeps `pause` before a restart, but ends early once Redis, unreachable at some point of

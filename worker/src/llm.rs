@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use aichat_shared::config::OpenAiSettings;
+use aichat_shared::lock::lock;
 
 use crate::context::{PromptMessage, Role};
 use crate::metrics;
@@ -199,7 +200,7 @@ impl LlmClient {
                 let request = factory.build().await?;
                 let response = http.execute(request).await?;
                 if !response.status().is_success() {
-                    let mut info = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut info = lock(&slot);
                     info.status = Some(response.status());
                     info.retry_after = response.headers().get(RETRY_AFTER).cloned();
                 }
@@ -392,7 +393,7 @@ fn request_body(request: &ChatRequest) -> CreateChatCompletionRequest {
 /// Sorts a failure into retry-or-not, with a short fixed reason for logs and metrics.
 fn classify(err: OpenAIError, slot: &ResponseSlot) -> AttemptError {
     let (status, retry_after) = {
-        let info = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let info = lock(slot);
         let retry_after = info
             .retry_after
             .as_ref()

@@ -15,9 +15,10 @@
 //!    straight back to the queue for another worker, and the worker leaves the workers set.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aichat_shared::lock::lock;
 use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
@@ -57,12 +58,6 @@ pub struct Stopping {
     begun: AtomicBool,
     finished: Mutex<HashMap<String, Vec<(String, Ack)>>>,
     names: Mutex<Vec<String>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Counts one running job until dropped.

@@ -1,7 +1,7 @@
 //! The browser pages and their static files: served by the binary, with the right content
 //! types, and loading nothing from another host. (What they do is tested in a real browser by
 //! `scripts/browser-test`.)
-mod common;
+use crate::common;
 
 use common::spawn_app;
 use reqwest::StatusCode;
@@ -24,18 +24,18 @@ const STATIC_FILES: &[(&str, &str)] = &[
 const VENDORED: &[(&str, &str, &str, &str)] = &[
     (
         "/static/marked.umd.js",
-        include_str!("../assets/vendor/marked/marked.umd.js"),
+        include_str!("../../assets/vendor/marked/marked.umd.js"),
         "marked",
         "marked v",
     ),
     (
         "/static/purify.min.js",
-        include_str!("../assets/vendor/dompurify/purify.min.js"),
+        include_str!("../../assets/vendor/dompurify/purify.min.js"),
         "DOMPurify",
         "DOMPurify ",
     ),
 ];
-const VENDOR_README: &str = include_str!("../assets/vendor/README.md");
+const VENDOR_README: &str = include_str!("../../assets/vendor/README.md");
 
 /// Every `src="..."`/`href="..."` value of a page.
 fn references(html: &str) -> Vec<String> {

@@ -1,5 +1,5 @@
 //! The OpenAPI document, the offline documentation pages, the probes and the migrations.
-mod common;
+use crate::common;
 
 use common::{Options, drop_database, fresh_database, spawn_app, spawn_app_with};
 use std::collections::BTreeSet;

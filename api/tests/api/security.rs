@@ -4,7 +4,7 @@
 //! Django checks them), cross-site use of the session cookie, running up the model bill,
 //! sessions kept alive after logout, slow or too many connections, and operator commands.
 //! Paged lists are in `paging.rs`.
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

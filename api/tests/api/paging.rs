@@ -1,7 +1,7 @@
 //! Bounded lists (security issue, item 10): every list has a default and a maximum page size,
 //! a full page links to the next (`Link: <…>; rel="next"`), the cursor runs the way the list
 //! does, and a socket's catch-up stops at its limit and says where REST takes over.
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

@@ -1,6 +1,6 @@
 //! Staff-only admin endpoints: who may call them, search and filters, token totals, and the
 //! re-drive of dead jobs.
-mod common;
+use crate::common;
 
 use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome};
 use common::{event_of, spawn_app, start_worker};

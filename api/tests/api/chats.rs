@@ -1,5 +1,5 @@
 //! User-to-user chats and their messages.
-mod common;
+use crate::common;
 
 use common::spawn_app;
 use reqwest::StatusCode;
@@ -73,7 +73,10 @@ async fn unknown_participant_ids_and_bad_names_are_400_and_create_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].is_string());
+    assert_eq!(
+        body,
+        json!({"participant_ids[0]": ["Expected an integer, got a string."]})
+    );
     assert_eq!(app.get("/api/chats/", &alice.token).await.1, json!([]));
     app.cleanup().await;
 }

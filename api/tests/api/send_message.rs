@@ -1,6 +1,6 @@
 //! `send_message`: the message is stored and exactly one completion job is queued, or,
 //! when Redis cannot take the job, nothing is stored and the client gets 503.
-mod common;
+use crate::common;
 
 use aichat_testkit::PrivateRedis;
 use common::{Options, spawn_app, spawn_app_with};
@@ -71,14 +71,22 @@ async fn invalid_messages_are_400_and_store_and_queue_nothing() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(errors[field].is_array(), "{body} -> {errors}");
     }
-    for body in [
-        json!({"content": 5}),
-        json!({"content": "hi", "include_related_chat_context": "yes"}),
-        json!([1]),
+    // A value of the wrong type names its field (json_body.rs); a body that is no object is
+    // one error.
+    for (body, field) in [
+        (json!({"content": 5}), "content"),
+        (
+            json!({"content": "hi", "include_related_chat_context": "yes"}),
+            "include_related_chat_context",
+        ),
+        (json!([1]), "error"),
     ] {
         let (status, error) = app.post(&path, &alice.token, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(error["error"].is_string(), "{error}");
+        assert!(
+            error[field].is_array() || error[field].is_string(),
+            "{body} -> {error}"
+        );
     }
     assert_eq!(
         app.get("/api/ai/messages/", &alice.token).await.1,

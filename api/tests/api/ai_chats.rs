@@ -1,5 +1,5 @@
 //! AI chats: create, read, change, delete, their messages and related-chat context.
-mod common;
+use crate::common;
 
 use common::spawn_app;
 use reqwest::StatusCode;

@@ -1,5 +1,5 @@
 //! Malformed input of every kind gets a 4xx JSON error, never a 500, and stores nothing.
-mod common;
+use crate::common;
 
 use common::spawn_app;
 use reqwest::StatusCode;

@@ -1,6 +1,6 @@
 //! End to end: the real API, the real worker and the fake model over HTTP. A message sent over
 //! REST to one API instance streams to a WebSocket on another; `?wait` answers with the reply.
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,5 @@
 //! Who may call what: 401 for anonymous callers on every route, 404 for another user's chats.
-mod common;
+use crate::common;
 
 use common::spawn_app;
 use reqwest::{Method, StatusCode};

@@ -1,6 +1,6 @@
 //! The WebSocket endpoint: refusals before the upgrade, client errors, fan-out across API
 //! instances, the catch-up seam, slow readers, Redis restarts, pings and shutdown.
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Registration, login, sessions and logout, over HTTP against the real router.
-mod common;
+use crate::common;
 
 use common::spawn_app;
 use reqwest::{Method, StatusCode};

@@ -1,7 +1,7 @@
 //! Sends written in batches: one statement stores many senders' messages, each only in a chat
 //! its sender owns, in the order they came; concurrent sends each get their own message and
 //! exactly one job, and a stranger's send in the same batch is a 404 that stores nothing.
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 

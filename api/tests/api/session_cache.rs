@@ -1,7 +1,7 @@
 //! The per-instance session cache: logout takes effect at once where it was served, and a
 //! session revoked or expired elsewhere is refused within `SESSION_CACHE_SECS`, never later
 //! than the session's own expiry.
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,21 @@
+//! The API's tests, one binary (each binary links the whole stack): the real router (or
+//! binary) on a random port against a fresh database and a Redis namespace of its own, over
+//! HTTP and WebSocket. One module per area.
+mod common;
+
+mod access;
+mod accounts;
+mod admin;
+mod ai_chats;
+mod bad_input;
+mod chats;
+mod deploy;
+mod docs_and_ops;
+mod paging;
+mod pipeline;
+mod security;
+mod send_batch;
+mod send_message;
+mod session_cache;
+mod web;
+mod websocket;
