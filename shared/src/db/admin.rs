@@ -4,7 +4,6 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 use utoipa::ToSchema;
 
-use crate::db::ai_messages::MESSAGE_COLUMNS;
 use crate::domain::{AiChat, AiMessage, status};
 use crate::error::Result;
 
@@ -22,12 +21,27 @@ pub async fn search_ai_chats(
             .replace('%', "\\%")
             .replace('_', "\\_")
     );
-    let chats = sqlx::query_as::<_, AiChat>(sql!(
-        "{} where a.title ilike $1 or u.username ilike $1 order by updated_at desc, a.id desc limit $2",
-        crate::db::ai_chats::SELECT_AI_CHAT
-    ))
-    .bind(pattern)
-    .bind(limit)
+    // The projection of every AI chat statement (`db::ai_chats`). sqlx's not-null marker is
+    // part of an output column's name: `order by "updated_at!"` sorts by the derived
+    // `updated_at`, not the table's.
+    let chats = sqlx::query_as!(
+        AiChat,
+        r#"select a.id, a.user_id as "user", u.username as user_username,
+                  a.related_chat_id as related_chat, c.name as "related_chat_name?",
+                  a.title, a.system_prompt, a.model, a.created_at,
+                  greatest(a.updated_at, (select m.timestamp from ai_messages m
+                                          where m.ai_chat_id = a.id and m.role = 'user'
+                                          order by m.id desc limit 1)) as "updated_at!",
+                  (select count(*) from ai_messages m where m.ai_chat_id = a.id) as "message_count!"
+           from ai_chats a
+           join users u on u.id = a.user_id
+           left join chats c on c.id = a.related_chat_id
+           where a.title ilike $1 or u.username ilike $1
+           order by "updated_at!" desc, a.id desc
+           limit $2"#,
+        pattern,
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(chats)
@@ -42,17 +56,21 @@ pub async fn filter_messages(
     until: Option<DateTime<Utc>>,
     limit: i64,
 ) -> Result<Vec<AiMessage>> {
-    let messages = sqlx::query_as::<_, AiMessage>(sql!(
-        "select {MESSAGE_COLUMNS} from ai_messages m
-         where ($1::text is null or m.role = $1)
-           and ($2::timestamptz is null or m.timestamp >= $2)
-           and ($3::timestamptz is null or m.timestamp < $3)
-         order by m.id desc limit $4"
-    ))
-    .bind(role)
-    .bind(since)
-    .bind(until)
-    .bind(limit)
+    let messages = sqlx::query_as!(
+        AiMessage,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                  m.model, m.reply_to
+           from ai_messages m
+           where ($1::text is null or m.role = $1)
+             and ($2::timestamptz is null or m.timestamp >= $2)
+             and ($3::timestamptz is null or m.timestamp < $3)
+           order by m.id desc limit $4"#,
+        role,
+        since,
+        until,
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(messages)
@@ -74,21 +92,24 @@ pub struct UsageRow {
 /// Token totals per user, model and day, newest day first.
 #[tracing::instrument(skip(db))]
 pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Result<Vec<UsageRow>> {
-    let rows = sqlx::query_as::<_, UsageRow>(
-        r#"select u.id as user_id, u.username, coalesce(m.model, 'unknown') as model,
-                  (m.timestamp at time zone 'UTC')::date as day,
-                  coalesce(sum(m.prompt_tokens), 0)::bigint as prompt_tokens,
-                  coalesce(sum(m.completion_tokens), 0)::bigint as completion_tokens,
-                  coalesce(sum(m.total_tokens), 0)::bigint as total_tokens,
-                  count(*) as message_count
+    // sqlx's not-null marker is part of an output column's name: `order by "day!"` and
+    // `"total_tokens!"` sort by the output columns, each group's day and total.
+    let rows = sqlx::query_as!(
+        UsageRow,
+        r#"select u.id as user_id, u.username, coalesce(m.model, 'unknown') as "model!",
+                  (m.timestamp at time zone 'UTC')::date as "day!",
+                  coalesce(sum(m.prompt_tokens), 0)::bigint as "prompt_tokens!",
+                  coalesce(sum(m.completion_tokens), 0)::bigint as "completion_tokens!",
+                  coalesce(sum(m.total_tokens), 0)::bigint as "total_tokens!",
+                  count(*) as "message_count!"
            from ai_messages m
            join ai_chats a on a.id = m.ai_chat_id
            join users u on u.id = a.user_id
            where m.role = 'assistant' and m.timestamp >= now() - make_interval(days => $1)
            group by 1, 2, 3, 4
-           order by day desc, total_tokens desc"#,
+           order by "day!" desc, "total_tokens!" desc"#,
+        days,
     )
-    .bind(days)
     .fetch_all(db)
     .await?;
     Ok(rows)
@@ -97,13 +118,13 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
 /// Puts a failed user message back in the queue's hands; false if it is not failed.
 #[tracing::instrument(skip(db))]
 pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         r#"update ai_messages set status = $2, error = null
            where id = $1 and role = 'user' and status = $3"#,
+        message_id,
+        status::QUEUED,
+        status::FAILED,
     )
-    .bind(message_id)
-    .bind(status::QUEUED)
-    .bind(status::FAILED)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -1,23 +1,16 @@
 //! AI chats: one user's conversations with the model.
+//!
+//! Every statement that returns an [`AiChat`] (here and `admin::search_ai_chats`) spells out
+//! the same projection. A chat's `updated_at` is the later of its last edit and its newest user
+//! message: it is read, not written by a send, so sends into one chat never wait for each other
+//! on the chat's row (the lock order in `db/mod.rs`), and ordering by it reads one index entry
+//! per chat. `message_count` counts every message of the chat. `related_chat_name` comes from
+//! a left join, and sqlx's inference does not always see that it can be null: the statements
+//! say so (`as "related_chat_name?"`).
 use sqlx::PgExecutor;
 
 use crate::domain::AiChat;
 use crate::error::Result;
-
-/// A chat's `updated_at` is the later of its last edit and its newest user message. It is read,
-/// not written by a send, so sends into one chat never wait for each other on the chat's row
-/// (the lock order in `db/mod.rs`); ordering by it reads one index entry per chat.
-pub(crate) const SELECT_AI_CHAT: &str = r#"
-    select a.id, a.user_id as "user", u.username as user_username,
-           a.related_chat_id as related_chat, c.name as related_chat_name,
-           a.title, a.system_prompt, a.model, a.created_at,
-           greatest(a.updated_at, (select m.timestamp from ai_messages m
-                                   where m.ai_chat_id = a.id and m.role = 'user'
-                                   order by m.id desc limit 1)) as updated_at,
-           (select count(*) from ai_messages m where m.ai_chat_id = a.id) as message_count
-    from ai_chats a
-    join users u on u.id = a.user_id
-    left join chats c on c.id = a.related_chat_id"#;
 
 /// The fields of a new AI chat, validated by the caller.
 #[derive(Debug, Clone)]
@@ -39,10 +32,10 @@ pub struct AiChatChanges<'a> {
     pub model: Option<&'a str>,
 }
 
-/// A user's AI chats, most recently updated first (`updated_at` is the output column of
-/// [`SELECT_AI_CHAT`], not the table's): at most `limit`, and with `before_id`, those that
-/// come after chat `before_id` in that order (the last of the previous page; a chat deleted
-/// since ends the listing).
+/// A user's AI chats, most recently updated first (`updated_at` is the derived one of the
+/// projection, not the table's): at most `limit`, and with `before_id`, those that come after
+/// chat `before_id` in that order (the last of the previous page; a chat deleted since ends the
+/// listing).
 #[tracing::instrument(skip(db))]
 pub async fn list_ai_chats(
     db: impl PgExecutor<'_>,
@@ -50,17 +43,34 @@ pub async fn list_ai_chats(
     before_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<AiChat>> {
-    let chats = sqlx::query_as::<_, AiChat>(sql!(
-        "with c as ({SELECT_AI_CHAT} where a.user_id = $1)
-         select * from c
-         where $2::bigint is null
-            or (c.updated_at, c.id) < (select updated_at, id from c where id = $2)
-         order by c.updated_at desc, c.id desc
-         limit $3"
-    ))
-    .bind(user_id)
-    .bind(before_id)
-    .bind(limit)
+    let chats = sqlx::query_as!(
+        AiChat,
+        r#"with c as (
+               select a.id, a.user_id as "user", u.username as user_username,
+                      a.related_chat_id as related_chat, c.name as related_chat_name,
+                      a.title, a.system_prompt, a.model, a.created_at,
+                      greatest(a.updated_at, (select m.timestamp from ai_messages m
+                                              where m.ai_chat_id = a.id and m.role = 'user'
+                                              order by m.id desc limit 1)) as updated_at,
+                      (select count(*) from ai_messages m where m.ai_chat_id = a.id) as message_count
+               from ai_chats a
+               join users u on u.id = a.user_id
+               left join chats c on c.id = a.related_chat_id
+               where a.user_id = $1
+           )
+           select c.id, c."user", c.user_username, c.related_chat,
+                  c.related_chat_name as "related_chat_name?", c.title, c.system_prompt,
+                  c.model, c.created_at, c.updated_at as "updated_at!",
+                  c.message_count as "message_count!"
+           from c
+           where $2::bigint is null
+              or (c.updated_at, c.id) < (select updated_at, id from c where id = $2)
+           order by c.updated_at desc, c.id desc
+           limit $3"#,
+        user_id,
+        before_id,
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(chats)
@@ -69,36 +79,61 @@ pub async fn list_ai_chats(
 /// One AI chat, only if `user_id` owns it.
 #[tracing::instrument(skip(db))]
 pub async fn get_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<Option<AiChat>> {
-    let chat =
-        sqlx::query_as::<_, AiChat>(sql!("{SELECT_AI_CHAT} where a.id = $1 and a.user_id = $2"))
-            .bind(id)
-            .bind(user_id)
-            .fetch_optional(db)
-            .await?;
+    let chat = sqlx::query_as!(
+        AiChat,
+        r#"select a.id, a.user_id as "user", u.username as user_username,
+                  a.related_chat_id as related_chat, c.name as "related_chat_name?",
+                  a.title, a.system_prompt, a.model, a.created_at,
+                  greatest(a.updated_at, (select m.timestamp from ai_messages m
+                                          where m.ai_chat_id = a.id and m.role = 'user'
+                                          order by m.id desc limit 1)) as "updated_at!",
+                  (select count(*) from ai_messages m where m.ai_chat_id = a.id) as "message_count!"
+           from ai_chats a
+           join users u on u.id = a.user_id
+           left join chats c on c.id = a.related_chat_id
+           where a.id = $1 and a.user_id = $2"#,
+        id,
+        user_id,
+    )
+    .fetch_optional(db)
+    .await?;
     Ok(chat)
 }
 
 /// One AI chat by id, whoever owns it (for the worker).
 #[tracing::instrument(skip(db))]
 pub async fn find_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiChat>> {
-    let chat = sqlx::query_as::<_, AiChat>(sql!("{SELECT_AI_CHAT} where a.id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await?;
+    let chat = sqlx::query_as!(
+        AiChat,
+        r#"select a.id, a.user_id as "user", u.username as user_username,
+                  a.related_chat_id as related_chat, c.name as "related_chat_name?",
+                  a.title, a.system_prompt, a.model, a.created_at,
+                  greatest(a.updated_at, (select m.timestamp from ai_messages m
+                                          where m.ai_chat_id = a.id and m.role = 'user'
+                                          order by m.id desc limit 1)) as "updated_at!",
+                  (select count(*) from ai_messages m where m.ai_chat_id = a.id) as "message_count!"
+           from ai_chats a
+           join users u on u.id = a.user_id
+           left join chats c on c.id = a.related_chat_id
+           where a.id = $1"#,
+        id,
+    )
+    .fetch_optional(db)
+    .await?;
     Ok(chat)
 }
 
 #[tracing::instrument(skip_all)]
 pub async fn insert_ai_chat(db: impl PgExecutor<'_>, new: &NewAiChat<'_>) -> Result<i64> {
-    let id = sqlx::query_scalar::<_, i64>(
+    let id = sqlx::query_scalar!(
         r#"insert into ai_chats (user_id, title, system_prompt, related_chat_id, model)
            values ($1, $2, $3, $4, $5) returning id"#,
+        new.user_id,
+        new.title,
+        new.system_prompt,
+        new.related_chat,
+        new.model,
     )
-    .bind(new.user_id)
-    .bind(new.title)
-    .bind(new.system_prompt)
-    .bind(new.related_chat)
-    .bind(new.model)
     .fetch_one(db)
     .await?;
     Ok(id)
@@ -112,7 +147,7 @@ pub async fn update_ai_chat(
     user_id: i64,
     changes: &AiChatChanges<'_>,
 ) -> Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         r#"update ai_chats set
              title = coalesce($3, title),
              system_prompt = coalesce($4, system_prompt),
@@ -120,14 +155,14 @@ pub async fn update_ai_chat(
              model = coalesce($7, model),
              updated_at = now()
            where id = $1 and user_id = $2"#,
+        id,
+        user_id,
+        changes.title,
+        changes.system_prompt,
+        changes.related_chat.is_some(),
+        changes.related_chat.flatten(),
+        changes.model,
     )
-    .bind(id)
-    .bind(user_id)
-    .bind(changes.title)
-    .bind(changes.system_prompt)
-    .bind(changes.related_chat.is_some())
-    .bind(changes.related_chat.flatten())
-    .bind(changes.model)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -136,22 +171,24 @@ pub async fn update_ai_chat(
 /// Deletes a chat `user_id` owns, with its messages; false when there is none.
 #[tracing::instrument(skip(db))]
 pub async fn delete_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<bool> {
-    let done = sqlx::query(r#"delete from ai_chats where id = $1 and user_id = $2"#)
-        .bind(id)
-        .bind(user_id)
-        .execute(db)
-        .await?;
+    let done = sqlx::query!(
+        r#"delete from ai_chats where id = $1 and user_id = $2"#,
+        id,
+        user_id,
+    )
+    .execute(db)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// Whether `user_id` owns AI chat `id`: the cheap check for routes that need no chat fields.
 #[tracing::instrument(skip(db))]
 pub async fn is_owner(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<bool> {
-    let owns = sqlx::query_scalar::<_, bool>(
-        r#"select exists (select 1 from ai_chats where id = $1 and user_id = $2)"#,
+    let owns = sqlx::query_scalar!(
+        r#"select exists (select 1 from ai_chats where id = $1 and user_id = $2) as "exists!""#,
+        id,
+        user_id,
     )
-    .bind(id)
-    .bind(user_id)
     .fetch_one(db)
     .await?;
     Ok(owns)

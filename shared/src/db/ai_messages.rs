@@ -1,12 +1,12 @@
 //! Messages of AI chats: the user's, waiting or answered, and the model's replies.
-use sqlx::{FromRow, PgExecutor, Row};
+//!
+//! Every statement that returns an [`AiMessage`] lists its columns the same way: `m.id,
+//! m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp, m.prompt_tokens,
+//! m.completion_tokens, m.total_tokens, m.status, m.error, m.model, m.reply_to`.
+use sqlx::PgExecutor;
 
 use crate::domain::{AiMessage, ContextOptions, role, status};
 use crate::error::Result;
-
-pub(crate) const MESSAGE_COLUMNS: &str = "m.id, m.ai_chat_id as ai_chat, m.role, m.content, \
-     m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error, \
-     m.model, m.reply_to";
 
 /// Stores a user message as `queued`, with what its completion job will need.
 #[tracing::instrument(skip(db, content))]
@@ -16,18 +16,21 @@ pub async fn insert_user_message(
     content: &str,
     options: ContextOptions,
 ) -> Result<AiMessage> {
-    let message = sqlx::query_as::<_, AiMessage>(sql!(
-        "insert into ai_messages as m (ai_chat_id, role, content, status,
-             include_related_chat_context, context_message_limit)
-         values ($1, $2, $3, $4, $5, $6)
-         returning {MESSAGE_COLUMNS}"
-    ))
-    .bind(ai_chat_id)
-    .bind(role::USER)
-    .bind(content)
-    .bind(status::QUEUED)
-    .bind(options.include_related_chat_context)
-    .bind(options.context_message_limit)
+    let message = sqlx::query_as!(
+        AiMessage,
+        r#"insert into ai_messages as m (ai_chat_id, role, content, status,
+               include_related_chat_context, context_message_limit)
+           values ($1, $2, $3, $4, $5, $6)
+           returning m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                     m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                     m.model, m.reply_to"#,
+        ai_chat_id,
+        role::USER,
+        content,
+        status::QUEUED,
+        options.include_related_chat_context,
+        options.context_message_limit,
+    )
     .fetch_one(db)
     .await?;
     Ok(message)
@@ -53,7 +56,7 @@ pub struct NewUserMessage {
 /// the same chat, reply saves and chat edits never wait for this statement or it for them. A
 /// chat deleted meanwhile is skipped by the lock (its message is `None`) instead of failing
 /// the foreign-key check at the end of the statement. The chat's row is not written: its
-/// `updated_at` is read from its newest message (`ai_chats::SELECT_AI_CHAT`).
+/// `updated_at` is read from its newest message (`db::ai_chats`).
 #[tracing::instrument(skip_all, fields(messages = messages.len()))]
 pub async fn insert_owned_user_messages(
     db: impl PgExecutor<'_>,
@@ -72,47 +75,63 @@ pub async fn insert_owned_user_messages(
         related.push(m.options.include_related_chat_context);
         limits.push(m.options.context_message_limit);
     }
-    let rows = sqlx::query(sql!(
-        "with input as materialized (
-             select t.*, nextval('ai_messages_id_seq'::regclass) as id
-             from unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[], $5::integer[])
-                  with ordinality as t(ai_chat_id, user_id, content, related, context_limit, ord)
-             order by t.ord
-         ),
-         owned as materialized (
-             select a.id, a.user_id from ai_chats a
-             where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
-             order by a.id
-             for key share
-         ),
-         m as (
-             insert into ai_messages (id, ai_chat_id, role, content, status,
-                 include_related_chat_context, context_message_limit)
-             select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit
-             from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
-             order by i.id
-             returning *
-         )
-         select input.ord, {MESSAGE_COLUMNS} from m join input on input.id = m.id"
-    ))
-    .bind(&chats)
-    .bind(&users)
-    .bind(&contents)
-    .bind(&related)
-    .bind(&limits)
-    .bind(role::USER)
-    .bind(status::QUEUED)
+    let rows = sqlx::query!(
+        r#"with input as materialized (
+               select t.*, nextval('ai_messages_id_seq'::regclass) as id
+               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[], $5::integer[])
+                    with ordinality as t(ai_chat_id, user_id, content, related, context_limit, ord)
+               order by t.ord
+           ),
+           owned as materialized (
+               select a.id, a.user_id from ai_chats a
+               where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
+               order by a.id
+               for key share
+           ),
+           m as (
+               insert into ai_messages (id, ai_chat_id, role, content, status,
+                   include_related_chat_context, context_message_limit)
+               select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit
+               from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
+               order by i.id
+               returning *
+           )
+           select input.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role, m.content,
+                  m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status,
+                  m.error, m.model, m.reply_to
+           from m join input on input.id = m.id"#,
+        &chats,
+        &users,
+        // sqlx's check knows `text[]` only as `[String]`; borrowed strings encode the same.
+        contents.as_slice() as &[&str],
+        &related,
+        &limits,
+        role::USER,
+        status::QUEUED,
+    )
     .fetch_all(db)
     .await?;
     let mut stored: Vec<Option<AiMessage>> = vec![None; n];
-    for row in &rows {
-        let ord: i64 = row.try_get("ord")?;
-        if let Some(slot) = usize::try_from(ord)
+    for row in rows {
+        if let Some(slot) = usize::try_from(row.ord)
             .ok()
             .and_then(|ord| ord.checked_sub(1))
             .and_then(|i| stored.get_mut(i))
         {
-            *slot = Some(AiMessage::from_row(row)?);
+            *slot = Some(AiMessage {
+                id: row.id,
+                ai_chat: row.ai_chat,
+                role: row.role,
+                content: row.content,
+                timestamp: row.timestamp,
+                prompt_tokens: row.prompt_tokens,
+                completion_tokens: row.completion_tokens,
+                total_tokens: row.total_tokens,
+                status: row.status,
+                error: row.error,
+                model: row.model,
+                reply_to: row.reply_to,
+            });
         }
     }
     Ok(stored)
@@ -127,13 +146,13 @@ pub async fn insert_owned_user_messages(
 /// sweep re-queues a message only when its job is no longer alive.
 #[tracing::instrument(skip(db))]
 pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         r#"with async_commit as (select set_config('synchronous_commit', 'off', true))
            update ai_messages set dispatched_at = now()
            from async_commit
            where id = $1"#,
+        message_id,
     )
-    .bind(message_id)
     .execute(db)
     .await?;
     Ok(())
@@ -144,7 +163,7 @@ pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result
 /// (`db/mod.rs`), as a chat's deletion (chat, then its messages) would take them.
 #[tracing::instrument(skip(db))]
 pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         r#"with chats as materialized (
                select a.id from ai_chats a
                where a.id in (select ai_chat_id from ai_messages where id = any($1))
@@ -155,8 +174,8 @@ pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) 
                order by m.id for update of m
            )
            delete from ai_messages m using doomed where m.id = doomed.id"#,
+        ids,
     )
-    .bind(ids)
     .execute(db)
     .await?;
     Ok(())
@@ -170,14 +189,18 @@ pub async fn list_chat_messages(
     after_id: Option<i64>,
     limit: Option<i64>,
 ) -> Result<Vec<AiMessage>> {
-    let messages = sqlx::query_as::<_, AiMessage>(sql!(
-        "select {MESSAGE_COLUMNS} from ai_messages m
-         where m.ai_chat_id = $1 and m.id > $2
-         order by m.id limit $3"
-    ))
-    .bind(ai_chat_id)
-    .bind(after_id.unwrap_or(0))
-    .bind(limit)
+    let messages = sqlx::query_as!(
+        AiMessage,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                  m.model, m.reply_to
+           from ai_messages m
+           where m.ai_chat_id = $1 and m.id > $2
+           order by m.id limit $3"#,
+        ai_chat_id,
+        after_id.unwrap_or(0),
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(messages)
@@ -194,33 +217,50 @@ pub async fn list_owned_chat_messages(
     limit: Option<i64>,
 ) -> Result<Option<Vec<AiMessage>>> {
     // The chat row comes back once with null message columns when the page is empty, and not
-    // at all when the chat is someone else's.
-    let rows = sqlx::query(sql!(
-        "select {MESSAGE_COLUMNS}
-         from ai_chats a
-         left join lateral (
-             select * from ai_messages m
-             where m.ai_chat_id = a.id and m.id > $3
-             order by m.id limit $4
-         ) m on true
-         where a.id = $1 and a.user_id = $2
-         order by m.id"
-    ))
-    .bind(ai_chat_id)
-    .bind(user_id)
-    .bind(after_id.unwrap_or(0))
-    .bind(limit)
+    // at all when the chat is someone else's. A row with a message has all of the columns that
+    // are `not null` in the table.
+    let rows = sqlx::query!(
+        r#"select m.id as "id?", m.ai_chat_id as "ai_chat?", m.role as "role?",
+                  m.content as "content?", m.timestamp as "timestamp?", m.prompt_tokens,
+                  m.completion_tokens, m.total_tokens, m.status as "status?", m.error, m.model,
+                  m.reply_to
+           from ai_chats a
+           left join lateral (
+               select * from ai_messages m
+               where m.ai_chat_id = a.id and m.id > $3
+               order by m.id limit $4
+           ) m on true
+           where a.id = $1 and a.user_id = $2
+           order by m.id"#,
+        ai_chat_id,
+        user_id,
+        after_id.unwrap_or(0),
+        limit,
+    )
     .fetch_all(db)
     .await?;
     if rows.is_empty() {
         return Ok(None);
     }
-    let mut messages = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if row.try_get::<Option<i64>, _>("id")?.is_some() {
-            messages.push(AiMessage::from_row(row)?);
-        }
-    }
+    let messages = rows
+        .into_iter()
+        .filter_map(|row| {
+            Some(AiMessage {
+                id: row.id?,
+                ai_chat: row.ai_chat?,
+                role: row.role?,
+                content: row.content?,
+                timestamp: row.timestamp?,
+                prompt_tokens: row.prompt_tokens,
+                completion_tokens: row.completion_tokens,
+                total_tokens: row.total_tokens,
+                status: row.status?,
+                error: row.error,
+                model: row.model,
+                reply_to: row.reply_to,
+            })
+        })
+        .collect();
     Ok(Some(messages))
 }
 
@@ -232,13 +272,17 @@ pub async fn list_user_messages(
     after_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<AiMessage>> {
-    let messages = sqlx::query_as::<_, AiMessage>(sql!(
-        "select {MESSAGE_COLUMNS} from ai_messages m join ai_chats a on a.id = m.ai_chat_id
-         where a.user_id = $1 and m.id > $2 order by m.id limit $3"
-    ))
-    .bind(user_id)
-    .bind(after_id.unwrap_or(0))
-    .bind(limit)
+    let messages = sqlx::query_as!(
+        AiMessage,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                  m.model, m.reply_to
+           from ai_messages m join ai_chats a on a.id = m.ai_chat_id
+           where a.user_id = $1 and m.id > $2 order by m.id limit $3"#,
+        user_id,
+        after_id.unwrap_or(0),
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(messages)
@@ -251,12 +295,16 @@ pub async fn get_user_message(
     id: i64,
     user_id: i64,
 ) -> Result<Option<AiMessage>> {
-    let message = sqlx::query_as::<_, AiMessage>(sql!(
-        "select {MESSAGE_COLUMNS} from ai_messages m join ai_chats a on a.id = m.ai_chat_id
-         where m.id = $1 and a.user_id = $2"
-    ))
-    .bind(id)
-    .bind(user_id)
+    let message = sqlx::query_as!(
+        AiMessage,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                  m.model, m.reply_to
+           from ai_messages m join ai_chats a on a.id = m.ai_chat_id
+           where m.id = $1 and a.user_id = $2"#,
+        id,
+        user_id,
+    )
     .fetch_optional(db)
     .await?;
     Ok(message)
@@ -268,10 +316,14 @@ pub async fn find_reply(
     db: impl PgExecutor<'_>,
     user_message_id: i64,
 ) -> Result<Option<AiMessage>> {
-    let message = sqlx::query_as::<_, AiMessage>(sql!(
-        "select {MESSAGE_COLUMNS} from ai_messages m where m.reply_to = $1"
-    ))
-    .bind(user_message_id)
+    let message = sqlx::query_as!(
+        AiMessage,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                  m.model, m.reply_to
+           from ai_messages m where m.reply_to = $1"#,
+        user_message_id,
+    )
     .fetch_optional(db)
     .await?;
     Ok(message)
@@ -280,10 +332,14 @@ pub async fn find_reply(
 /// One message by id, whoever owns it.
 #[tracing::instrument(skip(db))]
 pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiMessage>> {
-    let message = sqlx::query_as::<_, AiMessage>(sql!(
-        "select {MESSAGE_COLUMNS} from ai_messages m where m.id = $1"
-    ))
-    .bind(id)
+    let message = sqlx::query_as!(
+        AiMessage,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                  m.model, m.reply_to
+           from ai_messages m where m.id = $1"#,
+        id,
+    )
     .fetch_optional(db)
     .await?;
     Ok(message)

@@ -7,21 +7,14 @@ use sqlx::{PgConnection, PgExecutor};
 use crate::domain::{Chat, ChatMessage, ContextMessage, UserSummary};
 use crate::error::Result;
 
-#[derive(sqlx::FromRow)]
 struct ChatRow {
     id: i64,
     name: String,
     created_at: DateTime<Utc>,
 }
 
-#[derive(sqlx::FromRow)]
-struct ParticipantRow {
-    chat_id: i64,
-    #[sqlx(flatten)]
-    user: UserSummary,
-}
-
-#[derive(sqlx::FromRow)]
+/// A message with its sender: every statement that reads one lists the same columns, `m.id,
+/// m.chat_id, m.content, m.timestamp, u.id as sender_id, u.username as sender_username`.
 struct MessageRow {
     id: i64,
     chat_id: i64,
@@ -49,18 +42,21 @@ impl From<MessageRow> for ChatMessage {
 /// Attaches participants to chat rows, in two queries whatever the number of chats.
 async fn with_participants(conn: &mut PgConnection, rows: Vec<ChatRow>) -> Result<Vec<Chat>> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let participants = sqlx::query_as::<_, ParticipantRow>(
+    let participants = sqlx::query!(
         r#"select p.chat_id, u.id, u.username
            from chat_participants p join users u on u.id = p.user_id
            where p.chat_id = any($1)
            order by p.chat_id, u.id"#,
+        &ids,
     )
-    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
     let mut by_chat: BTreeMap<i64, Vec<UserSummary>> = BTreeMap::new();
     for p in participants {
-        by_chat.entry(p.chat_id).or_default().push(p.user);
+        by_chat.entry(p.chat_id).or_default().push(UserSummary {
+            id: p.id,
+            username: p.username,
+        });
     }
     Ok(rows
         .into_iter()
@@ -82,15 +78,16 @@ pub async fn list_chats(
     before_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Chat>> {
-    let rows = sqlx::query_as::<_, ChatRow>(
+    let rows = sqlx::query_as!(
+        ChatRow,
         r#"select c.id, c.name, c.created_at
            from chats c join chat_participants p on p.chat_id = c.id
            where p.user_id = $1 and c.id < $2
            order by c.id desc limit $3"#,
+        user_id,
+        before_id.unwrap_or(i64::MAX),
+        limit,
     )
-    .bind(user_id)
-    .bind(before_id.unwrap_or(i64::MAX))
-    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     with_participants(conn, rows).await
@@ -99,13 +96,14 @@ pub async fn list_chats(
 /// One chat, if `user_id` takes part in it.
 #[tracing::instrument(skip(conn))]
 pub async fn get_chat(conn: &mut PgConnection, chat_id: i64, user_id: i64) -> Result<Option<Chat>> {
-    let row = sqlx::query_as::<_, ChatRow>(
+    let row = sqlx::query_as!(
+        ChatRow,
         r#"select c.id, c.name, c.created_at
            from chats c join chat_participants p on p.chat_id = c.id
            where c.id = $1 and p.user_id = $2"#,
+        chat_id,
+        user_id,
     )
-    .bind(chat_id)
-    .bind(user_id)
     .fetch_optional(&mut *conn)
     .await?;
     match row {
@@ -121,18 +119,19 @@ pub async fn insert_chat(
     name: &str,
     participant_ids: &[i64],
 ) -> Result<Chat> {
-    let row = sqlx::query_as::<_, ChatRow>(
+    let row = sqlx::query_as!(
+        ChatRow,
         r#"insert into chats (name) values ($1) returning id, name, created_at"#,
+        name,
     )
-    .bind(name)
     .fetch_one(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         r#"insert into chat_participants (chat_id, user_id)
            select $1, unnest($2::bigint[]) on conflict do nothing"#,
+        row.id,
+        participant_ids,
     )
-    .bind(row.id)
-    .bind(participant_ids)
     .execute(&mut *conn)
     .await?;
     let chat = with_participants(conn, vec![row]).await?.pop();
@@ -141,11 +140,12 @@ pub async fn insert_chat(
 
 #[tracing::instrument(skip(db))]
 pub async fn is_participant(db: impl PgExecutor<'_>, chat_id: i64, user_id: i64) -> Result<bool> {
-    let found = sqlx::query_scalar::<_, bool>(
-        r#"select exists (select 1 from chat_participants where chat_id = $1 and user_id = $2)"#,
+    let found = sqlx::query_scalar!(
+        r#"select exists (select 1 from chat_participants where chat_id = $1 and user_id = $2)
+               as "exists!""#,
+        chat_id,
+        user_id,
     )
-    .bind(chat_id)
-    .bind(user_id)
     .fetch_one(db)
     .await?;
     Ok(found)
@@ -154,20 +154,17 @@ pub async fn is_participant(db: impl PgExecutor<'_>, chat_id: i64, user_id: i64)
 /// Deletes a chat `user_id` takes part in; false when there is none.
 #[tracing::instrument(skip(db))]
 pub async fn delete_chat(db: impl PgExecutor<'_>, chat_id: i64, user_id: i64) -> Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         r#"delete from chats c
            where c.id = $1
              and exists (select 1 from chat_participants p where p.chat_id = c.id and p.user_id = $2)"#,
+        chat_id,
+        user_id,
     )
-    .bind(chat_id)
-    .bind(user_id)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
 }
-
-const MESSAGE_COLUMNS: &str =
-    "m.id, m.chat_id, m.content, m.timestamp, u.id as sender_id, u.username as sender_username";
 
 #[tracing::instrument(skip(conn, content))]
 pub async fn insert_chat_message(
@@ -176,18 +173,22 @@ pub async fn insert_chat_message(
     sender_id: i64,
     content: &str,
 ) -> Result<ChatMessage> {
-    let id = sqlx::query_scalar::<_, i64>(
+    let id = sqlx::query_scalar!(
         r#"insert into chat_messages (chat_id, sender_id, content) values ($1, $2, $3) returning id"#,
+        chat_id,
+        sender_id,
+        content,
     )
-    .bind(chat_id)
-    .bind(sender_id)
-    .bind(content)
     .fetch_one(&mut *conn)
     .await?;
-    let row = sqlx::query_as::<_, MessageRow>(sql!(
-        "select {MESSAGE_COLUMNS} from chat_messages m join users u on u.id = m.sender_id where m.id = $1"
-    ))
-    .bind(id)
+    let row = sqlx::query_as!(
+        MessageRow,
+        r#"select m.id, m.chat_id, m.content, m.timestamp,
+                  u.id as sender_id, u.username as sender_username
+           from chat_messages m join users u on u.id = m.sender_id
+           where m.id = $1"#,
+        id,
+    )
     .fetch_one(&mut *conn)
     .await?;
     Ok(row.into())
@@ -201,13 +202,16 @@ pub async fn list_chat_messages(
     after_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<ChatMessage>> {
-    let rows = sqlx::query_as::<_, MessageRow>(sql!(
-        "select {MESSAGE_COLUMNS} from chat_messages m join users u on u.id = m.sender_id
-         where m.chat_id = $1 and m.id > $2 order by m.id limit $3"
-    ))
-    .bind(chat_id)
-    .bind(after_id.unwrap_or(0))
-    .bind(limit)
+    let rows = sqlx::query_as!(
+        MessageRow,
+        r#"select m.id, m.chat_id, m.content, m.timestamp,
+                  u.id as sender_id, u.username as sender_username
+           from chat_messages m join users u on u.id = m.sender_id
+           where m.chat_id = $1 and m.id > $2 order by m.id limit $3"#,
+        chat_id,
+        after_id.unwrap_or(0),
+        limit,
+    )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(Into::into).collect())
@@ -220,15 +224,16 @@ pub async fn latest_context_messages(
     chat_id: i64,
     limit: i64,
 ) -> Result<Vec<ContextMessage>> {
-    let rows = sqlx::query_as::<_, ContextMessage>(
+    let rows = sqlx::query_as!(
+        ContextMessage,
         r#"select sender, content, timestamp from (
              select m.id, u.username as sender, m.content, m.timestamp
              from chat_messages m join users u on u.id = m.sender_id
              where m.chat_id = $1 order by m.id desc limit $2
            ) latest order by id"#,
+        chat_id,
+        limit,
     )
-    .bind(chat_id)
-    .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(rows)

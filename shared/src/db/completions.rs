@@ -2,7 +2,6 @@
 //! the reply or the failure.
 use sqlx::PgExecutor;
 
-use super::ai_messages::MESSAGE_COLUMNS;
 use crate::domain::{AiMessage, role, status};
 use crate::error::Result;
 
@@ -56,9 +55,10 @@ pub async fn find_completion_subject(
     db: impl PgExecutor<'_>,
     message_id: i64,
 ) -> Result<Option<CompletionSubject>> {
-    let subject = sqlx::query_as::<_, CompletionSubject>(
+    let subject = sqlx::query_as!(
+        CompletionSubject,
         r#"select m.id as message_id, m.ai_chat_id, m.content, m.status,
-                  exists (select 1 from ai_messages r where r.reply_to = m.id) as answered,
+                  exists (select 1 from ai_messages r where r.reply_to = m.id) as "answered!",
                   a.system_prompt, a.model, a.user_id as owner_id,
                   case when exists (select 1 from chat_participants p
                                     where p.chat_id = a.related_chat_id and p.user_id = a.user_id)
@@ -66,9 +66,9 @@ pub async fn find_completion_subject(
            from ai_messages m
            join ai_chats a on a.id = m.ai_chat_id
            where m.id = $1 and m.role = $2"#,
+        message_id,
+        role::USER,
     )
-    .bind(message_id)
-    .bind(role::USER)
     .fetch_optional(db)
     .await?;
     Ok(subject)
@@ -93,7 +93,8 @@ pub async fn list_history(
     before_id: i64,
     limit: i64,
 ) -> Result<Vec<HistoryMessage>> {
-    let messages = sqlx::query_as::<_, HistoryMessage>(
+    let messages = sqlx::query_as!(
+        HistoryMessage,
         r#"select role, content, content_tokens from (
              select m.id, m.role, m.content, m.content_tokens, coalesce(m.reply_to, m.id) as turn
              from ai_messages m
@@ -104,13 +105,13 @@ pub async fn list_history(
              limit $6
            ) latest
            order by turn, id"#,
+        ai_chat_id,
+        before_id,
+        role::USER,
+        role::ASSISTANT,
+        status::FAILED,
+        limit,
     )
-    .bind(ai_chat_id)
-    .bind(before_id)
-    .bind(role::USER)
-    .bind(role::ASSISTANT)
-    .bind(status::FAILED)
-    .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(messages)
@@ -167,8 +168,9 @@ pub async fn save_replies(
         content_tokens.push(reply.content_tokens);
         question_tokens.push(reply.question_tokens);
     }
-    let rows = sqlx::query_as::<_, AiMessage>(sql!(
-        "with input as (
+    let rows = sqlx::query_as!(
+        AiMessage,
+        r#"with input as (
              select distinct on (t.question_id) t.*
              from unnest($1::bigint[], $2::text[], $3::integer[], $4::integer[], $5::integer[],
                          $6::text[], $7::integer[], $8::integer[], $9::integer[])
@@ -194,27 +196,32 @@ pub async fn save_replies(
              from input i join questions u on u.id = i.question_id
              order by u.id
              on conflict (reply_to) where reply_to is not null do nothing
-             returning {MESSAGE_COLUMNS}
+             returning m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
+                 m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+                 m.model, m.reply_to
          ), answered as (
              update ai_messages q set status = $12, error = null,
                  content_tokens = coalesce(i.question_tokens, q.content_tokens)
              from m join input i on i.question_id = m.reply_to
              where q.id = m.reply_to
          )
-         select * from m"
-    ))
-    .bind(&questions)
-    .bind(&contents)
-    .bind(&prompt_tokens)
-    .bind(&completion_tokens)
-    .bind(&total_tokens)
-    .bind(&models)
-    .bind(&latencies)
-    .bind(&content_tokens)
-    .bind(&question_tokens)
-    .bind(role::ASSISTANT)
-    .bind(status::COMPLETE)
-    .bind(status::ANSWERED)
+         select * from m"#,
+        &questions,
+        // sqlx's check knows `text[]` only as `[String]` and `integer[]` only as `[i32]`;
+        // borrowed strings and nullable integers encode to the same types, so these binds
+        // state theirs (the cast to a named type skips that check, not the encoding).
+        contents.as_slice() as &[&str],
+        prompt_tokens.as_slice() as &[Option<i32>],
+        completion_tokens.as_slice() as &[Option<i32>],
+        total_tokens.as_slice() as &[Option<i32>],
+        models.as_slice() as &[&str],
+        &latencies,
+        content_tokens.as_slice() as &[Option<i32>],
+        question_tokens.as_slice() as &[Option<i32>],
+        role::ASSISTANT,
+        status::COMPLETE,
+        status::ANSWERED,
+    )
     .fetch_all(db)
     .await?;
     let mut saved: Vec<Option<AiMessage>> = vec![None; n];
@@ -234,15 +241,15 @@ pub async fn save_replies(
 /// meantime. Returns whether it changed.
 #[tracing::instrument(skip(db, error))]
 pub async fn mark_failed(db: impl PgExecutor<'_>, message_id: i64, error: &str) -> Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         r#"update ai_messages set status = $3, error = $2
            where id = $1 and role = $4 and status <> $5"#,
+        message_id,
+        error,
+        status::FAILED,
+        role::USER,
+        status::ANSWERED,
     )
-    .bind(message_id)
-    .bind(error)
-    .bind(status::FAILED)
-    .bind(role::USER)
-    .bind(status::ANSWERED)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -12,12 +12,14 @@ pub async fn insert_session(
     token_hash: &[u8],
     expires_at: DateTime<Utc>,
 ) -> Result<()> {
-    sqlx::query(r#"insert into sessions (user_id, token_hash, expires_at) values ($1, $2, $3)"#)
-        .bind(user_id)
-        .bind(token_hash)
-        .bind(expires_at)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        r#"insert into sessions (user_id, token_hash, expires_at) values ($1, $2, $3)"#,
+        user_id,
+        token_hash,
+        expires_at,
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -35,12 +37,21 @@ pub async fn find_live_session(
     db: impl PgExecutor<'_>,
     token_hash: &[u8],
 ) -> Result<Option<LiveSession>> {
-    let session = sqlx::query_as::<_, LiveSession>(
+    let session = sqlx::query!(
         r#"select u.id, u.username, u.email, u.is_staff, s.expires_at
            from sessions s join users u on u.id = s.user_id
            where s.token_hash = $1 and s.expires_at > now()"#,
+        token_hash,
     )
-    .bind(token_hash)
+    .map(|row| LiveSession {
+        user: User {
+            id: row.id,
+            username: row.username,
+            email: row.email,
+            is_staff: row.is_staff,
+        },
+        expires_at: row.expires_at,
+    })
     .fetch_optional(db)
     .await?;
     Ok(session)
@@ -48,8 +59,7 @@ pub async fn find_live_session(
 
 #[tracing::instrument(skip_all)]
 pub async fn delete_session(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<()> {
-    sqlx::query(r#"delete from sessions where token_hash = $1"#)
-        .bind(token_hash)
+    sqlx::query!(r#"delete from sessions where token_hash = $1"#, token_hash)
         .execute(db)
         .await?;
     Ok(())
@@ -58,8 +68,7 @@ pub async fn delete_session(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Resul
 /// Ends every session of one user; returns how many there were.
 #[tracing::instrument(skip(db))]
 pub async fn delete_user_sessions(db: impl PgExecutor<'_>, user_id: i64) -> Result<u64> {
-    let done = sqlx::query(r#"delete from sessions where user_id = $1"#)
-        .bind(user_id)
+    let done = sqlx::query!(r#"delete from sessions where user_id = $1"#, user_id)
         .execute(db)
         .await?;
     Ok(done.rows_affected())
@@ -68,9 +77,11 @@ pub async fn delete_user_sessions(db: impl PgExecutor<'_>, user_id: i64) -> Resu
 /// Drops expired sessions of one user, so the table does not grow with every login.
 #[tracing::instrument(skip(db))]
 pub async fn delete_expired_sessions(db: impl PgExecutor<'_>, user_id: i64) -> Result<u64> {
-    let done = sqlx::query(r#"delete from sessions where user_id = $1 and expires_at <= now()"#)
-        .bind(user_id)
-        .execute(db)
-        .await?;
+    let done = sqlx::query!(
+        r#"delete from sessions where user_id = $1 and expires_at <= now()"#,
+        user_id,
+    )
+    .execute(db)
+    .await?;
     Ok(done.rows_affected())
 }

@@ -21,29 +21,25 @@ pub async fn list_stale_queued(
     grace_secs: f64,
     limit: i64,
 ) -> Result<Vec<StaleMessage>> {
-    let rows: Vec<(i64, i64, bool, i32)> = sqlx::query_as(
+    let rows = sqlx::query!(
         r"select id, ai_chat_id, include_related_chat_context, context_message_limit
           from ai_messages
           where role = 'user' and status = 'queued' and id > $1
             and coalesce(dispatched_at, timestamp) < now() - make_interval(secs => $2)
           order by id limit $3",
+        after_id,
+        grace_secs,
+        limit,
     )
-    .bind(after_id)
-    .bind(grace_secs)
-    .bind(limit)
+    .map(|row| StaleMessage {
+        id: row.id,
+        ai_chat_id: row.ai_chat_id,
+        options: ContextOptions {
+            include_related_chat_context: row.include_related_chat_context,
+            context_message_limit: row.context_message_limit,
+        },
+    })
     .fetch_all(db)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(id, ai_chat_id, include_related_chat_context, context_message_limit)| StaleMessage {
-                id,
-                ai_chat_id,
-                options: ContextOptions {
-                    include_related_chat_context,
-                    context_message_limit,
-                },
-            },
-        )
-        .collect())
+    Ok(rows)
 }

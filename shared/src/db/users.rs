@@ -15,15 +15,16 @@ pub async fn insert_user(
     password_hash: &str,
     is_staff: bool,
 ) -> Result<User> {
-    let user = sqlx::query_as::<_, User>(
+    let user = sqlx::query_as!(
+        User,
         r#"insert into users (username, email, password_hash, is_staff)
            values ($1, $2, $3, $4)
            returning id, username, email, is_staff"#,
+        username,
+        email,
+        password_hash,
+        is_staff,
     )
-    .bind(username)
-    .bind(email)
-    .bind(password_hash)
-    .bind(is_staff)
     .fetch_one(db)
     .await?;
     Ok(user)
@@ -34,10 +35,11 @@ pub async fn find_credentials(
     db: impl PgExecutor<'_>,
     username: &str,
 ) -> Result<Option<UserCredentials>> {
-    let row = sqlx::query_as::<_, UserCredentials>(
+    let row = sqlx::query_as!(
+        UserCredentials,
         r#"select id, password_hash from users where username = $1"#,
+        username,
     )
-    .bind(username)
     .fetch_optional(db)
     .await?;
     Ok(row)
@@ -45,10 +47,11 @@ pub async fn find_credentials(
 
 #[tracing::instrument(skip(db))]
 pub async fn get_user(db: impl PgExecutor<'_>, id: i64) -> Result<Option<User>> {
-    let user = sqlx::query_as::<_, User>(
+    let user = sqlx::query_as!(
+        User,
         r#"select id, username, email, is_staff from users where id = $1"#,
+        id,
     )
-    .bind(id)
     .fetch_optional(db)
     .await?;
     Ok(user)
@@ -61,11 +64,12 @@ pub async fn list_users(
     after_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<UserSummary>> {
-    let users = sqlx::query_as::<_, UserSummary>(
+    let users = sqlx::query_as!(
+        UserSummary,
         r#"select id, username from users where id > $1 order by id limit $2"#,
+        after_id.unwrap_or(0),
+        limit,
     )
-    .bind(after_id.unwrap_or(0))
-    .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(users)
@@ -74,12 +78,12 @@ pub async fn list_users(
 /// The ids among `ids` that belong to no account.
 #[tracing::instrument(skip(db))]
 pub async fn unknown_user_ids(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<Vec<i64>> {
-    let unknown = sqlx::query_scalar::<_, i64>(
-        r#"select wanted.id from unnest($1::bigint[]) as wanted(id)
+    let unknown = sqlx::query_scalar!(
+        r#"select wanted.id as "id!" from unnest($1::bigint[]) as wanted(id)
            where not exists (select 1 from users u where u.id = wanted.id)
            order by wanted.id"#,
+        ids,
     )
-    .bind(ids)
     .fetch_all(db)
     .await?;
     Ok(unknown)
@@ -88,30 +92,36 @@ pub async fn unknown_user_ids(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<Ve
 /// The ids of the accounts named in `usernames`; unknown names are skipped.
 #[tracing::instrument(skip(db))]
 pub async fn ids_by_usernames(db: impl PgExecutor<'_>, usernames: &[String]) -> Result<Vec<i64>> {
-    let ids = sqlx::query_scalar::<_, i64>(r#"select id from users where username = any($1)"#)
-        .bind(usernames)
-        .fetch_all(db)
-        .await?;
+    let ids = sqlx::query_scalar!(
+        r#"select id from users where username = any($1)"#,
+        usernames
+    )
+    .fetch_all(db)
+    .await?;
     Ok(ids)
 }
 
 /// Whether `username` is staff; `None` when there is no such user.
 #[tracing::instrument(skip(db))]
 pub async fn staff_status(db: impl PgExecutor<'_>, username: &str) -> Result<Option<bool>> {
-    let staff = sqlx::query_scalar::<_, bool>(r#"select is_staff from users where username = $1"#)
-        .bind(username)
-        .fetch_optional(db)
-        .await?;
+    let staff = sqlx::query_scalar!(
+        r#"select is_staff from users where username = $1"#,
+        username
+    )
+    .fetch_optional(db)
+    .await?;
     Ok(staff)
 }
 
 /// Grants or revokes staff rights; false when no such user.
 #[tracing::instrument(skip(db))]
 pub async fn set_staff(db: impl PgExecutor<'_>, username: &str, is_staff: bool) -> Result<bool> {
-    let done = sqlx::query(r#"update users set is_staff = $2 where username = $1"#)
-        .bind(username)
-        .bind(is_staff)
-        .execute(db)
-        .await?;
+    let done = sqlx::query!(
+        r#"update users set is_staff = $2 where username = $1"#,
+        username,
+        is_staff,
+    )
+    .execute(db)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
