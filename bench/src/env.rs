@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use rand::Rng;
-use redis::AsyncCommands;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use aichat_testkit::TestDb;
+use aichat_testkit::postgres::try_drop_database;
+use aichat_testkit::redis_server::delete_keys_starting_with;
 
 use crate::procs::{self, Proc};
 
@@ -27,10 +29,6 @@ pub struct Env {
     pub http: reqwest::Client,
 }
 
-fn admin_url() -> String {
-    format!("postgres://postgres@{PG_HOST}:{PG_PORT}/postgres")
-}
-
 impl Env {
     pub async fn create(release_dir: PathBuf) -> anyhow::Result<Self> {
         // Children run in the bench directory: the path must not be relative.
@@ -45,22 +43,13 @@ impl Env {
                 );
             }
         }
-        let tag: u32 = rand::rng().random();
-        let db_name = format!("aichat_bench_{tag:08x}");
+        let test_db = TestDb::try_create("aichat_bench").await.context(
+            "creating the bench database (PostgreSQL at TEST_PG_URL, default 127.0.0.1:5432)",
+        )?;
+        let (db_name, db_url) = (test_db.name, test_db.url);
         let base_ns = db_name.clone();
         let dir = std::env::temp_dir().join(&db_name);
         std::fs::create_dir_all(&dir).context("creating the bench directory")?;
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url())
-            .await
-            .context("connecting to PostgreSQL at 127.0.0.1:5432 as postgres")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database {db_name}")))
-            .execute(&admin)
-            .await
-            .context("creating the bench database")?;
-        admin.close().await;
-        let db_url = format!("postgres://postgres@{PG_HOST}:{PG_PORT}/{db_name}");
         let db = PgPoolOptions::new()
             .max_connections(8)
             .connect_lazy(&db_url)?;
@@ -89,21 +78,10 @@ impl Env {
     pub async fn cleanup(self) -> anyhow::Result<()> {
         self.db.close().await;
         let mut problems = Vec::new();
-        match PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url())
-            .await
-        {
-            Ok(admin) => {
-                let sql = format!("drop database if exists {} with (force)", self.db_name);
-                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await {
-                    problems.push(format!("dropping {}: {e}", self.db_name));
-                }
-                admin.close().await;
-            }
-            Err(e) => problems.push(format!("connecting to drop {}: {e}", self.db_name)),
+        if let Err(e) = try_drop_database(&self.db_name).await {
+            problems.push(format!("dropping {}: {e}", self.db_name));
         }
-        match delete_keys(self.redis.clone(), &self.base_ns).await {
+        match delete_keys_starting_with(REDIS_URL, &self.base_ns).await {
             Ok(n) => eprintln!("cleanup: dropped {}, deleted {n} Redis keys", self.db_name),
             Err(e) => problems.push(format!("deleting Redis keys: {e}")),
         }
@@ -118,35 +96,6 @@ impl Env {
     pub fn ns(&self, scenario: &str) -> String {
         format!("{}_{scenario}", self.base_ns)
     }
-}
-
-/// Deletes every key starting with `prefix` (bounded: at most 10,000 SCAN rounds).
-pub async fn delete_keys(
-    mut conn: redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> anyhow::Result<usize> {
-    let pattern = format!("{prefix}*");
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    for _ in 0..10_000 {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let n: usize = conn.unlink(&keys).await?;
-            deleted += n;
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    Ok(deleted)
 }
 
 /// What a scenario runs against.

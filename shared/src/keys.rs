@@ -57,6 +57,12 @@ impl Namespace {
         format!("{}:chat:{ai_chat_id}", self.prefix)
     }
 
+    /// The pattern of every chat's channel (`PSUBSCRIBE`), for tools that watch a whole
+    /// namespace.
+    pub fn all_chat_channels(&self) -> String {
+        format!("{}:chat:*", self.prefix)
+    }
+
     /// Present while a run of a user message's completion job has an outcome to announce
     /// (`announce.rs`).
     pub fn pending_announcement(&self, message_id: i64) -> String {

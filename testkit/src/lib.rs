@@ -1,16 +1,81 @@
 //! The test kit: the one place that creates a test database, a Redis namespace or a private
-//! Redis server, and removes them again. The API, worker and fault suites build their
-//! harnesses on it (`api/tests/common`, `worker/tests/common`, `faults/src/lib.rs`).
+//! Redis server (and removes them again), starts the API, workers and the fake model (in
+//! process or as processes), and holds the HTTP and WebSocket clients and the "answered exactly
+//! once" checks. The API, worker and fault suites stand on it (`api/tests/api/common`,
+//! `worker/tests/worker/common` add only what their own tests share); the benchmark tool reuses
+//! its database and Redis parts.
 //!
 //! Everything talks to loopback only, and every wait is bounded by a deadline.
+pub mod audit;
+pub mod client;
 pub mod postgres;
+pub mod process;
+pub mod queue;
 pub mod redis_server;
+pub mod stack;
+pub mod store;
+pub mod ws;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+pub use audit::{Audit, AuditRow, EventCounter, EventCounts};
+pub use client::{Answer, Client, User};
 pub use postgres::TestDb;
+pub use process::ApiProcess;
+pub use queue::QueueSnapshot;
 pub use redis_server::{PrivateRedis, delete_namespace};
+pub use stack::{Api, Env, InProcessWorker, WorkerProcess, wait_worker_ready, worker_metric};
+pub use store::{queue_completion, store_user_message};
+pub use ws::{
+    Ws, WsCollector, WsNext, closed_with, event_of, next_event, send_ws, ws_connect, ws_next,
+    ws_open, ws_send, ws_until,
+};
+
+/// The password of every user the tests register.
+pub const PASSWORD: &str = "correct horse";
+/// The model the tests' API and workers are configured with.
+pub const MODEL: &str = "gpt-test";
+/// `ALLOWED_MODELS` of every test API and worker unless a test sets it (`MODEL` is the default).
+pub const ALLOWED_MODELS: &str = "gpt-4o-mini,m-2";
+
+/// Tests that load the machine (processes, outages, hundreds of messages) take this lock, so
+/// two of them never distort each other's timings; light tests run alongside freely.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Logs of in-process components when `TEST_LOG` is set (e.g. `TEST_LOG=aichat_worker=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let settings = aichat_shared::config::LogSettings {
+            log_format: aichat_shared::config::LogFormat::Text,
+            log_filter: filter,
+        };
+        aichat_shared::telemetry::init(&settings);
+    }
+}
+
+/// A line the RELIABILITY.md figures are copied from: `FAULT <name> key=value ...`.
+pub fn report(fault: &str, figures: &[(&str, String)]) {
+    let line: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    eprintln!("FAULT {fault} {}", line.join(" "));
+}
+
+/// The value at quantile `q` (0–1) of sorted `values`, 0 when empty.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let i = ((values.len() - 1) as f64 * q).round() as usize;
+    values[i.min(values.len() - 1)]
+}
+
+/// Now, as Unix epoch seconds.
+pub fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
 
 /// The PostgreSQL server tests use (`TEST_PG_URL`, default the local one), without a database.
 pub fn pg_base() -> String {

@@ -13,15 +13,22 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `{prefix}_{uuid}` (each suite has its prefix, so a leftover says whose it is).
     pub async fn create(prefix: &str) -> TestDb {
-        let name = unique_name(prefix);
-        let mut conn = admin().await.expect("connect to postgres");
-        conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
+        Self::try_create(prefix)
             .await
-            .expect("create test database");
-        TestDb {
+            .expect("create the test database")
+    }
+
+    /// [`TestDb::create`] for tools that report errors instead of panicking (the benchmark).
+    pub async fn try_create(prefix: &str) -> Result<TestDb, sqlx::Error> {
+        let name = unique_name(prefix);
+        let mut conn = admin().await?;
+        conn.execute(sqlx::AssertSqlSafe(format!(r#"create database "{name}""#)))
+            .await?;
+        let _ = conn.close().await;
+        Ok(TestDb {
             url: format!("{}/{name}", pg_base()),
             name,
-        }
+        })
     }
 
     /// Cuts every connection to this database except the caller's; returns how many.
@@ -46,15 +53,20 @@ impl TestDb {
     }
 }
 
-/// Drops database `name` if it exists, whoever is connected.
+/// Drops database `name` if it exists, whoever is connected (best effort).
 pub async fn drop_database(name: &str) {
-    if let Ok(mut conn) = admin().await {
-        let _ = conn
-            .execute(sqlx::AssertSqlSafe(format!(
-                r#"drop database if exists "{name}" with (force)"#
-            )))
-            .await;
-    }
+    let _ = try_drop_database(name).await;
+}
+
+/// [`drop_database`], with its error.
+pub async fn try_drop_database(name: &str) -> Result<(), sqlx::Error> {
+    let mut conn = admin().await?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        r#"drop database if exists "{name}" with (force)"#
+    )))
+    .await?;
+    let _ = conn.close().await;
+    Ok(())
 }
 
 /// Creates the empty database `name` (e.g. again, after [`drop_database`]).

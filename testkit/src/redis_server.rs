@@ -15,23 +15,56 @@ const APALIS_QUEUES: &str = "core:apalis:queues:list";
 /// Deletes every key of namespace `ns` (and its queue's entry in apalis's global list).
 /// Best effort, at most 5 s to connect: a test's cleanup never hangs on a Redis it stopped.
 pub async fn delete_namespace(redis_url: &str, ns: &str) {
-    let Ok(client) = redis::Client::open(redis_url) else {
+    let _ = delete_keys_starting_with(redis_url, &format!("{ns}:")).await;
+    let Ok(mut conn) = connect(redis_url).await else {
         return;
     };
-    let Ok(Ok(mut conn)) = tokio::time::timeout(
+    let workers = format!("{}:workers", Namespace::new(ns).completion_queue());
+    let _: Result<(), _> = conn.zrem(APALIS_QUEUES, workers).await;
+}
+
+/// Deletes every key whose name starts with `prefix` (SCAN and UNLINK, at most 10,000 rounds);
+/// how many were deleted.
+pub async fn delete_keys_starting_with(redis_url: &str, prefix: &str) -> redis::RedisResult<usize> {
+    let mut conn = connect(redis_url).await?;
+    let pattern = format!("{prefix}*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    for _ in 0..10_000 {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: usize = conn.unlink(&keys).await?;
+            deleted += n;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(deleted)
+}
+
+/// A connection to `redis_url`, within 5 s.
+async fn connect(redis_url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(redis_url)?;
+    tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
     )
     .await
-    else {
-        return;
-    };
-    let keys: Vec<String> = conn.keys(format!("{ns}:*")).await.unwrap_or_default();
-    for chunk in keys.chunks(500) {
-        let _: Result<(), _> = conn.del(chunk).await;
-    }
-    let workers = format!("{}:workers", Namespace::new(ns).completion_queue());
-    let _: Result<(), _> = conn.zrem(APALIS_QUEUES, workers).await;
+    .unwrap_or_else(|_| {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "connecting to Redis timed out",
+        )))
+    })
 }
 
 /// A Redis server of the test's own on a free port, to stop and start again on the same port

@@ -15,9 +15,9 @@ pub const TOKENS_PER_MESSAGE: usize = 4;
 pub const REPLY_PRIMING_TOKENS: usize = 3;
 
 /// Remembered counts at most; past it the memo restarts. A job counts its chat's last turns,
-/// so a few thousand cover every chat in flight; the table is allocated once (~0.5 MiB) and
-/// reused, so the worker's memory stays flat however many messages go by (BENCHMARKS.md,
-/// soak: at 100,000 it grew for the first ten minutes).
+/// so a few thousand cover every chat in flight. The cap keeps the table small (~0.5 MiB),
+/// allocated once and reused when the memo restarts, so the worker's memory stays flat however
+/// many messages go by.
 const MAX_CACHED_COUNTS: usize = 16_384;
 
 /// Token counts by hash of the text, shared by every job of the process.
@@ -27,6 +27,10 @@ fn lock_counts() -> std::sync::MutexGuard<'static, std::collections::HashMap<u64
     lock(COUNTS.get_or_init(Default::default))
 }
 
+/// Who speaks in a prompt message, as the model is told. Not the role stored with a message
+/// (`aichat_shared::domain::role`, strings spelled as the API contract spells them): the
+/// prompt's system message is built from the chat's settings rather than stored, and only the
+/// user and assistant rows of the history enter the prompt (`build_prompt`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     System,
@@ -91,7 +95,7 @@ impl TokenCounter {
     }
 
     /// Tokens of `text`. Counts are remembered by a hash of the text: every job of a chat
-    /// counts the same history again, and BPE was a fifth of the worker's CPU (BENCHMARKS.md).
+    /// counts the same history again, and BPE over it each time would be CPU spent for nothing.
     /// Short texts too: hashing a few bytes costs nanoseconds, their BPE (the pre-tokenising
     /// regex) microseconds; short messages ("thanks", "ok") are common.
     pub fn text(&self, text: &str) -> usize {

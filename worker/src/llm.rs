@@ -33,7 +33,7 @@ use aichat_shared::lock::lock;
 use crate::context::{PromptMessage, Role};
 use crate::metrics;
 use crate::rate_limit::{RateLimitError, RateLimiter};
-pub use crate::retry::{RetryPolicy, parse_retry_after};
+use crate::retry::{AttemptError, RetryPolicy, classify, parse_retry_after};
 
 /// What the model is asked.
 #[derive(Debug, Clone)]
@@ -96,35 +96,6 @@ fn user_message(reason: &str) -> &'static str {
     }
 }
 
-/// Why one attempt failed. `detail` may hold the provider's text: logs only.
-#[derive(Debug)]
-struct AttemptError {
-    retryable: bool,
-    reason: &'static str,
-    retry_after: Option<Duration>,
-    detail: String,
-}
-
-impl AttemptError {
-    fn retryable(reason: &'static str, retry_after: Option<Duration>, detail: String) -> Self {
-        AttemptError {
-            retryable: true,
-            reason,
-            retry_after,
-            detail,
-        }
-    }
-
-    fn permanent(reason: &'static str, detail: String) -> Self {
-        AttemptError {
-            retryable: false,
-            reason,
-            retry_after: None,
-            detail,
-        }
-    }
-}
-
 /// The status and `Retry-After` of an error response, as the transport saw them.
 #[derive(Debug, Default)]
 struct ErrorResponseInfo {
@@ -184,10 +155,6 @@ impl LlmClient {
             http,
             policy,
         })
-    }
-
-    pub fn policy(&self) -> &RetryPolicy {
-        &self.policy
     }
 
     /// A client for one attempt: plain transport, error status and `Retry-After` kept in `slot`.
@@ -319,7 +286,7 @@ impl LlmClient {
                         "no response before the attempt time-out".into(),
                     ));
                 }
-                Ok(Err(err)) => return Err(classify(err, &slot)),
+                Ok(Err(err)) => return Err(classify_failure(err, &slot)),
                 Ok(Ok(stream)) => stream,
             };
         let mut content = String::new();
@@ -338,7 +305,7 @@ impl LlmClient {
             };
             let chunk = match next {
                 None => break,
-                Some(Err(err)) => return Err(classify(err, &slot)),
+                Some(Err(err)) => return Err(classify_failure(err, &slot)),
                 Some(Ok(chunk)) => chunk,
             };
             if chunk.usage.is_some() {
@@ -390,8 +357,9 @@ fn request_body(request: &ChatRequest) -> CreateChatCompletionRequest {
     }
 }
 
-/// Sorts a failure into retry-or-not, with a short fixed reason for logs and metrics.
-fn classify(err: OpenAIError, slot: &ResponseSlot) -> AttemptError {
+/// Sorts a failed attempt into retry-or-not (`retry::classify`), with the status and
+/// `Retry-After` the transport kept aside.
+fn classify_failure(err: OpenAIError, slot: &ResponseSlot) -> AttemptError {
     let (status, retry_after) = {
         let info = lock(slot);
         let retry_after = info
@@ -401,71 +369,12 @@ fn classify(err: OpenAIError, slot: &ResponseSlot) -> AttemptError {
             .and_then(|v| parse_retry_after(v, Utc::now()));
         (info.status, retry_after)
     };
-    match err {
-        OpenAIError::ApiError(api) => {
-            let detail = format!("HTTP {}: {}", api.status_code, api.api_error.message);
-            let quota = api.api_error.r#type.as_deref() == Some("insufficient_quota")
-                || api.api_error.code.as_deref() == Some("insufficient_quota");
-            classify_status(api.status_code, quota, retry_after, detail)
-        }
-        // An error response whose body is not OpenAI's JSON: the status still decides.
-        OpenAIError::JSONDeserialize(err, _) => match status {
-            Some(status) => classify_status(status, false, retry_after, err.to_string()),
-            None => AttemptError::retryable("bad_response", None, err.to_string()),
-        },
-        OpenAIError::Reqwest(err) if err.is_builder() => {
-            AttemptError::permanent("bad_request", err.to_string())
-        }
-        OpenAIError::Reqwest(err) if err.is_timeout() => {
-            AttemptError::retryable("timeout", None, err.to_string())
-        }
-        OpenAIError::Reqwest(err) => AttemptError::retryable("connection", None, err.to_string()),
-        OpenAIError::StreamError(err) => AttemptError::retryable("stream", None, err.to_string()),
-        OpenAIError::Boxed(err) => AttemptError::retryable("connection", None, err.to_string()),
-        other => AttemptError::permanent("client_error", other.to_string()),
-    }
-}
-
-fn classify_status(
-    status: StatusCode,
-    quota: bool,
-    retry_after: Option<Duration>,
-    detail: String,
-) -> AttemptError {
-    match status.as_u16() {
-        429 if quota => AttemptError::permanent("insufficient_quota", detail),
-        429 => AttemptError::retryable("rate_limited", retry_after, detail),
-        408 => AttemptError::retryable("timeout", retry_after, detail),
-        409 => AttemptError::retryable("conflict", retry_after, detail),
-        code if code >= 500 => AttemptError::retryable("server_error", retry_after, detail),
-        401 | 403 => AttemptError::permanent("auth", detail),
-        404 => AttemptError::permanent("not_found", detail),
-        _ => AttemptError::permanent("bad_request", detail),
-    }
+    classify(err, status, retry_after)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn statuses_split_into_retryable_and_permanent() {
-        let cases = [
-            (429, false, true, "rate_limited"),
-            (429, true, false, "insufficient_quota"),
-            (500, false, true, "server_error"),
-            (503, false, true, "server_error"),
-            (408, false, true, "timeout"),
-            (400, false, false, "bad_request"),
-            (401, false, false, "auth"),
-            (404, false, false, "not_found"),
-        ];
-        for (code, quota, retryable, reason) in cases {
-            let status = StatusCode::from_u16(code).expect("status");
-            let err = classify_status(status, quota, None, String::new());
-            assert_eq!((err.retryable, err.reason), (retryable, reason), "{code}");
-        }
-    }
 
     #[test]
     fn users_never_see_provider_text() {

@@ -1,10 +1,13 @@
-//! When to try the model again: exponential backoff with full jitter, floored by the
-//! provider's `Retry-After` (seconds or an HTTP date).
+//! When to try the model again: which failed attempts are worth another one ([`classify`]),
+//! and after what wait: exponential backoff with full jitter, floored by the provider's
+//! `Retry-After` (seconds or an HTTP date).
 use std::time::Duration;
 
 use aichat_shared::backoff::Backoff;
+use async_openai::error::OpenAIError;
 use chrono::{DateTime, Utc};
 use rand::Rng;
+use reqwest::StatusCode;
 
 /// How hard to try before a message is given up.
 #[derive(Debug, Clone)]
@@ -51,6 +54,86 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
             .to_std()
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// Why one attempt failed. `detail` may hold the provider's text: logs only.
+#[derive(Debug)]
+pub struct AttemptError {
+    pub retryable: bool,
+    pub reason: &'static str,
+    pub retry_after: Option<Duration>,
+    pub detail: String,
+}
+
+impl AttemptError {
+    pub fn retryable(reason: &'static str, retry_after: Option<Duration>, detail: String) -> Self {
+        AttemptError {
+            retryable: true,
+            reason,
+            retry_after,
+            detail,
+        }
+    }
+
+    pub fn permanent(reason: &'static str, detail: String) -> Self {
+        AttemptError {
+            retryable: false,
+            reason,
+            retry_after: None,
+            detail,
+        }
+    }
+}
+
+/// Sorts a failed attempt into retry-or-not, with a short fixed reason for logs and metrics.
+/// `status` and `retry_after` are those of the error response as the transport saw them:
+/// async-openai keeps an error's status but drops its headers.
+pub fn classify(
+    err: OpenAIError,
+    status: Option<StatusCode>,
+    retry_after: Option<Duration>,
+) -> AttemptError {
+    match err {
+        OpenAIError::ApiError(api) => {
+            let detail = format!("HTTP {}: {}", api.status_code, api.api_error.message);
+            let quota = api.api_error.r#type.as_deref() == Some("insufficient_quota")
+                || api.api_error.code.as_deref() == Some("insufficient_quota");
+            classify_status(api.status_code, quota, retry_after, detail)
+        }
+        // An error response whose body is not OpenAI's JSON: the status still decides.
+        OpenAIError::JSONDeserialize(err, _) => match status {
+            Some(status) => classify_status(status, false, retry_after, err.to_string()),
+            None => AttemptError::retryable("bad_response", None, err.to_string()),
+        },
+        OpenAIError::Reqwest(err) if err.is_builder() => {
+            AttemptError::permanent("bad_request", err.to_string())
+        }
+        OpenAIError::Reqwest(err) if err.is_timeout() => {
+            AttemptError::retryable("timeout", None, err.to_string())
+        }
+        OpenAIError::Reqwest(err) => AttemptError::retryable("connection", None, err.to_string()),
+        OpenAIError::StreamError(err) => AttemptError::retryable("stream", None, err.to_string()),
+        OpenAIError::Boxed(err) => AttemptError::retryable("connection", None, err.to_string()),
+        other => AttemptError::permanent("client_error", other.to_string()),
+    }
+}
+
+fn classify_status(
+    status: StatusCode,
+    quota: bool,
+    retry_after: Option<Duration>,
+    detail: String,
+) -> AttemptError {
+    match status.as_u16() {
+        429 if quota => AttemptError::permanent("insufficient_quota", detail),
+        429 => AttemptError::retryable("rate_limited", retry_after, detail),
+        408 => AttemptError::retryable("timeout", retry_after, detail),
+        409 => AttemptError::retryable("conflict", retry_after, detail),
+        code if code >= 500 => AttemptError::retryable("server_error", retry_after, detail),
+        401 | 403 => AttemptError::permanent("auth", detail),
+        404 => AttemptError::permanent("not_found", detail),
+        _ => AttemptError::permanent("bad_request", detail),
+    }
 }
 
 #[cfg(test)]
@@ -121,5 +204,24 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+    }
+
+    #[test]
+    fn statuses_split_into_retryable_and_permanent() {
+        let cases = [
+            (429, false, true, "rate_limited"),
+            (429, true, false, "insufficient_quota"),
+            (500, false, true, "server_error"),
+            (503, false, true, "server_error"),
+            (408, false, true, "timeout"),
+            (400, false, false, "bad_request"),
+            (401, false, false, "auth"),
+            (404, false, false, "not_found"),
+        ];
+        for (code, quota, retryable, reason) in cases {
+            let status = StatusCode::from_u16(code).expect("status");
+            let err = classify_status(status, quota, None, String::new());
+            assert_eq!((err.retryable, err.reason), (retryable, reason), "{code}");
+        }
     }
 }

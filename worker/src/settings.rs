@@ -84,9 +84,9 @@ pub struct Settings {
     /// Length of the sliding rate-limit window in milliseconds.
     #[arg(long, env = "RATE_LIMIT_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate_limit_window_ms: u64,
-    /// Extra milliseconds each admitted request holds its slot, so jitter between admission and
-    /// arrival at the provider (measured up to ~100 ms on a busy host when connections are
-    /// new) cannot squeeze one request too many into the provider's window.
+    /// Extra milliseconds each admitted request holds its slot, so the delay between admission
+    /// and arrival at the provider cannot squeeze one request too many into the provider's
+    /// window. The default is well above that delay on a busy host opening new connections.
     #[arg(long, env = "RATE_LIMIT_MARGIN_MS", default_value_t = 250)]
     pub rate_limit_margin_ms: u64,
     /// Completion tokens reserved per request before the real count is known.

@@ -497,7 +497,6 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
 /// left alone (one model call each, nothing doubled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
-    use aichat_shared::db;
     use aichat_shared::domain::ContextOptions;
     use aichat_shared::jobs::{CompletionJob, JobQueue};
     use aichat_shared::keys::Namespace;
@@ -520,14 +519,10 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     );
     let mut ids = Vec::new();
     // 1. Stored, never pushed.
-    let orphan = db::ai_messages::insert_user_message(&env.pool, chat, "no job", options)
-        .await
-        .expect("insert");
+    let orphan = aichat_testkit::store_user_message(&env.pool, chat, "no job", options).await;
     ids.push(orphan.id);
     // 2. Pushed, then its job died without marking the message.
-    let dead = db::ai_messages::insert_user_message(&env.pool, chat, "dead job", options)
-        .await
-        .expect("insert");
+    let dead = aichat_testkit::store_user_message(&env.pool, chat, "dead job", options).await;
     let job = CompletionJob::new(dead.id, chat, options, None);
     assert!(
         queue

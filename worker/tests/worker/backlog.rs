@@ -10,6 +10,7 @@ use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv};
 use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
+use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::{ContextOptions, role, status};
 use aichat_shared::jobs::CompletionJob;
 use futures::StreamExt;
@@ -57,15 +58,24 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
                 .expect("insert ai chat"),
         );
     }
-    let mut sent: Vec<(i64, i64)> = Vec::with_capacity(BACKLOG);
-    for i in 0..BACKLOG {
-        let chat = chats[i % CHATS];
-        let content = format!("backlog message {i}");
-        let message = db::ai_messages::insert_user_message(&mut *tx, chat, &content, options)
-            .await
-            .expect("insert user message");
-        sent.push((chat, message.id));
-    }
+    // The API's send statement, as one batch.
+    let batch: Vec<NewUserMessage> = (0..BACKLOG)
+        .map(|i| NewUserMessage {
+            ai_chat_id: chats[i % CHATS],
+            user_id: alice.id,
+            content: format!("backlog message {i}"),
+            options,
+        })
+        .collect();
+    let sent: Vec<(i64, i64)> = db::ai_messages::insert_owned_user_messages(&mut *tx, &batch)
+        .await
+        .expect("insert user messages")
+        .into_iter()
+        .map(|m| {
+            let m = m.expect("alice owns the chat");
+            (m.ai_chat, m.id)
+        })
+        .collect();
     tx.commit().await.expect("commit messages");
     futures::stream::iter(&sent)
         .for_each_concurrent(32, |&(chat, id)| {

@@ -9,5 +9,4 @@ mod lifecycle;
 mod prompt;
 mod rate_limit;
 mod retries;
-mod saving;
 mod streaming;

@@ -55,7 +55,7 @@ async fn the_prompt_follows_the_context_contract() {
     let first = ask("first", false, 20).await;
     events.reply_to(first.id, WAIT).await;
     // A message that failed earlier is not part of the conversation.
-    let lost = db::ai_messages::insert_user_message(
+    let lost = aichat_testkit::store_user_message(
         &env.db,
         chat,
         "lost",
@@ -64,8 +64,7 @@ async fn the_prompt_follows_the_context_contract() {
             context_message_limit: 20,
         },
     )
-    .await
-    .expect("insert");
+    .await;
     assert!(
         db::completions::mark_failed(&env.db, lost.id, "failed")
             .await

@@ -1,7 +1,7 @@
-//! Test harness: a fresh database and Redis namespace per test, the real fake model server,
-//! workers started through the library (or as the built binary), and a pub/sub listener on a
-//! chat's channel. Messages are stored and jobs queued with the same shared functions the API
-//! uses.
+//! What the worker's tests share, on top of the test kit (`testkit/`: the database, the
+//! namespace, the fake model, the workers): users and chats stored directly, messages stored
+//! and queued the way the API stores them, a pub/sub listener on a chat's channel, and the
+//! queue's sets.
 #![allow(dead_code)]
 
 /// How long a test waits for a reply before it fails.
@@ -9,67 +9,41 @@ pub const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 use std::time::{Duration, Instant};
 
-use aichat_fake_llm::{FakeConfig, FakeLlm};
-use aichat_shared::db;
-use aichat_shared::db::ai_chats::NewAiChat;
-use aichat_shared::domain::{AiMessage, ContextOptions, User};
+use aichat_fake_llm::FakeConfig;
+use aichat_shared::domain::{AiMessage, ContextOptions};
 use aichat_shared::events::ChatEvent;
-use aichat_shared::jobs::{CompletionJob, JobQueue};
+use aichat_shared::jobs::JobQueue;
 use aichat_shared::keys::Namespace;
-use aichat_worker::{Settings, Worker};
-use clap::Parser;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use aichat_testkit::postgres::drop_database;
-use aichat_testkit::{TestDb, delete_namespace, redis_url, unique_name};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use aichat_testkit::{Env, InProcessWorker, queue_completion, store_user_message};
 
-pub const MODEL: &str = "gpt-test";
+pub use aichat_testkit::MODEL;
 pub const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 
-/// Logs of in-process workers, when `TEST_LOG` is set (e.g. `TEST_LOG=aichat_worker=debug`).
-fn init_logs() {
-    if let Ok(filter) = std::env::var("TEST_LOG") {
-        let settings = aichat_shared::config::LogSettings {
-            log_format: aichat_shared::config::LogFormat::Text,
-            log_filter: filter,
-        };
-        aichat_shared::telemetry::init(&settings);
-    }
-}
+/// A worker running in this process.
+pub type RunningWorker = InProcessWorker;
 
 pub struct TestEnv {
     pub db: PgPool,
     pub db_url: String,
-    db_name: String,
     pub ns: String,
     pub redis_url: String,
     pub redis: ConnectionManager,
     pub queue: JobQueue,
-    pub fake: FakeLlm,
+    kit: Env,
 }
 
-/// A worker running in this process.
-pub struct RunningWorker {
-    pub port: u16,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
+/// The kit's environment under the worker's own helpers (`env.fake`, the queue, ...).
+impl std::ops::Deref for TestEnv {
+    type Target = Env;
 
-impl RunningWorker {
-    /// Asks for a graceful stop and waits for it.
-    pub async fn stop(self) {
-        let _ = self.stop.send(());
-        let result = tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("worker stops in time")
-            .expect("worker task");
-        result.expect("worker ran without error");
+    fn deref(&self) -> &Env {
+        &self.kit
     }
 }
 
@@ -159,94 +133,39 @@ pub fn chat_event(value: &Value) -> ChatEvent {
 
 impl TestEnv {
     pub async fn start(fake: FakeConfig) -> TestEnv {
-        Self::start_with_redis(fake, redis_url()).await
+        Self::start_with_redis(fake, aichat_testkit::redis_url()).await
     }
 
     pub async fn start_with_redis(fake: FakeConfig, redis_url: String) -> TestEnv {
-        init_logs();
-        let test_db = TestDb::create("aichat_wtest").await;
-        let (db_url, name) = (test_db.url, test_db.name);
-        let db = PgPool::connect(&db_url).await.expect("connect test db");
-        db::migrate(&db).await.expect("migrate");
-        let ns = unique_name("aichat_wtest");
-        let redis = aichat_shared::redis_conn::connect(&redis_url)
+        let kit = Env::start_with_redis(fake, redis_url).await;
+        let redis = aichat_shared::redis_conn::connect(&kit.redis_url)
             .await
             .expect("connect to redis");
-        let queue = JobQueue::new(redis.clone(), &Namespace::new(ns.clone()));
-        let fake = FakeLlm::start(fake).await.expect("fake model starts");
+        let queue = JobQueue::new(redis.clone(), &Namespace::new(kit.ns.clone()));
         TestEnv {
-            db,
-            db_url,
-            db_name: name,
-            ns,
-            redis_url,
+            db: kit.pool.clone(),
+            db_url: kit.db.url.clone(),
+            ns: kit.ns.clone(),
+            redis_url: kit.redis_url.clone(),
             redis,
             queue,
-            fake,
+            kit,
         }
     }
 
-    /// Settings for a worker of this test: its database, namespace and fake model, fast polling
-    /// and heartbeats, a free metrics port; `extra` (flag, value, flag, value, ...) overrides.
+    /// Settings for a worker of this test (the kit's: fast polling and heartbeats, a free
+    /// metrics port); `extra` (flag, value, flag, value, ...) overrides.
     pub fn worker_args(&self, extra: &[&str]) -> Vec<String> {
-        let base_url = self.fake.base_url();
-        let mut pairs: Vec<(String, String)> = [
-            ("--database-url", self.db_url.as_str()),
-            ("--redis-url", self.redis_url.as_str()),
-            ("--aichat-namespace", self.ns.as_str()),
-            ("--openai-base-url", base_url.as_str()),
-            ("--openai-api-key", "test-key"),
-            ("--openai-model", MODEL),
-            ("--metrics-addr", "127.0.0.1:0"),
-            ("--worker-poll-interval-ms", "20"),
-            ("--worker-heartbeat-secs", "1"),
-            ("--worker-missed-heartbeats", "2"),
-            ("--worker-shutdown-grace-secs", "5"),
-            ("--worker-name-prefix", "test"),
-        ]
-        .iter()
-        .map(|(flag, value)| (flag.to_string(), value.to_string()))
-        .collect();
-        for override_pair in extra.chunks(2) {
-            let [flag, value] = override_pair else {
-                panic!("extra worker args come in flag/value pairs: {extra:?}");
-            };
-            pairs.retain(|(existing, _)| existing != flag);
-            pairs.push((flag.to_string(), value.to_string()));
-        }
-        std::iter::once("aichat-worker".to_owned())
-            .chain(pairs.into_iter().flat_map(|(flag, value)| [flag, value]))
-            .collect()
+        self.kit.worker_args(extra)
     }
 
     pub async fn spawn_worker(&self, extra: &[&str]) -> RunningWorker {
-        let settings = Settings::try_parse_from(self.worker_args(extra)).expect("worker settings");
-        let worker = Worker::build(settings).await.expect("worker builds");
-        let port = worker.metrics_port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(worker.run_until(async move {
-            let _ = stopped.await;
-        }));
-        RunningWorker { port, stop, task }
+        self.kit.worker(extra).await
     }
 
     /// Waits until the worker at `port` says it is taking jobs.
     pub async fn wait_ready(&self, port: u16) {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let ok = client
-                .get(format!("http://127.0.0.1:{port}/healthz"))
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            assert!(Instant::now() < deadline, "worker not ready in time");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        aichat_testkit::wait_worker_ready(port, Duration::from_secs(15)).await;
     }
 
     /// Waits until the worker at `port` says it is not taking jobs (e.g. Redis is gone).
@@ -268,41 +187,6 @@ impl TestEnv {
         }
     }
 
-    pub async fn user(&self, username: &str) -> User {
-        db::users::insert_user(&self.db, username, "", "not-a-hash", false)
-            .await
-            .expect("insert user")
-    }
-
-    /// A user-to-user chat with these participants and messages `(sender, content)`.
-    pub async fn chat(&self, name: &str, participants: &[i64], messages: &[(i64, &str)]) -> i64 {
-        let mut conn = self.db.acquire().await.expect("connection");
-        let chat = db::chats::insert_chat(&mut conn, name, participants)
-            .await
-            .expect("insert chat");
-        for (sender, content) in messages {
-            db::chats::insert_chat_message(&mut conn, chat.id, *sender, content)
-                .await
-                .expect("insert chat message");
-        }
-        chat.id
-    }
-
-    pub async fn ai_chat(&self, owner: i64, system_prompt: &str, related: Option<i64>) -> i64 {
-        db::ai_chats::insert_ai_chat(
-            &self.db,
-            &NewAiChat {
-                user_id: owner,
-                title: "test",
-                system_prompt,
-                related_chat: related,
-                model: MODEL,
-            },
-        )
-        .await
-        .expect("insert ai chat")
-    }
-
     /// Stores a queued user message and queues its job, as the API's `send_message` does.
     pub async fn send(
         &self,
@@ -315,26 +199,11 @@ impl TestEnv {
             include_related_chat_context,
             context_message_limit,
         };
-        let message = db::ai_messages::insert_user_message(&self.db, ai_chat_id, content, options)
-            .await
-            .expect("insert user message");
-        let job = CompletionJob::new(message.id, ai_chat_id, options, Some("test".into()));
-        // A ConnectionManager reports the first command after its server went away as an
-        // error, then reconnects; the idempotency key makes the retry safe.
-        let mut tries = 0;
-        let queued = loop {
-            tries += 1;
-            match self
-                .queue
-                .enqueue_completion(&job, &self.queue.message_job_key(message.id))
-                .await
-            {
-                Ok(queued) => break queued,
-                Err(err) if tries < 3 => eprintln!("enqueue failed, retrying: {err}"),
-                Err(err) => panic!("enqueue: {err}"),
-            }
-        };
-        assert!(queued, "job queued");
+        let message = store_user_message(&self.db, ai_chat_id, content, options).await;
+        assert!(
+            queue_completion(&self.queue, &message, options).await,
+            "job queued"
+        );
         message
     }
 
@@ -353,25 +222,8 @@ impl TestEnv {
         }
     }
 
-    pub async fn messages(&self, ai_chat_id: i64) -> Vec<AiMessage> {
-        db::ai_messages::list_chat_messages(&self.db, ai_chat_id, None, None)
-            .await
-            .expect("list messages")
-    }
-
-    pub async fn message(&self, ai_chat_id: i64, id: i64) -> AiMessage {
-        self.messages(ai_chat_id)
-            .await
-            .into_iter()
-            .find(|m| m.id == id)
-            .expect("message exists")
-    }
-
     pub fn queue_key(&self, suffix: &str) -> String {
-        format!(
-            "{}:{suffix}",
-            Namespace::new(self.ns.clone()).completion_queue()
-        )
+        format!("{}:{suffix}", self.kit.queue())
     }
 
     /// Members of one of the queue's sets (`done`, `dead`, ...).
@@ -409,9 +261,6 @@ impl TestEnv {
 
     /// Drops the database and every Redis key of the namespace.
     pub async fn cleanup(self) {
-        delete_namespace(&self.redis_url, &self.ns).await;
-        let _ = self.fake.shutdown().await;
-        self.db.close().await;
-        drop_database(&self.db_name).await;
+        self.kit.cleanup().await;
     }
 }

@@ -1,9 +1,21 @@
-//! Saving replies: a second reply to one message is a no-op, a batch is aligned with its input.
-
-use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv};
+//! Saving replies (`db::completions`): a second reply to one message is a no-op, a batch is
+//! aligned with its input.
 use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::completions::NewReply;
+use aichat_shared::domain::{AiMessage, ContextOptions};
+use aichat_testkit::{Env as TestEnv, MODEL, store_user_message};
+
+const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+/// A queued user message of the chat's owner, stored as the API stores it.
+async fn send(env: &TestEnv, chat: i64, content: &str) -> AiMessage {
+    let options = ContextOptions {
+        include_related_chat_context: false,
+        context_message_limit: 20,
+    };
+    store_user_message(&env.pool, chat, content, options).await
+}
 
 /// A reply as a job would save it; its question is said to count `tokens + 100`.
 fn reply_of(content: &str, tokens: i32) -> NewReply {
@@ -24,14 +36,14 @@ async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
     let env = TestEnv::start(FakeConfig::default()).await;
     let alice = env.user("alice").await;
     let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let sent = env.send(chat, "hi", false, 20).await;
+    let sent = send(&env, chat, "hi").await;
     let reply = |content: &str| reply_of(content, 1);
-    let mut tx = env.db.begin().await.expect("tx");
+    let mut tx = env.pool.begin().await.expect("tx");
     let first = db::completions::save_reply(&mut *tx, sent.id, &reply("one"))
         .await
         .expect("save");
     tx.commit().await.expect("commit");
-    let mut tx = env.db.begin().await.expect("tx");
+    let mut tx = env.pool.begin().await.expect("tx");
     let second = db::completions::save_reply(&mut *tx, sent.id, &reply("two"))
         .await
         .expect("save again");
@@ -40,7 +52,7 @@ async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
     assert!(second.is_none());
     // A failure reported after the answer does not overwrite it.
     assert!(
-        !db::completions::mark_failed(&env.db, sent.id, "late failure")
+        !db::completions::mark_failed(&env.pool, sent.id, "late failure")
             .await
             .expect("mark failed")
     );
@@ -51,10 +63,10 @@ async fn saving_a_second_reply_to_the_same_message_is_a_no_op() {
     // A deleted message: nothing to save, no error.
     sqlx::query("delete from ai_messages where ai_chat_id = $1")
         .bind(chat)
-        .execute(&env.db)
+        .execute(&env.pool)
         .await
         .expect("delete");
-    let mut tx = env.db.begin().await.expect("tx");
+    let mut tx = env.pool.begin().await.expect("tx");
     let gone = db::completions::save_reply(&mut *tx, sent.id, &reply("three"))
         .await
         .expect("save for a deleted message");
@@ -69,8 +81,8 @@ async fn a_batch_of_replies_is_saved_in_one_statement_aligned_with_its_input() {
     let alice = env.user("alice").await;
     let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
     let other = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let first = env.send(chat, "first", false, 20).await;
-    let second = env.send(other, "second", false, 20).await;
+    let first = send(&env, chat, "first").await;
+    let second = send(&env, other, "second").await;
     let (a, b, dup, missing) = (
         reply_of("a", 1),
         reply_of("b", 2),
@@ -79,7 +91,7 @@ async fn a_batch_of_replies_is_saved_in_one_statement_aligned_with_its_input() {
     );
     // Input order is not id order; a message asked twice and one that does not exist.
     let saved = db::completions::save_replies(
-        &env.db,
+        &env.pool,
         &[
             (second.id, &b),
             (first.id, &a),
@@ -108,7 +120,7 @@ async fn a_batch_of_replies_is_saved_in_one_statement_aligned_with_its_input() {
     let rows: Vec<(i64, String, String, Option<i32>)> = sqlx::query_as(
         "select ai_chat_id, content, status, content_tokens from ai_messages order by id",
     )
-    .fetch_all(&env.db)
+    .fetch_all(&env.pool)
     .await
     .expect("rows");
     assert_eq!(
@@ -122,7 +134,7 @@ async fn a_batch_of_replies_is_saved_in_one_statement_aligned_with_its_input() {
         ]
     );
     // Saving again stores nothing and changes nothing.
-    let again = db::completions::save_replies(&env.db, &[(first.id, &dup)])
+    let again = db::completions::save_replies(&env.pool, &[(first.id, &dup)])
         .await
         .expect("save again");
     assert!(again[0].is_none());

@@ -1,0 +1,57 @@
+//! What every job of the process shares: connections, the model client, the rate limiter, the
+//! token counter, the settings a run reads, and the stop.
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use aichat_shared::keys::Namespace;
+
+use crate::context::TokenCounter;
+use crate::llm::LlmClient;
+use crate::rate_limit::RateLimiter;
+use crate::reply_batch::ReplySaver;
+use crate::stop::Stopping;
+
+/// Everything a job needs, shared by all jobs of the process.
+pub struct JobContext {
+    pub db: PgPool,
+    pub redis: ConnectionManager,
+    pub ns: Namespace,
+    pub llm: LlmClient,
+    pub limiter: RateLimiter,
+    pub tokens: TokenCounter,
+    pub token_budget: usize,
+    /// Most tokens of the system message (`SYSTEM_TOKEN_SHARE_PERCENT` of the budget).
+    pub system_token_cap: usize,
+    /// Sent as `max_completion_tokens` on every call.
+    pub max_completion_tokens: u32,
+    /// Models chats may use (`ALLOWED_MODELS` and the default).
+    pub allowed_models: Vec<String>,
+    /// Completion tokens reserved under the token rate limit before the real count is known.
+    pub completion_allowance: u64,
+    /// Model of chats that have none.
+    pub default_model: String,
+    pub delta_flush_every: Duration,
+    pub delta_flush_chars: usize,
+    /// Turns true when the worker starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Running jobs, and what finished after the stop began (see `stop.rs`).
+    pub stopping: Arc<Stopping>,
+    /// Writes replies, several per statement.
+    pub replies: ReplySaver,
+    /// How long a finished reply (or failure) keeps trying to reach the database before the
+    /// job is handed back to the queue.
+    pub save_retry_for: Duration,
+    pub hooks: Hooks,
+}
+
+/// Points where the fault suite's worker binary makes the process fail on purpose; none is
+/// set in `aichat-worker`.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Runs right after this run's reply is committed, before anything is announced.
+    pub after_save: Option<Arc<dyn Fn() + Send + Sync>>,
+}
