@@ -100,29 +100,6 @@ pub async fn get_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Resu
     Ok(chat)
 }
 
-/// One AI chat by id, whoever owns it (for the worker).
-#[tracing::instrument(skip(db))]
-pub async fn find_ai_chat(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiChat>> {
-    let chat = sqlx::query_as!(
-        AiChat,
-        r#"select a.id, a.user_id as "user", u.username as user_username,
-                  a.related_chat_id as related_chat, c.name as "related_chat_name?",
-                  a.title, a.system_prompt, a.model, a.created_at,
-                  greatest(a.updated_at, (select m.timestamp from ai_messages m
-                                          where m.ai_chat_id = a.id and m.role = 'user'
-                                          order by m.id desc limit 1)) as "updated_at!",
-                  (select count(*) from ai_messages m where m.ai_chat_id = a.id) as "message_count!"
-           from ai_chats a
-           join users u on u.id = a.user_id
-           left join chats c on c.id = a.related_chat_id
-           where a.id = $1"#,
-        id,
-    )
-    .fetch_optional(db)
-    .await?;
-    Ok(chat)
-}
-
 #[tracing::instrument(skip_all)]
 pub async fn insert_ai_chat(db: impl PgExecutor<'_>, new: &NewAiChat<'_>) -> Result<i64> {
     let id = sqlx::query_scalar!(

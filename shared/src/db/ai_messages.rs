@@ -8,34 +8,6 @@ use sqlx::PgExecutor;
 use crate::domain::{AiMessage, ContextOptions, role, status};
 use crate::error::Result;
 
-/// Stores a user message as `queued`, with what its completion job will need.
-#[tracing::instrument(skip(db, content))]
-pub async fn insert_user_message(
-    db: impl PgExecutor<'_>,
-    ai_chat_id: i64,
-    content: &str,
-    options: ContextOptions,
-) -> Result<AiMessage> {
-    let message = sqlx::query_as!(
-        AiMessage,
-        r#"insert into ai_messages as m (ai_chat_id, role, content, status,
-               include_related_chat_context, context_message_limit)
-           values ($1, $2, $3, $4, $5, $6)
-           returning m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                     m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
-                     m.model, m.reply_to"#,
-        ai_chat_id,
-        role::USER,
-        content,
-        status::QUEUED,
-        options.include_related_chat_context,
-        options.context_message_limit,
-    )
-    .fetch_one(db)
-    .await?;
-    Ok(message)
-}
-
 /// A user message to store: the chat it goes to, who sends it, and what its job will need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewUserMessage {
