@@ -13,10 +13,10 @@ use aichat_shared::domain::User;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub const SESSION_COOKIE: &str = "sessionid";
+pub(crate) const SESSION_COOKIE: &str = "sessionid";
 
 /// A fresh session token (256 random bits, URL-safe) and the hash stored in its place.
-pub fn new_token() -> (String, Vec<u8>) {
+pub(crate) fn new_token() -> (String, Vec<u8>) {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
@@ -24,17 +24,18 @@ pub fn new_token() -> (String, Vec<u8>) {
     (token, hash)
 }
 
+/// The hash a session token is stored and looked up by.
 pub fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
 /// The session token of a request: `Authorization: Bearer`, else the `sessionid` cookie.
-pub fn request_token(parts: &Parts) -> Option<String> {
+pub(crate) fn request_token(parts: &Parts) -> Option<String> {
     bearer_token(&parts.headers).or_else(|| cookie_token(&parts.headers))
 }
 
 /// The token of an `Authorization: Bearer` (or `Token`) header.
-pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
     let value = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok())?;
     let mut words = value.split_whitespace();
     match (words.next(), words.next()) {
@@ -48,7 +49,7 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
 }
 
 /// The `sessionid` cookie's token.
-pub fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
+pub(crate) fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -61,7 +62,10 @@ pub fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
 
 /// Resolves a token's hash to its session, if it is live: from this instance's session cache
 /// when it was looked up in the last `SESSION_CACHE_SECS`, else from the database.
-pub async fn live_session(state: &AppState, hash: &[u8]) -> Result<Option<LiveSession>, ApiError> {
+pub(crate) async fn live_session(
+    state: &AppState,
+    hash: &[u8],
+) -> Result<Option<LiveSession>, ApiError> {
     if let Some(session) = state.sessions.get(hash) {
         return Ok(Some(session));
     }
@@ -75,7 +79,10 @@ pub async fn live_session(state: &AppState, hash: &[u8]) -> Result<Option<LiveSe
 }
 
 /// The user of a live session token (see [`live_session`]).
-pub async fn user_for_token(state: &AppState, token: &str) -> Result<Option<User>, ApiError> {
+pub(crate) async fn user_for_token(
+    state: &AppState,
+    token: &str,
+) -> Result<Option<User>, ApiError> {
     user_for_token_hash(state, &hash_token(token)).await
 }
 
@@ -84,9 +91,9 @@ async fn user_for_token_hash(state: &AppState, hash: &[u8]) -> Result<Option<Use
 }
 
 /// An authenticated user; extracting it answers 401 for anyone else.
-pub struct AuthUser {
-    pub user: User,
-    pub token_hash: Vec<u8>,
+pub(crate) struct AuthUser {
+    pub(crate) user: User,
+    pub(crate) token_hash: Vec<u8>,
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -105,8 +112,8 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
-/// An authenticated staff user; anyone else gets 401 (anonymous) or 403.
-pub struct StaffUser(pub User);
+/// A guard: the request is a staff user's; anyone else gets 401 (anonymous) or 403.
+pub(crate) struct StaffUser;
 
 impl FromRequestParts<AppState> for StaffUser {
     type Rejection = ApiError;
@@ -117,7 +124,7 @@ impl FromRequestParts<AppState> for StaffUser {
     ) -> Result<Self, Self::Rejection> {
         let auth = AuthUser::from_request_parts(parts, state).await?;
         if auth.user.is_staff {
-            Ok(StaffUser(auth.user))
+            Ok(StaffUser)
         } else {
             Err(ApiError::Forbidden)
         }

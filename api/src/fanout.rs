@@ -5,8 +5,8 @@
 //!
 //! A queue is an `mpsc` channel, not one `broadcast` channel per chat: `broadcast` allocates
 //! all of its slots up front (256 × 64 bytes = 16 KiB per chat), while an `mpsc` queue grows
-//! in blocks of 32 as events wait in it. AI chats are private, so most chats have one socket
-//! and the per-chat ring was most of the memory of an idle socket.
+//! in blocks of 32 as events wait in it. AI chats are private, so most chats have one socket,
+//! whose idle memory a per-chat ring would dominate.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

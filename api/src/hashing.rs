@@ -23,8 +23,9 @@ type Job = Box<dyn FnOnce() + Send>;
 ///
 /// Hashes run on `permits` threads of their own rather than on the runtime's blocking pool:
 /// glibc gives each thread that allocates an arena of its own and keeps freed memory there, so
-/// argon2's 19 MiB blocks spread over hundreds of blocking threads stayed resident (275 MiB
-/// after 500 logins with two permits); on a few fixed threads the same blocks are reused.
+/// argon2's 19 MiB blocks, spread over the blocking pool's threads (up to hundreds), would each
+/// stay resident in its thread's arena; on `permits` fixed threads the same blocks are reused,
+/// and hashing holds about `permits` × 19 MiB however many logins come.
 #[derive(Clone)]
 pub struct Hashing {
     permits: Arc<Semaphore>,

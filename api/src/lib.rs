@@ -15,40 +15,42 @@ use tower_http::trace::TraceLayer;
 use aichat_shared::{db, jobs::JobQueue, redis_conn};
 use secrecy::ExposeSecret;
 
+mod access;
+/// Public for the tests, which hash a session token as the API stores it.
 pub mod auth;
-pub mod client_address;
-pub mod dispatch;
-pub mod error;
-pub mod extract;
-pub mod fanout;
-pub mod hardening;
-pub mod hashing;
-pub mod idempotency;
-pub mod json_body;
-pub mod metrics;
-pub mod origin_guard;
-pub mod paging;
-pub mod passwords;
-pub mod revocation;
-pub mod routes;
-pub mod send_batch;
-pub mod send_rate;
-pub mod serve;
-pub mod session_cache;
-pub mod settings;
+mod client_address;
+mod commands;
+mod error;
+mod extract;
+mod fanout;
+mod hardening;
+mod hashing;
+mod ip_range;
+mod json_body;
+mod metrics;
+mod origin_guard;
+mod paging;
+mod passwords;
+mod revocation;
+mod routes;
+mod send;
+mod serve;
+mod session_cache;
+mod settings;
+/// Public for the tests and the test kit, which read an application's state.
 pub mod state;
-pub mod throttle;
-pub mod trailing_slash;
-pub mod validate;
-pub mod wait;
-pub mod ws;
+mod throttle;
+mod trailing_slash;
+mod validate;
+
+pub use commands::run;
+pub use settings::Settings;
 
 use fanout::Hub;
 use hashing::Hashing;
 use revocation::Revocation;
-use send_batch::SendBatcher;
+use send::batch::SendBatcher;
 use session_cache::SessionCache;
-pub use settings::Settings;
 use state::{AppState, SocketTracker};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -160,9 +162,8 @@ impl Application {
             let _ = shutdown_tx.send(true);
         };
         // Each connection gets a clone of the router's `Arc` (`serve.rs`), as
-        // `into_make_service` would: serving the `Router` itself re-boxes every route per
-        // connection (~10 KiB that a WebSocket keeps for its whole life; BENCHMARKS.md,
-        // fan-out).
+        // `into_make_service` would: serving the `Router` itself would re-box every route per
+        // connection, memory that an upgraded connection keeps for the WebSocket's whole life.
         let limits = serve::Limits {
             max_connections: usize::try_from(state.settings.max_connections).unwrap_or(usize::MAX),
             header_read_timeout: Duration::from_secs(state.settings.header_read_timeout_secs),
@@ -181,7 +182,7 @@ impl Application {
 }
 
 /// The router with its middleware: request ids, tracing, body limit.
-pub fn app_router(state: AppState) -> Router {
+fn app_router(state: AppState) -> Router {
     let body_limit = state.settings.max_body_bytes;
     routes::router()
         .route("/metrics", axum::routing::get(metrics::render))
@@ -211,5 +212,3 @@ pub fn app_router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(hardening::api_headers))
         .with_state(state)
 }
-
-pub use aichat_shared::signals::shutdown_signal;

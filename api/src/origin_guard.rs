@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::auth;
 use crate::error::ApiError;
+use crate::settings::normalize_origin;
 use crate::state::AppState;
 
 /// Answers 403 before any effect when a cookie-authenticated unsafe request or socket upgrade
@@ -75,7 +76,7 @@ fn from_another_site(headers: &HeaderMap, allowed: &[String]) -> bool {
     let Ok(origin) = origin.to_str() else {
         return true;
     };
-    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    let origin = normalize_origin(origin);
     if allowed.contains(&origin) {
         return false;
     }
@@ -89,15 +90,5 @@ fn from_another_site(headers: &HeaderMap, allowed: &[String]) -> bool {
     match (origin_host, own_host) {
         (Some(origin_host), Some(own_host)) => origin_host != own_host,
         _ => true,
-    }
-}
-
-/// `ALLOWED_ORIGINS` entries as they are compared: lower case, no trailing slash.
-pub fn parse_origin(value: &str) -> Result<String, String> {
-    let origin = value.trim().trim_end_matches('/').to_ascii_lowercase();
-    if origin.starts_with("http://") || origin.starts_with("https://") {
-        Ok(origin)
-    } else {
-        Err(format!("{value:?} is not an origin (scheme://host[:port])"))
     }
 }

@@ -4,7 +4,7 @@ use secrecy::SecretString;
 
 use aichat_shared::config::{DatabaseSettings, LogSettings, OpenAiSettings, RedisSettings};
 
-use crate::client_address::IpRange;
+use crate::ip_range::IpRange;
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "aichat-api", version, about = "aichat HTTP and WebSocket API")]
@@ -101,7 +101,7 @@ pub struct Settings {
     /// Other origins (`https://app.example.com`, comma-separated) whose pages may make
     /// cookie-authenticated unsafe requests and WebSocket connections; the API's own origin
     /// always may.
-    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',', num_args = 0.., value_parser = crate::origin_guard::parse_origin)]
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',', num_args = 0.., value_parser = parse_origin)]
     pub allowed_origins: Vec<String>,
     /// Length in seconds of the sliding windows that count login and registration attempts.
     #[arg(long, env = "AUTH_WINDOW_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
@@ -171,4 +171,20 @@ fn metrics_token(value: &str) -> Result<SecretString, String> {
         return Err("METRICS_TOKEN must be at least 16 characters".into());
     }
     Ok(SecretString::from(value.to_owned()))
+}
+
+/// An origin as `ALLOWED_ORIGINS` entries and `Origin` headers are compared: lower case, no
+/// trailing slash.
+pub fn normalize_origin(value: &str) -> String {
+    value.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// An `ALLOWED_ORIGINS` entry: `scheme://host[:port]`, normalized.
+fn parse_origin(value: &str) -> Result<String, String> {
+    let origin = normalize_origin(value);
+    if origin.starts_with("http://") || origin.starts_with("https://") {
+        Ok(origin)
+    } else {
+        Err(format!("{value:?} is not an origin (scheme://host[:port])"))
+    }
 }

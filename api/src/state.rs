@@ -12,26 +12,26 @@ use tokio::sync::watch;
 
 use crate::fanout::Hub;
 use crate::hashing::Hashing;
-use crate::send_batch::SendBatcher;
+use crate::send::batch::SendBatcher;
 use crate::session_cache::SessionCache;
 use crate::settings::Settings;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
-    pub redis: ConnectionManager,
+    pub(crate) redis: ConnectionManager,
     pub queue: JobQueue,
-    /// Stores and queues sends in batches (`send_batch`).
-    pub sends: SendBatcher,
-    pub hub: Hub,
+    /// Stores and queues sends in batches (`send::batch`).
+    pub(crate) sends: SendBatcher,
+    pub(crate) hub: Hub,
     pub ns: Namespace,
-    pub settings: Arc<Settings>,
+    pub(crate) settings: Arc<Settings>,
     /// Becomes `true` when the server starts shutting down: sockets close with 1001.
-    pub shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
     pub sockets: SocketTracker,
-    pub sessions: Arc<SessionCache>,
+    pub(crate) sessions: Arc<SessionCache>,
     /// The bounded pool every password hash and check goes through.
-    pub hashing: Hashing,
+    pub(crate) hashing: Hashing,
 }
 
 /// Counts open WebSockets, so shutdown can wait for their close frames to go out, and each
@@ -53,7 +53,7 @@ impl Default for SocketTracker {
 
 impl SocketTracker {
     /// Marks a socket open until the guard is dropped.
-    pub fn track(&self) -> SocketGuard {
+    pub(crate) fn track(&self) -> SocketGuard {
         self.open.send_modify(|n| *n += 1);
         SocketGuard {
             open: self.open.clone(),
@@ -62,7 +62,7 @@ impl SocketTracker {
 
     /// Takes one of `user_id`'s `max` sockets on this instance (0: no limit) until the guard
     /// is dropped; `None` when all are taken.
-    pub fn reserve_for_user(&self, user_id: i64, max: usize) -> Option<UserSocket> {
+    pub(crate) fn reserve_for_user(&self, user_id: i64, max: usize) -> Option<UserSocket> {
         let mut per_user = lock(&self.per_user);
         let open = per_user.entry(user_id).or_default();
         if max > 0 && *open >= max {
@@ -80,7 +80,7 @@ impl SocketTracker {
     }
 
     /// Waits until every socket has closed, or `limit` passes.
-    pub async fn wait_closed(&self, limit: Duration) {
+    pub(crate) async fn wait_closed(&self, limit: Duration) {
         self.wait_for_at_most(0, limit).await;
     }
 
@@ -95,7 +95,7 @@ impl SocketTracker {
 }
 
 /// One socket of a user, counted until dropped.
-pub struct UserSocket {
+pub(crate) struct UserSocket {
     user_id: i64,
     per_user: Arc<Mutex<HashMap<i64, usize>>>,
 }
@@ -112,7 +112,7 @@ impl Drop for UserSocket {
     }
 }
 
-pub struct SocketGuard {
+pub(crate) struct SocketGuard {
     open: Arc<watch::Sender<usize>>,
 }
 

@@ -1,4 +1,6 @@
-//! Field rules shared by several routes; each adds its problems to a `FieldErrors`.
+//! Field rules shared by several routes; each adds its problems to a `FieldErrors`. The text
+//! rule also answers a typed [`TextProblem`], for a caller that words it its own way (the
+//! WebSocket's send).
 use crate::error::FieldErrors;
 
 pub const REQUIRED: &str = "This field is required.";
@@ -16,44 +18,74 @@ pub fn no_nul(errors: &mut FieldErrors, field: &str, value: &str) -> bool {
     }
 }
 
-/// A required text field: present, not blank, at most `max` characters. Returns it trimmed
-/// of nothing (stored as sent) when valid.
+/// Why a text field was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextProblem {
+    Missing,
+    Nul,
+    Blank,
+    TooLong { max: usize },
+}
+
+impl TextProblem {
+    /// The field error a REST client reads.
+    pub fn field_error(self) -> String {
+        match self {
+            TextProblem::Missing => REQUIRED.to_owned(),
+            TextProblem::Nul => NULL_CHARACTER.to_owned(),
+            TextProblem::Blank => BLANK.to_owned(),
+            TextProblem::TooLong { max } => {
+                format!("Ensure this field has no more than {max} characters.")
+            }
+        }
+    }
+}
+
+/// The text rule: present, no NUL, not blank, at most `max` characters; the value is kept as
+/// sent (not trimmed). A value holding NUL is never blank (NUL is not whitespace), so the
+/// order of those two checks decides nothing.
+pub fn check_text(value: Option<&str>, max: usize) -> Result<&str, TextProblem> {
+    let value = value.ok_or(TextProblem::Missing)?;
+    if value.contains('\0') {
+        Err(TextProblem::Nul)
+    } else if value.trim().is_empty() {
+        Err(TextProblem::Blank)
+    } else if value.chars().count() > max {
+        Err(TextProblem::TooLong { max })
+    } else {
+        Ok(value)
+    }
+}
+
+/// A required text field (see [`check_text`]): the value when valid, else its error added.
 pub fn required_text<'a>(
     errors: &mut FieldErrors,
     field: &str,
     value: Option<&'a str>,
     max: usize,
 ) -> Option<&'a str> {
-    match value {
-        None => {
-            errors.add(field, REQUIRED);
+    match check_text(value, max) {
+        Ok(value) => Some(value),
+        Err(problem) => {
+            errors.add(field, problem.field_error());
             None
         }
-        Some(v) => optional_text(errors, field, v, max),
     }
 }
 
-/// A text field that was sent: not blank, no NUL, at most `max` characters.
+/// A text field that was sent (see [`check_text`]): the value when valid, else its error added.
 pub fn optional_text<'a>(
     errors: &mut FieldErrors,
     field: &str,
     value: &'a str,
     max: usize,
 ) -> Option<&'a str> {
-    if !no_nul(errors, field, value) {
-        None
-    } else if value.trim().is_empty() {
-        errors.add(field, BLANK);
-        None
-    } else if value.chars().count() > max {
-        errors.add(
-            field,
-            format!("Ensure this field has no more than {max} characters."),
-        );
-        None
-    } else {
-        Some(value)
-    }
+    required_text(errors, field, Some(value), max)
+}
+
+/// What a value outside `min..=max` is told.
+pub fn out_of_range(min: i64, max: i64) -> String {
+    format!("Ensure this value is between {min} and {max}.")
 }
 
 /// An integer in `min..=max`.
@@ -61,10 +93,7 @@ pub fn in_range(errors: &mut FieldErrors, field: &str, value: i64, min: i64, max
     if (min..=max).contains(&value) {
         true
     } else {
-        errors.add(
-            field,
-            format!("Ensure this value is between {min} and {max}."),
-        );
+        errors.add(field, out_of_range(min, max));
         false
     }
 }

@@ -10,6 +10,7 @@ use aichat_shared::db;
 use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
 use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
 
+use crate::access::{NOT_OWNED, owned_chat};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
@@ -18,11 +19,9 @@ use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::validate;
 
-pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat.";
 const MAX_SYSTEM_PROMPT_CHARS: usize = 20_000;
-/// The 404 of every route of an AI chat: someone else's is not found either.
-pub const NOT_OWNED: &str = "No such AI chat of the user's";
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -288,20 +287,4 @@ async fn related_chat_context(
         message_count: messages.len(),
         messages,
     }))
-}
-
-/// Not found unless `user_id` owns AI chat `id` (no chat fields are loaded).
-pub async fn ensure_owner(state: &AppState, id: i64, user_id: i64) -> ApiResult<()> {
-    if db::ai_chats::is_owner(&state.db, id, user_id).await? {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound)
-    }
-}
-
-/// The AI chat `id` if `user_id` owns it; anyone else's is not found.
-pub async fn owned_chat(state: &AppState, id: i64, user_id: i64) -> ApiResult<AiChat> {
-    db::ai_chats::get_ai_chat(&state.db, id, user_id)
-        .await?
-        .ok_or(ApiError::NotFound)
 }

@@ -8,20 +8,19 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, ContextOptions, Usage};
+use aichat_shared::domain::{AiMessage, Usage};
 
+use crate::access::{NOT_OWNED, not_found_first};
 use crate::auth::AuthUser;
-use crate::dispatch::{not_found_first, submit_message};
-use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
-use crate::idempotency::{self, Claim};
 use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
-use crate::routes::ai_chats::NOT_OWNED;
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
+use crate::send::idempotency::{self, Claim};
+use crate::send::wait::{self, Outcome};
+use crate::send::{SendFields, SendMessage, submit_message};
 use crate::state::AppState;
-use crate::validate;
-use crate::wait::{self, Outcome};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -44,6 +43,16 @@ pub struct SendMessageRequest {
     context_message_limit: Option<i64>,
 }
 
+impl SendMessageRequest {
+    fn fields(&self) -> SendFields<'_> {
+        SendFields {
+            content: self.content.as_deref(),
+            include_related_chat_context: self.include_related_chat_context,
+            context_message_limit: self.context_message_limit,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SendMessageResponse {
     message: AiMessage,
@@ -59,9 +68,14 @@ pub struct SendMessageQuery {
     wait: Option<String>,
 }
 
-/// The headers `send_message` reads (`crate::idempotency`); only the document uses this type.
+/// The headers `send_message` reads (`crate::send::idempotency`); only the document uses this
+/// type.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
+#[expect(
+    dead_code,
+    reason = "a shape for the document: the handler reads the header itself"
+)]
 pub struct SendMessageHeaders {
     /// 1–255 visible ASCII characters: a repeated send with the same key (per user, for 24 h)
     /// answers the message the first one stored and queues nothing new.
@@ -102,8 +116,7 @@ async fn send_message(
     let prepared = prepare_send(&state, user_id, id, &query, &headers, &body).await;
     let Prepared {
         wait,
-        content,
-        options,
+        send,
         mut events,
         claim,
     } = match prepared {
@@ -129,7 +142,7 @@ async fn send_message(
                 .into_response());
         }
         Some(Claim::New(redis_key)) => {
-            match submit_message(&state, user_id, id, content, options, request_id.clone()).await {
+            match submit_message(&state, user_id, id, send, request_id.clone()).await {
                 Ok(message) => {
                     idempotency::complete(&state, &redis_key, message.id).await;
                     message
@@ -140,7 +153,7 @@ async fn send_message(
                 }
             }
         }
-        None => submit_message(&state, user_id, id, content, options, request_id.clone()).await?,
+        None => submit_message(&state, user_id, id, send, request_id.clone()).await?,
     };
     if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
         match wait::wait_for_reply(&state, events, message.id, limit).await? {
@@ -166,14 +179,13 @@ async fn send_message(
 /// A send that passed its checks: what `send_message` goes on with.
 struct Prepared<'a> {
     wait: Option<std::time::Duration>,
-    content: &'a str,
-    options: ContextOptions,
+    send: SendMessage<'a>,
     events: Option<Subscription>,
     claim: Option<Claim>,
 }
 
-/// The checks of a send that come before storing it, in their old order: `?wait`, the fields,
-/// the subscription for `?wait`, the Idempotency-Key.
+/// The checks of a send that come before storing it, in the order a client learns of their
+/// problems: `?wait`, the fields, the subscription for `?wait`, the Idempotency-Key.
 async fn prepare_send<'a>(
     state: &AppState,
     user_id: i64,
@@ -183,21 +195,7 @@ async fn prepare_send<'a>(
     body: &'a SendMessageRequest,
 ) -> ApiResult<Prepared<'a>> {
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
-    let mut errors = FieldErrors::default();
-    let content = validate::required_text(
-        &mut errors,
-        "content",
-        body.content.as_deref(),
-        state.settings.max_content_chars,
-    );
-    let limit = body.context_message_limit.unwrap_or(20);
-    validate::in_range(&mut errors, "context_message_limit", limit, 1, 100);
-    errors.check()?;
-    let content = content.ok_or(ApiError::BadRequest("content is required".into()))?;
-    let options = ContextOptions {
-        include_related_chat_context: body.include_related_chat_context.unwrap_or(false),
-        context_message_limit: i32::try_from(limit).unwrap_or(20),
-    };
+    let send = SendMessage::parse(body.fields(), state.settings.max_content_chars)?;
     // Subscribe before the message exists, so its reply cannot slip past.
     let events = match wait {
         Some(_) => Some(state.hub.subscribe(id).await.map_err(|err| {
@@ -215,8 +213,7 @@ async fn prepare_send<'a>(
     };
     Ok(Prepared {
         wait,
-        content,
-        options,
+        send,
         events,
         claim,
     })

@@ -9,6 +9,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use aichat_shared::db;
 use aichat_shared::domain::{Chat, ChatMessage};
 
+use crate::access::{NOT_A_PARTICIPANT, ensure_participant};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
@@ -16,9 +17,6 @@ use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::state::AppState;
 use crate::validate;
-
-/// The 404 of every route of a chat.
-const NOT_A_PARTICIPANT: &str = "No such chat, or the user does not take part in it";
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -196,12 +194,4 @@ async fn list_chat_messages(
     Ok(Page::new(messages, limit, &uri, Order::OldestFirst, |m| {
         m.id
     }))
-}
-
-async fn ensure_participant(state: &AppState, chat_id: i64, user_id: i64) -> ApiResult<()> {
-    if db::chats::is_participant(&state.db, chat_id, user_id).await? {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound)
-    }
 }

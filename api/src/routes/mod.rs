@@ -12,15 +12,16 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::trailing_slash::SlashedRoutes;
 
-pub mod accounts;
-pub mod admin;
-pub mod ai_chats;
-pub mod ai_messages;
-pub mod chats;
-pub mod models;
-pub mod ops;
-pub mod schemas;
-pub mod web;
+mod accounts;
+mod admin;
+mod ai_chats;
+mod ai_messages;
+mod chats;
+mod models;
+mod ops;
+mod schemas;
+mod web;
+mod ws;
 
 /// The operations come from the routers merged in `api()`; an operation that needs no session
 /// says so with `security(())`, every other one inherits the document's `security`.
@@ -66,7 +67,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(models::router())
         .merge(ops::router())
         .merge(admin::router())
-        .merge(crate::ws::router())
+        .merge(ws::router())
         .split_for_parts();
     // Once every operation is in: `ApiDoc`'s own modifiers run before the routers are merged.
     utoipa::Modify::modify(&schemas::MiddlewareResponses, &mut openapi);

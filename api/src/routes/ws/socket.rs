@@ -1,0 +1,264 @@
+//! One socket's life: a send loop, the socket's only writer (catch-up, live events, pings,
+//! replies to the client's frames, the close), and a receive loop reading the client's frames,
+//! joined by `select!`: the socket ends when either does.
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, close_code};
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+use aichat_shared::domain::User;
+use aichat_shared::events::ChatEvent;
+
+use super::catch_up::{CatchUp, CaughtUp, catch_up};
+use super::credential::Credential;
+use super::frames::handle_frame;
+use super::sink::{Sink, close, send_message, send_text};
+use crate::fanout::{Event, Lagged, Subscription};
+use crate::revocation::SESSION_ENDED;
+use crate::state::AppState;
+
+/// Close code for a client too slow to keep up ("try again later").
+const SLOW_CONSUMER: u16 = 1013;
+
+/// Runs an upgraded socket until either loop ends.
+pub(super) async fn session(
+    state: AppState,
+    user: User,
+    credential: Credential,
+    ai_chat_id: i64,
+    subscription: Subscription,
+    after_id: Option<i64>,
+    socket: WebSocket,
+) {
+    let _open = state.sockets.track();
+    let (sink, stream) = socket.split();
+    // Replies meant for this socket only (errors about its own frames, a close).
+    let (direct_tx, direct_rx) = mpsc::channel::<Direct>(32);
+    let (alive_tx, alive_rx) = tokio::sync::watch::channel(Instant::now());
+    let feed = Feed {
+        ai_chat_id,
+        events: subscription,
+        after_id,
+    };
+    let send = send_loop(state.clone(), credential, feed, sink, direct_rx, alive_rx);
+    let recv = recv_loop(state, user, ai_chat_id, stream, direct_tx, alive_tx);
+    tokio::pin!(send);
+    tokio::select! {
+        _ = &mut send => {},
+        ended = recv => {
+            if ended == RecvEnd::Closing {
+                // The send loop is writing the close frame the receive loop asked for.
+                let _ = timeout(Duration::from_secs(2), send).await;
+            }
+        },
+    }
+}
+
+/// What the receive loop hands to the send loop, the socket's only writer.
+enum Direct {
+    Text(String),
+    Close(u16, &'static str),
+}
+
+#[derive(PartialEq, Eq)]
+enum RecvEnd {
+    /// The client closed, vanished or the send loop is gone.
+    Gone,
+    /// A close frame was queued for the send loop.
+    Closing,
+}
+
+/// What a socket sends: the chat's stored messages after `after_id`, then its live events.
+struct Feed {
+    ai_chat_id: i64,
+    events: Subscription,
+    after_id: Option<i64>,
+}
+
+async fn send_loop(
+    state: AppState,
+    mut credential: Credential,
+    feed: Feed,
+    mut sink: Sink,
+    mut direct: mpsc::Receiver<Direct>,
+    alive: tokio::sync::watch::Receiver<Instant>,
+) {
+    let Feed {
+        ai_chat_id,
+        mut events,
+        after_id,
+    } = feed;
+    let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
+    let ping_every = Duration::from_secs(state.settings.ws_ping_secs.max(1));
+    let mut shutdown = state.shutdown.clone();
+
+    // Catch-up: stored messages after `after_id`; their live events are then skipped by id.
+    // The session may end meanwhile (a slow reader takes long): that ends the catch-up too.
+    let mut caught_up = CaughtUp::default();
+    if let Some(after_id) = after_id {
+        let catch_up = catch_up(&state, ai_chat_id, after_id, &mut sink, &mut caught_up);
+        let ended = tokio::select! {
+            done = catch_up => match done {
+                CatchUp::Sent => None,
+                CatchUp::Gone => return,
+                CatchUp::Unavailable => Some((close_code::AGAIN, "catch-up unavailable")),
+            },
+            ended = credential.ended(&state) => Some((SESSION_ENDED, ended)),
+        };
+        if let Some((code, reason)) = ended {
+            close(&mut sink, code, reason).await;
+            return;
+        }
+    }
+
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    loop {
+        tokio::select! {
+            ended = credential.ended(&state) => {
+                close(&mut sink, SESSION_ENDED, ended).await;
+                return;
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    close(&mut sink, close_code::AWAY, "server shutting down").await;
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if alive.borrow().elapsed() > ping_every * 2 {
+                    tracing::info!("dropping a WebSocket that stopped answering pings");
+                    return;
+                }
+                if !send_message(&mut sink, Message::Ping(Default::default()), send_timeout).await {
+                    return;
+                }
+            }
+            Some(direct) = direct.recv() => match direct {
+                Direct::Text(text) => {
+                    if !send_text(&mut sink, text, send_timeout).await {
+                        return;
+                    }
+                }
+                Direct::Close(code, reason) => {
+                    close(&mut sink, code, reason).await;
+                    return;
+                }
+            },
+            event = events.recv() => match event {
+                Ok(text) => {
+                    if !send_events(&mut sink, &mut events, text, &caught_up, send_timeout).await {
+                        close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                        return;
+                    }
+                }
+                Err(Lagged) => {
+                    tracing::info!("closing a WebSocket that fell behind");
+                    close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn recv_loop(
+    state: AppState,
+    user: User,
+    ai_chat_id: i64,
+    mut stream: futures::stream::SplitStream<WebSocket>,
+    direct: mpsc::Sender<Direct>,
+    alive: tokio::sync::watch::Sender<Instant>,
+) -> RecvEnd {
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) if is_too_big(&err) => {
+                tracing::info!(error = %err, "closing a WebSocket that sent an oversized message");
+                let close = Direct::Close(close_code::SIZE, "message too big");
+                return match direct.send(close).await {
+                    Ok(()) => RecvEnd::Closing,
+                    Err(_) => RecvEnd::Gone,
+                };
+            }
+            Some(Err(_)) | None => return RecvEnd::Gone,
+        };
+        let _ = alive.send(Instant::now());
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Close(_) => return RecvEnd::Gone,
+            _ => continue,
+        };
+        if let Some(error) = handle_frame(&state, &user, ai_chat_id, &text).await {
+            let event = ChatEvent::Error {
+                message: error,
+                message_id: None,
+            };
+            let Ok(json) = serde_json::to_string(&event) else {
+                continue;
+            };
+            if direct.send(Direct::Text(json)).await.is_err() {
+                return RecvEnd::Gone;
+            }
+        }
+    }
+}
+
+/// Whether a read failed because a frame or message was over the configured size.
+fn is_too_big(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>()
+        {
+            return true;
+        }
+        source = current.source();
+    }
+    false
+}
+
+/// Most events written before one flush: under load a socket's queued events go out in one
+/// write instead of one system call each.
+const BATCH: usize = 64;
+
+/// Writes `first` and the events already queued behind it (up to `BATCH`), then flushes once;
+/// events the catch-up already sent are skipped. False when the socket must be closed as too
+/// slow: the client did not take the frames within `limit`, or its queue overflowed meanwhile.
+async fn send_events(
+    sink: &mut Sink,
+    events: &mut Subscription,
+    first: Event,
+    caught_up: &CaughtUp,
+    limit: Duration,
+) -> bool {
+    let write = async {
+        let mut lagged = false;
+        if !caught_up.repeats(&first) {
+            sink.feed(Message::Text(first)).await?;
+        }
+        for _ in 0..BATCH {
+            match events.try_recv() {
+                Ok(Some(text)) if !caught_up.repeats(&text) => {
+                    sink.feed(Message::Text(text)).await?
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(Lagged) => {
+                    lagged = true;
+                    break;
+                }
+            }
+        }
+        sink.flush().await?;
+        Ok::<bool, axum::Error>(lagged)
+    };
+    match timeout(limit, write).await {
+        Ok(Ok(false)) => true,
+        Ok(Ok(true)) => {
+            tracing::info!("closing a WebSocket that fell behind");
+            false
+        }
+        Ok(Err(_)) | Err(_) => false,
+    }
+}

@@ -1,0 +1,63 @@
+//! The send path: a user message taken in over REST `send_message` or a WebSocket `message`
+//! frame. [`request`] parses it; [`rate`] and [`budget`] admit it; [`batch`] stores it, queues
+//! its completion job and announces it; [`idempotency`] and [`wait`] serve REST's
+//! `Idempotency-Key` and `?wait`.
+pub mod batch;
+pub mod budget;
+pub mod idempotency;
+pub mod rate;
+pub mod request;
+pub mod wait;
+
+use aichat_shared::db::ai_messages::NewUserMessage;
+use aichat_shared::domain::AiMessage;
+
+use crate::access::not_found_first;
+use crate::error::ApiResult;
+use crate::state::AppState;
+
+pub use request::{SendFields, SendMessage};
+
+/// Stores `message` as a queued user message of `ai_chat_id` and queues its completion job;
+/// 404 unless `user_id` owns the chat (checked by the insert itself, so callers need not).
+///
+/// The message is committed before the push, so a worker can never take a job whose message
+/// is not visible yet. If Redis refuses the push, the message is removed again and the caller
+/// gets 503: no message is left waiting for a reply that nothing will produce. Nothing else is
+/// written: the sweeper ages a message by its `timestamp`. Sends that arrive together share
+/// one statement and one push ([`batch`]).
+#[tracing::instrument(skip(state, message), fields(options = ?message.options))]
+pub async fn submit_message(
+    state: &AppState,
+    user_id: i64,
+    ai_chat_id: i64,
+    message: SendMessage<'_>,
+    request_id: Option<String>,
+) -> ApiResult<AiMessage> {
+    if let Err(err) = rate::admit(state, user_id).await {
+        // Someone else's chat is not found before anything else is said about it.
+        return Err(not_found_first(state, ai_chat_id, user_id, err).await);
+    }
+    let reservation = match budget::reserve(state, user_id).await {
+        Ok(reservation) => reservation,
+        Err(err) => return Err(not_found_first(state, ai_chat_id, user_id, err).await),
+    };
+    // Written with whatever other sends are waiting: one statement (ownership check, insert,
+    // the chat's `updated_at`) committed before one push of their jobs.
+    let message = NewUserMessage {
+        ai_chat_id,
+        user_id,
+        content: message.content.to_owned(),
+        options: message.options,
+    };
+    let result = state
+        .sends
+        .submit(message, request_id, reservation.clone())
+        .await;
+    if result.is_err()
+        && let Some(reservation) = &reservation
+    {
+        budget::release(state, reservation).await;
+    }
+    result
+}
