@@ -1,7 +1,6 @@
-//! Replies are saved in batches. Whatever finished while the previous batch was being written
-//! goes in together: one PostgreSQL statement and one commit for all of them
-//! (`db::completions::save_replies`). A lone reply on an idle worker is written at once:
-//! batching adds no wait, it only gathers what is already waiting.
+//! Replies are saved in batches (`aichat_shared::batch`). Whatever finished while the previous
+//! batch was being written goes in together: one PostgreSQL statement and one commit for all of
+//! them (`db::completions::save_replies`).
 //!
 //! Each reply keeps the single-save contract: the job learns whether its reply was stored
 //! (`Some`), was not needed (`None`: answered by another run, or the message is gone), or
@@ -10,12 +9,11 @@
 //! other reason is saved reply by reply, so one reply never fails its neighbours.
 use std::sync::Arc;
 
-use aichat_shared::batch::next_batch;
+use aichat_shared::batch::{Batcher, all_or_each, writers_gone};
 use aichat_shared::db;
 use aichat_shared::db::completions::NewReply;
 use aichat_shared::domain::AiMessage;
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// Batches written at the same time.
 const WRITERS: usize = 2;
@@ -27,86 +25,55 @@ const QUEUE: usize = 1024;
 /// How one save ended.
 pub type Saved = Result<Option<AiMessage>, Arc<aichat_shared::Error>>;
 
-struct Pending {
-    message_id: i64,
-    reply: NewReply,
-    answer: oneshot::Sender<Saved>,
-}
-
 /// The way in to the writers, shared by every job of the process.
 #[derive(Clone)]
 pub struct ReplySaver {
-    tx: mpsc::Sender<Pending>,
+    batcher: Batcher<(i64, NewReply), Saved>,
 }
 
 impl ReplySaver {
     /// Starts the writers; they stop once every clone of the saver is dropped.
     pub fn start(db: PgPool) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WRITERS {
-            tokio::spawn(write_batches(rx.clone(), db.clone()));
-        }
-        ReplySaver { tx }
+        let batcher = Batcher::start(WRITERS, MAX_BATCH, QUEUE, move |batch| {
+            let db = db.clone();
+            async move { write(&db, batch).await }
+        });
+        ReplySaver { batcher }
     }
 
     /// Saves the reply to `message_id` and marks that message answered (see
     /// `db::completions::save_reply`).
     pub async fn save(&self, message_id: i64, reply: NewReply) -> Saved {
-        let (answer, answered) = oneshot::channel();
-        let pending = Pending {
-            message_id,
-            reply,
-            answer,
-        };
-        if self.tx.send(pending).await.is_err() {
-            return Err(Arc::new(gone()));
-        }
-        answered.await.unwrap_or_else(|_| Err(Arc::new(gone())))
+        self.batcher
+            .submit((message_id, reply))
+            .await
+            .unwrap_or_else(|| Err(Arc::new(writers_gone())))
     }
 }
 
-/// What a job hears when the writers are gone (the process is stopping): the database could
-/// not be reached, so the job is run again rather than lost.
-fn gone() -> aichat_shared::Error {
-    aichat_shared::Error::Database(sqlx::Error::PoolClosed)
-}
-
-async fn write_batches(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, db: PgPool) {
-    while let Some(batch) = next_batch(&rx, MAX_BATCH).await {
-        crate::metrics::reply_batch(batch.len());
-        let replies: Vec<(i64, &NewReply)> =
-            batch.iter().map(|p| (p.message_id, &p.reply)).collect();
-        let saved = db::retry::on_conflict("reply_batch", || {
-            db::completions::save_replies(&db, &replies)
-        })
-        .await;
-        match saved {
-            Ok(saved) => {
-                for (pending, saved) in batch.into_iter().zip(saved) {
-                    let _ = pending.answer.send(Ok(saved));
-                }
-            }
-            // A statement PostgreSQL refused may be one reply's fault: each is tried alone, so
-            // the others are not held back by it. Only such a statement was rolled back; after
-            // any other failure the replies may be saved, and the job's own loop finds them.
-            Err(err) if batch.len() > 1 && err.is_refused_by_database() => {
-                tracing::warn!(error = %err, replies = batch.len(), "a batch of replies was refused; saving them one by one");
-                for pending in batch {
-                    let saved = db::retry::on_conflict("reply", || {
-                        db::completions::save_reply(&db, pending.message_id, &pending.reply)
-                    })
-                    .await
-                    .map_err(Arc::new);
-                    let _ = pending.answer.send(saved);
-                }
-            }
-            Err(err) => {
-                let err = Arc::new(err);
-                for pending in batch {
-                    let _ = pending.answer.send(Err(err.clone()));
-                }
-            }
+async fn write(db: &PgPool, batch: Vec<(i64, NewReply)>) -> Vec<Saved> {
+    crate::metrics::reply_batch(batch.len());
+    let replies: Vec<(i64, &NewReply)> = batch.iter().map(|(id, reply)| (*id, reply)).collect();
+    let saved = all_or_each(
+        "replies",
+        &batch,
+        || {
+            db::retry::on_conflict("reply_batch", || {
+                db::completions::save_replies(db, &replies)
+            })
+        },
+        |(message_id, reply)| {
+            db::retry::on_conflict("reply", move || {
+                db::completions::save_reply(db, *message_id, reply)
+            })
+        },
+    )
+    .await;
+    match saved {
+        Ok(saved) => saved.into_iter().map(|one| one.map_err(Arc::new)).collect(),
+        Err(err) => {
+            let err = Arc::new(err);
+            batch.iter().map(|_| Err(err.clone())).collect()
         }
     }
 }

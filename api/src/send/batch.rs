@@ -1,15 +1,14 @@
-//! Sends are stored and queued in batches. Whatever arrived while the previous batch was being
-//! written goes in together: one PostgreSQL statement (one commit) for all its messages, one
-//! Redis script run for all their jobs and one pipeline for their `user_message` events. A lone
-//! send on an idle server is written at once, on its own: batching adds no wait, it only
-//! gathers what is already waiting.
+//! Sends are stored and queued in batches (`aichat_shared::batch`). Whatever arrived while the
+//! previous batch was being written goes in together: one PostgreSQL statement (one commit) for
+//! all its messages, one Redis script run for all their jobs and one pipeline for their
+//! `user_message` events.
 //!
 //! Each message still follows the single-send rules: it is committed before its job is pushed
 //! (a worker never takes a job whose message it cannot see), and if Redis refuses the push the
 //! batch's messages are removed again and every sender gets 503.
 use std::sync::Arc;
 
-use aichat_shared::batch::next_batch;
+use aichat_shared::batch::{Batcher, all_or_each};
 use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
@@ -19,7 +18,6 @@ use aichat_shared::jobs::{CompletionJob, JobQueue};
 use aichat_shared::keys::Namespace;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{ApiError, ApiResult, SERVICE_UNAVAILABLE};
 
@@ -34,7 +32,6 @@ struct Pending {
     message: NewUserMessage,
     request_id: Option<String>,
     reservation: Option<Reservation>,
-    reply: oneshot::Sender<ApiResult<AiMessage>>,
 }
 
 /// What the writers write with.
@@ -48,7 +45,7 @@ struct Writer {
 /// The way in to the writers; cloned into every request's state.
 #[derive(Clone)]
 pub struct SendBatcher {
-    tx: mpsc::Sender<Pending>,
+    batcher: Batcher<Pending, ApiResult<AiMessage>>,
 }
 
 impl SendBatcher {
@@ -62,18 +59,20 @@ impl SendBatcher {
         writers: usize,
         max_batch: usize,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
         let writer = Arc::new(Writer {
             db,
             redis,
             queue,
             ns,
         });
-        for _ in 0..writers.max(1) {
-            tokio::spawn(write_batches(rx.clone(), writer.clone(), max_batch));
-        }
-        SendBatcher { tx }
+        let batcher = Batcher::start(writers, max_batch, QUEUE, move |batch| {
+            let writer = writer.clone();
+            async move {
+                metrics::histogram!("send_batch_size").record(batch.len() as f64);
+                writer.write(batch).await
+            }
+        });
+        SendBatcher { batcher }
     }
 
     /// Stores `message` as `queued`, queues its completion job and announces it; 404 unless
@@ -84,31 +83,16 @@ impl SendBatcher {
         request_id: Option<String>,
         reservation: Option<Reservation>,
     ) -> ApiResult<AiMessage> {
-        let (reply, answer) = oneshot::channel();
         let pending = Pending {
             message,
             request_id,
             reservation,
-            reply,
         };
-        if self.tx.send(pending).await.is_err() {
-            return Err(ApiError::Unavailable(SERVICE_UNAVAILABLE));
-        }
-        // A writer answers every send it takes; no answer means it is gone (shutting down).
-        answer
+        // The writers answer every send they take; no answer means they are gone (stopping).
+        self.batcher
+            .submit(pending)
             .await
             .unwrap_or(Err(ApiError::Unavailable(SERVICE_UNAVAILABLE)))
-    }
-}
-
-async fn write_batches(
-    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
-    writer: Arc<Writer>,
-    max_batch: usize,
-) {
-    while let Some(batch) = next_batch(&rx, max_batch).await {
-        metrics::histogram!("send_batch_size").record(batch.len() as f64);
-        writer.write(batch).await;
     }
 }
 
@@ -117,19 +101,20 @@ async fn write_batches(
 type Stored = ApiResult<Option<AiMessage>>;
 
 impl Writer {
-    async fn write(&self, batch: Vec<Pending>) {
+    /// Writes one batch; the answer of each send, in order.
+    async fn write(&self, batch: Vec<Pending>) -> Vec<ApiResult<AiMessage>> {
         let mut messages = Vec::with_capacity(batch.len());
         let mut rest = Vec::with_capacity(batch.len());
         for pending in batch {
             messages.push(pending.message);
-            rest.push((pending.request_id, pending.reservation, pending.reply));
+            rest.push((pending.request_id, pending.reservation));
         }
 
         let stored = self.store(&messages).await;
 
         let mut jobs = Vec::with_capacity(stored.len());
         let mut events = Vec::with_capacity(stored.len());
-        for ((message, new), (request_id, reservation, _)) in
+        for ((message, new), (request_id, reservation)) in
             stored.iter().zip(&messages).zip(&mut rest)
         {
             if let Ok(Some(message)) = message {
@@ -166,15 +151,14 @@ impl Writer {
             {
                 tracing::error!(error = %cleanup, ?ids, "could not remove the unqueued messages");
             }
-            for (message, (_, _, reply)) in stored.into_iter().zip(rest) {
-                let answer = match message {
+            return stored
+                .into_iter()
+                .map(|message| match message {
                     Ok(Some(_)) => Err(ApiError::Unavailable(QUEUE_DOWN)),
                     Ok(None) => Err(ApiError::NotFound),
                     Err(err) => Err(err),
-                };
-                let _ = reply.send(answer);
-            }
-            return;
+                })
+                .collect();
         }
 
         if !events.is_empty() {
@@ -183,50 +167,53 @@ impl Writer {
                 tracing::warn!(error = %err, events = events.len(), "could not publish user_message events");
             }
         }
-        for (message, (_, _, reply)) in stored.into_iter().zip(rest) {
-            let _ = reply.send(message.and_then(|m| m.ok_or(ApiError::NotFound)));
-        }
+        stored
+            .into_iter()
+            .map(|message| message.and_then(|m| m.ok_or(ApiError::NotFound)))
+            .collect()
     }
 
-    /// Stores the batch in one statement, run again while PostgreSQL reports a conflict. A
-    /// batch it refuses for another reason may be one message's fault, so each message is
-    /// then stored on its own: one send that cannot be stored never fails its neighbours. A
-    /// send that still cannot be stored gets 503 with `Retry-After` (nothing of it was kept;
-    /// PostgreSQL's own words stay in the log).
+    /// Stores the batch in one statement, run again while PostgreSQL reports a conflict, or
+    /// message by message when PostgreSQL refused the batch (`all_or_each`). A send that still
+    /// cannot be stored gets 503 with `Retry-After` (nothing of it was kept; PostgreSQL's own
+    /// words stay in the log).
     async fn store(&self, messages: &[NewUserMessage]) -> Vec<Stored> {
-        let batch = db::retry::on_conflict("send_batch", || {
-            db::ai_messages::insert_owned_user_messages(&self.db, messages)
-        })
+        let stored = all_or_each(
+            "messages",
+            messages,
+            || {
+                db::retry::on_conflict("send_batch", || {
+                    db::ai_messages::insert_owned_user_messages(&self.db, messages)
+                })
+            },
+            |message| async move {
+                let one = std::slice::from_ref(message);
+                db::retry::on_conflict("send", || {
+                    db::ai_messages::insert_owned_user_messages(&self.db, one)
+                })
+                .await
+                .map(|mut one| one.pop().flatten())
+            },
+        )
         .await;
-        let err = match batch {
-            Ok(stored) => return stored.into_iter().map(Ok).collect(),
-            Err(err) => err,
-        };
-        // Only a statement PostgreSQL refused was rolled back; after any other failure the
-        // batch may be stored, and storing it message by message would store it twice.
-        if messages.len() == 1 || !err.is_refused_by_database() {
-            tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
-            return messages
-                .iter()
-                .map(|_| Err(ApiError::Unavailable(SERVICE_UNAVAILABLE)))
-                .collect();
+        match stored {
+            Ok(stored) => stored
+                .into_iter()
+                .zip(messages)
+                .map(|(one, message)| {
+                    one.map_err(|err| {
+                        tracing::error!(error = %err, ai_chat_id = message.ai_chat_id, "could not store a message");
+                        ApiError::Unavailable(SERVICE_UNAVAILABLE)
+                    })
+                })
+                .collect(),
+            Err(err) => {
+                tracing::error!(error = %err, messages = messages.len(), "could not store a batch of messages");
+                messages
+                    .iter()
+                    .map(|_| Err(ApiError::Unavailable(SERVICE_UNAVAILABLE)))
+                    .collect()
+            }
         }
-        tracing::warn!(error = %err, messages = messages.len(), "a batch of messages was refused; storing them one by one");
-        let mut stored = Vec::with_capacity(messages.len());
-        for message in messages {
-            let one = std::slice::from_ref(message);
-            let result = db::retry::on_conflict("send", || {
-                db::ai_messages::insert_owned_user_messages(&self.db, one)
-            })
-            .await;
-            stored.push(match result {
-                Ok(mut one) => Ok(one.pop().flatten()),
-                Err(err) => {
-                    tracing::error!(error = %err, ai_chat_id = message.ai_chat_id, "could not store a message");
-                    Err(ApiError::Unavailable(SERVICE_UNAVAILABLE))
-                }
-            });
-        }
-        stored
     }
 }
