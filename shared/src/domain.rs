@@ -80,37 +80,126 @@ pub struct AiChatDetail {
     pub messages: Vec<AiMessage>,
 }
 
-pub mod role {
-    pub const USER: &str = "user";
-    pub const ASSISTANT: &str = "assistant";
-    pub const SYSTEM: &str = "system";
+/// Who wrote a message of an AI chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+    System,
 }
 
-pub mod status {
+/// Where a message of an AI chat stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
     /// A user message waiting for its reply.
-    pub const QUEUED: &str = "queued";
+    Queued,
     /// A user message that has its reply.
-    pub const ANSWERED: &str = "answered";
+    Answered,
     /// A user message the model could not answer; `error` says why.
-    pub const FAILED: &str = "failed";
+    Failed,
     /// Every assistant message.
-    pub const COMPLETE: &str = "complete";
+    Complete,
 }
+
+/// A stored name that is none of an enum's.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} {name:?}")]
+pub struct UnknownName {
+    kind: &'static str,
+    name: String,
+}
+
+/// An enum stored in a `text` column and sent as a JSON string under the same lowercase names
+/// (the contract's), compared with those names, and read back from them.
+macro_rules! text_enum {
+    ($ty:ident, $kind:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = UnknownName;
+
+            fn from_str(name: &str) -> Result<Self, UnknownName> {
+                match name {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err(UnknownName {
+                        kind: $kind,
+                        name: other.to_owned(),
+                    }),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl PartialEq<&str> for $ty {
+            fn eq(&self, name: &&str) -> bool {
+                self.as_str() == *name
+            }
+        }
+
+        impl sqlx::Type<sqlx::Postgres> for $ty {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $ty {
+            fn decode(
+                value: sqlx::postgres::PgValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                let name = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                Ok(name.parse()?)
+            }
+        }
+
+        impl sqlx::Encode<'_, sqlx::Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut sqlx::postgres::PgArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+    };
+}
+
+text_enum!(Role, "role", { User => "user", Assistant => "assistant", System => "system" });
+text_enum!(MessageStatus, "status", {
+    Queued => "queued",
+    Answered => "answered",
+    Failed => "failed",
+    Complete => "complete",
+});
 
 /// A message of an AI chat.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct AiMessage {
     pub id: i64,
     pub ai_chat: i64,
-    /// `user`, `assistant` or `system`.
-    pub role: String,
+    pub role: Role,
     pub content: String,
     pub timestamp: DateTime<Utc>,
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
     pub total_tokens: Option<i32>,
     /// `queued`, `answered` or `failed` for user messages; `complete` for assistant messages.
-    pub status: String,
+    pub status: MessageStatus,
     /// Why a user message failed; null otherwise.
     pub error: Option<String>,
     pub model: Option<String>,

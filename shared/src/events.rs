@@ -5,7 +5,7 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::AiMessage;
+use crate::domain::{AiMessage, Role};
 use crate::error::Result;
 use crate::keys::Namespace;
 
@@ -20,7 +20,7 @@ pub struct TokenUsage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EventMessage {
     pub id: i64,
-    pub role: String,
+    pub role: Role,
     pub content: String,
     pub timestamp: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -34,7 +34,7 @@ impl EventMessage {
     pub fn user(message: &AiMessage) -> Self {
         EventMessage {
             id: message.id,
-            role: message.role.clone(),
+            role: message.role,
             content: message.content.clone(),
             timestamp: message.timestamp,
             usage: None,

@@ -1,7 +1,7 @@
 //! Building the prompt of one completion (docs/API.md, "How context is built") and trimming it to
 //! the token budget. Pure functions: the job loads the rows, this decides what the model sees.
 use aichat_shared::db::completions::HistoryMessage;
-use aichat_shared::domain::{ContextMessage, role};
+use aichat_shared::domain::ContextMessage;
 use aichat_shared::lock::lock;
 use tiktoken_rs::CoreBPE;
 
@@ -27,16 +27,10 @@ fn lock_counts() -> std::sync::MutexGuard<'static, std::collections::HashMap<u64
     lock(COUNTS.get_or_init(Default::default))
 }
 
-/// Who speaks in a prompt message, as the model is told. Not the role stored with a message
-/// (`aichat_shared::domain::role`, strings spelled as the API contract spells them): the
-/// prompt's system message is built from the chat's settings rather than stored, and only the
-/// user and assistant rows of the history enter the prompt (`build_prompt`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
+/// Who speaks in a prompt message: the roles a message is stored with. The prompt's system
+/// message is built from the chat's settings rather than stored, and only the user and
+/// assistant rows of the history enter the prompt (`build_prompt`).
+pub use aichat_shared::domain::Role;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptMessage {
@@ -66,10 +60,9 @@ pub fn build_prompt(
     let mut prompt = Vec::with_capacity(history.len() + 2);
     prompt.push(PromptMessage::new(Role::System, system));
     prompt.extend(history.iter().filter_map(|m| {
-        let role = match m.role.as_str() {
-            role::USER => Role::User,
-            role::ASSISTANT => Role::Assistant,
-            _ => return None,
+        let role = match m.role {
+            Role::User | Role::Assistant => m.role,
+            Role::System => return None,
         };
         Some(PromptMessage {
             known_tokens: m.content_tokens.and_then(|n| usize::try_from(n).ok()),
@@ -261,7 +254,7 @@ mod tests {
         items
             .iter()
             .map(|(role, content)| HistoryMessage {
-                role: (*role).to_owned(),
+                role: role.parse().expect("a role"),
                 content: (*content).to_owned(),
                 content_tokens: None,
             })
@@ -400,7 +393,7 @@ mod tests {
     fn a_stored_count_is_used_instead_of_counting_again() {
         let counter = TokenCounter::cl100k();
         let stored = HistoryMessage {
-            role: role::USER.to_owned(),
+            role: Role::User,
             content: "hello world".to_owned(),
             content_tokens: Some(40),
         };

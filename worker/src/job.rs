@@ -23,6 +23,7 @@ use aichat_shared::jobs::CompletionJob;
 
 use crate::deltas::{DeltaTarget, publish_deltas};
 use crate::llm::CompletionError;
+use crate::retry::FailureReason;
 use crate::metrics;
 use crate::outcome::{Done, JobError, announce_stored_reply, fail, save_and_announce};
 use crate::request::build_request;
@@ -161,7 +162,7 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
 
     let Some((request, question_tokens)) = build_request(job, &subject, ctx).await? else {
         let err = CompletionError::Failed {
-            reason: "too_long",
+            reason: FailureReason::TooLong,
             attempts: 0,
         };
         return fail(ctx, job, claim, &subject, &err, "too_long").await;

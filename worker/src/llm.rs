@@ -33,7 +33,7 @@ use aichat_shared::lock::lock;
 use crate::context::{PromptMessage, Role};
 use crate::metrics;
 use crate::rate_limit::{RateLimitError, RateLimiter};
-use crate::retry::{AttemptError, RetryPolicy, classify, parse_retry_after};
+use crate::retry::{AttemptError, FailureReason, RetryPolicy, classify, parse_retry_after};
 
 /// What the model is asked.
 #[derive(Debug, Clone)]
@@ -61,7 +61,10 @@ pub struct Completion {
 pub enum CompletionError {
     /// The model did not answer: after the last attempt, past the time cap, or for good.
     #[error("the model did not answer ({reason}) after {attempts} attempt(s)")]
-    Failed { reason: &'static str, attempts: u32 },
+    Failed {
+        reason: FailureReason,
+        attempts: u32,
+    },
     /// The shared rate limit could not be consulted; the job should run again later.
     #[error("rate limit unavailable: {0}")]
     RateLimitUnavailable(redis::RedisError),
@@ -74,25 +77,9 @@ impl CompletionError {
     /// What the user is told; never the provider's own words.
     pub fn user_message(&self) -> &'static str {
         match self {
-            CompletionError::Failed { reason, .. } => user_message(reason),
+            CompletionError::Failed { reason, .. } => reason.user_message(),
             _ => "The AI service did not respond. Please try again later.",
         }
-    }
-}
-
-fn user_message(reason: &str) -> &'static str {
-    match reason {
-        "rate_limited" | "rate_limit_wait" => {
-            "The AI service is busy right now. Please try again in a moment."
-        }
-        "insufficient_quota" | "auth" => {
-            "The AI service is currently unavailable. Please try again later."
-        }
-        "bad_request" | "not_found" | "client_error" => {
-            "The AI service could not process this message."
-        }
-        "too_long" => "This message is too long for the AI model's context.",
-        _ => "The AI service did not respond. Please try again later.",
     }
 }
 
@@ -199,7 +186,7 @@ impl LlmClient {
                 Ok(granted) => granted,
                 Err(RateLimitError::DeadlinePassed) => {
                     return Err(CompletionError::Failed {
-                        reason: "rate_limit_wait",
+                        reason: FailureReason::RateLimitWait,
                         attempts: failures,
                     });
                 }
@@ -233,10 +220,10 @@ impl LlmClient {
                 Err(err) => err,
             };
             failures += 1;
-            metrics::model_call(model, err.reason, elapsed);
+            metrics::model_call(model, err.reason.as_str(), elapsed);
             tracing::warn!(
                 attempt = failures,
-                reason = err.reason,
+                reason = err.reason.as_str(),
                 retryable = err.retryable,
                 detail = %err.detail,
                 "model call failed"
@@ -256,7 +243,7 @@ impl LlmClient {
                     attempts: failures,
                 });
             }
-            metrics::retry(model, err.reason);
+            metrics::retry(model, err.reason.as_str());
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "retrying the model call"
@@ -281,7 +268,7 @@ impl LlmClient {
             match tokio::time::timeout(silence, client.chat().create_stream(body)).await {
                 Err(_) => {
                     return Err(AttemptError::retryable(
-                        "timeout",
+                        FailureReason::Timeout,
                         None,
                         "no response before the attempt time-out".into(),
                     ));
@@ -296,7 +283,7 @@ impl LlmClient {
             let next = match tokio::time::timeout(silence, stream.next()).await {
                 Err(_) => {
                     return Err(AttemptError::retryable(
-                        "timeout",
+                        FailureReason::Timeout,
                         None,
                         "the stream went silent".into(),
                     ));
@@ -322,7 +309,7 @@ impl LlmClient {
         }
         if !finished {
             return Err(AttemptError::retryable(
-                "truncated",
+                FailureReason::Truncated,
                 None,
                 "the stream ended without a finish reason".into(),
             ));
@@ -379,7 +366,7 @@ mod tests {
     #[test]
     fn users_never_see_provider_text() {
         let err = CompletionError::Failed {
-            reason: "server_error",
+            reason: FailureReason::ServerError,
             attempts: 5,
         };
         assert_eq!(

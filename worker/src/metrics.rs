@@ -5,6 +5,8 @@ use std::time::Duration;
 use metrics::{counter, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::retry::FailureReason;
+
 /// The process-wide recorder (shared with anything else in the process, such as an API in
 /// tests) and the handle that renders it.
 pub fn install() -> PrometheusHandle {
@@ -112,8 +114,8 @@ pub fn describe(models: &[String]) {
     for model in models {
         let model = model.clone();
         let _ = histogram!("aichat_worker_model_latency_seconds", "model" => model.clone(), "outcome" => "ok");
-        for reason in RETRY_REASONS {
-            counter!("aichat_worker_model_retries_total", "model" => model.clone(), "reason" => *reason)
+        for reason in FailureReason::RETRIED {
+            counter!("aichat_worker_model_retries_total", "model" => model.clone(), "reason" => reason.as_str())
                 .increment(0);
         }
         counter!("aichat_worker_rate_limit_waits_total", "model" => model.clone()).increment(0);
@@ -130,17 +132,6 @@ pub fn describe(models: &[String]) {
     counter!("aichat_worker_swept_messages_total").increment(0);
     let _ = histogram!("aichat_worker_reply_batch_size");
 }
-
-/// The reasons a model call is tried again (`llm.rs`), registered at zero by [`describe`].
-const RETRY_REASONS: &[&str] = &[
-    "rate_limited",
-    "server_error",
-    "timeout",
-    "conflict",
-    "connection",
-    "stream",
-    "bad_response",
-];
 
 pub fn job_started() {
     counter!("aichat_worker_jobs_started_total").increment(1);

@@ -56,17 +56,103 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     )
 }
 
+/// Why a model call failed: a short fixed name for logs and metric labels, and what the user
+/// is told (never the provider's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    RateLimited,
+    /// The shared rate limit kept the call waiting past its deadline.
+    RateLimitWait,
+    InsufficientQuota,
+    ServerError,
+    Timeout,
+    Conflict,
+    Auth,
+    NotFound,
+    BadRequest,
+    BadResponse,
+    Connection,
+    Stream,
+    /// The stream ended before the model said it was done.
+    Truncated,
+    ClientError,
+    /// The question alone does not fit the model's context budget (no call is made).
+    TooLong,
+}
+
+impl FailureReason {
+    /// The reasons a call is tried again for: each is a metric series from the start.
+    pub const RETRIED: [FailureReason; 7] = [
+        FailureReason::RateLimited,
+        FailureReason::ServerError,
+        FailureReason::Timeout,
+        FailureReason::Conflict,
+        FailureReason::Connection,
+        FailureReason::Stream,
+        FailureReason::BadResponse,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::RateLimited => "rate_limited",
+            FailureReason::RateLimitWait => "rate_limit_wait",
+            FailureReason::InsufficientQuota => "insufficient_quota",
+            FailureReason::ServerError => "server_error",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Conflict => "conflict",
+            FailureReason::Auth => "auth",
+            FailureReason::NotFound => "not_found",
+            FailureReason::BadRequest => "bad_request",
+            FailureReason::BadResponse => "bad_response",
+            FailureReason::Connection => "connection",
+            FailureReason::Stream => "stream",
+            FailureReason::Truncated => "truncated",
+            FailureReason::ClientError => "client_error",
+            FailureReason::TooLong => "too_long",
+        }
+    }
+
+    /// What the user is told when their message failed for this reason.
+    pub const fn user_message(self) -> &'static str {
+        match self {
+            FailureReason::RateLimited | FailureReason::RateLimitWait => {
+                "The AI service is busy right now. Please try again in a moment."
+            }
+            FailureReason::InsufficientQuota | FailureReason::Auth => {
+                "The AI service is currently unavailable. Please try again later."
+            }
+            FailureReason::BadRequest | FailureReason::NotFound | FailureReason::ClientError => {
+                "The AI service could not process this message."
+            }
+            FailureReason::TooLong => "This message is too long for the AI model's context.",
+            FailureReason::ServerError
+            | FailureReason::Timeout
+            | FailureReason::Conflict
+            | FailureReason::BadResponse
+            | FailureReason::Connection
+            | FailureReason::Stream
+            | FailureReason::Truncated => "The AI service did not respond. Please try again later.",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why one attempt failed. `detail` may hold the provider's text: logs only.
 #[derive(Debug)]
 pub struct AttemptError {
     pub retryable: bool,
-    pub reason: &'static str,
+    pub reason: FailureReason,
     pub retry_after: Option<Duration>,
     pub detail: String,
 }
 
 impl AttemptError {
-    pub fn retryable(reason: &'static str, retry_after: Option<Duration>, detail: String) -> Self {
+    pub fn retryable(reason: FailureReason, retry_after: Option<Duration>, detail: String) -> Self {
         AttemptError {
             retryable: true,
             reason,
@@ -75,7 +161,7 @@ impl AttemptError {
         }
     }
 
-    pub fn permanent(reason: &'static str, detail: String) -> Self {
+    pub fn permanent(reason: FailureReason, detail: String) -> Self {
         AttemptError {
             retryable: false,
             reason,
@@ -103,18 +189,18 @@ pub fn classify(
         // An error response whose body is not OpenAI's JSON: the status still decides.
         OpenAIError::JSONDeserialize(err, _) => match status {
             Some(status) => classify_status(status, false, retry_after, err.to_string()),
-            None => AttemptError::retryable("bad_response", None, err.to_string()),
+            None => AttemptError::retryable(FailureReason::BadResponse, None, err.to_string()),
         },
         OpenAIError::Reqwest(err) if err.is_builder() => {
-            AttemptError::permanent("bad_request", err.to_string())
+            AttemptError::permanent(FailureReason::BadRequest, err.to_string())
         }
         OpenAIError::Reqwest(err) if err.is_timeout() => {
-            AttemptError::retryable("timeout", None, err.to_string())
+            AttemptError::retryable(FailureReason::Timeout, None, err.to_string())
         }
-        OpenAIError::Reqwest(err) => AttemptError::retryable("connection", None, err.to_string()),
-        OpenAIError::StreamError(err) => AttemptError::retryable("stream", None, err.to_string()),
-        OpenAIError::Boxed(err) => AttemptError::retryable("connection", None, err.to_string()),
-        other => AttemptError::permanent("client_error", other.to_string()),
+        OpenAIError::Reqwest(err) => AttemptError::retryable(FailureReason::Connection, None, err.to_string()),
+        OpenAIError::StreamError(err) => AttemptError::retryable(FailureReason::Stream, None, err.to_string()),
+        OpenAIError::Boxed(err) => AttemptError::retryable(FailureReason::Connection, None, err.to_string()),
+        other => AttemptError::permanent(FailureReason::ClientError, other.to_string()),
     }
 }
 
@@ -125,14 +211,14 @@ fn classify_status(
     detail: String,
 ) -> AttemptError {
     match status.as_u16() {
-        429 if quota => AttemptError::permanent("insufficient_quota", detail),
-        429 => AttemptError::retryable("rate_limited", retry_after, detail),
-        408 => AttemptError::retryable("timeout", retry_after, detail),
-        409 => AttemptError::retryable("conflict", retry_after, detail),
-        code if code >= 500 => AttemptError::retryable("server_error", retry_after, detail),
-        401 | 403 => AttemptError::permanent("auth", detail),
-        404 => AttemptError::permanent("not_found", detail),
-        _ => AttemptError::permanent("bad_request", detail),
+        429 if quota => AttemptError::permanent(FailureReason::InsufficientQuota, detail),
+        429 => AttemptError::retryable(FailureReason::RateLimited, retry_after, detail),
+        408 => AttemptError::retryable(FailureReason::Timeout, retry_after, detail),
+        409 => AttemptError::retryable(FailureReason::Conflict, retry_after, detail),
+        code if code >= 500 => AttemptError::retryable(FailureReason::ServerError, retry_after, detail),
+        401 | 403 => AttemptError::permanent(FailureReason::Auth, detail),
+        404 => AttemptError::permanent(FailureReason::NotFound, detail),
+        _ => AttemptError::permanent(FailureReason::BadRequest, detail),
     }
 }
 
@@ -209,14 +295,14 @@ mod tests {
     #[test]
     fn statuses_split_into_retryable_and_permanent() {
         let cases = [
-            (429, false, true, "rate_limited"),
-            (429, true, false, "insufficient_quota"),
-            (500, false, true, "server_error"),
-            (503, false, true, "server_error"),
-            (408, false, true, "timeout"),
-            (400, false, false, "bad_request"),
-            (401, false, false, "auth"),
-            (404, false, false, "not_found"),
+            (429, false, true, FailureReason::RateLimited),
+            (429, true, false, FailureReason::InsufficientQuota),
+            (500, false, true, FailureReason::ServerError),
+            (503, false, true, FailureReason::ServerError),
+            (408, false, true, FailureReason::Timeout),
+            (400, false, false, FailureReason::BadRequest),
+            (401, false, false, FailureReason::Auth),
+            (404, false, false, FailureReason::NotFound),
         ];
         for (code, quota, retryable, reason) in cases {
             let status = StatusCode::from_u16(code).expect("status");

@@ -10,7 +10,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
 use aichat_shared::db::admin::UsageRow;
-use aichat_shared::domain::{AiChat, AiMessage, role};
+use aichat_shared::domain::{AiChat, AiMessage, MessageStatus, Role};
 use aichat_shared::jobs::DeadJob;
 
 use crate::auth::StaffUser;
@@ -88,7 +88,7 @@ async fn filter_messages(
 ) -> ApiResult<Json<Vec<AiMessage>>> {
     let limit = checked_limit(query.limit, 1000)?;
     if let Some(r) = &query.role
-        && ![role::USER, role::ASSISTANT, role::SYSTEM].contains(&r.as_str())
+        && r.parse::<Role>().is_err()
     {
         return Err(FieldErrors::single(
             "role",
@@ -151,7 +151,7 @@ async fn dead_jobs(
 pub struct Redriven {
     task_id: String,
     message_id: i64,
-    status: &'static str,
+    status: MessageStatus,
 }
 
 /// Queue a dead job's message again: it goes back to `queued` and a new job is pushed.
@@ -204,7 +204,7 @@ async fn redrive(
         Json(Redriven {
             task_id,
             message_id: dead.message_id,
-            status: "queued",
+            status: MessageStatus::Queued,
         }),
     ))
 }

@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, Usage};
+use aichat_shared::domain::{AiMessage, MessageStatus, Usage};
 
 use crate::access::{NOT_OWNED, not_found_first};
 use crate::auth::AuthUser;
@@ -56,7 +56,7 @@ impl SendMessageRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SendMessageResponse {
     message: AiMessage,
-    status: String,
+    status: MessageStatus,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -134,7 +134,7 @@ async fn send_message(
                     ApiError::Conflict("This Idempotency-Key was used for another chat");
                 return Err(not_found_first(&state, id, user_id, other_chat).await);
             };
-            let status = message.status.clone();
+            let status = message.status;
             return Ok((
                 StatusCode::ACCEPTED,
                 Json(SendMessageResponse { message, status }),
@@ -170,7 +170,7 @@ async fn send_message(
         StatusCode::ACCEPTED,
         Json(SendMessageResponse {
             message,
-            status: "queued".into(),
+            status: MessageStatus::Queued,
         }),
     )
         .into_response())

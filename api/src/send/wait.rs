@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, status};
+use aichat_shared::domain::{AiMessage, MessageStatus};
 use aichat_shared::events::ChatEvent;
 
 use crate::error::{ApiError, ApiResult, FieldErrors};
@@ -74,7 +74,7 @@ async fn stored_outcome(state: &AppState, message_id: i64) -> ApiResult<Outcome>
         return Ok(Outcome::Answered(reply));
     }
     match db::ai_messages::find_message(&state.db, message_id).await? {
-        Some(m) if m.status == status::FAILED => Ok(Outcome::Failed(m.error.unwrap_or_default())),
+        Some(m) if m.status == MessageStatus::Failed => Ok(Outcome::Failed(m.error.unwrap_or_default())),
         Some(_) => Ok(Outcome::Pending),
         None => Err(ApiError::NotFound),
     }

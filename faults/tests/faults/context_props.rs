@@ -24,11 +24,15 @@ fn content() -> impl Strategy<Value = String> {
 fn history() -> impl Strategy<Value = Vec<HistoryMessage>> {
     proptest::collection::vec(
         (
-            prop_oneof![4 => Just("user"), 4 => Just("assistant"), 1 => Just("system")],
+            prop_oneof![
+                4 => Just(Role::User),
+                4 => Just(Role::Assistant),
+                1 => Just(Role::System)
+            ],
             content(),
         )
             .prop_map(|(role, content)| HistoryMessage {
-                role: role.to_owned(),
+                role,
                 content,
                 content_tokens: None,
             }),
@@ -37,10 +41,9 @@ fn history() -> impl Strategy<Value = Vec<HistoryMessage>> {
 }
 
 fn role_of(m: &HistoryMessage) -> Option<Role> {
-    match m.role.as_str() {
-        "user" => Some(Role::User),
-        "assistant" => Some(Role::Assistant),
-        _ => None,
+    match m.role {
+        Role::User | Role::Assistant => Some(m.role),
+        Role::System => None,
     }
 }
 

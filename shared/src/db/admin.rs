@@ -4,7 +4,7 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 use utoipa::ToSchema;
 
-use crate::domain::{AiChat, AiMessage, status};
+use crate::domain::{AiChat, AiMessage, MessageStatus, Role};
 use crate::error::Result;
 
 /// AI chats whose title or owner's username contains `query` (case-insensitive), newest first.
@@ -58,8 +58,8 @@ pub async fn filter_messages(
 ) -> Result<Vec<AiMessage>> {
     let messages = sqlx::query_as!(
         AiMessage,
-        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                   m.model, m.reply_to
            from ai_messages m
            where ($1::text is null or m.role = $1)
@@ -122,8 +122,8 @@ pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) ->
         r#"update ai_messages set status = $2, error = null
            where id = $1 and role = 'user' and status = $3"#,
         message_id,
-        status::QUEUED,
-        status::FAILED,
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Failed.as_str(),
     )
     .execute(db)
     .await?;

@@ -1,11 +1,11 @@
 //! Messages of AI chats: the user's, waiting or answered, and the model's replies.
 //!
 //! Every statement that returns an [`AiMessage`] lists its columns the same way: `m.id,
-//! m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp, m.prompt_tokens,
-//! m.completion_tokens, m.total_tokens, m.status, m.error, m.model, m.reply_to`.
+//! m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp, m.prompt_tokens,
+//! m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error, m.model, m.reply_to`.
 use sqlx::PgExecutor;
 
-use crate::domain::{AiMessage, ContextOptions, role, status};
+use crate::domain::{AiMessage, ContextOptions, MessageStatus, Role};
 use crate::error::Result;
 
 /// A user message to store: the chat it goes to, who sends it, and what its job will need.
@@ -68,8 +68,8 @@ pub async fn insert_owned_user_messages(
                order by i.id
                returning *
            )
-           select input.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role, m.content,
-                  m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status,
+           select input.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
+                  m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus",
                   m.error, m.model, m.reply_to
            from m join input on input.id = m.id"#,
         &chats,
@@ -78,8 +78,8 @@ pub async fn insert_owned_user_messages(
         contents.as_slice() as &[&str],
         &related,
         &limits,
-        role::USER,
-        status::QUEUED,
+        Role::User.as_str(),
+        MessageStatus::Queued.as_str(),
     )
     .fetch_all(db)
     .await?;
@@ -163,8 +163,8 @@ pub async fn list_chat_messages(
 ) -> Result<Vec<AiMessage>> {
     let messages = sqlx::query_as!(
         AiMessage,
-        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                   m.model, m.reply_to
            from ai_messages m
            where m.ai_chat_id = $1 and m.id > $2
@@ -192,9 +192,9 @@ pub async fn list_owned_chat_messages(
     // at all when the chat is someone else's. A row with a message has all of the columns that
     // are `not null` in the table.
     let rows = sqlx::query!(
-        r#"select m.id as "id?", m.ai_chat_id as "ai_chat?", m.role as "role?",
+        r#"select m.id as "id?", m.ai_chat_id as "ai_chat?", m.role as "role?: Role",
                   m.content as "content?", m.timestamp as "timestamp?", m.prompt_tokens,
-                  m.completion_tokens, m.total_tokens, m.status as "status?", m.error, m.model,
+                  m.completion_tokens, m.total_tokens, m.status as "status?: MessageStatus", m.error, m.model,
                   m.reply_to
            from ai_chats a
            left join lateral (
@@ -246,8 +246,8 @@ pub async fn list_user_messages(
 ) -> Result<Vec<AiMessage>> {
     let messages = sqlx::query_as!(
         AiMessage,
-        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                   m.model, m.reply_to
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where a.user_id = $1 and m.id > $2 order by m.id limit $3"#,
@@ -269,8 +269,8 @@ pub async fn get_user_message(
 ) -> Result<Option<AiMessage>> {
     let message = sqlx::query_as!(
         AiMessage,
-        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                   m.model, m.reply_to
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where m.id = $1 and a.user_id = $2"#,
@@ -290,8 +290,8 @@ pub async fn find_reply(
 ) -> Result<Option<AiMessage>> {
     let message = sqlx::query_as!(
         AiMessage,
-        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                   m.model, m.reply_to
            from ai_messages m where m.reply_to = $1"#,
         user_message_id,
@@ -306,8 +306,8 @@ pub async fn find_reply(
 pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiMessage>> {
     let message = sqlx::query_as!(
         AiMessage,
-        r#"select m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+        r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                   m.model, m.reply_to
            from ai_messages m where m.id = $1"#,
         id,

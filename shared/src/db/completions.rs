@@ -2,7 +2,7 @@
 //! the reply or the failure.
 use sqlx::PgExecutor;
 
-use crate::domain::{AiMessage, role, status};
+use crate::domain::{AiMessage, MessageStatus, Role};
 use crate::error::Result;
 
 /// A user message waiting for its reply, with what its chat contributes to the prompt.
@@ -25,7 +25,7 @@ pub struct CompletionSubject {
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HistoryMessage {
     /// `user` or `assistant`.
-    pub role: String,
+    pub role: Role,
     pub content: String,
     /// Tokens of `content` as stored when the message was answered (or was the answer);
     /// `None` when not known yet.
@@ -67,7 +67,7 @@ pub async fn find_completion_subject(
            join ai_chats a on a.id = m.ai_chat_id
            where m.id = $1 and m.role = $2"#,
         message_id,
-        role::USER,
+        Role::User.as_str(),
     )
     .fetch_optional(db)
     .await?;
@@ -95,7 +95,7 @@ pub async fn list_history(
 ) -> Result<Vec<HistoryMessage>> {
     let messages = sqlx::query_as!(
         HistoryMessage,
-        r#"select role, content, content_tokens from (
+        r#"select role as "role: Role", content, content_tokens from (
              select m.id, m.role, m.content, m.content_tokens, coalesce(m.reply_to, m.id) as turn
              from ai_messages m
              where m.ai_chat_id = $1
@@ -107,9 +107,9 @@ pub async fn list_history(
            order by turn, id"#,
         ai_chat_id,
         before_id,
-        role::USER,
-        role::ASSISTANT,
-        status::FAILED,
+        Role::User.as_str(),
+        Role::Assistant.as_str(),
+        MessageStatus::Failed.as_str(),
         limit,
     )
     .fetch_all(db)
@@ -196,8 +196,8 @@ pub async fn save_replies(
              from input i join questions u on u.id = i.question_id
              order by u.id
              on conflict (reply_to) where reply_to is not null do nothing
-             returning m.id, m.ai_chat_id as ai_chat, m.role, m.content, m.timestamp,
-                 m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status, m.error,
+             returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
+                 m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
                  m.model, m.reply_to
          ), answered as (
              update ai_messages q set status = $12, error = null,
@@ -218,9 +218,9 @@ pub async fn save_replies(
         &latencies,
         content_tokens.as_slice() as &[Option<i32>],
         question_tokens.as_slice() as &[Option<i32>],
-        role::ASSISTANT,
-        status::COMPLETE,
-        status::ANSWERED,
+        Role::Assistant.as_str(),
+        MessageStatus::Complete.as_str(),
+        MessageStatus::Answered.as_str(),
     )
     .fetch_all(db)
     .await?;
@@ -246,9 +246,9 @@ pub async fn mark_failed(db: impl PgExecutor<'_>, message_id: i64, error: &str) 
            where id = $1 and role = $4 and status <> $5"#,
         message_id,
         error,
-        status::FAILED,
-        role::USER,
-        status::ANSWERED,
+        MessageStatus::Failed.as_str(),
+        Role::User.as_str(),
+        MessageStatus::Answered.as_str(),
     )
     .execute(db)
     .await?;

@@ -11,7 +11,7 @@ use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
 use aichat_shared::db::ai_messages::NewUserMessage;
-use aichat_shared::domain::{ContextOptions, role, status};
+use aichat_shared::domain::{ContextOptions, MessageStatus, Role};
 use aichat_shared::jobs::CompletionJob;
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -164,16 +164,16 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
         let messages = env.messages(*chat).await;
         let users: HashSet<i64> = messages
             .iter()
-            .filter(|m| m.role == role::USER)
+            .filter(|m| m.role == Role::User)
             .map(|m| {
-                assert_eq!(m.status, status::ANSWERED, "message {} answered", m.id);
+                assert_eq!(m.status, MessageStatus::Answered, "message {} answered", m.id);
                 m.id
             })
             .collect();
         assert_eq!(Some(&users), expected.get(chat));
         let replies: Vec<i64> = messages
             .iter()
-            .filter(|m| m.role == role::ASSISTANT)
+            .filter(|m| m.role == Role::Assistant)
             .map(|m| m.reply_to.expect("a reply answers a message"))
             .collect();
         assert_eq!(replies.len(), users.len(), "one reply per message");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, role};
+use aichat_shared::domain::{AiMessage, Role};
 use aichat_shared::events::{ChatEvent, EventMessage};
 
 use super::sink::{Sink, send_text};
@@ -91,7 +91,7 @@ pub(super) async fn catch_up(
 
 /// The event a stored message would have produced.
 fn stored_event(message: &AiMessage) -> String {
-    let event = if message.role == role::ASSISTANT {
+    let event = if message.role == Role::Assistant {
         ChatEvent::AssistantMessage {
             message: EventMessage::assistant(message),
         }
