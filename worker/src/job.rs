@@ -23,10 +23,10 @@ use aichat_shared::jobs::CompletionJob;
 
 use crate::deltas::{DeltaTarget, publish_deltas};
 use crate::llm::CompletionError;
-use crate::retry::FailureReason;
 use crate::metrics;
 use crate::outcome::{Done, JobError, announce_stored_reply, fail, save_and_announce};
 use crate::request::build_request;
+use crate::retry::FailureReason;
 use crate::state::JobContext;
 use crate::stop::Ack;
 

@@ -197,9 +197,15 @@ pub fn classify(
         OpenAIError::Reqwest(err) if err.is_timeout() => {
             AttemptError::retryable(FailureReason::Timeout, None, err.to_string())
         }
-        OpenAIError::Reqwest(err) => AttemptError::retryable(FailureReason::Connection, None, err.to_string()),
-        OpenAIError::StreamError(err) => AttemptError::retryable(FailureReason::Stream, None, err.to_string()),
-        OpenAIError::Boxed(err) => AttemptError::retryable(FailureReason::Connection, None, err.to_string()),
+        OpenAIError::Reqwest(err) => {
+            AttemptError::retryable(FailureReason::Connection, None, err.to_string())
+        }
+        OpenAIError::StreamError(err) => {
+            AttemptError::retryable(FailureReason::Stream, None, err.to_string())
+        }
+        OpenAIError::Boxed(err) => {
+            AttemptError::retryable(FailureReason::Connection, None, err.to_string())
+        }
         other => AttemptError::permanent(FailureReason::ClientError, other.to_string()),
     }
 }
@@ -215,7 +221,9 @@ fn classify_status(
         429 => AttemptError::retryable(FailureReason::RateLimited, retry_after, detail),
         408 => AttemptError::retryable(FailureReason::Timeout, retry_after, detail),
         409 => AttemptError::retryable(FailureReason::Conflict, retry_after, detail),
-        code if code >= 500 => AttemptError::retryable(FailureReason::ServerError, retry_after, detail),
+        code if code >= 500 => {
+            AttemptError::retryable(FailureReason::ServerError, retry_after, detail)
+        }
         401 | 403 => AttemptError::permanent(FailureReason::Auth, detail),
         404 => AttemptError::permanent(FailureReason::NotFound, detail),
         _ => AttemptError::permanent(FailureReason::BadRequest, detail),

@@ -74,7 +74,9 @@ async fn stored_outcome(state: &AppState, message_id: i64) -> ApiResult<Outcome>
         return Ok(Outcome::Answered(reply));
     }
     match db::ai_messages::find_message(&state.db, message_id).await? {
-        Some(m) if m.status == MessageStatus::Failed => Ok(Outcome::Failed(m.error.unwrap_or_default())),
+        Some(m) if m.status == MessageStatus::Failed => {
+            Ok(Outcome::Failed(m.error.unwrap_or_default()))
+        }
         Some(_) => Ok(Outcome::Pending),
         None => Err(ApiError::NotFound),
     }

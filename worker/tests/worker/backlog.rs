@@ -166,7 +166,12 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
             .iter()
             .filter(|m| m.role == Role::User)
             .map(|m| {
-                assert_eq!(m.status, MessageStatus::Answered, "message {} answered", m.id);
+                assert_eq!(
+                    m.status,
+                    MessageStatus::Answered,
+                    "message {} answered",
+                    m.id
+                );
                 m.id
             })
             .collect();
