@@ -69,6 +69,12 @@ impl Namespace {
         format!("{}:{message_id}", self.of_rows("announce"))
     }
 
+    /// The pattern of every announcement marker (`SCAN MATCH`), for tools that check that
+    /// none is left behind.
+    pub fn all_pending_announcements(&self) -> String {
+        format!("{}:*", self.of_rows("announce"))
+    }
+
     /// The pub/sub channel on which revoked sessions are announced to every API instance.
     pub fn revocations(&self) -> String {
         format!("{}:revoked", self.prefix)
