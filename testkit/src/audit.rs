@@ -215,6 +215,14 @@ impl EventCounts {
         ids
     }
 
+    /// Asserts that no reply was announced twice and that every message of `ids` was announced.
+    pub fn assert_announced_once(&self, ids: &[i64]) {
+        let twice = self.announced_twice();
+        assert!(twice.is_empty(), "replies announced twice: {twice:?}");
+        let never = self.never_announced(ids);
+        assert!(never.is_empty(), "replies never announced: {never:?}");
+    }
+
     /// Messages of `ids` never announced.
     pub fn never_announced(&self, ids: &[i64]) -> Vec<i64> {
         ids.iter()
@@ -225,6 +233,11 @@ impl EventCounts {
 }
 
 impl Env {
+    /// An [`EventCounter`] of this test's namespace, counting from now.
+    pub async fn event_counter(&self) -> EventCounter {
+        EventCounter::start(&self.redis_url, &self.ns).await
+    }
+
     /// Counts every user message and its replies, straight from the database.
     pub async fn audit(&self) -> Audit {
         let rows: Vec<(i64, String, Option<String>, i64)> = sqlx::query_as(

@@ -5,7 +5,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::PASSWORD;
-use crate::stack::Api;
+use crate::stack::{Api, Env};
 
 // ---------------------------------------------------------------------------------------------
 // HTTP client
@@ -28,6 +28,15 @@ pub struct Answer {
 pub struct Client {
     pub base: String,
     pub http: reqwest::Client,
+}
+
+impl Env {
+    /// [`Env::api`] and a client of it.
+    pub async fn api_client(&self, extra: &[&str]) -> (Api, Client) {
+        let api = self.api(extra).await;
+        let client = Client::new(&api);
+        (api, client)
+    }
 }
 
 impl Client {
@@ -99,6 +108,19 @@ impl Client {
         self.call(Method::POST, path, Some(token), Some(body)).await
     }
 
+    /// The Prometheus text the API serves at `/metrics`, read with the scraper's `token`.
+    pub async fn metrics(&self, token: &str) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("scrape");
+        assert_eq!(response.status(), StatusCode::OK, "scrape");
+        response.text().await.expect("metrics text")
+    }
+
     /// Registers and logs in `username`.
     pub async fn user(&self, username: &str) -> User {
         let reg = self
@@ -130,12 +152,44 @@ impl Client {
         }
     }
 
+    /// Registers and logs in `username`, then makes it staff (straight in `env`'s database).
+    pub async fn staff(&self, env: &Env, username: &str) -> User {
+        let user = self.user(username).await;
+        let made = aichat_shared::db::users::set_staff(&env.pool, username, true).await;
+        assert!(made.expect("set staff"), "{username} is made staff");
+        user
+    }
+
+    /// POSTs `body` to `path` as `owner` and insists on 201; the id of what was created.
+    pub async fn create(&self, path: &str, owner: &User, body: Value) -> i64 {
+        let created = self.post(path, &owner.token, body).await;
+        assert_eq!(
+            created.status,
+            StatusCode::CREATED,
+            "{path}: {}",
+            created.body
+        );
+        created.body["id"].as_i64().expect("the new id")
+    }
+
+    /// A user-to-user chat of `owner` named `name`; its id.
+    pub async fn chat(&self, owner: &User, name: &str) -> i64 {
+        self.create("/api/chats/", owner, json!({"name": name}))
+            .await
+    }
+
     pub async fn ai_chat(&self, owner: &User, title: &str) -> i64 {
-        let created = self
-            .post("/api/ai/chats/", &owner.token, json!({"title": title}))
-            .await;
-        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
-        created.body["id"].as_i64().expect("ai chat id")
+        self.create("/api/ai/chats/", owner, json!({"title": title}))
+            .await
+    }
+
+    /// `n` AI chats of `owner`, titled `chat 0`, `chat 1`, ...
+    pub async fn ai_chats(&self, owner: &User, n: usize) -> Vec<i64> {
+        let mut chats = Vec::with_capacity(n);
+        for c in 0..n {
+            chats.push(self.ai_chat(owner, &format!("chat {c}")).await);
+        }
+        chats
     }
 
     /// POSTs one message; the raw answer (202 expected in good times).
@@ -163,4 +217,39 @@ impl Client {
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
         answer.body["message"]["id"].as_i64().expect("message id")
     }
+
+    /// Sends `n` messages one after the other, round-robin over `chats`, as `{prefix} {i}`;
+    /// each must be accepted (202). Their ids, in order.
+    pub async fn send_round(&self, user: &User, chats: &[i64], prefix: &str, n: usize) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let chat = chats[i % chats.len()];
+            ids.push(self.send_ok(user, chat, &format!("{prefix} {i}")).await);
+        }
+        ids
+    }
+}
+
+/// What a Prometheus `text` lacks: the `# HELP` and `# TYPE` lines of each `(metric, kind)` of
+/// `described`, and each of `series` as a whole line (`name{labels} value`). Empty when all
+/// is there.
+pub fn missing_metrics(text: &str, described: &[(&str, &str)], series: &[&str]) -> Vec<String> {
+    let has_line = |wanted: &dyn Fn(&str) -> bool| text.lines().any(wanted);
+    let mut missing = Vec::new();
+    for (metric, kind) in described {
+        let help = format!("# HELP {metric} ");
+        if !has_line(&|line| line.starts_with(&help)) {
+            missing.push(help);
+        }
+        let kind = format!("# TYPE {metric} {kind}");
+        if !has_line(&|line| line == kind) {
+            missing.push(kind);
+        }
+    }
+    for wanted in series {
+        if !has_line(&|line| line == *wanted) {
+            missing.push((*wanted).to_owned());
+        }
+    }
+    missing
 }

@@ -25,8 +25,10 @@ pub use postgres::TestDb;
 pub use process::ApiProcess;
 pub use queue::QueueSnapshot;
 pub use redis_server::{PrivateRedis, delete_namespace};
-pub use stack::{Api, Env, InProcessWorker, WorkerProcess, wait_worker_ready, worker_metric};
-pub use store::{queue_completion, store_user_message};
+pub use stack::{
+    Api, Env, InProcessWorker, WorkerProcess, wait_worker_ready, worker_metric, worker_metrics_text,
+};
+pub use store::{DEFAULT_CONTEXT, queue_completion, store_user_message};
 pub use ws::{
     Ws, WsCollector, WsNext, closed_with, event_of, next_event, send_ws, ws_connect, ws_next,
     ws_open, ws_send, ws_until,
@@ -58,6 +60,45 @@ pub fn init_logs() {
 pub fn report(fault: &str, figures: &[(&str, String)]) {
     let line: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
     eprintln!("FAULT {fault} {}", line.join(" "));
+}
+
+/// The fake model's defaults with every answer delayed by `latency_ms`.
+pub fn fake_with_latency(latency_ms: u64) -> aichat_fake_llm::FakeConfig {
+    aichat_fake_llm::FakeConfig {
+        latency_ms,
+        ..aichat_fake_llm::FakeConfig::default()
+    }
+}
+
+/// The fake model's defaults, answering every call with `outcome` once its script is empty.
+pub fn fake_always(outcome: aichat_fake_llm::Outcome) -> aichat_fake_llm::FakeConfig {
+    aichat_fake_llm::FakeConfig {
+        always: Some(outcome),
+        ..aichat_fake_llm::FakeConfig::default()
+    }
+}
+
+/// Worker flags: `extra`, and a sweeper looking every `interval` seconds for messages queued
+/// more than `grace` seconds ago whose job is gone.
+pub fn with_sweeper<'a>(interval: &'a str, grace: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--worker-sweep-interval-secs",
+        interval,
+        "--worker-sweep-grace-secs",
+        grace,
+    ];
+    flags.extend_from_slice(extra);
+    flags
+}
+
+/// A figure of a report line: `x` with one decimal.
+pub fn one_decimal(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+/// A duration as a report line gives it: seconds with one decimal.
+pub fn secs(d: Duration) -> String {
+    one_decimal(d.as_secs_f64())
 }
 
 /// The value at quantile `q` (0–1) of sorted `values`, 0 when empty.

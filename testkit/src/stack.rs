@@ -216,6 +216,12 @@ impl WorkerProcess {
             .map(|status| status.expect("wait for the worker process"))
     }
 
+    /// SIGKILL, then waits (at most 10 s) for the process to end.
+    pub async fn kill(&mut self) {
+        self.sigkill();
+        self.wait(Duration::from_secs(10)).await;
+    }
+
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
@@ -224,12 +230,7 @@ impl WorkerProcess {
 /// The sum of a counter (all label sets) on a worker's `/metrics`; 0 when absent. In-process
 /// workers share one recorder per test binary: compare before and after.
 pub async fn worker_metric(port: u16, name: &str) -> f64 {
-    let Ok(resp) = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-    else {
+    let Ok(resp) = scrape(port).await else {
         return 0.0;
     };
     let text = resp.text().await.unwrap_or_default();
@@ -240,6 +241,19 @@ pub async fn worker_metric(port: u16, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The whole text of a worker's `/metrics`; panics if it does not answer (within 5 s).
+pub async fn worker_metrics_text(port: u16) -> String {
+    let resp = scrape(port).await.expect("the worker's /metrics answers");
+    resp.text().await.expect("the metrics text")
+}
+
+/// One GET of a worker's `/metrics`, bounded by 5 s.
+async fn scrape(port: u16) -> reqwest::Result<reqwest::Response> {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let client = reqwest::Client::new();
+    client.get(url).timeout(Duration::from_secs(5)).send().await
 }
 
 /// Waits until a worker's `/healthz` says it is taking jobs.
@@ -327,10 +341,24 @@ impl Env {
         start_worker(self.worker_args(extra)).await
     }
 
+    /// [`Env::worker`], once its `/healthz` says it is taking jobs (at most 30 s).
+    pub async fn ready_worker(&self, extra: &[&str]) -> InProcessWorker {
+        let worker = self.worker(extra).await;
+        wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+        worker
+    }
+
     /// Starts `binary` (pass `env!("CARGO_BIN_EXE_faults-worker")`) as a worker of this test.
     /// Its log is shown only when `TEST_LOG` is set (as its filter).
     pub fn worker_process(&self, binary: &str, extra: &[&str]) -> WorkerProcess {
         self.worker_process_env(binary, extra, &[])
+    }
+
+    /// [`Env::worker_process`], once its `/healthz` says it is taking jobs (at most 30 s).
+    pub async fn ready_worker_process(&self, binary: &str, extra: &[&str]) -> WorkerProcess {
+        let worker = self.worker_process(binary, extra);
+        wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+        worker
     }
 
     /// [`Env::worker_process`] with more environment variables (the fault binary's switches,
@@ -367,6 +395,15 @@ impl Env {
             .expect("start the worker binary");
         let pid = child.id().expect("worker pid") as i32;
         WorkerProcess { child, pid, port }
+    }
+
+    /// The end of a test: stops `workers` (gracefully) and `api`, then [`Env::cleanup`].
+    pub async fn finish(self, api: Api, workers: impl IntoIterator<Item = InProcessWorker>) {
+        for worker in workers {
+            worker.stop().await;
+        }
+        api.stop().await;
+        self.cleanup().await;
     }
 
     pub async fn cleanup(self) {

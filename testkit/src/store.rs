@@ -11,6 +11,13 @@ use sqlx::PgPool;
 use crate::MODEL;
 use crate::stack::Env;
 
+/// What a send asks when it asks for nothing special (the API's defaults): no related chat,
+/// the last 20 messages.
+pub const DEFAULT_CONTEXT: ContextOptions = ContextOptions {
+    include_related_chat_context: false,
+    context_message_limit: 20,
+};
+
 /// Rows a test needs before it sends anything, stored directly (suites without an API).
 impl Env {
     pub async fn user(&self, username: &str) -> User {

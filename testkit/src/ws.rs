@@ -51,14 +51,54 @@ pub async fn ws_next(ws: &mut Ws, limit: Duration) -> WsNext {
 
 /// Reads until an event satisfies `want`; panics on close or after `limit`.
 pub async fn ws_until(ws: &mut Ws, limit: Duration, want: impl Fn(&Value) -> bool) -> Value {
+    ws_events_until(ws, limit, "an event", want).await.0
+}
+
+/// Reads until an event satisfies `want`; returns it with the events before it. Panics with
+/// `what` (the event wanted) on a close or after `limit`.
+pub async fn ws_events_until(
+    ws: &mut Ws,
+    limit: Duration,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match ws_next(ws, left).await {
-            WsNext::Event(event) if want(&event) => return event,
-            WsNext::Event(_) => continue,
-            other => panic!("wanted an event within {limit:?}, got {other:?}"),
+            WsNext::Event(event) if want(&event) => return (event, before),
+            WsNext::Event(event) => before.push(event),
+            other => panic!("wanted {what} within {limit:?}, got {other:?} after {before:?}"),
         }
+    }
+}
+
+/// Reads until the server closes the socket: the events before, and the close code (`None`:
+/// closed without a frame). Panics if it is still open after `limit`.
+pub async fn ws_events_until_closed(ws: &mut Ws, limit: Duration) -> (Vec<Value>, Option<u16>) {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws_next(ws, left).await {
+            WsNext::Closed(code) => return (events, code),
+            WsNext::Event(event) => events.push(event),
+            WsNext::TimedOut => panic!("the socket is still open after {limit:?}"),
+        }
+    }
+}
+
+/// The answer to a WebSocket upgrade: its status (101 once upgraded; the socket is then
+/// dropped) and headers. Panics on anything but an HTTP answer.
+pub async fn ws_upgrade(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> (u16, tokio_tungstenite::tungstenite::http::HeaderMap) {
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_socket, response)) => (response.status().as_u16(), response.headers().clone()),
+        Err(Error::Http(response)) => (response.status().as_u16(), response.headers().clone()),
+        Err(err) => panic!("websocket upgrade: {err}"),
     }
 }
 
@@ -121,6 +161,14 @@ impl WsCollector {
         .await
     }
 
+    /// Waits until the `assistant_message` answering `id` has arrived; panics after `limit`.
+    pub async fn reply_to(&self, id: i64, limit: Duration, what: &str) -> Value {
+        self.wait_for(limit, what, |e| {
+            e["type"] == "assistant_message" && e["message"]["reply_to"] == id
+        })
+        .await
+    }
+
     /// `assistant_message` events per answered message id.
     pub fn replies(&self) -> HashMap<i64, u32> {
         let mut replies = HashMap::new();
@@ -163,32 +211,19 @@ pub async fn next_event(ws: &mut Ws, secs: u64) -> Value {
 
 /// Reads events until one of `kind` arrives; returns it with the events before it.
 pub async fn event_of(ws: &mut Ws, kind: &str, secs: u64) -> (Value, Vec<Value>) {
-    let mut before = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match ws_next(ws, left).await {
-            WsNext::Event(event) if event["type"] == kind => return (event, before),
-            WsNext::Event(event) => before.push(event),
-            other => {
-                panic!("wanted a {kind} event within {secs} s, got {other:?} after {before:?}")
-            }
-        }
-    }
+    let what = format!("a {kind} event");
+    ws_events_until(ws, Duration::from_secs(secs), &what, |event| {
+        event["type"] == kind
+    })
+    .await
 }
 
 /// Reads until the server closes the socket; the close code (`None`: closed without a frame).
 /// Panics if it is still open after `secs` seconds.
 pub async fn closed_with(ws: &mut Ws, secs: u64) -> Option<u16> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match ws_next(ws, left).await {
-            WsNext::Closed(code) => return code,
-            WsNext::Event(_) => continue,
-            WsNext::TimedOut => panic!("the socket is still open after {secs} s"),
-        }
-    }
+    ws_events_until_closed(ws, Duration::from_secs(secs))
+        .await
+        .1
 }
 
 /// Sends `value` as a text frame; panics if the socket is gone.

@@ -1,20 +1,16 @@
 //! Registration, login, sessions and logout, over HTTP against the real router.
 use crate::common;
 
-use common::spawn_app;
+use aichat_testkit::PASSWORD;
+use common::{Replied, app_with_users, spawn_app};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn register_creates_a_user_and_answers_its_fields() {
     let app = spawn_app().await;
     let (status, body) = app
-        .call(
-            Method::POST,
-            "/api/register/",
-            None,
-            Some(json!({"username": "alice", "email": "a@example.com", "password": "orange tractor 42", "password_confirm": "orange tractor 42"})),
-        )
+        .register_with(json!({"username": "alice", "email": "a@example.com", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}))
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(body["id"].as_i64().is_some());
@@ -29,49 +25,37 @@ async fn register_creates_a_user_and_answers_its_fields() {
 async fn register_rejects_each_invalid_field_with_field_errors() {
     let app = spawn_app().await;
     app.user("taken").await;
-    let long = "x".repeat(151);
+    // A valid registration but for one field (`null`: left out).
+    let with = |field: &str, value: Value| {
+        let mut body = json!({"username": "bob", "password": "orange tractor 42", "password_confirm": "orange tractor 42"});
+        match value {
+            Value::Null => body.as_object_mut().expect("object").remove(field),
+            value => body
+                .as_object_mut()
+                .expect("object")
+                .insert(field.into(), value),
+        };
+        body
+    };
     let cases = [
-        (
-            json!({"password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
-            "username",
-        ),
-        (
-            json!({"username": "", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
-            "username",
-        ),
-        (
-            json!({"username": long, "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
-            "username",
-        ),
-        (
-            json!({"username": "bad name!", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
-            "username",
-        ),
-        (
-            json!({"username": "taken", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
-            "username",
-        ),
+        (with("username", Value::Null), "username"),
+        (with("username", json!("")), "username"),
+        (with("username", json!("x".repeat(151))), "username"),
+        (with("username", json!("bad name!")), "username"),
+        (with("username", json!("taken")), "username"),
         (
             json!({"username": "bob", "password": "short", "password_confirm": "short"}),
             "password",
         ),
         (
-            json!({"username": "bob", "password": "orange tractor 42", "password_confirm": "orange tractor 43"}),
+            with("password_confirm", json!("orange tractor 43")),
             "password",
         ),
-        (
-            json!({"username": "bob", "password_confirm": "orange tractor 42"}),
-            "password",
-        ),
-        (
-            json!({"username": "bob", "email": "not-an-email", "password": "orange tractor 42", "password_confirm": "orange tractor 42"}),
-            "email",
-        ),
+        (with("password", Value::Null), "password"),
+        (with("email", json!("not-an-email")), "email"),
     ];
     for (body, field) in cases {
-        let (status, errors) = app
-            .call(Method::POST, "/api/register/", None, Some(body.clone()))
-            .await;
+        let (status, errors) = app.register_with(body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         let problems = errors[field]
             .as_array()
@@ -95,17 +79,10 @@ async fn register_rejects_each_invalid_field_with_field_errors() {
 #[tokio::test]
 async fn login_answers_the_user_a_token_and_a_session_cookie() {
     let app = spawn_app().await;
-    app.register("alice").await;
-    let resp = app
-        .client
-        .post(app.url("/api/login/"))
-        .json(&json!({"username": "alice", "password": "correct horse"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let login = app.login_reply("alice").await;
+    assert_eq!(login.status, StatusCode::OK);
+    let cookie = login.header("set-cookie");
+    let body = login.expect_json();
     let token = body["token"].as_str().unwrap();
     assert!(token.len() >= 43, "256-bit token");
     assert_eq!(body["username"], "alice");
@@ -121,16 +98,12 @@ async fn login_answers_the_user_a_token_and_a_session_cookie() {
 
     // The cookie alone authenticates.
     let me = app
-        .client
-        .get(app.url("/api/me/"))
-        .header("cookie", format!("sessionid={token}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(me.status(), StatusCode::OK);
-    let me: serde_json::Value = me.json().await.unwrap();
+        .with_cookie(Method::GET, "/api/me/", token)
+        .reply()
+        .await;
+    assert_eq!(me.status, StatusCode::OK);
     assert_eq!(
-        me,
+        me.expect_json(),
         json!({"id": body["id"], "username": "alice", "email": "", "is_staff": false})
     );
     app.cleanup().await;
@@ -140,7 +113,7 @@ async fn login_answers_the_user_a_token_and_a_session_cookie() {
 async fn wrong_credentials_are_401_invalid_credentials() {
     let app = spawn_app().await;
     app.register("alice").await;
-    for (user, pass) in [("alice", "wrong password"), ("nobody", "correct horse")] {
+    for (user, pass) in [("alice", "wrong password"), ("nobody", PASSWORD)] {
         let (status, body) = app.login(user, pass).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body, json!({"error": "Invalid credentials"}));
@@ -160,9 +133,8 @@ async fn wrong_credentials_are_401_invalid_credentials() {
 
 #[tokio::test]
 async fn logout_revokes_the_session_server_side() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let other_session = app.login("alice", "correct horse").await.1["token"]
+    let (app, [alice]) = app_with_users(["alice"]).await;
+    let other_session = app.login("alice", PASSWORD).await.1["token"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -173,30 +145,24 @@ async fn logout_revokes_the_session_server_side() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body, json!({"error": "Authentication required"}));
     // Only that session ends.
-    assert_eq!(app.get("/api/me/", &other_session).await.0, StatusCode::OK);
+    assert_eq!(app.me_status(&other_session).await, StatusCode::OK);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn an_expired_session_is_refused() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    assert_eq!(app.get("/api/me/", &alice.token).await.0, StatusCode::OK);
+    let (app, [alice]) = app_with_users(["alice"]).await;
+    assert_eq!(app.me_status(&alice.token).await, StatusCode::OK);
     let app = common::restart_with(app, &["--session-ttl-hours", "0"]).await;
     let bob = app.user("bob").await;
-    assert_eq!(
-        app.get("/api/me/", &bob.token).await.0,
-        StatusCode::UNAUTHORIZED
-    );
-    assert_eq!(app.get("/api/me/", &alice.token).await.0, StatusCode::OK);
+    assert_eq!(app.me_status(&bob.token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.me_status(&alice.token).await, StatusCode::OK);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn users_lists_ids_and_usernames_only() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
+    let (app, [alice, bob]) = app_with_users(["alice", "bob"]).await;
     let (status, body) = app.get("/api/users/", &alice.token).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -219,6 +185,6 @@ async fn passwords_are_stored_as_argon2_hashes() {
         "{}",
         creds.password_hash
     );
-    assert!(!creds.password_hash.contains("correct horse"));
+    assert!(!creds.password_hash.contains(PASSWORD));
     app.cleanup().await;
 }

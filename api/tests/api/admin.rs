@@ -2,10 +2,13 @@
 //! re-drive of dead jobs.
 use crate::common;
 
-use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome};
-use common::{event_of, spawn_app, start_worker};
+use std::time::Duration;
+
+use aichat_fake_llm::{FakeConfig, Outcome};
+use aichat_testkit::{eventually, fake_always};
+use common::{Stack, app_with_users, event_of, items, texts};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/admin/ai-chats/"),
@@ -17,8 +20,7 @@ const ROUTES: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn admin_routes_are_401_for_anonymous_and_403_for_non_staff() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     for (method, path) in ROUTES {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let (status, _) = app.call(method.clone(), path, None, None).await;
@@ -34,54 +36,29 @@ async fn admin_routes_are_401_for_anonymous_and_403_for_non_staff() {
 
 #[tokio::test]
 async fn staff_search_chats_filter_messages_and_read_token_totals() {
-    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
-    let app = spawn_app().await;
-    let _worker = start_worker(&app, &fake, &[]).await;
-    let root = app.user("root").await;
-    aichat_shared::db::users::set_staff(&app.db, "root", true)
-        .await
-        .unwrap();
+    let app = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let root = app.staff("root").await;
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
     let trip = app
         .create_ai_chat(&alice, json!({"title": "Trip to Porto"}))
-        .await["id"]
-        .as_i64()
-        .unwrap();
+        .await;
     app.create_ai_chat(&bob, json!({"title": "Taxes"})).await;
     let (status, reply) = app
-        .post(
-            &format!("/api/ai/chats/{trip}/send_message/?wait=true"),
-            &alice.token,
-            json!({"content": "plan it"}),
-        )
+        .send_waiting(&alice, common::id(&trip), "plan it", "true")
         .await;
     assert_eq!(status, StatusCode::OK, "{reply}");
 
-    let titles = |v: &Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["title"].as_str().unwrap().to_owned())
-            .collect::<Vec<_>>()
+    let titles = |query: &'static str| {
+        let (app, token) = (&app, &root.token);
+        async move { texts(&app.list(query, token).await, "title") }
     };
     assert_eq!(
-        titles(&app.get("/api/admin/ai-chats/?q=porto", &root.token).await.1),
+        titles("/api/admin/ai-chats/?q=porto").await,
         ["Trip to Porto"]
     );
-    assert_eq!(
-        titles(&app.get("/api/admin/ai-chats/?q=BOB", &root.token).await.1),
-        ["Taxes"]
-    );
-    assert_eq!(
-        app.get("/api/admin/ai-chats/", &root.token)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(titles("/api/admin/ai-chats/?q=BOB").await, ["Taxes"]);
+    assert_eq!(titles("/api/admin/ai-chats/").await.len(), 2);
     assert_eq!(
         app.get("/api/admin/ai-chats/?q=%25", &root.token).await.1,
         json!([]),
@@ -91,7 +68,7 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
     let (_, assistant) = app
         .get("/api/admin/messages/?role=assistant", &root.token)
         .await;
-    assert_eq!(assistant.as_array().unwrap().len(), 1);
+    assert_eq!(items(&assistant).len(), 1);
     assert_eq!(assistant[0]["id"], reply["id"]);
     let (_, none) = app
         .get(
@@ -100,22 +77,18 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
         )
         .await;
     assert_eq!(none, json!([]));
-    assert_eq!(
-        app.get("/api/admin/messages/?role=robot", &root.token)
-            .await
-            .0,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        app.get("/api/admin/messages/?since=yesterday", &root.token)
-            .await
-            .0,
-        StatusCode::BAD_REQUEST
-    );
+    app.assert_bad_queries(
+        &root.token,
+        [
+            "/api/admin/messages/?role=robot",
+            "/api/admin/messages/?since=yesterday",
+        ],
+    )
+    .await;
 
     let (status, usage) = app.get("/api/admin/usage/", &root.token).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(usage.as_array().unwrap().len(), 1, "{usage}");
+    assert_eq!(items(&usage).len(), 1, "{usage}");
     assert_eq!(usage[0]["username"], "alice");
     assert_eq!(usage[0]["model"], "gpt-test");
     assert_eq!(usage[0]["total_tokens"], reply["total_tokens"]);
@@ -125,60 +98,36 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
 
 #[tokio::test]
 async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
-    let fake = FakeLlm::start(FakeConfig {
-        always: Some(Outcome::ServerError),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
-    let app = spawn_app().await;
-    let _worker = start_worker(&app, &fake, &["--llm-max-attempts", "1"]).await;
-    let root = app.user("root").await;
-    aichat_shared::db::users::set_staff(&app.db, "root", true)
-        .await
-        .unwrap();
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let app = Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &["--llm-max-attempts", "1"],
+    )
+    .await;
+    let root = app.staff("root").await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
     let mut ws = app.ws(chat, &alice.token, None).await;
-    let (status, _) = app
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/?wait=true"),
-            &alice.token,
-            json!({"content": "hello"}),
-        )
-        .await;
+    let (status, _) = app.send_waiting(&alice, chat, "hello", "true").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     let (_, sent) = event_of(&mut ws, "error", 10).await;
     let message_id = sent[0]["message"]["id"].as_i64().unwrap();
 
     // The worker publishes the error before apalis moves the job to the dead set (after the
     // handler returns), so the listing may lag the event by a moment.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let dead = loop {
-        let (status, dead) = app.get("/api/admin/dead-jobs/", &root.token).await;
-        assert_eq!(status, StatusCode::OK);
-        let dead = dead.as_array().unwrap().clone();
-        if !dead.is_empty() || tokio::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
+        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["message_id"], message_id);
     assert_eq!(dead[0]["ai_chat_id"], chat);
     let task_id = dead[0]["task_id"].as_str().unwrap().to_owned();
 
     // The model is back; the re-drive answers the message, once.
-    fake.set_config(FakeConfig::default());
-    let (status, body) = app
-        .post(
-            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
-            &root.token,
-            json!({}),
-        )
-        .await;
+    app.fake.set_config(FakeConfig::default());
+    let redrive = format!("/api/admin/dead-jobs/{task_id}/redrive/");
+    let (status, body) = app.post(&redrive, &root.token, json!({})).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(
         body,
@@ -190,28 +139,14 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
         app.get("/api/admin/dead-jobs/", &root.token).await.1,
         json!([])
     );
-    let (status, _) = app
-        .post(
-            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
-            &root.token,
-            json!({}),
-        )
-        .await;
+    let (status, _) = app.post(&redrive, &root.token, json!({})).await;
     assert_eq!(
         status,
         StatusCode::NOT_FOUND,
         "a second re-drive finds nothing"
     );
 
-    let (_, messages) = app
-        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
-        .await;
-    let statuses: Vec<&str> = messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(statuses, ["answered", "complete"]);
+    let messages = app.messages(&alice, chat).await;
+    assert_eq!(texts(&messages, "status"), ["answered", "complete"]);
     app.cleanup().await;
 }

@@ -1,16 +1,13 @@
 //! AI chats: create, read, change, delete, their messages and related-chat context.
 use crate::common;
 
-use common::spawn_app;
-use reqwest::StatusCode;
+use common::{app_with_users, id, ids, messages_path, texts};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat.";
 
 #[tokio::test]
 async fn create_answers_every_field_with_the_defaults() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     let chat = app
         .create_ai_chat(&alice, json!({"title": "General"}))
         .await;
@@ -62,9 +59,7 @@ async fn create_answers_every_field_with_the_defaults() {
 
 #[tokio::test]
 async fn create_and_update_validate_every_field() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
+    let (app, [alice, bob]) = app_with_users(["alice", "bob"]).await;
     let bobs_chat = app.create_chat(&bob, "bob only", &[]).await;
     let cases = [
         (json!({}), "title"),
@@ -85,32 +80,20 @@ async fn create_and_update_validate_every_field() {
             "system_prompt",
         ),
     ];
-    for (body, field) in &cases {
-        let (status, errors) = app.post("/api/ai/chats/", &alice.token, body.clone()).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(errors[field].is_array(), "{body} -> {errors}");
-    }
-    let (_, errors) = app
-        .post(
-            "/api/ai/chats/",
-            &alice.token,
-            json!({"title": "x", "related_chat": bobs_chat}),
-        )
+    app.assert_field_errors(Method::POST, "/api/ai/chats/", &alice.token, &cases)
         .await;
-    assert_eq!(errors, json!({"related_chat": [NOT_A_PARTICIPANT]}));
-    assert_eq!(
-        app.get("/api/ai/chats/", &alice.token).await.1,
-        json!([]),
+    app.assert_cannot_link(&alice, bobs_chat).await;
+    assert!(
+        app.list("/api/ai/chats/", &alice.token).await.is_empty(),
         "nothing stored"
     );
 
     // PATCH and PUT apply the same rules (the old app skipped the participant check here).
     let chat = app.create_ai_chat(&alice, json!({"title": "mine"})).await;
     let path = format!("/api/ai/chats/{}/", chat["id"]);
-    for (body, field) in cases.iter().skip(1) {
-        let (status, errors) = app.patch(&path, &alice.token, body.clone()).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "PATCH {body}");
-        assert!(errors[field].is_array(), "PATCH {body} -> {errors}");
+    app.assert_field_errors(Method::PATCH, &path, &alice.token, &cases[1..])
+        .await;
+    for (body, _) in &cases[1..] {
         let (status, _) = app.put(&path, &alice.token, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "PUT {body}");
     }
@@ -127,20 +110,19 @@ async fn create_and_update_validate_every_field() {
 
 #[tokio::test]
 async fn patch_changes_only_what_is_sent_and_null_unlinks() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     let team = app.create_chat(&alice, "team", &[]).await;
-    let chat = app
-        .create_ai_chat(&alice, json!({"title": "a", "related_chat": team}))
-        .await;
-    let path = format!("/api/ai/chats/{}/", chat["id"]);
+    let path = format!(
+        "/api/ai/chats/{}/",
+        app.linked_ai_chat_id(&alice, team).await
+    );
 
     let (status, patched) = app
         .patch(&path, &alice.token, json!({"system_prompt": "Be brief."}))
         .await;
     assert_eq!(status, StatusCode::OK, "{patched}");
     assert_eq!(patched["system_prompt"], "Be brief.");
-    assert_eq!(patched["title"], "a");
+    assert_eq!(patched["title"], "t");
     assert_eq!(patched["related_chat"], team);
 
     let (_, patched) = app
@@ -171,87 +153,49 @@ async fn patch_changes_only_what_is_sent_and_null_unlinks() {
 
 #[tokio::test]
 async fn list_is_most_recently_updated_first_and_delete_takes_the_messages() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let first = app.create_ai_chat(&alice, json!({"title": "first"})).await;
-    let second = app.create_ai_chat(&alice, json!({"title": "second"})).await;
-    let titles = |list: &Value| {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["title"].as_str().unwrap().to_owned())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        titles(&app.get("/api/ai/chats/", &alice.token).await.1),
-        ["second", "first"]
-    );
+    let (app, [alice]) = app_with_users(["alice"]).await;
+    let first = id(&app.create_ai_chat(&alice, json!({"title": "first"})).await);
+    app.create_ai_chat(&alice, json!({"title": "second"})).await;
+    let titles = || async { texts(&app.list("/api/ai/chats/", &alice.token).await, "title") };
+    assert_eq!(titles().await, ["second", "first"]);
 
-    let (status, sent) = app
-        .post(
-            &format!("/api/ai/chats/{}/send_message/", first["id"]),
-            &alice.token,
-            json!({"content": "bump"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
-    let (_, list) = app.get("/api/ai/chats/", &alice.token).await;
-    assert_eq!(titles(&list), ["first", "second"]);
+    let sent = app.send_ok(&alice, first, "bump").await;
+    let list = app.list("/api/ai/chats/", &alice.token).await;
+    assert_eq!(texts(&list, "title"), ["first", "second"]);
     assert_eq!(list[0]["message_count"], 1);
     // A send does not write the chat's row; its `updated_at` is the newest message's time.
-    assert_eq!(list[0]["updated_at"], sent["message"]["timestamp"]);
+    assert_eq!(list[0]["updated_at"], sent["timestamp"]);
 
-    let message_id = sent["message"]["id"].as_i64().unwrap();
     let (status, _) = app
-        .delete(&format!("/api/ai/chats/{}/", first["id"]), &alice.token)
+        .delete(&format!("/api/ai/chats/{first}/"), &alice.token)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(
-        app.get(&format!("/api/ai/messages/{message_id}/"), &alice.token)
+        app.get(&format!("/api/ai/messages/{}/", id(&sent)), &alice.token)
             .await
             .0,
         StatusCode::NOT_FOUND
     );
-    assert_eq!(
-        titles(&app.get("/api/ai/chats/", &alice.token).await.1),
-        ["second"]
-    );
-    let _ = second;
+    assert_eq!(titles().await, ["second"]);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn messages_page_with_after_id_and_limit_oldest_first() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await;
-    let id = chat["id"].as_i64().unwrap();
-    let mut ids = Vec::new();
+    let (app, [alice]) = app_with_users(["alice"]).await;
+    let chat = app.ai_chat_id(&alice).await;
+    let mut sent = Vec::new();
     for n in 0..5 {
-        let (_, sent) = app
-            .post(
-                &format!("/api/ai/chats/{id}/send_message/"),
-                &alice.token,
-                json!({"content": format!("m{n}")}),
-            )
-            .await;
-        ids.push(sent["message"]["id"].as_i64().unwrap());
+        sent.push(id(&app.send_ok(&alice, chat, &format!("m{n}")).await));
     }
-    let page = |q: &str| {
-        let path = format!("/api/ai/chats/{id}/messages/{q}");
-        let token = alice.token.clone();
+    let page = |query: &str| {
+        let path = format!("{}{query}", messages_path(chat));
         let app = &app;
-        async move { app.get(&path, &token).await }
+        let token = &alice.token;
+        async move { app.list(&path, token).await }
     };
-    let (status, all) = page("").await;
-    assert_eq!(status, StatusCode::OK);
-    let got: Vec<i64> = all
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(got, ids);
+    let all = page("").await;
+    assert_eq!(ids(&all), sent);
     let m = &all[0];
     for field in [
         "id",
@@ -273,36 +217,27 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
             m["status"].as_str(),
             m["ai_chat"].as_i64()
         ),
-        (Some("user"), Some("queued"), Some(id))
+        (Some("user"), Some("queued"), Some(chat))
     );
     assert_eq!(m["total_tokens"], Value::Null);
 
-    let (_, after) = page(&format!("?after_id={}&limit=2", ids[1])).await;
-    let got: Vec<i64> = after
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(got, ids[2..4]);
-    for bad in [
+    let after = page(&format!("?after_id={}&limit=2", sent[1])).await;
+    assert_eq!(ids(&after), sent[2..4]);
+    let bad = [
         "?limit=0",
         "?limit=-1",
         "?limit=1001",
         "?after_id=-5",
         "?limit=abc",
         "?after_id=99999999999999999999999",
-    ] {
-        let (status, body) = page(bad).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
-        assert!(body.is_object(), "{bad}: {body}");
-    }
+    ];
+    let bad = bad.map(|query| format!("{}{query}", messages_path(chat)));
+    app.assert_bad_queries(&alice.token, bad).await;
 
     // The user's messages across chats, and one by id.
-    let (_, mine) = app.get("/api/ai/messages/", &alice.token).await;
-    assert_eq!(mine, all);
+    assert_eq!(app.my_messages(&alice).await, all);
     let (status, one) = app
-        .get(&format!("/api/ai/messages/{}/", ids[3]), &alice.token)
+        .get(&format!("/api/ai/messages/{}/", sent[3]), &alice.token)
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one, all[3]);
@@ -311,18 +246,18 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
 
 #[tokio::test]
 async fn related_chat_context_answers_the_latest_messages_oldest_first() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
+    let (app, [alice, bob]) = app_with_users(["alice", "bob"]).await;
     let team = app.create_chat(&alice, "team", &[&bob]).await;
     for n in 0..6 {
         let who = if n % 2 == 0 { &alice } else { &bob };
-        app.post(
-            &format!("/api/chats/{team}/send_message/"),
-            &who.token,
-            json!({"content": format!("line {n}")}),
-        )
-        .await;
+        let (status, body) = app
+            .post(
+                &format!("/api/chats/{team}/send_message/"),
+                &who.token,
+                json!({"content": format!("line {n}")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
     }
     let unlinked = app.create_ai_chat(&alice, json!({"title": "none"})).await;
     let (status, body) = app
@@ -337,10 +272,8 @@ async fn related_chat_context_answers_the_latest_messages_oldest_first() {
         json!({"error": "No related chat linked to this AI chat"})
     );
 
-    let linked = app
-        .create_ai_chat(&alice, json!({"title": "ctx", "related_chat": team}))
-        .await;
-    let path = format!("/api/ai/chats/{}/related_chat_context/", linked["id"]);
+    let linked = app.linked_ai_chat_id(&alice, team).await;
+    let path = format!("/api/ai/chats/{linked}/related_chat_context/");
     let (status, ctx) = app
         .get(&format!("{path}?message_limit=3"), &alice.token)
         .await;
@@ -363,11 +296,7 @@ async fn related_chat_context_answers_the_latest_messages_oldest_first() {
     assert!(ctx["messages"][0]["timestamp"].is_string());
     let (_, all) = app.get(&path, &alice.token).await;
     assert_eq!(all["message_count"], 6, "default limit 50");
-    for bad in ["0", "201", "-1", "x"] {
-        let (status, _) = app
-            .get(&format!("{path}?message_limit={bad}"), &alice.token)
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
-    }
+    let bad = ["0", "201", "-1", "x"].map(|limit| format!("{path}?message_limit={limit}"));
+    app.assert_bad_queries(&alice.token, bad).await;
     app.cleanup().await;
 }

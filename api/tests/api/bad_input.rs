@@ -1,134 +1,85 @@
 //! Malformed input of every kind gets a 4xx JSON error, never a 500, and stores nothing.
 use crate::common;
 
-use common::spawn_app;
-use reqwest::StatusCode;
+use common::{
+    Replied, app_with_ai_chat, app_with_users, assert_error, messages_path, send_path, texts,
+};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+/// Sends `body` as it is, with `content_type` when given; the status and the JSON answer
+/// (every answer is JSON, an error's too).
 async fn raw(
     app: &common::TestApp,
-    method: reqwest::Method,
+    method: Method,
     path: &str,
     token: &str,
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> (StatusCode, Value) {
-    let mut req = app
-        .client
-        .request(method, app.url(path))
-        .bearer_auth(token)
-        .body(body);
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
+    let mut request = app.request(method, path).bearer_auth(token).body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
     }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {status} {text}")),
-    )
+    let reply = request.reply().await;
+    (reply.status, reply.expect_json())
 }
 
 #[tokio::test]
 async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let send = format!("/api/ai/chats/{ai}/send_message/");
+    let (app, alice, ai) = app_with_ai_chat("alice").await;
+    let send = send_path(ai);
     let json_ct = Some("application/json");
-    let post = reqwest::Method::POST;
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode)> = vec![
+    let post = Method::POST;
+    // Bodies that are not what their route reads: 400.
+    let bad_bodies: [(&str, &[u8]); 11] = [
+        (&send, b"{not json"),
+        (&send, b""),
+        (&send, b"\"just a string\""),
+        (&send, b"{\"content\": [1,2]}"),
         (
-            send.as_str(),
-            json_ct,
-            b"{not json".to_vec(),
-            StatusCode::BAD_REQUEST,
+            &send,
+            b"{\"content\": \"hi\", \"context_message_limit\": 1e99}",
         ),
         (
-            send.as_str(),
-            json_ct,
-            b"".to_vec(),
-            StatusCode::BAD_REQUEST,
+            &send,
+            b"{\"content\": \"hi\", \"context_message_limit\": 99999999999999999999}",
         ),
+        (&send, &[0xff, 0xfe, 0x00]),
+        ("/api/ai/chats/", b"{\"title\": null}"),
         (
-            send.as_str(),
-            json_ct,
-            b"\"just a string\"".to_vec(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            send.as_str(),
-            json_ct,
-            b"{\"content\": [1,2]}".to_vec(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            send.as_str(),
-            json_ct,
-            b"{\"content\": \"hi\", \"context_message_limit\": 1e99}".to_vec(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            send.as_str(),
-            json_ct,
-            b"{\"content\": \"hi\", \"context_message_limit\": 99999999999999999999}".to_vec(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            send.as_str(),
-            json_ct,
-            vec![0xff, 0xfe, 0x00],
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            send.as_str(),
-            Some("text/plain"),
-            b"{\"content\": \"hi\"}".to_vec(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ),
-        (
-            send.as_str(),
-            None,
-            b"{\"content\": \"hi\"}".to_vec(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ),
-        (
-            send.as_str(),
-            Some("application/x-www-form-urlencoded"),
-            b"content=hi".to_vec(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "/api/ai/chats/",
+            b"{\"title\": \"t\", \"related_chat\": \"1\"}",
         ),
         (
             "/api/ai/chats/",
-            json_ct,
-            b"{\"title\": null}".to_vec(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "/api/ai/chats/",
-            json_ct,
-            b"{\"title\": \"t\", \"related_chat\": \"1\"}".to_vec(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "/api/ai/chats/",
-            json_ct,
-            b"{\"title\": \"t\", \"related_chat\": -1}".to_vec(),
-            StatusCode::BAD_REQUEST,
+            b"{\"title\": \"t\", \"related_chat\": -1}",
         ),
         (
             "/api/chats/",
-            json_ct,
-            b"{\"name\": \"n\", \"participant_ids\": [1.5]}".to_vec(),
-            StatusCode::BAD_REQUEST,
+            b"{\"name\": \"n\", \"participant_ids\": [1.5]}",
         ),
     ];
+    // Bodies that say they are not JSON, or say nothing: 415.
+    let other_types: [(Option<&str>, &[u8]); 3] = [
+        (Some("text/plain"), b"{\"content\": \"hi\"}"),
+        (None, b"{\"content\": \"hi\"}"),
+        (Some("application/x-www-form-urlencoded"), b"content=hi"),
+    ];
+    let cases = bad_bodies
+        .iter()
+        .map(|(path, body)| (*path, json_ct, *body, StatusCode::BAD_REQUEST))
+        .chain(other_types.iter().map(|(ct, body)| {
+            (
+                send.as_str(),
+                *ct,
+                *body,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            )
+        }));
     for (path, ct, body, expected) in cases {
-        let shown = String::from_utf8_lossy(&body).into_owned();
-        let (status, error) = raw(&app, post.clone(), path, &alice.token, ct, body).await;
+        let shown = String::from_utf8_lossy(body).into_owned();
+        let (status, error) = raw(&app, post.clone(), path, &alice.token, ct, body.to_vec()).await;
         assert_eq!(status, expected, "{path} {ct:?} {shown}: {error}");
         assert!(
             error.is_object() && !error.as_object().unwrap().is_empty(),
@@ -139,23 +90,11 @@ async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
     // A body over 1 MiB is 413.
     let big = serde_json::to_vec(&json!({"content": "x".repeat(1024 * 1024 + 10)})).unwrap();
     let (status, error) = raw(&app, post.clone(), &send, &alice.token, json_ct, big).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(error["error"].is_string());
+    assert_error("1 MiB", (status, &error), StatusCode::PAYLOAD_TOO_LARGE);
 
-    assert_eq!(
-        app.get("/api/ai/messages/", &alice.token).await.1,
-        json!([])
-    );
-    assert_eq!(
-        app.get("/api/ai/chats/", &alice.token)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
-    assert_eq!(app.get("/api/chats/", &alice.token).await.1, json!([]));
+    assert!(app.my_messages(&alice).await.is_empty());
+    assert_eq!(app.list("/api/ai/chats/", &alice.token).await.len(), 1);
+    assert!(app.list("/api/chats/", &alice.token).await.is_empty());
     assert!(app.queued_jobs().await.is_empty());
     app.cleanup().await;
 }
@@ -165,28 +104,18 @@ async fn malformed_bodies_are_4xx_json_errors_and_change_nothing() {
 /// would register mallory and `["hello"]` would send "hello".
 #[tokio::test]
 async fn bodies_that_are_not_json_objects_are_400_on_every_route_and_store_nothing() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (app, alice, ai) = app_with_ai_chat("alice").await;
     let chat = app.create_chat(&alice, "c", &[]).await;
     let password = "a long enough password";
     let routes = [
-        (reqwest::Method::POST, "/api/register/".to_owned()),
-        (reqwest::Method::POST, "/api/login/".to_owned()),
-        (reqwest::Method::POST, "/api/chats/".to_owned()),
-        (
-            reqwest::Method::POST,
-            format!("/api/chats/{chat}/send_message/"),
-        ),
-        (reqwest::Method::POST, "/api/ai/chats/".to_owned()),
-        (reqwest::Method::PATCH, format!("/api/ai/chats/{ai}/")),
-        (reqwest::Method::PUT, format!("/api/ai/chats/{ai}/")),
-        (
-            reqwest::Method::POST,
-            format!("/api/ai/chats/{ai}/send_message/"),
-        ),
+        (Method::POST, "/api/register/".to_owned()),
+        (Method::POST, "/api/login/".to_owned()),
+        (Method::POST, "/api/chats/".to_owned()),
+        (Method::POST, format!("/api/chats/{chat}/send_message/")),
+        (Method::POST, "/api/ai/chats/".to_owned()),
+        (Method::PATCH, format!("/api/ai/chats/{ai}/")),
+        (Method::PUT, format!("/api/ai/chats/{ai}/")),
+        (Method::POST, send_path(ai)),
     ];
     let bodies = [
         json!(["mallory", password, password]),
@@ -202,15 +131,9 @@ async fn bodies_that_are_not_json_objects_are_400_on_every_route_and_store_nothi
     for (method, path) in &routes {
         for body in &bodies {
             let bytes = serde_json::to_vec(body).unwrap();
-            let (status, error) = raw(
-                &app,
-                method.clone(),
-                path,
-                &alice.token,
-                Some("application/json"),
-                bytes,
-            )
-            .await;
+            let json_ct = Some("application/json");
+            let (status, error) =
+                raw(&app, method.clone(), path, &alice.token, json_ct, bytes).await;
             assert_eq!(
                 status,
                 StatusCode::BAD_REQUEST,
@@ -224,33 +147,26 @@ async fn bodies_that_are_not_json_objects_are_400_on_every_route_and_store_nothi
         }
     }
     // Whitespace before the object is still an object.
+    let spaced = b" \n\t{\"content\": \"spaced\"}".to_vec();
+    let json_ct = Some("application/json");
     let (status, _) = raw(
         &app,
-        reqwest::Method::POST,
-        &format!("/api/ai/chats/{ai}/send_message/"),
+        Method::POST,
+        &send_path(ai),
         &alice.token,
-        Some("application/json"),
-        b" \n\t{\"content\": \"spaced\"}".to_vec(),
+        json_ct,
+        spaced,
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
-    let (_, messages) = app.get("/api/ai/messages/", &alice.token).await;
-    let contents: Vec<&Value> = messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| &m["content"])
-        .collect();
-    assert_eq!(contents, [&json!("spaced")]);
-    let (_, chat_messages) = app
-        .get(&format!("/api/chats/{chat}/messages/"), &alice.token)
-        .await;
-    assert_eq!(chat_messages, json!([]));
+    let messages = app.my_messages(&alice).await;
+    assert_eq!(texts(&messages, "content"), ["spaced"]);
+    let chat_messages = format!("/api/chats/{chat}/messages/");
+    assert!(app.list(&chat_messages, &alice.token).await.is_empty());
     let (_, ai_chat) = app.get(&format!("/api/ai/chats/{ai}/"), &alice.token).await;
     assert_eq!(ai_chat["title"], "t");
-    let (_, chats) = app.get("/api/chats/", &alice.token).await;
-    assert_eq!(chats.as_array().unwrap().len(), 1);
+    assert_eq!(app.list("/api/chats/", &alice.token).await.len(), 1);
     let (status, _) = app.login("mallory", password).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "mallory was registered");
     app.cleanup().await;
@@ -258,8 +174,7 @@ async fn bodies_that_are_not_json_objects_are_400_on_every_route_and_store_nothi
 
 #[tokio::test]
 async fn unknown_and_out_of_range_ids_are_404() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     for id in [
         "0",
         "-1",
@@ -279,13 +194,8 @@ async fn unknown_and_out_of_range_ids_are_404() {
             assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
             assert_eq!(body, json!({"error": "Not found."}), "{path}");
         }
-        let (status, _) = app
-            .post(
-                &format!("/api/ai/chats/{id}/send_message/"),
-                &alice.token,
-                json!({"content": "x"}),
-            )
-            .await;
+        let send = format!("/api/ai/chats/{id}/send_message/");
+        let (status, _) = app.post(&send, &alice.token, json!({"content": "x"})).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
     let (status, body) = app.get("/api/no-such-route/", &alice.token).await;
@@ -294,19 +204,14 @@ async fn unknown_and_out_of_range_ids_are_404() {
         (StatusCode::NOT_FOUND, json!({"error": "Not found."}))
     );
     let (status, body) = app.delete("/api/me/", &alice.token).await;
-    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    assert!(body["error"].is_string());
+    assert_error("DELETE", (status, &body), StatusCode::METHOD_NOT_ALLOWED);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_value_of_the_wrong_type_is_named_with_its_field_and_the_json_type_expected() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let ai = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let send = format!("/api/ai/chats/{ai}/send_message/");
+    let (app, alice, ai) = app_with_ai_chat("alice").await;
+    let send = send_path(ai);
     let cases = [
         (
             send.as_str(),
@@ -346,18 +251,13 @@ async fn a_value_of_the_wrong_type_is_named_with_its_field_and_the_json_type_exp
             assert!(!text.contains(rust), "{path} {body}: {text}");
         }
     }
-    let (_, messages) = app
-        .get(&format!("/api/ai/chats/{ai}/messages/"), &alice.token)
-        .await;
-    assert_eq!(messages, json!([]), "nothing stored");
+    assert!(app.messages(&alice, ai).await.is_empty(), "nothing stored");
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_path_without_its_trailing_slash_is_redirected_or_named() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let ai = app.ai_chat_id(&alice).await;
+    let (app, alice, ai) = app_with_ai_chat("alice").await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -365,33 +265,28 @@ async fn a_path_without_its_trailing_slash_is_redirected_or_named() {
     // GET and HEAD: a permanent redirect that keeps the method and the query.
     for (method, path, location) in [
         (
-            reqwest::Method::GET,
+            Method::GET,
             "/api/chats".to_string(),
             "/api/chats/".to_string(),
         ),
         (
-            reqwest::Method::GET,
+            Method::GET,
             format!("/api/ai/chats/{ai}/messages?limit=5"),
-            format!("/api/ai/chats/{ai}/messages/?limit=5"),
+            format!("{}?limit=5", messages_path(ai)),
         ),
-        (
-            reqwest::Method::HEAD,
-            "/api/me".to_string(),
-            "/api/me/".to_string(),
-        ),
+        (Method::HEAD, "/api/me".to_string(), "/api/me/".to_string()),
     ] {
         let response = client
             .request(method.clone(), app.url(&path))
             .bearer_auth(&alice.token)
-            .send()
-            .await
-            .unwrap();
+            .reply()
+            .await;
         assert_eq!(
-            response.status(),
+            response.status,
             StatusCode::PERMANENT_REDIRECT,
             "{method} {path}"
         );
-        assert_eq!(response.headers()["location"], location.as_str());
+        assert_eq!(response.header("location"), location);
     }
     // Following it gets the page.
     let (status, _) = app.get("/api/ai/chats", &alice.token).await;
@@ -405,14 +300,16 @@ async fn a_path_without_its_trailing_slash_is_redirected_or_named() {
         body,
         json!({"error": "Not found. Every path of this API ends with a slash: /api/ai/chats/"})
     );
-    let (_, chats) = app.get("/api/ai/chats/", &alice.token).await;
-    assert_eq!(chats.as_array().map(Vec::len), Some(1));
+    assert_eq!(app.list("/api/ai/chats/", &alice.token).await.len(), 1);
     // A path that is no route with or without the slash stays a plain 404.
     for path in ["/api/nothing", "/api/chats/x/y", "/api/nothing/"] {
-        let response = client.get(app.url(path)).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body, json!({"error": "Not found."}), "{path}");
+        let response = client.get(app.url(path)).reply().await;
+        assert_eq!(response.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            response.expect_json(),
+            json!({"error": "Not found."}),
+            "{path}"
+        );
     }
     app.cleanup().await;
 }

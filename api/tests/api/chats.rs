@@ -1,16 +1,13 @@
 //! User-to-user chats and their messages.
 use crate::common;
 
-use common::spawn_app;
-use reqwest::StatusCode;
-use serde_json::json;
+use common::{app_with_users, ids};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn creating_a_chat_adds_the_creator_and_the_named_participants() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
-    let carol = app.user("carol").await;
+    let (app, [alice, bob, carol]) = app_with_users(["alice", "bob", "carol"]).await;
     let (status, chat) = app
         .post(
             "/api/chats/",
@@ -21,13 +18,12 @@ async fn creating_a_chat_adds_the_creator_and_the_named_participants() {
     assert_eq!(status, StatusCode::CREATED, "{chat}");
     assert_eq!(chat["name"], "Project");
     assert!(chat["id"].is_i64() && chat["created_at"].is_string());
-    let ids: Vec<i64> = chat["participants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![alice.id, bob.id, carol.id], "ghost is skipped");
+    let participants = common::items(&chat["participants"]);
+    assert_eq!(
+        ids(participants),
+        [alice.id, bob.id, carol.id],
+        "ghost is skipped"
+    );
     assert_eq!(
         chat["participants"][1],
         json!({"id": bob.id, "username": "bob"})
@@ -49,8 +45,7 @@ async fn creating_a_chat_adds_the_creator_and_the_named_participants() {
 
 #[tokio::test]
 async fn unknown_participant_ids_and_bad_names_are_400_and_create_nothing() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     let cases = [
         (
             json!({"name": "x", "participant_ids": [999999]}),
@@ -60,32 +55,22 @@ async fn unknown_participant_ids_and_bad_names_are_400_and_create_nothing() {
         (json!({"name": "   "}), "name"),
         (json!({"name": "n".repeat(256)}), "name"),
     ];
-    for (body, field) in cases {
-        let (status, errors) = app.post("/api/chats/", &alice.token, body.clone()).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(errors[field].is_array(), "{body} -> {errors}");
-    }
-    let (status, body) = app
-        .post(
-            "/api/chats/",
-            &alice.token,
-            json!({"name": "x", "participant_ids": ["a"]}),
-        )
+    app.assert_field_errors(Method::POST, "/api/chats/", &alice.token, &cases)
         .await;
+    let named = json!({"name": "x", "participant_ids": ["a"]});
+    let (status, body) = app.post("/api/chats/", &alice.token, named).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(
         body,
         json!({"participant_ids[0]": ["Expected an integer, got a string."]})
     );
-    assert_eq!(app.get("/api/chats/", &alice.token).await.1, json!([]));
+    assert!(app.list("/api/chats/", &alice.token).await.is_empty());
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn participants_send_and_read_messages_oldest_first() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
+    let (app, [alice, bob]) = app_with_users(["alice", "bob"]).await;
     let chat = app.create_chat(&alice, "c", &[&bob]).await;
     let path = format!("/api/chats/{chat}/send_message/");
     let (status, first) = app
@@ -103,37 +88,23 @@ async fn participants_send_and_read_messages_oldest_first() {
         .post(&path, &bob.token, json!({"content": "hi alice"}))
         .await;
 
-    let (status, list) = app
-        .get(&format!("/api/chats/{chat}/messages/"), &alice.token)
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(list, json!([first, second]));
+    let messages = format!("/api/chats/{chat}/messages/");
+    assert_eq!(app.list(&messages, &alice.token).await, [first, second]);
 
-    for body in [
-        json!({"content": "  "}),
-        json!({}),
-        json!({"content": "x".repeat(32_001)}),
-    ] {
-        let (status, errors) = app.post(&path, &alice.token, body).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(errors["content"].is_array(), "{errors}");
-    }
-    assert_eq!(
-        app.get(&format!("/api/chats/{chat}/messages/"), &alice.token)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    let bad: [(Value, &str); 3] = [
+        (json!({"content": "  "}), "content"),
+        (json!({}), "content"),
+        (json!({"content": "x".repeat(32_001)}), "content"),
+    ];
+    app.assert_field_errors(Method::POST, &path, &alice.token, &bad)
+        .await;
+    assert_eq!(app.list(&messages, &alice.token).await.len(), 2);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn deleting_a_chat_leaves_linked_ai_chats_with_a_null_related_chat() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     let chat = app.create_chat(&alice, "team", &[]).await;
     let ai = app
         .create_ai_chat(&alice, json!({"title": "helper", "related_chat": chat}))
@@ -155,7 +126,7 @@ async fn deleting_a_chat_leaves_linked_ai_chats_with_a_null_related_chat() {
         .get(&format!("/api/ai/chats/{}/", ai["id"]), &alice.token)
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(ai["related_chat"], serde_json::Value::Null);
-    assert_eq!(ai["related_chat_name"], serde_json::Value::Null);
+    assert_eq!(ai["related_chat"], Value::Null);
+    assert_eq!(ai["related_chat_name"], Value::Null);
     app.cleanup().await;
 }

@@ -1,9 +1,14 @@
 //! The OpenAPI document, the offline documentation pages, the probes and the migrations.
 use crate::common;
 
-use common::{Options, drop_database, fresh_database, spawn_app, spawn_app_with};
 use std::collections::BTreeSet;
+use std::time::Duration;
 
+use aichat_fake_llm::FakeConfig;
+use aichat_testkit::eventually;
+use common::{
+    Replied, Stack, drop_database, fresh_database, scrape, spawn_app, spawn_app_with_flags,
+};
 use reqwest::{Method, StatusCode};
 
 /// The routes of the contract's tables (`docs/API.md`): rows `| METHOD | `/path` | ...`.
@@ -55,9 +60,7 @@ async fn the_contract_and_the_openapi_document_list_the_same_routes() {
 async fn swagger_ui_and_redoc_are_served_by_the_binary_itself() {
     let app = spawn_app().await;
     for page in ["/api/docs/", "/api/redoc/"] {
-        let resp = app.client.get(app.url(page)).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{page}");
-        let html = resp.text().await.unwrap();
+        let html = app.fetch_ok(page).await.text;
         assert!(
             html.contains("<html") || html.contains("<!DOCTYPE"),
             "{page}"
@@ -72,12 +75,8 @@ async fn swagger_ui_and_redoc_are_served_by_the_binary_itself() {
         "/api/docs/swagger-ui.css",
         "/api/redoc/redoc.standalone.js",
     ] {
-        let resp = app.client.get(app.url(asset)).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{asset}");
-        assert!(
-            resp.bytes().await.unwrap().len() > 10_000,
-            "{asset} is the real bundle"
-        );
+        let bundle = app.fetch_ok(asset).await.text;
+        assert!(bundle.len() > 10_000, "{asset} is the real bundle");
     }
     app.cleanup().await;
 }
@@ -85,8 +84,7 @@ async fn swagger_ui_and_redoc_are_served_by_the_binary_itself() {
 #[tokio::test]
 async fn probes_report_liveness_and_readiness() {
     let app = spawn_app().await;
-    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    app.fetch_ok("/healthz").await;
     let (status, ready) = app.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -115,17 +113,9 @@ async fn migrations_run_twice_on_the_same_database() {
 async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
     const SCRAPER: &str = "scraper-token-0123456789";
     let api = common::spawn_api_binary(&["--metrics-token", SCRAPER]).await;
-    let text = reqwest::Client::new()
-        .get(format!("{}/metrics", api.base))
-        .bearer_auth(SCRAPER)
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = scrape(&api.base, SCRAPER).await;
     api.cleanup().await;
-    for (metric, kind) in [
+    let described = [
         ("http_requests_total", "counter"),
         ("http_request_duration_seconds", "histogram"),
         ("websockets_open", "gauge"),
@@ -133,91 +123,46 @@ async fn an_idle_api_lists_every_metric_at_zero_on_its_first_scrape() {
         ("queue_jobs", "gauge"),
         ("send_batch_size", "summary"),
         ("aichat_db_conflict_retries_total", "counter"),
-    ] {
-        assert!(
-            text.contains(&format!("# HELP {metric} ")),
-            "no help for {metric} in:\n{text}"
-        );
-        assert!(
-            text.contains(&format!("# TYPE {metric} {kind}\n")),
-            "no {kind} type for {metric} in:\n{text}"
-        );
-    }
-    for series in [
+    ];
+    let at_zero = [
         "websockets_open 0",
         "queue_jobs{state=\"waiting\"} 0",
         "queue_jobs{state=\"in_flight\"} 0",
         "queue_jobs{state=\"dead\"} 0",
         "aichat_db_conflict_retries_total{path=\"send_batch\"} 0",
-    ] {
-        assert!(
-            text.lines().any(|line| line == series),
-            "no `{series}` in:\n{text}"
-        );
-    }
+    ];
+    let missing = aichat_testkit::client::missing_metrics(&text, &described, &at_zero);
+    assert!(missing.is_empty(), "no {missing:?} in:\n{text}");
 }
 
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status_and_show_the_queue() {
     const SCRAPER: &str = "scraper-token-0123456789";
-    let app = spawn_app_with(Options {
-        extra: vec!["--metrics-token".into(), SCRAPER.into()],
-        ..Options::default()
-    })
-    .await;
-    let alice = app.user("alice").await;
-    let chat = app
-        .create_ai_chat(&alice, serde_json::json!({"title": "t"}))
-        .await["id"]
-        .as_i64()
-        .unwrap();
-    app.post(
-        &format!("/api/ai/chats/{chat}/send_message/"),
-        &alice.token,
-        serde_json::json!({"content": "x"}),
-    )
-    .await;
+    let app = spawn_app_with_flags(&["--metrics-token", SCRAPER]).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    app.send_ok(&alice, chat, "x").await;
     app.get("/api/ai/chats/999999/", &alice.token).await;
     // Only the scraper's token and staff sessions read the metrics.
-    let status = |token: Option<String>| {
-        let mut request = app.client.get(app.url("/metrics"));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        async move { request.send().await.unwrap().status() }
+    let status = |token: &str| {
+        let request = app.request(Method::GET, "/metrics").bearer_auth(token);
+        async move { request.reply().await.status }
     };
-    assert_eq!(status(None).await, StatusCode::UNAUTHORIZED);
+    let anonymous = app.fetch("/metrics").await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        status(Some("wrong-token-0123456789".into())).await,
+        status("wrong-token-0123456789").await,
         StatusCode::UNAUTHORIZED
     );
-    assert_eq!(
-        status(Some(alice.token.clone())).await,
-        StatusCode::FORBIDDEN
-    );
-    let root = app.user("root").await;
-    aichat_shared::db::users::set_staff(&app.db, "root", true)
-        .await
-        .unwrap();
+    assert_eq!(status(&alice.token).await, StatusCode::FORBIDDEN);
+    let root = app.staff("root").await;
     // A session this instance looked up before the promotion is cached for SESSION_CACHE_SECS.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let got = status(Some(root.token.clone())).await;
-        if got == StatusCode::OK {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "staff got {got}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let resp = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(SCRAPER)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let text = resp.text().await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "staff reads the metrics",
+        || async { (status(&root.token).await == StatusCode::OK).then_some(()) },
+    )
+    .await;
+    let text = app.metrics(SCRAPER).await;
     let has = |needle: &str| {
         text.lines()
             .any(|l| l.contains("http_requests_total") && l.contains(needle))
@@ -255,11 +200,7 @@ async fn the_readme_walkthrough_works_pasted() {
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("a sh block in the curl section");
-    let fake = aichat_fake_llm::FakeLlm::start(aichat_fake_llm::FakeConfig::default())
-        .await
-        .expect("fake model");
-    let app = spawn_app().await;
-    let _worker = common::start_worker(&app, &fake, &[]).await;
+    let app = Stack::start(FakeConfig::default(), &[], &[]).await;
     let script = block.replacen("B=http://127.0.0.1:8000", &format!("B={}", app.base), 1);
     assert_ne!(script, block, "the block sets B to the default address");
     let output = tokio::process::Command::new("bash")

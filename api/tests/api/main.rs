@@ -13,9 +13,15 @@ mod deploy;
 mod docs_and_ops;
 mod paging;
 mod pipeline;
-mod security;
 mod send_batch;
 mod send_message;
 mod session_cache;
 mod web;
 mod websocket;
+
+// The threats of SECURITY.md, one module per kind of attacker.
+mod connections;
+mod cross_site;
+mod login_abuse;
+mod operators;
+mod session_revocation;

@@ -5,40 +5,35 @@ use crate::common;
 
 use std::collections::HashSet;
 
-use common::{TestApp, TestUser, event_of, next_event, spawn_app_with_flags};
-use reqwest::StatusCode;
-use serde_json::{Value, json};
+use common::{Replied, TestApp, TestUser, event_of, id, ids, next_event, spawn_app_with_flags};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
 
 const NO_SEND_LIMIT: &[&str] = &["--send-rate-per-minute", "0"];
+
+/// The page `user` reads at `path`, with its headers.
+async fn page(app: &TestApp, user: &TestUser, path: &str) -> common::Reply {
+    app.request(Method::GET, path)
+        .bearer_auth(&user.token)
+        .reply()
+        .await
+}
 
 /// Follows `rel="next"` links from `first` to the end; every page's ids, in order.
 async fn every_page(app: &TestApp, user: &TestUser, first: &str) -> Vec<Vec<i64>> {
     let mut pages = Vec::new();
     let mut next = Some(first.to_owned());
     while let Some(path) = next.take() {
-        let answer = app
-            .client
-            .get(app.url(&path))
-            .bearer_auth(&user.token)
-            .send()
-            .await
-            .expect("answered");
-        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        let answer = page(app, user, &path).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}");
         next = answer
-            .headers()
+            .headers
             .get("link")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix('<'))
             .and_then(|v| v.split_once(">; rel=\"next\""))
             .map(|(path, _)| path.to_owned());
-        let body: Value = answer.json().await.expect("JSON");
-        let ids = body
-            .as_array()
-            .expect("an array")
-            .iter()
-            .map(|item| item["id"].as_i64().expect("id"))
-            .collect();
-        pages.push(ids);
+        pages.push(ids(common::items(&answer.expect_json())));
         assert!(pages.len() < 100, "the links never end");
     }
     pages
@@ -84,23 +79,10 @@ async fn every_list_pages_with_its_cursor_up_to_its_limit() {
         let chat = app
             .create_ai_chat(&alice, json!({"title": format!("ai {n}")}))
             .await;
-        ai_chats.push(chat["id"].as_i64().expect("id"));
+        ai_chats.push(id(&chat));
     }
-    let (status, _) = app
-        .post(
-            &format!("/api/ai/chats/{}/send_message/", ai_chats[0]),
-            &alice.token,
-            json!({"content": "bump"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let (_, whole) = app.get("/api/ai/chats/", &alice.token).await;
-    let whole: Vec<i64> = whole
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|c| c["id"].as_i64().expect("id"))
-        .collect();
+    app.send_ok(&alice, ai_chats[0], "bump").await;
+    let whole = ids(&app.list("/api/ai/chats/", &alice.token).await);
     assert_eq!(whole[0], ai_chats[0], "the bumped chat comes first");
     let pages = every_page(&app, &alice, "/api/ai/chats/?limit=2").await;
     assert_eq!(
@@ -111,14 +93,7 @@ async fn every_list_pages_with_its_cursor_up_to_its_limit() {
 
     // Messages of a chat and of the user: oldest first, `after_id`.
     for n in 0..4 {
-        let (status, _) = app
-            .post(
-                &format!("/api/ai/chats/{}/send_message/", ai_chats[1]),
-                &alice.token,
-                json!({"content": format!("m{n}")}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED);
+        app.send_ok(&alice, ai_chats[1], &format!("m{n}")).await;
     }
     let pages = every_page(
         &app,
@@ -134,7 +109,7 @@ async fn every_list_pages_with_its_cursor_up_to_its_limit() {
     assert_eq!(mine.iter().collect::<HashSet<_>>().len(), 5);
 
     // Limits at and past their edges; a cursor of the other direction; a negative cursor.
-    for path in [
+    let bad = [
         "/api/users/?limit=0",
         "/api/users/?limit=1001",
         "/api/users/?limit=x",
@@ -143,11 +118,8 @@ async fn every_list_pages_with_its_cursor_up_to_its_limit() {
         "/api/ai/chats/?after_id=1",
         "/api/ai/messages/?after_id=-1",
         "/api/ai/chats/?limit=-5",
-    ] {
-        let (status, body) = app.get(path, &alice.token).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
-        assert!(body.is_object(), "{path}: {body}");
-    }
+    ];
+    app.assert_bad_queries(&alice.token, bad).await;
     let (status, _) = app.get("/api/users/?limit=1000", &alice.token).await;
     assert_eq!(status, StatusCode::OK);
     app.cleanup().await;
@@ -167,47 +139,22 @@ async fn lists_have_a_default_page() {
     .execute(&app.db)
     .await
     .expect("101 AI chats");
-    let answer = app
-        .client
-        .get(app.url("/api/ai/chats/"))
-        .bearer_auth(&alice.token)
-        .send()
-        .await
-        .expect("answered");
-    let link = answer.headers()["link"].to_str().expect("ascii").to_owned();
+    let answer = page(&app, &alice, "/api/ai/chats/").await;
+    let link = answer.header("link");
     assert!(link.contains("limit=100"), "{link}");
-    let chats: Value = answer.json().await.expect("JSON");
-    assert_eq!(chats.as_array().expect("array").len(), 100);
+    let chats = answer.expect_json();
+    assert_eq!(common::items(&chats).len(), 100);
 
-    let chat = chats[0]["id"].as_i64().expect("id");
-    insert_messages(&app, chat, 1001).await;
-    let answer = app
-        .client
-        .get(app.url(&format!("/api/ai/chats/{chat}/messages/")))
-        .bearer_auth(&alice.token)
-        .send()
-        .await
-        .expect("answered");
-    assert!(answer.headers().contains_key("link"));
-    let messages: Value = answer.json().await.expect("JSON");
-    assert_eq!(messages.as_array().expect("array").len(), 1000);
+    let chat = id(&chats[0]);
+    app.insert_messages(chat, 1001, 0).await;
+    let answer = page(&app, &alice, &common::messages_path(chat)).await;
+    assert!(answer.headers.contains_key("link"));
+    assert_eq!(common::items(&answer.expect_json()).len(), 1000);
     let (_, detail) = app
         .get(&format!("/api/ai/chats/{chat}/"), &alice.token)
         .await;
-    assert_eq!(detail["messages"].as_array().expect("array").len(), 1000);
+    assert_eq!(common::items(&detail["messages"]).len(), 1000);
     app.cleanup().await;
-}
-
-async fn insert_messages(app: &TestApp, chat: i64, n: i32) {
-    sqlx::query(
-        "insert into ai_messages (ai_chat_id, role, content, status)
-         select $1, 'user', 'message ' || g, 'answered' from generate_series(1, $2) g",
-    )
-    .bind(chat)
-    .bind(n)
-    .execute(&app.db)
-    .await
-    .expect("messages");
 }
 
 /// A socket opened with `?after_id=` sends at most 500 stored messages, then
@@ -217,29 +164,17 @@ async fn the_socket_catch_up_stops_at_its_limit_and_says_where_rest_takes_over()
     let app = spawn_app_with_flags(NO_SEND_LIMIT).await;
     let alice = app.user("alice").await;
     let chat = app.ai_chat_id(&alice).await;
-    insert_messages(&app, chat, 502).await;
+    app.insert_messages(chat, 502, 0).await;
     let mut ws = app.ws(chat, &alice.token, Some(0)).await;
     let (truncated, before) = event_of(&mut ws, "catch_up_truncated", 20).await;
     assert_eq!(before.len(), 500);
     assert!(before.iter().all(|e| e["type"] == "user_message"));
-    let last = before[499]["message"]["id"].as_i64().expect("id");
+    let last = id(&before[499]["message"]);
     assert_eq!(truncated["next_after_id"], last);
-    let (_, rest) = app
-        .get(
-            &format!("/api/ai/chats/{chat}/messages/?after_id={last}"),
-            &alice.token,
-        )
-        .await;
-    assert_eq!(rest.as_array().expect("array").len(), 2);
+    let rest = format!("{}?after_id={last}", common::messages_path(chat));
+    assert_eq!(app.list(&rest, &alice.token).await.len(), 2);
 
-    let (status, _) = app
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/"),
-            &alice.token,
-            json!({"content": "live"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    app.send_ok(&alice, chat, "live").await;
     let live = next_event(&mut ws, 5).await;
     assert_eq!(live["message"]["content"], "live", "{live}");
     app.cleanup().await;

@@ -4,45 +4,29 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome, Usage};
-use common::{event_of, next_event, spawn_app, start_worker};
+use aichat_fake_llm::{FakeConfig, Outcome, Usage};
+use aichat_testkit::{fake_always, fake_with_latency};
+use common::{Stack, assert_error, event_of, id, next_event, start_worker};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 #[tokio::test]
 async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_usage() {
-    let fake = FakeLlm::start(FakeConfig {
+    let config = FakeConfig {
         chunk_delay_ms: 20,
         ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
-    let a = spawn_app().await;
+    };
+    let flush_at_once = ["--delta-flush-ms", "1", "--delta-flush-chars", "1"];
+    let a = Stack::start(config, &[], &flush_at_once).await;
     let b = a.another_instance(&[]).await;
-    let _worker = start_worker(
-        &a,
-        &fake,
-        &["--delta-flush-ms", "1", "--delta-flush-chars", "1"],
-    )
-    .await;
     let alice = a.user("alice").await;
-    let chat = a
+    let chat = id(&a
         .create_ai_chat(&alice, json!({"title": "t", "system_prompt": "Be kind."}))
-        .await["id"]
-        .as_i64()
-        .unwrap();
+        .await);
     let mut ws = b.ws(chat, &alice.token, None).await;
 
     let content = "tell me about the weather in Lisbon";
-    let (status, sent) = a
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/"),
-            &alice.token,
-            json!({"content": content}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let user_id = sent["message"]["id"].as_i64().unwrap();
+    let user_id = id(&a.send_ok(&alice, chat, content).await);
 
     let first = next_event(&mut ws, 10).await;
     assert_eq!(
@@ -75,10 +59,7 @@ async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_u
     );
 
     // Stored: the user message answered, the reply with its tokens and model.
-    let (_, messages) = a
-        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
-        .await;
-    let messages = messages.as_array().unwrap();
+    let messages = a.messages(&alice, chat).await;
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[0]["status"], "answered");
     assert_eq!(messages[1]["id"], reply["message"]["id"]);
@@ -97,25 +78,15 @@ async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_u
         report["by_day"][0]["completion_tokens"],
         usage.completion_tokens
     );
+    // `b` shares `a`'s database and namespace: its cleanup removes them.
     b.cleanup().await;
 }
 
 #[tokio::test]
 async fn wait_true_answers_200_with_the_assistant_message() {
-    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
-    let app = spawn_app().await;
-    let _worker = start_worker(&app, &fake, &[]).await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let (status, reply) = app
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/?wait=true"),
-            &alice.token,
-            json!({"content": "hi there"}),
-        )
-        .await;
+    let app = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let (status, reply) = app.send_waiting(&alice, chat, "hi there", "true").await;
     assert_eq!(status, StatusCode::OK, "{reply}");
     assert_eq!(reply["role"], "assistant");
     assert_eq!(reply["content"], "Echo: hi there");
@@ -131,26 +102,10 @@ async fn wait_true_answers_200_with_the_assistant_message() {
 
 #[tokio::test]
 async fn wait_answers_202_when_the_reply_takes_longer_than_the_wait() {
-    let fake = FakeLlm::start(FakeConfig {
-        latency_ms: 3000,
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
-    let app = spawn_app().await;
-    let _worker = start_worker(&app, &fake, &[]).await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let app = Stack::start(fake_with_latency(3000), &[], &[]).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
     let started = Instant::now();
-    let (status, body) = app
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/?wait=1"),
-            &alice.token,
-            json!({"content": "slow one"}),
-        )
-        .await;
+    let (status, body) = app.send_waiting(&alice, chat, "slow one", "1").await;
     let took = started.elapsed();
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "queued");
@@ -158,92 +113,52 @@ async fn wait_answers_202_when_the_reply_takes_longer_than_the_wait() {
         took >= Duration::from_secs(1) && took < Duration::from_millis(2900),
         "{took:?}"
     );
-    let (status, _) = app
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/?wait=forever"),
-            &alice.token,
-            json!({"content": "x"}),
-        )
-        .await;
+    let (status, _) = app.send_waiting(&alice, chat, "x", "forever").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn wait_answers_502_when_the_model_cannot_answer() {
-    let fake = FakeLlm::start(FakeConfig {
-        always: Some(Outcome::ServerError),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
-    let app = spawn_app().await;
-    let _worker = start_worker(
-        &app,
-        &fake,
-        &["--llm-max-attempts", "2", "--llm-backoff-base-ms", "10"],
-    )
-    .await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let retries = ["--llm-max-attempts", "2", "--llm-backoff-base-ms", "10"];
+    let app = Stack::start(fake_always(Outcome::ServerError), &[], &retries).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
     let mut ws = app.ws(chat, &alice.token, None).await;
-    let (status, body) = app
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/?wait=true"),
-            &alice.token,
-            json!({"content": "hello?"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-    let error = body["error"].as_str().unwrap();
+    let (status, body) = app.send_waiting(&alice, chat, "hello?", "true").await;
+    let error = assert_error("wait", (status, &body), StatusCode::BAD_GATEWAY);
     assert!(
         error.starts_with("Failed to get response from ChatGPT: "),
         "{error}"
     );
     let (event, _) = event_of(&mut ws, "error", 10).await;
     assert!(event["message"].is_string());
-    let (_, messages) = app
-        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
-        .await;
+    let messages = app.messages(&alice, chat).await;
     assert_eq!(messages[0]["status"], "failed");
     assert!(messages[0]["error"].is_string());
-    assert_eq!(
-        messages.as_array().unwrap().len(),
-        1,
-        "no assistant message"
-    );
+    assert_eq!(messages.len(), 1, "no assistant message");
     app.cleanup().await;
 }
 
+/// The tokens `user_id` has reserved or used today, as the budget in Redis counts them.
 async fn budget_used(app: &common::TestApp, user_id: i64) -> i64 {
-    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let used: Option<i64> = redis::AsyncCommands::get(&mut conn, app.keys.budget(user_id, &day))
-        .await
-        .unwrap();
+    let used: Option<i64> =
+        redis::AsyncCommands::get(&mut app.redis().await, app.keys.budget(user_id, &day))
+            .await
+            .expect("the budget");
     used.unwrap_or(0)
 }
 
 #[tokio::test]
 async fn the_worker_settles_a_budget_reservation_to_the_real_usage_or_releases_it() {
-    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
-    let app = common::spawn_app_with(common::Options {
-        extra: vec!["--daily-token-budget".into(), "100000".into()],
-        ..common::Options::default()
-    })
+    let app = Stack::start(
+        FakeConfig::default(),
+        &["--daily-token-budget", "100000"],
+        &["--llm-max-attempts", "1"],
+    )
     .await;
-    let _worker = start_worker(&app, &fake, &["--llm-max-attempts", "1"]).await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let path = format!("/api/ai/chats/{chat}/send_message/?wait=true");
-    let (status, reply) = app
-        .post(&path, &alice.token, json!({"content": "count me"}))
-        .await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let (status, reply) = app.send_waiting(&alice, chat, "count me", "true").await;
     assert_eq!(status, StatusCode::OK, "{reply}");
     assert_eq!(
         budget_used(&app, alice.id).await,
@@ -251,12 +166,9 @@ async fn the_worker_settles_a_budget_reservation_to_the_real_usage_or_releases_i
         "settled to the real use"
     );
 
-    fake.set_config(FakeConfig {
-        always: Some(Outcome::ServerError),
-        ..FakeConfig::default()
-    });
+    app.fake.set_config(fake_always(Outcome::ServerError));
     let (status, _) = app
-        .post(&path, &alice.token, json!({"content": "this one fails"}))
+        .send_waiting(&alice, chat, "this one fails", "true")
         .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(
@@ -273,27 +185,22 @@ async fn the_worker_settles_a_budget_reservation_to_the_real_usage_or_releases_i
 /// idempotency key (the send would be answered with the earlier database's message).
 #[tokio::test]
 async fn a_database_created_again_under_the_same_namespace_gets_its_replies_at_once() {
-    let fake = FakeLlm::start(FakeConfig::default()).await.unwrap();
     let flags = ["--max-wait-secs", "10"];
     let no_sweeper = ["--worker-sweep-interval-secs", "0"];
-    let mut first = common::spawn_app_with_flags(&flags).await;
-    let worker = start_worker(&first, &fake, &no_sweeper).await;
-    let send = |app: &common::TestApp, token: String, chat: i64, content: &'static str| {
-        let request = app
-            .client
-            .post(app.url(&format!("/api/ai/chats/{chat}/send_message/?wait=true")))
-            .bearer_auth(token)
-            .header("Idempotency-Key", "the-same-key")
-            .json(&json!({"content": content}));
-        async move {
-            let response = request.send().await.expect("send");
-            let status = response.status();
-            (status, response.json::<Value>().await.expect("json"))
-        }
+    let Stack {
+        app: mut first,
+        fake,
+        worker,
+    } = Stack::start(FakeConfig::default(), &flags, &no_sweeper).await;
+    // Both databases' sends wait for their reply and carry the same `Idempotency-Key`.
+    let send = async |app: &common::TestApp, token: &str, chat: i64, content: &str| {
+        let path = format!("{}?wait=true", common::send_path(chat));
+        app.post_with_key(&path, token, "the-same-key", content)
+            .await
     };
     let alice = first.user("alice").await;
     let chat = first.ai_chat_id(&alice).await;
-    let (status, before) = send(&first, alice.token.clone(), chat, "first life").await;
+    let (status, before) = send(&first, &alice.token, chat, "first life").await;
     assert_eq!(status, StatusCode::OK, "{before}");
     assert_eq!(before["content"], "Echo: first life");
 
@@ -308,7 +215,7 @@ async fn a_database_created_again_under_the_same_namespace_gets_its_replies_at_o
     let again = second.ai_chat_id(&alice).await;
     assert_eq!(again, chat, "the new database gives out the same ids");
     let started = Instant::now();
-    let (status, after) = send(&second, alice.token.clone(), again, "second life").await;
+    let (status, after) = send(&second, &alice.token, again, "second life").await;
     assert_eq!(status, StatusCode::OK, "{after}");
     assert_eq!(after["content"], "Echo: second life");
     assert_eq!(

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use aichat_shared::db::ai_messages::{NewUserMessage, insert_owned_user_messages};
 use aichat_shared::domain::ContextOptions;
-use common::spawn_app;
+use common::{app_with_ai_chat, id, ids, send_path, spawn_app, texts};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -25,15 +25,8 @@ fn new(ai_chat_id: i64, user_id: i64, content: &str, limit: i32) -> NewUserMessa
 
 #[tokio::test]
 async fn one_batch_stores_only_what_each_sender_owns_in_input_order() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
-    let a = app.create_ai_chat(&alice, json!({"title": "a"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let b = app.create_ai_chat(&bob, json!({"title": "b"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (app, alice, a) = app_with_ai_chat("alice").await;
+    let (bob, b) = app.user_with_ai_chat("bob").await;
     let batch = [
         new(a, alice.id, "a1", 3),
         new(a, bob.id, "bob into alice's chat", 4), // not bob's: nothing stored
@@ -99,13 +92,7 @@ async fn concurrent_sends_each_get_their_message_and_one_job_and_strangers_get_4
     let app = spawn_app().await;
     let mut users = Vec::new();
     for i in 0..USERS {
-        let user = app.user(&format!("user{i}")).await;
-        let chat = app
-            .create_ai_chat(&user, json!({"title": format!("chat {i}")}))
-            .await["id"]
-            .as_i64()
-            .unwrap();
-        users.push((user, chat));
+        users.push(app.user_with_ai_chat(&format!("user{i}")).await);
     }
     let mallory = app.user("mallory").await;
 
@@ -115,15 +102,8 @@ async fn concurrent_sends_each_get_their_message_and_one_job_and_strangers_get_4
     let owners = users.iter().map(|(user, chat)| async move {
         let mut ids = Vec::new();
         for k in 0..SENDS {
-            let (status, body) = api
-                .post(
-                    &format!("/api/ai/chats/{chat}/send_message/"),
-                    &user.token,
-                    json!({"content": format!("{} #{k}", user.username)}),
-                )
-                .await;
-            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-            ids.push(body["message"]["id"].as_i64().unwrap());
+            let content = format!("{} #{k}", user.username);
+            ids.push(id(&api.send_ok(user, *chat, &content).await));
         }
         ids
     });
@@ -132,11 +112,7 @@ async fn concurrent_sends_each_get_their_message_and_one_job_and_strangers_get_4
         async move {
             for _ in 0..SENDS {
                 let (status, body) = api
-                    .post(
-                        &format!("/api/ai/chats/{chat}/send_message/"),
-                        token,
-                        json!({"content": "intrusion"}),
-                    )
+                    .post(&send_path(*chat), token, json!({"content": "intrusion"}))
                     .await;
                 assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
                 assert_eq!(body, json!({"error": "Not found."}));
@@ -148,22 +124,17 @@ async fn concurrent_sends_each_get_their_message_and_one_job_and_strangers_get_4
         futures::future::join_all(strangers)
     );
 
-    for ((user, chat), ids) in users.iter().zip(&sent) {
-        let (status, messages) = app
-            .get(&format!("/api/ai/chats/{chat}/messages/"), &user.token)
-            .await;
-        assert_eq!(status, StatusCode::OK);
-        let messages = messages.as_array().unwrap();
-        let contents: Vec<&str> = messages
-            .iter()
-            .map(|m| m["content"].as_str().unwrap())
-            .collect();
+    for ((user, chat), sent_ids) in users.iter().zip(&sent) {
+        let messages = app.messages(user, *chat).await;
         let expected: Vec<String> = (0..SENDS)
             .map(|k| format!("{} #{k}", user.username))
             .collect();
-        assert_eq!(contents, expected, "stored in the order sent, nothing else");
-        let stored: Vec<i64> = messages.iter().map(|m| m["id"].as_i64().unwrap()).collect();
-        assert_eq!(&stored, ids);
+        assert_eq!(
+            texts(&messages, "content"),
+            expected,
+            "stored in the order sent, nothing else"
+        );
+        assert_eq!(&ids(&messages), sent_ids);
     }
 
     // Exactly one job per message, carrying its chat.

@@ -3,22 +3,21 @@
 use crate::common;
 
 use aichat_testkit::PrivateRedis;
-use common::{Options, spawn_app, spawn_app_with};
-use reqwest::StatusCode;
-use serde_json::{Value, json};
+use common::{
+    Options, Replied, app_with_ai_chat, app_with_users, assert_error, flags, id, send_path,
+    spawn_app_with, spawn_app_with_flags,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
 
 #[tokio::test]
 async fn send_message_stores_a_queued_message_and_queues_exactly_one_job() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, [alice]) = app_with_users(["alice"]).await;
     let team = app.create_chat(&alice, "team", &[]).await;
-    let chat = app
-        .create_ai_chat(&alice, json!({"title": "t", "related_chat": team}))
-        .await;
-    let id = chat["id"].as_i64().unwrap();
+    let chat = app.linked_ai_chat_id(&alice, team).await;
     let (status, body) = app
         .post(
-            &format!("/api/ai/chats/{id}/send_message/"),
+            &send_path(chat),
             &alice.token,
             json!({"content": "Summarise please", "include_related_chat_context": true, "context_message_limit": 7}),
         )
@@ -29,13 +28,13 @@ async fn send_message_stores_a_queued_message_and_queues_exactly_one_job() {
     assert_eq!(message["role"], "user");
     assert_eq!(message["content"], "Summarise please");
     assert_eq!(message["status"], "queued");
-    assert_eq!(message["ai_chat"], id);
-    let message_id = message["id"].as_i64().unwrap();
+    assert_eq!(message["ai_chat"], chat);
+    let message_id = id(message);
 
     let jobs = app.queued_jobs().await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0]["message_id"], message_id);
-    assert_eq!(jobs[0]["ai_chat_id"], id);
+    assert_eq!(jobs[0]["ai_chat_id"], chat);
     assert_eq!(jobs[0]["include_related_chat_context"], true);
     assert_eq!(jobs[0]["context_message_limit"], 7);
 
@@ -48,10 +47,7 @@ async fn send_message_stores_a_queued_message_and_queues_exactly_one_job() {
 
 #[tokio::test]
 async fn invalid_messages_are_400_and_store_and_queue_nothing() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await;
-    let path = format!("/api/ai/chats/{}/send_message/", chat["id"]);
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
     let cases = [
         (json!({}), "content"),
         (json!({"content": ""}), "content"),
@@ -66,11 +62,9 @@ async fn invalid_messages_are_400_and_store_and_queue_nothing() {
             "context_message_limit",
         ),
     ];
-    for (body, field) in cases {
-        let (status, errors) = app.post(&path, &alice.token, body.clone()).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(errors[field].is_array(), "{body} -> {errors}");
-    }
+    let path = send_path(chat);
+    app.assert_field_errors(Method::POST, &path, &alice.token, &cases)
+        .await;
     // A value of the wrong type names its field (json_body.rs); a body that is no object is
     // one error.
     for (body, field) in [
@@ -88,10 +82,7 @@ async fn invalid_messages_are_400_and_store_and_queue_nothing() {
             "{body} -> {error}"
         );
     }
-    assert_eq!(
-        app.get("/api/ai/messages/", &alice.token).await.1,
-        json!([])
-    );
+    assert!(app.my_messages(&alice).await.is_empty());
     assert!(app.queued_jobs().await.is_empty());
     app.cleanup().await;
 }
@@ -104,86 +95,50 @@ async fn when_redis_cannot_take_the_job_the_client_gets_503_and_no_message_is_le
         ..Options::default()
     })
     .await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await;
-    let path = format!("/api/ai/chats/{}/send_message/", chat["id"]);
-    let (status, _) = app
-        .post(&path, &alice.token, json!({"content": "before"}))
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    app.send_ok(&alice, chat, "before").await;
 
     redis.stop();
-    let (status, body) = app
-        .post(&path, &alice.token, json!({"content": "during the outage"}))
-        .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
+    let (status, body) = app.send(&alice, chat, "during the outage").await;
+    let error = assert_error("outage", (status, &body), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error.contains("retry"), "{error}");
 
-    let (_, messages) = app.get("/api/ai/messages/", &alice.token).await;
-    let contents: Vec<&Value> = messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| &m["content"])
-        .collect();
+    let messages = app.my_messages(&alice).await;
     assert_eq!(
-        contents,
-        [&json!("before")],
+        common::texts(&messages, "content"),
+        ["before"],
         "the refused message is not stored"
     );
-    let (status, ready) = app.call(reqwest::Method::GET, "/readyz", None, None).await;
+    let (status, ready) = app.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready["redis"], "unavailable");
     app.cleanup().await;
 }
 
-async fn post_with_key(
-    app: &common::TestApp,
-    path: &str,
-    token: &str,
-    key: &str,
-    content: &str,
-) -> (StatusCode, Value) {
-    let resp = app
-        .client
-        .post(app.url(path))
-        .bearer_auth(token)
-        .header("Idempotency-Key", key)
-        .json(&json!({"content": content}))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap())
-}
-
 #[tokio::test]
 async fn a_repeated_post_with_the_same_idempotency_key_returns_the_same_message_and_queues_once() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let path = format!("/api/ai/chats/{chat}/send_message/");
-    let (status, first) = post_with_key(&app, &path, &alice.token, "key-1", "hello").await;
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
+    let (bob, bobs) = app.user_with_ai_chat("bob").await;
+    let path = send_path(chat);
+    let (status, first) = app
+        .post_with_key(&path, &alice.token, "key-1", "hello")
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{first}");
-    let (status, again) = post_with_key(&app, &path, &alice.token, "key-1", "hello").await;
+    let (status, again) = app
+        .post_with_key(&path, &alice.token, "key-1", "hello")
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(again["message"], first["message"]);
 
     // Concurrent repeats of a new key: one message, every answer names it or says "in progress".
     let tries = futures::future::join_all(
-        (0..10).map(|_| post_with_key(&app, &path, &alice.token, "key-2", "burst")),
+        (0..10).map(|_| app.post_with_key(&path, &alice.token, "key-2", "burst")),
     )
     .await;
     let ids: std::collections::HashSet<i64> = tries
         .iter()
         .filter(|(s, _)| *s == StatusCode::ACCEPTED)
-        .map(|(_, b)| b["message"]["id"].as_i64().unwrap())
+        .map(|(_, b)| id(&b["message"]))
         .collect();
     assert_eq!(ids.len(), 1, "{tries:?}");
     assert!(
@@ -194,20 +149,14 @@ async fn a_repeated_post_with_the_same_idempotency_key_returns_the_same_message_
     );
 
     // Keys are per user: bob's "key-1" is his own.
-    let (status, bobs_msg) = post_with_key(
-        &app,
-        &format!("/api/ai/chats/{bobs}/send_message/"),
-        &bob.token,
-        "key-1",
-        "hi",
-    )
-    .await;
+    let (status, bobs_msg) = app
+        .post_with_key(&send_path(bobs), &bob.token, "key-1", "hi")
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_ne!(bobs_msg["message"]["id"], first["message"]["id"]);
 
-    let (_, messages) = app.get("/api/ai/messages/", &alice.token).await;
     assert_eq!(
-        messages.as_array().unwrap().len(),
+        app.my_messages(&alice).await.len(),
         2,
         "hello and burst, once each"
     );
@@ -217,196 +166,102 @@ async fn a_repeated_post_with_the_same_idempotency_key_returns_the_same_message_
         "alice's two and bob's one"
     );
 
-    let (status, _) = post_with_key(&app, &path, &alice.token, &"k".repeat(256), "x").await;
+    let (status, _) = app
+        .post_with_key(&path, &alice.token, &"k".repeat(256), "x")
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn past_the_per_user_send_rate_requests_get_429_with_retry_after() {
-    let app = spawn_app_with(Options {
-        extra: vec!["--send-rate-per-minute".into(), "3".into()],
-        ..Options::default()
-    })
-    .await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let path = format!("/api/ai/chats/{chat}/send_message/");
+    let app = spawn_app_with_flags(&["--send-rate-per-minute", "3"]).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let (bob, bobs) = app.user_with_ai_chat("bob").await;
     for n in 0..3 {
-        assert_eq!(
-            app.post(&path, &alice.token, json!({"content": format!("m{n}")}))
-                .await
-                .0,
-            StatusCode::ACCEPTED
-        );
+        app.send_ok(&alice, chat, &format!("m{n}")).await;
     }
-    let resp = app
-        .client
-        .post(app.url(&path))
+    let refused = app
+        .request(Method::POST, &send_path(chat))
         .bearer_auth(&alice.token)
         .json(&json!({"content": "one too many"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry_after: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+        .reply()
+        .await;
+    let error = refused.error("4th", StatusCode::TOO_MANY_REQUESTS);
+    assert!(error.contains("slow down"), "{error}");
+    let retry_after = refused.retry_after().expect("Retry-After");
     assert!((1..=60).contains(&retry_after), "{retry_after}");
-    let body: Value = resp.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("slow down"));
     // The WebSocket path counts too, and says so in an error event.
     let mut ws = app.ws(chat, &alice.token, None).await;
     common::send_ws(&mut ws, json!({"type": "message", "content": "via socket"})).await;
     let event = common::next_event(&mut ws, 5).await;
     assert_eq!(event["type"], "error", "{event}");
     // Another user is not affected.
-    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    assert_eq!(
-        app.post(
-            &format!("/api/ai/chats/{bobs}/send_message/"),
-            &bob.token,
-            json!({"content": "hi"})
-        )
-        .await
-        .0,
-        StatusCode::ACCEPTED
-    );
-    assert_eq!(
-        app.get("/api/ai/messages/", &alice.token)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
+    app.send_ok(&bob, bobs, "hi").await;
+    assert_eq!(app.my_messages(&alice).await.len(), 3);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn the_request_id_travels_from_the_request_into_the_job() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let resp = app
-        .client
-        .post(app.url(&format!("/api/ai/chats/{chat}/send_message/")))
-        .bearer_auth(&alice.token)
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
+    let send = |content: &str| {
+        app.request(Method::POST, &send_path(chat))
+            .bearer_auth(&alice.token)
+            .json(&json!({"content": content}))
+    };
+    let traced = send("trace me")
         .header("x-request-id", "req-from-the-edge-42")
-        .json(&json!({"content": "trace me"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    assert_eq!(resp.headers()["x-request-id"], "req-from-the-edge-42");
+        .reply()
+        .await;
+    assert_eq!(traced.status, StatusCode::ACCEPTED);
+    assert_eq!(traced.header("x-request-id"), "req-from-the-edge-42");
     let jobs = app.queued_jobs().await;
     assert_eq!(jobs[0]["request_id"], "req-from-the-edge-42");
 
     // Without one, the API makes one up and still hands it on.
-    let resp = app
-        .client
-        .post(app.url(&format!("/api/ai/chats/{chat}/send_message/")))
-        .bearer_auth(&alice.token)
-        .json(&json!({"content": "again"}))
-        .send()
-        .await
-        .unwrap();
-    let generated = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let untraced = send("again").reply().await;
+    let generated = untraced.header("x-request-id");
     assert!(!generated.is_empty());
     let jobs = app.queued_jobs().await;
     assert!(
-        jobs.iter().any(|j| j["request_id"] == generated.as_str()),
+        jobs.iter().any(|j| j["request_id"] == generated),
         "{jobs:?}"
     );
     app.cleanup().await;
 }
 
+/// A daily budget of 85 tokens, prompts of at most 15 and replies of at most 2, no send rate.
+const FIVE_RESERVATIONS: &str = "--daily-token-budget 85 --context-token-budget 15 \
+    --max-completion-tokens 2 --send-rate-per-minute 0";
+
 #[tokio::test]
 async fn fifty_concurrent_sends_against_a_budget_for_five_reservations_admit_exactly_five() {
     // Each send reserves the most it can cost before it is queued: a full prompt (15) and a
     // full reply (2). The budget holds five such reservations.
-    let app = spawn_app_with(Options {
-        extra: [
-            "--daily-token-budget",
-            "85",
-            "--context-token-budget",
-            "15",
-            "--max-completion-tokens",
-            "2",
-            "--send-rate-per-minute",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        ..Options::default()
-    })
-    .await;
-    let alice = app.user("alice").await;
-    let bob = app.user("bob").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let path = format!("/api/ai/chats/{chat}/send_message/");
+    let app = spawn_app_with_flags(&flags(FIVE_RESERVATIONS)).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let (bob, bobs) = app.user_with_ai_chat("bob").await;
     let sends = futures::future::join_all((0..50).map(|_| {
-        let req = app
-            .client
-            .post(app.url(&path))
+        app.request(Method::POST, &send_path(chat))
             .bearer_auth(&alice.token)
-            .json(&json!({"content": "hi"}));
-        async move {
-            let resp = req.send().await.unwrap();
-            let status = resp.status();
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .map(|v| v.to_str().unwrap().to_owned());
-            (status, retry_after, resp.json::<Value>().await.unwrap())
-        }
+            .json(&json!({"content": "hi"}))
+            .reply()
     }))
     .await;
-    let admitted = sends
+    let (admitted, refused): (Vec<_>, Vec<_>) = sends
         .iter()
-        .filter(|(s, _, _)| *s == StatusCode::ACCEPTED)
-        .count();
-    assert_eq!(admitted, 5);
-    for (status, retry_after, body) in sends.iter().filter(|(s, _, _)| *s != StatusCode::ACCEPTED) {
-        assert_eq!(*status, StatusCode::TOO_MANY_REQUESTS);
-        let secs: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+        .partition(|reply| reply.status == StatusCode::ACCEPTED);
+    assert_eq!(admitted.len(), 5);
+    for reply in refused {
+        let error = reply.error("send", StatusCode::TOO_MANY_REQUESTS);
+        assert!(error.contains("budget"), "{error}");
+        let secs = reply.retry_after().expect("Retry-After");
         assert!((1..=86_400).contains(&secs));
-        assert!(body["error"].as_str().unwrap().contains("budget"), "{body}");
     }
-    assert_eq!(
-        app.get("/api/ai/messages/", &alice.token)
-            .await
-            .1
-            .as_array()
-            .unwrap()
-            .len(),
-        admitted
-    );
-    assert_eq!(app.queued_jobs().await.len(), admitted);
+    assert_eq!(app.my_messages(&alice).await.len(), admitted.len());
+    assert_eq!(app.queued_jobs().await.len(), admitted.len());
     // Another user's budget is their own.
-    let bobs = app.create_ai_chat(&bob, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let (status, _) = app
-        .post(
-            &format!("/api/ai/chats/{bobs}/send_message/"),
-            &bob.token,
-            json!({"content": "hi"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    app.send_ok(&bob, bobs, "hi").await;
     app.cleanup().await;
 }

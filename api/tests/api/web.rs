@@ -55,34 +55,30 @@ fn references(html: &str) -> Vec<String> {
 async fn the_pages_and_static_files_are_served_with_their_content_types() {
     let app = spawn_app().await;
     for page in PAGES {
-        let resp = app.client.get(app.url(page)).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{page}");
-        let headers = resp.headers().clone();
+        let resp = app.fetch_ok(page).await;
         assert_eq!(
-            headers["content-type"], "text/html; charset=utf-8",
+            resp.header("content-type"),
+            "text/html; charset=utf-8",
             "{page}"
         );
         assert!(
-            headers["content-security-policy"]
-                .to_str()
-                .unwrap()
+            resp.header("content-security-policy")
                 .contains("default-src 'none'"),
             "{page} has a content security policy"
         );
-        assert!(headers.contains_key("cache-control"), "{page}");
-        let html = resp.text().await.unwrap();
+        assert!(resp.headers.contains_key("cache-control"), "{page}");
+        let html = &resp.text;
         assert!(html.starts_with("<!doctype html>"), "{page}");
         assert!(html.contains("name=\"viewport\""), "{page} sets a viewport");
     }
     let vendored = VENDORED.iter().map(|(path, ..)| (*path, "text/javascript"));
     for (path, content_type) in STATIC_FILES.iter().copied().chain(vendored) {
-        let resp = app.client.get(app.url(path)).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{path}");
-        let header = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        let resp = app.fetch_ok(path).await;
+        let header = resp.header("content-type");
         assert!(header.starts_with(content_type), "{path}: {header}");
-        let cache = resp.headers()["cache-control"].to_str().unwrap().to_owned();
+        let cache = resp.header("cache-control");
         assert!(cache.contains("max-age="), "{path}: {cache}");
-        assert!(!resp.text().await.unwrap().is_empty(), "{path}");
+        assert!(!resp.text.is_empty(), "{path}");
     }
     app.cleanup().await;
 }
@@ -91,15 +87,7 @@ async fn the_pages_and_static_files_are_served_with_their_content_types() {
 async fn every_file_a_page_references_is_served() {
     let app = spawn_app().await;
     for page in PAGES {
-        let html = app
-            .client
-            .get(app.url(page))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let html = app.fetch_ok(page).await.text;
         let local: Vec<String> = references(&html)
             .into_iter()
             .filter(|r| r.starts_with('/'))
@@ -109,12 +97,8 @@ async fn every_file_a_page_references_is_served() {
             "{page} loads its static files"
         );
         for reference in local {
-            let resp = app.client.get(app.url(&reference)).send().await.unwrap();
-            assert_eq!(
-                resp.status(),
-                StatusCode::OK,
-                "{page} references {reference}"
-            );
+            let resp = app.fetch(&reference).await;
+            assert_eq!(resp.status, StatusCode::OK, "{page} references {reference}");
         }
     }
     app.cleanup().await;
@@ -128,15 +112,7 @@ async fn no_page_or_static_file_references_another_host() {
         .copied()
         .chain(STATIC_FILES.iter().map(|(path, _)| *path));
     for path in paths {
-        let body = app
-            .client
-            .get(app.url(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = app.fetch_ok(path).await.text;
         for scheme in ["http://", "https://"] {
             assert!(!body.contains(scheme), "{path} mentions {scheme}");
         }
@@ -155,15 +131,7 @@ async fn no_page_or_static_file_references_another_host() {
 async fn the_vendored_libraries_are_served_unchanged_in_the_versions_their_readme_names() {
     let app = spawn_app().await;
     for (path, committed, name, header) in VENDORED {
-        let body = app
-            .client
-            .get(app.url(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = app.fetch_ok(path).await.text;
         assert!(body == *committed, "{path} is the committed file");
         // The README's table row: `| name | version | ...`.
         let row = format!("| {name} | ");
@@ -189,10 +157,7 @@ async fn an_unknown_static_file_is_a_json_404() {
         "/static/index.html",
         "/static/..%2FCargo.toml",
     ] {
-        let resp = app.client.get(app.url(path)).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
-        let body: serde_json::Value = resp.json().await.unwrap();
-        assert!(body["error"].is_string(), "{path}: {body}");
+        app.fetch(path).await.error(path, StatusCode::NOT_FOUND);
     }
     app.cleanup().await;
 }

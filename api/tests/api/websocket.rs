@@ -5,87 +5,64 @@ use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use aichat_testkit::PrivateRedis;
-use common::{Options, next_event, send_ws, spawn_app, spawn_app_with};
+use aichat_testkit::{PrivateRedis, eventually};
+use common::{
+    Options, app_with_ai_chat, assert_error, closed_with, id, next_event, send_ws, spawn_app,
+    spawn_app_with, spawn_app_with_flags, upgrade, ws_events_until, ws_events_until_closed,
+};
 use futures::{SinkExt, StreamExt};
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::Message;
 
-async fn refused_status(url: String, header: Option<(&'static str, String)>) -> u16 {
-    let mut request = url.into_client_request().unwrap();
-    if let Some((name, value)) = header {
-        request.headers_mut().insert(name, value.parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Ok(_) => 101,
-        Err(other) => panic!("unexpected error {other}"),
-    }
+/// Publishes `event` on `app`'s channel of AI chat `chat` through `redis`, as a worker would.
+async fn publish(
+    redis: &mut redis::aio::MultiplexedConnection,
+    app: &common::TestApp,
+    chat: i64,
+    event: &Value,
+) {
+    let _: i64 = redis
+        .publish(app.keys.chat_channel(chat), event.to_string())
+        .await
+        .expect("publish");
 }
 
 #[tokio::test]
 async fn unauthenticated_missing_and_foreign_chats_are_refused_before_the_upgrade() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
     let mallory = app.user("mallory").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
     let path = format!("/ws/ai-chat/{chat}/");
-    assert_eq!(refused_status(app.ws_url(&path), None).await, 401);
-    assert_eq!(
-        refused_status(app.ws_url(&format!("{path}?token=bogus")), None).await,
-        401
-    );
-    assert_eq!(
-        refused_status(app.ws_url(&format!("{path}?token={}", mallory.token)), None).await,
-        404
-    );
-    assert_eq!(
-        refused_status(
-            app.ws_url(&format!("/ws/ai-chat/999999/?token={}", alice.token)),
-            None
-        )
-        .await,
-        404
-    );
-    // Accepted by ?token=, by Bearer header and by the session cookie.
-    assert_eq!(
-        refused_status(app.ws_url(&format!("{path}?token={}", alice.token)), None).await,
-        101
-    );
-    assert_eq!(
-        refused_status(
-            app.ws_url(&path),
-            Some(("authorization", format!("Bearer {}", alice.token)))
-        )
-        .await,
-        101
-    );
-    assert_eq!(
-        refused_status(
-            app.ws_url(&path),
-            Some(("cookie", format!("sessionid={}", alice.token)))
-        )
-        .await,
-        101
-    );
+    let bearer = format!("Bearer {}", alice.token);
+    let cookie = format!("sessionid={}", alice.token);
+    for (path, header, expected) in [
+        (path.clone(), None, 401),
+        (format!("{path}?token=bogus"), None, 401),
+        (format!("{path}?token={}", mallory.token), None, 404),
+        (
+            format!("/ws/ai-chat/999999/?token={}", alice.token),
+            None,
+            404,
+        ),
+        // Accepted by ?token=, by Bearer header and by the session cookie.
+        (format!("{path}?token={}", alice.token), None, 101),
+        (path.clone(), Some(("authorization", bearer.as_str())), 101),
+        (path.clone(), Some(("cookie", cookie.as_str())), 101),
+    ] {
+        let headers: Vec<(&str, &str)> = header.into_iter().collect();
+        let (status, _) = upgrade(&app.ws_url(&path), &headers).await;
+        assert_eq!(status, expected, "{path} {headers:?}");
+    }
     // A plain HTTP request to the socket path is answered in JSON too.
     let (status, body) = app.get(&path, &alice.token).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].is_string());
+    assert_error(&path, (status, &body), StatusCode::BAD_REQUEST);
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn invalid_json_non_objects_and_blank_content_get_error_events_and_typing_is_ignored() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
     let mut ws = app.ws(chat, &alice.token, None).await;
     ws.send(Message::Text("{nope".into())).await.unwrap();
     assert_eq!(
@@ -130,11 +107,8 @@ async fn invalid_json_non_objects_and_blank_content_get_error_events_and_typing_
     assert_eq!(event["message"]["content"], "hello");
     assert_eq!(event["message"]["role"], "user");
     assert!(event["message"]["id"].is_i64() && event["message"]["timestamp"].is_string());
-    let (_, messages) = app
-        .get(&format!("/api/ai/chats/{chat}/messages/"), &alice.token)
-        .await;
     assert_eq!(
-        messages.as_array().unwrap().len(),
+        app.messages(&alice, chat).await.len(),
         1,
         "only the valid message is stored"
     );
@@ -146,33 +120,18 @@ async fn invalid_json_non_objects_and_blank_content_get_error_events_and_typing_
 async fn a_client_on_instance_b_gets_the_events_of_a_message_sent_to_instance_a() {
     let a = spawn_app().await;
     let b = a.another_instance(&[]).await;
-    let alice = a.user("alice").await;
-    let chat = a.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (alice, chat) = a.user_with_ai_chat("alice").await;
     let mut on_b = b.ws(chat, &alice.token, None).await;
     let mut on_a = a.ws(chat, &alice.token, None).await;
-    let (_, sent) = a
-        .post(
-            &format!("/api/ai/chats/{chat}/send_message/"),
-            &alice.token,
-            json!({"content": "over REST"}),
-        )
-        .await;
+    let sent = a.send_ok(&alice, chat, "over REST").await;
     for ws in [&mut on_b, &mut on_a] {
         let event = next_event(ws, 5).await;
         assert_eq!(event["type"], "user_message");
-        assert_eq!(event["message"]["id"], sent["message"]["id"]);
+        assert_eq!(event["message"]["id"], sent["id"]);
     }
     // Events published by anyone (here: as a worker would) reach both instances' sockets.
-    let client = redis::Client::open(a.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let delta =
-        json!({"type": "assistant_delta", "message_id": sent["message"]["id"], "delta": "Hel"});
-    let _: i64 = conn
-        .publish(format!("{}:chat:{chat}", a.ns), delta.to_string())
-        .await
-        .unwrap();
+    let delta = json!({"type": "assistant_delta", "message_id": sent["id"], "delta": "Hel"});
+    publish(&mut a.redis().await, &a, chat, &delta).await;
     assert_eq!(next_event(&mut on_b, 5).await, delta);
     assert_eq!(next_event(&mut on_a, 5).await, delta);
     b.cleanup().await;
@@ -180,63 +139,45 @@ async fn a_client_on_instance_b_gets_the_events_of_a_message_sent_to_instance_a(
 
 #[tokio::test]
 async fn catch_up_then_live_events_have_no_gap_and_no_duplicate_at_the_seam() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let path = format!("/api/ai/chats/{chat}/send_message/");
-    let (_, first) = app
-        .post(&path, &alice.token, json!({"content": "before 0"}))
-        .await;
-    let first_id = first["message"]["id"].as_i64().unwrap();
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
+    let first_id = id(&app.send_ok(&alice, chat, "before 0").await);
 
-    // Messages keep arriving while the client connects and catches up.
+    // Messages keep arriving while the client connects and catches up: the socket opens
+    // once the sixth has been sent, while the sends go on.
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let sender = {
-        let client = app.client.clone();
-        let url = app.url(&path);
-        let token = alice.token.clone();
-        tokio::spawn(async move {
-            let mut ids = Vec::new();
-            let mut started = Some(started_tx);
-            for n in 0..40 {
-                let resp = client
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .json(&json!({"content": format!("during {n}")}))
-                    .send()
-                    .await
-                    .unwrap();
-                let body: Value = resp.json().await.unwrap();
-                ids.push(body["message"]["id"].as_i64().unwrap());
-                if n == 5
-                    && let Some(tx) = started.take()
-                {
-                    let _ = tx.send(());
-                }
+    let sender = async {
+        let mut ids = Vec::new();
+        let mut started = Some(started_tx);
+        for n in 0..40 {
+            ids.push(id(&app.send_ok(&alice, chat, &format!("during {n}")).await));
+            if n == 5
+                && let Some(tx) = started.take()
+            {
+                let _ = tx.send(());
             }
-            ids
-        })
-    };
-    started_rx.await.unwrap();
-    let mut ws = app.ws(chat, &alice.token, Some(first_id)).await;
-    let sent = sender.await.unwrap();
-    // A sentinel after everything: once it arrives, every earlier event has been delivered.
-    let (_, sentinel) = app
-        .post(&path, &alice.token, json!({"content": "sentinel"}))
-        .await;
-    let sentinel_id = sentinel["message"]["id"].as_i64().unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let event = next_event(&mut ws, 10).await;
-        assert_eq!(event["type"], "user_message", "{event}");
-        let id = event["message"]["id"].as_i64().unwrap();
-        if id == sentinel_id {
-            break;
         }
-        seen.push(id);
-    }
+        ids
+    };
+    let connect = async {
+        started_rx.await.expect("the sixth message was sent");
+        app.ws(chat, &alice.token, Some(first_id)).await
+    };
+    let (sent, mut ws) = tokio::join!(sender, connect);
+    // A sentinel after everything: once it arrives, every earlier event has been delivered.
+    let sentinel_id = id(&app.send_ok(&alice, chat, "sentinel").await);
+    let (sentinel, before) =
+        ws_events_until(&mut ws, Duration::from_secs(10), "the sentinel", |event| {
+            event["message"]["id"] == sentinel_id
+        })
+        .await;
+    assert_eq!(sentinel["type"], "user_message", "{sentinel}");
+    let seen: Vec<i64> = before
+        .iter()
+        .map(|event| {
+            assert_eq!(event["type"], "user_message", "{event}");
+            id(&event["message"])
+        })
+        .collect();
     let unique: HashSet<i64> = seen.iter().copied().collect();
     assert_eq!(unique.len(), seen.len(), "no duplicate: {seen:?}");
     assert!(!unique.contains(&first_id), "after_id is exclusive");
@@ -250,39 +191,30 @@ async fn catch_up_then_live_events_have_no_gap_and_no_duplicate_at_the_seam() {
 
 #[tokio::test]
 async fn a_slow_reader_is_cut_off_while_a_fast_reader_keeps_receiving() {
-    let app = spawn_app_with(Options {
-        extra: ["--ws-queue-capacity", "16", "--ws-send-timeout-secs", "1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ..Options::default()
-    })
-    .await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let app =
+        spawn_app_with_flags(&["--ws-queue-capacity", "16", "--ws-send-timeout-secs", "1"]).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
     let mut slow = app.ws(chat, &alice.token, None).await;
     let mut fast = app.ws(chat, &alice.token, None).await;
     assert_eq!(app.sockets.open(), 2);
 
-    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let channel = format!("{}:chat:{chat}", app.ns);
     let chunk = "x".repeat(16 * 1024);
     let total = 2000;
-    let publisher = tokio::spawn(async move {
+    let publisher = async {
+        let mut redis = app.redis().await;
         for n in 0..total {
             let event = json!({"type": "assistant_delta", "message_id": n, "delta": chunk});
-            let _: i64 = conn.publish(&channel, event.to_string()).await.unwrap();
+            publish(&mut redis, &app, chat, &event).await;
         }
-    });
+    };
     // The fast reader gets every event, in order, while the slow one reads nothing.
-    for n in 0..total {
-        let event = next_event(&mut fast, 30).await;
-        assert_eq!(event["message_id"], n);
-    }
-    publisher.await.unwrap();
+    let reader = async {
+        for n in 0..total {
+            let event = next_event(&mut fast, 30).await;
+            assert_eq!(event["message_id"], n);
+        }
+    };
+    tokio::join!(publisher, reader);
     assert!(
         app.sockets
             .wait_for_at_most(1, Duration::from_secs(10))
@@ -292,22 +224,11 @@ async fn a_slow_reader_is_cut_off_while_a_fast_reader_keeps_receiving() {
 
     // The slow reader finds the events it was sent, then the end of the connection:
     // a close frame with 1013 when it could still be delivered.
-    let mut received = 0;
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match slow.next().await {
-                Some(Ok(Message::Text(_))) => received += 1,
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the slow connection ends");
+    let (received, ended) = ws_events_until_closed(&mut slow, Duration::from_secs(30)).await;
     assert!(
-        received < total,
-        "the slow reader did not get everything ({received})"
+        received.len() < total,
+        "the slow reader did not get everything ({})",
+        received.len()
     );
     if let Some(code) = ended {
         assert_eq!(code, 1013);
@@ -323,20 +244,13 @@ async fn events_flow_again_after_redis_restarts_while_sockets_stay_open() {
         ..Options::default()
     })
     .await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
-    let path = format!("/api/ai/chats/{chat}/send_message/");
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
     let mut ws = app.ws(chat, &alice.token, None).await;
-    app.post(&path, &alice.token, json!({"content": "before"}))
-        .await;
+    app.send_ok(&alice, chat, "before").await;
     assert_eq!(next_event(&mut ws, 5).await["message"]["content"], "before");
 
     redis.stop();
-    let (status, _) = app
-        .post(&path, &alice.token, json!({"content": "during"}))
-        .await;
+    let (status, _) = app.send(&alice, chat, "during").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     redis.restart().await;
     let back = tokio::time::Instant::now();
@@ -345,21 +259,15 @@ async fn events_flow_again_after_redis_restarts_while_sockets_stay_open() {
     // re-subscribes on its own within a few seconds.
     let mut delivered = None;
     for n in 0..20 {
-        let (status, sent) = app
-            .post(
-                &path,
-                &alice.token,
-                json!({"content": format!("after {n}")}),
-            )
-            .await;
+        let (status, sent) = app.send(&alice, chat, &format!("after {n}")).await;
         if status != StatusCode::ACCEPTED {
             continue;
         }
-        let id = sent["message"]["id"].clone();
+        let sent_id = sent["message"]["id"].clone();
         let got = tokio::time::timeout(Duration::from_secs(1), async {
             loop {
                 let event = next_event(&mut ws, 60).await;
-                if event["message"]["id"] == id {
+                if event["message"]["id"] == sent_id {
                     return event;
                 }
             }
@@ -383,15 +291,8 @@ async fn events_flow_again_after_redis_restarts_while_sockets_stay_open() {
 
 #[tokio::test]
 async fn the_server_pings_and_closes_sockets_with_1001_on_shutdown() {
-    let mut app = spawn_app_with(Options {
-        extra: vec!["--ws-ping-secs".into(), "1".into()],
-        ..Options::default()
-    })
-    .await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let mut app = spawn_app_with_flags(&["--ws-ping-secs", "1"]).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
     let mut ws = app.ws(chat, &alice.token, None).await;
     let ping = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -404,40 +305,24 @@ async fn the_server_pings_and_closes_sockets_with_1001_on_shutdown() {
     assert!(ping.is_ok(), "a ping within two intervals");
 
     app.shut_down();
-    let close = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .expect("closed in time");
-    assert_eq!(close, Some(1001));
+    assert_eq!(closed_with(&mut ws, 5).await, Some(1001));
     app.cleanup().await;
 }
 
+/// How many connections are subscribed to `app`'s channel of AI chat `chat`.
 async fn subscribers(app: &common::TestApp, chat: i64) -> i64 {
-    let client = redis::Client::open(app.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
         .arg("NUMSUB")
-        .arg(format!("{}:chat:{chat}", app.ns))
-        .query_async(&mut conn)
+        .arg(app.keys.chat_channel(chat))
+        .query_async(&mut app.redis().await)
         .await
-        .unwrap();
+        .expect("PUBSUB NUMSUB");
     counts[0].1
 }
 
 #[tokio::test]
 async fn an_instance_subscribes_once_per_chat_and_unsubscribes_when_its_last_socket_leaves() {
-    let app = spawn_app().await;
-    let alice = app.user("alice").await;
-    let chat = app.create_ai_chat(&alice, json!({"title": "t"})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
     assert_eq!(subscribers(&app, chat).await, 0);
     let first = app.ws(chat, &alice.token, None).await;
     let second = app.ws(chat, &alice.token, None).await;
@@ -460,10 +345,9 @@ async fn an_instance_subscribes_once_per_chat_and_unsubscribes_when_its_last_soc
             .await
     );
     // The unsubscribe runs just after the last socket goes: wait for Redis to see it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while subscribers(&app, chat).await != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "still subscribed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(5), "unsubscribed", || async {
+        (subscribers(&app, chat).await == 0).then_some(())
+    })
+    .await;
     app.cleanup().await;
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use aichat_shared::keys::Namespace;
 use futures::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -138,7 +139,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     }
 
     // Baseline: one plain Redis subscriber of every chat channel.
-    let pattern = format!("{}:chat:*", stack.ns);
+    let pattern = Namespace::new(stack.ns.clone()).all_chat_channels();
     let client = redis::Client::open(REDIS_URL)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.psubscribe(&pattern).await?;
@@ -160,7 +161,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let mut conn = ctx.env.redis.clone();
     let channels: Vec<String> = accounts
         .iter()
-        .map(|a| format!("{}:chat:{}", stack.ns, a.chats[0]))
+        .map(|a| Namespace::new(stack.ns.clone()).chat_channel(a.chats[0]))
         .collect();
     let per_tick = (rate / 100).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(10));

@@ -9,7 +9,7 @@ use crate::env::{self, Stack};
 use crate::load;
 use crate::procs::CpuMeter;
 use crate::report::Row;
-use crate::scenarios::{Ctx, send_load};
+use crate::scenarios::{Ctx, push_errors, send_load};
 use crate::seed;
 
 const CLIENTS: usize = 64;
@@ -77,30 +77,47 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             .baseline("pgbench insert tps", pg.tps)
             .target(">= 0.40 × pgbench", rps >= 0.40 * pg.tps),
     );
-    rep.push(
-        Row::new("ingest", "send_message/s vs redis LPUSH", rps, "req/s")
-            .baseline("redis LPUSH rps", rb.rps),
-    );
-    rep.push(
-        Row::new("ingest", "send_message p50", lat.p50_ms, "ms")
-            .baseline("pgbench insert p50", pg.latency_p50_ms),
-    );
-    rep.push(
-        Row::new("ingest", "send_message p50 vs redis", lat.p50_ms, "ms")
-            .baseline("redis LPUSH p50", rb.p50_ms),
-    );
-    rep.push(
-        Row::new("ingest", "send_message p99", lat.p99_ms, "ms")
-            .baseline("pgbench insert p99", pg.latency_p99_ms),
-    );
-    rep.push(
-        Row::new("ingest", "send_message p99 vs redis", lat.p99_ms, "ms")
-            .baseline("redis LPUSH p99", rb.p99_ms),
-    );
-    rep.push(Row::new("ingest", "errors", r.errors as f64, "").target("0", r.errors == 0));
-    if !r.first_errors.is_empty() {
-        rep.note(format!("ingest errors: {:?}", r.first_errors));
+    // (metric, figure, unit, baseline, its figure): each beside pgbench, then redis.
+    for (metric, value, unit, baseline, base) in [
+        (
+            "send_message/s vs redis LPUSH",
+            rps,
+            "req/s",
+            "redis LPUSH rps",
+            rb.rps,
+        ),
+        (
+            "send_message p50",
+            lat.p50_ms,
+            "ms",
+            "pgbench insert p50",
+            pg.latency_p50_ms,
+        ),
+        (
+            "send_message p50 vs redis",
+            lat.p50_ms,
+            "ms",
+            "redis LPUSH p50",
+            rb.p50_ms,
+        ),
+        (
+            "send_message p99",
+            lat.p99_ms,
+            "ms",
+            "pgbench insert p99",
+            pg.latency_p99_ms,
+        ),
+        (
+            "send_message p99 vs redis",
+            lat.p99_ms,
+            "ms",
+            "redis LPUSH p99",
+            rb.p99_ms,
+        ),
+    ] {
+        rep.push(Row::new("ingest", metric, value, unit).baseline(baseline, base));
     }
+    push_errors(rep, "ingest", r.errors, &r.first_errors);
 
     // Drain the backlog with one worker, bounded in time; whatever is left is deleted (its
     // jobs with the namespace).

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::env::Env;
-use crate::report::{CpuRow, Report};
+use crate::report::{CpuRow, Report, Row};
 use crate::seed::Account;
 
 pub mod concurrency;
@@ -92,6 +92,46 @@ impl Ctx {
     }
 }
 
+/// The `errors` row of `scenario` (target 0), then, if there were any, a note with the first.
+pub fn push_errors(rep: &mut Report, scenario: &str, errors: u64, first_errors: &[String]) {
+    rep.push(Row::new(scenario, "errors", errors as f64, "").target("0", errors == 0));
+    if !first_errors.is_empty() {
+        rep.note(format!("{scenario} errors: {first_errors:?}"));
+    }
+}
+
+/// `POST send_message` of `content` into `chat`, as the holder of `token`.
+pub async fn post_send(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    chat: i64,
+    content: String,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(format!("{api}/api/ai/chats/{chat}/send_message/"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "content": content }))
+        .send()
+        .await
+}
+
+/// What a send came to: on 202, the id of the stored message (`None` if the body does not
+/// say); otherwise the error as the scenarios report it, a non-2xx status counted.
+pub async fn accepted_id(resp: reqwest::Result<reqwest::Response>) -> Result<Option<i64>, String> {
+    match resp {
+        Ok(r) if r.status().as_u16() == 202 => Ok(r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["message"]["id"].as_i64())),
+        Ok(r) => {
+            crate::load::count_status(r.status().as_u16());
+            Err(format!("send: HTTP {}", r.status()))
+        }
+        Err(e) => Err(format!("send: {e}")),
+    }
+}
+
 /// `POST send_message` from `clients` closed-loop clients spread over the accounts' chats.
 pub async fn send_load(
     label: &str,
@@ -114,12 +154,8 @@ pub async fn send_load(
             let account = &accounts[client % n];
             let chats = account.chats.len().max(1);
             let chat = account.chats[(seq as usize / n) % chats];
-            let resp = http
-                .post(format!("{api}/api/ai/chats/{chat}/send_message/"))
-                .bearer_auth(&account.token)
-                .json(&serde_json::json!({ "content": format!("bench message {seq}") }))
-                .send()
-                .await;
+            let content = format!("bench message {seq}");
+            let resp = post_send(&http, &api, &account.token, chat, content).await;
             crate::load::expect_status(resp, 202).await.map(|_| ())
         }
     })

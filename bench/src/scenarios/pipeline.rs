@@ -12,7 +12,7 @@ use crate::env::Stack;
 use crate::load::{self, Counters, Progress};
 use crate::procs::CpuMeter;
 use crate::report::Row;
-use crate::scenarios::{Ctx, ingest};
+use crate::scenarios::{Ctx, accepted_id, ingest, post_send};
 use crate::seed;
 use crate::stats::{Samples, Summary};
 
@@ -299,28 +299,12 @@ async fn measure(
                 let chat = account.chats[0];
                 seq += 1;
                 let t = Instant::now();
-                let resp = http
-                    .post(format!("{api}/api/ai/chats/{chat}/send_message/"))
-                    .bearer_auth(&account.token)
-                    .json(&serde_json::json!({ "content": format!("pipeline {s}-{seq}") }))
-                    .send()
-                    .await;
-                let id = match resp {
-                    Ok(r) if r.status().as_u16() == 202 => r
-                        .json::<serde_json::Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| v["message"]["id"].as_i64()),
-                    Ok(r) => {
-                        crate::load::count_status(r.status().as_u16());
-                        counters.error(format!("send: HTTP {}", r.status()));
-                        None
-                    }
-                    Err(e) => {
-                        counters.error(format!("send: {e}"));
-                        None
-                    }
-                };
+                let content = format!("pipeline {s}-{seq}");
+                let resp = post_send(&http, &api, &account.token, chat, content).await;
+                let id = accepted_id(resp).await.unwrap_or_else(|e| {
+                    counters.error(e);
+                    None
+                });
                 match id {
                     Some(id) => {
                         if shared.meet(id, Slot::Sent(t)) {

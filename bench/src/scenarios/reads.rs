@@ -9,7 +9,7 @@ use crate::env::Stack;
 use crate::load;
 use crate::procs::CpuMeter;
 use crate::report::Row;
-use crate::scenarios::Ctx;
+use crate::scenarios::{Ctx, push_errors};
 use crate::seed;
 
 const CLIENTS: usize = 64;
@@ -94,9 +94,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             .baseline("pgbench p99", pg.latency_p99_ms)
             .target("<= 10 ms", lat.p99_ms <= 10.0),
     );
-    rep.push(Row::new("reads", "errors", r.errors as f64, "").target("0", r.errors == 0));
-    if !r.first_errors.is_empty() {
-        rep.note(format!("reads errors: {:?}", r.first_errors));
-    }
+    push_errors(rep, "reads", r.errors, &r.first_errors);
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Soak: minutes of mixed load (paced sends answered by one worker, reads, open sockets
 //! receiving the chats' events); samples the RSS of every child and counts errors.
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use crate::env::{self, Stack};
 use crate::load::{self, Counters, Progress};
 use crate::procs::{self, CpuMeter};
 use crate::report::Row;
-use crate::scenarios::Ctx;
+use crate::scenarios::{Ctx, accepted_id, post_send};
 use crate::seed;
 use crate::stats::{self, Samples};
 
@@ -28,7 +29,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     stack.add_worker(&ctx.env, 64).await?;
     let accounts = Arc::new(seed::accounts(&ctx.env.db, "soak", CHATS, 1).await?);
     let chats: Vec<i64> = accounts.iter().map(|a| a.chats[0]).collect();
-    let last_ids: Arc<Vec<AtomicI64>> = Arc::new((0..CHATS).map(|_| AtomicI64::new(0)).collect());
     let counters = Arc::new(Counters::default());
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
@@ -63,92 +63,30 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         }));
     }
 
-    let http = load::http_client(SENDERS + READERS)?;
-    let api = stack.api_url();
+    let clients = Arc::new(Clients {
+        http: load::http_client(SENDERS + READERS)?,
+        api: stack.api_url(),
+        accounts: accounts.clone(),
+        last_ids: (0..CHATS).map(|_| AtomicI64::new(0)).collect(),
+        end,
+        half,
+        counters: counters.clone(),
+    });
     let mut tasks = Vec::new();
     for s in 0..SENDERS {
-        let (http, api, accounts, counters, last_ids) = (
-            http.clone(),
-            api.clone(),
-            accounts.clone(),
-            counters.clone(),
-            last_ids.clone(),
-        );
+        let clients = clients.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = [Samples::default(), Samples::default()];
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let mut seq = 0usize;
-            while Instant::now() < end {
-                tick.tick().await;
-                let c = (s + seq * SENDERS) % CHATS;
-                seq += 1;
-                let a = &accounts[c];
-                let t = Instant::now();
-                let resp = http
-                    .post(format!("{api}/api/ai/chats/{}/send_message/", a.chats[0]))
-                    .bearer_auth(&a.token)
-                    .json(&serde_json::json!({ "content": format!("soak {s}-{seq}") }))
-                    .send()
-                    .await;
-                match resp {
-                    Ok(r) if r.status().as_u16() == 202 => {
-                        let id = r
-                            .json::<serde_json::Value>()
-                            .await
-                            .ok()
-                            .and_then(|v| v["message"]["id"].as_i64());
-                        if let Some(id) = id {
-                            last_ids[c].fetch_max(id, Ordering::Relaxed);
-                        }
-                        lat[usize::from(Instant::now() >= half)].record(t.elapsed());
-                        counters.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        crate::load::count_status(r.status().as_u16());
-                        counters.error(format!("send: HTTP {}", r.status()))
-                    }
-                    Err(e) => counters.error(format!("send: {e}")),
-                }
-            }
-            (lat, true)
+            let every = Duration::from_millis(100);
+            let send = |c, seq| clients.send(s, c, seq);
+            (clients.paced(s, SENDERS, every, send).await, true)
         }));
     }
     for r in 0..READERS {
-        let (http, api, accounts, counters, last_ids) = (
-            http.clone(),
-            api.clone(),
-            accounts.clone(),
-            counters.clone(),
-            last_ids.clone(),
-        );
+        let clients = clients.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = [Samples::default(), Samples::default()];
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut seq = 0usize;
-            while Instant::now() < end {
-                tick.tick().await;
-                let c = (r + seq * READERS) % CHATS;
-                seq += 1;
-                let a = &accounts[c];
-                let after = (last_ids[c].load(Ordering::Relaxed) - 100).max(0);
-                let t = Instant::now();
-                let resp = http
-                    .get(format!(
-                        "{api}/api/ai/chats/{}/messages/?after_id={after}&limit=50",
-                        a.chats[0]
-                    ))
-                    .bearer_auth(&a.token)
-                    .send()
-                    .await;
-                match load::expect_status(resp, 200).await {
-                    Ok(_) => {
-                        lat[usize::from(Instant::now() >= half)].record(t.elapsed());
-                        counters.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => counters.error(format!("read: {e}")),
-                }
-            }
-            (lat, false)
+            let every = Duration::from_millis(50);
+            let read = |c, _seq| clients.read(c);
+            (clients.paced(r, READERS, every, read).await, false)
         }));
     }
 
@@ -216,20 +154,13 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         } else {
             0.0
         };
-        rep.push(Row::new(
-            "soak",
-            &format!("{name} RSS start"),
-            first / 1024.0,
-            "MiB",
-        ));
-        rep.push(Row::new(
-            "soak",
-            &format!("{name} RSS max"),
-            max / 1024.0,
-            "MiB",
-        ));
+        let mib = |what: &str, kib: f64| {
+            Row::new("soak", &format!("{name} RSS {what}"), kib / 1024.0, "MiB")
+        };
+        rep.push(mib("start", first));
+        rep.push(mib("max", max));
         rep.push(
-            Row::new("soak", &format!("{name} RSS end"), last / 1024.0, "MiB")
+            mib("end", last)
                 .baseline("RSS at half time", mid_v / 1024.0)
                 .target("flat: second half +<= 5%", growth <= 0.05),
         );
@@ -271,4 +202,81 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         rep.note(format!("soak errors: {:?}", counters.first_errors()));
     }
     Ok(())
+}
+
+/// What the soak's HTTP clients share: the API, the chats (one per account) and the newest
+/// message id sent into each, when to stop, where the second half starts, the counters.
+struct Clients {
+    http: reqwest::Client,
+    api: String,
+    accounts: Arc<Vec<seed::Account>>,
+    last_ids: Vec<AtomicI64>,
+    end: Instant,
+    half: Instant,
+    counters: Arc<Counters>,
+}
+
+impl Clients {
+    /// Client `client` of `clients`: every `every` until the end, `op(chat, seq)` on chat
+    /// `(client + seq × clients) mod CHATS` (`seq` counts from 1); the latencies of its
+    /// successes, those of the first half apart from those of the second.
+    async fn paced<F, Fut>(
+        &self,
+        client: usize,
+        clients: usize,
+        every: Duration,
+        op: F,
+    ) -> [Samples; 2]
+    where
+        F: Fn(usize, usize) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let mut lat = [Samples::default(), Samples::default()];
+        let mut tick = tokio::time::interval(every);
+        let mut seq = 0usize;
+        while Instant::now() < self.end {
+            tick.tick().await;
+            let c = (client + seq * clients) % CHATS;
+            seq += 1;
+            let t = Instant::now();
+            match op(c, seq).await {
+                Ok(()) => {
+                    lat[usize::from(Instant::now() >= self.half)].record(t.elapsed());
+                    self.counters.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => self.counters.error(e),
+            }
+        }
+        lat
+    }
+
+    /// Sender `s` sends its `seq`th message into chat `c` (202 expected) and notes its id.
+    async fn send(&self, s: usize, c: usize, seq: usize) -> Result<(), String> {
+        let a = &self.accounts[c];
+        let content = format!("soak {s}-{seq}");
+        let resp = post_send(&self.http, &self.api, &a.token, a.chats[0], content).await;
+        if let Some(id) = accepted_id(resp).await? {
+            self.last_ids[c].fetch_max(id, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads the 50 messages of chat `c` after its newest sent id less 100 (200 expected).
+    async fn read(&self, c: usize) -> Result<(), String> {
+        let a = &self.accounts[c];
+        let after = (self.last_ids[c].load(Ordering::Relaxed) - 100).max(0);
+        let resp = self
+            .http
+            .get(format!(
+                "{}/api/ai/chats/{}/messages/?after_id={after}&limit=50",
+                self.api, a.chats[0]
+            ))
+            .bearer_auth(&a.token)
+            .send()
+            .await;
+        match load::expect_status(resp, 200).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
 }

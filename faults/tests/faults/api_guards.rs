@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use aichat_fake_llm::FakeConfig;
 use aichat_faults::{
-    Answer, Api, Client, Env, EventCounter, User, WsCollector, report, ws_connect, ws_send,
+    Answer, Api, Client, Env, User, Ws, WsCollector, WsNext, report, ws::ws_upgrade, ws_connect,
+    ws_next, ws_send, ws_until,
 };
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+
+use crate::route_matrix::{MATRIX, ROLES, Role};
 
 async fn send_with_key(
     client: &Client,
@@ -32,28 +35,38 @@ async fn send_with_key(
         .expect("send")
 }
 
+/// The id of the message `answer` accepted, insisting on 202.
+fn accepted_id(answer: &Answer) -> i64 {
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    answer.body["message"]["id"].as_i64().expect("message id")
+}
+
+/// Reads `ws` until its next `error` event, which must say `text`; the event.
+async fn error_saying(ws: &mut Ws, text: &str) -> Value {
+    let error = ws_until(ws, Duration::from_secs(10), |e| e["type"] == "error").await;
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains(text), "{error}");
+    error
+}
+
 /// Sequential and concurrent repeats of one `Idempotency-Key` store one message, queue one
 /// job and get one reply; the first request's message comes back every time (409 only while
 /// the first is still being stored).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_idempotency_keys_store_queue_and_answer_once() {
     let env = Env::start(FakeConfig::default()).await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
     let alice = client.user("alice").await;
     let bob = client.user("bob").await;
     let chat = client.ai_chat(&alice, "idem").await;
     let other_chat = client.ai_chat(&alice, "other").await;
     let bobs_chat = client.ai_chat(&bob, "bob's").await;
 
-    let first = send_with_key(&client, &alice, chat, "key-1", "once").await;
-    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
-    let first_id = first.body["message"]["id"].as_i64().expect("id");
+    let first_id = accepted_id(&send_with_key(&client, &alice, chat, "key-1", "once").await);
     for _ in 0..5 {
         let again = send_with_key(&client, &alice, chat, "key-1", "once").await;
-        assert_eq!(again.status, StatusCode::ACCEPTED);
-        assert_eq!(again.body["message"]["id"], first_id);
+        assert_eq!(accepted_id(&again), first_id);
     }
 
     // Twenty at once with a fresh key.
@@ -79,14 +92,12 @@ async fn repeated_idempotency_keys_store_queue_and_answer_once() {
     // The key belongs to its user and chat.
     let elsewhere = send_with_key(&client, &alice, other_chat, "key-1", "once").await;
     assert_eq!(elsewhere.status, StatusCode::CONFLICT, "{}", elsewhere.body);
-    let bobs = send_with_key(&client, &bob, bobs_chat, "key-1", "bob's own").await;
-    assert_eq!(bobs.status, StatusCode::ACCEPTED);
-    let bobs_id = bobs.body["message"]["id"].as_i64().expect("id");
+    let bobs_id = accepted_id(&send_with_key(&client, &bob, bobs_chat, "key-1", "bob's own").await);
 
     let jobs = {
         let mut conn = env.redis().await;
         let data: Vec<(String, Vec<u8>)> =
-            redis::AsyncCommands::hgetall(&mut conn, format!("{}:data", env.queue()))
+            redis::AsyncCommands::hgetall(&mut conn, env.queue_config().job_data_hash())
                 .await
                 .expect("job data");
         data.len()
@@ -101,8 +112,7 @@ async fn repeated_idempotency_keys_store_queue_and_answer_once() {
     assert_eq!(env.fake.requests().len(), 3, "one model call per message");
     // After the reply, a repeat still answers the first request's message.
     let late = send_with_key(&client, &alice, chat, "key-1", "once").await;
-    assert_eq!(late.status, StatusCode::ACCEPTED);
-    assert_eq!(late.body["message"]["id"], first_id);
+    assert_eq!(accepted_id(&late), first_id);
     assert_eq!(late.body["message"]["status"], "answered");
     report(
         "idempotency",
@@ -115,9 +125,7 @@ async fn repeated_idempotency_keys_store_queue_and_answer_once() {
             ("model_calls", env.fake.requests().len().to_string()),
         ],
     );
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }
 
 /// Each limit answers as documented and touches nothing else: the account's other session
@@ -126,8 +134,8 @@ async fn repeated_idempotency_keys_store_queue_and_answer_once() {
 async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessions() {
     const RATE: usize = 5;
     let env = Env::start(FakeConfig::default()).await;
-    let api = env
-        .api(&[
+    let (api, client) = env
+        .api_client(&[
             "--send-rate-per-minute",
             &RATE.to_string(),
             "--max-body-bytes",
@@ -138,7 +146,6 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
             "200",
         ])
         .await;
-    let client = Client::new(&api);
     let alice = client.user("alice").await;
     let alice_2 = client.login("alice").await;
     let bob = client.user("bob").await;
@@ -161,15 +168,7 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
         )
         .await
     );
-    let error =
-        aichat_faults::ws_until(&mut ws_1, Duration::from_secs(10), |e| e["type"] == "error").await;
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("too long"),
-        "{error}"
-    );
+    error_saying(&mut ws_1, "too long").await;
 
     // Body size: 413 with a JSON error, before anything is read into memory.
     let huge = client
@@ -183,13 +182,13 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
     let big = json!({"type": "message", "content": "w".repeat(1500)});
     let _ = ws_send(&mut ws_1, big).await;
     let cut = loop {
-        match aichat_faults::ws_next(&mut ws_1, Duration::from_secs(10)).await {
-            aichat_faults::WsNext::Event(_) => continue,
+        match ws_next(&mut ws_1, Duration::from_secs(10)).await {
+            WsNext::Event(_) => continue,
             other => break other,
         }
     };
     assert!(
-        matches!(cut, aichat_faults::WsNext::Closed(_)),
+        matches!(cut, WsNext::Closed(_)),
         "the socket that sent 1500 bytes is still open: {cut:?}"
     );
     let probe = client.send_ok(&alice_2, chat, "still here").await;
@@ -251,15 +250,7 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
     // Over the socket, the limit is an error event and the socket stays open.
     let mut ws_3 = ws_connect(&api, chat, &alice_2.token).await;
     assert!(ws_send(&mut ws_3, json!({"type": "message", "content": "over"})).await);
-    let error =
-        aichat_faults::ws_until(&mut ws_3, Duration::from_secs(10), |e| e["type"] == "error").await;
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("slow down"),
-        "{error}"
-    );
+    error_saying(&mut ws_3, "slow down").await;
     assert!(ws_send(&mut ws_3, json!({"type": "typing"})).await);
     // Nothing over a limit was stored.
     let audit = env.audit().await;
@@ -275,8 +266,7 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
             ("retry_after_s", retry_after.to_string()),
         ],
     );
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, []).await;
 }
 
 /// README and the issue: a WebSocket message over `WS_MAX_MESSAGE_BYTES` closes the socket
@@ -285,8 +275,7 @@ async fn abuse_limits_answer_429_413_400_or_cut_the_socket_and_spare_other_sessi
 async fn an_oversized_websocket_message_is_answered_with_close_1009() {
     use tokio_tungstenite::tungstenite::Message;
     let env = Env::start(FakeConfig::default()).await;
-    let api = env.api(&["--ws-max-message-bytes", "1024"]).await;
-    let client = Client::new(&api);
+    let (api, client) = env.api_client(&["--ws-max-message-bytes", "1024"]).await;
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "limits").await;
     let mut ws = ws_connect(&api, chat, &alice.token).await;
@@ -314,136 +303,11 @@ async fn an_oversized_websocket_message_is_answered_with_close_1009() {
         Some(1009),
         "no 1009 close frame; the client saw {seen:?}"
     );
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, []).await;
 }
 
 // ---------------------------------------------------------------------------------------------
-// The authorization matrix
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Anonymous,
-    Owner,
-    Other,
-    Staff,
-}
-
-const ROLES: [Role; 4] = [Role::Anonymous, Role::Other, Role::Staff, Role::Owner];
-
-/// One row: method, path (`{chat}`, `{ai}`, `{msg}` filled from fresh fixtures), body, and
-/// the exact status for anonymous, owner, other user, staff.
-struct Row {
-    method: &'static str,
-    path: &'static str,
-    body: Option<fn() -> Value>,
-    expect: [u16; 4],
-}
-
-const fn row(method: &'static str, path: &'static str, expect: [u16; 4]) -> Row {
-    Row {
-        method,
-        path,
-        body: None,
-        expect,
-    }
-}
-
-const fn row_with(
-    method: &'static str,
-    path: &'static str,
-    body: fn() -> Value,
-    expect: [u16; 4],
-) -> Row {
-    Row {
-        method,
-        path,
-        body: Some(body),
-        expect,
-    }
-}
-
-//                                        anonymous owner other staff
-const MATRIX: &[Row] = &[
-    row("POST", "/api/logout/", [401, 200, 200, 200]),
-    row("GET", "/api/me/", [401, 200, 200, 200]),
-    row("GET", "/api/users/", [401, 200, 200, 200]),
-    row("GET", "/api/chats/", [401, 200, 200, 200]),
-    row_with(
-        "POST",
-        "/api/chats/",
-        || json!({"name": "n"}),
-        [401, 201, 201, 201],
-    ),
-    row("GET", "/api/chats/{chat}/", [401, 200, 404, 404]),
-    row("DELETE", "/api/chats/{chat}/", [401, 204, 404, 404]),
-    row_with(
-        "POST",
-        "/api/chats/{chat}/send_message/",
-        || json!({"content": "hi"}),
-        [401, 201, 404, 404],
-    ),
-    row("GET", "/api/chats/{chat}/messages/", [401, 200, 404, 404]),
-    row("GET", "/api/ai/chats/", [401, 200, 200, 200]),
-    row_with(
-        "POST",
-        "/api/ai/chats/",
-        || json!({"title": "t"}),
-        [401, 201, 201, 201],
-    ),
-    row("GET", "/api/ai/chats/{ai}/", [401, 200, 404, 404]),
-    row_with(
-        "PATCH",
-        "/api/ai/chats/{ai}/",
-        || json!({"title": "t2"}),
-        [401, 200, 404, 404],
-    ),
-    row_with(
-        "PUT",
-        "/api/ai/chats/{ai}/",
-        || json!({"title": "t3"}),
-        [401, 200, 404, 404],
-    ),
-    row("DELETE", "/api/ai/chats/{ai}/", [401, 204, 404, 404]),
-    row_with(
-        "POST",
-        "/api/ai/chats/{ai}/send_message/",
-        || json!({"content": "hi"}),
-        [401, 202, 404, 404],
-    ),
-    row("GET", "/api/ai/chats/{ai}/messages/", [401, 200, 404, 404]),
-    row(
-        "GET",
-        "/api/ai/chats/{ai}/related_chat_context/",
-        [401, 200, 404, 404],
-    ),
-    row("GET", "/api/ai/messages/", [401, 200, 200, 200]),
-    row("GET", "/api/ai/messages/{msg}/", [401, 200, 404, 404]),
-    row("GET", "/api/ai/usage/", [401, 200, 200, 200]),
-    row("GET", "/api/ai/models/", [401, 200, 200, 200]),
-    row("GET", "/api/admin/ai-chats/", [401, 403, 403, 200]),
-    row("GET", "/api/admin/messages/", [401, 403, 403, 200]),
-    row("GET", "/api/admin/usage/", [401, 403, 403, 200]),
-    row("GET", "/api/admin/dead-jobs/", [401, 403, 403, 200]),
-    row_with(
-        "POST",
-        "/api/admin/dead-jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/redrive/",
-        || json!({}),
-        [401, 403, 403, 404],
-    ),
-    // Public: the same for everyone.
-    row("GET", "/healthz", [200, 200, 200, 200]),
-    row("GET", "/readyz", [200, 200, 200, 200]),
-    row("GET", "/metrics", [401, 403, 403, 200]),
-    row("GET", "/api/schema/", [200, 200, 200, 200]),
-    row("GET", "/api/docs/", [200, 200, 200, 200]),
-    row("GET", "/api/redoc/", [200, 200, 200, 200]),
-    // The web pages: public shells, every call they make is checked above.
-    row("GET", "/", [200, 200, 200, 200]),
-    row("GET", "/admin/", [200, 200, 200, 200]),
-    row("GET", "/static/admin.js", [200, 200, 200, 200]),
-    row("GET", "/static/nothing-here.js", [404, 404, 404, 404]),
-];
+// The authorization matrix (its table: `route_matrix`)
 
 /// What one row runs against: alice's chat, AI chat (linked to it) and a message in it.
 struct Fixture {
@@ -453,30 +317,28 @@ struct Fixture {
 }
 
 async fn fixture(client: &Client, owner: &User) -> Fixture {
-    let created = client
-        .post("/api/chats/", &owner.token, json!({"name": "private"}))
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
-    let chat = created.body["id"].as_i64().expect("chat id");
-    let ai = client
-        .post(
-            "/api/ai/chats/",
-            &owner.token,
-            json!({"title": "mine", "related_chat": chat}),
-        )
-        .await;
-    assert_eq!(ai.status, StatusCode::CREATED, "{}", ai.body);
-    let ai = ai.body["id"].as_i64().expect("ai chat id");
+    let chat = client.chat(owner, "private").await;
+    let linked = json!({"title": "mine", "related_chat": chat});
+    let ai = client.create("/api/ai/chats/", owner, linked).await;
     let msg = client.send_ok(owner, ai, "secret").await;
     Fixture { chat, ai, msg }
 }
 
-fn index(role: Role) -> usize {
-    match role {
-        Role::Anonymous => 0,
-        Role::Owner => 1,
-        Role::Other => 2,
-        Role::Staff => 3,
+/// What the matrix test has seen: how many checks, and the ones that got the wrong status.
+#[derive(Default)]
+struct Checks {
+    checked: usize,
+    mismatches: Vec<String>,
+}
+
+impl Checks {
+    /// `what` (a request and role) got `status` and should have got `want`.
+    fn status(&mut self, what: String, status: u16, want: u16, body: &Value) {
+        self.checked += 1;
+        if status != want {
+            self.mismatches
+                .push(format!("{what}: {status} (want {want}) {body}"));
+        }
     }
 }
 
@@ -486,28 +348,24 @@ async fn ws_status(api: &Api, ai: i64, token: Option<&str>) -> u16 {
     if let Some(token) = token {
         url.push_str(&format!("?token={token}"));
     }
-    match tokio_tungstenite::connect_async(url).await {
-        Ok((_, response)) => response.status().as_u16(),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(err) => panic!("websocket: {err}"),
-    }
+    ws_upgrade(url).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_matrix_every_route_every_role() {
     let env = Env::start(FakeConfig::default()).await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
     let alice = client.user("alice").await;
     let mallory = client.user("mallory").await;
-    let root = client.user("root").await;
-    assert!(
-        aichat_shared::db::users::set_staff(&env.pool, "root", true)
-            .await
-            .expect("set staff")
-    );
-    let mut mismatches = Vec::new();
-    let mut checked = 0;
+    let root = client.staff(&env, "root").await;
+    let user_of = |role: Role| match role {
+        Role::Anonymous => None,
+        Role::Owner => Some(&alice),
+        Role::Other => Some(&mallory),
+        Role::Staff => Some(&root),
+    };
+    let token_of = |role: Role| user_of(role).map(|u| u.token.as_str());
+    let mut checks = Checks::default();
     for row in MATRIX {
         // Fresh fixtures per row, so a DELETE or logout never changes another row's outcome;
         // the owner goes last in `ROLES` for the same reason.
@@ -518,14 +376,8 @@ async fn authorization_matrix_every_route_every_role() {
             .replace("{ai}", &fixture.ai.to_string())
             .replace("{msg}", &fixture.msg.to_string());
         for role in ROLES {
-            let user = match role {
-                Role::Anonymous => None,
-                Role::Owner => Some(&alice),
-                Role::Other => Some(&mallory),
-                Role::Staff => Some(&root),
-            };
             // Logging out ends the session: use a session of its own.
-            let session = match (row.path, user) {
+            let session = match (row.path, user_of(role)) {
                 ("/api/logout/", Some(user)) => Some(client.login(&user.username).await),
                 (_, user) => user.cloned(),
             };
@@ -539,17 +391,9 @@ async fn authorization_matrix_every_route_every_role() {
                 )
                 .await
                 .expect("request");
-            checked += 1;
-            let want = row.expect[index(role)];
-            if answer.status.as_u16() != want {
-                mismatches.push(format!(
-                    "{} {} as {role:?}: {} (want {want}) {}",
-                    row.method,
-                    row.path,
-                    answer.status.as_u16(),
-                    answer.body
-                ));
-            }
+            let want = row.expected(role);
+            let what = format!("{} {} as {role:?}", row.method, row.path);
+            checks.status(what, answer.status.as_u16(), want, &answer.body);
             if want == 401 {
                 assert_eq!(answer.body, json!({"error": "Authentication required"}));
             }
@@ -557,19 +401,15 @@ async fn authorization_matrix_every_route_every_role() {
     }
     // The WebSocket: refused before the upgrade unless it is the owner's chat.
     let fixture = fixture(&client, &alice).await;
-    for (role, token, want) in [
-        (Role::Anonymous, None, 401),
-        (Role::Owner, Some(alice.token.as_str()), 101),
-        (Role::Other, Some(mallory.token.as_str()), 404),
-        (Role::Staff, Some(root.token.as_str()), 404),
+    for (role, want) in [
+        (Role::Anonymous, 401),
+        (Role::Owner, 101),
+        (Role::Other, 404),
+        (Role::Staff, 404),
     ] {
-        let status = ws_status(&api, fixture.ai, token).await;
-        checked += 1;
-        if status != want {
-            mismatches.push(format!(
-                "WS /ws/ai-chat/{{ai}}/ as {role:?}: {status} (want {want})"
-            ));
-        }
+        let status = ws_status(&api, fixture.ai, token_of(role)).await;
+        let what = format!("WS /ws/ai-chat/{{ai}}/ as {role:?}");
+        checks.status(what, status, want, &Value::Null);
     }
     // Staff is an ordinary user on the contract routes: only its own data in its lists.
     for list in ["/api/ai/chats/", "/api/chats/"] {
@@ -598,25 +438,19 @@ async fn authorization_matrix_every_route_every_role() {
     );
     // Logging out everywhere ends every session of the caller, so it goes last, for each role
     // (no request follows it): anonymous 401, any signed-in user 200.
-    for (role, token, want) in [
-        (Role::Anonymous, None, 401),
-        (Role::Owner, Some(alice.token.as_str()), 200),
-        (Role::Other, Some(mallory.token.as_str()), 200),
-        (Role::Staff, Some(root.token.as_str()), 200),
-    ] {
+    for role in ROLES {
+        let want = if role == Role::Anonymous { 401 } else { 200 };
         let answer = client
-            .try_call(Method::POST, "/api/logout/all/", token, None, &[])
+            .try_call(Method::POST, "/api/logout/all/", token_of(role), None, &[])
             .await
             .expect("request");
-        checked += 1;
-        if answer.status.as_u16() != want {
-            mismatches.push(format!(
-                "POST /api/logout/all/ as {role:?}: {} (want {want}) {}",
-                answer.status.as_u16(),
-                answer.body
-            ));
-        }
+        let what = format!("POST /api/logout/all/ as {role:?}");
+        checks.status(what, answer.status.as_u16(), want, &answer.body);
     }
+    let Checks {
+        checked,
+        mismatches,
+    } = checks;
     report(
         "authorization_matrix",
         &[
@@ -625,6 +459,5 @@ async fn authorization_matrix_every_route_every_role() {
         ],
     );
     assert!(mismatches.is_empty(), "\n{}", mismatches.join("\n"));
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, []).await;
 }

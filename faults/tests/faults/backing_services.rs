@@ -6,84 +6,12 @@ use std::time::{Duration, Instant};
 
 use aichat_fake_llm::FakeConfig;
 use aichat_faults::{
-    Client, Env, EventCounter, HEAVY, PrivateRedis, User, WsCollector, epoch_now, quantile, report,
-    worker_metric, ws_connect,
+    Client, DEFAULT_CONTEXT, Env, HEAVY, PrivateRedis, WsCollector, epoch_now, fake_with_latency,
+    one_decimal, quantile, report, secs, with_sweeper, worker_metric, ws_connect,
 };
 use reqwest::StatusCode;
-use serde_json::Value;
 
-/// What one send came to.
-#[derive(Debug, Clone)]
-struct Sent {
-    /// When it started, from the start of the load.
-    at: Duration,
-    took: Duration,
-    outcome: Result<(StatusCode, Value), String>,
-}
-
-impl Sent {
-    fn accepted_id(&self) -> Option<i64> {
-        match &self.outcome {
-            Ok((StatusCode::ACCEPTED, body)) => body["message"]["id"].as_i64(),
-            _ => None,
-        }
-    }
-
-    fn label(&self) -> String {
-        match &self.outcome {
-            Ok((status, _)) => status.as_u16().to_string(),
-            Err(err) => err.clone(),
-        }
-    }
-}
-
-/// Sends one message every `every` for `count` sends, round-robin over `chats`, each on its
-/// own task (a slow answer never delays the next send); returns every outcome.
-async fn steady_load(
-    base: String,
-    user: User,
-    chats: Vec<i64>,
-    count: usize,
-    every: Duration,
-    timeout: Duration,
-) -> Vec<Sent> {
-    let started = Instant::now();
-    let client = std::sync::Arc::new(Client::for_base(&base, timeout));
-    let mut tasks = Vec::with_capacity(count);
-    let mut tick = tokio::time::interval(every);
-    for i in 0..count {
-        tick.tick().await;
-        let client = client.clone();
-        let user = user.clone();
-        let chat = chats[i % chats.len()];
-        tasks.push(tokio::spawn(async move {
-            let at = started.elapsed();
-            let begun = Instant::now();
-            let outcome = client
-                .send(&user, chat, &format!("load {i}"))
-                .await
-                .map(|a| (a.status, a.body));
-            Sent {
-                at,
-                took: begun.elapsed(),
-                outcome,
-            }
-        }));
-    }
-    let mut sent = Vec::with_capacity(count);
-    for task in tasks {
-        sent.push(task.await.expect("send task"));
-    }
-    sent
-}
-
-fn tally(sent: &[Sent]) -> BTreeMap<String, usize> {
-    let mut by = BTreeMap::new();
-    for s in sent {
-        *by.entry(s.label()).or_default() += 1;
-    }
-    by
-}
+use crate::send_load::{steady_load, tally};
 
 /// A private Redis is killed under load and started again, empty, on the same port 10 s later.
 /// Sends during the outage get 503 quickly; accepted messages whose jobs died with Redis are
@@ -97,33 +25,14 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
     let mut redis = PrivateRedis::start().await;
     // A slow model and a worker of 2 jobs in flight: a backlog of jobs waits in Redis when it
     // dies, and dies with it.
-    let env = Env::start_with_redis(
-        FakeConfig {
-            latency_ms: 500,
-            ..FakeConfig::default()
-        },
-        redis.url(),
-    )
-    .await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
+    let env = Env::start_with_redis(fake_with_latency(500), redis.url()).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
     let worker = env
-        .worker(&[
-            "--worker-concurrency",
-            "2",
-            "--worker-sweep-interval-secs",
-            "1",
-            "--worker-sweep-grace-secs",
-            "3",
-        ])
+        .ready_worker(&with_sweeper("1", "3", &["--worker-concurrency", "2"]))
         .await;
-    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
     let swept_before = worker_metric(worker.port, "aichat_worker_swept_messages_total").await;
     let alice = client.user("alice").await;
-    let mut chats = Vec::new();
-    for c in 0..5 {
-        chats.push(client.ai_chat(&alice, &format!("chat {c}")).await);
-    }
+    let chats = client.ai_chats(&alice, 5).await;
     // One socket per chat, opened before the outage and kept open through it.
     let mut sockets = Vec::new();
     for chat in &chats {
@@ -134,14 +43,7 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
 
     // 2 s of normal traffic, 10 s of outage, 4 s after: one send every 100 ms.
     let load_started = Instant::now();
-    let load = tokio::spawn(steady_load(
-        api.base.clone(),
-        alice.clone(),
-        chats.clone(),
-        160,
-        Duration::from_millis(100),
-        SEND_TIMEOUT,
-    ));
+    let load = steady_load(&api, &alice, &chats, 160, SEND_TIMEOUT);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let waiting_at_crash = env.queue_snapshot().await;
     redis.stop();
@@ -164,24 +66,13 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
         .min()
         .unwrap_or_default();
 
-    let by_status = tally(&sent);
-    let accepted: Vec<i64> = sent.iter().filter_map(Sent::accepted_id).collect();
-    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
+    let sends = tally(&sent);
+    let (by_status, slowest) = (&sends.by_status, sends.slowest);
     let refused = sent
         .iter()
         .filter(|s| matches!(&s.outcome, Ok((StatusCode::SERVICE_UNAVAILABLE, _))))
         .count();
-    // Every send was answered, and only with 202 or 503.
-    let unexpected: Vec<&Sent> = sent
-        .iter()
-        .filter(|s| {
-            !matches!(
-                &s.outcome,
-                Ok((StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE, _))
-            )
-        })
-        .collect();
-    assert!(unexpected.is_empty(), "{by_status:?}: {unexpected:?}");
+    sends.assert_202_or_503();
     for s in &sent {
         if let Ok((StatusCode::SERVICE_UNAVAILABLE, body)) = &s.outcome {
             assert!(
@@ -200,16 +91,16 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
     let probe = client.send_ok(&alice, chats[0], "after the outage").await;
     let first_reply_after = back_at.elapsed();
     let reply = sockets[0]
-        .wait_for(
+        .reply_to(
+            probe,
             Duration::from_secs(30),
             "the probe's reply on the old socket",
-            |e| e["type"] == "assistant_message" && e["message"]["reply_to"] == probe,
         )
         .await;
     assert_eq!(reply["message"]["content"], "Echo: after the outage");
     let ws_back_after = back_at.elapsed();
 
-    let mut all = accepted.clone();
+    let mut all = sends.accepted.clone();
     all.push(probe);
     let audit = env.settled(Duration::from_secs(60)).await;
     let settled_after = back_at.elapsed();
@@ -239,14 +130,11 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
     report(
         "redis_down",
         &[
-            (
-                "outage_s",
-                format!("{:.1}", (back_at - down_at).as_secs_f64()),
-            ),
+            ("outage_s", secs(back_at - down_at)),
             ("sends", sent.len().to_string()),
             ("by_status", format!("{by_status:?}")),
             ("slowest_send_s", format!("{:.2}", slowest.as_secs_f64())),
-            ("accepted", accepted.len().to_string()),
+            ("accepted", sends.accepted.len().to_string()),
             ("lost", audit.not_answered_once(&all).len().to_string()),
             ("duplicated", audit.duplicated().len().to_string()),
             ("replies_announced_on_sockets", announced.to_string()),
@@ -267,41 +155,25 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
             ("requeued_by_sweeper", swept.to_string()),
             (
                 "first_refusal_after_crash_s",
-                format!(
-                    "{:.1}",
+                one_decimal(
                     refused_during
                         .first()
                         .map(|d| d.as_secs_f64() - down.as_secs_f64())
-                        .unwrap_or(-1.0)
+                        .unwrap_or(-1.0),
                 ),
             ),
             (
                 "first_accept_after_restart_s",
-                format!("{:.1}", first_accepted_after_restart.as_secs_f64()),
+                secs(first_accepted_after_restart),
             ),
             (
                 "first_reply_after_restart_s",
-                format!(
-                    "{:.1}",
-                    env.first_reply_after(back_epoch).await.unwrap_or(-1.0)
-                ),
+                one_decimal(env.first_reply_after(back_epoch).await.unwrap_or(-1.0)),
             ),
-            (
-                "probe_sent_after_restart_s",
-                format!("{:.1}", first_reply_after.as_secs_f64()),
-            ),
-            (
-                "websocket_events_again_after_s",
-                format!("{:.1}", ws_back_after.as_secs_f64()),
-            ),
-            (
-                "all_answered_after_restart_s",
-                format!("{:.1}", settled_after.as_secs_f64()),
-            ),
-            (
-                "reply_delay_max_s",
-                format!("{:.1}", quantile(&delays, 1.0)),
-            ),
+            ("probe_sent_after_restart_s", secs(first_reply_after)),
+            ("websocket_events_again_after_s", secs(ws_back_after)),
+            ("all_answered_after_restart_s", secs(settled_after)),
+            ("reply_delay_max_s", one_decimal(quantile(&delays, 1.0))),
         ],
     );
     let first_reply = env.first_reply_after(back_epoch).await.unwrap_or(f64::MAX);
@@ -313,9 +185,7 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
         "the worker answered its first message {first_reply:.1} s after Redis came back"
     );
     drop(sockets);
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }
 
 /// Every 250 ms for 10 s, every connection to the test's database is terminated
@@ -325,39 +195,22 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
 async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
     const CUTS_FOR: Duration = Duration::from_secs(10);
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: 300,
-        ..FakeConfig::default()
-    })
-    .await;
-    let api = env
-        .api(&[
+    let env = Env::start(fake_with_latency(300)).await;
+    let (api, client) = env
+        .api_client(&[
             "--send-rate-per-minute",
             "0",
             "--database-acquire-timeout-secs",
             "2",
         ])
         .await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
-    let worker = env
-        .worker(&[
-            "--database-acquire-timeout-secs",
-            "2",
-            "--worker-sweep-interval-secs",
-            "2",
-            "--worker-sweep-grace-secs",
-            "5",
-        ])
-        .await;
-    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let events = env.event_counter().await;
+    let acquire = ["--database-acquire-timeout-secs", "2"];
+    let worker = env.ready_worker(&with_sweeper("2", "5", &acquire)).await;
     let retries_before = worker_metric(worker.port, "aichat_worker_db_retries_total").await;
     let requeued_before = worker_metric(worker.port, "aichat_worker_jobs_requeued_total").await;
     let alice = client.user("alice").await;
-    let mut chats = Vec::new();
-    for c in 0..5 {
-        chats.push(client.ai_chat(&alice, &format!("chat {c}")).await);
-    }
+    let chats = client.ai_chats(&alice, 5).await;
 
     // Readers alongside the senders: every read must be 200 or 503 too.
     let reader = {
@@ -387,14 +240,7 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
             statuses
         })
     };
-    let load = tokio::spawn(steady_load(
-        api.base.clone(),
-        alice.clone(),
-        chats.clone(),
-        140,
-        Duration::from_millis(100),
-        Duration::from_secs(15),
-    ));
+    let load = steady_load(&api, &alice, &chats, 140, Duration::from_secs(15));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cuts_started = Instant::now();
     let mut cuts = 0;
@@ -408,18 +254,8 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
     let sent = load.await.expect("load");
     let reads = reader.await.expect("reader");
 
-    let by_status = tally(&sent);
-    let accepted: Vec<i64> = sent.iter().filter_map(Sent::accepted_id).collect();
-    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
-    let unexpected: Vec<&Sent> = sent
-        .iter()
-        .filter(|s| {
-            !matches!(
-                &s.outcome,
-                Ok((StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE, _))
-            )
-        })
-        .collect();
+    let sends = tally(&sent);
+    let (by_status, accepted, slowest) = (&sends.by_status, &sends.accepted, sends.slowest);
     let bad_reads: Vec<_> = reads
         .iter()
         .filter(|(status, _)| !matches!(**status, 200 | 503))
@@ -451,7 +287,7 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
             ("reads_by_status", format!("{reads:?}")),
             ("slowest_send_s", format!("{:.2}", slowest.as_secs_f64())),
             ("accepted", accepted.len().to_string()),
-            ("lost", audit.not_answered_once(&accepted).len().to_string()),
+            ("lost", audit.not_answered_once(accepted).len().to_string()),
             ("duplicated", audit.duplicated().len().to_string()),
             ("refused_but_stored", format!("{refused_but_stored:?}")),
             ("worker_db_retries", db_retries.to_string()),
@@ -460,20 +296,14 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
                 "announced_twice",
                 counts.announced_twice().len().to_string(),
             ),
-            (
-                "all_answered_after_cuts_s",
-                format!("{:.1}", settled_after.as_secs_f64()),
-            ),
-            (
-                "reply_delay_max_s",
-                format!("{:.1}", quantile(&delays, 1.0)),
-            ),
+            ("all_answered_after_cuts_s", secs(settled_after)),
+            ("reply_delay_max_s", one_decimal(quantile(&delays, 1.0))),
         ],
     );
-    assert!(unexpected.is_empty(), "{by_status:?}: {unexpected:?}");
+    sends.assert_202_or_503();
     assert!(bad_reads.is_empty(), "reads: {reads:?}");
     assert!(slowest < Duration::from_secs(12), "a send took {slowest:?}");
-    for id in &accepted {
+    for id in accepted {
         assert!(
             !audit.not_answered_once(&[*id]).contains(id),
             "accepted message {id} not answered exactly once: {:?}",
@@ -486,9 +316,7 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
         refused_but_stored.is_empty(),
         "messages stored although the client got 503: {refused_but_stored:?}"
     );
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }
 
 /// The sweeper, directly: a message whose API died between commit and push (no job at all),
@@ -497,20 +325,15 @@ async fn postgres_connections_cut_for_10_s_lose_and_duplicate_nothing() {
 /// left alone (one model call each, nothing doubled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
-    use aichat_shared::domain::ContextOptions;
     use aichat_shared::jobs::{CompletionJob, JobQueue};
     use aichat_shared::keys::Namespace;
     use redis::AsyncCommands;
 
     let env = Env::start(FakeConfig::default()).await;
-    let api = env.api(&[]).await;
-    let client = Client::new(&api);
+    let (api, client) = env.api_client(&[]).await;
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "swept").await;
-    let options = ContextOptions {
-        include_related_chat_context: false,
-        context_message_limit: 20,
-    };
+    let options = DEFAULT_CONTEXT;
     let queue = JobQueue::new(
         aichat_shared::redis_conn::connect(&env.redis_url)
             .await
@@ -531,19 +354,20 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
             .expect("push")
     );
     let mut conn = env.redis().await;
-    let q = env.queue();
+    let q = env.queue_config();
     let task: String = conn
         .get(format!(
-            "{q}:idempotency:{}",
+            "{}:{}",
+            q.idempotency_key_set(),
             queue.message_job_key(dead.id)
         ))
         .await
         .expect("task of the dead job");
     let _: () = redis::pipe()
-        .zrem(format!("{q}:scheduled"), &task)
-        .lrem(format!("{q}:active"), 0, &task)
-        .sadd(format!("{q}:dead"), &task)
-        .hset(format!("{q}:meta:{task}"), "status", "Killed")
+        .zrem(q.scheduled_jobs_set(), &task)
+        .lrem(q.active_jobs_list(), 0, &task)
+        .sadd(q.dead_jobs_set(), &task)
+        .hset(format!("{}:{task}", q.job_meta_hash()), "status", "Killed")
         .query_async(&mut conn)
         .await
         .expect("kill the job");
@@ -553,14 +377,7 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     ids.push(alive);
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let worker = env
-        .worker(&[
-            "--worker-sweep-interval-secs",
-            "1",
-            "--worker-sweep-grace-secs",
-            "1",
-        ])
-        .await;
+    let worker = env.worker(&with_sweeper("1", "1", &[])).await;
     let audit = env.settled(Duration::from_secs(30)).await;
     audit.assert_answered_once(&ids);
     // Give the sweeper two more rounds to (wrongly) find something to do.
@@ -572,8 +389,8 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let kept = loop {
         let (done, kept): (u64, Vec<String>) = redis::pipe()
-            .scard(format!("{q}:done"))
-            .hkeys(format!("{q}:data"))
+            .scard(q.done_jobs_set())
+            .hkeys(q.job_data_hash())
             .query_async(&mut conn)
             .await
             .expect("job data");
@@ -596,7 +413,5 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
             ("model_calls", env.fake.requests().len().to_string()),
         ],
     );
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use aichat_fake_llm::FakeConfig;
-use aichat_faults::{Client, Env, ws_connect, ws_send, ws_until};
+use aichat_faults::{Env, fake_with_latency, ws_connect, ws_send, ws_until};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -14,19 +14,10 @@ const NUL: &str = "a\u{0}b";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_characters_in_text_input_are_refused_not_500() {
     let env = Env::start(FakeConfig::default()).await;
-    let api = env.api(&[]).await;
-    let client = Client::new(&api);
+    let (api, client) = env.api_client(&[]).await;
     let alice = client.user("alice").await;
-    let root = client.user("root").await;
-    aichat_shared::db::users::set_staff(&env.pool, "root", true)
-        .await
-        .expect("staff");
-    let chat = client
-        .post("/api/chats/", &alice.token, json!({"name": "c"}))
-        .await
-        .body["id"]
-        .as_i64()
-        .expect("chat");
+    let root = client.staff(&env, "root").await;
+    let chat = client.chat(&alice, "c").await;
     let ai = client.ai_chat(&alice, "t").await;
 
     let cases: Vec<(&str, String, Option<&str>, Option<Value>)> = vec![
@@ -128,8 +119,7 @@ async fn nul_characters_in_text_input_are_refused_not_500() {
         server_errors.len(),
         server_errors.join("\n")
     );
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, []).await;
 }
 
 /// Not bad input but found on the way: the API's `queue_jobs{state="in_flight"}` gauge (and
@@ -137,20 +127,12 @@ async fn nul_characters_in_text_input_are_refused_not_500() {
 /// worker sees nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_counts_the_jobs_workers_hold() {
-    let env = Env::start(FakeConfig {
-        latency_ms: 5_000,
-        ..FakeConfig::default()
-    })
-    .await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let worker = env.worker(&[]).await;
-    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let env = Env::start(fake_with_latency(5_000)).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let worker = env.ready_worker(&[]).await;
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "depth").await;
-    for i in 0..4 {
-        client.send_ok(&alice, chat, &format!("held {i}")).await;
-    }
+    client.send_round(&alice, &[chat], "held", 4).await;
     env.fake.wait_for_requests(4, Duration::from_secs(20)).await;
     let held: u64 = env
         .queue_snapshot()
@@ -162,7 +144,5 @@ async fn queue_depth_counts_the_jobs_workers_hold() {
     assert_eq!(held, 4, "the workers hold the 4 jobs");
     let depth = api.state.queue.depth().await.expect("depth");
     assert_eq!(depth.in_flight, 4, "{depth:?}");
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }

@@ -8,123 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::FakeConfig;
-use aichat_faults::{Api, Client, Env, HEAVY, InProcessWorker, User, eventually, pg_base, report};
+use aichat_faults::{
+    Api, Audit, Client, Env, HEAVY, InProcessWorker, eventually, fake_with_latency, pg_base,
+    report, with_sweeper,
+};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
-/// What a closed loop of clients saw.
-#[derive(Debug, Default)]
-struct Load {
-    /// Answers by status code.
-    statuses: BTreeMap<u16, usize>,
-    /// Requests that got no answer at all (timeout, connection refused or reset).
-    transport_errors: Vec<String>,
-    /// Ids of the user messages the API accepted (200 with their reply, or 202).
-    accepted: Vec<i64>,
-}
-
-impl Load {
-    fn merge(&mut self, other: Load) {
-        for (status, n) in other.statuses {
-            *self.statuses.entry(status).or_default() += n;
-        }
-        self.transport_errors.extend(other.transport_errors);
-        self.accepted.extend(other.accepted);
-    }
-
-    fn server_errors(&self) -> usize {
-        self.statuses
-            .iter()
-            .filter(|(status, _)| **status >= 500)
-            .map(|(_, n)| n)
-            .sum()
-    }
-
-    fn requests(&self) -> usize {
-        self.statuses.values().sum::<usize>() + self.transport_errors.len()
-    }
-
-    fn assert_clean(&self) {
-        assert_eq!(self.server_errors(), 0, "5xx answers: {:?}", self.statuses);
-        assert!(
-            self.transport_errors.is_empty(),
-            "{} request(s) got no answer: {:?}",
-            self.transport_errors.len(),
-            &self.transport_errors[..self.transport_errors.len().min(5)]
-        );
-        let refused: usize = self
-            .statuses
-            .iter()
-            .filter(|(status, _)| !matches!(**status, 200 | 202))
-            .map(|(_, n)| n)
-            .sum();
-        assert_eq!(refused, 0, "sends not accepted: {:?}", self.statuses);
-    }
-}
-
-/// One client of the loop: who sends, into which chat, through which API.
-#[derive(Clone)]
-struct Sender {
-    client: Arc<Client>,
-    user: User,
-    chat: i64,
-}
-
-/// Each sender sends, waits for the answer and sends again, until `run_for` has passed
-/// (`sends`: at most that many each). `query` is appended to `send_message/`.
-async fn closed_loop(
-    senders: Vec<Sender>,
-    run_for: Duration,
-    sends: usize,
-    query: &'static str,
-) -> Load {
-    let deadline = Instant::now() + run_for;
-    let tasks: Vec<_> = senders
-        .into_iter()
-        .enumerate()
-        .map(|(n, sender)| {
-            tokio::spawn(async move {
-                let mut load = Load::default();
-                let path = format!("/api/ai/chats/{}/send_message/{query}", sender.chat);
-                for i in 0..sends {
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    let content = json!({"content": format!("client {n} message {i}")});
-                    let answer = sender
-                        .client
-                        .try_call(
-                            Method::POST,
-                            &path,
-                            Some(&sender.user.token),
-                            Some(content),
-                            &[],
-                        )
-                        .await;
-                    match answer {
-                        Ok(answer) => {
-                            *load.statuses.entry(answer.status.as_u16()).or_default() += 1;
-                            let id = match answer.status {
-                                StatusCode::OK => answer.body["reply_to"].as_i64(),
-                                StatusCode::ACCEPTED => answer.body["message"]["id"].as_i64(),
-                                _ => None,
-                            };
-                            load.accepted.extend(id);
-                        }
-                        Err(err) => load.transport_errors.push(err.to_string()),
-                    }
-                }
-                load
-            })
-        })
-        .collect();
-    let mut load = Load::default();
-    for task in tasks {
-        load.merge(task.await.expect("client task"));
-    }
-    load
-}
+use crate::send_load::{Load, Sender, closed_loop};
 
 /// A connection to the server's maintenance database, for what the test database's own
 /// connections must not see or hold.
@@ -135,13 +26,35 @@ async fn maintenance() -> PgConnection {
 }
 
 /// Deadlocks PostgreSQL counted in `database`.
-async fn deadlocks(database: &str) -> i64 {
+async fn deadlocks_in(database: &str) -> i64 {
     let mut conn = maintenance().await;
     sqlx::query_scalar("select deadlocks from pg_stat_database where datname = $1")
         .bind(database)
         .fetch_one(&mut conn)
         .await
         .expect("read pg_stat_database")
+}
+
+/// The end of every scenario: waits (at most `settle`) until no message is queued any more,
+/// stops the APIs and workers, and counts the deadlocks since `before`; the audit and that count.
+async fn settle_and_stop(
+    env: &Env,
+    settle: Duration,
+    apis: Vec<Api>,
+    workers: Vec<InProcessWorker>,
+    before: i64,
+) -> (Audit, i64) {
+    let audit = env.settled(settle).await;
+    let after = stop_and_count_deadlocks(env, apis, workers).await;
+    (audit, after - before)
+}
+
+/// The three checks every scenario ends with (see the module's doc): `load` got no 5xx and
+/// lost no request, every message of `accepted` is answered exactly once, no deadlock.
+fn assert_clean_scenario(load: &Load, audit: &Audit, accepted: &[i64], deadlocks: i64) {
+    load.assert_clean();
+    audit.assert_answered_once(accepted);
+    assert_eq!(deadlocks, 0, "PostgreSQL counted deadlocks");
 }
 
 /// Stops the scenario's APIs and workers, closes every pool to the test database, and answers
@@ -173,7 +86,7 @@ async fn stop_and_count_deadlocks(env: &Env, apis: Vec<Api>, workers: Vec<InProc
         },
     )
     .await;
-    deadlocks(database).await
+    deadlocks_in(database).await
 }
 
 fn no_rate_limits() -> [&'static str; 4] {
@@ -186,11 +99,7 @@ fn no_rate_limits() -> [&'static str; 4] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_clients_waiting_on_one_chat_get_no_5xx_and_one_reply_each() {
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: 1000,
-        ..FakeConfig::default()
-    })
-    .await;
+    let env = Env::start(fake_with_latency(1000)).await;
     let api = env.api(&["--send-rate-per-minute", "0"]).await;
     let mut flags = vec!["--worker-concurrency", "128"];
     flags.extend(no_rate_limits());
@@ -198,7 +107,7 @@ async fn sixty_four_clients_waiting_on_one_chat_get_no_5xx_and_one_reply_each() 
     let client = Arc::new(Client::new(&api));
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "busy").await;
-    let before = deadlocks(&env.db.name).await;
+    let before = deadlocks_in(&env.db.name).await;
 
     let senders = vec![
         Sender {
@@ -210,25 +119,23 @@ async fn sixty_four_clients_waiting_on_one_chat_get_no_5xx_and_one_reply_each() 
     ];
     let load = closed_loop(senders, Duration::from_secs(20), usize::MAX, "?wait=true").await;
 
-    let audit = env.settled(Duration::from_secs(60)).await;
-    let after = stop_and_count_deadlocks(&env, vec![api], vec![worker]).await;
+    let settle = Duration::from_secs(60);
+    let (audit, deadlocks) = settle_and_stop(&env, settle, vec![api], vec![worker], before).await;
     report(
         "contention_one_chat",
         &[
             ("requests", load.requests().to_string()),
             ("statuses", format!("{:?}", load.statuses)),
             ("answered", audit.with_status("answered").len().to_string()),
-            ("deadlocks", (after - before).to_string()),
+            ("deadlocks", deadlocks.to_string()),
         ],
     );
-    load.assert_clean();
     assert!(
         load.accepted.len() >= 64,
         "too few sends to mean anything: {:?}",
         load.statuses
     );
-    audit.assert_answered_once(&load.accepted);
-    assert_eq!(after - before, 0, "PostgreSQL counted deadlocks");
+    assert_clean_scenario(&load, &audit, &load.accepted, deadlocks);
     env.cleanup().await;
 }
 
@@ -238,21 +145,14 @@ async fn sixty_four_clients_waiting_on_one_chat_get_no_5xx_and_one_reply_each() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sends_into_eight_chats_while_a_worker_drains_at_concurrency_500_get_no_5xx() {
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: 2000,
-        ..FakeConfig::default()
-    })
-    .await;
+    let env = Env::start(fake_with_latency(2000)).await;
     // Eight writers: up to eight batches into the same chats at once, the hardest case.
     let api = env
         .api(&["--send-rate-per-minute", "0", "--send-batch-writers", "8"])
         .await;
     let client = Arc::new(Client::new(&api));
     let alice = client.user("alice").await;
-    let mut chats = Vec::new();
-    for n in 0..8 {
-        chats.push(client.ai_chat(&alice, &format!("chat {n}")).await);
-    }
+    let chats = client.ai_chats(&alice, 8).await;
     let senders: Vec<Sender> = (0..64)
         .map(|n| Sender {
             client: client.clone(),
@@ -260,7 +160,7 @@ async fn sends_into_eight_chats_while_a_worker_drains_at_concurrency_500_get_no_
             chat: chats[n % chats.len()],
         })
         .collect();
-    let before = deadlocks(&env.db.name).await;
+    let before = deadlocks_in(&env.db.name).await;
 
     // The backlog the worker starts on: 8 sends from each client.
     let backlog = closed_loop(senders.clone(), Duration::from_secs(60), 8, "").await;
@@ -280,22 +180,20 @@ async fn sends_into_eight_chats_while_a_worker_drains_at_concurrency_500_get_no_
     .await;
     let load = closed_loop(senders, Duration::from_secs(10), 32, "").await;
 
-    let audit = env.settled(Duration::from_secs(120)).await;
-    let after = stop_and_count_deadlocks(&env, vec![api], vec![worker]).await;
+    let settle = Duration::from_secs(120);
+    let (audit, deadlocks) = settle_and_stop(&env, settle, vec![api], vec![worker], before).await;
     report(
         "contention_draining_worker",
         &[
             ("backlog", backlog.accepted.len().to_string()),
             ("requests", load.requests().to_string()),
             ("statuses", format!("{:?}", load.statuses)),
-            ("deadlocks", (after - before).to_string()),
+            ("deadlocks", deadlocks.to_string()),
         ],
     );
-    load.assert_clean();
     let mut accepted = backlog.accepted;
     accepted.extend(&load.accepted);
-    audit.assert_answered_once(&accepted);
-    assert_eq!(after - before, 0, "PostgreSQL counted deadlocks");
+    assert_clean_scenario(&load, &audit, &accepted, deadlocks);
     env.cleanup().await;
 }
 
@@ -305,11 +203,7 @@ async fn sends_into_eight_chats_while_a_worker_drains_at_concurrency_500_get_no_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_apis_and_two_workers_with_256_clients_staff_reads_and_sweeps_get_no_5xx() {
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: 500,
-        ..FakeConfig::default()
-    })
-    .await;
+    let env = Env::start(fake_with_latency(500)).await;
     let apis = [
         env.api(&["--send-rate-per-minute", "0"]).await,
         env.api(&["--send-rate-per-minute", "0"]).await,
@@ -331,23 +225,11 @@ async fn two_apis_and_two_workers_with_256_clients_staff_reads_and_sweeps_get_no
             });
         }
     }
-    let staff = clients[0].user("staff").await;
-    sqlx::query("update users set is_staff = true where id = $1")
-        .bind(staff.id)
-        .execute(&env.pool)
-        .await
-        .expect("make staff");
-    let mut flags = vec![
-        "--worker-concurrency",
-        "256",
-        "--worker-sweep-interval-secs",
-        "1",
-        "--worker-sweep-grace-secs",
-        "1",
-    ];
+    let staff = clients[0].staff(&env, "staff").await;
+    let mut flags = with_sweeper("1", "1", &["--worker-concurrency", "256"]);
     flags.extend(no_rate_limits());
     let workers = [env.worker(&flags).await, env.worker(&flags).await];
-    let before = deadlocks(&env.db.name).await;
+    let before = deadlocks_in(&env.db.name).await;
 
     let run_for = Duration::from_secs(15);
     let readers: Vec<_> = (0..4)
@@ -382,25 +264,24 @@ async fn two_apis_and_two_workers_with_256_clients_staff_reads_and_sweeps_get_no
         }
     }
 
-    let audit = env.settled(Duration::from_secs(60)).await;
-    let after = stop_and_count_deadlocks(&env, apis.into(), workers.into()).await;
+    let settle = Duration::from_secs(60);
+    let (audit, deadlocks) =
+        settle_and_stop(&env, settle, apis.into(), workers.into(), before).await;
     report(
         "contention_two_apis_two_workers",
         &[
             ("requests", load.requests().to_string()),
             ("statuses", format!("{:?}", load.statuses)),
             ("staff_reads", format!("{reads:?}")),
-            ("deadlocks", (after - before).to_string()),
+            ("deadlocks", deadlocks.to_string()),
         ],
     );
-    load.assert_clean();
     assert_eq!(
         reads.keys().copied().collect::<Vec<_>>(),
         [200],
         "staff reads: {reads:?}"
     );
-    audit.assert_answered_once(&load.accepted);
-    assert_eq!(after - before, 0, "PostgreSQL counted deadlocks");
+    assert_clean_scenario(&load, &audit, &load.accepted, deadlocks);
     env.cleanup().await;
 }
 
@@ -446,27 +327,24 @@ async fn conflicts_are_retried_and_a_send_that_cannot_be_stored_fails_alone_with
     let client = Arc::new(Client::new(&api));
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "planned").await;
-    let retries = |path: &'static str| {
+    // The API's conflict retries on `paths`, summed (a path not retried yet counts 0).
+    let retries = |paths: [&'static str; 2]| {
         let client = client.clone();
         async move {
-            let text = client
-                .http
-                .get(format!("{}/metrics", client.base))
-                .bearer_auth(SCRAPER)
-                .send()
-                .await
-                .expect("scrape")
-                .text()
-                .await
-                .expect("metrics text");
-            let series = format!("aichat_db_conflict_retries_total{{path=\"{path}\"}} ");
-            text.lines()
-                .find_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
-                .unwrap_or(0.0)
+            let text = client.metrics(SCRAPER).await;
+            let count = |path: &str| {
+                let series = format!("aichat_db_conflict_retries_total{{path=\"{path}\"}} ");
+                text.lines()
+                    .find_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            paths.map(count).iter().sum::<f64>()
         }
     };
-    let before = retries("send_batch").await + retries("send").await;
-    let reply_before = retries("reply_batch").await + retries("reply").await;
+    let send_paths = ["send_batch", "send"];
+    let reply_paths = ["reply_batch", "reply"];
+    let before = retries(send_paths).await;
+    let reply_before = retries(reply_paths).await;
 
     // Twenty sends at once through one writer, so they are stored in batches.
     let contents: Vec<String> = (0..18)
@@ -499,7 +377,7 @@ async fn conflicts_are_retried_and_a_send_that_cannot_be_stored_fails_alone_with
             accepted.extend(answer.body["message"]["id"].as_i64());
         }
     }
-    let after = retries("send_batch").await + retries("send").await;
+    let after = retries(send_paths).await;
     assert!(
         after - before >= 2.0,
         "send conflicts retried: {before} → {after}"
@@ -508,12 +386,10 @@ async fn conflicts_are_retried_and_a_send_that_cannot_be_stored_fails_alone_with
     let worker = env.worker(&no_rate_limits()).await;
     let audit = env.settled(Duration::from_secs(60)).await;
     audit.assert_answered_once(&accepted);
-    let reply_after = retries("reply_batch").await + retries("reply").await;
+    let reply_after = retries(reply_paths).await;
     assert!(
         reply_after - reply_before >= 2.0,
         "reply conflicts retried: {reply_before} → {reply_after}"
     );
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }

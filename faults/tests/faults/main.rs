@@ -7,4 +7,6 @@ mod bad_input;
 mod contention;
 mod context_props;
 mod model_trouble;
+mod route_matrix;
+mod send_load;
 mod worker_processes;

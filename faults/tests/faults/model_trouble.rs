@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::FakeConfig;
-use aichat_faults::{Client, Env, EventCounter, HEAVY, quantile, report};
+use aichat_faults::{
+    Client, Env, HEAVY, InProcessWorker, User, one_decimal, quantile, report, secs,
+};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Everything the worker may tell a user about a failed message (worker/src/llm.rs).
 const USER_SAFE_ERRORS: [&str; 4] = [
@@ -26,49 +28,66 @@ fn outcomes(env: &Env) -> BTreeMap<String, usize> {
     by
 }
 
+/// A model failing `fail_rate` of its calls (429 with Retry-After, 500, or a hang holding the
+/// call 1.5 s), answering the others after `latency_ms`.
+fn failing_model(fail_rate: f64, latency_ms: u64) -> FakeConfig {
+    FakeConfig {
+        latency_ms,
+        fail_rate,
+        hang_ms: 1500,
+        ..FakeConfig::default()
+    }
+}
+
+/// A worker giving up on a silent call after 1 s (before the model's 1.5 s hang ends), with
+/// `extra` flags; ready to take jobs.
+async fn impatient_worker(env: &Env, extra: &[&str]) -> InProcessWorker {
+    let mut flags = vec!["--llm-attempt-timeout-secs", "1"];
+    flags.extend_from_slice(extra);
+    env.ready_worker(&flags).await
+}
+
+/// `method path` is for staff only: 401 without a token, 403 for `user` (sending `body`).
+async fn assert_staff_only(
+    client: &Client,
+    method: Method,
+    path: &str,
+    user: &User,
+    body: Option<Value>,
+) {
+    let anonymous = client.call(method.clone(), path, None, None).await;
+    assert_eq!(
+        anonymous.status,
+        StatusCode::UNAUTHORIZED,
+        "{method} {path}"
+    );
+    let as_user = client
+        .call(method.clone(), path, Some(&user.token), body)
+        .await;
+    assert_eq!(as_user.status, StatusCode::FORBIDDEN, "{method} {path}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_failing_30_percent_of_calls_still_answers_every_message_once() {
     const MESSAGES: usize = 60;
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: 100,
-        fail_rate: 0.3,
-        // A hang holds the call 1.5 s; the worker gives up on a silent call after 1 s.
-        hang_ms: 1500,
-        ..FakeConfig::default()
-    })
-    .await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let env = Env::start(failing_model(0.3, 100)).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
     // Ten attempts: a message fails only if ten calls in a row fail (0.3^10 ≈ 6e-6).
-    let worker = env
-        .worker(&[
-            "--worker-concurrency",
-            "16",
-            "--llm-attempt-timeout-secs",
-            "1",
-            "--llm-max-attempts",
-            "10",
-            "--llm-max-retry-secs",
-            "90",
-        ])
-        .await;
-    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let flags = [
+        "--worker-concurrency",
+        "16",
+        "--llm-max-attempts",
+        "10",
+        "--llm-max-retry-secs",
+        "90",
+    ];
+    let worker = impatient_worker(&env, &flags).await;
     let alice = client.user("alice").await;
-    let mut chats = Vec::new();
-    for c in 0..6 {
-        chats.push(client.ai_chat(&alice, &format!("chat {c}")).await);
-    }
+    let chats = client.ai_chats(&alice, 6).await;
     let started = Instant::now();
-    let mut ids = Vec::new();
-    for i in 0..MESSAGES {
-        ids.push(
-            client
-                .send_ok(&alice, chats[i % chats.len()], &format!("flaky {i}"))
-                .await,
-        );
-    }
+    let ids = client.send_round(&alice, &chats, "flaky", MESSAGES).await;
     let audit = env.settled(Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     let by_outcome = outcomes(&env);
@@ -87,71 +106,35 @@ async fn a_model_failing_30_percent_of_calls_still_answers_every_message_once() 
                 "announced_twice",
                 counts.announced_twice().len().to_string(),
             ),
-            (
-                "all_answered_after_s",
-                format!("{:.1}", elapsed.as_secs_f64()),
-            ),
-            (
-                "reply_delay_p50_s",
-                format!("{:.1}", quantile(&delays, 0.5)),
-            ),
-            (
-                "reply_delay_max_s",
-                format!("{:.1}", quantile(&delays, 1.0)),
-            ),
+            ("all_answered_after_s", secs(elapsed)),
+            ("reply_delay_p50_s", one_decimal(quantile(&delays, 0.5))),
+            ("reply_delay_max_s", one_decimal(quantile(&delays, 1.0))),
         ],
     );
     audit.assert_answered_once(&ids);
-    assert!(counts.announced_twice().is_empty());
-    assert!(counts.never_announced(&ids).is_empty());
+    counts.assert_announced_once(&ids);
     let failures: usize = by_outcome
         .iter()
         .filter(|(outcome, _)| outcome.as_str() != "ok")
         .map(|(_, n)| n)
         .sum();
     assert!(failures > 0, "the model never failed: {by_outcome:?}");
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_once() {
     const MESSAGES: usize = 10;
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        fail_rate: 1.0,
-        hang_ms: 1500,
-        ..FakeConfig::default()
-    })
-    .await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
-    let worker = env
-        .worker(&["--llm-attempt-timeout-secs", "1", "--llm-max-attempts", "3"])
-        .await;
-    aichat_faults::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let env = Env::start(failing_model(1.0, 0)).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
+    let worker = impatient_worker(&env, &["--llm-max-attempts", "3"]).await;
     let alice = client.user("alice").await;
-    let root = client.user("root").await;
-    assert!(
-        aichat_shared::db::users::set_staff(&env.pool, "root", true)
-            .await
-            .expect("set staff")
-    );
-    let chats = [
-        client.ai_chat(&alice, "one").await,
-        client.ai_chat(&alice, "two").await,
-    ];
+    let root = client.staff(&env, "root").await;
+    let chats = client.ai_chats(&alice, 2).await;
     let started = Instant::now();
-    let mut ids = Vec::new();
-    for i in 0..MESSAGES {
-        ids.push(
-            client
-                .send_ok(&alice, chats[i % 2], &format!("doomed {i}"))
-                .await,
-        );
-    }
+    let ids = client.send_round(&alice, &chats, "doomed", MESSAGES).await;
     let audit = env.settled(Duration::from_secs(60)).await;
     let all_failed_after = started.elapsed();
     let failed = audit.with_status("failed");
@@ -189,12 +172,7 @@ async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_
     .await;
 
     // The dead jobs: staff only.
-    let anonymous = client
-        .call(Method::GET, "/api/admin/dead-jobs/", None, None)
-        .await;
-    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
-    let user = client.get("/api/admin/dead-jobs/", &alice.token).await;
-    assert_eq!(user.status, StatusCode::FORBIDDEN);
+    assert_staff_only(&client, Method::GET, "/api/admin/dead-jobs/", &alice, None).await;
     let dead = client.get("/api/admin/dead-jobs/", &root.token).await;
     assert_eq!(dead.status, StatusCode::OK, "{}", dead.body);
     let dead = dead.body.as_array().expect("dead jobs").clone();
@@ -214,10 +192,7 @@ async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_
     env.fake.set_config(FakeConfig::default());
     let task = dead[0]["task_id"].as_str().expect("task id").to_owned();
     let path = format!("/api/admin/dead-jobs/{task}/redrive/");
-    let anonymous = client.call(Method::POST, &path, None, None).await;
-    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
-    let user = client.post(&path, &alice.token, json!({})).await;
-    assert_eq!(user.status, StatusCode::FORBIDDEN);
+    assert_staff_only(&client, Method::POST, &path, &alice, Some(json!({}))).await;
     let redriven_at = Instant::now();
     for job in &dead {
         let task = job["task_id"].as_str().expect("task id");
@@ -237,9 +212,7 @@ async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_
     let audit = env.settled(Duration::from_secs(30)).await;
     let redrive_answered_after = redriven_at.elapsed();
     audit.assert_answered_once(&ids);
-    let counts = events.drain().await;
-    assert!(counts.announced_twice().is_empty());
-    assert!(counts.never_announced(&ids).is_empty());
+    events.drain().await.assert_announced_once(&ids);
     let after = client.get("/api/admin/dead-jobs/", &root.token).await;
     assert_eq!(after.body, json!([]));
     let again = client.post(&path, &root.token, json!({})).await;
@@ -253,21 +226,13 @@ async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_
         &[
             ("messages", MESSAGES.to_string()),
             ("failed", failed.len().to_string()),
-            (
-                "all_failed_after_s",
-                format!("{:.1}", all_failed_after.as_secs_f64()),
-            ),
+            ("all_failed_after_s", secs(all_failed_after)),
             ("model_calls_by_outcome", format!("{:?}", outcomes(&env))),
             ("dead_jobs_listed", dead.len().to_string()),
-            (
-                "redriven_answered_after_s",
-                format!("{:.1}", redrive_answered_after.as_secs_f64()),
-            ),
+            ("redriven_answered_after_s", secs(redrive_answered_after)),
             ("lost", audit.not_answered_once(&ids).len().to_string()),
             ("duplicated", audit.duplicated().len().to_string()),
         ],
     );
-    worker.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [worker]).await;
 }

@@ -1,11 +1,12 @@
 //! Faults 1 and 2: worker processes killed without warning (SIGKILL) or asked to stop
 //! (SIGTERM) while they hold jobs. Every message must end answered exactly once.
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::{FakeConfig, Outcome};
 use aichat_faults::{
-    Client, Env, EventCounter, HEAVY, WsCollector, epoch_now, quantile, report, wait_worker_ready,
-    worker_metric, ws_connect,
+    Client, Env, HEAVY, WorkerProcess, WsCollector, epoch_now, fake_with_latency, one_decimal,
+    quantile, report, secs, wait_worker_ready, worker_metric, worker_metrics_text, ws_connect,
 };
 use futures::StreamExt;
 use rand::Rng;
@@ -19,27 +20,18 @@ async fn sigkilled_workers_lose_and_duplicate_no_message() {
     const MESSAGES: usize = 200;
     const CHATS: usize = 20;
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: 2000,
-        ..FakeConfig::default()
-    })
-    .await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let env = Env::start(fake_with_latency(2000)).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
     let flags = ["--worker-concurrency", "16"];
     let mut workers = vec![
-        env.worker_process(WORKER, &flags),
-        env.worker_process(WORKER, &flags),
+        env.ready_worker_process(WORKER, &flags).await,
+        env.ready_worker_process(WORKER, &flags).await,
     ];
-    for worker in &workers {
-        wait_worker_ready(worker.port, Duration::from_secs(30)).await;
-    }
     let mut chats = Vec::new();
     for u in 0..4 {
         let user = client.user(&format!("user{u}")).await;
-        for c in 0..CHATS / 4 {
-            let chat = client.ai_chat(&user, &format!("chat {c}")).await;
+        for chat in client.ai_chats(&user, CHATS / 4).await {
             chats.push((user.clone(), chat));
         }
     }
@@ -86,19 +78,13 @@ async fn sigkilled_workers_lose_and_duplicate_no_message() {
     let all_answered = started.elapsed();
     audit.assert_answered_once(&ids);
     let counts = events.drain().await;
-    assert!(
-        counts.announced_twice().is_empty(),
-        "replies announced twice: {:?}",
-        counts.announced_twice()
-    );
-    let unannounced = counts.never_announced(&ids);
     // How long the jobs a killed worker held took to be answered by the others.
     let mut recoveries = Vec::new();
     for (held, killed_epoch, taken_over) in kills {
         let taken_over = taken_over
             .await
             .expect("watcher")
-            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .map(|d| format!("{}s", secs(d)))
             .unwrap_or_else(|| "never".into());
         let last = env.last_reply_to(&held, killed_epoch).await.unwrap_or(-1.0);
         recoveries.push(format!(
@@ -119,33 +105,23 @@ async fn sigkilled_workers_lose_and_duplicate_no_message() {
                 "replies_announced_twice",
                 counts.announced_twice().len().to_string(),
             ),
-            ("replies_never_announced", unannounced.len().to_string()),
+            (
+                "replies_never_announced",
+                counts.never_announced(&ids).len().to_string(),
+            ),
             ("model_calls", calls.to_string()),
-            (
-                "all_answered_after_s",
-                format!("{:.1}", all_answered.as_secs_f64()),
-            ),
-            (
-                "reply_delay_p50_s",
-                format!("{:.1}", quantile(&delays, 0.5)),
-            ),
-            (
-                "reply_delay_max_s",
-                format!("{:.1}", quantile(&delays, 1.0)),
-            ),
+            ("all_answered_after_s", secs(all_answered)),
+            ("reply_delay_p50_s", one_decimal(quantile(&delays, 0.5))),
+            ("reply_delay_max_s", one_decimal(quantile(&delays, 1.0))),
         ],
     );
     // A reply saved by a worker killed before it announced it is announced by the run that
     // takes the job over.
-    assert!(unannounced.is_empty(), "unannounced: {unannounced:?}");
-    for worker in &workers {
-        worker.sigkill();
-    }
+    counts.assert_announced_once(&ids);
     for worker in &mut workers {
-        worker.wait(Duration::from_secs(10)).await;
+        worker.kill().await;
     }
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, []).await;
 }
 
 /// A worker dies right after committing a reply, before publishing it (the fault binary aborts
@@ -156,8 +132,7 @@ async fn sigkilled_workers_lose_and_duplicate_no_message() {
 async fn a_reply_saved_by_a_worker_that_died_before_announcing_it_is_announced_once() {
     let _heavy = HEAVY.lock().await;
     let env = Env::start(FakeConfig::default()).await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "one").await;
     let socket = WsCollector::start(ws_connect(&api, chat, &alice.token).await);
@@ -178,20 +153,16 @@ async fn a_reply_saved_by_a_worker_that_died_before_announcing_it_is_announced_o
         "announced before the death"
     );
 
-    let mut healthy = env.worker_process(WORKER, &[]);
-    wait_worker_ready(healthy.port, Duration::from_secs(30)).await;
+    let mut healthy = env.ready_worker_process(WORKER, &[]).await;
+    let limit = Duration::from_secs(30);
     socket
-        .wait_for(Duration::from_secs(30), "the saved reply announced", |e| {
-            e["type"] == "assistant_message" && e["message"]["reply_to"] == first
-        })
+        .reply_to(first, limit, "the saved reply announced")
         .await;
     // Events of one chat arrive in order: once a later reply is in, any second announcement
     // of the first would be too.
     let second = client.send_ok(&alice, chat, "second").await;
     socket
-        .wait_for(Duration::from_secs(30), "the next reply announced", |e| {
-            e["type"] == "assistant_message" && e["message"]["reply_to"] == second
-        })
+        .reply_to(second, limit, "the next reply announced")
         .await;
     let replies = socket.replies();
     assert_eq!(replies.get(&first), Some(&1), "{:?}", socket.events());
@@ -201,16 +172,16 @@ async fn a_reply_saved_by_a_worker_that_died_before_announcing_it_is_announced_o
         1.0
     );
     let mut redis = env.redis().await;
-    let markers: Vec<String> =
-        redis::AsyncCommands::keys(&mut redis, format!("{}:announce:*", env.ns))
-            .await
-            .expect("keys");
+    let markers: Vec<String> = redis::AsyncCommands::keys(
+        &mut redis,
+        aichat_shared::keys::Namespace::new(env.ns.clone()).all_pending_announcements(),
+    )
+    .await
+    .expect("keys");
     assert_eq!(markers, Vec::<String>::new());
 
-    healthy.sigkill();
-    healthy.wait(Duration::from_secs(10)).await;
-    api.stop().await;
-    env.cleanup().await;
+    healthy.kill().await;
+    env.finish(api, []).await;
 }
 
 /// Model calls made with `key` (each worker gets its own API key, so calls tell who made them).
@@ -222,6 +193,36 @@ fn calls_by(env: &Env, key: &str) -> usize {
         .count()
 }
 
+/// The worker process a SIGTERM test stops: `grace_secs` of shutdown grace, its model calls
+/// made with the API key `stopping`, `extra` flags; ready to take jobs.
+async fn stopping_worker(env: &Env, grace_secs: u64, extra: &[&str]) -> WorkerProcess {
+    let grace = grace_secs.to_string();
+    let mut flags = vec![
+        "--worker-shutdown-grace-secs",
+        &grace,
+        "--openai-api-key",
+        "stopping",
+    ];
+    flags.extend_from_slice(extra);
+    env.ready_worker_process(WORKER, &flags).await
+}
+
+/// Waits for `worker`, sent SIGTERM at `signalled`, to exit (at most its grace and 10 s more)
+/// and insists on status 0; the status, and how long after the signal it came.
+async fn exits_cleanly(
+    worker: &mut WorkerProcess,
+    signalled: Instant,
+    grace_secs: u64,
+) -> (ExitStatus, Duration) {
+    let status = worker
+        .wait(Duration::from_secs(grace_secs + 10))
+        .await
+        .expect("the worker exits after SIGTERM");
+    let exited_after = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    (status, exited_after)
+}
+
 /// SIGTERM while 8 jobs are in flight, with a second worker running: the stopping worker takes
 /// no new job, keeps its registration alive so the other one does not take its jobs over
 /// (the orphan window is 2 s, the jobs take 4 s), finishes the 8, settles them and exits 0
@@ -231,60 +232,20 @@ async fn sigterm_finishes_running_jobs_takes_no_new_ones_and_exits_zero() {
     const LATENCY: Duration = Duration::from_secs(4);
     const GRACE_SECS: u64 = 10;
     let _heavy = HEAVY.lock().await;
-    let env = Env::start(FakeConfig {
-        latency_ms: LATENCY.as_millis() as u64,
-        ..FakeConfig::default()
-    })
-    .await;
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
-    let grace = GRACE_SECS.to_string();
-    let mut worker = env.worker_process(
-        WORKER,
-        &[
-            "--worker-concurrency",
-            "8",
-            "--worker-shutdown-grace-secs",
-            &grace,
-            "--openai-api-key",
-            "stopping",
-        ],
-    );
-    wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let env = Env::start(fake_with_latency(LATENCY.as_millis() as u64)).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
+    let mut worker = stopping_worker(&env, GRACE_SECS, &["--worker-concurrency", "8"]).await;
     let alice = client.user("alice").await;
-    let chats = [
-        client.ai_chat(&alice, "one").await,
-        client.ai_chat(&alice, "two").await,
-    ];
-    let mut before = Vec::new();
-    for i in 0..8 {
-        before.push(
-            client
-                .send_ok(&alice, chats[i % 2], &format!("before {i}"))
-                .await,
-        );
-    }
+    let chats = client.ai_chats(&alice, 2).await;
+    let before = client.send_round(&alice, &chats, "before", 8).await;
     env.fake.wait_for_requests(8, Duration::from_secs(20)).await;
-    let other = env.worker(&["--openai-api-key", "other"]).await;
-    wait_worker_ready(other.port, Duration::from_secs(30)).await;
+    let other = env.ready_worker(&["--openai-api-key", "other"]).await;
 
     worker.sigterm();
     let signalled = Instant::now();
-    let mut after = Vec::new();
-    for i in 0..8 {
-        after.push(
-            client
-                .send_ok(&alice, chats[i % 2], &format!("after {i}"))
-                .await,
-        );
-    }
-    let status = worker
-        .wait(Duration::from_secs(GRACE_SECS + 10))
-        .await
-        .expect("the worker exits after SIGTERM");
-    let exited_after = signalled.elapsed();
-    assert!(status.success(), "exit status {status:?}");
+    let after = client.send_round(&alice, &chats, "after", 8).await;
+    let (status, exited_after) = exits_cleanly(&mut worker, signalled, GRACE_SECS).await;
     let audit = env.audit().await;
     assert!(
         audit.not_answered_once(&before).is_empty(),
@@ -305,9 +266,7 @@ async fn sigterm_finishes_running_jobs_takes_no_new_ones_and_exits_zero() {
     let audit = env.settled(Duration::from_secs(30)).await;
     let all: Vec<i64> = before.iter().chain(&after).copied().collect();
     audit.assert_answered_once(&all);
-    let counts = events.drain().await;
-    assert!(counts.announced_twice().is_empty());
-    assert!(counts.never_announced(&all).is_empty());
+    events.drain().await.assert_announced_once(&all);
     let (stopping_calls, other_calls) = (calls_by(&env, "stopping"), calls_by(&env, "other"));
     report(
         "sigterm_graceful",
@@ -315,10 +274,7 @@ async fn sigterm_finishes_running_jobs_takes_no_new_ones_and_exits_zero() {
             ("in_flight_at_sigterm", "8".into()),
             ("sent_after_sigterm", "8".into()),
             ("exit_code", format!("{:?}", status.code())),
-            (
-                "exited_after_s",
-                format!("{:.1}", exited_after.as_secs_f64()),
-            ),
+            ("exited_after_s", secs(exited_after)),
             ("grace_s", GRACE_SECS.to_string()),
             ("lost", audit.not_answered_once(&all).len().to_string()),
             ("duplicated", audit.duplicated().len().to_string()),
@@ -334,9 +290,7 @@ async fn sigterm_finishes_running_jobs_takes_no_new_ones_and_exits_zero() {
         other_calls, 8,
         "the other worker re-ran none of the stopping one's jobs"
     );
-    other.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [other]).await;
 }
 
 /// SIGTERM while 4 jobs wait on a model that will not answer within the grace period: the
@@ -350,45 +304,26 @@ async fn sigterm_hands_back_jobs_it_cannot_finish_within_the_grace() {
     // The first four calls would take a minute; every later one answers at once.
     env.fake
         .push_script(vec![Outcome::Slow { latency_ms: 60_000 }; 4]);
-    let api = env.api(&["--send-rate-per-minute", "0"]).await;
-    let client = Client::new(&api);
-    let events = EventCounter::start(&env.redis_url, &env.ns).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
     let slow_heartbeats = [
         "--worker-heartbeat-secs",
         "5",
         "--worker-missed-heartbeats",
         "2",
     ];
-    let grace = GRACE_SECS.to_string();
-    let mut flags = slow_heartbeats.to_vec();
-    flags.extend([
-        "--worker-shutdown-grace-secs",
-        &grace,
-        "--openai-api-key",
-        "stopping",
-    ]);
-    let mut worker = env.worker_process(WORKER, &flags);
-    wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let mut worker = stopping_worker(&env, GRACE_SECS, &slow_heartbeats).await;
     let alice = client.user("alice").await;
     let chat = client.ai_chat(&alice, "slow").await;
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        ids.push(client.send_ok(&alice, chat, &format!("slow {i}")).await);
-    }
+    let ids = client.send_round(&alice, &[chat], "slow", 4).await;
     env.fake.wait_for_requests(4, Duration::from_secs(20)).await;
     let mut rescuer_flags = slow_heartbeats.to_vec();
     rescuer_flags.extend(["--openai-api-key", "other"]);
-    let rescuer = env.worker(&rescuer_flags).await;
-    wait_worker_ready(rescuer.port, Duration::from_secs(30)).await;
+    let rescuer = env.ready_worker(&rescuer_flags).await;
 
     worker.sigterm();
     let signalled = Instant::now();
-    let status = worker
-        .wait(Duration::from_secs(GRACE_SECS + 10))
-        .await
-        .expect("the worker exits after its grace");
-    let exited_after = signalled.elapsed();
-    assert!(status.success(), "exit status {status:?}");
+    let (status, exited_after) = exits_cleanly(&mut worker, signalled, GRACE_SECS).await;
     let audit = env.settled(Duration::from_secs(30)).await;
     let answered_after = signalled.elapsed();
     audit.assert_answered_once(&ids);
@@ -401,14 +336,8 @@ async fn sigterm_hands_back_jobs_it_cannot_finish_within_the_grace() {
             ("in_flight_at_sigterm", "4".into()),
             ("grace_s", GRACE_SECS.to_string()),
             ("exit_code", format!("{:?}", status.code())),
-            (
-                "exited_after_s",
-                format!("{:.1}", exited_after.as_secs_f64()),
-            ),
-            (
-                "all_answered_after_s",
-                format!("{:.1}", answered_after.as_secs_f64()),
-            ),
+            ("exited_after_s", secs(exited_after)),
+            ("all_answered_after_s", secs(answered_after)),
             ("orphan_window_s", "10".into()),
             ("lost", "0".into()),
             ("duplicated", "0".into()),
@@ -422,9 +351,7 @@ async fn sigterm_hands_back_jobs_it_cannot_finish_within_the_grace() {
     );
     assert_eq!(calls_by(&env, "stopping"), 4, "4 abandoned calls");
     assert_eq!(calls_by(&env, "other"), 4, "4 answered by the other worker");
-    rescuer.stop().await;
-    api.stop().await;
-    env.cleanup().await;
+    env.finish(api, [rescuer]).await;
 }
 
 /// The first scrape of a worker process that has run no job lists every metric with its
@@ -432,14 +359,8 @@ async fn sigterm_hands_back_jobs_it_cannot_finish_within_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_lists_every_metric_at_zero_on_its_first_scrape() {
     let env = Env::start(FakeConfig::default()).await;
-    let worker = env.worker_process(WORKER, &[]);
-    wait_worker_ready(worker.port, Duration::from_secs(30)).await;
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", worker.port))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text");
+    let worker = env.ready_worker_process(WORKER, &[]).await;
+    let text = worker_metrics_text(worker.port).await;
     for (name, kind) in [
         ("aichat_worker_jobs_started_total", "counter"),
         ("aichat_worker_jobs_succeeded_total", "counter"),

@@ -11,8 +11,9 @@ use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
 use aichat_shared::db::ai_messages::NewUserMessage;
-use aichat_shared::domain::{ContextOptions, MessageStatus, Role};
+use aichat_shared::domain::{MessageStatus, Role};
 use aichat_shared::jobs::CompletionJob;
+use aichat_testkit::DEFAULT_CONTEXT;
 use futures::StreamExt;
 use redis::AsyncCommands;
 
@@ -38,10 +39,7 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
 
     // Stored and queued as the API does it (message, then job), with no worker
     // running; the database writes go in one transaction each to keep the setup short.
-    let options = ContextOptions {
-        include_related_chat_context: false,
-        context_message_limit: 20,
-    };
+    let options = DEFAULT_CONTEXT;
     let mut tx = env.db.begin().await.expect("begin");
     let mut chats = Vec::with_capacity(CHATS);
     for _ in 0..CHATS {

@@ -2,77 +2,51 @@
 //! the job over after the orphan window and the reply is saved and announced exactly once; and
 //! a worker that could never be answered by its model refuses to start.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::common::{SYSTEM_PROMPT, TestEnv};
-use aichat_fake_llm::FakeConfig;
-use tokio::process::{Child, Command};
+use crate::common::{TestEnv, fake_with_latency};
+use aichat_testkit::WorkerProcess;
+use tokio::process::Command;
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
 const MISSED_HEARTBEATS: u32 = 2;
 const MODEL_LATENCY: Duration = Duration::from_secs(3);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Starts the `aichat-worker` binary for this test; its `/healthz` is on the returned port.
-fn spawn_binary(env: &TestEnv) -> (Child, u16) {
-    let port = free_port();
-    let metrics_addr = format!("127.0.0.1:{port}");
+/// Starts the `aichat-worker` binary for this test (heartbeats as above) and waits until it
+/// takes jobs.
+async fn ready_binary(env: &TestEnv) -> WorkerProcess {
     let heartbeat = HEARTBEAT.as_secs().to_string();
     let missed = MISSED_HEARTBEATS.to_string();
-    let log = std::env::var("TEST_LOG").ok();
-    let args = env.worker_args(&[
-        "--metrics-addr",
-        &metrics_addr,
+    let flags = [
         "--worker-heartbeat-secs",
         &heartbeat,
         "--worker-missed-heartbeats",
         &missed,
-        "--log-filter",
-        log.as_deref().unwrap_or("warn"),
-    ]);
-    let child = Command::new(env!("CARGO_BIN_EXE_aichat-worker"))
-        .args(&args[1..])
-        .stdout(if log.is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
-    (child, port)
+    ];
+    let worker = env.worker_process(env!("CARGO_BIN_EXE_aichat-worker"), &flags);
+    env.wait_ready(worker.port).await;
+    worker
 }
 
 #[tokio::test]
 async fn a_killed_workers_job_is_finished_by_another_exactly_once() {
-    let env = TestEnv::start(FakeConfig {
-        latency_ms: u64::try_from(MODEL_LATENCY.as_millis()).unwrap_or(3000),
-        ..FakeConfig::default()
-    })
-    .await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let latency_ms = u64::try_from(MODEL_LATENCY.as_millis()).unwrap_or(3000);
+    let env = TestEnv::start(fake_with_latency(latency_ms)).await;
+    let (chat, mut events) = env.watched_chat().await;
 
-    let (mut doomed, doomed_port) = spawn_binary(&env);
-    env.wait_ready(doomed_port).await;
-    let sent = env.send(chat, "survive this", false, 20).await;
+    let mut doomed = ready_binary(&env).await;
+    let sent = env.ask(chat, "survive this").await;
     // The first worker has the job and is waiting on the model.
     let held = env.fake.wait_for_requests(1, Duration::from_secs(20)).await;
     assert_eq!(held.len(), 1);
 
-    let (mut rescuer, rescuer_port) = spawn_binary(&env);
-    env.wait_ready(rescuer_port).await;
-    doomed.start_kill().expect("SIGKILL");
+    let mut rescuer = ready_binary(&env).await;
+    doomed.sigkill();
     let killed_at = Instant::now();
-    doomed.wait().await.expect("killed worker reaped");
+    doomed
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("killed worker reaped");
 
     // Orphan window, plus up to one heartbeat of the rescuer and one second of rounding
     // (apalis-redis keeps heartbeats in whole seconds), plus the model call, plus 1 s slack.
@@ -92,19 +66,11 @@ async fn a_killed_workers_job_is_finished_by_another_exactly_once() {
     env.wait_queue_set("done", 1, Duration::from_secs(10)).await;
     events.drain(&env, chat).await;
     assert_eq!(events.of_type("assistant_message").len(), 1);
-    let replies: Vec<_> = env
-        .messages(chat)
-        .await
-        .into_iter()
-        .filter(|m| m.role == "assistant")
-        .collect();
-    assert_eq!(replies.len(), 1);
-    assert_eq!(env.message(chat, sent.id).await.status, "answered");
+    env.assert_answered_once(chat, sent.id).await;
     assert_eq!(env.fake.requests().len(), 2);
     eprintln!("reply arrived {elapsed:?} after SIGKILL (bound {bound:?})");
 
-    rescuer.start_kill().expect("stop the rescuer");
-    let _ = rescuer.wait().await;
+    rescuer.kill().await;
     env.cleanup().await;
 }
 

@@ -1,35 +1,21 @@
 //! A job's life: queued twice, undecodable, its message deleted, a busy worker's heartbeats,
 //! Redis restarting, a graceful stop.
 
-use crate::common::{SYSTEM_PROMPT, TestEnv, WAIT};
+use crate::common::{SYSTEM_PROMPT, TestEnv, WAIT, fake_with_latency};
 use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::jobs::CompletionJob;
 use aichat_shared::keys::Namespace;
-use aichat_testkit::PrivateRedis;
+use aichat_testkit::{DEFAULT_CONTEXT, PrivateRedis};
 use apalis::prelude::TaskBuilder;
 
 #[tokio::test]
 async fn a_job_queued_twice_is_answered_exactly_once() {
-    let env = TestEnv::start(FakeConfig {
-        latency_ms: 300,
-        ..FakeConfig::default()
-    })
-    .await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
-    let sent = env.send(chat, "only once please", false, 20).await;
+    let env = TestEnv::start(fake_with_latency(300)).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let sent = env.ask(chat, "only once please").await;
     // The same job again under another de-duplication key, as a re-drive or a relay might.
-    let job = CompletionJob::new(
-        sent.id,
-        chat,
-        aichat_shared::domain::ContextOptions {
-            include_related_chat_context: false,
-            context_message_limit: 20,
-        },
-        None,
-    );
+    let job = CompletionJob::new(sent.id, chat, DEFAULT_CONTEXT, None);
     assert!(
         env.queue
             .enqueue_completion(&job, "redrive:1")
@@ -43,18 +29,9 @@ async fn a_job_queued_twice_is_answered_exactly_once() {
     events.drain(&env, chat).await;
     assert_eq!(env.fake.requests().len(), 2, "both runs called the model");
     assert_eq!(events.of_type("assistant_message").len(), 1);
-    let replies: Vec<_> = env
-        .messages(chat)
-        .await
-        .into_iter()
-        .filter(|m| m.role == "assistant")
-        .collect();
-    assert_eq!(replies.len(), 1);
-    assert_eq!(replies[0].reply_to, Some(sent.id));
-    assert_eq!(env.message(chat, sent.id).await.status, "answered");
+    env.assert_answered_once(chat, sent.id).await;
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
@@ -69,14 +46,11 @@ async fn an_undecodable_job_is_killed_and_the_worker_keeps_going() {
         .expect("push a malformed job");
     env.wait_queue_set("dead", 1, WAIT).await;
 
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
-    let sent = env.send(chat, "still there?", false, 20).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let sent = env.ask(chat, "still there?").await;
     events.reply_to(sent.id, WAIT).await;
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
@@ -84,7 +58,7 @@ async fn a_deleted_message_ends_its_job_quietly() {
     let env = TestEnv::start(FakeConfig::default()).await;
     let alice = env.user("alice").await;
     let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let sent = env.send(chat, "never mind", false, 20).await;
+    let sent = env.ask(chat, "never mind").await;
     db::ai_chats::delete_ai_chat(&env.db, chat, alice.id)
         .await
         .expect("delete chat");
@@ -93,26 +67,19 @@ async fn a_deleted_message_ends_its_job_quietly() {
     assert!(env.fake.requests().is_empty());
     assert!(env.queue_set("dead").await.is_empty());
     let _ = sent;
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
 async fn a_busy_worker_keeps_heart_beating_so_its_jobs_are_not_run_twice() {
-    let env = TestEnv::start(FakeConfig {
-        latency_ms: 3000,
-        ..FakeConfig::default()
-    })
-    .await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let env = TestEnv::start(fake_with_latency(3000)).await;
+    let (chat, mut events) = env.watched_chat().await;
     // One job at a time, and each takes longer than the 2 s orphan window.
     let busy = env.spawn_worker(&["--worker-concurrency", "1"]).await;
     env.wait_ready(busy.port).await;
     let mut sent = Vec::new();
     for i in 0..3 {
-        sent.push(env.send(chat, &format!("slow {i}"), false, 20).await);
+        sent.push(env.ask(chat, &format!("slow {i}")).await);
     }
     env.fake.wait_for_requests(1, WAIT).await;
     let idle = env.spawn_worker(&[]).await;
@@ -134,9 +101,7 @@ async fn a_busy_worker_keeps_heart_beating_so_its_jobs_are_not_run_twice() {
     );
     assert_eq!(events.of_type("assistant_message").len(), 3);
 
-    busy.stop().await;
-    idle.stop().await;
-    env.cleanup().await;
+    env.finish([busy, idle]).await;
 }
 
 #[tokio::test]
@@ -145,10 +110,8 @@ async fn the_worker_comes_back_after_redis_restarts() {
     let env = TestEnv::start_with_redis(FakeConfig::default(), redis.url()).await;
     let worker = env.spawn_worker(&[]).await;
     env.wait_ready(worker.port).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
-    let before = env.send(chat, "before", false, 20).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let before = env.ask(chat, "before").await;
     events.reply_to(before.id, WAIT).await;
 
     redis.stop();
@@ -157,27 +120,20 @@ async fn the_worker_comes_back_after_redis_restarts() {
     env.wait_ready(worker.port).await;
 
     let mut events = env.events(chat).await;
-    let after = env.send(chat, "after", false, 20).await;
+    let after = env.ask(chat, "after").await;
     let reply = events.reply_to(after.id, WAIT).await;
     assert_eq!(reply["message"]["content"], "Echo: after");
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
     drop(redis);
 }
 
 #[tokio::test]
 async fn a_graceful_stop_finishes_the_running_job_first() {
-    let env = TestEnv::start(FakeConfig {
-        latency_ms: 1500,
-        ..FakeConfig::default()
-    })
-    .await;
+    let env = TestEnv::start(fake_with_latency(1500)).await;
     let worker = env.spawn_worker(&[]).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
-    let sent = env.send(chat, "finish me", false, 20).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let sent = env.ask(chat, "finish me").await;
     env.fake.wait_for_requests(1, WAIT).await;
 
     worker.stop().await;

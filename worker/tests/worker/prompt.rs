@@ -1,9 +1,10 @@
 //! What the model is sent: the context contract, the token budget, stored token counts, the
 //! completion cap and the system share, the allowed models.
 
-use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv, WAIT};
+use crate::common::{Events, MODEL, SYSTEM_PROMPT, TestEnv, WAIT, worker_metrics_text};
 use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
+use aichat_testkit::DEFAULT_CONTEXT;
 use aichat_worker::context::{PromptMessage, Role, TokenCounter};
 use serde_json::Value;
 
@@ -24,6 +25,29 @@ fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(r, c)| ((*r).to_owned(), (*c).to_owned()))
         .collect()
+}
+
+/// Sends `content` into `chat` (with these context options), waits for its reply, and answers
+/// the prompt the model was sent for it.
+async fn prompt_for(
+    env: &TestEnv,
+    events: &mut Events,
+    chat: i64,
+    content: &str,
+    include_related_chat_context: bool,
+    context_message_limit: i32,
+) -> Vec<(String, String)> {
+    let sent = env
+        .send(
+            chat,
+            content,
+            include_related_chat_context,
+            context_message_limit,
+        )
+        .await;
+    events.reply_to(sent.id, WAIT).await;
+    let last = env.fake.requests().pop().expect("a request");
+    role_and_content(&last.messages)
 }
 
 #[tokio::test]
@@ -47,35 +71,19 @@ async fn the_prompt_follows_the_context_contract() {
     let system = "You are terse.";
     let chat = env.ai_chat(alice.id, system, Some(team)).await;
     let mut events = env.events(chat).await;
-    let ask = |content: &'static str, include: bool, limit: i32| {
-        let env = &env;
-        async move { env.send(chat, content, include, limit).await }
-    };
 
-    let first = ask("first", false, 20).await;
+    let first = env.ask(chat, "first").await;
     events.reply_to(first.id, WAIT).await;
     // A message that failed earlier is not part of the conversation.
-    let lost = aichat_testkit::store_user_message(
-        &env.db,
-        chat,
-        "lost",
-        aichat_shared::domain::ContextOptions {
-            include_related_chat_context: false,
-            context_message_limit: 20,
-        },
-    )
-    .await;
+    let lost = aichat_testkit::store_user_message(&env.db, chat, "lost", DEFAULT_CONTEXT).await;
     assert!(
         db::completions::mark_failed(&env.db, lost.id, "failed")
             .await
             .expect("mark failed")
     );
 
-    let second = ask("second", true, 3).await;
-    events.reply_to(second.id, WAIT).await;
-    let last = env.fake.requests().pop().expect("a request");
     assert_eq!(
-        role_and_content(&last.messages),
+        prompt_for(&env, &mut events, chat, "second", true, 3).await,
         pairs(&[
             (
                 "system",
@@ -87,11 +95,8 @@ async fn the_prompt_follows_the_context_contract() {
         ])
     );
 
-    let third = ask("third", false, 20).await;
-    events.reply_to(third.id, WAIT).await;
-    let last = env.fake.requests().pop().expect("a request");
     assert_eq!(
-        role_and_content(&last.messages),
+        prompt_for(&env, &mut events, chat, "third", false, 20).await,
         pairs(&[
             ("system", system),
             ("user", "first"),
@@ -109,17 +114,11 @@ async fn the_prompt_follows_the_context_contract() {
         .execute(&env.db)
         .await
         .expect("alice leaves");
-    let fourth = ask("fourth", true, 20).await;
-    events.reply_to(fourth.id, WAIT).await;
-    let last = env.fake.requests().pop().expect("a request");
-    assert_eq!(
-        role_and_content(&last.messages)[0],
-        ("system".to_owned(), system.to_owned())
-    );
-    assert_eq!(last.messages.len(), 8);
+    let fourth = prompt_for(&env, &mut events, chat, "fourth", true, 20).await;
+    assert_eq!(fourth[0], ("system".to_owned(), system.to_owned()));
+    assert_eq!(fourth.len(), 8);
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
@@ -141,11 +140,9 @@ async fn the_oldest_turns_are_dropped_to_fit_the_token_budget() {
 
     let env = TestEnv::start(FakeConfig::default()).await;
     let worker = env.spawn_worker(&["--context-token-budget", &budget]).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
     for content in questions {
-        let sent = env.send(chat, content, false, 20).await;
+        let sent = env.ask(chat, content).await;
         events.reply_to(sent.id, WAIT).await;
     }
     let requests = env.fake.requests();
@@ -159,19 +156,16 @@ async fn the_oldest_turns_are_dropped_to_fit_the_token_budget() {
             ("user", questions[2]),
         ])
     );
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
 async fn token_counts_are_stored_once_and_then_decide_what_fits() {
     let env = TestEnv::start(FakeConfig::default()).await;
     let worker = env.spawn_worker(&[]).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
     let first = "how many tokens does this sentence hold?";
-    let sent = env.send(chat, first, false, 20).await;
+    let sent = env.ask(chat, first).await;
     events.reply_to(sent.id, WAIT).await;
 
     // Both sides of the exchange carry their cl100k count.
@@ -199,15 +193,14 @@ async fn token_counts_are_stored_once_and_then_decide_what_fits() {
         .execute(&env.db)
         .await
         .expect("inflate the stored count");
-    let second = env.send(chat, "and this one?", false, 20).await;
+    let second = env.ask(chat, "and this one?").await;
     events.reply_to(second.id, WAIT).await;
     let requests = env.fake.requests();
     assert_eq!(
         role_and_content(&requests[1].messages),
         pairs(&[("system", SYSTEM_PROMPT), ("user", "and this one?")])
     );
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 /// Every model call asks for at most `MAX_COMPLETION_TOKENS`; the system message (a long
@@ -248,7 +241,7 @@ async fn every_call_is_bounded_by_the_completion_cap_and_the_system_share() {
     events.reply_to(sent.id, WAIT).await;
 
     let too_long = "word ".repeat(BUDGET);
-    let refused = env.send(chat, &too_long, false, 20).await;
+    let refused = env.ask(chat, &too_long).await;
     events
         .until(WAIT, |e| {
             e["type"] == "error" && e["message_id"].as_i64() == Some(refused.id)
@@ -294,8 +287,7 @@ async fn every_call_is_bounded_by_the_completion_cap_and_the_system_share() {
         })
         .collect();
     assert!(counter.prompt(&prompt) <= BUDGET);
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 /// A chat's model reaches the provider only while it is allowed; a chat whose model the
@@ -317,7 +309,7 @@ async fn only_allowed_models_reach_the_provider() {
     }
     for chat in [allowed, dropped] {
         let mut events = env.events(chat).await;
-        let sent = env.send(chat, "hello", false, 20).await;
+        let sent = env.ask(chat, "hello").await;
         events.reply_to(sent.id, WAIT).await;
     }
     let models: Vec<String> = env
@@ -328,12 +320,7 @@ async fn only_allowed_models_reach_the_provider() {
         .collect();
     assert_eq!(models, vec!["other-ok".to_owned(), MODEL.to_owned()]);
     // Metrics are labelled with allowed models only, the idle ones included.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", worker.port))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = worker_metrics_text(worker.port).await;
     assert!(!metrics.contains("taken-off-the-list"), "{metrics}");
     for model in ["other-ok", MODEL] {
         assert!(
@@ -341,6 +328,5 @@ async fn only_allowed_models_reach_the_provider() {
             "{model}: {metrics}"
         );
     }
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }

@@ -15,13 +15,11 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
-        let url =
-            std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let conn = aichat_shared::redis_conn::connect(&url)
+        let conn = aichat_shared::redis_conn::connect(&aichat_testkit::redis_url())
             .await
             .expect("connect to redis");
         Env {
-            ns: format!("aichat_wtest_{}", uuid::Uuid::new_v4().simple()),
+            ns: aichat_testkit::unique_name("aichat_wtest"),
             conn,
         }
     }
@@ -51,8 +49,20 @@ impl Env {
     }
 }
 
-fn waits(admission: &Admission) -> bool {
-    matches!(admission, Admission::Wait(d) if *d > Duration::ZERO && *d <= Duration::from_millis(1000))
+/// Asks `limiter` without waiting for `tokens` of model `m` as request `id`: granted at once.
+async fn assert_granted(limiter: &RateLimiter, tokens: u64, id: &str) {
+    let admission = limiter.try_acquire("m", tokens, id).await.expect("script");
+    assert_eq!(admission, Admission::Granted, "{id}");
+}
+
+/// Asks `limiter` without waiting for `tokens` of model `m` as request `id`: told to wait,
+/// for no longer than the window.
+async fn assert_told_to_wait(limiter: &RateLimiter, tokens: u64, id: &str) {
+    let admission = limiter.try_acquire("m", tokens, id).await.expect("script");
+    assert!(
+        matches!(admission, Admission::Wait(d) if d > Duration::ZERO && d <= Duration::from_millis(1000)),
+        "{id}: {admission:?}"
+    );
 }
 
 #[tokio::test]
@@ -67,15 +77,10 @@ async fn the_token_budget_counts_reservations_and_settles_them_to_real_usage() {
         .await
         .expect("room for 60");
     assert_eq!(waited, None);
-    let second = limiter
-        .try_acquire("m", 60, "second")
-        .await
-        .expect("script");
-    assert!(waits(&second), "{second:?}");
+    assert_told_to_wait(&limiter, 60, "second").await;
     // The first call really used 30 tokens: now 60 more fit.
     limiter.settle(&first, 30).await;
-    let third = limiter.try_acquire("m", 60, "third").await.expect("script");
-    assert_eq!(third, Admission::Granted);
+    assert_granted(&limiter, 60, "third").await;
     // Other models have their own budget.
     let other = limiter.try_acquire("other", 90, "x").await.expect("script");
     assert_eq!(other, Admission::Granted);
@@ -87,12 +92,8 @@ async fn the_token_budget_counts_reservations_and_settles_them_to_real_usage() {
 async fn a_request_larger_than_the_budget_goes_alone() {
     let env = Env::start().await;
     let limiter = env.limiter(0, 100);
-    assert_eq!(
-        limiter.try_acquire("m", 500, "big").await.expect("script"),
-        Admission::Granted
-    );
-    let next = limiter.try_acquire("m", 1, "small").await.expect("script");
-    assert!(waits(&next), "{next:?}");
+    assert_granted(&limiter, 500, "big").await;
+    assert_told_to_wait(&limiter, 1, "small").await;
     env.cleanup().await;
 }
 
@@ -101,13 +102,9 @@ async fn the_request_budget_admits_that_many_per_window() {
     let env = Env::start().await;
     let limiter = env.limiter(2, 0);
     for id in ["a", "b"] {
-        assert_eq!(
-            limiter.try_acquire("m", 1, id).await.expect("script"),
-            Admission::Granted
-        );
+        assert_granted(&limiter, 1, id).await;
     }
-    let third = limiter.try_acquire("m", 1, "c").await.expect("script");
-    assert!(waits(&third), "{third:?}");
+    assert_told_to_wait(&limiter, 1, "c").await;
     env.cleanup().await;
 }
 

@@ -3,9 +3,33 @@
 
 use std::time::Duration;
 
-use crate::common::{SYSTEM_PROMPT, TestEnv, WAIT, chat_event};
+use crate::common::{Events, TestEnv, WAIT, chat_event, fake_always};
 use aichat_fake_llm::{FakeConfig, Outcome};
+use aichat_shared::domain::AiMessage;
 use aichat_shared::events::ChatEvent;
+
+/// Sends `content` into `chat` and reads until the next `error` event: it must be that
+/// message's, telling the user `text`. The message sent.
+async fn ask_and_fail(
+    env: &TestEnv,
+    events: &mut Events,
+    chat: i64,
+    content: &str,
+    text: &str,
+) -> AiMessage {
+    let sent = env.ask(chat, content).await;
+    let error = events.next_error(WAIT).await;
+    let ChatEvent::Error {
+        message,
+        message_id,
+    } = chat_event(&error)
+    else {
+        panic!("{error}");
+    };
+    assert_eq!(message_id, Some(sent.id));
+    assert_eq!(message, text);
+    sent
+}
 
 #[tokio::test]
 async fn rate_limited_calls_wait_for_retry_after_then_succeed() {
@@ -19,11 +43,9 @@ async fn rate_limited_calls_wait_for_retry_after_then_succeed() {
         },
     ]);
     let worker = env.spawn_worker(&["--llm-backoff-base-ms", "10"]).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
 
-    let sent = env.send(chat, "hello", false, 20).await;
+    let sent = env.ask(chat, "hello").await;
     events.reply_to(sent.id, WAIT).await;
 
     let requests = env.fake.requests();
@@ -38,42 +60,23 @@ async fn rate_limited_calls_wait_for_retry_after_then_succeed() {
     assert_eq!(stored[0].status, "answered");
     assert!(events.of_type("error").is_empty());
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
 async fn a_permanently_failing_model_fails_the_message_and_kills_the_job() {
-    let env = TestEnv::start(FakeConfig {
-        always: Some(Outcome::ServerError),
-        ..FakeConfig::default()
-    })
-    .await;
+    let env = TestEnv::start(fake_always(Outcome::ServerError)).await;
     let worker = env
         .spawn_worker(&["--llm-max-attempts", "3", "--llm-backoff-base-ms", "20"])
         .await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
 
-    let sent = env.send(chat, "hello", false, 20).await;
-    let error = events.until(WAIT, |e| e["type"] == "error").await;
-    let ChatEvent::Error {
-        message,
-        message_id,
-    } = chat_event(&error)
-    else {
-        panic!("{error}");
-    };
-    assert_eq!(message_id, Some(sent.id));
-    assert_eq!(
-        message,
-        "The AI service did not respond. Please try again later."
-    );
+    let message = "The AI service did not respond. Please try again later.";
+    let sent = ask_and_fail(&env, &mut events, chat, "hello", message).await;
 
     let stored = env.message(chat, sent.id).await;
     assert_eq!(stored.status, "failed");
-    assert_eq!(stored.error.as_deref(), Some(message.as_str()));
+    assert_eq!(stored.error.as_deref(), Some(message));
     assert_eq!(env.messages(chat).await.len(), 1, "no reply stored");
     assert_eq!(env.fake.requests().len(), 3, "LLM_MAX_ATTEMPTS calls");
 
@@ -89,39 +92,22 @@ async fn a_permanently_failing_model_fails_the_message_and_kills_the_job() {
     assert_eq!(scheduled, 0);
     assert_eq!(env.fake.requests().len(), 3);
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
 async fn client_errors_and_exhausted_quota_are_not_retried() {
-    let env = TestEnv::start(FakeConfig {
-        always: Some(Outcome::BadRequest),
-        ..FakeConfig::default()
-    })
-    .await;
+    let env = TestEnv::start(fake_always(Outcome::BadRequest)).await;
     env.fake.push_script([Outcome::InsufficientQuota]);
     let worker = env.spawn_worker(&["--llm-backoff-base-ms", "10"]).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
 
-    let quota = env.send(chat, "first", false, 20).await;
-    let error = events.until(WAIT, |e| e["type"] == "error").await;
-    assert_eq!(error["message_id"], quota.id);
-    assert_eq!(
-        error["message"],
-        "The AI service is currently unavailable. Please try again later."
-    );
+    let unavailable = "The AI service is currently unavailable. Please try again later.";
+    let quota = ask_and_fail(&env, &mut events, chat, "first", unavailable).await;
     assert_eq!(env.fake.requests().len(), 1);
 
-    let bad = env.send(chat, "second", false, 20).await;
-    let error = events.until(WAIT, |e| e["type"] == "error").await;
-    assert_eq!(error["message_id"], bad.id);
-    assert_eq!(
-        error["message"],
-        "The AI service could not process this message."
-    );
+    let refused = "The AI service could not process this message.";
+    let bad = ask_and_fail(&env, &mut events, chat, "second", refused).await;
     assert_eq!(env.fake.requests().len(), 2);
     for id in [quota.id, bad.id] {
         assert_eq!(env.message(chat, id).await.status, "failed");
@@ -129,8 +115,7 @@ async fn client_errors_and_exhausted_quota_are_not_retried() {
     let error_text = env.message(chat, bad.id).await.error.unwrap_or_default();
     assert!(!error_text.contains("injected"), "provider text leaked");
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
@@ -145,18 +130,15 @@ async fn a_silent_model_is_abandoned_after_the_attempt_timeout_and_retried() {
             "10",
         ])
         .await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
 
-    let sent = env.send(chat, "are you there", false, 20).await;
+    let sent = env.ask(chat, "are you there").await;
     let reply = events.reply_to(sent.id, WAIT).await;
     assert_eq!(reply["message"]["content"], "Echo: are you there");
     let outcomes: Vec<String> = env.fake.requests().into_iter().map(|r| r.outcome).collect();
     assert_eq!(outcomes, ["hang", "ok"]);
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }
 
 #[tokio::test]
@@ -172,14 +154,12 @@ async fn two_workers_never_exceed_the_shared_request_rate() {
     ];
     let first = env.spawn_worker(&limits).await;
     let second = env.spawn_worker(&limits).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
 
     const JOBS: usize = 40;
     let mut ids = Vec::with_capacity(JOBS);
     for i in 0..JOBS {
-        ids.push(env.send(chat, &format!("question {i}"), false, 20).await.id);
+        ids.push(env.ask(chat, &format!("question {i}")).await.id);
     }
     events.replies_to_all(&ids, Duration::from_secs(60)).await;
 
@@ -204,7 +184,5 @@ async fn two_workers_never_exceed_the_shared_request_rate() {
         );
     }
 
-    first.stop().await;
-    second.stop().await;
-    env.cleanup().await;
+    env.finish([first, second]).await;
 }

@@ -1,6 +1,6 @@
 //! A message answered end to end: streamed, saved with the model's token counts, announced.
 
-use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv, WAIT, chat_event};
+use crate::common::{MODEL, SYSTEM_PROMPT, TestEnv, WAIT, chat_event, worker_metrics_text};
 use aichat_fake_llm::{FakeConfig, Usage};
 use aichat_shared::events::ChatEvent;
 use serde_json::Value;
@@ -14,28 +14,32 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
     .await;
     let worker = env.spawn_worker(&["--delta-flush-chars", "8"]).await;
     env.wait_ready(worker.port).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
-    let mut events = env.events(chat).await;
+    let (chat, mut events) = env.watched_chat().await;
 
     let content = "tell me about the weather in spring";
-    let sent = env.send(chat, content, false, 20).await;
+    let sent = env.ask(chat, content).await;
     let reply = events.reply_to(sent.id, WAIT).await;
 
     let expected_reply = format!("Echo: {content}");
     let usage = Usage::for_exchange([SYSTEM_PROMPT, content], &expected_reply);
+    // (prompt, completion, total) tokens, as the event and the row carry them.
+    let expected_tokens = (
+        Some(usage.prompt_tokens as i32),
+        Some(usage.completion_tokens as i32),
+        Some(usage.total_tokens as i32),
+    );
     let ChatEvent::AssistantMessage { message } = chat_event(&reply) else {
         panic!("not an assistant_message: {reply}");
     };
     assert_eq!(message.content, expected_reply);
     assert_eq!(message.reply_to, Some(sent.id));
     let event_usage = message.usage.expect("usage in the event");
-    assert_eq!(event_usage.prompt_tokens, Some(usage.prompt_tokens as i32));
-    assert_eq!(
+    let event_tokens = (
+        event_usage.prompt_tokens,
         event_usage.completion_tokens,
-        Some(usage.completion_tokens as i32)
+        event_usage.total_tokens,
     );
-    assert_eq!(event_usage.total_tokens, Some(usage.total_tokens as i32));
+    assert_eq!(event_tokens, expected_tokens);
 
     // Deltas came first, all for this message, and add up to the reply.
     let deltas: Vec<String> = events
@@ -74,12 +78,12 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
     assert_eq!(answer.content, expected_reply);
     assert_eq!(answer.reply_to, Some(sent.id));
     assert_eq!(answer.model.as_deref(), Some(MODEL));
-    assert_eq!(answer.prompt_tokens, Some(usage.prompt_tokens as i32));
-    assert_eq!(
+    let stored_tokens = (
+        answer.prompt_tokens,
         answer.completion_tokens,
-        Some(usage.completion_tokens as i32)
+        answer.total_tokens,
     );
-    assert_eq!(answer.total_tokens, Some(usage.total_tokens as i32));
+    assert_eq!(stored_tokens, expected_tokens);
     let latency: Option<i32> =
         sqlx::query_scalar("select latency_ms from ai_messages where id = $1")
             .bind(answer.id)
@@ -95,12 +99,7 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
     assert_eq!(requests[0].model, MODEL);
     assert_eq!(requests[0].api_key.as_deref(), Some("test-key"));
 
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", worker.port))
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = worker_metrics_text(worker.port).await;
     for name in [
         "aichat_worker_jobs_started_total",
         "aichat_worker_jobs_succeeded_total",
@@ -111,6 +110,5 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
 
-    worker.stop().await;
-    env.cleanup().await;
+    env.finish([worker]).await;
 }

@@ -1,19 +1,33 @@
 //! What the API's tests share, on top of the test kit (`testkit/`, which creates the databases
 //! and namespaces, starts the API and workers, and holds the HTTP and WebSocket clients): an
-//! app of a test's own ([`TestApp`]) with short JSON calls that answer `(status, body)`.
+//! app of a test's own ([`TestApp`]) with short JSON calls that answer `(status, body)`; the
+//! users, chats and messages tests start from (`fixtures`); checks many tests make (`checks`);
+//! requests built by hand, with headers, cookies or raw bodies (`requests`); and an app with a
+//! worker and the fake model (`worker`).
 #![allow(dead_code)]
+
+mod checks;
+mod fixtures;
+mod requests;
+mod worker;
+
+pub use checks::assert_error;
+pub use fixtures::*;
+pub use requests::*;
+pub use worker::*;
 
 use std::process::Stdio;
 
 use aichat_shared::keys::Namespace;
-use aichat_testkit::stack::{Api, api_args, start_api, start_worker as start_worker_with};
-use aichat_testkit::{ApiProcess, Client, InProcessWorker, PASSWORD, TestDb, unique_name};
+use aichat_testkit::stack::{Api, api_args, start_api};
+use aichat_testkit::{ApiProcess, Client, PASSWORD, TestDb, unique_name};
 use redis::AsyncCommands;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 pub use aichat_testkit::postgres::drop_database;
+pub use aichat_testkit::ws::{ws_events_until, ws_events_until_closed, ws_upgrade};
 pub use aichat_testkit::{User as TestUser, Ws, closed_with, event_of, next_event, send_ws};
 
 /// Creates an empty, uniquely named database; its URL and name.
@@ -30,6 +44,18 @@ pub async fn spawn_api_binary(extra: &[&str]) -> ApiProcess {
 /// [`spawn_api_binary`] with its log (stdout) written to `log`; `extra` sets the filter.
 pub async fn spawn_api_binary_logging_to(extra: &[&str], log: impl Into<Stdio>) -> ApiProcess {
     ApiProcess::start(env!("CARGO_BIN_EXE_aichat-api"), extra, log).await
+}
+
+/// The `aichat-api` binary run as an operator runs it, against `app`'s database and Redis
+/// namespace, quiet; the test adds the command and its arguments.
+pub fn api_command(app: &TestApp) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_aichat-api"));
+    command
+        .args(["--database-url", &app.db_url, "--redis-url", &app.redis_url])
+        .args(["--aichat-namespace", &app.ns, "--log-filter", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
 }
 
 pub struct TestApp {
@@ -59,6 +85,12 @@ impl Default for Options {
             extra: Vec::new(),
         }
     }
+}
+
+/// The words of a command line, as flags: `flags("--max-connections 4")` is
+/// `["--max-connections", "4"]` (for values without spaces).
+pub fn flags(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -159,13 +191,24 @@ impl TestApp {
     }
 
     pub async fn register(&self, username: &str) -> (StatusCode, Value) {
-        self.call(
-            Method::POST,
-            "/api/register/",
-            None,
-            Some(json!({"username": username, "password": PASSWORD, "password_confirm": PASSWORD})),
+        self.register_with(
+            json!({"username": username, "password": PASSWORD, "password_confirm": PASSWORD}),
         )
         .await
+    }
+
+    /// Registers with `password` (and its confirmation) instead of the tests' own.
+    pub async fn register_password(&self, username: &str, password: &str) -> (StatusCode, Value) {
+        self.register_with(
+            json!({"username": username, "password": password, "password_confirm": password}),
+        )
+        .await
+    }
+
+    /// `POST /api/register/` with this body, as it is.
+    pub async fn register_with(&self, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, "/api/register/", None, Some(body))
+            .await
     }
 
     pub async fn login(&self, username: &str, password: &str) -> (StatusCode, Value) {
@@ -183,37 +226,23 @@ impl TestApp {
         self.http.user(username).await
     }
 
-    pub async fn create_chat(&self, owner: &TestUser, name: &str, others: &[&TestUser]) -> i64 {
-        let ids: Vec<i64> = others.iter().map(|u| u.id).collect();
-        let (status, body) = self
-            .post(
-                "/api/chats/",
-                &owner.token,
-                json!({"name": name, "participant_ids": ids}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        body["id"].as_i64().expect("chat id")
+    /// How `GET /api/me/` answers `token`: whether the session is accepted.
+    pub async fn me_status(&self, token: &str) -> StatusCode {
+        self.get("/api/me/", token).await.0
     }
 
-    pub async fn create_ai_chat(&self, owner: &TestUser, body: Value) -> Value {
-        let (status, body) = self.post("/api/ai/chats/", &owner.token, body).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        body
-    }
-
-    /// A new AI chat of `owner`, titled "t"; its id.
-    pub async fn ai_chat_id(&self, owner: &TestUser) -> i64 {
-        self.http.ai_chat(owner, "t").await
+    /// A connection to this app's Redis server.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
     }
 
     /// The job arguments stored in the completion queue, parsed.
     pub async fn queued_jobs(&self) -> Vec<Value> {
-        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
+        let mut conn = self.redis().await;
         let data: Vec<(String, Vec<u8>)> = conn
             .hgetall(aichat_shared::jobs::queue_config(&self.keys).job_data_hash())
             .await
@@ -246,20 +275,4 @@ impl TestApp {
     pub fn shut_down(&mut self) {
         self.api.shut_down();
     }
-}
-
-/// A worker of this test's namespace and database, talking to `fake`; it stops when dropped.
-pub async fn start_worker(
-    app: &TestApp,
-    fake: &aichat_fake_llm::FakeLlm,
-    extra: &[&str],
-) -> InProcessWorker {
-    start_worker_with(aichat_testkit::stack::worker_args(
-        &app.db_url,
-        &app.redis_url,
-        &app.ns,
-        &fake.base_url(),
-        extra,
-    ))
-    .await
 }

@@ -20,7 +20,9 @@ use redis::aio::ConnectionManager;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use aichat_testkit::{Env, InProcessWorker, queue_completion, store_user_message};
+use aichat_testkit::{DEFAULT_CONTEXT, Env, InProcessWorker, queue_completion, store_user_message};
+
+pub use aichat_testkit::{fake_always, fake_with_latency, worker_metrics_text};
 
 pub use aichat_testkit::MODEL;
 pub const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
@@ -86,6 +88,11 @@ impl Events {
             e["type"] == "assistant_message" && e["message"]["reply_to"] == message_id
         })
         .await
+    }
+
+    /// The next `error` event.
+    pub async fn next_error(&mut self, timeout: Duration) -> Value {
+        self.until(timeout, |e| e["type"] == "error").await
     }
 
     /// Reads until every message of `ids` has its `assistant_message`, in whatever order.
@@ -199,12 +206,51 @@ impl TestEnv {
             include_related_chat_context,
             context_message_limit,
         };
+        self.send_with(ai_chat_id, content, options).await
+    }
+
+    /// [`TestEnv::send`] with the options as one value.
+    pub async fn send_with(
+        &self,
+        ai_chat_id: i64,
+        content: &str,
+        options: ContextOptions,
+    ) -> AiMessage {
         let message = store_user_message(&self.db, ai_chat_id, content, options).await;
         assert!(
             queue_completion(&self.queue, &message, options).await,
             "job queued"
         );
         message
+    }
+
+    /// [`TestEnv::send`] with the default options ([`DEFAULT_CONTEXT`]).
+    pub async fn ask(&self, ai_chat_id: i64, content: &str) -> AiMessage {
+        self.send_with(ai_chat_id, content, DEFAULT_CONTEXT).await
+    }
+
+    /// A new user's AI chat on [`SYSTEM_PROMPT`], and the events of its channel from now.
+    pub async fn watched_chat(&self) -> (i64, Events) {
+        let alice = self.user("alice").await;
+        let chat = self.ai_chat(alice.id, SYSTEM_PROMPT, None).await;
+        (chat, self.events(chat).await)
+    }
+
+    /// The assistant messages of an AI chat, oldest first.
+    pub async fn replies(&self, ai_chat_id: i64) -> Vec<AiMessage> {
+        let messages = self.messages(ai_chat_id).await;
+        messages
+            .into_iter()
+            .filter(|m| m.role == "assistant")
+            .collect()
+    }
+
+    /// Asserts that `message` is `answered` and that the chat holds exactly one reply, to it.
+    pub async fn assert_answered_once(&self, ai_chat_id: i64, message: i64) {
+        let replies = self.replies(ai_chat_id).await;
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_eq!(replies[0].reply_to, Some(message));
+        assert_eq!(self.message(ai_chat_id, message).await.status, "answered");
     }
 
     pub async fn events(&self, ai_chat_id: i64) -> Events {
@@ -254,7 +300,7 @@ impl TestEnv {
     /// apalis-redis' record of a finished job (status, attempts, ...).
     pub async fn job_meta(&self, task_id: &str) -> std::collections::HashMap<String, String> {
         let mut conn = self.redis.clone();
-        conn.hgetall(format!("{}:{task_id}", self.queue_key("meta")))
+        conn.hgetall(format!("{}:{task_id}", self.queue_config().job_meta_hash()))
             .await
             .expect("job meta")
     }
@@ -262,5 +308,13 @@ impl TestEnv {
     /// Drops the database and every Redis key of the namespace.
     pub async fn cleanup(self) {
         self.kit.cleanup().await;
+    }
+
+    /// The end of a test: stops `workers` (gracefully), then [`TestEnv::cleanup`].
+    pub async fn finish(self, workers: impl IntoIterator<Item = RunningWorker>) {
+        for worker in workers {
+            worker.stop().await;
+        }
+        self.cleanup().await;
     }
 }

@@ -1,25 +1,17 @@
 //! Black-box tests of the chat-completions endpoint over real HTTP: shapes, streaming, usage, recording.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::{FakeConfig, Usage, prompt_tokens};
-use common::{chat_body, client, parse_sse, post_chat, start};
+use common::{answered, ask, chat_body, client, json_body, parse_sse, start};
 use serde_json::{Value, json};
 
 #[tokio::test]
 async fn non_stream_shape_and_usage() {
     let fake = start(FakeConfig::default()).await;
-    let response = post_chat(
-        &client(),
-        &fake,
-        &chat_body("hello there world", false, false),
-    )
-    .await
-    .expect("request succeeds");
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json body");
+    let body = json_body(answered(&client(), &fake, &ask("hello there world"), 200).await).await;
 
     assert!(
         body["id"]
@@ -49,10 +41,8 @@ async fn stream_chunks_concatenate_and_usage_only_when_requested() {
     let client = client();
     let user = "streaming  is\tfun";
     for include_usage in [false, true] {
-        let response = post_chat(&client, &fake, &chat_body(user, true, include_usage))
-            .await
-            .expect("request succeeds");
-        assert_eq!(response.status(), 200);
+        let body = chat_body(user, true, include_usage);
+        let response = answered(&client, &fake, &body, 200).await;
         assert_eq!(response.headers()["content-type"], "text/event-stream");
         let chunks = parse_sse(&response.text().await.expect("body"));
 
@@ -106,9 +96,7 @@ async fn reply_words_and_chunk_delay() {
     })
     .await;
     let started = Instant::now();
-    let response = post_chat(&client(), &fake, &chat_body("ignored", true, true))
-        .await
-        .expect("request succeeds");
+    let response = answered(&client(), &fake, &chat_body("ignored", true, true), 200).await;
     let chunks = parse_sse(&response.text().await.expect("body"));
     assert!(started.elapsed() >= Duration::from_millis(12 * 20));
     let text: String = chunks
@@ -133,15 +121,12 @@ async fn latency_is_honoured() {
     let client = client();
     for stream in [false, true] {
         let started = Instant::now();
-        let response = post_chat(&client, &fake, &chat_body("hi", stream, false))
-            .await
-            .expect("request succeeds");
+        answered(&client, &fake, &chat_body("hi", stream, false), 200).await;
         // Headers only arrive once the latency has passed.
         assert!(
             started.elapsed() >= Duration::from_millis(300),
             "stream={stream}"
         );
-        assert_eq!(response.status(), 200);
     }
 }
 
@@ -155,10 +140,7 @@ async fn records_exact_messages() {
         {"role": "user", "content": "second question", "name": "bob"},
     ]);
     let body = json!({"model": "m1", "messages": messages, "max_tokens": 50, "unknown": {"x": 1}});
-    let response = post_chat(&client(), &fake, &body)
-        .await
-        .expect("request succeeds");
-    let answer: Value = response.json().await.expect("json body");
+    let answer = json_body(answered(&client(), &fake, &body, 200).await).await;
     assert_eq!(
         answer["choices"][0]["message"]["content"],
         "Echo: second question"
@@ -181,11 +163,8 @@ async fn records_exact_messages() {
 #[tokio::test]
 async fn malformed_body_is_an_openai_400() {
     let fake = start(FakeConfig::default()).await;
-    let response = post_chat(&client(), &fake, &json!({"messages": []}))
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 400);
-    let body: Value = response.json().await.expect("json body");
+    let malformed = json!({"messages": []});
+    let body = json_body(answered(&client(), &fake, &malformed, 400).await).await;
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert!(fake.requests().is_empty());
 }

@@ -1,11 +1,11 @@
 //! Black-box tests of the control API over HTTP: config, script, request log, health and models.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
 use aichat_fake_llm::{FakeConfig, Outcome, RecordedRequest};
-use common::{chat_body, client, post_chat, start};
+use common::{always, answered, ask, chat_body, client, fetch_json, json_body, post_chat, start};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -14,28 +14,16 @@ async fn control_api_round_trip() {
     let client = client();
     let root = format!("http://{}", fake.addr());
 
-    let config: Value = client
-        .put(format!("{root}/_fake/config"))
-        .json(&json!({"latency_ms": 5, "reply_words": 3, "always": null}))
-        .send()
-        .await
-        .expect("put config")
-        .json()
-        .await
-        .expect("json");
+    let config = json!({"latency_ms": 5, "reply_words": 3, "always": null});
+    let put = client.put(format!("{root}/_fake/config")).json(&config);
+    let config: Value = fetch_json(put, "put config").await;
     assert_eq!(config["latency_ms"], 5);
     assert_eq!(config["reply_words"], 3);
     assert_eq!(config["hang_ms"], 600_000);
     assert_eq!(fake.config().reply_words, Some(3));
 
-    let fetched: FakeConfig = client
-        .get(format!("{root}/_fake/config"))
-        .send()
-        .await
-        .expect("get config")
-        .json()
-        .await
-        .expect("json");
+    let get = client.get(format!("{root}/_fake/config"));
+    let fetched: FakeConfig = fetch_json(get, "get config").await;
     assert_eq!(fetched, fake.config());
 
     let bad = client
@@ -46,51 +34,30 @@ async fn control_api_round_trip() {
         .expect("put config");
     assert_eq!(bad.status(), 400);
 
-    let script: Vec<Outcome> = client
-        .post(format!("{root}/_fake/script"))
-        .json(&json!([{"kind": "rate_limited", "retry_after": "Wed, 21 Oct 2037 07:28:00 GMT"}, {"kind": "ok"}]))
-        .send()
-        .await
-        .expect("post script")
-        .json()
-        .await
-        .expect("json");
+    let script = json!([{"kind": "rate_limited", "retry_after": "Wed, 21 Oct 2037 07:28:00 GMT"}, {"kind": "ok"}]);
+    let post = client.post(format!("{root}/_fake/script")).json(&script);
+    let script: Vec<Outcome> = fetch_json(post, "post script").await;
     assert_eq!(script.len(), 2);
 
-    let response = post_chat(&client, &fake, &chat_body("x", false, false))
-        .await
-        .expect("chat");
-    assert_eq!(response.status(), 429);
+    let response = answered(&client, &fake, &ask("x"), 429).await;
     assert_eq!(
         response.headers()["retry-after"],
         "Wed, 21 Oct 2037 07:28:00 GMT"
     );
-    let response = post_chat(&client, &fake, &chat_body("x", false, false))
-        .await
-        .expect("chat");
-    let answer: Value = response.json().await.expect("json");
+    let answer = json_body(answered(&client, &fake, &ask("x"), 200).await).await;
     assert_eq!(
         answer["choices"][0]["message"]["content"],
         "lorem ipsum dolor"
     );
 
-    let records: Vec<RecordedRequest> = client
-        .get(format!("{root}/_fake/requests"))
-        .send()
-        .await
-        .expect("get requests")
-        .json()
-        .await
-        .expect("json");
+    let get = client.get(format!("{root}/_fake/requests"));
+    let records: Vec<RecordedRequest> = fetch_json(get, "get requests").await;
     assert_eq!(records.len(), 2);
     assert_eq!(records[0].outcome, "rate_limited");
     assert!(records[0].seq < records[1].seq);
     assert_eq!(
         records[1].messages,
-        chat_body("x", false, false)["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        ask("x")["messages"].as_array().cloned().unwrap_or_default()
     );
 
     let cleared = client
@@ -116,14 +83,8 @@ async fn health_models_and_invalid_script() {
     assert_eq!(health.status(), 200);
     assert_eq!(health.text().await.expect("text"), "ok");
 
-    let models: Value = client
-        .get(format!("{}/models", fake.base_url()))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let get = client.get(format!("{}/models", fake.base_url()));
+    let models: Value = fetch_json(get, "models").await;
     assert_eq!(models["object"], "list");
     assert!(models["data"].as_array().is_some_and(|d| !d.is_empty()));
 
@@ -149,9 +110,7 @@ async fn wait_for_requests_wakes_on_arrival_and_times_out() {
     let (records, response) =
         tokio::join!(fake.wait_for_requests(2, Duration::from_secs(10)), async {
             let client = client();
-            post_chat(&client, &fake, &chat_body("a", false, false))
-                .await
-                .expect("chat");
+            post_chat(&client, &fake, &ask("a")).await.expect("chat");
             post_chat(&client, &fake, &chat_body("b", true, false)).await
         });
     assert_eq!(response.expect("chat").status(), 200);
@@ -161,22 +120,12 @@ async fn wait_for_requests_wakes_on_arrival_and_times_out() {
 
 #[tokio::test]
 async fn shutdown_ends_hanging_requests() {
-    let fake = start(FakeConfig {
-        always: Some(Outcome::Hang),
-        ..FakeConfig::default()
-    })
-    .await;
+    let fake = start(always(Outcome::Hang)).await;
     let client = client();
     let pending = {
         let url = format!("{}/chat/completions", fake.base_url());
         let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&chat_body("h", false, false))
-                .send()
-                .await
-        })
+        tokio::spawn(async move { client.post(url).json(&ask("h")).send().await })
     };
     fake.wait_for_requests(1, Duration::from_secs(5)).await;
     tokio::time::timeout(Duration::from_secs(5), fake.shutdown())

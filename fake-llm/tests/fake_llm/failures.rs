@@ -1,12 +1,11 @@
 //! Black-box tests of failure injection over real HTTP: scripted 429/500/400, hangs, always, fail_rate.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 use aichat_fake_llm::{FakeConfig, Outcome};
-use common::{chat_body, client, post_chat, start};
-use serde_json::Value;
+use common::{always, answered, ask, chat_body, client, json_body, post_chat, start};
 
 #[tokio::test]
 async fn scripted_rate_limit_has_retry_after_then_recovers() {
@@ -18,31 +17,22 @@ async fn scripted_rate_limit_has_retry_after_then_recovers() {
         Outcome::InsufficientQuota,
     ]);
     let client = client();
-    let body = chat_body("hi", false, false);
+    let body = ask("hi");
 
-    let response = post_chat(&client, &fake, &body)
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 429);
+    let response = answered(&client, &fake, &body, 429).await;
     assert_eq!(response.headers()["retry-after"], "7");
-    let error: Value = response.json().await.expect("json body");
+    let error = json_body(response).await;
     assert_eq!(error["error"]["type"], "requests");
     assert_eq!(error["error"]["code"], "rate_limit_exceeded");
     assert!(error["error"]["message"].is_string());
     assert!(error["error"]["param"].is_null());
 
-    let response = post_chat(&client, &fake, &body)
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 429);
+    let response = answered(&client, &fake, &body, 429).await;
     assert!(response.headers().get("retry-after").is_none());
-    let error: Value = response.json().await.expect("json body");
+    let error = json_body(response).await;
     assert_eq!(error["error"]["code"], "insufficient_quota");
 
-    let response = post_chat(&client, &fake, &body)
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 200);
+    answered(&client, &fake, &body, 200).await;
     let outcomes: Vec<String> = fake.requests().into_iter().map(|r| r.outcome).collect();
     assert_eq!(outcomes, ["rate_limited", "insufficient_quota", "ok"]);
     assert_eq!(fake.requests()[0].usage, None);
@@ -55,18 +45,10 @@ async fn scripted_server_error_and_bad_request() {
     let client = client();
     let body = chat_body("hi", true, true);
 
-    let response = post_chat(&client, &fake, &body)
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 500);
-    let error: Value = response.json().await.expect("json body");
+    let error = json_body(answered(&client, &fake, &body, 500).await).await;
     assert_eq!(error["error"]["type"], "server_error");
 
-    let response = post_chat(&client, &fake, &body)
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 400);
-    let error: Value = response.json().await.expect("json body");
+    let error = json_body(answered(&client, &fake, &body, 400).await).await;
     assert_eq!(error["error"]["type"], "invalid_request_error");
 }
 
@@ -78,15 +60,12 @@ async fn hang_makes_the_client_time_out_and_the_server_keeps_serving() {
         .timeout(Duration::from_millis(300))
         .build()
         .expect("client builds");
-    let error = post_chat(&impatient, &fake, &chat_body("hi", false, false))
+    let error = post_chat(&impatient, &fake, &ask("hi"))
         .await
         .expect_err("the hung request times out");
     assert!(error.is_timeout(), "{error}");
 
-    let response = post_chat(&client(), &fake, &chat_body("again", false, false))
-        .await
-        .expect("request succeeds");
-    assert_eq!(response.status(), 200);
+    answered(&client(), &fake, &ask("again"), 200).await;
     let outcomes: Vec<String> = fake.requests().into_iter().map(|r| r.outcome).collect();
     assert_eq!(outcomes, ["hang", "ok"]);
 }
@@ -95,16 +74,12 @@ async fn hang_makes_the_client_time_out_and_the_server_keeps_serving() {
 async fn hang_is_bounded_by_hang_ms() {
     let fake = start(FakeConfig {
         hang_ms: 200,
-        always: Some(Outcome::Hang),
-        ..FakeConfig::default()
+        ..always(Outcome::Hang)
     })
     .await;
     let started = Instant::now();
-    let response = post_chat(&client(), &fake, &chat_body("hi", false, false))
-        .await
-        .expect("request succeeds");
+    answered(&client(), &fake, &ask("hi"), 504).await;
     assert!(started.elapsed() >= Duration::from_millis(200));
-    assert_eq!(response.status(), 504);
 }
 
 #[tokio::test]
@@ -112,24 +87,17 @@ async fn slow_outcome_overrides_latency() {
     let fake = start(FakeConfig::default()).await;
     fake.push_script([Outcome::Slow { latency_ms: 250 }]);
     let started = Instant::now();
-    let response = post_chat(&client(), &fake, &chat_body("hi", false, false))
-        .await
-        .expect("request succeeds");
+    answered(&client(), &fake, &ask("hi"), 200).await;
     assert!(started.elapsed() >= Duration::from_millis(250));
-    assert_eq!(response.status(), 200);
     assert_eq!(fake.requests()[0].outcome, "slow");
 }
 
 #[tokio::test]
 async fn always_applies_once_the_script_is_empty() {
-    let fake = start(FakeConfig {
-        always: Some(Outcome::ServerError),
-        ..FakeConfig::default()
-    })
-    .await;
+    let fake = start(always(Outcome::ServerError)).await;
     fake.push_script([Outcome::Ok]);
     let client = client();
-    let body = chat_body("hi", false, false);
+    let body = ask("hi");
     let statuses = [
         post_chat(&client, &fake, &body).await.expect("ok").status(),
         post_chat(&client, &fake, &body).await.expect("ok").status(),
@@ -152,7 +120,7 @@ async fn fail_rate_is_reproducible_for_a_seed() {
         let client = client();
         let mut statuses = Vec::new();
         for _ in 0..30 {
-            let response = post_chat(&client, &fake, &chat_body("hi", false, false))
+            let response = post_chat(&client, &fake, &ask("hi"))
                 .await
                 .expect("request succeeds");
             statuses.push(response.status().as_u16());

@@ -1,5 +1,7 @@
 //! Compatibility tests: the real async-openai 0.43 client against the fake, streaming and not, plus errors.
 
+use crate::common;
+
 use std::time::Duration;
 
 use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome, Usage};
@@ -9,10 +11,11 @@ use async_openai::{
     error::OpenAIError,
     types::chat::{
         ChatCompletionRequestSystemMessageArgs, ChatCompletionRequestUserMessageArgs,
-        ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
-        FinishReason, Role,
+        ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
+        CreateChatCompletionRequestArgs, FinishReason, Role,
     },
 };
+use common::start;
 use futures::StreamExt;
 
 fn client_for(fake: &FakeLlm) -> Client<OpenAIConfig> {
@@ -46,18 +49,29 @@ fn request(user: &str, stream: bool) -> CreateChatCompletionRequest {
     args.build().expect("request")
 }
 
-fn expected_usage(user: &str) -> Usage {
-    Usage::for_exchange(
+/// Asserts that the client read the token counts the fake reports for a question `user`.
+fn assert_usage(usage: &CompletionUsage, user: &str) {
+    let expected = Usage::for_exchange(
         ["You are a helpful assistant.", user],
         &format!("Echo: {user}"),
-    )
+    );
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens
+        ),
+        (
+            expected.prompt_tokens,
+            expected.completion_tokens,
+            expected.total_tokens
+        )
+    );
 }
 
 #[tokio::test]
 async fn create_parses_content_and_usage() {
-    let fake = FakeLlm::start(FakeConfig::default())
-        .await
-        .expect("fake starts");
+    let fake = start(FakeConfig::default()).await;
     let response = client_for(&fake)
         .chat()
         .create(request("how are you today", false))
@@ -73,32 +87,18 @@ async fn create_parses_content_and_usage() {
         Some("Echo: how are you today")
     );
     assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
-    let usage = response.usage.expect("usage present");
-    let expected = expected_usage("how are you today");
-    assert_eq!(
-        (
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.total_tokens
-        ),
-        (
-            expected.prompt_tokens,
-            expected.completion_tokens,
-            expected.total_tokens
-        )
-    );
+    assert_usage(&response.usage.expect("usage present"), "how are you today");
     let records = fake.requests();
     assert_eq!(records[0].api_key.as_deref(), Some("test"));
 }
 
 #[tokio::test]
 async fn create_stream_parses_chunks_and_final_usage() {
-    let fake = FakeLlm::start(FakeConfig {
+    let fake = start(FakeConfig {
         chunk_delay_ms: 1,
         ..FakeConfig::default()
     })
-    .await
-    .expect("fake starts");
+    .await;
     let mut stream = client_for(&fake)
         .chat()
         .create_stream(request("stream me some words", true))
@@ -126,29 +126,14 @@ async fn create_stream_parses_chunks_and_final_usage() {
     assert_eq!(finish, Some(FinishReason::Stop));
     // role + 5 words + finish + usage
     assert_eq!(chunks, 8);
-    let usage = usage.expect("final usage chunk");
-    let expected = expected_usage("stream me some words");
-    assert_eq!(
-        (
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.total_tokens
-        ),
-        (
-            expected.prompt_tokens,
-            expected.completion_tokens,
-            expected.total_tokens
-        )
-    );
+    assert_usage(&usage.expect("final usage chunk"), "stream me some words");
     let records = fake.wait_for_requests(1, Duration::from_secs(5)).await;
     assert!(records[0].stream && records[0].include_usage);
 }
 
 #[tokio::test]
 async fn error_bodies_parse_as_api_errors() {
-    let fake = FakeLlm::start(FakeConfig::default())
-        .await
-        .expect("fake starts");
+    let fake = start(FakeConfig::default()).await;
     let client = client_for(&fake);
 
     // The client's built-in retry layer honours `Retry-After: 0` and succeeds on the retry,

@@ -4,11 +4,20 @@
 
 use std::time::Duration;
 
-use aichat_fake_llm::{FakeConfig, FakeLlm};
+use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub async fn start(config: FakeConfig) -> FakeLlm {
     FakeLlm::start(config).await.expect("fake starts")
+}
+
+/// The default configuration, answering every call with `outcome` once the script is empty.
+pub fn always(outcome: Outcome) -> FakeConfig {
+    FakeConfig {
+        always: Some(outcome),
+        ..FakeConfig::default()
+    }
 }
 
 pub fn client() -> reqwest::Client {
@@ -34,6 +43,11 @@ pub fn chat_body(user: &str, stream: bool, include_usage: bool) -> Value {
     body
 }
 
+/// A plain chat request: `user` after a system message, not streamed.
+pub fn ask(user: &str) -> Value {
+    chat_body(user, false, false)
+}
+
 pub async fn post_chat(
     client: &reqwest::Client,
     fake: &FakeLlm,
@@ -45,6 +59,31 @@ pub async fn post_chat(
         .json(body)
         .send()
         .await
+}
+
+/// POSTs `body` to the fake's chat completions and insists on an answer with `status`.
+pub async fn answered(
+    client: &reqwest::Client,
+    fake: &FakeLlm,
+    body: &Value,
+    status: u16,
+) -> reqwest::Response {
+    let response = post_chat(client, fake, body)
+        .await
+        .expect("request succeeds");
+    assert_eq!(response.status(), status, "{body}");
+    response
+}
+
+/// The JSON body of `response`.
+pub async fn json_body(response: reqwest::Response) -> Value {
+    response.json().await.expect("json body")
+}
+
+/// Sends `request` (`what` names it) and reads its answer as JSON.
+pub async fn fetch_json<T: DeserializeOwned>(request: reqwest::RequestBuilder, what: &str) -> T {
+    let response = request.send().await.expect(what);
+    response.json().await.expect("json")
 }
 
 /// Parses an SSE body into the JSON of each `data:` event, checking it ends with `[DONE]`.
