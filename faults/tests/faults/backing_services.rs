@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use aichat_fake_llm::FakeConfig;
 use aichat_faults::{
-    Client, DEFAULT_CONTEXT, Env, HEAVY, PrivateRedis, WsCollector, epoch_now, fake_with_latency,
-    one_decimal, quantile, report, secs, with_sweeper, worker_metric, ws_connect,
+    Client, DEFAULT_CONTEXT, Env, HEAVY, PrivateRedis, WsCollector, epoch_now, eventually,
+    fake_with_latency, one_decimal, quantile, report, secs, with_sweeper, worker_metric,
+    ws_connect,
 };
+use aichat_shared::keys::Namespace;
+use redis::AsyncCommands;
 use reqwest::StatusCode;
 
 use crate::send_load::{steady_load, tally};
@@ -106,8 +109,31 @@ async fn redis_down_for_10_s_loses_and_duplicates_nothing() {
     let settled_after = back_at.elapsed();
     audit.assert_answered_once(&all);
     // Replies announced on the sockets: never twice (those published while Redis was down
-    // are gone; clients catch up with `?after_id=`).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // are gone; clients catch up with `?after_id=`). Counted once every run has announced
+    // (no announcement marker left: a marker goes with its PUBLISH, in one script) and each
+    // socket has received a marker published after that, so nothing is still on its way.
+    let keys = Namespace::new(env.ns.clone());
+    let mut conn = env.redis().await;
+    eventually(Duration::from_secs(10), "every announcement made", || {
+        let mut conn = conn.clone();
+        let pattern = keys.all_pending_announcements();
+        async move {
+            let left: Vec<String> = conn.keys(pattern).await.ok()?;
+            left.is_empty().then_some(())
+        }
+    })
+    .await;
+    for (chat, socket) in chats.iter().zip(&sockets) {
+        let marker = format!("after-{chat}");
+        let event = serde_json::json!({"type": "test_marker", "id": marker}).to_string();
+        let _: i64 = conn
+            .publish(keys.chat_channel(*chat), event)
+            .await
+            .expect("publish the marker");
+        socket
+            .wait_for(Duration::from_secs(10), "the marker", |e| e["id"] == marker)
+            .await;
+    }
     let mut announced_twice = Vec::new();
     let mut announced = 0;
     for socket in &sockets {
