@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use crate::error::ApiError;
 
 /// The route templates (`/api/chats/{id}/`) that end with a slash.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct SlashedRoutes(Vec<Vec<String>>);
 
 impl SlashedRoutes {

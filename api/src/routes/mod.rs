@@ -77,18 +77,21 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// The whole application router (state still to be supplied).
 pub fn router() -> Router<AppState> {
     let (api, openapi) = api();
-    let slashed = SlashedRoutes::new(openapi.paths.paths.keys().map(String::as_str).chain([
-        "/api/docs/",
-        "/api/redoc/",
-        "/admin/",
-    ]));
+    // Shared, not copied: axum clones a handler for every request it serves.
+    let slashed = std::sync::Arc::new(SlashedRoutes::new(
+        openapi.paths.paths.keys().map(String::as_str).chain([
+            "/api/docs/",
+            "/api/redoc/",
+            "/admin/",
+        ]),
+    ));
     api.merge(SwaggerUi::new("/api/docs").url("/api/schema/", openapi))
         .route("/api/redoc/", get(redoc))
         .route("/api/redoc/redoc.standalone.js", get(redoc_js))
         .merge(web::router())
         .fallback(move |method: Method, uri: Uri| {
-            let slashed = slashed.clone();
-            async move { slashed.answer(&method, &uri) }
+            let response = slashed.answer(&method, &uri);
+            async move { response }
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
