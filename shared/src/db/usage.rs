@@ -10,18 +10,6 @@ use crate::error::Result;
 /// One user's totals: overall, per model and per UTC day (newest day first).
 #[tracing::instrument(skip(conn))]
 pub async fn usage_for_user(conn: &mut PgConnection, user_id: i64) -> Result<Usage> {
-    let total = sqlx::query_as!(
-        TokenTotals,
-        r#"select coalesce(sum(m.prompt_tokens), 0)::bigint as "prompt_tokens!",
-                  coalesce(sum(m.completion_tokens), 0)::bigint as "completion_tokens!",
-                  coalesce(sum(m.total_tokens), 0)::bigint as "total_tokens!",
-                  count(*) as "message_count!"
-           from ai_messages m join ai_chats a on a.id = m.ai_chat_id
-           where a.user_id = $1 and m.role = 'assistant'"#,
-        user_id,
-    )
-    .fetch_one(&mut *conn)
-    .await?;
     let by_model = sqlx::query!(
         r#"select coalesce(m.model, 'unknown') as "model!",
                   coalesce(sum(m.prompt_tokens), 0)::bigint as "prompt_tokens!",
@@ -66,6 +54,15 @@ pub async fn usage_for_user(conn: &mut PgConnection, user_id: i64) -> Result<Usa
     })
     .fetch_all(&mut *conn)
     .await?;
+    // The overall totals are the sum of the per-model ones: no third pass over the rows.
+    let total = by_model
+        .iter()
+        .fold(TokenTotals::default(), |sum, model| TokenTotals {
+            prompt_tokens: sum.prompt_tokens + model.totals.prompt_tokens,
+            completion_tokens: sum.completion_tokens + model.totals.completion_tokens,
+            total_tokens: sum.total_tokens + model.totals.total_tokens,
+            message_count: sum.message_count + model.totals.message_count,
+        });
     Ok(Usage {
         total,
         by_model,
