@@ -7,20 +7,18 @@
 //! all of its slots up front (256 × 64 bytes = 16 KiB per chat), while an `mpsc` queue grows
 //! in blocks of 32 as events wait in it. AI chats are private, so most chats have one socket,
 //! whose idle memory a per-chat ring would dominate.
+use axum::extract::ws::Utf8Bytes;
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
-use axum::extract::ws::Utf8Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc};
 
-use aichat_shared::backoff::Backoff;
 use aichat_shared::keys::Namespace;
 use aichat_shared::lock::lock;
+use aichat_shared::redis_conn::{self, value_text};
 
 use crate::revocation::{self, Revocation};
 
@@ -67,17 +65,6 @@ impl Inner {
     }
 }
 
-/// The RESP3 form of a Redis URL: pub/sub over a `ConnectionManager` needs it.
-fn resp3_url(url: &str) -> String {
-    if url.contains("protocol=") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&protocol=resp3")
-    } else {
-        format!("{url}?protocol=resp3")
-    }
-}
-
 impl Hub {
     /// Connects the pub/sub connection and starts the task that routes its messages.
     /// `capacity` bounds each subscriber's queue: one that falls further behind is cut off.
@@ -87,16 +74,7 @@ impl Hub {
         capacity: usize,
         on_revocation: RevocationHook,
     ) -> redis::RedisResult<Hub> {
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let client = redis::Client::open(resp3_url(url))?;
-        let config = ConnectionManagerConfig::new()
-            .set_push_sender(push_tx)
-            .set_automatic_resubscription()
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
-        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        let (mut conn, push_rx) = redis_conn::connect_pubsub(url).await?;
         conn.subscribe(ns.revocations()).await?;
         let (revocations, _) = broadcast::channel(revocation::CHANNEL_CAPACITY);
         let inner = Arc::new(Inner {
@@ -268,32 +246,13 @@ async fn route_pushes(hub: std::sync::Weak<Inner>, mut pushes: mpsc::UnboundedRe
             }
             PushKind::Disconnection => {
                 tracing::warn!("pub/sub connection to Redis lost; reconnecting");
-                tokio::spawn(reconnect(Arc::downgrade(&inner)));
+                let hub = Arc::downgrade(&inner);
+                tokio::spawn(redis_conn::reconnect(move || {
+                    hub.upgrade().map(|inner| inner.conn.clone())
+                }));
             }
             _ => {}
         }
-    }
-}
-
-/// Between pings of a lost pub/sub connection: 100 ms doubling up to 2 s.
-const RECONNECT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-
-async fn reconnect(hub: std::sync::Weak<Inner>) {
-    let mut failures = 0u32;
-    loop {
-        let Some(inner) = hub.upgrade() else { return };
-        let mut conn = inner.conn.clone();
-        drop(inner);
-        if redis::cmd("PING")
-            .query_async::<Value>(&mut conn)
-            .await
-            .is_ok()
-        {
-            tracing::info!("pub/sub connection to Redis is back");
-            return;
-        }
-        failures = failures.saturating_add(1);
-        tokio::time::sleep(RECONNECT_BACKOFF.ceiling(failures)).await;
     }
 }
 
@@ -314,30 +273,9 @@ fn is_revocation(ns: &Namespace, data: &[Value]) -> bool {
         .is_some_and(|channel| channel == ns.revocations())
 }
 
-fn value_text(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn resp3_is_requested_once() {
-        assert_eq!(resp3_url("redis://h:1"), "redis://h:1?protocol=resp3");
-        assert_eq!(
-            resp3_url("redis://h:1/?db=2"),
-            "redis://h:1/?db=2&protocol=resp3"
-        );
-        assert_eq!(
-            resp3_url("redis://h?protocol=resp3"),
-            "redis://h?protocol=resp3"
-        );
-    }
 
     #[test]
     fn messages_are_routed_by_the_chat_id_in_the_channel() {

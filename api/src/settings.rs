@@ -91,6 +91,10 @@ pub struct Settings {
     /// Longest `send_message?wait=N`, in seconds (`?wait=true` waits this long).
     #[arg(long, env = "MAX_WAIT_SECS", default_value_t = 60)]
     pub max_wait_secs: u64,
+    /// Longest a stop request (`POST /api/ai/messages/{id}/stop/`) waits for the worker to save
+    /// the stopped reply before it answers 202 (the stop still happens).
+    #[arg(long, env = "STOP_WAIT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub stop_wait_secs: u64,
     /// Reverse proxies (addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For`
     /// names the client; from any other peer the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', num_args = 0..)]

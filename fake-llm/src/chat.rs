@@ -13,6 +13,7 @@ use futures::{StreamExt, stream};
 
 use crate::{
     config::Outcome,
+    delivery::StreamDelivery,
     protocol::{self, ChatRequest, Completion, DONE_FRAME},
     state::FakeState,
     tokens::{Usage, reply_text, split_word_chunks},
@@ -43,9 +44,15 @@ pub(crate) async fn chat_completions(
         stream = request.stream,
         "chat completion"
     );
+    // Held from here so a client leaving during latency or a hang also counts as a hang-up.
+    let delivery = request
+        .stream
+        .then(|| StreamDelivery::new(state.clone(), seq));
 
     let latency_ms = match &outcome {
-        Outcome::Hang => return hang(&state, config.hang_ms).await,
+        Outcome::Hang => {
+            return answered_without_stream(delivery, hang(&state, config.hang_ms).await);
+        }
         Outcome::Slow { latency_ms } => *latency_ms,
         _ => config.latency_ms,
     };
@@ -53,7 +60,7 @@ pub(crate) async fn chat_completions(
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
     }
 
-    match outcome {
+    let response = match outcome {
         Outcome::RateLimited { retry_after } => protocol::rate_limited(&retry_after),
         Outcome::InsufficientQuota => protocol::insufficient_quota(),
         Outcome::ServerError => protocol::server_error(),
@@ -66,21 +73,32 @@ pub(crate) async fn chat_completions(
                 created: unix_secs(),
                 model: request.model,
             };
-            if request.stream {
-                let delay = Duration::from_millis(config.chunk_delay_ms);
-                stream_response(
-                    &state,
-                    &completion,
-                    &reply,
-                    usage,
-                    request.include_usage,
-                    delay,
-                )
-            } else {
-                Json(completion.body(&reply, usage)).into_response()
+            match delivery {
+                Some(delivery) => {
+                    let delay = Duration::from_millis(config.chunk_delay_ms);
+                    return stream_response(
+                        &state,
+                        &completion,
+                        &reply,
+                        usage,
+                        request.include_usage,
+                        delay,
+                        delivery,
+                    );
+                }
+                None => Json(completion.body(&reply, usage)).into_response(),
             }
         }
+    };
+    answered_without_stream(delivery, response)
+}
+
+/// Closes the delivery record of a `stream: true` request that got a plain answer instead.
+fn answered_without_stream(delivery: Option<StreamDelivery>, response: Response) -> Response {
+    if let Some(delivery) = delivery {
+        delivery.answered_without_stream();
     }
+    response
 }
 
 /// Never answers on its own; hyper drops this future when the client disconnects.
@@ -98,6 +116,16 @@ async fn hang(state: &FakeState, hang_ms: u64) -> Response {
     )
 }
 
+/// One SSE event of a stream, by what it counts as.
+enum Event {
+    /// Role, finish and usage chunks: sent at once, not counted.
+    Other(String),
+    /// A word of the reply: sent after `chunk_delay_ms`, counted in `chunks_sent`.
+    Content(String),
+    /// `data: [DONE]`: once handed over, the client has had the whole stream.
+    Done,
+}
+
 fn stream_response(
     state: &FakeState,
     completion: &Completion,
@@ -105,28 +133,44 @@ fn stream_response(
     usage: Usage,
     include_usage: bool,
     delay: Duration,
+    delivery: StreamDelivery,
 ) -> Response {
     let frames = completion.stream_frames(&split_word_chunks(reply), usage, include_usage);
-    let mut timed: Vec<(Duration, String)> = Vec::with_capacity(frames.words.len() + 4);
-    timed.push((Duration::ZERO, frames.role));
-    timed.extend(frames.words.into_iter().map(|frame| (delay, frame)));
-    timed.push((Duration::ZERO, frames.finish));
-    timed.extend(frames.usage.map(|frame| (Duration::ZERO, frame)));
-    timed.push((Duration::ZERO, DONE_FRAME.to_owned()));
+    let mut events: Vec<Event> = Vec::with_capacity(frames.words.len() + 4);
+    events.push(Event::Other(frames.role));
+    events.extend(frames.words.into_iter().map(Event::Content));
+    events.push(Event::Other(frames.finish));
+    events.extend(frames.usage.map(Event::Other));
+    events.push(Event::Done);
 
     let shutdown = Box::pin(state.shutdown_requested());
+    // `delivery` lives in the stream's state: hyper dropping the body (client gone) or the
+    // stream returning `None` (finished, or cut by shutdown) drops it and updates the record.
     let body = stream::unfold(
-        (timed.into_iter(), shutdown),
-        |(mut frames, mut shutdown)| async move {
-            let (delay, frame) = frames.next()?;
-            if !delay.is_zero() {
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    // Cut slow streams short so graceful shutdown is not held up by them.
-                    () = &mut shutdown => return None,
+        (events.into_iter(), shutdown, delivery),
+        move |(mut events, mut shutdown, mut delivery)| async move {
+            let frame = match events.next()? {
+                Event::Other(frame) => frame,
+                Event::Content(frame) => {
+                    if !delay.is_zero() {
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            // Cut slow streams short so graceful shutdown is not held up by them.
+                            () = &mut shutdown => {
+                                delivery.cut_by_shutdown();
+                                return None;
+                            }
+                        }
+                    }
+                    delivery.sent_content_chunk();
+                    frame
                 }
-            }
-            Some((Bytes::from(frame), (frames, shutdown)))
+                Event::Done => {
+                    delivery.sent_done();
+                    DONE_FRAME.to_owned()
+                }
+            };
+            Some((Bytes::from(frame), (events, shutdown, delivery)))
         },
     )
     .map(Ok::<_, Infallible>);

@@ -8,7 +8,9 @@
 //! when [`FakeConfig::reply_words`] is set, that many words cycling through a lorem-ipsum list.
 //! Streams send a role chunk, one chunk per word (keeping its trailing whitespace, so the
 //! chunks concatenate to the reply), a `finish_reason: "stop"` chunk, the usage chunk
-//! (`choices: []`) when `stream_options.include_usage` is true, then `data: [DONE]`.
+//! (`choices: []`) when `stream_options.include_usage` is true, then `data: [DONE]`. Each
+//! word chunk waits [`FakeConfig::chunk_delay_ms`] first, so `reply_words: 200` with
+//! `chunk_delay_ms: 50` streams for ten seconds.
 //!
 //! # Token accounting
 //! A "token" is a whitespace-separated word ([`count_words_tokens`]):
@@ -25,7 +27,12 @@
 //!
 //! # HTTP endpoints
 //! - `POST /v1/chat/completions` (also `/chat/completions`), `GET /v1/models`, `GET /healthz`
-//! - `GET|DELETE /_fake/requests`: the [`RecordedRequest`] log
+//! - `GET|DELETE /_fake/requests`: the [`RecordedRequest`] log. A record is written when a
+//!   request arrives; for `stream: true` it is updated once the response is over:
+//!   `stream_ended` becomes true, `client_hung_up` says whether the client closed the connection
+//!   (or dropped the response) before `data: [DONE]` was sent, and `chunks_sent` how many
+//!   content (word) chunks were handed to the connection. [`FakeLlm::wait_until`] and
+//!   [`FakeLlm::wait_for_hang_up`] wake on every change of the log, record updates included.
 //! - `GET|PUT /_fake/config`: PUT takes any subset of [`FakeConfig`] fields, returns the full config
 //! - `GET|POST|DELETE /_fake/script`: POST appends an outcome or an array of outcomes
 
@@ -33,6 +40,7 @@ mod chat;
 pub mod cli;
 mod config;
 mod control;
+mod delivery;
 mod protocol;
 mod rng;
 mod server;

@@ -119,6 +119,22 @@ impl FakeLlm {
         self.state.wait_for_requests(n, timeout).await
     }
 
+    /// Waits (event-driven) until `done` holds for the request log; it is re-checked on every
+    /// change (a new record, a stream ending, clearing). Returns that log, `None` on timeout.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl FnMut(&[RecordedRequest]) -> bool,
+    ) -> Option<Vec<RecordedRequest>> {
+        self.state.wait_until(timeout, done).await
+    }
+
+    /// Waits (event-driven) for the first streamed request whose client hung up mid-response
+    /// ([`RecordedRequest::client_hung_up`]); `None` if there is none within `timeout`.
+    pub async fn wait_for_hang_up(&self, timeout: Duration) -> Option<RecordedRequest> {
+        self.state.wait_for_hang_up(timeout).await
+    }
+
     /// Graceful stop: hangs answer at once, streams are cut, then in-flight responses finish.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.state.trigger_shutdown();

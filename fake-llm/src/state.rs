@@ -42,6 +42,23 @@ pub struct RecordedRequest {
     /// Every other top-level request field (temperature, max_tokens, stream_options, ...).
     #[serde(default)]
     pub params: Map<String, Value>,
+    /// `stream: true` only: the response is over, whichever way (`[DONE]` sent, client gone,
+    /// server shut down, or an injected failure answered instead); `client_hung_up` and
+    /// `chunks_sent` are final from then on. Always false when `stream` is false.
+    #[serde(default)]
+    pub stream_ended: bool,
+    /// `stream: true` only: the client closed the connection (or dropped the response) before
+    /// the server handed `data: [DONE]` to it, be it mid-stream or before the first byte (during
+    /// latency or a hang). False for a stream delivered completely, a stream cut by shutdown,
+    /// an injected failure answered in full, and every non-streamed request.
+    #[serde(default)]
+    pub client_hung_up: bool,
+    /// Content chunks of the reply (one per word, not counting the role, finish, usage and
+    /// `[DONE]` events) handed to the connection before the stream ended; the chunk in flight
+    /// when the client left is counted, so the client may have received one fewer. All of them
+    /// (`usage.completion_tokens`) for a complete stream; 0 for non-streamed requests.
+    #[serde(default)]
+    pub chunks_sent: u32,
 }
 
 /// Handle on the fake's state; cheap to clone, shared by the router and [`crate::FakeLlm`].
@@ -141,19 +158,45 @@ impl FakeState {
 
     /// Waits until at least `n` requests are recorded or `timeout` passes, then returns them all.
     pub async fn wait_for_requests(&self, n: usize, timeout: Duration) -> Vec<RecordedRequest> {
-        // Subscribing before the first check means no record can slip in unnoticed.
+        self.wait_until(timeout, |records| records.len() >= n)
+            .await
+            .unwrap_or_else(|| self.requests())
+    }
+
+    /// Waits until `done` holds for the request log, re-checking on every change of it (a new
+    /// record, a stream ending, clearing); returns the log that satisfied it, `None` on timeout.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[RecordedRequest]) -> bool,
+    ) -> Option<Vec<RecordedRequest>> {
+        // Subscribing before the first check means no change can slip in unnoticed.
         let mut changes = self.inner.changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let records = self.requests();
-            if records.len() >= n {
-                return records;
+            if done(&records) {
+                return Some(records);
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return self.requests(),
+            if !matches!(
+                tokio::time::timeout_at(deadline, changes.changed()).await,
+                Ok(Ok(()))
+            ) {
+                let records = self.requests();
+                return done(&records).then_some(records);
             }
         }
+    }
+
+    /// Waits until a recorded streamed request has [`RecordedRequest::client_hung_up`] and
+    /// returns the first such record, `None` if none appears within `timeout`.
+    pub async fn wait_for_hang_up(&self, timeout: Duration) -> Option<RecordedRequest> {
+        let hung_up =
+            |records: &[RecordedRequest]| records.iter().find(|r| r.client_hung_up).cloned();
+        let records = self
+            .wait_until(timeout, |records| hung_up(records).is_some())
+            .await?;
+        hung_up(&records)
     }
 
     /// Picks the outcome of the next request: script first, then `always`, then `fail_rate`.
@@ -201,6 +244,9 @@ impl FakeState {
             usage,
             api_key: request.api_key.clone(),
             params: request.params.clone(),
+            stream_ended: false,
+            client_hung_up: false,
+            chunks_sent: 0,
         };
         {
             let mut records = lock(&self.inner.records);
@@ -211,6 +257,26 @@ impl FakeState {
         }
         self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
         seq
+    }
+
+    /// Writes how the streamed response of request `seq` ended into its record, unless the
+    /// record is gone already (cleared, or evicted by `max_recorded`).
+    pub(crate) fn end_stream(&self, seq: u64, chunks_sent: u32, client_hung_up: bool) {
+        let found = {
+            let mut records = lock(&self.inner.records);
+            // Records are (nearly) in `seq` order and a stream ends soon after its request.
+            let record = records.iter_mut().rev().find(|r| r.seq == seq);
+            record
+                .map(|record| {
+                    record.stream_ended = true;
+                    record.client_hung_up = client_hung_up;
+                    record.chunks_sent = chunks_sent;
+                })
+                .is_some()
+        };
+        if found {
+            self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     pub(crate) fn trigger_shutdown(&self) {

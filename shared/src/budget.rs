@@ -1,7 +1,7 @@
 //! Per-user daily token budgets, held in Redis so every API instance and worker shares them:
 //! the API reserves an estimate before the message is queued, the worker settles it to the
 //! real usage once the reply is saved (or releases it when the message fails).
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,33 @@ pub struct Reservation {
     pub key: String,
     /// Tokens reserved for this message.
     pub tokens: i64,
+    /// The UTC day of `key`, stored with the message so the reservation can be found again
+    /// from the message alone (`Reservation::of_message`). Absent in jobs queued before it
+    /// existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<NaiveDate>,
+}
+
+impl Reservation {
+    /// The reservation a message recorded (`budget_day`, `budget_tokens`), if it holds one.
+    pub fn of_message(
+        ns: &Namespace,
+        user_id: i64,
+        day: Option<NaiveDate>,
+        tokens: Option<i32>,
+    ) -> Option<Reservation> {
+        let (day, tokens) = (day?, tokens?);
+        Some(Reservation {
+            key: ns.budget(user_id, &day.format("%Y-%m-%d").to_string()),
+            tokens: i64::from(tokens),
+            day: Some(day),
+        })
+    }
+
+    /// The tokens as the message's `budget_tokens` column holds them.
+    pub fn stored_tokens(&self) -> i32 {
+        i32::try_from(self.tokens).unwrap_or(i32::MAX)
+    }
 }
 
 /// Reserves `tokens` if they fit under `budget`; the counter lives two days.
@@ -38,14 +65,19 @@ pub async fn reserve(
     budget: i64,
     now: DateTime<Utc>,
 ) -> Result<Option<Reservation>> {
-    let key = ns.budget(user_id, &now.format("%Y-%m-%d").to_string());
+    let day = now.date_naive();
+    let key = ns.budget(user_id, &day.format("%Y-%m-%d").to_string());
     let (admitted, _used): (i64, i64) = redis::Script::new(RESERVE)
         .key(&key)
         .arg(tokens)
         .arg(budget)
         .invoke_async(conn)
         .await?;
-    Ok((admitted == 1).then_some(Reservation { key, tokens }))
+    Ok((admitted == 1).then_some(Reservation {
+        key,
+        tokens,
+        day: Some(day),
+    }))
 }
 
 /// Replaces a reservation by what was really used (0 to release it).

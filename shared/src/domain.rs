@@ -95,10 +95,15 @@ pub enum Role {
 pub enum MessageStatus {
     /// A user message waiting for its reply.
     Queued,
-    /// A user message that has its reply.
+    /// A user message a worker has taken: the model is being asked (or the worker waits for
+    /// the shared rate limit). Clients that do not know it treat it like `queued`.
+    Answering,
+    /// A user message that has its reply (a stopped one included).
     Answered,
     /// A user message the model could not answer; `error` says why.
     Failed,
+    /// A user message its user stopped before the model was asked: it gets no reply.
+    Cancelled,
     /// Every assistant message.
     Complete,
 }
@@ -182,8 +187,10 @@ macro_rules! text_enum {
 text_enum!(Role, "role", { User => "user", Assistant => "assistant", System => "system" });
 text_enum!(MessageStatus, "status", {
     Queued => "queued",
+    Answering => "answering",
     Answered => "answered",
     Failed => "failed",
+    Cancelled => "cancelled",
     Complete => "complete",
 });
 
@@ -198,13 +205,17 @@ pub struct AiMessage {
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
     pub total_tokens: Option<i32>,
-    /// `queued`, `answered` or `failed` for user messages; `complete` for assistant messages.
+    /// `queued`, `answering`, `answered`, `failed` or `cancelled` for user messages;
+    /// `complete` for assistant messages.
     pub status: MessageStatus,
     /// Why a user message failed; null otherwise.
     pub error: Option<String>,
     pub model: Option<String>,
     /// For an assistant message: the user message it answers.
     pub reply_to: Option<i64>,
+    /// An assistant message its user stopped while it streamed: `content` is the text
+    /// generated until then. Always false on user messages.
+    pub stopped: bool,
 }
 
 /// What a user message asks of the completion job.

@@ -28,6 +28,9 @@ pub struct EventMessage {
     /// For an assistant message: the user message it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<i64>,
+    /// For an assistant message: whether its user stopped it while it streamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<bool>,
 }
 
 impl EventMessage {
@@ -39,6 +42,7 @@ impl EventMessage {
             timestamp: message.timestamp,
             usage: None,
             reply_to: None,
+            stopped: None,
         }
     }
 
@@ -50,6 +54,7 @@ impl EventMessage {
                 total_tokens: message.total_tokens,
             }),
             reply_to: message.reply_to,
+            stopped: Some(message.stopped),
             ..EventMessage::user(message)
         }
     }
@@ -74,6 +79,12 @@ pub enum ChatEvent {
         /// The user message that failed, when the error is about one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message_id: Option<i64>,
+    },
+    /// The user message was stopped before the model was asked: it is `cancelled` and gets
+    /// no reply. (A message stopped while its reply streamed gets an `assistant_message` with
+    /// `stopped: true` instead.)
+    MessageCancelled {
+        message_id: i64,
     },
     /// The catch-up of a socket opened with `?after_id=` stopped at its limit: the stored
     /// messages after `next_after_id` are to be read over REST
@@ -108,4 +119,15 @@ pub async fn publish_event(
     let payload = serde_json::to_string(event)?;
     let receivers: usize = conn.publish(ns.chat_channel(ai_chat_id), payload).await?;
     Ok(receivers)
+}
+
+/// Publishes a stop request for the user message `message_id` to every worker process, after
+/// it was recorded in the database (`db::stops::request_stop`); the worker answering it stops.
+pub async fn publish_stop_request(
+    conn: &mut ConnectionManager,
+    ns: &Namespace,
+    message_id: i64,
+) -> Result<()> {
+    let _receivers: usize = conn.publish(ns.stop_requests(), message_id).await?;
+    Ok(())
 }

@@ -148,6 +148,67 @@ impl JobQueue {
     }
 }
 
+/// Lost jobs followed per message before [`JobQueue::next_job_key`] gives up on it.
+const MAX_GENERATIONS: usize = 10;
+
+/// Where the chain of a message's jobs ends (`JobQueue::next_job_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextJob {
+    /// A job of the message is still alive (waiting, scheduled, or in a worker's hands): it
+    /// will run the message; pushing another would run it twice.
+    Alive,
+    /// No job of the message is alive: a new one goes under `key`, after `last` (the latest
+    /// job, done or dead or lost; `None` when the message never had one or its keys expired).
+    Push { key: String, last: Option<String> },
+    /// The message lost more jobs in a row than anyone should follow.
+    GaveUp,
+}
+
+impl JobQueue {
+    /// Follows the de-duplication keys of `message_id`'s jobs, oldest first: its first push
+    /// (`message:{id}`), then after each job a staff re-drive (`…:redrive:{task}`) or else a
+    /// rescue (`…:rescue:{task}`, also what a user's retry pushes). The keys are deterministic,
+    /// so two callers that find the same end push one job between them.
+    pub async fn next_job_key(&self, message_id: i64) -> Result<NextJob> {
+        let mut conn = self.conn.clone();
+        let idempotency = self.config.idempotency_key_set();
+        let mut key = self.message_job_key(message_id);
+        let mut last = None;
+        for _ in 0..MAX_GENERATIONS {
+            let task: Option<String> = conn.get(format!("{idempotency}:{key}")).await?;
+            let Some(task) = task else {
+                return Ok(NextJob::Push { key, last });
+            };
+            if self.alive(&task).await? {
+                return Ok(NextJob::Alive);
+            }
+            let redrive = self.redrive_job_key(message_id, &task);
+            let redriven: bool = conn.exists(format!("{idempotency}:{redrive}")).await?;
+            key = if redriven {
+                redrive
+            } else {
+                self.rescue_job_key(message_id, &task)
+            };
+            last = Some(task);
+        }
+        Ok(NextJob::GaveUp)
+    }
+
+    /// A job is alive while its data exists and it is neither done nor dead: it waits, is
+    /// scheduled for a retry, or is in some worker's hands (a dead worker's jobs come back to
+    /// the queue after the orphan window).
+    async fn alive(&self, task: &str) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let (exists, done, dead): (bool, bool, bool) = redis::pipe()
+            .hexists(self.config.job_data_hash(), task)
+            .sismember(self.config.done_jobs_set(), task)
+            .sismember(self.config.dead_jobs_set(), task)
+            .query_async(&mut conn)
+            .await?;
+        Ok(exists && !done && !dead)
+    }
+}
+
 /// How many completion jobs are in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueDepth {

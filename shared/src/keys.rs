@@ -75,6 +75,13 @@ impl Namespace {
         format!("{}:*", self.of_rows("announce"))
     }
 
+    /// The pub/sub channel on which stop requests reach every worker: the id of a user message
+    /// being answered whose user asked to stop it (`stop_requested_at` is set first, so a worker
+    /// that missed the message finds it in the database).
+    pub fn stop_requests(&self) -> String {
+        format!("{}:stop", self.of_rows("messages"))
+    }
+
     /// The pub/sub channel on which revoked sessions are announced to every API instance.
     pub fn revocations(&self) -> String {
         format!("{}:revoked", self.prefix)

@@ -91,6 +91,7 @@ pub async fn store_user_message(
             user_id: owner,
             content: content.to_owned(),
             options,
+            budget: None,
         }],
     )
     .await

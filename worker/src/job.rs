@@ -24,7 +24,7 @@ use aichat_shared::jobs::CompletionJob;
 use crate::deltas::{DeltaTarget, publish_deltas};
 use crate::llm::CompletionError;
 use crate::metrics;
-use crate::outcome::{Done, JobError, announce_stored_reply, fail, save_and_announce};
+use crate::outcome::{Done, JobError, announce_stored_reply, cancel, fail, save_and_announce};
 use crate::request::build_request;
 use crate::retry::FailureReason;
 use crate::state::JobContext;
@@ -81,6 +81,7 @@ async fn answer(
         match &result {
             Ok(Done::Answered) => "answered",
             Ok(Done::Failed) => "failed",
+            Ok(Done::Cancelled) => "cancelled",
             Ok(_) => "skipped",
             Err(JobError::Abort(_)) => "aborted",
             Err(JobError::Retry(_)) => "requeued",
@@ -135,22 +136,35 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
     // Claimed before the message is read, so a run that finds it answered knows whether that
     // answer was announced (`aichat_shared::announce`).
     let claim = announce::claim(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
-    let Some(subject) = db::completions::find_completion_subject(&ctx.db, job.message_id)
+    // Listening before the message is taken: a stop request that finds it `answering` is
+    // published after this (`stop_requests.rs`).
+    let listening = ctx.stop_requests.listen(job.message_id);
+    let Some(subject) = db::completions::claim_completion_subject(&ctx.db, job.message_id)
         .await
-        .context("loading the user message")?
+        .context("taking the user message")?
     else {
         announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
         metrics::job_skipped("message_gone");
         return Ok(Done::MessageGone);
     };
-    if subject.answered {
-        metrics::job_skipped("already_answered");
+    if !subject.claimed {
+        // Answered, failed or cancelled: whoever ended it announced it, unless a run that
+        // saved a reply died before announcing it.
+        metrics::job_skipped(if subject.answered {
+            "already_answered"
+        } else {
+            "not_waiting"
+        });
         if claim == Claim::Inherited {
             announce_stored_reply(ctx, claim, &subject).await?;
         } else {
             announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
         }
-        return Ok(Done::AlreadyAnswered);
+        return Ok(if subject.answered {
+            Done::AlreadyAnswered
+        } else {
+            Done::NotWaiting
+        });
     }
     if subject.ai_chat_id != job.ai_chat_id {
         announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
@@ -158,6 +172,11 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             "message {} belongs to AI chat {}, not {}",
             subject.message_id, subject.ai_chat_id, job.ai_chat_id
         )));
+    }
+    if subject.stop_requested {
+        // Its user stopped it while a run that has since died answered it: the model is not
+        // asked again.
+        return cancel(ctx, job, claim, &subject).await;
     }
 
     let Some((request, question_tokens)) = build_request(job, &subject, ctx).await? else {
@@ -176,12 +195,14 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         flush_every: ctx.delta_flush_every,
         flush_chars: ctx.delta_flush_chars,
     };
-    let mut cancel = ctx.shutdown.clone();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut stop = listening.receiver();
     let call = async {
-        // Dropping the sender when the call ends lets the publisher flush and finish.
+        // Dropping the sender when the call ends lets the publisher flush and finish: the
+        // deltas of the text received before a stop are out before the stopped reply.
         let chunks_tx = chunks_tx;
         ctx.llm
-            .complete(&request, &ctx.limiter, &chunks_tx, &mut cancel)
+            .complete(&request, &ctx.limiter, &chunks_tx, &mut shutdown, &mut stop)
             .await
     };
     // Past the shutdown grace, a call still waiting on the model is dropped: the job goes
@@ -203,12 +224,13 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
                 job,
                 claim,
                 &subject,
-                &request.model,
+                &request,
                 question_tokens,
                 completion,
             )
             .await
         }
+        Err(CompletionError::Stopped) => cancel(ctx, job, claim, &subject).await,
         Err(err @ CompletionError::Failed { .. }) => {
             fail(ctx, job, claim, &subject, &err, "model").await
         }

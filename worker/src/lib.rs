@@ -34,6 +34,7 @@ mod save;
 mod settings;
 mod state;
 mod stop;
+mod stop_requests;
 mod sweeper;
 mod tasks;
 
@@ -47,6 +48,7 @@ use crate::rate_limit::{Limits, RateLimiter};
 use crate::retry::RetryPolicy;
 use crate::state::JobContext;
 use crate::stop::Stopping;
+use crate::stop_requests::StopRequests;
 
 /// A worker process, connected and bound, ready to run.
 pub struct Worker {
@@ -103,6 +105,11 @@ impl Worker {
             .context("loading the tokenizer")?;
         let token_budget =
             usize::try_from(settings.openai.context_token_budget).unwrap_or(usize::MAX);
+        let stop_requests = StopRequests::new();
+        stop_requests
+            .subscribe(settings.redis.redis_url.expose_secret(), &ns, pool.clone())
+            .await
+            .context("subscribing to stop requests")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let jobs = Arc::new(JobContext {
             db: pool.clone(),
@@ -123,6 +130,7 @@ impl Worker {
             delta_flush_chars: usize::try_from(settings.delta_flush_chars).unwrap_or(usize::MAX),
             shutdown: shutdown_rx,
             stopping: Stopping::new(),
+            stop_requests,
             replies: reply_batch::ReplySaver::start(pool.clone()),
             save_retry_for: Duration::from_secs(settings.worker_save_retry_secs),
             hooks,

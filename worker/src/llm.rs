@@ -42,6 +42,9 @@ pub struct ChatRequest {
     pub messages: Vec<PromptMessage>,
     /// The reply's cap, sent to the provider.
     pub max_completion_tokens: u32,
+    /// Tokens of `messages` as counted here: the prompt's usage of a reply stopped before
+    /// the provider reported any.
+    pub prompt_tokens: u64,
     /// Prompt tokens plus the completion allowance, reserved under the token rate limit.
     pub estimated_tokens: u64,
 }
@@ -55,6 +58,9 @@ pub struct Completion {
     /// Duration of the attempt that produced the reply.
     pub latency: Duration,
     pub attempts: u32,
+    /// Its user stopped it while it streamed: `content` is the text received until then, and
+    /// `usage` is whatever the provider had reported (normally nothing).
+    pub stopped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +77,10 @@ pub enum CompletionError {
     /// The worker is stopping; the job should run again elsewhere.
     #[error("the worker is shutting down")]
     Cancelled,
+    /// Its user stopped the message while no attempt was streaming (waiting for the rate
+    /// limit, or between attempts): there is no reply.
+    #[error("stopped by its user before the model answered")]
+    Stopped,
 }
 
 impl CompletionError {
@@ -167,22 +177,32 @@ impl LlmClient {
     /// Streams the reply to `request`, sending text pieces to `chunks` as they arrive, retrying
     /// as the policy allows. A retry after a failure mid-stream starts the reply over; the
     /// pieces already sent stay sent (the saved `assistant_message` is the authoritative text).
+    ///
+    /// `stop` turning true (its user's stop request) ends the call at once: during an attempt,
+    /// the stream is dropped (closing the connection, so the provider stops generating) and the
+    /// text received so far is the `stopped` reply; otherwise there is no reply
+    /// ([`CompletionError::Stopped`]). `cancel` (the worker's shutdown) only ends waits.
     pub async fn complete(
         &self,
         request: &ChatRequest,
         limiter: &RateLimiter,
         chunks: &mpsc::UnboundedSender<String>,
         cancel: &mut watch::Receiver<bool>,
+        stop: &mut watch::Receiver<bool>,
     ) -> Result<Completion, CompletionError> {
         let body = request_body(request);
         let model = request.model.as_str();
         let deadline = Instant::now() + self.policy.max_total;
         let mut failures = 0u32;
         loop {
-            let (reservation, waited) = match limiter
-                .acquire(model, request.estimated_tokens, deadline, cancel)
-                .await
-            {
+            if *stop.borrow() {
+                return Err(CompletionError::Stopped);
+            }
+            let acquired = tokio::select! {
+                acquired = limiter.acquire(model, request.estimated_tokens, deadline, cancel) => acquired,
+                Ok(_) = stop.wait_for(|stopped| *stopped) => return Err(CompletionError::Stopped),
+            };
+            let (reservation, waited) = match acquired {
                 Ok(granted) => granted,
                 Err(RateLimitError::DeadlinePassed) => {
                     return Err(CompletionError::Failed {
@@ -200,11 +220,17 @@ impl LlmClient {
             }
 
             let started = Instant::now();
-            let result = self.attempt(body.clone(), chunks).await;
+            let result = self.attempt(body.clone(), chunks, stop).await;
             let elapsed = started.elapsed();
             let err = match result {
-                Ok((content, usage)) => {
-                    metrics::model_call(model, "ok", elapsed);
+                Ok(Streamed {
+                    content,
+                    usage,
+                    stopped,
+                }) => {
+                    metrics::model_call(model, if stopped { "stopped" } else { "ok" }, elapsed);
+                    // A stopped reply's reservation stands (as when no usage comes): what
+                    // the provider counts for a cut stream is its own business.
                     if let Some(usage) = &usage {
                         limiter
                             .settle(&reservation, u64::from(usage.total_tokens))
@@ -215,6 +241,7 @@ impl LlmClient {
                         usage,
                         latency: elapsed,
                         attempts: failures + 1,
+                        stopped,
                     });
                 }
                 Err(err) => err,
@@ -251,36 +278,52 @@ impl LlmClient {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 Ok(_) = cancel.wait_for(|stopping| *stopping) => return Err(CompletionError::Cancelled),
+                Ok(_) = stop.wait_for(|stopped| *stopped) => return Err(CompletionError::Stopped),
             }
         }
     }
 
-    /// One streamed call: the reply text and usage, or why it failed.
+    /// One streamed call: the reply text and usage, or why it failed. A stop ends it with the
+    /// text received so far; returning drops the stream, which closes its connection.
     async fn attempt(
         &self,
         body: CreateChatCompletionRequest,
         chunks: &mpsc::UnboundedSender<String>,
-    ) -> Result<(String, Option<CompletionUsage>), AttemptError> {
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Streamed, AttemptError> {
         let slot = ResponseSlot::default();
         let client = self.attempt_client(slot.clone());
         let silence = self.policy.attempt_timeout;
-        let mut stream =
-            match tokio::time::timeout(silence, client.chat().create_stream(body)).await {
-                Err(_) => {
-                    return Err(AttemptError::retryable(
-                        FailureReason::Timeout,
-                        None,
-                        "no response before the attempt time-out".into(),
-                    ));
-                }
-                Ok(Err(err)) => return Err(classify_failure(err, &slot)),
-                Ok(Ok(stream)) => stream,
-            };
+        let stopped = |content: String, usage: Option<CompletionUsage>| Streamed {
+            content,
+            usage,
+            stopped: true,
+        };
+        let chat = client.chat();
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(silence, chat.create_stream(body)) => opened,
+            Ok(_) = stop.wait_for(|stopped| *stopped) => return Ok(stopped(String::new(), None)),
+        };
+        let mut stream = match opened {
+            Err(_) => {
+                return Err(AttemptError::retryable(
+                    FailureReason::Timeout,
+                    None,
+                    "no response before the attempt time-out".into(),
+                ));
+            }
+            Ok(Err(err)) => return Err(classify_failure(err, &slot)),
+            Ok(Ok(stream)) => stream,
+        };
         let mut content = String::new();
         let mut usage = None;
         let mut finished = false;
         loop {
-            let next = match tokio::time::timeout(silence, stream.next()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout(silence, stream.next()) => next,
+                Ok(_) = stop.wait_for(|stopped| *stopped) => return Ok(stopped(content, usage)),
+            };
+            let next = match next {
                 Err(_) => {
                     return Err(AttemptError::retryable(
                         FailureReason::Timeout,
@@ -314,8 +357,20 @@ impl LlmClient {
                 "the stream ended without a finish reason".into(),
             ));
         }
-        Ok((content, usage))
+        Ok(Streamed {
+            content,
+            usage,
+            stopped: false,
+        })
     }
+}
+
+/// What one attempt streamed.
+struct Streamed {
+    content: String,
+    usage: Option<CompletionUsage>,
+    /// Ended by a stop request, not by the provider.
+    stopped: bool,
 }
 
 fn request_body(request: &ChatRequest) -> CreateChatCompletionRequest {

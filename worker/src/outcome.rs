@@ -3,13 +3,14 @@
 //! once, even when two runs of the same job, or a run and a crashed one before it, meet
 //! (`aichat_shared::announce`).
 use aichat_shared::announce::{self, Claim};
+use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::completions::{CompletionSubject, NewReply};
 use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
 use aichat_shared::jobs::CompletionJob;
 
 use crate::context::TokenCounter;
-use crate::llm::{Completion, CompletionError};
+use crate::llm::{ChatRequest, Completion, CompletionError};
 use crate::metrics;
 use crate::save::{db_retry, save_reply};
 use crate::state::JobContext;
@@ -17,8 +18,13 @@ use crate::state::JobContext;
 /// How a run ended, for logs.
 #[derive(Debug)]
 pub enum Done {
+    /// Its reply was saved (a stopped one included).
     Answered,
     AlreadyAnswered,
+    /// Failed or cancelled by another run (or its user) before this one took it.
+    NotWaiting,
+    /// Its user stopped it before the model answered.
+    Cancelled,
     MessageGone,
     /// The job was queued for another database that had this namespace before (it was
     /// dropped and created again): its message id means another message here.
@@ -48,31 +54,29 @@ pub async fn save_and_announce(
     job: &CompletionJob,
     claim: Claim,
     subject: &CompletionSubject,
-    model: &str,
+    request: &ChatRequest,
     question_tokens: usize,
     completion: Completion,
 ) -> Result<Done, JobError> {
-    let usage = completion.usage.as_ref();
-    let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    let model = request.model.as_str();
     let reply_tokens = count_text(ctx.tokens, &completion.content).await;
+    let usage = reply_usage(&completion, request, reply_tokens);
+    let to_i32 = |n: u64| i32::try_from(n).unwrap_or(i32::MAX);
     let reply = NewReply {
         content: completion.content,
-        prompt_tokens: usage.map(|u| to_i32(u.prompt_tokens)),
-        completion_tokens: usage.map(|u| to_i32(u.completion_tokens)),
-        total_tokens: usage.map(|u| to_i32(u.total_tokens)),
+        prompt_tokens: usage.map(|u| to_i32(u.prompt)),
+        completion_tokens: usage.map(|u| to_i32(u.completion)),
+        total_tokens: usage.map(|u| to_i32(u.total())),
         model: model.to_owned(),
         latency_ms: i32::try_from(completion.latency.as_millis()).unwrap_or(i32::MAX),
         content_tokens: reply_tokens.and_then(|n| i32::try_from(n).ok()),
         question_tokens: i32::try_from(question_tokens).ok(),
+        stopped: completion.stopped,
     };
     let latency_ms = reply.latency_ms;
     let saved = save_reply(ctx, subject.message_id, reply).await?;
     if let Some(usage) = usage {
-        metrics::tokens(
-            model,
-            u64::from(usage.prompt_tokens),
-            u64::from(usage.completion_tokens),
-        );
+        metrics::tokens(model, usage.prompt, usage.completion);
     }
     let Some(saved) = saved else {
         // Another run answered first (or the message went away): its reply stands.
@@ -84,7 +88,8 @@ pub async fn save_and_announce(
         after_save();
     }
     // Settled before the event goes out, so whoever the event wakes sees the real use.
-    settle_budget(ctx, job, usage.map(|u| i64::from(u.total_tokens))).await;
+    let used = usage.map(|u| i64::try_from(u.total()).unwrap_or(i64::MAX));
+    settle_budget(ctx, job, subject, used).await;
     let event = ChatEvent::AssistantMessage {
         message: EventMessage::assistant(&saved),
     };
@@ -97,9 +102,45 @@ pub async fn save_and_announce(
         reply_id = saved.id,
         attempts = completion.attempts,
         latency_ms,
+        stopped = saved.stopped,
         "reply saved"
     );
     Ok(Done::Answered)
+}
+
+/// Tokens of one reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReplyUsage {
+    prompt: u64,
+    completion: u64,
+}
+
+impl ReplyUsage {
+    fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// What a reply used: as the provider reported it; for a reply stopped before the provider
+/// reported anything, the prompt as counted here and the text received so far, counted with
+/// the tokenizer (the provider bills what it generated, which is at least that); `None` when
+/// neither is known.
+fn reply_usage(
+    completion: &Completion,
+    request: &ChatRequest,
+    reply_tokens: Option<usize>,
+) -> Option<ReplyUsage> {
+    match &completion.usage {
+        Some(usage) => Some(ReplyUsage {
+            prompt: u64::from(usage.prompt_tokens),
+            completion: u64::from(usage.completion_tokens),
+        }),
+        None if completion.stopped => Some(ReplyUsage {
+            prompt: request.prompt_tokens,
+            completion: reply_tokens.map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX)),
+        }),
+        None => None,
+    }
 }
 
 /// Texts longer than this are counted on a blocking thread.
@@ -155,7 +196,7 @@ async fn record_failure(
     })
     .await?;
     if changed {
-        settle_budget(ctx, job, Some(0)).await;
+        settle_budget(ctx, job, subject, Some(0)).await;
         let event = ChatEvent::Error {
             message: message.to_owned(),
             message_id: Some(subject.message_id),
@@ -170,17 +211,66 @@ async fn record_failure(
     Ok(changed)
 }
 
-/// Replaces the message's budget reservation by what it really used (nothing, when it failed;
-/// the reservation stands when the provider reported no usage). Only the run that saved the
-/// reply or marked the failure settles, so a job that runs twice settles once.
-async fn settle_budget(ctx: &JobContext, job: &CompletionJob, used: Option<i64>) {
-    let (Some(reservation), Some(used)) = (&job.budget, used) else {
+/// Replaces the message's budget reservation by what it really used (nothing, when it failed
+/// or was cancelled; the reservation stands when the provider reported no usage). Only the run
+/// that saved the reply or marked the failure or the cancellation settles, so a job that runs
+/// twice settles once.
+///
+/// The reservation is the one the message records (a retry reserves anew, while the job that
+/// runs it may be the one queued before); jobs of messages stored before messages recorded it
+/// carry it themselves.
+async fn settle_budget(
+    ctx: &JobContext,
+    job: &CompletionJob,
+    subject: &CompletionSubject,
+    used: Option<i64>,
+) {
+    let reservation = Reservation::of_message(
+        &ctx.ns,
+        subject.owner_id,
+        subject.budget_day,
+        subject.budget_tokens,
+    )
+    .or_else(|| job.budget.clone());
+    let (Some(reservation), Some(used)) = (reservation, used) else {
         return;
     };
     let mut redis = ctx.redis.clone();
-    if let Err(err) = aichat_shared::budget::settle(&mut redis, reservation, used).await {
+    if let Err(err) = aichat_shared::budget::settle(&mut redis, &reservation, used).await {
         tracing::warn!(error = %err, "could not settle the token budget");
     }
+}
+
+/// Ends a run whose user stopped the message before the model answered: the message becomes
+/// `cancelled`, its budget reservation is given back, and the chat is told
+/// (`message_cancelled`). When the message no longer waits (another run ended it), that run's
+/// outcome stands.
+pub async fn cancel(
+    ctx: &JobContext,
+    job: &CompletionJob,
+    claim: Claim,
+    subject: &CompletionSubject,
+) -> Result<Done, JobError> {
+    let changed = db_retry(ctx, "cancelling the message", || {
+        db::retry::on_conflict("cancel", || db::stops::cancel(&ctx.db, subject.message_id))
+    })
+    .await?;
+    if !changed {
+        announce_stored_reply(ctx, claim, subject).await?;
+        return Ok(Done::NotWaiting);
+    }
+    settle_budget(ctx, job, subject, Some(0)).await;
+    metrics::job_skipped("cancelled");
+    let event = ChatEvent::MessageCancelled {
+        message_id: subject.message_id,
+    };
+    // As for a failure: the message is not run again, so a lost event stays lost; clients see
+    // the status on their next read.
+    if let Err(err) = announce(ctx, claim, subject, &event).await {
+        tracing::warn!(error = %err, "could not publish a chat event");
+    }
+    tracing::info!("message cancelled by its user before the model answered");
+    Ok(Done::Cancelled)
 }
 
 /// Announces the outcome this run stored, unless another run already did; true when this call

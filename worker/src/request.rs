@@ -96,6 +96,7 @@ pub async fn build_request(
         model,
         messages,
         max_completion_tokens: ctx.max_completion_tokens,
+        prompt_tokens: u64::try_from(prompt_tokens).unwrap_or(u64::MAX),
         estimated_tokens: u64::try_from(prompt_tokens)
             .unwrap_or(u64::MAX)
             .saturating_add(ctx.completion_allowance),

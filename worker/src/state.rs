@@ -14,6 +14,7 @@ use crate::llm::LlmClient;
 use crate::rate_limit::RateLimiter;
 use crate::reply_batch::ReplySaver;
 use crate::stop::Stopping;
+use crate::stop_requests::StopRequests;
 
 /// Everything a job needs, shared by all jobs of the process.
 pub struct JobContext {
@@ -40,6 +41,8 @@ pub struct JobContext {
     pub shutdown: watch::Receiver<bool>,
     /// Running jobs, and what finished after the stop began (see `stop.rs`).
     pub stopping: Arc<Stopping>,
+    /// Users' stop requests, routed to the job answering the message (`stop_requests.rs`).
+    pub stop_requests: Arc<StopRequests>,
     /// Writes replies, several per statement.
     pub replies: ReplySaver,
     /// How long a finished reply (or failure) keeps trying to reach the database before the

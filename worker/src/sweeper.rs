@@ -20,13 +20,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rand::Rng;
-use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
 use aichat_shared::db::{self, stale::StaleMessage};
-use aichat_shared::jobs::{CompletionJob, JobQueue};
+use aichat_shared::jobs::{CompletionJob, JobQueue, NextJob};
 
 use crate::metrics;
 
@@ -36,8 +35,6 @@ const BATCH: i64 = 200;
 /// far more than a worker finishes between two sweeps, in calls short enough not to stall Redis.
 const TRIM_BATCH: usize = 1_000;
 const TRIM_ROUNDS: usize = 50;
-/// Lost jobs followed per message before the sweeper gives up on it (and says so).
-const MAX_GENERATIONS: usize = 10;
 
 pub struct Sweeper {
     pub db: PgPool,
@@ -128,8 +125,16 @@ impl Sweeper {
             options,
         } in stale
         {
-            let Some((key, lost_task)) = self.next_job_key(message_id).await? else {
-                continue;
+            let (key, lost_task) = match self.queue.next_job_key(message_id).await? {
+                NextJob::Push { key, last } => (key, last),
+                NextJob::Alive => continue,
+                NextJob::GaveUp => {
+                    tracing::error!(
+                        message_id,
+                        "a queued message lost its jobs too many times in a row; leaving it to staff"
+                    );
+                    continue;
+                }
             };
             let stored = match &lost_task {
                 Some(task) => self.queue.job_args(task).await.ok().flatten(),
@@ -167,54 +172,5 @@ impl Sweeper {
         }
         metrics::swept(swept.requeued);
         Ok(swept)
-    }
-
-    /// The key to push a new job for `message_id` under, with the lost task it replaces;
-    /// `None` when a job of the message is still alive.
-    async fn next_job_key(
-        &self,
-        message_id: i64,
-    ) -> anyhow::Result<Option<(String, Option<String>)>> {
-        let mut conn = self.redis.clone();
-        let idempotency = self.queue.config().idempotency_key_set();
-        let mut key = self.queue.message_job_key(message_id);
-        let mut lost = None;
-        for _ in 0..MAX_GENERATIONS {
-            let task: Option<String> = conn.get(format!("{idempotency}:{key}")).await?;
-            let Some(task) = task else {
-                return Ok(Some((key, lost)));
-            };
-            if self.alive(&task).await? {
-                return Ok(None);
-            }
-            let redrive = self.queue.redrive_job_key(message_id, &task);
-            let redriven: bool = conn.exists(format!("{idempotency}:{redrive}")).await?;
-            key = if redriven {
-                redrive
-            } else {
-                self.queue.rescue_job_key(message_id, &task)
-            };
-            lost = Some(task);
-        }
-        tracing::error!(
-            message_id,
-            "a queued message lost {MAX_GENERATIONS} jobs in a row; leaving it to staff"
-        );
-        Ok(None)
-    }
-
-    /// A job is alive while its data exists and it is neither done nor dead: it waits, is
-    /// scheduled for a retry, or is in some worker's hands (a dead worker's jobs come back to
-    /// the queue after the orphan window).
-    async fn alive(&self, task: &str) -> anyhow::Result<bool> {
-        let mut conn = self.redis.clone();
-        let config = self.queue.config();
-        let (exists, done, dead): (bool, bool, bool) = redis::pipe()
-            .hexists(config.job_data_hash(), task)
-            .sismember(config.done_jobs_set(), task)
-            .sismember(config.dead_jobs_set(), task)
-            .query_async(&mut conn)
-            .await?;
-        Ok(exists && !done && !dead)
     }
 }

@@ -18,6 +18,8 @@ use crate::fanout::Subscription;
 use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::send::idempotency::{self, Claim};
+use crate::send::retry;
+use crate::send::stop::{self, Recorded, StopResponse};
 use crate::send::wait::{self, Outcome};
 use crate::send::{SendFields, SendMessage, submit_message};
 use crate::state::AppState;
@@ -28,6 +30,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_chat_messages))
         .routes(routes!(list_messages))
         .routes(routes!(get_message))
+        .routes(routes!(stop_message))
+        .routes(routes!(retry_message))
         .routes(routes!(usage))
 }
 
@@ -95,7 +99,8 @@ pub struct SendMessageHeaders {
             or a body that is not a JSON object, or a bad `Idempotency-Key`", body = BadRequestBody),
         (status = 404, description = NOT_OWNED, body = ErrorBody),
         (status = 409, description = "A request with this `Idempotency-Key` is still being processed, \
-            or the key was used for another chat", body = ErrorBody),
+            or the key was used for another chat; or (with `?wait`) the message was stopped before \
+            the model answered", body = ErrorBody),
         (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
         (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
         (status = 503, description = "The queue or a backing service unreachable, or (with `?wait`) \
@@ -162,6 +167,11 @@ async fn send_message(
                 return Err(ApiError::BadGateway(format!(
                     "Failed to get response from ChatGPT: {error}"
                 )));
+            }
+            Outcome::Cancelled => {
+                return Err(ApiError::Conflict(
+                    "The message was stopped before the model answered",
+                ));
             }
             Outcome::Pending => {}
         }
@@ -286,6 +296,94 @@ async fn get_message(
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound)
+}
+
+/// Stop the reply to one of the user's messages (`{id}`: the user message, as in
+/// `assistant_delta.message_id`), from any API instance. A message no worker has taken yet is
+/// cancelled; one being answered gets its stream cut and the text so far saved as a reply with
+/// `stopped: true`. Repeating a stop answers the same.
+#[utoipa::path(post, path = "/api/ai/messages/{id}/stop/", tag = "ai", params(("id" = i64, Path)),
+    responses(
+        (status = 200, description = "Stopped: the message `cancelled` with no reply, or `answered` \
+            with the stopped reply", body = StopResponse),
+        (status = 202, description = "The stop is recorded, but the worker answering the message \
+            has not saved the stopped reply within `STOP_WAIT_SECS`; the events follow", body = StopResponse),
+        (status = 404, description = "No such user message of the user's", body = ErrorBody),
+        (status = 409, description = "The message was answered (whole) or failed before the stop", body = ErrorBody),
+        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`", body = ErrorBody),
+        (status = 503, description = "Redis unreachable: the workers cannot be told", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(message_id = id))]
+async fn stop_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Response> {
+    let user_id = auth.user.id;
+    let mut events = None;
+    let recorded = stop::record(&state, user_id, id, |ai_chat_id| {
+        let state = &state;
+        let events = &mut events;
+        async move {
+            // Subscribed before the workers are told, so the stopped reply cannot slip past.
+            *events = Some(state.hub.subscribe(ai_chat_id).await.map_err(|err| {
+                tracing::warn!(error = %err, "pub/sub subscribe failed");
+                ApiError::Unavailable("Stopping is unavailable right now; please retry")
+            })?);
+            Ok(())
+        }
+    })
+    .await?;
+    if let (Recorded::Requested, Some(events)) = (&recorded, events.as_mut()) {
+        // A worker that found the stop when it took the message may have ended it already.
+        let (ended, _) = stop::outcome(&state, user_id, id).await?;
+        if !ended {
+            let limit = std::time::Duration::from_secs(state.settings.stop_wait_secs);
+            stop::wait_for_end(events, id, limit).await;
+        }
+    }
+    let (ended, response) = match recorded {
+        Recorded::Cancelled(message) => (
+            true,
+            StopResponse {
+                message,
+                reply: None,
+            },
+        ),
+        Recorded::Requested | Recorded::Ended => stop::outcome(&state, user_id, id).await?,
+    };
+    let status = if ended {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(response)).into_response())
+}
+
+/// Queue one of the user's messages again that got no reply (`failed`, or `cancelled` by a
+/// stop): the same message, back to `queued` with its error cleared, answered as a send is.
+#[utoipa::path(post, path = "/api/ai/messages/{id}/retry/", tag = "ai", params(("id" = i64, Path)),
+    responses(
+        (status = 202, description = "The message, queued again", body = SendMessageResponse),
+        (status = 404, description = "No such user message of the user's", body = ErrorBody),
+        (status = 409, description = "The message is not failed or cancelled (it waits for its reply, \
+            or has it); also the loser of concurrent retries", body = ErrorBody),
+        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
+        (status = 503, description = "The queue or a backing service unreachable", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(message_id = id))]
+async fn retry_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    RequestId(request_id): RequestId,
+) -> ApiResult<(StatusCode, Json<SendMessageResponse>)> {
+    let message = retry::retry(&state, auth.user.id, id, request_id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SendMessageResponse {
+            message,
+            status: MessageStatus::Queued,
+        }),
+    ))
 }
 
 /// The user's token totals: overall, per model and per UTC day.

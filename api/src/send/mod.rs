@@ -1,12 +1,15 @@
 //! The send path: a user message taken in over REST `send_message` or a WebSocket `message`
 //! frame. [`request`] parses it; [`rate`] and [`budget`] admit it; [`batch`] stores it, queues
 //! its completion job and announces it; [`idempotency`] and [`wait`] serve REST's
-//! `Idempotency-Key` and `?wait`.
+//! `Idempotency-Key` and `?wait`. What a user does to a message after sending it: [`stop`]
+//! and [`retry`].
 pub mod batch;
 pub mod budget;
 pub mod idempotency;
 pub mod rate;
 pub mod request;
+pub mod retry;
+pub mod stop;
 pub mod wait;
 
 use aichat_shared::db::ai_messages::NewUserMessage;
@@ -49,6 +52,9 @@ pub async fn submit_message(
         user_id,
         content: message.content.to_owned(),
         options: message.options,
+        budget: reservation
+            .as_ref()
+            .and_then(|r| Some((r.day?, r.stored_tokens()))),
     };
     let result = state
         .sends

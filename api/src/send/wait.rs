@@ -16,6 +16,8 @@ use crate::state::AppState;
 pub enum Outcome {
     Answered(AiMessage),
     Failed(String),
+    /// Stopped before the model answered: no reply will come.
+    Cancelled,
     /// Not done within the wait.
     Pending,
 }
@@ -39,7 +41,8 @@ pub fn parse_wait(raw: Option<&str>, max_secs: u64) -> ApiResult<Option<Duration
     Ok((secs > 0).then(|| Duration::from_secs(secs)))
 }
 
-/// Waits for the reply to `message_id` (or its failure) on `events`, for at most `limit`.
+/// Waits for the reply to `message_id` (a stopped one included), or its failure or
+/// cancellation, on `events`, for at most `limit`.
 pub async fn wait_for_reply(
     state: &AppState,
     events: &mut Subscription,
@@ -61,6 +64,9 @@ pub async fn wait_for_reply(
                 }) if id == message_id => {
                     return Ok(Outcome::Failed(message));
                 }
+                Ok(ChatEvent::MessageCancelled { message_id: id }) if id == message_id => {
+                    return Ok(Outcome::Cancelled);
+                }
                 _ => {}
             },
             // Fell behind, the channel closed, or time is up: the database has the final word.
@@ -77,6 +83,7 @@ async fn stored_outcome(state: &AppState, message_id: i64) -> ApiResult<Outcome>
         Some(m) if m.status == MessageStatus::Failed => {
             Ok(Outcome::Failed(m.error.unwrap_or_default()))
         }
+        Some(m) if m.status == MessageStatus::Cancelled => Ok(Outcome::Cancelled),
         Some(_) => Ok(Outcome::Pending),
         None => Err(ApiError::NotFound),
     }

@@ -16,6 +16,7 @@ mod pipeline;
 mod send_batch;
 mod send_message;
 mod session_cache;
+mod stop_retry;
 mod web;
 mod websocket;
 

@@ -20,6 +20,7 @@ fn new(ai_chat_id: i64, user_id: i64, content: &str, limit: i32) -> NewUserMessa
             include_related_chat_context: limit % 2 == 0,
             context_message_limit: limit,
         },
+        budget: None,
     }
 }
 

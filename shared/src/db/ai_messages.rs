@@ -2,7 +2,8 @@
 //!
 //! Every statement that returns an [`AiMessage`] lists its columns the same way: `m.id,
 //! m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp, m.prompt_tokens,
-//! m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error, m.model, m.reply_to`.
+//! m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error, m.model, m.reply_to, m.stopped`.
+use chrono::NaiveDate;
 use sqlx::PgExecutor;
 
 use crate::domain::{AiMessage, ContextOptions, MessageStatus, Role};
@@ -15,6 +16,9 @@ pub struct NewUserMessage {
     pub user_id: i64,
     pub content: String,
     pub options: ContextOptions,
+    /// What the send reserved of its user's daily token budget (`budget::Reservation`): its
+    /// UTC day and tokens.
+    pub budget: Option<(NaiveDate, i32)>,
 }
 
 /// Stores user messages as `queued`, each in a chat its sender owns, in one statement (one
@@ -40,18 +44,24 @@ pub async fn insert_owned_user_messages(
     let mut contents = Vec::with_capacity(n);
     let mut related = Vec::with_capacity(n);
     let mut limits = Vec::with_capacity(n);
+    let mut budget_days = Vec::with_capacity(n);
+    let mut budget_tokens = Vec::with_capacity(n);
     for m in messages {
         chats.push(m.ai_chat_id);
         users.push(m.user_id);
         contents.push(m.content.as_str());
         related.push(m.options.include_related_chat_context);
         limits.push(m.options.context_message_limit);
+        budget_days.push(m.budget.map(|(day, _)| day));
+        budget_tokens.push(m.budget.map(|(_, tokens)| tokens));
     }
     let rows = sqlx::query!(
         r#"with input as materialized (
                select t.*, nextval('ai_messages_id_seq'::regclass) as id
-               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[], $5::integer[])
-                    with ordinality as t(ai_chat_id, user_id, content, related, context_limit, ord)
+               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[], $5::integer[],
+                           $8::date[], $9::integer[])
+                    with ordinality as t(ai_chat_id, user_id, content, related, context_limit,
+                                         budget_day, budget_tokens, ord)
                order by t.ord
            ),
            owned as materialized (
@@ -62,15 +72,16 @@ pub async fn insert_owned_user_messages(
            ),
            m as (
                insert into ai_messages (id, ai_chat_id, role, content, status,
-                   include_related_chat_context, context_message_limit)
-               select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit
+                   include_related_chat_context, context_message_limit, budget_day, budget_tokens)
+               select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit,
+                   i.budget_day, i.budget_tokens
                from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
                order by i.id
                returning *
            )
            select input.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                   m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus",
-                  m.error, m.model, m.reply_to
+                  m.error, m.model, m.reply_to, m.stopped
            from m join input on input.id = m.id"#,
         &chats,
         &users,
@@ -80,6 +91,8 @@ pub async fn insert_owned_user_messages(
         &limits,
         Role::User.as_str(),
         MessageStatus::Queued.as_str(),
+        budget_days.as_slice() as &[Option<NaiveDate>],
+        budget_tokens.as_slice() as &[Option<i32>],
     )
     .fetch_all(db)
     .await?;
@@ -90,20 +103,7 @@ pub async fn insert_owned_user_messages(
             .and_then(|ord| ord.checked_sub(1))
             .and_then(|i| stored.get_mut(i))
         {
-            *slot = Some(AiMessage {
-                id: row.id,
-                ai_chat: row.ai_chat,
-                role: row.role,
-                content: row.content,
-                timestamp: row.timestamp,
-                prompt_tokens: row.prompt_tokens,
-                completion_tokens: row.completion_tokens,
-                total_tokens: row.total_tokens,
-                status: row.status,
-                error: row.error,
-                model: row.model,
-                reply_to: row.reply_to,
-            });
+            *slot = Some(ai_message_of!(row));
         }
     }
     Ok(stored)
@@ -165,7 +165,7 @@ pub async fn list_chat_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to
+                  m.model, m.reply_to, m.stopped
            from ai_messages m
            where m.ai_chat_id = $1 and m.id > $2
            order by m.id limit $3"#,
@@ -195,7 +195,7 @@ pub async fn list_owned_chat_messages(
         r#"select m.id as "id?", m.ai_chat_id as "ai_chat?", m.role as "role?: Role",
                   m.content as "content?", m.timestamp as "timestamp?", m.prompt_tokens,
                   m.completion_tokens, m.total_tokens, m.status as "status?: MessageStatus", m.error, m.model,
-                  m.reply_to
+                  m.reply_to, m.stopped as "stopped?"
            from ai_chats a
            left join lateral (
                select * from ai_messages m
@@ -230,6 +230,7 @@ pub async fn list_owned_chat_messages(
                 error: row.error,
                 model: row.model,
                 reply_to: row.reply_to,
+                stopped: row.stopped?,
             })
         })
         .collect();
@@ -248,7 +249,7 @@ pub async fn list_user_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to
+                  m.model, m.reply_to, m.stopped
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where a.user_id = $1 and m.id > $2 order by m.id limit $3"#,
         user_id,
@@ -271,7 +272,7 @@ pub async fn get_user_message(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to
+                  m.model, m.reply_to, m.stopped
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where m.id = $1 and a.user_id = $2"#,
         id,
@@ -292,7 +293,7 @@ pub async fn find_reply(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to
+                  m.model, m.reply_to, m.stopped
            from ai_messages m where m.reply_to = $1"#,
         user_message_id,
     )
@@ -308,7 +309,7 @@ pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiM
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to
+                  m.model, m.reply_to, m.stopped
            from ai_messages m where m.id = $1"#,
         id,
     )

@@ -1,17 +1,23 @@
 //! The completion worker's queries: what a job reads to build its prompt, and how it records
 //! the reply or the failure.
+use chrono::NaiveDate;
 use sqlx::PgExecutor;
 
 use crate::domain::{AiMessage, MessageStatus, Role};
 use crate::error::Result;
 
-/// A user message waiting for its reply, with what its chat contributes to the prompt.
+/// A user message whose job runs, with what its chat contributes to the prompt.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CompletionSubject {
     pub message_id: i64,
     pub ai_chat_id: i64,
     pub content: String,
-    pub status: String,
+    /// This run took the message (`queued` or `answering` → `answering`): it is the one to
+    /// answer it. False when the message no longer waits (answered, failed, cancelled).
+    pub claimed: bool,
+    /// Its user asked to stop it (`db::stops::request_stop`) while an earlier run answered
+    /// it: the model is not asked again.
+    pub stop_requested: bool,
     /// An assistant message already answers it: an earlier run of the job saved the reply.
     pub answered: bool,
     pub system_prompt: String,
@@ -19,6 +25,9 @@ pub struct CompletionSubject {
     pub owner_id: i64,
     /// The linked related chat, only while the owner still takes part in it.
     pub related_chat_id: Option<i64>,
+    /// What the message holds of its user's budget (`budget::Reservation::of_message`).
+    pub budget_day: Option<NaiveDate>,
+    pub budget_tokens: Option<i32>,
 }
 
 /// One earlier message of the conversation, as the model sees it.
@@ -46,28 +55,47 @@ pub struct NewReply {
     pub content_tokens: Option<i32>,
     /// Tokens of the user message it answers, stored on that message likewise.
     pub question_tokens: Option<i32>,
+    /// Its user stopped it while it streamed: `content` is what was generated until then.
+    pub stopped: bool,
 }
 
-/// The user message `message_id` with its chat; `None` when it no longer exists (deleted with
-/// its chat) or is not a user message.
+/// Takes the user message `message_id` for a run of its job, and reads it with its chat:
+/// a message that waits (`queued`, or `answering` when an earlier run died) becomes
+/// `answering` and `claimed`. `None` when it no longer exists (deleted with its chat) or is not
+/// a user message.
+///
+/// The message's other columns are read as the statement began: when a concurrent statement
+/// ended the message meanwhile (a save, a cancel), `claimed` is false and the rest may be
+/// older than that change; a caller that is not `claimed` reads what it needs again.
 #[tracing::instrument(skip(db))]
-pub async fn find_completion_subject(
+pub async fn claim_completion_subject(
     db: impl PgExecutor<'_>,
     message_id: i64,
 ) -> Result<Option<CompletionSubject>> {
     let subject = sqlx::query_as!(
         CompletionSubject,
-        r#"select m.id as message_id, m.ai_chat_id, m.content, m.status,
+        r#"with claimed as (
+               update ai_messages set status = $3
+               where id = $1 and role = $2 and status in ($3, $4)
+               returning id, stop_requested_at
+           )
+           select m.id as message_id, m.ai_chat_id, m.content,
+                  c.id is not null as "claimed!",
+                  c.stop_requested_at is not null as "stop_requested!",
                   exists (select 1 from ai_messages r where r.reply_to = m.id) as "answered!",
                   a.system_prompt, a.model, a.user_id as owner_id,
                   case when exists (select 1 from chat_participants p
                                     where p.chat_id = a.related_chat_id and p.user_id = a.user_id)
-                       then a.related_chat_id end as related_chat_id
+                       then a.related_chat_id end as related_chat_id,
+                  m.budget_day, m.budget_tokens
            from ai_messages m
            join ai_chats a on a.id = m.ai_chat_id
+           left join claimed c on c.id = m.id
            where m.id = $1 and m.role = $2"#,
         message_id,
         Role::User.as_str(),
+        MessageStatus::Answering.as_str(),
+        MessageStatus::Queued.as_str(),
     )
     .fetch_optional(db)
     .await?;
@@ -77,9 +105,10 @@ pub async fn find_completion_subject(
 /// The conversation before user message `before_id`: the latest `limit` user and assistant
 /// messages, oldest first.
 ///
-/// Earlier user messages count whatever their status except `failed` (they got no answer and
-/// the user saw an error, so the model should not answer them now); queued ones stay, they are
-/// part of what the user said. Assistant messages are placed right after the message they
+/// Earlier user messages count whatever their status except `failed` and `cancelled` (they got
+/// no answer and the user saw an error or stopped them, so the model should not answer them
+/// now); queued ones stay, they are part of what the user said. A stopped reply counts as it
+/// was saved: the text the user saw. Assistant messages are placed right after the message they
 /// answer (`reply_to`), not by their own id, so a reply saved late still follows its question.
 ///
 /// The index `ai_messages_ai_chat_id_turn_idx` is `(ai_chat_id, coalesce(reply_to, id) desc,
@@ -100,7 +129,7 @@ pub async fn list_history(
              from ai_messages m
              where m.ai_chat_id = $1
                and coalesce(m.reply_to, m.id) < $2
-               and ((m.role = $3 and m.id < $2 and m.status <> $5) or m.role = $4)
+               and ((m.role = $3 and m.id < $2 and m.status not in ($5, $7)) or m.role = $4)
              order by turn desc, m.id desc
              limit $6
            ) latest
@@ -111,6 +140,7 @@ pub async fn list_history(
         Role::Assistant.as_str(),
         MessageStatus::Failed.as_str(),
         limit,
+        MessageStatus::Cancelled.as_str(),
     )
     .fetch_all(db)
     .await?;
@@ -157,6 +187,7 @@ pub async fn save_replies(
     let mut latencies = Vec::with_capacity(n);
     let mut content_tokens = Vec::with_capacity(n);
     let mut question_tokens = Vec::with_capacity(n);
+    let mut stopped = Vec::with_capacity(n);
     for (question, reply) in replies {
         questions.push(*question);
         contents.push(reply.content.as_str());
@@ -167,15 +198,17 @@ pub async fn save_replies(
         latencies.push(reply.latency_ms);
         content_tokens.push(reply.content_tokens);
         question_tokens.push(reply.question_tokens);
+        stopped.push(reply.stopped);
     }
     let rows = sqlx::query_as!(
         AiMessage,
         r#"with input as (
              select distinct on (t.question_id) t.*
              from unnest($1::bigint[], $2::text[], $3::integer[], $4::integer[], $5::integer[],
-                         $6::text[], $7::integer[], $8::integer[], $9::integer[])
+                         $6::text[], $7::integer[], $8::integer[], $9::integer[], $13::boolean[])
                   with ordinality as t(question_id, content, prompt_tokens, completion_tokens,
-                      total_tokens, model, latency_ms, content_tokens, question_tokens, ord)
+                      total_tokens, model, latency_ms, content_tokens, question_tokens, stopped,
+                      ord)
              order by t.question_id, t.ord
          ), chats as materialized (
              select a.id from ai_chats a
@@ -190,15 +223,16 @@ pub async fn save_replies(
              for no key update of q
          ), m as (
              insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
-                 completion_tokens, total_tokens, model, latency_ms, reply_to, content_tokens)
+                 completion_tokens, total_tokens, model, latency_ms, reply_to, content_tokens,
+                 stopped)
              select u.ai_chat_id, $10, i.content, $11, i.prompt_tokens, i.completion_tokens,
-                 i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens
+                 i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens, i.stopped
              from input i join questions u on u.id = i.question_id
              order by u.id
              on conflict (reply_to) where reply_to is not null do nothing
              returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                 m.model, m.reply_to
+                 m.model, m.reply_to, m.stopped
          ), answered as (
              update ai_messages q set status = $12, error = null,
                  content_tokens = coalesce(i.question_tokens, q.content_tokens)
@@ -221,6 +255,7 @@ pub async fn save_replies(
         Role::Assistant.as_str(),
         MessageStatus::Complete.as_str(),
         MessageStatus::Answered.as_str(),
+        &stopped,
     )
     .fetch_all(db)
     .await?;
@@ -237,18 +272,19 @@ pub async fn save_replies(
     Ok(saved)
 }
 
-/// Marks a user message `failed` with a user-safe `error`, unless it has been answered in the
-/// meantime. Returns whether it changed.
+/// Marks a user message `failed` with a user-safe `error`, unless it has been answered (or
+/// cancelled) in the meantime. Returns whether it changed.
 #[tracing::instrument(skip(db, error))]
 pub async fn mark_failed(db: impl PgExecutor<'_>, message_id: i64, error: &str) -> Result<bool> {
     let done = sqlx::query!(
         r#"update ai_messages set status = $3, error = $2
-           where id = $1 and role = $4 and status <> $5"#,
+           where id = $1 and role = $4 and status in ($5, $6)"#,
         message_id,
         error,
         MessageStatus::Failed.as_str(),
         Role::User.as_str(),
-        MessageStatus::Answered.as_str(),
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Answering.as_str(),
     )
     .execute(db)
     .await?;

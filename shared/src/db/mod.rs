@@ -29,6 +29,29 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::config::DatabaseSettings;
 
+/// The [`AiMessage`](crate::domain::AiMessage) in `$row`, a row of a `query!` that selected
+/// the message's columns as `db/ai_messages.rs` lists them. Fields are moved out one by one, so
+/// the row's other columns stay usable.
+macro_rules! ai_message_of {
+    ($row:ident) => {
+        crate::domain::AiMessage {
+            id: $row.id,
+            ai_chat: $row.ai_chat,
+            role: $row.role,
+            content: $row.content,
+            timestamp: $row.timestamp,
+            prompt_tokens: $row.prompt_tokens,
+            completion_tokens: $row.completion_tokens,
+            total_tokens: $row.total_tokens,
+            status: $row.status,
+            error: $row.error,
+            model: $row.model,
+            reply_to: $row.reply_to,
+            stopped: $row.stopped,
+        }
+    };
+}
+
 pub mod admin;
 pub mod ai_chats;
 pub mod ai_messages;
@@ -37,6 +60,7 @@ pub mod completions;
 pub mod retry;
 pub mod sessions;
 pub mod stale;
+pub mod stops;
 pub mod usage;
 pub mod users;
 

@@ -4,7 +4,7 @@ use sqlx::PgExecutor;
 use crate::domain::ContextOptions;
 use crate::error::Result;
 
-/// A user message still `queued` after the sweep's grace period.
+/// A user message still waiting (`queued`, or `answering`) after the sweep's grace period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaleMessage {
     pub id: i64,
@@ -12,7 +12,7 @@ pub struct StaleMessage {
     pub options: ContextOptions,
 }
 
-/// User messages `queued` (and not re-dispatched) for longer than `grace_secs`, with an id
+/// User messages waiting (and not re-dispatched) for longer than `grace_secs`, with an id
 /// above `after_id`, oldest first, at most `limit`.
 #[tracing::instrument(skip(db))]
 pub async fn list_stale_queued(
@@ -24,7 +24,7 @@ pub async fn list_stale_queued(
     let rows = sqlx::query!(
         r"select id, ai_chat_id, include_related_chat_context, context_message_limit
           from ai_messages
-          where role = 'user' and status = 'queued' and id > $1
+          where role = 'user' and status in ('queued', 'answering') and id > $1
             and coalesce(dispatched_at, timestamp) < now() - make_interval(secs => $2)
           order by id limit $3",
         after_id,

@@ -28,6 +28,7 @@ fn reply_of(content: &str, tokens: i32) -> NewReply {
         latency_ms: 5,
         content_tokens: Some(tokens),
         question_tokens: Some(tokens + 100),
+        stopped: false,
     }
 }
 

@@ -63,6 +63,7 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
             user_id: alice.id,
             content: format!("backlog message {i}"),
             options,
+            budget: None,
         })
         .collect();
     let sent: Vec<(i64, i64)> = db::ai_messages::insert_owned_user_messages(&mut *tx, &batch)

@@ -1,13 +1,16 @@
 //! What a client may send over the socket: `{"type": "message", "content", ...}` is sent as
-//! REST's `send_message` would (the same rules, [`SendMessage`]); any other type (`typing`
-//! included) is ignored. A frame's problem comes back as the text of an `error` event.
+//! REST's `send_message` would (the same rules, [`SendMessage`]); `{"type": "stop",
+//! "message_id": N}` stops a message as REST's `stop` would (its outcome comes as the chat's
+//! events); any other type (`typing` included) is ignored. A frame's problem comes back as the
+//! text of an `error` event.
 use serde::Deserialize;
 
 use aichat_shared::domain::User;
 
 use crate::error::ApiError;
 use crate::json_body::{self, BodyError};
-use crate::send::{SendFields, SendMessage, submit_message};
+use crate::send::stop::Recorded;
+use crate::send::{self, SendFields, SendMessage, submit_message};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -19,6 +22,8 @@ struct ClientFrame {
     content: Option<serde_json::Value>,
     include_related_chat_context: Option<bool>,
     context_message_limit: Option<i64>,
+    /// For `stop`: any JSON value, told when it is not a message id.
+    message_id: Option<serde_json::Value>,
 }
 
 impl ClientFrame {
@@ -43,8 +48,10 @@ pub(super) async fn handle_frame(
         Err(BodyError::Syntax(_)) => return Some("Invalid JSON".into()),
         Err(err) => return Some(err.message()),
     };
-    if frame.kind.as_deref() != Some("message") {
-        return None;
+    match frame.kind.as_deref() {
+        Some("message") => {}
+        Some("stop") => return stop(state, user, frame.message_id.as_ref()).await,
+        _ => return None,
     }
     let send = match SendMessage::parse(frame.fields(), state.settings.max_content_chars) {
         Ok(send) => send,
@@ -54,10 +61,37 @@ pub(super) async fn handle_frame(
     let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
     match submit_message(state, user.id, ai_chat_id, send, request_id).await {
         Ok(_) => None, // the `user_message` event comes back through the fan-out
-        Err(ApiError::Internal(err)) => {
-            tracing::error!(error = ?err, "WebSocket message failed");
-            Some("Internal server error".into())
+        Err(err) => Some(socket_error(err, "WebSocket message failed")),
+    }
+}
+
+/// A `stop` frame: the message of any of the user's chats (as REST's route takes it), its
+/// outcome published to that chat. Only a refusal is answered here.
+async fn stop(
+    state: &AppState,
+    user: &User,
+    message_id: Option<&serde_json::Value>,
+) -> Option<String> {
+    let Some(message_id) = message_id.and_then(serde_json::Value::as_i64) else {
+        return Some("message_id: must be the id of a message".into());
+    };
+    let recorded = send::stop::record(state, user.id, message_id, |_| async { Ok(()) }).await;
+    let refused = match recorded {
+        Ok(Recorded::Ended) => send::stop::outcome(state, user.id, message_id).await.err(),
+        Ok(Recorded::Cancelled(_) | Recorded::Requested) => None,
+        Err(err) => Some(err),
+    };
+    refused.map(|err| socket_error(err, "WebSocket stop failed"))
+}
+
+/// The text of an `error` event for `err`: its own words, or no detail for an internal error
+/// (logged with `what`).
+fn socket_error(err: ApiError, what: &'static str) -> String {
+    match err {
+        ApiError::Internal(err) => {
+            tracing::error!(error = ?err, "{what}");
+            "Internal server error".into()
         }
-        Err(err) => Some(err.to_string()),
+        err => err.to_string(),
     }
 }

@@ -1,0 +1,145 @@
+//! Stopping and retrying user messages: the API's requests (`request_stop`, `requeue`) and the
+//! worker's end of a stopped message (`cancel`). The worker takes a message with
+//! `completions::claim_completion_subject`, which is what moves it from `queued` to
+//! `answering`: a stop finds it either still `queued` (nobody asked the model: it is cancelled
+//! on the spot) or `answering` (only its worker can end it, so the stop is recorded for it).
+//!
+//! Each statement changes one row, so none can close a lock cycle (`db/mod.rs`).
+use chrono::NaiveDate;
+use sqlx::PgExecutor;
+
+use crate::domain::{AiMessage, ContextOptions, MessageStatus, Role};
+use crate::error::Result;
+
+/// A user message a stop request changed.
+#[derive(Debug, Clone)]
+pub struct Stopping {
+    /// The message as the stop left it: `cancelled` (it was still `queued`) or `answering`
+    /// (its worker has to stop it).
+    pub message: AiMessage,
+    /// What it holds of its user's budget (`budget::Reservation::of_message`).
+    pub budget_day: Option<NaiveDate>,
+    pub budget_tokens: Option<i32>,
+}
+
+/// Asks to stop `message_id`, a user message of one of `user_id`'s chats that waits for its
+/// reply: a `queued` one becomes `cancelled`; an `answering` one keeps its status and gets
+/// `stop_requested_at`, for its worker (told over pub/sub, or reading it when it takes the job
+/// over). `None` when the message is not such a message (not the user's, not a user message,
+/// or no longer waiting): the caller reads it again to say which.
+#[tracing::instrument(skip(db))]
+pub async fn request_stop(
+    db: impl PgExecutor<'_>,
+    message_id: i64,
+    user_id: i64,
+) -> Result<Option<Stopping>> {
+    let row = sqlx::query!(
+        r#"update ai_messages m
+           set status = case when m.status = $4 then $5 else m.status end,
+               stop_requested_at = coalesce(m.stop_requested_at, now())
+           from ai_chats a
+           where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id and a.user_id = $2
+             and m.status in ($4, $6)
+           returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
+                     m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens,
+                     m.status as "status: MessageStatus", m.error, m.model, m.reply_to,
+                     m.stopped, m.budget_day, m.budget_tokens"#,
+        message_id,
+        user_id,
+        Role::User.as_str(),
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Cancelled.as_str(),
+        MessageStatus::Answering.as_str(),
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|row| Stopping {
+        message: ai_message_of!(row),
+        budget_day: row.budget_day,
+        budget_tokens: row.budget_tokens,
+    }))
+}
+
+/// Ends a user message that waits for its reply as `cancelled` (its worker was told to stop
+/// before the model was asked). False when it no longer waits.
+#[tracing::instrument(skip(db))]
+pub async fn cancel(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
+    let done = sqlx::query!(
+        r#"update ai_messages set status = $3
+           where id = $1 and role = $2 and status in ($4, $5)"#,
+        message_id,
+        Role::User.as_str(),
+        MessageStatus::Cancelled.as_str(),
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Answering.as_str(),
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A user message queued again by its user.
+#[derive(Debug, Clone)]
+pub struct Requeued {
+    pub message: AiMessage,
+    /// What its new job asks (as its first send did).
+    pub options: ContextOptions,
+}
+
+/// Puts `message_id`, a `failed` or `cancelled` user message of one of `user_id`'s chats, back
+/// to `queued`: its error and stop request cleared, its new budget reservation recorded, and
+/// `dispatched_at` set so the sweeper gives its new job a full grace period. `None` when it is
+/// not such a message; concurrent requeues of one message change it once.
+#[tracing::instrument(skip(db))]
+pub async fn requeue(
+    db: impl PgExecutor<'_>,
+    message_id: i64,
+    user_id: i64,
+    budget: Option<(NaiveDate, i32)>,
+) -> Result<Option<Requeued>> {
+    let row = sqlx::query!(
+        r#"update ai_messages m
+           set status = $4, error = null, stop_requested_at = null, dispatched_at = now(),
+               budget_day = $7, budget_tokens = $8
+           from ai_chats a
+           where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id and a.user_id = $2
+             and m.status in ($5, $6)
+           returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
+                     m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens,
+                     m.status as "status: MessageStatus", m.error, m.model, m.reply_to,
+                     m.stopped, m.include_related_chat_context, m.context_message_limit"#,
+        message_id,
+        user_id,
+        Role::User.as_str(),
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Failed.as_str(),
+        MessageStatus::Cancelled.as_str(),
+        budget.map(|(day, _)| day),
+        budget.map(|(_, tokens)| tokens),
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|row| Requeued {
+        message: ai_message_of!(row),
+        options: ContextOptions {
+            include_related_chat_context: row.include_related_chat_context,
+            context_message_limit: row.context_message_limit,
+        },
+    }))
+}
+
+/// Of `message_ids`, those whose user asked to stop them while they were answered: what a
+/// worker checks for its running jobs when its pub/sub connection (re)subscribes, having
+/// possibly missed a request meanwhile.
+#[tracing::instrument(skip(db))]
+pub async fn stop_requested(db: impl PgExecutor<'_>, message_ids: &[i64]) -> Result<Vec<i64>> {
+    let ids = sqlx::query_scalar!(
+        r#"select id from ai_messages
+           where id = any($1) and stop_requested_at is not null and status = $2"#,
+        message_ids,
+        MessageStatus::Answering.as_str(),
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(ids)
+}

@@ -1,0 +1,190 @@
+//! Stop requests reaching the job that answers the message, in whichever worker process it
+//! runs. The API records the request in the database (`db::stops::request_stop`) and then
+//! publishes the message id on the namespace's stop channel; every worker process listens on
+//! it and tells its job for that message, if it runs one.
+//!
+//! Nothing is missed between the two: a job registers its message here *before* it takes the
+//! message (`queued` → `answering`), so a request that finds the message `answering` is
+//! published after the job listens; a job that takes over a message whose stop was requested
+//! earlier reads `stop_requested` when it takes it; and a request published while this
+//! process's pub/sub connection was down is found in the database when the connection has
+//! subscribed again (every running job's message is checked then).
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+
+use aichat_shared::db;
+use aichat_shared::keys::Namespace;
+use aichat_shared::lock::lock;
+use aichat_shared::redis_conn::{self, value_text};
+
+/// The messages this process's jobs are answering, each with the switch that stops them.
+#[derive(Default)]
+pub struct StopRequests {
+    running: Mutex<HashMap<i64, Running>>,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    /// Runs of the message's job in this process (a duplicate job can run beside the first).
+    runs: usize,
+}
+
+/// Registers one run's message until dropped; [`Listening::receiver`] turns true at a stop
+/// request.
+pub struct Listening {
+    requests: Arc<StopRequests>,
+    message_id: i64,
+    receiver: watch::Receiver<bool>,
+}
+
+impl Listening {
+    pub fn receiver(&self) -> watch::Receiver<bool> {
+        self.receiver.clone()
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let mut running = lock(&self.requests.running);
+        if let Some(entry) = running.get_mut(&self.message_id) {
+            entry.runs -= 1;
+            if entry.runs == 0 {
+                running.remove(&self.message_id);
+            }
+        }
+    }
+}
+
+impl StopRequests {
+    pub fn new() -> Arc<StopRequests> {
+        Arc::new(StopRequests::default())
+    }
+
+    /// Starts listening for stop requests of `message_id`.
+    pub fn listen(self: &Arc<Self>, message_id: i64) -> Listening {
+        let mut running = lock(&self.running);
+        let entry = running.entry(message_id).or_insert_with(|| Running {
+            stop: watch::channel(false).0,
+            runs: 0,
+        });
+        entry.runs += 1;
+        Listening {
+            requests: self.clone(),
+            message_id,
+            receiver: entry.stop.subscribe(),
+        }
+    }
+
+    /// Stops the runs of `message_id` in this process; false when none runs here.
+    pub fn stop(&self, message_id: i64) -> bool {
+        match lock(&self.running).get(&message_id) {
+            Some(entry) => {
+                entry.stop.send_replace(true);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn running_messages(&self) -> Vec<i64> {
+        lock(&self.running).keys().copied().collect()
+    }
+
+    /// Subscribes to the namespace's stop channel and routes what it carries, for as long as
+    /// this registry lives.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        redis_url: &str,
+        ns: &Namespace,
+        db: PgPool,
+    ) -> redis::RedisResult<()> {
+        let (mut conn, pushes) = redis_conn::connect_pubsub(redis_url).await?;
+        conn.subscribe(ns.stop_requests()).await?;
+        tokio::spawn(route(Arc::downgrade(self), conn, pushes, db));
+        Ok(())
+    }
+
+    /// Stops the runs whose message has a recorded stop request: what the pub/sub channel may
+    /// have carried while this process was not subscribed.
+    async fn check_recorded(&self, db: &PgPool) {
+        let running = self.running_messages();
+        if running.is_empty() {
+            return;
+        }
+        match db::stops::stop_requested(db, &running).await {
+            Ok(ids) => {
+                for id in ids {
+                    self.stop(id);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not check the running messages for stop requests")
+            }
+        }
+    }
+}
+
+async fn route(
+    requests: Weak<StopRequests>,
+    conn: ConnectionManager,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    db: PgPool,
+) {
+    while let Some(push) = pushes.recv().await {
+        let Some(requests) = requests.upgrade() else {
+            return;
+        };
+        match push.kind {
+            PushKind::Message => {
+                let id = push
+                    .data
+                    .get(1)
+                    .and_then(value_text)
+                    .and_then(|payload| payload.parse::<i64>().ok());
+                if let Some(id) = id
+                    && requests.stop(id)
+                {
+                    tracing::info!(message_id = id, "stop requested; stopping its run");
+                }
+            }
+            // Also the subscription made again after a reconnect.
+            PushKind::Subscribe => requests.check_recorded(&db).await,
+            PushKind::Disconnection => {
+                tracing::warn!("stop-request connection to Redis lost; reconnecting");
+                let conn = conn.clone();
+                let alive = Arc::downgrade(&requests);
+                tokio::spawn(redis_conn::reconnect(move || {
+                    alive.upgrade().map(|_| conn.clone())
+                }));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_reaches_every_run_of_the_message_until_the_last_ends() {
+        let requests = StopRequests::new();
+        let first = requests.listen(7);
+        let second = requests.listen(7);
+        let other = requests.listen(8);
+        assert!(requests.stop(7));
+        assert!(*first.receiver().borrow());
+        assert!(*second.receiver().borrow());
+        assert!(!*other.receiver().borrow());
+        drop(first);
+        assert!(requests.stop(7));
+        drop(second);
+        assert!(!requests.stop(7));
+        assert_eq!(requests.running_messages(), vec![8]);
+    }
+}
