@@ -140,6 +140,15 @@ function assertNoTokenInSocketUrls() {
   }
 }
 
+/** The fake model's reply when `reply_words` is set: that many words cycling through these. */
+const LOREM = ['lorem', 'ipsum', 'dolor', 'sit', 'amet', 'consectetur', 'adipiscing', 'elit'];
+const lorem = (words) => Array.from({ length: words }, (_, i) => LOREM[i % LOREM.length]).join(' ');
+
+/** Resolves to the page's next `POST` to `path`. */
+function nextPost(p, path) {
+  return p.waitForResponse((r) => r.request().method() === 'POST' && new URL(r.url()).pathname === path);
+}
+
 /** `document.documentElement.scrollWidth`: wider than the viewport means sideways scrolling. */
 const pageWidth = (p) => p.evaluate(() => document.documentElement.scrollWidth);
 
@@ -452,11 +461,142 @@ test('a message the model refuses is shown failed with its error', { timeout: TE
   await failed.waitFor();
   assert.match(await failed.locator('.msg-error').textContent(), /could not process this message/);
   assert.equal(await failed.locator('.status').textContent(), 'failed');
+  await failed.getByRole('button', { name: 'Retry' }).waitFor(); // clicked in a later test
+  assert.equal(await page.getByRole('button', { name: 'Stop' }).count(), 0, 'nothing to stop');
   await shot(page, 'chat-failed-desktop');
   // A reload shows the same, from the stored message.
   await page.reload();
   await page.locator('li.user.failed .msg-error', { hasText: 'could not process' }).waitFor();
+  await page.locator('li.user.failed').getByRole('button', { name: 'Retry' }).waitFor();
   await page.locator('#conn[data-state="live"]').waitFor();
+});
+
+test('a streaming reply is stopped: its text so far stays, marked stopped, also after a reload', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const before = await fake('GET', '/_fake/config');
+  const words = 400;
+  const delay = 100;
+  // 40 s of reply: the stop comes long before its end.
+  await fake('PUT', '/_fake/config', { reply_words: words, chunk_delay_ms: delay });
+  try {
+    await page.locator('#message-input').fill('Tell me everything, at length');
+    await page.locator('#message-input').press('Enter');
+    const mine = page.locator('li.user', { hasText: 'Tell me everything, at length' });
+    await mine.waitFor();
+    const id = Number(await mine.getAttribute('data-id'));
+    const bubble = page.locator(`li.assistant[data-reply-to="${id}"]`);
+    const stop = bubble.getByRole('button', { name: 'Stop' });
+    await stop.waitFor();
+
+    // Some of the reply is on screen first.
+    await page.waitForFunction(
+      (id) => {
+        const text = document.querySelector(`li.assistant.streaming[data-reply-to="${id}"] .content`)?.textContent;
+        return text && text.split(' ').length >= 5;
+      },
+      id,
+      { timeout: STEP_MS, polling: 10 },
+    );
+    await shot(page, 'chat-stop-streaming-desktop');
+    const stopped = nextPost(page, `/api/ai/messages/${id}/stop/`);
+    await stop.click();
+    const status = (await stopped).status();
+    assert.ok(status === 200 || status === 202, `the stop answered ${status}`);
+
+    // The bubble keeps the words it had, as the (stopped) reply.
+    const reply = page.locator(`li.assistant.stopped[data-id][data-reply-to="${id}"]`);
+    await reply.waitFor();
+    await reply.locator('.meta').getByText('stopped', { exact: true }).waitFor();
+    // Words come with their spaces: the last one may still have its own.
+    const text = (await reply.locator('.content').textContent()).trim();
+    const kept = text.split(' ').length;
+    assert.ok(kept >= 5 && kept < words, `${kept} of ${words} words kept`);
+    assert.ok(lorem(words).startsWith(text), `"${text}" is how the reply began`);
+    assert.equal(await reply.evaluate((n) => n.classList.contains('streaming')), false);
+    assert.equal(await page.getByRole('button', { name: 'Stop' }).count(), 0, 'nothing left to stop');
+    assert.equal(await mine.getAttribute('data-status'), 'answered');
+    await shot(page, 'chat-stopped-desktop');
+
+    // The server kept that same text.
+    const { body: messages } = await apiAs(token, 'GET', `/api/ai/chats/${shared.chatId}/messages/?after_id=${id - 1}`);
+    const saved = messages.filter((m) => m.reply_to === id);
+    assert.equal(saved.length, 1, `one reply saved: ${JSON.stringify(saved)}`);
+    assert.equal(saved[0].stopped, true);
+    assert.equal(saved[0].content.trim(), text);
+
+    // No more words come: the absence of something can only be watched over a while, here
+    // as long as ten more words of the stream would have taken.
+    await page.waitForTimeout(10 * delay);
+    assert.equal((await reply.locator('.content').textContent()).trim(), text);
+    assert.equal(await page.locator(`li.assistant[data-reply-to="${id}"]`).count(), 1, 'no second bubble');
+
+    // A reload shows the stopped reply, from the stored message.
+    await page.reload();
+    await page.locator('#conn[data-state="live"]').waitFor();
+    const again = page.locator(`li.assistant.stopped[data-id="${saved[0].id}"]`);
+    await again.waitFor();
+    assert.equal((await again.locator('.content').textContent()).trim(), text);
+    await again.locator('.meta').getByText('stopped', { exact: true }).waitFor();
+    assert.equal(await page.getByRole('button', { name: 'Stop' }).count(), 0);
+  } finally {
+    await fake('PUT', '/_fake/config', { reply_words: before.reply_words, chunk_delay_ms: before.chunk_delay_ms });
+  }
+});
+
+test('a message stopped before the model answers is cancelled, and Retry gets it answered', { timeout: TEST_MS }, async () => {
+  // A stop is a cancel while the worker does not wait on the model: here, 5 s between a first
+  // attempt the model refused with `Retry-After: 5` and the next. (A stop while a request to
+  // the model is open keeps what it sent so far: the previous test.)
+  await fake('DELETE', '/_fake/requests');
+  await fake('POST', '/_fake/script', { kind: 'rate_limited', retry_after: '5' });
+  try {
+    const text = 'Answer me later, please';
+    await page.locator('#message-input').fill(text);
+    await page.locator('#message-input').press('Enter');
+    const mine = page.locator('li.user', { hasText: text });
+    await mine.waitFor();
+    const id = Number(await mine.getAttribute('data-id'));
+    const deadline = Date.now() + STEP_MS;
+    while (!(await fake('GET', '/_fake/requests')).some((r) => r.outcome === 'rate_limited')) {
+      assert.ok(Date.now() < deadline, 'the worker asked the model');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const stopped = nextPost(page, `/api/ai/messages/${id}/stop/`);
+    await page.locator(`li.assistant[data-reply-to="${id}"]`).getByRole('button', { name: 'Stop' }).click();
+    const status = (await stopped).status();
+    assert.ok(status === 200 || status === 202, `the stop answered ${status}`);
+
+    await page.locator(`li.user.cancelled[data-id="${id}"]`).waitFor();
+    assert.equal(await mine.locator('.status').textContent(), 'cancelled');
+    const retry = mine.getByRole('button', { name: 'Retry' });
+    await retry.waitFor();
+    assert.equal(await page.locator(`li.assistant[data-reply-to="${id}"]`).count(), 0, 'no reply, not even a pending one');
+    assert.equal(await page.getByRole('button', { name: 'Stop' }).count(), 0, 'nothing left to stop');
+    await shot(page, 'chat-cancelled-desktop');
+
+    // Stored so: a reload shows it the same.
+    await page.reload();
+    await page.locator('#conn[data-state="live"]').waitFor();
+    await page.locator(`li.user.cancelled[data-id="${id}"]`).waitFor();
+    await retry.waitFor();
+    assert.equal(await page.locator(`li.assistant[data-reply-to="${id}"]`).count(), 0);
+
+    // Retry: the same message is queued again and answered.
+    await fake('DELETE', '/_fake/script'); // an answer at once this time
+    const retried = nextPost(page, `/api/ai/messages/${id}/retry/`);
+    await retry.click();
+    assert.equal((await retried).status(), 202);
+    await page.locator(`li.assistant[data-id][data-reply-to="${id}"] .content`, { hasText: `Echo: ${text}` }).waitFor();
+    await page.locator(`li.user[data-id="${id}"][data-status="answered"]`).waitFor();
+    assert.equal(await page.locator('li.user', { hasText: text }).count(), 1, 'the message is shown once');
+    assert.equal(await page.locator(`li.assistant[data-reply-to="${id}"]`).count(), 1, 'one reply');
+    assert.equal(await page.locator(`li.assistant.stopped[data-reply-to="${id}"]`).count(), 0);
+    assert.equal(await mine.evaluate((n) => n.classList.contains('cancelled')), false);
+    assert.equal(await retry.count(), 0, 'no Retry on an answered message');
+    assert.equal(await page.getByRole('button', { name: 'Stop' }).count(), 0);
+  } finally {
+    await fake('DELETE', '/_fake/script');
+  }
 });
 
 test('an AI chat is created with the model and related user chat chosen', { timeout: TEST_MS }, async () => {
@@ -619,6 +759,7 @@ test('staff see the chart, usage, chats, messages and re-drive a dead job', { ti
   // The user's open chat page gets the reply live.
   await page.locator('li.assistant[data-id] .content', { hasText: 'Echo: This one fails' }).waitFor();
   await page.locator('li.user[data-status="answered"]', { hasText: 'This one fails' }).waitFor();
+  assert.equal(await page.locator('li.user', { hasText: 'This one fails' }).getByRole('button', { name: 'Retry' }).count(), 0);
 
   // At phone width the tables become cards and nothing scrolls sideways.
   await admin.setViewportSize(PHONE);
@@ -631,6 +772,35 @@ test('staff see the chart, usage, chats, messages and re-drive a dead job', { ti
   assert.ok((await pageWidth(admin)) <= PHONE.width, `admin page ${await pageWidth(admin)} px wide`);
   await shot(admin, 'admin-phone');
   await context.close();
+});
+
+// After the staff page's test, which counts the dead jobs: this failure leaves one more.
+test('a failed message is retried from the page: its error goes and the reply comes', { timeout: TEST_MS }, async () => {
+  await page.locator('#conn[data-state="live"]').waitFor();
+  await fake('POST', '/_fake/script', { kind: 'bad_request' });
+  const text = 'Fail first, then succeed';
+  await page.locator('#message-input').fill(text);
+  await page.locator('#message-input').press('Enter');
+  const failed = page.locator('li.user.failed', { hasText: text });
+  await failed.waitFor();
+  const id = Number(await failed.getAttribute('data-id'));
+  const mine = page.locator(`li.user[data-id="${id}"]`);
+  await mine.locator('.msg-error', { hasText: 'could not process' }).waitFor();
+
+  const retried = nextPost(page, `/api/ai/messages/${id}/retry/`);
+  await mine.getByRole('button', { name: 'Retry' }).click();
+  assert.equal((await retried).status(), 202);
+  await page.locator(`li.assistant[data-id][data-reply-to="${id}"] .content`, { hasText: `Echo: ${text}` }).waitFor();
+  await page.locator(`li.user[data-id="${id}"][data-status="answered"]`).waitFor();
+  assert.equal(await mine.locator('.msg-error').isVisible(), false, 'the error is gone');
+  assert.equal(await mine.evaluate((n) => n.classList.contains('failed')), false);
+  assert.equal(await mine.getByRole('button', { name: 'Retry' }).count(), 0);
+  assert.equal(await page.locator('li.user', { hasText: text }).count(), 1, 'the message is shown once');
+
+  await page.reload();
+  await page.locator(`li.assistant[data-id][data-reply-to="${id}"] .content`, { hasText: `Echo: ${text}` }).waitFor();
+  await page.locator(`li.user[data-id="${id}"][data-status="answered"]`).waitFor();
+  await page.locator('#conn[data-state="live"]').waitFor();
 });
 
 test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async () => {

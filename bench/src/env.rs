@@ -308,10 +308,11 @@ pub async fn worker_in_flight(http: &reqwest::Client, url: &str) -> Option<f64> 
     Some(started - ended)
 }
 
-/// Queued messages left in these chats.
+/// Messages of these chats still waiting for their reply (`queued`, or `answering`).
 pub async fn queued_in(db: &PgPool, chats: &[i64]) -> anyhow::Result<i64> {
     let n: i64 = sqlx::query_scalar(
-        "select count(*) from ai_messages where ai_chat_id = any($1) and role = 'user' and status = 'queued'",
+        "select count(*) from ai_messages where ai_chat_id = any($1) and role = 'user' \
+         and status in ('queued', 'answering')",
     )
     .bind(chats)
     .fetch_one(db)
@@ -322,11 +323,12 @@ pub async fn queued_in(db: &PgPool, chats: &[i64]) -> anyhow::Result<i64> {
 /// Deletes the messages of these chats still waiting for a reply: their jobs go with the
 /// scenario's namespace, and the next scenarios' sweepers would otherwise queue them again.
 pub async fn forget_queued(db: &PgPool, chats: &[i64]) -> anyhow::Result<u64> {
-    let done =
-        sqlx::query("delete from ai_messages where ai_chat_id = any($1) and status = 'queued'")
-            .bind(chats)
-            .execute(db)
-            .await?;
+    let done = sqlx::query(
+        "delete from ai_messages where ai_chat_id = any($1) and status in ('queued', 'answering')",
+    )
+    .bind(chats)
+    .execute(db)
+    .await?;
     Ok(done.rows_affected())
 }
 

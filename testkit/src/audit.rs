@@ -42,8 +42,13 @@ impl Audit {
             .collect()
     }
 
+    /// Messages still waiting for their reply (`queued`, or `answering`).
     pub fn queued(&self) -> Vec<i64> {
-        self.with_status("queued")
+        self.messages
+            .iter()
+            .filter(|m| m.status == "queued" || m.status == "answering")
+            .map(|m| m.id)
+            .collect()
     }
 
     /// Messages with more than one reply.

@@ -77,8 +77,8 @@ pub enum CompletionError {
     /// The worker is stopping; the job should run again elsewhere.
     #[error("the worker is shutting down")]
     Cancelled,
-    /// Its user stopped the message while no attempt was streaming (waiting for the rate
-    /// limit, or between attempts): there is no reply.
+    /// Its user stopped the message before any of its text came (waiting for the rate limit,
+    /// between attempts, or before the first chunk): there is no reply.
     #[error("stopped by its user before the model answered")]
     Stopped,
 }
@@ -180,7 +180,7 @@ impl LlmClient {
     ///
     /// `stop` turning true (its user's stop request) ends the call at once: during an attempt,
     /// the stream is dropped (closing the connection, so the provider stops generating) and the
-    /// text received so far is the `stopped` reply; otherwise there is no reply
+    /// text received so far is the `stopped` reply; when no text came yet there is no reply
     /// ([`CompletionError::Stopped`]). `cancel` (the worker's shutdown) only ends waits.
     pub async fn complete(
         &self,
@@ -223,6 +223,15 @@ impl LlmClient {
             let result = self.attempt(body.clone(), chunks, stop).await;
             let elapsed = started.elapsed();
             let err = match result {
+                // Stopped before any text came: as if the model had not been asked.
+                Ok(Streamed {
+                    content,
+                    stopped: true,
+                    ..
+                }) if content.is_empty() => {
+                    metrics::model_call(model, "stopped", elapsed);
+                    return Err(CompletionError::Stopped);
+                }
                 Ok(Streamed {
                     content,
                     usage,

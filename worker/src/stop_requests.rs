@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use aichat_shared::db;
 use aichat_shared::keys::Namespace;
@@ -26,6 +26,9 @@ use aichat_shared::redis_conn::{self, value_text};
 #[derive(Default)]
 pub struct StopRequests {
     running: Mutex<HashMap<i64, Running>>,
+    /// Dropped with the registry: the subscription's task then ends, closing its Redis
+    /// connection and its handle on the database pool.
+    gone: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 struct Running {
@@ -105,7 +108,9 @@ impl StopRequests {
     ) -> redis::RedisResult<()> {
         let (mut conn, pushes) = redis_conn::connect_pubsub(redis_url).await?;
         conn.subscribe(ns.stop_requests()).await?;
-        tokio::spawn(route(Arc::downgrade(self), conn, pushes, db));
+        let (gone_tx, gone) = oneshot::channel();
+        *lock(&self.gone) = Some(gone_tx);
+        tokio::spawn(route(Arc::downgrade(self), conn, pushes, db, gone));
         Ok(())
     }
 
@@ -129,13 +134,20 @@ impl StopRequests {
     }
 }
 
+/// Routes the subscription's pushes until the registry is dropped.
 async fn route(
     requests: Weak<StopRequests>,
     conn: ConnectionManager,
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     db: PgPool,
+    mut gone: oneshot::Receiver<()>,
 ) {
-    while let Some(push) = pushes.recv().await {
+    loop {
+        let push = tokio::select! {
+            push = pushes.recv() => push,
+            _ = &mut gone => return,
+        };
+        let Some(push) = push else { return };
         let Some(requests) = requests.upgrade() else {
             return;
         };

@@ -1,7 +1,8 @@
 // The chat page: log in or register, list, create, rename and delete AI chats, and talk to the
 // model over the chat's WebSocket (`user_message`, `assistant_delta`, `assistant_message`,
-// `error`). The assistant's replies are shown as Markdown (markdown.js); the user's own
-// messages as the plain text they typed.
+// `message_cancelled`, `error`). A reply still to come can be stopped, and a failed or cancelled
+// message retried, over REST. The assistant's replies are shown as Markdown (markdown.js); the
+// user's own messages as the plain text they typed.
 import {
   $,
   api,
@@ -22,6 +23,11 @@ import { cancelRender, renderMarkdown, renderMarkdownSoon } from './markdown.js'
 
 const CONTEXT_MESSAGE_LIMIT = 20;
 const MAX_RECONNECT_DELAY_MS = 15000;
+/** User message statuses whose reply is still to come (it can be stopped). */
+const PENDING = new Set(['queued', 'answering']);
+/** User message statuses that ended without a reply (they can be retried). */
+const RETRYABLE = new Set(['failed', 'cancelled']);
+const STATUS_TEXT = { answered: '', answering: 'answering…' };
 
 const state = {
   chats: [],
@@ -443,6 +449,20 @@ function userNode(message) {
       el('span', { class: 'status' }),
     ),
     el('p', { class: 'msg-error', role: 'alert', hidden: true }),
+    el(
+      'div',
+      { class: 'msg-actions', hidden: true },
+      el(
+        'button',
+        {
+          type: 'button',
+          class: 'small retry',
+          title: 'Send this message to the assistant again',
+          onclick: () => retryMessage(message.id),
+        },
+        'Retry',
+      ),
+    ),
   );
 }
 
@@ -455,14 +475,28 @@ function assistantNode(replyTo) {
   );
 }
 
+/**
+ * Shows a user message's status: its error when failed, Retry when failed or cancelled, and
+ * the reply to come (with its Stop button) while queued or answering.
+ */
 function setStatus(node, status, error) {
   if (!node) return;
+  const id = Number(node.dataset.id);
+  const stick = nearBottom(); // what it shows below the message stays in view
   node.dataset.status = status;
   node.classList.toggle('failed', status === 'failed');
-  $('.status', node).textContent = status === 'answered' ? '' : status;
+  node.classList.toggle('cancelled', status === 'cancelled');
+  $('.status', node).textContent = STATUS_TEXT[status] ?? status;
   const errorText = $('.msg-error', node);
   errorText.textContent = status === 'failed' ? error || 'The assistant could not answer this message.' : '';
   errorText.hidden = status !== 'failed';
+  const actions = $('.msg-actions', node);
+  const retryable = RETRYABLE.has(status);
+  if (!retryable) releaseFocus($('.retry', actions));
+  show(actions, retryable);
+  if (PENDING.has(status)) ensurePendingReply(id);
+  else if (retryable) removePendingReply(id);
+  scrollToEnd(stick);
 }
 
 /** A user message, from the REST detail or a `user_message` event (which has no status). */
@@ -477,8 +511,15 @@ function addUserMessage(message) {
     else list.append(node);
     scrollToEnd(stick);
   }
-  if (message.status) setStatus(node, message.status, message.error);
-  else if (!node.dataset.status) setStatus(node, 'queued');
+  const current = node.dataset.status;
+  if (message.status) {
+    // A read older than the events already shown never makes an answered message pending again.
+    if (!(current === 'answered' && PENDING.has(message.status))) setStatus(node, message.status, message.error);
+  } else if (!current || RETRYABLE.has(current)) {
+    // An event about a message that had ended without a reply: it was retried (here or
+    // elsewhere), and the server queued it again under the same id.
+    setStatus(node, 'queued');
+  }
 }
 
 /** Puts `node` under its user message, after any reply already there. */
@@ -498,25 +539,51 @@ function placeReply(node, userId) {
 /** A streaming reply's `.content` -> the text received so far (its DOM is the rendered Markdown). */
 const streamed = new WeakMap();
 
-function streamDelta(userId, delta) {
+/** The reply still to come to user message `userId` (empty until its first words), with Stop. */
+function ensurePendingReply(userId) {
   let node = pendingReply(userId);
-  if (!node) {
-    node = assistantNode(userId);
-    node.classList.add('streaming');
-    // Re-rendered as it grows: screen readers wait for the finished reply instead of reading
-    // every version of it.
-    node.setAttribute('aria-busy', 'true');
-    $('.usage', node).textContent = 'writing…';
-    placeReply(node, userId);
-  }
+  if (node) return node;
+  const stick = nearBottom();
+  node = assistantNode(userId);
+  node.classList.add('streaming');
+  // Re-rendered as it grows: screen readers wait for the finished reply instead of reading
+  // every version of it.
+  node.setAttribute('aria-busy', 'true');
+  $('.usage', node).textContent = 'waiting…';
+  $('.meta', node).append(
+    el(
+      'button',
+      { type: 'button', class: 'small stop-reply', title: 'Stop this reply', onclick: () => stopReply(userId) },
+      'Stop',
+    ),
+  );
+  placeReply(node, userId);
+  scrollToEnd(stick);
+  return node;
+}
+
+function removePendingReply(userId) {
+  const node = pendingReply(userId);
+  if (!node) return;
+  releaseFocus($('.stop-reply', node));
+  cancelRender($('.content', node));
+  node.remove();
+}
+
+function streamDelta(userId, delta) {
+  const user = byId(userId);
+  // Words sent before a stop can arrive after the stopped reply itself (the stop's REST answer
+  // and the socket are two roads): the saved reply is what stays.
+  if (user && user.dataset.status === 'answered') return;
+  if (user && user.dataset.status !== 'answering') setStatus(user, 'answering');
+  const node = ensurePendingReply(userId);
+  if (!node.dataset.stopping) $('.usage', node).textContent = 'writing…';
   const content = $('.content', node);
   const text = (streamed.get(content) ?? '') + delta;
   streamed.set(content, text);
   // Re-rendered at most once a frame, however fast the words come.
   const stick = nearBottom();
   renderMarkdownSoon(content, text, () => scrollToEnd(stick));
-  const user = byId(userId);
-  if (user && user.dataset.status === 'queued') $('.status', user).textContent = 'answering…';
 }
 
 function usageOf(message) {
@@ -543,6 +610,12 @@ function addAssistantMessage(message) {
   node.dataset.id = message.id;
   node.classList.remove('streaming');
   node.removeAttribute('aria-busy');
+  const stop = $('.stop-reply', node);
+  if (stop) {
+    releaseFocus(stop);
+    stop.remove();
+  }
+  delete node.dataset.stopping;
   const content = $('.content', node);
   cancelRender(content);
   streamed.delete(content);
@@ -550,6 +623,11 @@ function addAssistantMessage(message) {
   const time = $('time', node);
   time.dateTime = message.timestamp;
   time.textContent = formatTime(message.timestamp);
+  if (message.stopped && !node.classList.contains('stopped')) {
+    // The text streamed until its user stopped it: what there is of the reply.
+    node.classList.add('stopped');
+    time.after(el('span', { class: 'tag stopped-label', title: 'The reply was stopped before its end' }, 'stopped'));
+  }
   const usage = usageOf(message);
   $('.usage', node).textContent = formatUsage(usage);
   if (usage.total_tokens != null) node.dataset.tokens = usage.total_tokens;
@@ -559,8 +637,14 @@ function addAssistantMessage(message) {
 }
 
 function failMessage(userId, error) {
-  pendingReply(userId)?.remove();
+  removePendingReply(userId);
   setStatus(byId(userId), 'failed', error);
+}
+
+/** Stopped before the model was asked: no reply comes. */
+function cancelMessage(userId) {
+  removePendingReply(userId);
+  setStatus(byId(userId), 'cancelled');
 }
 
 function handleEvent(event) {
@@ -578,6 +662,9 @@ function handleEvent(event) {
     case 'assistant_message':
       addAssistantMessage(event.message);
       refreshChatsSoon();
+      break;
+    case 'message_cancelled':
+      cancelMessage(event.message_id);
       break;
     case 'error':
       if (event.message_id != null) {
@@ -598,13 +685,15 @@ function handleEvent(event) {
 }
 
 /**
- * After the socket opens, statuses of messages still `queued` here may have changed while
+ * After the socket opens, statuses of messages still pending here may have changed while
  * no socket listened: read them once (later changes arrive as events).
  */
-async function refreshQueued(chatId) {
-  const queued = [...list.querySelectorAll('li.user[data-status="queued"]')].map((n) => Number(n.dataset.id));
-  if (queued.length === 0) return;
-  await showMessagesAfter(chatId, Math.min(...queued) - 1);
+async function refreshPending(chatId) {
+  const pending = [...list.querySelectorAll('li.user[data-status]')]
+    .filter((n) => PENDING.has(n.dataset.status))
+    .map((n) => Number(n.dataset.id));
+  if (pending.length === 0) return;
+  await showMessagesAfter(chatId, Math.min(...pending) - 1);
 }
 
 /** Messages a page of `GET .../messages/` holds by default: a shorter page is the last. */
@@ -612,7 +701,7 @@ const MESSAGES_PAGE = 1000;
 
 /**
  * Reads the chat's stored messages after `after` over REST, page by page, and shows them
- * (after a socket's catch-up stopped at its limit, or to refresh queued ones).
+ * (after a socket's catch-up stopped at its limit, or to refresh pending ones).
  */
 async function showMessagesAfter(chatId, after) {
   try {
@@ -620,16 +709,96 @@ async function showMessagesAfter(chatId, after) {
       const messages = await api('GET', `/api/ai/chats/${chatId}/messages/?after_id=${after}`);
       if (!state.chat || state.chat.id !== chatId) return;
       for (const message of messages) {
-        if (message.role === 'user') {
-          addUserMessage(message);
-          if (message.status === 'failed') pendingReply(message.id)?.remove();
-        } else if (message.role === 'assistant') addAssistantMessage(message);
+        if (message.role === 'user') addUserMessage(message);
+        else if (message.role === 'assistant') addAssistantMessage(message);
       }
       if (messages.length < MESSAGES_PAGE) return;
       after = messages[messages.length - 1].id;
     }
   } catch {
     // Best effort: the events still arrive.
+  }
+}
+
+// ---------------------------------------------------------------- stopping and retrying
+
+/**
+ * Before a focused button disappears, the focus moves to the message field (on a wide screen;
+ * on a phone that would open the keyboard), so keyboard users are not sent back to the top.
+ */
+function releaseFocus(button) {
+  if (!button || button !== document.activeElement) return;
+  if (window.matchMedia('(min-width: 760px)').matches) input.focus({ preventScroll: true });
+  else button.blur();
+}
+
+/** `aria-disabled` rather than `disabled`: a disabled button would drop the keyboard focus. */
+function setWaiting(button, waiting) {
+  if (!button) return;
+  if (waiting) button.setAttribute('aria-disabled', 'true');
+  else button.removeAttribute('aria-disabled');
+}
+
+/**
+ * Stops the reply to user message `userId`. The answer is the end itself (the stopped reply, or
+ * the message cancelled) or, when the stop is still under way, the events that follow.
+ */
+async function stopReply(userId) {
+  const chat = state.chat;
+  const reply = pendingReply(userId);
+  if (!chat || !reply || reply.dataset.stopping) return;
+  reply.dataset.stopping = 'true';
+  setWaiting($('.stop-reply', reply), true);
+  $('.usage', reply).textContent = 'stopping…';
+  try {
+    const answer = await api('POST', `/api/ai/messages/${userId}/stop/`, {});
+    if (state.chat !== chat) return;
+    if (answer?.reply) addAssistantMessage(answer.reply);
+    else if (answer?.message?.status === 'cancelled') cancelMessage(userId);
+    else if (answer?.message && !PENDING.has(answer.message.status)) await showMessagesAfter(chat.id, userId - 1);
+    // Otherwise (202) the stop is under way: `assistant_message` or `message_cancelled` follows.
+  } catch (err) {
+    if (state.chat !== chat || err.status === 401) return;
+    if (err.status === 409 || err.status === 404) {
+      // It ended meanwhile (answered or failed): nothing to stop, show what it became.
+      await showMessagesAfter(chat.id, userId - 1);
+      return;
+    }
+    const node = pendingReply(userId);
+    if (node) {
+      delete node.dataset.stopping;
+      setWaiting($('.stop-reply', node), false);
+      $('.usage', node).textContent = streamed.has($('.content', node)) ? 'writing…' : 'waiting…';
+    }
+    setMessage(chatError, err.message);
+  }
+}
+
+/** Queues failed or cancelled user message `userId` again; its reply then streams as for a send. */
+async function retryMessage(userId) {
+  const chat = state.chat;
+  const node = byId(userId);
+  const button = node && $('.retry', node);
+  if (!chat || !button || button.getAttribute('aria-disabled')) return;
+  setWaiting(button, true);
+  setMessage(chatError, '');
+  try {
+    const answer = await api('POST', `/api/ai/messages/${userId}/retry/`, {});
+    if (state.chat !== chat) return;
+    // Unless the socket already told more (the reply may have started meanwhile).
+    if (RETRYABLE.has(node.dataset.status)) setStatus(node, answer?.message?.status || 'queued');
+  } catch (err) {
+    if (state.chat !== chat || err.status === 401) return;
+    if (err.status === 409) {
+      // Retried elsewhere already, perhaps: show what it is now, and the refusal only if it
+      // still looks retryable.
+      await showMessagesAfter(chat.id, userId - 1);
+      if (state.chat === chat && RETRYABLE.has(byId(userId)?.dataset.status)) setMessage(chatError, err.message);
+    } else {
+      setMessage(chatError, err.message);
+    }
+  } finally {
+    setWaiting(button, false);
   }
 }
 
@@ -656,7 +825,7 @@ function connect() {
     if (state.socket !== socket) return;
     state.attempts = 0;
     setConnection('live');
-    refreshQueued(chat.id);
+    refreshPending(chat.id);
   });
   socket.addEventListener('message', (message) => {
     if (state.socket !== socket) return;

@@ -77,6 +77,8 @@ async fn done_jobs(app: &TestApp) -> usize {
 #[tokio::test]
 async fn a_stop_through_another_instance_cuts_the_stream_and_keeps_what_was_streamed() {
     let a = Stack::start(slow_long_reply(), &[], &FLUSH_AT_ONCE).await;
+    // Two workers: the stop reaches whichever holds the job.
+    let _second = start_worker(&a, &a.fake, &FLUSH_AT_ONCE).await;
     let b = a.another_instance(&[]).await;
     let alice = a.user("alice").await;
     let chat = a.ai_chat_id(&alice).await;

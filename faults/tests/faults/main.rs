@@ -9,4 +9,5 @@ mod context_props;
 mod model_trouble;
 mod route_matrix;
 mod send_load;
+mod stop;
 mod worker_processes;
