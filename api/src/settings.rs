@@ -95,6 +95,10 @@ pub struct Settings {
     /// the stopped reply before it answers 202 (the stop still happens).
     #[arg(long, env = "STOP_WAIT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub stop_wait_secs: u64,
+    /// Longest one reply stream (`GET /api/ai/messages/{id}/stream/`) stays open; the client
+    /// then reconnects with `Last-Event-ID`.
+    #[arg(long, env = "STREAM_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stream_max_secs: u64,
     /// Reverse proxies (addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For`
     /// names the client; from any other peer the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', num_args = 0..)]

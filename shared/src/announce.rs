@@ -43,7 +43,11 @@ pub async fn claim(conn: &mut ConnectionManager, ns: &Namespace, message_id: i64
         .await;
     match created {
         Ok(Some(_)) => Claim::Created,
-        Ok(None) => Claim::Inherited,
+        Ok(None) => {
+            // An earlier run may have died mid-stream: this run's reply starts over.
+            clear_partial(conn, ns, message_id).await;
+            Claim::Inherited
+        }
         Err(err) => {
             tracing::warn!(error = %err, "could not claim the announcement of a message");
             Claim::Unknown
@@ -53,12 +57,14 @@ pub async fn claim(conn: &mut ConnectionManager, ns: &Namespace, message_id: i64
 
 const ANNOUNCE: &str = r"
 if redis.call('DEL', KEYS[1]) == 1 then
+    redis.call('DEL', KEYS[3])
     return redis.call('PUBLISH', KEYS[2], ARGV[1])
 end
 return -1";
 
 /// Publishes `event` on the chat's channel if the message's marker is still there, deleting
-/// it in the same step. True when this call published.
+/// it (and the reply in progress, `partial.rs`) in the same step. True when this call
+/// published.
 pub async fn announce_once(
     conn: &mut ConnectionManager,
     ns: &Namespace,
@@ -70,6 +76,7 @@ pub async fn announce_once(
     let receivers: i64 = redis::Script::new(ANNOUNCE)
         .key(ns.pending_announcement(message_id))
         .key(ns.chat_channel(ai_chat_id))
+        .key(ns.partial_reply(message_id))
         .arg(payload)
         .invoke_async(conn)
         .await?;
@@ -84,5 +91,17 @@ pub async fn release(conn: &mut ConnectionManager, ns: &Namespace, message_id: i
         .await;
     if let Err(err) = deleted {
         tracing::warn!(error = %err, "could not release the announcement of a message");
+    }
+}
+
+/// Forgets the reply in progress to `message_id` (`partial.rs`): its outcome was published
+/// without the marker's script, or a new run starts it over.
+pub async fn clear_partial(conn: &mut ConnectionManager, ns: &Namespace, message_id: i64) {
+    let deleted: redis::RedisResult<i64> = redis::cmd("DEL")
+        .arg(ns.partial_reply(message_id))
+        .query_async(conn)
+        .await;
+    if let Err(err) = deleted {
+        tracing::warn!(error = %err, "could not forget a reply in progress");
     }
 }

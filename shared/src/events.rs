@@ -70,6 +70,19 @@ pub enum ChatEvent {
         /// The user message being answered.
         message_id: i64,
         delta: String,
+        /// 1, 2, 3 … per reply: the deltas up to it are the reply's text so far
+        /// (`partial.rs`). Published by `partial::push_delta`, which numbers it.
+        #[serde(default)]
+        seq: u64,
+    },
+    /// A reply in progress as it stands: what a socket opened with `?after_id=` (or a stream of
+    /// `/api/ai/messages/{id}/stream/`) gets first; only deltas numbered above `seq` follow.
+    AssistantPartial {
+        /// The user message being answered.
+        message_id: i64,
+        /// Its deltas up to `seq`, concatenated.
+        content: String,
+        seq: u64,
     },
     AssistantMessage {
         message: EventMessage,

@@ -75,6 +75,11 @@ impl Namespace {
         format!("{}:*", self.of_rows("announce"))
     }
 
+    /// The deltas of the reply in progress to a user message (`partial.rs`).
+    pub fn partial_reply(&self, message_id: i64) -> String {
+        format!("{}:{message_id}", self.of_rows("partial"))
+    }
+
     /// The pub/sub channel on which stop requests reach every worker: the id of a user message
     /// being answered whose user asked to stop it (`stop_requested_at` is set first, so a worker
     /// that missed the message finds it in the database).

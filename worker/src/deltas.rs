@@ -1,13 +1,14 @@
 //! Streaming the reply to the chat as `assistant_delta` events, coalescing the model's tiny
-//! chunks (at most one event per `DELTA_FLUSH_MS`, sooner once `DELTA_FLUSH_CHARS` pile up).
+//! chunks (at most one event per `DELTA_FLUSH_MS`, sooner once `DELTA_FLUSH_CHARS` pile up),
+//! each kept with the reply in progress (`aichat_shared::partial`).
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use aichat_shared::events::{ChatEvent, publish_event};
 use aichat_shared::keys::Namespace;
+use aichat_shared::partial;
 
 /// Gathers chunks until they are worth an event.
 #[derive(Debug)]
@@ -60,12 +61,17 @@ impl DeltaTarget {
         if delta.is_empty() {
             return;
         }
-        let event = ChatEvent::AssistantDelta {
-            message_id: self.message_id,
-            delta,
-        };
+        // Kept with the reply in progress and published as one, numbered (`partial.rs`).
         // Deltas are a preview; the saved reply is what counts, so a lost one is only logged.
-        if let Err(err) = publish_event(&mut self.redis, &self.ns, self.ai_chat_id, &event).await {
+        let pushed = partial::push_delta(
+            &mut self.redis,
+            &self.ns,
+            self.ai_chat_id,
+            self.message_id,
+            &delta,
+        )
+        .await;
+        if let Err(err) = pushed {
             tracing::warn!(error = %err, "could not publish assistant_delta");
         }
     }

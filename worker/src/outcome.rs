@@ -284,9 +284,11 @@ async fn announce(
 ) -> Result<bool, aichat_shared::Error> {
     let mut redis = ctx.redis.clone();
     match claim {
-        Claim::Unknown => publish_event(&mut redis, &ctx.ns, subject.ai_chat_id, event)
-            .await
-            .map(|_| true),
+        Claim::Unknown => {
+            publish_event(&mut redis, &ctx.ns, subject.ai_chat_id, event).await?;
+            announce::clear_partial(&mut redis, &ctx.ns, subject.message_id).await;
+            Ok(true)
+        }
         Claim::Created | Claim::Inherited => {
             announce::announce_once(
                 &mut redis,

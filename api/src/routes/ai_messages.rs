@@ -9,6 +9,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
 use aichat_shared::domain::{AiMessage, MessageStatus, Usage};
+use aichat_shared::partial;
 
 use crate::access::{NOT_OWNED, not_found_first};
 use crate::auth::AuthUser;
@@ -229,11 +230,22 @@ async fn prepare_send<'a>(
     })
 }
 
+/// An AI message as a chat's message list shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListedMessage {
+    #[serde(flatten)]
+    message: AiMessage,
+    /// On a user message being answered (`answering`): the text of its reply so far. Absent
+    /// otherwise; gone once the reply is saved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial: Option<String>,
+}
+
 /// The messages of one AI chat, oldest first (1000 a page by default; a full page links to
-/// the next).
+/// the next). A message being answered carries its reply's text so far (`partial`).
 #[utoipa::path(get, path = "/api/ai/chats/{id}/messages/", tag = "ai", operation_id = "list_ai_chat_messages",
     params(("id" = i64, Path), PageQuery),
-    responses((status = 200, description = "A page of the AI chat's messages", body = Vec<AiMessage>,
+    responses((status = 200, description = "A page of the AI chat's messages", body = Vec<ListedMessage>,
             headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
         (status = 400, description = BAD_PAGE, body = BadRequestBody),
         (status = 404, description = NOT_OWNED, body = ErrorBody)))]
@@ -244,7 +256,7 @@ async fn list_chat_messages(
     ApiPath(id): ApiPath<i64>,
     uri: Uri,
     ApiQuery(page): ApiQuery<PageQuery>,
-) -> ApiResult<Page<AiMessage>> {
+) -> ApiResult<Page<ListedMessage>> {
     let (after_id, limit) = page.read(Order::OldestFirst, MAX_LIMIT)?;
     // The ownership check and the page in one query.
     let messages = db::ai_messages::list_owned_chat_messages(
@@ -256,9 +268,38 @@ async fn list_chat_messages(
     )
     .await?
     .ok_or(ApiError::NotFound)?;
-    Ok(Page::new(messages, limit, &uri, Order::OldestFirst, |m| {
-        m.id
+    let listed = with_partials(&state, messages).await;
+    Ok(Page::new(listed, limit, &uri, Order::OldestFirst, |m| {
+        m.message.id
     }))
+}
+
+/// `messages` with the text so far of the replies in progress among them, read in one round
+/// trip (none when none is in progress). Without Redis the list is still served, without it.
+async fn with_partials(state: &AppState, messages: Vec<AiMessage>) -> Vec<ListedMessage> {
+    let answering: Vec<i64> = messages
+        .iter()
+        .filter(|m| m.status == MessageStatus::Answering)
+        .map(|m| m.id)
+        .collect();
+    let partials = match partial::read_many(&mut state.redis.clone(), &state.ns, &answering).await {
+        Ok(partials) => answering
+            .into_iter()
+            .zip(partials)
+            .map(|(id, p)| (id, p.content()))
+            .collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read the replies in progress");
+            std::collections::HashMap::new()
+        }
+    };
+    messages
+        .into_iter()
+        .map(|message| ListedMessage {
+            partial: partials.get(&message.id).cloned(),
+            message,
+        })
+        .collect()
 }
 
 /// The user's AI messages, oldest first (1000 a page by default; a full page links to the

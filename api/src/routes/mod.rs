@@ -17,6 +17,7 @@ mod admin;
 mod ai_chats;
 mod ai_messages;
 mod chats;
+mod message_stream;
 mod models;
 mod ops;
 mod schemas;
@@ -64,6 +65,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(chats::router())
         .merge(ai_chats::router())
         .merge(ai_messages::router())
+        .merge(message_stream::router())
         .merge(models::router())
         .merge(ops::router())
         .merge(admin::router())

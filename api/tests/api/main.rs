@@ -13,6 +13,7 @@ mod deploy;
 mod docs_and_ops;
 mod paging;
 mod pipeline;
+mod resume;
 mod send_batch;
 mod send_message;
 mod session_cache;

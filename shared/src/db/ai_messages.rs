@@ -178,6 +178,28 @@ pub async fn list_chat_messages(
     Ok(messages)
 }
 
+/// The user messages of one chat whose reply is streaming or about to (`answering`), oldest
+/// first, at most `limit`: whose replies in progress a catching-up socket gets.
+#[tracing::instrument(skip(db))]
+pub async fn answering_in_chat(
+    db: impl PgExecutor<'_>,
+    ai_chat_id: i64,
+    limit: i64,
+) -> Result<Vec<i64>> {
+    let ids = sqlx::query_scalar!(
+        r#"select id from ai_messages
+           where ai_chat_id = $1 and status = $2 and role = $3
+           order by id limit $4"#,
+        ai_chat_id,
+        MessageStatus::Answering.as_str(),
+        Role::User.as_str(),
+        limit,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(ids)
+}
+
 /// Messages of one chat `user_id` owns, oldest first, in one query with the ownership check;
 /// `None` when the user owns no such chat (an owned chat with no messages gives `Some([])`).
 #[tracing::instrument(skip(db))]

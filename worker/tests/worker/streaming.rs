@@ -46,7 +46,9 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
         .of_type("assistant_delta")
         .into_iter()
         .map(|e| match chat_event(e) {
-            ChatEvent::AssistantDelta { message_id, delta } => {
+            ChatEvent::AssistantDelta {
+                message_id, delta, ..
+            } => {
                 assert_eq!(message_id, sent.id);
                 delta
             }

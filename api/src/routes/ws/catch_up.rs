@@ -1,13 +1,16 @@
 //! Catch-up: a socket opened with `after_id` first gets the chat's stored messages after it, as
-//! the events they produced; the live events of those messages are then not sent again.
-use std::collections::HashSet;
+//! the events they produced (a failed message followed by its `error`, a cancelled one by
+//! `message_cancelled`), then each reply in progress as `assistant_partial`; the live events of
+//! those messages are then not sent again, nor the deltas the partials hold (by `seq`).
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, Role};
+use aichat_shared::domain::{AiMessage, MessageStatus, Role};
 use aichat_shared::events::{ChatEvent, EventMessage};
+use aichat_shared::partial;
 
 use super::sink::{Sink, send_text};
 use crate::state::AppState;
@@ -25,27 +28,48 @@ pub(super) enum CatchUp {
     Unavailable,
 }
 
-/// The ids of the messages a catch-up sent.
+/// Replies in progress a catch-up reports at most.
+const PARTIALS_LIMIT: i64 = 100;
+
+/// What a catch-up sent: the stored messages, and the replies in progress up to which delta.
 #[derive(Default)]
-pub(super) struct CaughtUp(HashSet<i64>);
+pub(super) struct CaughtUp {
+    messages: HashSet<i64>,
+    partials: HashMap<i64, u64>,
+}
 
 impl CaughtUp {
-    /// Whether a live event repeats a message the catch-up already sent.
+    /// Whether a live event repeats what the catch-up already sent: a stored message, or a
+    /// delta a partial holds.
     pub(super) fn repeats(&self, event: &str) -> bool {
-        if self.0.is_empty() {
+        if self.messages.is_empty() && self.partials.is_empty() {
             return false;
         }
-        serde_json::from_str::<EventIds>(event)
-            .ok()
-            .and_then(|e| e.message)
+        let Ok(ids) = serde_json::from_str::<EventIds>(event) else {
+            return false;
+        };
+        if let Some(id) = ids
+            .message
             .and_then(|m| m.get("id").and_then(|id| id.as_i64()))
-            .is_some_and(|id| self.0.contains(&id))
+        {
+            return self.messages.contains(&id);
+        }
+        match (ids.kind.as_deref(), ids.message_id, ids.seq) {
+            (Some("assistant_delta"), Some(id), Some(seq)) => {
+                self.partials.get(&id).is_some_and(|&sent| seq <= sent)
+            }
+            _ => false,
+        }
     }
 }
 
 #[derive(Deserialize)]
 struct EventIds {
+    #[serde(rename = "type")]
+    kind: Option<String>,
     message: Option<serde_json::Value>,
+    message_id: Option<i64>,
+    seq: Option<u64>,
 }
 
 /// Sends the stored messages after `after_id` (at most [`CATCH_UP_LIMIT`], then
@@ -72,8 +96,29 @@ pub(super) async fn catch_up(
     let truncated = messages.len() > CATCH_UP_LIMIT as usize;
     messages.truncate(CATCH_UP_LIMIT as usize);
     for message in &messages {
-        caught_up.0.insert(message.id);
-        if !send_text(sink, stored_event(message), send_timeout).await {
+        caught_up.messages.insert(message.id);
+        for event in stored_events(message) {
+            if !send_text(sink, event, send_timeout).await {
+                return CatchUp::Gone;
+            }
+        }
+    }
+    let partials = match replies_in_progress(state, ai_chat_id).await {
+        Ok(partials) => partials,
+        Err(err) => {
+            tracing::warn!(error = %err, "catch-up of the replies in progress failed");
+            return CatchUp::Unavailable;
+        }
+    };
+    for (message_id, partial) in partials {
+        caught_up.partials.insert(message_id, partial.seq);
+        let event = ChatEvent::AssistantPartial {
+            message_id,
+            content: partial.content(),
+            seq: partial.seq,
+        };
+        let text = serde_json::to_string(&event).unwrap_or_default();
+        if !send_text(sink, text, send_timeout).await {
             return CatchUp::Gone;
         }
     }
@@ -89,16 +134,42 @@ pub(super) async fn catch_up(
     CatchUp::Sent
 }
 
-/// The event a stored message would have produced.
-fn stored_event(message: &AiMessage) -> String {
-    let event = if message.role == Role::Assistant {
-        ChatEvent::AssistantMessage {
+/// The replies in progress in the chat, as they stand: read after the socket subscribed, so
+/// the live deltas numbered above each one's `seq` are exactly what it lacks.
+async fn replies_in_progress(
+    state: &AppState,
+    ai_chat_id: i64,
+) -> aichat_shared::error::Result<Vec<(i64, partial::Partial)>> {
+    let ids = db::ai_messages::answering_in_chat(&state.db, ai_chat_id, PARTIALS_LIMIT).await?;
+    let partials = partial::read_many(&mut state.redis.clone(), &state.ns, &ids).await?;
+    Ok(ids.into_iter().zip(partials).collect())
+}
+
+/// The events a stored message produced: its message event, then for a user message that got
+/// no reply, why (`error`, `message_cancelled`).
+fn stored_events(message: &AiMessage) -> Vec<String> {
+    let mut events = Vec::with_capacity(2);
+    if message.role == Role::Assistant {
+        events.push(ChatEvent::AssistantMessage {
             message: EventMessage::assistant(message),
-        }
+        });
     } else {
-        ChatEvent::UserMessage {
+        events.push(ChatEvent::UserMessage {
             message: EventMessage::user(message),
+        });
+        match message.status {
+            MessageStatus::Failed => events.push(ChatEvent::Error {
+                message: message.error.clone().unwrap_or_default(),
+                message_id: Some(message.id),
+            }),
+            MessageStatus::Cancelled => events.push(ChatEvent::MessageCancelled {
+                message_id: message.id,
+            }),
+            _ => {}
         }
-    };
-    serde_json::to_string(&event).unwrap_or_default()
+    }
+    events
+        .iter()
+        .map(|event| serde_json::to_string(event).unwrap_or_default())
+        .collect()
 }

@@ -1,0 +1,323 @@
+//! Resume: a client that (re)connects while a reply streams gets the text so far and then only
+//! what follows (numbered deltas, `assistant_partial`), over WebSocket catch-up on any API
+//! instance, over Server-Sent Events, and in REST message lists.
+use crate::common;
+
+use std::time::Duration;
+
+use aichat_fake_llm::{FakeConfig, Outcome};
+use aichat_testkit::fake_always;
+use common::{Stack, TestApp, TestUser, event_of, id, messages_path, next_event};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Every chunk its own delta, at once.
+const FLUSH_AT_ONCE: [&str; 4] = ["--delta-flush-ms", "1", "--delta-flush-chars", "1"];
+
+fn slow_reply(words: usize, chunk_delay_ms: u64) -> FakeConfig {
+    FakeConfig {
+        reply_words: Some(words),
+        chunk_delay_ms,
+        ..FakeConfig::default()
+    }
+}
+
+/// A socket's text of the reply to `message`: its `assistant_partial`, then each delta, whose
+/// `seq` must follow the last one applied (nothing missing, nothing repeated).
+#[derive(Debug, Default)]
+struct Reassembled {
+    text: String,
+    seq: u64,
+    partials: usize,
+}
+
+impl Reassembled {
+    fn apply(&mut self, event: &Value, message: i64) {
+        if event["message_id"] != message {
+            return;
+        }
+        match event["type"].as_str() {
+            Some("assistant_partial") => {
+                self.partials += 1;
+                self.text = event["content"].as_str().unwrap_or_default().to_owned();
+                self.seq = event["seq"].as_u64().unwrap_or_default();
+            }
+            Some("assistant_delta") => {
+                let seq = event["seq"].as_u64().unwrap_or_default();
+                assert_eq!(seq, self.seq + 1, "deltas follow each other: {event}");
+                self.seq = seq;
+                self.text
+                    .push_str(event["delta"].as_str().unwrap_or_default());
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_socket_reopened_on_another_instance_mid_stream_gets_the_reply_byte_for_byte() {
+    const RUNS: usize = 50;
+    let a = Stack::start(slow_reply(40, 20), &[], &FLUSH_AT_ONCE).await;
+    let b = a.another_instance(&[]).await;
+    let alice = a.user("alice").await;
+    let chat = a.ai_chat_id(&alice).await;
+    for run in 0..RUNS {
+        let mut first = a.ws(chat, &alice.token, None).await;
+        let question = id(&a.send_ok(&alice, chat, &format!("story {run}")).await);
+        let mut deltas = 0;
+        while deltas < 10 {
+            let event = next_event(&mut first, 10).await;
+            if event["type"] == "assistant_delta" {
+                deltas += 1;
+            }
+        }
+        drop(first);
+        // Reconnected elsewhere, from before the question.
+        let mut second = b.ws(chat, &alice.token, Some(question - 1)).await;
+        let mut text = Reassembled::default();
+        let (reply, before) = event_of(&mut second, "assistant_message", 10).await;
+        for event in &before {
+            text.apply(event, question);
+        }
+        assert_eq!(text.partials, 1, "run {run}: one partial: {before:?}");
+        assert!(
+            text.seq >= 10,
+            "run {run}: the partial holds what was streamed"
+        );
+        assert_eq!(
+            text.text,
+            reply["message"]["content"].as_str().unwrap_or_default(),
+            "run {run}"
+        );
+    }
+    b.cleanup().await;
+    a.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_that_failed_while_no_socket_was_open_is_replayed_with_its_error() {
+    let stack = Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &["--llm-max-attempts", "1"],
+    )
+    .await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (status, _) = stack.send_waiting(&alice, chat, "hello?", "10").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let mut ws = stack.ws(chat, &alice.token, Some(0)).await;
+    let sent = next_event(&mut ws, 5).await;
+    assert_eq!(sent["type"], "user_message");
+    let question = sent["message"]["id"].as_i64().expect("the message");
+    let error = next_event(&mut ws, 5).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["message_id"], question);
+    assert!(!error["message"].as_str().unwrap_or_default().is_empty());
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn rest_pollers_see_answering_and_a_growing_partial_until_the_reply_is_saved() {
+    let stack = Stack::start(slow_reply(60, 30), &[], &FLUSH_AT_ONCE).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let question = id(&stack.send_ok(&alice, chat, "go").await);
+    let question_of = |list: &[Value]| list.iter().find(|m| m["id"] == question).cloned();
+    // Polled as a REST client would, until the reply is in the list.
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let list = stack.list(&messages_path(chat), &alice.token).await;
+        let asked = question_of(&list).expect("the question");
+        if let Some(partial) = asked["partial"].as_str() {
+            assert_eq!(asked["status"], "answering");
+            seen.push(partial.to_owned());
+        }
+        if let Some(reply) = list.into_iter().find(|m| m["reply_to"] == question) {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reply saved in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let content = reply["content"].as_str().unwrap_or_default();
+    let growing: Vec<&String> = seen.iter().filter(|p| !p.is_empty()).collect();
+    assert!(growing.len() >= 2, "the partial was seen growing: {seen:?}");
+    for (earlier, later) in seen.iter().zip(seen.iter().skip(1)) {
+        assert!(
+            later.starts_with(earlier.as_str()),
+            "{earlier:?} then {later:?}"
+        );
+    }
+    assert!(seen.iter().all(|p| content.starts_with(p.as_str())));
+    let list = stack.list(&messages_path(chat), &alice.token).await;
+    let asked = question_of(&list).expect("the question");
+    assert_eq!(asked["status"], "answered");
+    assert!(asked.get("partial").is_none(), "{asked}");
+    stack.cleanup().await;
+}
+
+/// One Server-Sent Event: its `id` and its data as JSON.
+#[derive(Debug)]
+struct SseEvent {
+    id: Option<u64>,
+    data: Value,
+}
+
+/// Opens the reply stream of `message`, resuming after `last` when given.
+async fn open_stream(
+    app: &TestApp,
+    user: &TestUser,
+    message: i64,
+    last: Option<u64>,
+) -> reqwest::Response {
+    let mut request = app
+        .client
+        .get(app.url(&format!("/api/ai/messages/{message}/stream/")))
+        .bearer_auth(&user.token);
+    if let Some(last) = last {
+        request = request.header("Last-Event-ID", last.to_string());
+    }
+    let response = request.send().await.expect("the stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/event-stream")
+    );
+    response
+}
+
+/// Reads events of `response` until `stop` says so or the stream ends; whether it ended.
+async fn read_events(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    events: &mut Vec<SseEvent>,
+    mut stop: impl FnMut(&[SseEvent]) -> bool,
+) -> bool {
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("id:") {
+                    id = value.trim().parse().ok();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            if !data.is_empty() {
+                let data = serde_json::from_str(&data).expect("JSON data");
+                events.push(SseEvent { id, data });
+                if stop(events) {
+                    return false;
+                }
+            }
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(15), response.chunk())
+            .await
+            .expect("the stream moves");
+        match chunk.expect("the stream reads") {
+            Some(bytes) => buffer.push_str(&String::from_utf8_lossy(&bytes)),
+            None => return true,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reply_streams_over_sse_resumes_after_last_event_id_and_ends() {
+    let stack = Stack::start(slow_reply(40, 30), &[], &FLUSH_AT_ONCE).await;
+    let alice = stack.user("alice").await;
+    let mallory = stack.user("mallory").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let question = id(&stack.send_ok(&alice, chat, "stream it").await);
+
+    // The first stream, left after some deltas.
+    let mut first = open_stream(&stack, &alice, question, None).await;
+    let (mut buffer, mut events) = (String::new(), Vec::new());
+    let ended = read_events(&mut first, &mut buffer, &mut events, |events| {
+        events
+            .iter()
+            .filter(|e| e.data["type"] == "assistant_delta")
+            .count()
+            >= 5
+    })
+    .await;
+    assert!(!ended);
+    drop(first);
+    let mut text = Reassembled::default();
+    for event in &events {
+        text.apply(&event.data, question);
+        if event.data["type"] == "assistant_delta" {
+            assert_eq!(event.id, event.data["seq"].as_u64(), "the id is the seq");
+        }
+    }
+    assert_eq!(events[0].data["type"], "assistant_partial");
+    let last = text.seq;
+
+    // Resumed: the next delta is `last + 1`, then the rest, then the reply, then the end.
+    let mut second = open_stream(&stack, &alice, question, Some(last)).await;
+    let (mut buffer, mut rest) = (String::new(), Vec::new());
+    let ended = read_events(&mut second, &mut buffer, &mut rest, |_| false).await;
+    assert!(ended, "the stream ends after the reply");
+    assert_eq!(
+        rest[0].data["seq"].as_u64(),
+        Some(last + 1),
+        "{:?}",
+        rest[0]
+    );
+    for event in &rest {
+        text.apply(&event.data, question);
+    }
+    let reply = rest.last().expect("events");
+    assert_eq!(reply.data["type"], "assistant_message");
+    assert_eq!(
+        reply.data["message"]["content"].as_str(),
+        Some(text.text.as_str())
+    );
+
+    // An answered message streams its stored reply and ends.
+    let mut again = open_stream(&stack, &alice, question, None).await;
+    let (mut buffer, mut stored) = (String::new(), Vec::new());
+    assert!(read_events(&mut again, &mut buffer, &mut stored, |_| false).await);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].data, reply.data);
+
+    // Someone else's message, or a reply's id, is not found.
+    for (user, message) in [(&mallory, question), (&alice, id(&reply.data["message"]))] {
+        let (status, body) = stack
+            .get(&format!("/api/ai/messages/{message}/stream/"), &user.token)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    }
+    let (status, _) = stack
+        .get(&format!("/api/ai/messages/{question}/stream/"), "")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_sse_stream_of_a_failed_message_ends_with_its_error() {
+    let stack = Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &["--llm-max-attempts", "1"],
+    )
+    .await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let question = id(&stack.send_ok(&alice, chat, "fail please").await);
+    let mut stream = open_stream(&stack, &alice, question, None).await;
+    let (mut buffer, mut events) = (String::new(), Vec::new());
+    assert!(read_events(&mut stream, &mut buffer, &mut events, |_| false).await);
+    let last = events.last().expect("events");
+    assert_eq!(last.data["type"], "error", "{events:?}");
+    assert_eq!(last.data["message_id"], question);
+    stack.cleanup().await;
+}
