@@ -2,7 +2,7 @@
 //! Anyone else's is not found (404) rather than forbidden, so that an id says nothing about
 //! whether it exists.
 use aichat_shared::db;
-use aichat_shared::domain::AiChat;
+use aichat_shared::domain::{AiChat, AiMessage, Role};
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -45,6 +45,16 @@ pub async fn not_found_first(
         Ok(()) => err,
         Err(not_owner) => not_owner,
     }
+}
+
+/// The user message `id` if it is in one of `user_id`'s AI chats; someone else's, an assistant
+/// message or none is not found. What the routes of one message a user sent take (stop,
+/// retry, stream).
+pub async fn own_user_message(state: &AppState, user_id: i64, id: i64) -> ApiResult<AiMessage> {
+    db::ai_messages::get_user_message(&state.db, id, user_id)
+        .await?
+        .filter(|m| m.role == Role::User)
+        .ok_or(ApiError::NotFound)
 }
 
 /// Not found unless `user_id` takes part in user-to-user chat `chat_id`.

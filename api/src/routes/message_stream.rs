@@ -17,10 +17,11 @@ use tokio::time::{Instant, timeout_at};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, MessageStatus, Role};
+use aichat_shared::domain::{AiMessage, MessageStatus};
 use aichat_shared::events::{ChatEvent, EventMessage};
 use aichat_shared::partial;
 
+use crate::access::own_user_message;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::ApiPath;
@@ -77,13 +78,6 @@ async fn stream_message(
     });
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|e| e.map(Ok)));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-async fn own_user_message(state: &AppState, user_id: i64, id: i64) -> ApiResult<AiMessage> {
-    db::ai_messages::get_user_message(&state.db, id, user_id)
-        .await?
-        .filter(|m| m.role == Role::User)
-        .ok_or(ApiError::NotFound)
 }
 
 /// The SSE form of a chat event: its JSON as data, and its `seq` as id when it has one.

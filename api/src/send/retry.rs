@@ -10,10 +10,11 @@
 //! dead job, if any, leaves the staff's list.
 use aichat_shared::budget::Reservation;
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, MessageStatus, Role};
+use aichat_shared::domain::{AiMessage, MessageStatus};
 use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
 use aichat_shared::jobs::{CompletionJob, NextJob};
 
+use crate::access::own_user_message;
 use crate::error::{ApiError, ApiResult};
 use crate::send::{budget, rate};
 use crate::state::AppState;
@@ -25,10 +26,7 @@ pub async fn retry(
     message_id: i64,
     request_id: Option<String>,
 ) -> ApiResult<AiMessage> {
-    let current = db::ai_messages::get_user_message(&state.db, message_id, user_id)
-        .await?
-        .filter(|m| m.role == Role::User)
-        .ok_or(ApiError::NotFound)?;
+    let current = own_user_message(state, user_id, message_id).await?;
     if !matches!(
         current.status,
         MessageStatus::Failed | MessageStatus::Cancelled

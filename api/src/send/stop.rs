@@ -17,9 +17,10 @@ use utoipa::ToSchema;
 
 use aichat_shared::budget::Reservation;
 use aichat_shared::db;
-use aichat_shared::domain::{AiMessage, MessageStatus, Role};
+use aichat_shared::domain::{AiMessage, MessageStatus};
 use aichat_shared::events::{ChatEvent, publish_event, publish_stop_request};
 
+use crate::access::own_user_message;
 use crate::error::{ApiError, ApiResult};
 use crate::fanout::Subscription;
 use crate::send::rate;
@@ -44,15 +45,6 @@ pub enum Recorded {
     Requested,
     /// It no longer waits (answered, failed, cancelled): nothing changed.
     Ended,
-}
-
-/// The user message `message_id` of `user_id`'s, or 404 (someone else's, an assistant
-/// message, or none).
-async fn own_user_message(state: &AppState, user_id: i64, message_id: i64) -> ApiResult<AiMessage> {
-    db::ai_messages::get_user_message(&state.db, message_id, user_id)
-        .await?
-        .filter(|m| m.role == Role::User)
-        .ok_or(ApiError::NotFound)
 }
 
 /// Records a stop of `message_id` and acts on it (see the module). `before_signal` runs before

@@ -5,8 +5,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use aichat_fake_llm::{FakeConfig, Outcome};
-use aichat_testkit::fake_always;
+use aichat_fake_llm::FakeConfig;
 use common::{Stack, TestApp, TestUser, event_of, id, messages_path, next_event};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -96,12 +95,7 @@ async fn a_socket_reopened_on_another_instance_mid_stream_gets_the_reply_byte_fo
 
 #[tokio::test]
 async fn a_message_that_failed_while_no_socket_was_open_is_replayed_with_its_error() {
-    let stack = Stack::start(
-        fake_always(Outcome::ServerError),
-        &[],
-        &["--llm-max-attempts", "1"],
-    )
-    .await;
+    let stack = Stack::failing().await;
     let alice = stack.user("alice").await;
     let chat = stack.ai_chat_id(&alice).await;
     let (status, _) = stack.send_waiting(&alice, chat, "hello?", "10").await;
@@ -304,12 +298,7 @@ async fn a_reply_streams_over_sse_resumes_after_last_event_id_and_ends() {
 
 #[tokio::test]
 async fn the_sse_stream_of_a_failed_message_ends_with_its_error() {
-    let stack = Stack::start(
-        fake_always(Outcome::ServerError),
-        &[],
-        &["--llm-max-attempts", "1"],
-    )
-    .await;
+    let stack = Stack::failing().await;
     let alice = stack.user("alice").await;
     let chat = stack.ai_chat_id(&alice).await;
     let question = id(&stack.send_ok(&alice, chat, "fail please").await);

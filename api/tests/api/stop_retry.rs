@@ -4,8 +4,8 @@ use crate::common;
 
 use std::time::Duration;
 
-use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome};
-use aichat_testkit::{eventually, fake_always};
+use aichat_fake_llm::{FakeConfig, FakeLlm};
+use aichat_testkit::eventually;
 use common::{
     Stack, TestApp, TestUser, event_of, id, next_event, spawn_app_with_flags, start_worker,
 };
@@ -361,12 +361,7 @@ async fn another_users_message_or_a_reply_is_not_found_and_anonymous_is_refused(
 
 #[tokio::test]
 async fn a_failed_message_retried_by_its_user_leaves_the_dead_list_and_is_answered() {
-    let stack = Stack::start(
-        fake_always(Outcome::ServerError),
-        &[],
-        &["--llm-max-attempts", "1"],
-    )
-    .await;
+    let stack = Stack::failing().await;
     let alice = stack.user("alice").await;
     let staff = stack.staff("root").await;
     let chat = stack.ai_chat_id(&alice).await;

@@ -98,6 +98,24 @@ async fn queue_settled(env: &Env, ended: u64) -> QueueSnapshot {
     snapshot
 }
 
+/// Checks that `question` is answered by exactly the stopped reply the stop answered with;
+/// its replies.
+async fn the_stopped_reply_alone(
+    client: &Client,
+    user: &User,
+    chat: i64,
+    question: i64,
+    stopped: &Value,
+) -> Vec<Value> {
+    assert_eq!(message(client, user, question).await["status"], "answered");
+    let replies = replies_to(client, user, chat, question).await;
+    assert_eq!(replies.len(), 1, "exactly one reply: {replies:?}");
+    assert_eq!(replies[0]["id"], stopped["reply"]["id"]);
+    assert_eq!(replies[0]["content"], stopped["reply"]["content"]);
+    assert_eq!(replies[0]["stopped"], true);
+    replies
+}
+
 /// Stop acknowledged with the stopped reply, then the worker that stopped it SIGKILLed at
 /// once, and another worker started: after the orphan window the message is still answered by
 /// the one stopped reply, announced once, and the model was asked once. The worker has usually
@@ -147,15 +165,7 @@ async fn a_reply_stopped_then_its_worker_sigkilled_is_not_asked_again() {
         "the one call was cut by the stop: {:?}",
         calls[0]
     );
-    assert_eq!(
-        message(&client, &alice, question).await["status"],
-        "answered"
-    );
-    let replies = replies_to(&client, &alice, chat, question).await;
-    assert_eq!(replies.len(), 1, "exactly one reply: {replies:?}");
-    assert_eq!(replies[0]["id"], stopped["reply"]["id"]);
-    assert_eq!(replies[0]["content"], stopped["reply"]["content"]);
-    assert_eq!(replies[0]["stopped"], true);
+    let replies = the_stopped_reply_alone(&client, &alice, chat, question, &stopped).await;
     let audit = env.audit().await;
     assert_eq!(
         (audit.messages.len(), audit.stray_replies),
@@ -238,15 +248,7 @@ async fn a_stopped_reply_whose_worker_died_holding_the_job_is_not_asked_again() 
 
     let calls = env.fake.requests();
     assert_eq!(calls.len(), 1, "the model was asked again: {calls:?}");
-    assert_eq!(
-        message(&client, &alice, question).await["status"],
-        "answered"
-    );
-    let replies = replies_to(&client, &alice, chat, question).await;
-    assert_eq!(replies.len(), 1, "exactly one reply: {replies:?}");
-    assert_eq!(replies[0]["id"], stopped["reply"]["id"]);
-    assert_eq!(replies[0]["content"], stopped["reply"]["content"]);
-    assert_eq!(replies[0]["stopped"], true);
+    let replies = the_stopped_reply_alone(&client, &alice, chat, question, &stopped).await;
     let counts = events.drain().await;
     assert_eq!(counts.replies.get(&question), Some(&1), "{counts:?}");
     report(

@@ -37,6 +37,13 @@ impl Stack {
         Stack { app, fake, worker }
     }
 
+    /// A stack whose model fails every call and whose worker tries once: a message fails at
+    /// once.
+    pub async fn failing() -> Stack {
+        let config = aichat_testkit::fake_always(aichat_fake_llm::Outcome::ServerError);
+        Stack::start(config, &[], &["--llm-max-attempts", "1"]).await
+    }
+
     /// Removes the app's database and namespace; the worker stops after that, as it would
     /// at the end of the test.
     pub async fn cleanup(self) {
