@@ -144,6 +144,44 @@ function assertNoTokenInSocketUrls() {
 const LOREM = ['lorem', 'ipsum', 'dolor', 'sit', 'amet', 'consectetur', 'adipiscing', 'elit'];
 const lorem = (words) => Array.from({ length: words }, (_, i) => LOREM[i % LOREM.length]).join(' ');
 
+/**
+ * An init script: from the page's first moment, `window.replyTexts` lists every non-empty text
+ * the reply to user message `id` shows, in order, each as `{ text, streaming }`.
+ */
+function recordReplyTexts(id) {
+  window.replyTexts = [];
+  new MutationObserver(() => {
+    const node = document.querySelector(`li.assistant[data-reply-to="${id}"]`);
+    const text = node?.querySelector('.content')?.textContent;
+    const seen = window.replyTexts;
+    if (text && seen[seen.length - 1]?.text !== text) {
+      seen.push({ text, streaming: node.classList.contains('streaming') });
+    }
+  }).observe(document, { childList: true, subtree: true, characterData: true });
+}
+
+/**
+ * Fails unless every text the reply showed while streaming began the reply, none shorter than
+ * the one before (a lost piece or a repeated one shows as a text the reply does not begin with).
+ */
+function assertStreamedInOrder(texts, reply) {
+  let previous = '';
+  for (const { text } of texts.filter((t) => t.streaming)) {
+    assert.ok(reply.startsWith(text), `"${text}" is how the reply began`);
+    assert.ok(text.length >= previous.length, `"${text}" came after the longer "${previous}"`);
+    previous = text;
+  }
+}
+
+/** The stored reply to user message `id` in the shared chat. */
+async function storedReply(token, id) {
+  const { status, body } = await apiAs(token, 'GET', `/api/ai/chats/${shared.chatId}/messages/?after_id=${id - 1}`);
+  assert.equal(status, 200);
+  const replies = body.filter((m) => m.reply_to === id);
+  assert.equal(replies.length, 1, `one reply saved: ${JSON.stringify(replies)}`);
+  return replies[0];
+}
+
 /** Resolves to the page's next `POST` to `path`. */
 function nextPost(p, path) {
   return p.waitForResponse((r) => r.request().method() === 'POST' && new URL(r.url()).pathname === path);
@@ -539,6 +577,145 @@ test('a streaming reply is stopped: its text so far stays, marked stopped, also 
     await again.locator('.meta').getByText('stopped', { exact: true }).waitFor();
     assert.equal(await page.getByRole('button', { name: 'Stop' }).count(), 0);
   } finally {
+    await fake('PUT', '/_fake/config', { reply_words: before.reply_words, chunk_delay_ms: before.chunk_delay_ms });
+  }
+});
+
+test('a page reloaded while a reply streams shows its text so far at once, then the rest, nothing lost or repeated', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const before = await fake('GET', '/_fake/config');
+  const words = 150;
+  const delay = 60;
+  const expected = lorem(words);
+  // 9 s of reply: the reload comes early in it.
+  await fake('PUT', '/_fake/config', { reply_words: words, chunk_delay_ms: delay });
+  let recorder;
+  try {
+    await page.locator('#conn[data-state="live"]').waitFor();
+    await page.locator('#message-input').fill('Tell me a long story; I will reload meanwhile');
+    await page.locator('#message-input').press('Enter');
+    const mine = page.locator('li.user', { hasText: 'Tell me a long story; I will reload meanwhile' });
+    await mine.waitFor();
+    const id = Number(await mine.getAttribute('data-id'));
+
+    // Some of the reply is on screen.
+    const visible = await page.waitForFunction(
+      (id) => {
+        const text = document.querySelector(`li.assistant.streaming[data-reply-to="${id}"] .content`)?.textContent;
+        return text && text.split(' ').length >= 10 ? text : null;
+      },
+      id,
+      { timeout: STEP_MS, polling: 10 },
+    );
+    const shownBefore = await visible.jsonValue();
+    assert.ok(expected.startsWith(shownBefore), `"${shownBefore}" is how the reply begins`);
+
+    recorder = await page.addInitScript(recordReplyTexts, id);
+    const socketsBefore = sockets.length;
+    await page.reload();
+
+    // The first text the reloaded page shows is the reply so far, whole: how the reply begins,
+    // and at least what was on screen before.
+    const firstShown = await page.waitForFunction(() => window.replyTexts?.[0] ?? null, null, {
+      timeout: STEP_MS,
+      polling: 10,
+    });
+    const first = await firstShown.jsonValue();
+    assert.ok(first.streaming, 'the reply is still streaming');
+    assert.ok(expected.startsWith(first.text), `"${first.text}" is how the reply begins`);
+    assert.ok(
+      first.text.length >= shownBefore.length,
+      `at once ${first.text.length} characters, at least the ${shownBefore.length} shown before the reload`,
+    );
+    await shot(page, 'chat-resumed-desktop');
+
+    // It was given them by the socket's catch-up, asked from the last message the page loaded.
+    const chatPath = `/ws/ai-chat/${shared.chatId}/`;
+    const reopened = sockets
+      .slice(socketsBefore)
+      .map((url) => new URL(url))
+      .filter((url) => url.pathname === chatPath);
+    assert.ok(reopened.length >= 1, 'the reloaded page opened the chat socket');
+    assert.equal(reopened[0].searchParams.get('after_id'), String(id));
+
+    // Then the rest streams in, each step how the reply begins, until the reply is saved.
+    const reply = page.locator(`li.assistant[data-id][data-reply-to="${id}"]`);
+    await reply.waitFor({ timeout: words * delay + STEP_MS });
+    const texts = await page.evaluate(() => window.replyTexts);
+    assertStreamedInOrder(texts, expected);
+    const streamed = texts.filter((t) => t.streaming);
+    assert.ok(streamed.length >= 3, `the reply went on streaming after the reload: ${streamed.length} steps`);
+    assert.ok(streamed[streamed.length - 1].text.length > first.text.length);
+
+    // The saved reply is the fake model's, and the bubble shows exactly it.
+    const saved = await storedReply(token, id);
+    assert.equal(saved.content, expected);
+    assert.equal(await reply.locator('.content').textContent(), saved.content);
+    assert.equal(await reply.evaluate((n) => n.classList.contains('streaming')), false);
+    assert.equal(await page.locator(`li.assistant[data-reply-to="${id}"]`).count(), 1, 'one bubble');
+    assert.equal(await mine.getAttribute('data-status'), 'answered');
+  } finally {
+    await recorder?.dispose();
+    await fake('PUT', '/_fake/config', { reply_words: before.reply_words, chunk_delay_ms: before.chunk_delay_ms });
+  }
+});
+
+test('a piece of a reply lost on the socket is caught up by a new socket, nothing lost or repeated', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const before = await fake('GET', '/_fake/config');
+  const words = 100;
+  const delay = 60;
+  const expected = lorem(words);
+  await fake('PUT', '/_fake/config', { reply_words: words, chunk_delay_ms: delay });
+  // A page of its own: its sockets pass through the test, which drops the reply's third
+  // delta on the first one, as if it had been lost.
+  const context = await newContext();
+  try {
+    await context.addCookies((await desktop.cookies(BASE)).filter((c) => c.name === 'sessionid'));
+    const other = await context.newPage();
+    const opened = [];
+    let dropped = null;
+    await other.routeWebSocket(/\/ws\/ai-chat\//, (ws) => {
+      opened.push(new URL(ws.url()));
+      const server = ws.connectToServer();
+      server.onMessage((message) => {
+        if (dropped === null && typeof message === 'string') {
+          const event = JSON.parse(message);
+          if (event.type === 'assistant_delta' && event.seq === 3) {
+            dropped = event;
+            return;
+          }
+        }
+        ws.send(message);
+      });
+    });
+    await other.goto(`${BASE}/#chat-${shared.chatId}`);
+    await other.locator('#conn[data-state="live"]').waitFor();
+    await other.locator('#message-input').fill('Tell me a long story over a lossy line');
+    const mine = other.locator('li.user', { hasText: 'Tell me a long story over a lossy line' });
+    await other.locator('#message-input').press('Enter');
+    await mine.waitFor();
+    const id = Number(await mine.getAttribute('data-id'));
+    await other.evaluate(recordReplyTexts, id);
+
+    const reply = other.locator(`li.assistant[data-id][data-reply-to="${id}"]`);
+    await reply.waitFor({ timeout: words * delay + STEP_MS });
+    assert.ok(dropped, 'a delta was dropped');
+    assert.equal(dropped.message_id, id);
+    // The next delta showed the gap: the page opened one new socket, from where it was.
+    assert.equal(opened.length, 2, `sockets opened: ${opened.join(' ')}`);
+    assert.equal(opened[1].searchParams.get('after_id'), String(id));
+
+    const texts = await other.evaluate(() => window.replyTexts);
+    assertStreamedInOrder(texts, expected);
+    const longest = texts.filter((t) => t.streaming).at(-1)?.text ?? '';
+    assert.ok(longest.split(' ').length >= words / 2, `it streamed on past the lost piece: "${longest}"`);
+    const saved = await storedReply(token, id);
+    assert.equal(saved.content, expected);
+    assert.equal(await reply.locator('.content').textContent(), saved.content);
+    assert.equal(await other.locator(`li.assistant[data-reply-to="${id}"]`).count(), 1, 'one bubble');
+  } finally {
+    await context.close();
     await fake('PUT', '/_fake/config', { reply_words: before.reply_words, chunk_delay_ms: before.chunk_delay_ms });
   }
 });

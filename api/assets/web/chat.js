@@ -1,8 +1,9 @@
 // The chat page: log in or register, list, create, rename and delete AI chats, and talk to the
-// model over the chat's WebSocket (`user_message`, `assistant_delta`, `assistant_message`,
-// `message_cancelled`, `error`). A reply still to come can be stopped, and a failed or cancelled
-// message retried, over REST. The assistant's replies are shown as Markdown (markdown.js); the
-// user's own messages as the plain text they typed.
+// model over the chat's WebSocket (`user_message`, `assistant_partial`, `assistant_delta`,
+// `assistant_message`, `message_cancelled`, `error`). A reply in progress shows whole as soon as
+// the socket (re)opens, and goes on from there. A reply still to come can be stopped, and a
+// failed or cancelled message retried, over REST. The assistant's replies are shown as Markdown
+// (markdown.js); the user's own messages as the plain text they typed.
 import {
   $,
   api,
@@ -23,6 +24,8 @@ import { cancelRender, renderMarkdown, renderMarkdownSoon } from './markdown.js'
 
 const CONTEXT_MESSAGE_LIMIT = 20;
 const MAX_RECONNECT_DELAY_MS = 15000;
+/** Least time between two socket renewals for lost deltas (`resync`). */
+const RESYNC_INTERVAL_MS = 5000;
 /** User message statuses whose reply is still to come (it can be stopped). */
 const PENDING = new Set(['queued', 'answering']);
 /** User message statuses that ended without a reply (they can be retried). */
@@ -37,6 +40,8 @@ const state = {
   socket: null,
   reconnectTimer: null,
   attempts: 0,
+  resyncTimer: null,
+  resyncedAt: 0,
   lastId: 0, // highest message id seen: where a (re)connection's catch-up starts
   pendingText: null, // sent over the socket, not yet confirmed: restored if refused
   opening: 0,
@@ -536,7 +541,10 @@ function placeReply(node, userId) {
   after.after(node);
 }
 
-/** A streaming reply's `.content` -> the text received so far (its DOM is the rendered Markdown). */
+/**
+ * A streaming reply's `.content` -> `{ text, seq }`: the text received so far (its DOM is the
+ * rendered Markdown) and the `seq` of the last delta in it (0: none yet).
+ */
 const streamed = new WeakMap();
 
 /** The reply still to come to user message `userId` (empty until its first words), with Stop. */
@@ -570,20 +578,68 @@ function removePendingReply(userId) {
   node.remove();
 }
 
-function streamDelta(userId, delta) {
+/**
+ * The bubble of the reply in progress to user message `userId` (made if need be) and what it
+ * holds; null once that reply is saved.
+ */
+function streamingReply(userId) {
   const user = byId(userId);
   // Words sent before a stop can arrive after the stopped reply itself (the stop's REST answer
   // and the socket are two roads): the saved reply is what stays.
-  if (user && user.dataset.status === 'answered') return;
+  if (user && user.dataset.status === 'answered') return null;
   if (user && user.dataset.status !== 'answering') setStatus(user, 'answering');
   const node = ensurePendingReply(userId);
-  if (!node.dataset.stopping) $('.usage', node).textContent = 'writing…';
   const content = $('.content', node);
-  const text = (streamed.get(content) ?? '') + delta;
-  streamed.set(content, text);
+  let reply = streamed.get(content);
+  if (!reply) {
+    reply = { text: '', seq: 0 };
+    streamed.set(content, reply);
+  }
+  return { node, content, reply };
+}
+
+function showReply({ node, content, reply }) {
+  if (reply.text && !node.dataset.stopping) $('.usage', node).textContent = 'writing…';
   // Re-rendered at most once a frame, however fast the words come.
   const stick = nearBottom();
-  renderMarkdownSoon(content, text, () => scrollToEnd(stick));
+  renderMarkdownSoon(content, reply.text, () => scrollToEnd(stick));
+}
+
+/** A reply in progress as it stands (`assistant_partial`): what a (re)opened socket gets first. */
+function resumeReply(userId, text, seq) {
+  const target = streamingReply(userId);
+  if (!target) return;
+  // The socket sends it before any delta it numbers higher: it replaces whatever was shown.
+  target.reply.text = text ?? '';
+  target.reply.seq = Number.isInteger(seq) ? seq : 0;
+  showReply(target);
+}
+
+/**
+ * One more piece of a reply. Numbered pieces (`seq`: 1, 2, 3 …) are taken in order only: one
+ * already in the text is dropped, and one past the next means some were lost (`resync`).
+ */
+function streamDelta(userId, delta, seq) {
+  const target = streamingReply(userId);
+  if (!target) return;
+  const { reply } = target;
+  if (!Number.isInteger(seq) || seq < 1) {
+    reply.text += delta; // from a server that numbers nothing: taken as it comes
+  } else if (seq === reply.seq + 1) {
+    reply.text += delta;
+    reply.seq = seq;
+  } else if (seq === 1) {
+    // A socket never repeats a first piece: the reply starts over (a new run of its job, the
+    // last one having died mid-stream, streams it from the beginning again).
+    reply.text = delta;
+    reply.seq = 1;
+  } else if (seq <= reply.seq) {
+    return; // already in the text
+  } else {
+    resync();
+    return;
+  }
+  showReply(target);
 }
 
 function usageOf(message) {
@@ -656,8 +712,11 @@ function handleEvent(event) {
       }
       refreshChatsSoon();
       break;
+    case 'assistant_partial':
+      resumeReply(event.message_id, event.content, event.seq);
+      break;
     case 'assistant_delta':
-      streamDelta(event.message_id, event.delta);
+      streamDelta(event.message_id, event.delta, event.seq);
       break;
     case 'assistant_message':
       addAssistantMessage(event.message);
@@ -701,7 +760,9 @@ const MESSAGES_PAGE = 1000;
 
 /**
  * Reads the chat's stored messages after `after` over REST, page by page, and shows them
- * (after a socket's catch-up stopped at its limit, or to refresh pending ones).
+ * (after a socket's catch-up stopped at its limit, or to refresh pending ones). The `partial`
+ * of a message being answered is left out: it has no `seq` to line the next deltas up with,
+ * and the socket, which this read follows, sends the same text as `assistant_partial` with one.
  */
 async function showMessagesAfter(chatId, after) {
   try {
@@ -768,7 +829,7 @@ async function stopReply(userId) {
     if (node) {
       delete node.dataset.stopping;
       setWaiting($('.stop-reply', node), false);
-      $('.usage', node).textContent = streamed.has($('.content', node)) ? 'writing…' : 'waiting…';
+      $('.usage', node).textContent = streamed.get($('.content', node))?.text ? 'writing…' : 'waiting…';
     }
     setMessage(chatError, err.message);
   }
@@ -873,9 +934,34 @@ function reconnectLater(chatId) {
   }, delay);
 }
 
+/**
+ * Deltas were lost on the open socket (a numbered one skipped a number). The text comes back
+ * the way a reloaded page gets it: a new socket with `after_id`, whose catch-up sends each reply
+ * in progress whole (`assistant_partial`, with its `seq`) before any later delta, and the
+ * messages stored meanwhile (its `open` re-reads the pending ones too). Simpler than asking for
+ * the missing pieces, and right whatever was lost; re-reading the message list instead would
+ * give text without a `seq`. At most one renewal every RESYNC_INTERVAL_MS, should a server keep
+ * skipping; until then the reply waits (its later pieces are not taken).
+ */
+function resync() {
+  if (state.resyncTimer || !state.socket) return; // renewing, or reconnecting (a catch-up too)
+  const wait = Math.max(0, state.resyncedAt + RESYNC_INTERVAL_MS - Date.now());
+  state.resyncTimer = setTimeout(() => {
+    state.resyncTimer = null;
+    const socket = state.socket;
+    if (!socket) return;
+    state.resyncedAt = Date.now();
+    state.socket = null; // its close is ours: not a drop to reconnect after
+    socket.close(1000);
+    connect();
+  }, wait);
+}
+
 function closeSocket() {
   clearTimeout(state.reconnectTimer);
   state.reconnectTimer = null;
+  clearTimeout(state.resyncTimer);
+  state.resyncTimer = null;
   const socket = state.socket;
   state.socket = null;
   if (socket) socket.close(1000);
