@@ -1,6 +1,6 @@
 //! Owns `POST /v1/chat/completions`: picking the outcome, recording, latency and the (streamed) answer.
 
-use std::{convert::Infallible, time::Duration};
+use std::{io, time::Duration};
 
 use axum::{
     Json,
@@ -9,12 +9,12 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use futures::{StreamExt, stream};
+use futures::stream;
 
 use crate::{
     config::Outcome,
     delivery::StreamDelivery,
-    protocol::{self, ChatRequest, Completion, DONE_FRAME},
+    protocol::{self, ChatRequest, Completion, DONE_FRAME, Frames},
     state::FakeState,
     tokens::{Usage, reply_text, split_word_chunks},
 };
@@ -60,14 +60,20 @@ pub(crate) async fn chat_completions(
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
     }
 
+    let cut_after = match outcome {
+        Outcome::Cut { after_chunks } => Some(after_chunks),
+        _ => None,
+    };
     let response = match outcome {
         Outcome::RateLimited { retry_after } => protocol::rate_limited(&retry_after),
         Outcome::InsufficientQuota => protocol::insufficient_quota(),
         Outcome::ServerError => protocol::server_error(),
+        // A plain answer has no stream to break; a 500 is the closest whole-response failure.
+        Outcome::Cut { .. } if delivery.is_none() => protocol::server_error(),
         Outcome::BadRequest => {
             protocol::invalid_request("Invalid request (injected by aichat-fake-llm).")
         }
-        Outcome::Ok | Outcome::Slow { .. } | Outcome::Hang => {
+        Outcome::Ok | Outcome::Slow { .. } | Outcome::Hang | Outcome::Cut { .. } => {
             let completion = Completion {
                 id: format!("chatcmpl-{seq}"),
                 created: unix_secs(),
@@ -75,13 +81,15 @@ pub(crate) async fn chat_completions(
             };
             match delivery {
                 Some(delivery) => {
+                    let frames = completion.stream_frames(
+                        &split_word_chunks(&reply),
+                        usage,
+                        request.include_usage,
+                    );
                     let delay = Duration::from_millis(config.chunk_delay_ms);
                     return stream_response(
                         &state,
-                        &completion,
-                        &reply,
-                        usage,
-                        request.include_usage,
+                        stream_events(frames, cut_after),
                         delay,
                         delivery,
                     );
@@ -124,28 +132,42 @@ enum Event {
     Content(String),
     /// `data: [DONE]`: once handed over, the client has had the whole stream.
     Done,
+    /// An injected [`Outcome::Cut`]: the body fails, so hyper aborts the connection.
+    Cut,
+}
+
+/// The events of a streamed answer: all of them, or, when `cut_after` is set, the role chunk
+/// and at most that many words followed by the cut.
+fn stream_events(frames: Frames, cut_after: Option<u32>) -> Vec<Event> {
+    let mut events: Vec<Event> = Vec::with_capacity(frames.words.len() + 4);
+    events.push(Event::Other(frames.role));
+    let words = frames.words.into_iter().map(Event::Content);
+    match cut_after {
+        Some(after_chunks) => {
+            let kept = usize::try_from(after_chunks).unwrap_or(usize::MAX);
+            events.extend(words.take(kept));
+            events.push(Event::Cut);
+        }
+        None => {
+            events.extend(words);
+            events.push(Event::Other(frames.finish));
+            events.extend(frames.usage.map(Event::Other));
+            events.push(Event::Done);
+        }
+    }
+    events
 }
 
 fn stream_response(
     state: &FakeState,
-    completion: &Completion,
-    reply: &str,
-    usage: Usage,
-    include_usage: bool,
+    events: Vec<Event>,
     delay: Duration,
     delivery: StreamDelivery,
 ) -> Response {
-    let frames = completion.stream_frames(&split_word_chunks(reply), usage, include_usage);
-    let mut events: Vec<Event> = Vec::with_capacity(frames.words.len() + 4);
-    events.push(Event::Other(frames.role));
-    events.extend(frames.words.into_iter().map(Event::Content));
-    events.push(Event::Other(frames.finish));
-    events.extend(frames.usage.map(Event::Other));
-    events.push(Event::Done);
-
     let shutdown = Box::pin(state.shutdown_requested());
-    // `delivery` lives in the stream's state: hyper dropping the body (client gone) or the
-    // stream returning `None` (finished, or cut by shutdown) drops it and updates the record.
+    // `delivery` lives in the stream's state: hyper dropping the body (client gone, or after the
+    // injected error) or the stream returning `None` (finished, or cut by shutdown) drops it and
+    // updates the record.
     let body = stream::unfold(
         (events.into_iter(), shutdown, delivery),
         move |(mut events, mut shutdown, mut delivery)| async move {
@@ -169,11 +191,18 @@ fn stream_response(
                     delivery.sent_done();
                     DONE_FRAME.to_owned()
                 }
+                Event::Cut => {
+                    delivery.cut_on_purpose();
+                    // hyper drops the connection on a body error without flushing what it has
+                    // buffered; pending once first lets it write the chunks already handed over.
+                    tokio::task::yield_now().await;
+                    let cut = io::Error::other("stream cut (injected by aichat-fake-llm)");
+                    return Some((Err(cut), (events, shutdown, delivery)));
+                }
             };
-            Some((Bytes::from(frame), (events, shutdown, delivery)))
+            Some((Ok(Bytes::from(frame)), (events, shutdown, delivery)))
         },
-    )
-    .map(Ok::<_, Infallible>);
+    );
 
     let mut response = Body::from_stream(body).into_response();
     let headers = response.headers_mut();

@@ -63,7 +63,7 @@ impl FakeConfig {
 ///
 /// JSON shape: `{"kind": "rate_limited", "retry_after": "1"}`, `{"kind": "slow", "latency_ms": 3000}`,
 /// `{"kind": "ok"}`, `{"kind": "insufficient_quota"}`, `{"kind": "server_error"}`,
-/// `{"kind": "bad_request"}`, `{"kind": "hang"}`.
+/// `{"kind": "bad_request"}`, `{"kind": "hang"}`, `{"kind": "cut", "after_chunks": 5}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Outcome {
@@ -84,6 +84,12 @@ pub enum Outcome {
     Hang,
     /// Answer normally after `latency_ms` instead of the configured latency.
     Slow { latency_ms: u64 },
+    /// Break a `stream: true` answer midway, as a provider whose connection drops mid-reply:
+    /// 200, the role chunk and the first `after_chunks` word chunks (all of them if the reply
+    /// is shorter) as usual, then the connection is aborted: no finish chunk, no usage chunk, no
+    /// `data: [DONE]`, no closing zero-length chunk, so clients see a body (transport) error.
+    /// A request without `stream: true` gets the 500 of [`Outcome::ServerError`].
+    Cut { after_chunks: u32 },
 }
 
 fn default_retry_after() -> String {
@@ -101,6 +107,7 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::Hang => "hang",
             Outcome::Slow { .. } => "slow",
+            Outcome::Cut { .. } => "cut",
         }
     }
 

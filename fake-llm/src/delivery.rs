@@ -12,6 +12,8 @@ enum Ending {
     Delivered,
     /// Cut short by graceful shutdown, not by the client.
     ShutDown,
+    /// Broken on purpose by an injected [`crate::Outcome::Cut`], not by the client.
+    Cut,
 }
 
 /// Follows one `stream: true` request from its record to the end of its response.
@@ -19,7 +21,8 @@ enum Ending {
 /// Created by the handler and moved into the body stream, so it is dropped by whoever holds
 /// the response last: a client closing its connection makes hyper drop the handler future
 /// while it waits (latency, hang) or the body stream afterwards, and [`Drop`] then records
-/// [`Ending::ClientLeft`] unless `[DONE]` went out or shutdown cut the stream first.
+/// [`Ending::ClientLeft`] unless `[DONE]` went out or shutdown or an injected cut ended the
+/// stream first.
 ///
 /// How soon: hyper 1.x (half-close off, as `axum::serve` runs it) keeps reading a connection
 /// while it writes the response, so the client's FIN makes it drop the response at once,
@@ -56,6 +59,11 @@ impl StreamDelivery {
 
     pub(crate) fn cut_by_shutdown(&mut self) {
         self.ending = Ending::ShutDown;
+    }
+
+    /// The injected cut is about to abort the connection.
+    pub(crate) fn cut_on_purpose(&mut self) {
+        self.ending = Ending::Cut;
     }
 
     /// The request got a complete non-stream answer instead (an injected error, a hang's 504).

@@ -25,6 +25,16 @@
 //! with probability [`FakeConfig::fail_rate`] (seeded xorshift), one of a 429 with
 //! `Retry-After: 1`, a 500, or a hang; else a normal answer.
 //!
+//! [`Outcome::Cut`] (`{"kind": "cut", "after_chunks": n}`) breaks a stream midway, as a provider
+//! whose connection drops mid-reply: the response starts as usual (200, role chunk, the first
+//! `n` word chunks at `chunk_delay_ms`), then the body fails and hyper aborts the connection
+//! before the finish chunk, the usage chunk and `data: [DONE]`, leaving the chunked body
+//! unterminated. Clients see a transport error, not a clean end: reqwest an error decoding the
+//! body, async-openai (0.43) the `n` chunks followed by `Err(OpenAIError::StreamError(_))`.
+//! Its record reads `outcome: "cut"`, `stream_ended: true`, `client_hung_up: false`,
+//! `chunks_sent: n` (fewer if the reply has fewer words), `usage: null`. Without `stream: true`
+//! it answers the 500 of [`Outcome::ServerError`]. `fail_rate` never picks it.
+//!
 //! # HTTP endpoints
 //! - `POST /v1/chat/completions` (also `/chat/completions`), `GET /v1/models`, `GET /healthz`
 //! - `GET|DELETE /_fake/requests`: the [`RecordedRequest`] log. A record is written when a

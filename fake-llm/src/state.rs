@@ -43,14 +43,16 @@ pub struct RecordedRequest {
     #[serde(default)]
     pub params: Map<String, Value>,
     /// `stream: true` only: the response is over, whichever way (`[DONE]` sent, client gone,
-    /// server shut down, or an injected failure answered instead); `client_hung_up` and
-    /// `chunks_sent` are final from then on. Always false when `stream` is false.
+    /// server shut down, an injected cut, or an injected failure answered instead);
+    /// `client_hung_up` and `chunks_sent` are final from then on. Always false when `stream` is
+    /// false.
     #[serde(default)]
     pub stream_ended: bool,
     /// `stream: true` only: the client closed the connection (or dropped the response) before
     /// the server handed `data: [DONE]` to it, be it mid-stream or before the first byte (during
-    /// latency or a hang). False for a stream delivered completely, a stream cut by shutdown,
-    /// an injected failure answered in full, and every non-streamed request.
+    /// latency or a hang). False for a stream delivered completely, a stream cut by shutdown or
+    /// by an injected [`Outcome::Cut`], an injected failure answered in full, and every
+    /// non-streamed request.
     #[serde(default)]
     pub client_hung_up: bool,
     /// Content chunks of the reply (one per word, not counting the role, finish, usage and

@@ -9,9 +9,14 @@
 //! (`MAX_COMPLETION_TOKENS`), expires [`PARTIAL_TTL_SECS`] after its last delta, and is deleted
 //! in the script that announces the message's outcome (`announce::announce_once`), or when a
 //! later run of the job starts over (`announce::claim`).
+//!
+//! A reply that starts over within a run (its model call retried after part of it streamed)
+//! empties its list and publishes an empty `assistant_partial` ([`restart`]): followers drop
+//! what they had, and the deltas that follow are numbered from 1 again.
 use redis::aio::ConnectionManager;
 
 use crate::error::Result;
+use crate::events::ChatEvent;
 use crate::keys::Namespace;
 
 /// A reply in progress whose worker vanished is forgotten this long after its last delta.
@@ -45,6 +50,34 @@ pub async fn push_delta(
         .invoke_async(conn)
         .await?;
     Ok(seq)
+}
+
+/// KEYS: the list, the chat's channel. ARGV: the `assistant_partial` event.
+const RESTART: &str = r"
+redis.call('DEL', KEYS[1])
+return redis.call('PUBLISH', KEYS[2], ARGV[1])";
+
+/// Starts the reply in progress to `message_id` over (its model call is retried after part of
+/// it streamed): the list is emptied and an empty `assistant_partial` (`seq` 0) published in
+/// one step, so every follower drops the text it had; the next delta is numbered 1.
+pub async fn restart(
+    conn: &mut ConnectionManager,
+    ns: &Namespace,
+    ai_chat_id: i64,
+    message_id: i64,
+) -> Result<()> {
+    let event = ChatEvent::AssistantPartial {
+        message_id,
+        content: String::new(),
+        seq: 0,
+    };
+    let _receivers: i64 = redis::Script::new(RESTART)
+        .key(ns.partial_reply(message_id))
+        .key(ns.chat_channel(ai_chat_id))
+        .arg(serde_json::to_string(&event)?)
+        .invoke_async(conn)
+        .await?;
+    Ok(())
 }
 
 /// A reply in progress as read: its deltas after the `seq` asked for.

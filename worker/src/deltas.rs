@@ -45,6 +45,14 @@ impl Coalescer {
     }
 }
 
+/// What the model call hands the delta publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    /// The reply starts over: the call is retried after part of it may have streamed.
+    Restart,
+}
+
 /// Where one reply's deltas go.
 pub struct DeltaTarget {
     pub redis: ConnectionManager,
@@ -57,6 +65,15 @@ pub struct DeltaTarget {
 }
 
 impl DeltaTarget {
+    /// Empties the reply in progress and tells its followers (`partial::restart`).
+    async fn restart(&mut self) {
+        let restarted =
+            partial::restart(&mut self.redis, &self.ns, self.ai_chat_id, self.message_id).await;
+        if let Err(err) = restarted {
+            tracing::warn!(error = %err, "could not start the reply in progress over");
+        }
+    }
+
     async fn publish(&mut self, delta: String) {
         if delta.is_empty() {
             return;
@@ -78,26 +95,37 @@ impl DeltaTarget {
 }
 
 /// Publishes what arrives on `chunks` until the sender is dropped, then flushes the rest, so
-/// every delta is out before the caller publishes the final `assistant_message`.
-pub async fn publish_deltas(mut chunks: mpsc::UnboundedReceiver<String>, mut target: DeltaTarget) {
+/// every delta is out before the caller publishes the final `assistant_message`. A restart
+/// drops what was gathered and, if anything was published, starts the reply in progress over.
+pub async fn publish_deltas(mut chunks: mpsc::UnboundedReceiver<Piece>, mut target: DeltaTarget) {
     let mut coalescer = Coalescer::new(target.flush_chars);
     let mut flush_at: Option<Instant> = None;
+    let mut published = false;
     loop {
         tokio::select! {
             chunk = chunks.recv() => match chunk {
-                Some(chunk) => {
+                Some(Piece::Text(chunk)) => {
                     if coalescer.is_empty() {
                         flush_at = Some(Instant::now() + target.flush_every);
                     }
                     if let Some(ready) = coalescer.push(&chunk) {
                         flush_at = None;
+                        published = true;
                         target.publish(ready).await;
+                    }
+                }
+                Some(Piece::Restart) => {
+                    coalescer.take();
+                    flush_at = None;
+                    if std::mem::take(&mut published) {
+                        target.restart().await;
                     }
                 }
                 None => break,
             },
             () = sleep_until_some(flush_at) => {
                 flush_at = None;
+                published = true;
                 target.publish(coalescer.take()).await;
             }
         }

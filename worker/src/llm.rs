@@ -31,6 +31,7 @@ use aichat_shared::config::OpenAiSettings;
 use aichat_shared::lock::lock;
 
 use crate::context::{PromptMessage, Role};
+use crate::deltas::Piece;
 use crate::metrics;
 use crate::rate_limit::{RateLimitError, RateLimiter};
 use crate::retry::{AttemptError, FailureReason, RetryPolicy, classify, parse_retry_after};
@@ -175,8 +176,7 @@ impl LlmClient {
     }
 
     /// Streams the reply to `request`, sending text pieces to `chunks` as they arrive, retrying
-    /// as the policy allows. A retry after a failure mid-stream starts the reply over; the
-    /// pieces already sent stay sent (the saved `assistant_message` is the authoritative text).
+    /// as the policy allows. A retry starts the reply over (`Piece::Restart` first).
     ///
     /// `stop` turning true (its user's stop request) ends the call at once: during an attempt,
     /// the stream is dropped (closing the connection, so the provider stops generating) and the
@@ -186,7 +186,7 @@ impl LlmClient {
         &self,
         request: &ChatRequest,
         limiter: &RateLimiter,
-        chunks: &mpsc::UnboundedSender<String>,
+        chunks: &mpsc::UnboundedSender<Piece>,
         cancel: &mut watch::Receiver<bool>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Completion, CompletionError> {
@@ -219,6 +219,10 @@ impl LlmClient {
                 metrics::rate_limit_wait(model, waited);
             }
 
+            if failures > 0 {
+                // The receiver only goes away when the job is being dropped.
+                let _ = chunks.send(Piece::Restart);
+            }
             let started = Instant::now();
             let result = self.attempt(body.clone(), chunks, stop).await;
             let elapsed = started.elapsed();
@@ -297,7 +301,7 @@ impl LlmClient {
     async fn attempt(
         &self,
         body: CreateChatCompletionRequest,
-        chunks: &mpsc::UnboundedSender<String>,
+        chunks: &mpsc::UnboundedSender<Piece>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Streamed, AttemptError> {
         let slot = ResponseSlot::default();
@@ -354,7 +358,7 @@ impl LlmClient {
                 if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
                     content.push_str(&text);
                     // The receiver only goes away when the job is being dropped.
-                    let _ = chunks.send(text);
+                    let _ = chunks.send(Piece::Text(text));
                 }
                 finished |= choice.finish_reason.is_some();
             }

@@ -159,6 +159,13 @@ async fn feed(
             ChatEvent::AssistantDelta {
                 message_id, seq, ..
             } if *message_id == id && *seq > sent => (Some(*seq), false),
+            // The reply started over: its deltas are numbered from 1 again.
+            ChatEvent::AssistantPartial {
+                message_id, seq, ..
+            } if *message_id == id => {
+                sent = *seq;
+                (Some(*seq), false)
+            }
             ChatEvent::AssistantMessage { message } if message.reply_to == Some(id) => (None, true),
             ChatEvent::Error {
                 message_id: Some(failed),

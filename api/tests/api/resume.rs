@@ -5,7 +5,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use aichat_fake_llm::FakeConfig;
+use aichat_fake_llm::{FakeConfig, Outcome};
 use common::{Stack, TestApp, TestUser, event_of, id, messages_path, next_event};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -91,6 +91,42 @@ async fn a_socket_reopened_on_another_instance_mid_stream_gets_the_reply_byte_fo
     }
     b.cleanup().await;
     a.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reply_retried_after_part_of_it_streamed_starts_over_for_its_followers() {
+    let stack = Stack::start(slow_reply(30, 10), &[], &FLUSH_AT_ONCE).await;
+    // The first call breaks after five words; the retry answers whole.
+    stack.fake.push_script([Outcome::Cut { after_chunks: 5 }]);
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let mut ws = stack.ws(chat, &alice.token, None).await;
+    let question = id(&stack.send_ok(&alice, chat, "again").await);
+    let (reply, events) = event_of(&mut ws, "assistant_message", 30).await;
+    let restart = events
+        .iter()
+        .position(|e| e["type"] == "assistant_partial")
+        .expect("the reply started over");
+    assert_eq!(events[restart]["content"], "", "{:?}", events[restart]);
+    assert_eq!(events[restart]["seq"], 0);
+    let before = events[..restart]
+        .iter()
+        .filter(|e| e["type"] == "assistant_delta")
+        .count();
+    assert!(
+        before >= 1,
+        "part of the first attempt streamed: {events:?}"
+    );
+    let mut text = Reassembled::default();
+    for event in &events {
+        text.apply(event, question);
+    }
+    assert_eq!(
+        text.text,
+        reply["message"]["content"].as_str().unwrap_or_default()
+    );
+    assert_eq!(stack.fake.requests().len(), 2);
+    stack.cleanup().await;
 }
 
 #[tokio::test]

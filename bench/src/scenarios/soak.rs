@@ -135,6 +135,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         unanswered = env::queued_in(&ctx.env.db, &chats).await?;
     }
     stack.check_alive()?;
+    // Replies in progress and announcement markers live only while a reply is pending: once
+    // every message is answered, none of the namespace's is left (Redis back to its size).
+    let leftover = leftover_reply_keys(&mut ctx.env.redis.clone(), &stack.ns).await?;
     stack.stop().await;
 
     let errors = counters.errors.load(Ordering::Relaxed);
@@ -189,6 +192,15 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         "",
     ));
     rep.push(Row::new("soak", "errors", errors as f64, "").target("0", errors == 0));
+    rep.push(
+        Row::new(
+            "soak",
+            "Redis keys of pending replies left after the end",
+            leftover as f64,
+            "",
+        )
+        .target("0", leftover == 0 || unanswered > 0),
+    );
     rep.push(
         Row::new(
             "soak",
@@ -279,4 +291,21 @@ impl Clients {
             Err(e) => Err(format!("read: {e}")),
         }
     }
+}
+
+/// Keys of the namespace that exist only while a reply is pending: replies in progress
+/// (`partial`) and announcement markers (`announce`).
+async fn leftover_reply_keys(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &str,
+) -> anyhow::Result<usize> {
+    let mut left = 0;
+    for kind in ["partial", "announce"] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{ns}:{kind}:*"))
+            .query_async(redis)
+            .await?;
+        left += keys.len();
+    }
+    Ok(left)
 }

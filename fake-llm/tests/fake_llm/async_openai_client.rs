@@ -1,4 +1,5 @@
-//! Compatibility tests: the real async-openai 0.43 client against the fake, streaming and not, plus errors.
+//! Compatibility tests: the real async-openai 0.43 client against the fake, streaming and not,
+//! plus errors and a stream cut midway.
 
 use crate::common;
 
@@ -166,4 +167,63 @@ async fn error_bodies_parse_as_api_errors() {
         Err(other) => panic!("expected ApiError, got {other:?}"),
         Ok(_) => panic!("expected ApiError, got a stream"),
     }
+}
+
+/// What the worker's `attempt` sees of a provider dropping the connection mid-reply: the
+/// chunks sent so far, then a stream error (not a clean end without a finish reason).
+#[tokio::test]
+async fn create_stream_yields_the_chunks_before_a_cut_then_a_stream_error() {
+    let fake = start(FakeConfig {
+        chunk_delay_ms: 1,
+        ..FakeConfig::default()
+    })
+    .await;
+    fake.push_script([Outcome::Cut { after_chunks: 3 }]);
+    let client = client_for(&fake);
+    let mut stream = client
+        .chat()
+        .create_stream(request("stream me some words", true))
+        .await
+        .expect("stream opens");
+
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    let mut chunks = 0;
+    let error = loop {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                chunks += 1;
+                for choice in &chunk.choices {
+                    text.push_str(choice.delta.content.as_deref().unwrap_or_default());
+                    finish = finish.or(choice.finish_reason);
+                }
+                usage = usage.or(chunk.usage);
+            }
+            Some(Err(error)) => break error,
+            None => panic!("the stream ended cleanly after {chunks} chunks: {text:?}"),
+        }
+    };
+    assert!(matches!(error, OpenAIError::StreamError(_)), "{error:?}");
+    assert!(stream.next().await.is_none(), "nothing after the error");
+    // role + 3 words
+    assert_eq!(chunks, 4);
+    assert_eq!(text, "Echo: stream me ");
+    assert_eq!((finish, usage), (None, None));
+
+    // The script is spent: the same client streams the next reply whole.
+    let mut stream = client
+        .chat()
+        .create_stream(request("again", true))
+        .await
+        .expect("stream opens");
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        for choice in &chunk.expect("chunk parses").choices {
+            text.push_str(choice.delta.content.as_deref().unwrap_or_default());
+        }
+    }
+    assert_eq!(text, "Echo: again");
+    let outcomes: Vec<String> = fake.requests().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["cut", "ok"]);
 }

@@ -6,7 +6,7 @@ use crate::common;
 use std::time::Duration;
 
 use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome, RecordedRequest};
-use common::{always, answered, ask, chat_body, client, fetch_json, start};
+use common::{always, answered, ask, chat_body, client, fetch_json, is_content_chunk, start};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -38,20 +38,6 @@ async fn read_content_chunks(response: &mut reqwest::Response, n: u32) {
             }
         }
     }
-}
-
-/// A word of the reply, as opposed to the role, finish and usage chunks or `[DONE]`.
-fn is_content_chunk(event: &str) -> bool {
-    let Some(Ok(chunk)) = event
-        .trim_end()
-        .strip_prefix("data: ")
-        .map(serde_json::from_str::<Value>)
-    else {
-        return false;
-    };
-    chunk["choices"][0]["delta"]["content"]
-        .as_str()
-        .is_some_and(|content| !content.is_empty())
 }
 
 /// The only record, once its stream has ended.

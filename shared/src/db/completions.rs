@@ -67,6 +67,13 @@ pub struct NewReply {
 /// The message's other columns are read as the statement began: when a concurrent statement
 /// ended the message meanwhile (a save, a cancel), `claimed` is false and the rest may be
 /// older than that change; a caller that is not `claimed` reads what it needs again.
+///
+/// Committed with `synchronous_commit = off` (local to this statement's transaction): the
+/// claim is bookkeeping that a crash may lose without harm. Its change is visible to every
+/// other transaction at once, as any commit's; only its WAL flush is not waited for. Lost in a
+/// crash, the message is `queued` again: the job's next run claims it, and a stop finding it
+/// `queued` cancels it, after which no reply can be saved for it (`save_replies` takes only a
+/// message that waits).
 #[tracing::instrument(skip(db))]
 pub async fn claim_completion_subject(
     db: impl PgExecutor<'_>,
@@ -74,8 +81,10 @@ pub async fn claim_completion_subject(
 ) -> Result<Option<CompletionSubject>> {
     let subject = sqlx::query_as!(
         CompletionSubject,
-        r#"with claimed as (
+        r#"with async_commit as (select set_config('synchronous_commit', 'off', true)),
+           claimed as (
                update ai_messages set status = $3
+               from async_commit
                where id = $1 and role = $2 and status in ($3, $4)
                returning id, stop_requested_at
            )
@@ -152,7 +161,7 @@ pub async fn list_history(
 ///
 /// Returns the new message, or `None` when there is nothing to do: another run of the job
 /// already saved a reply (the unique `reply_to` index keeps exactly one), or the user message
-/// is gone.
+/// is gone or no longer waits (failed, or cancelled by its user).
 pub async fn save_reply(
     db: impl PgExecutor<'_>,
     user_message_id: i64,
@@ -218,7 +227,7 @@ pub async fn save_replies(
              for key share
          ), questions as materialized (
              select q.id, q.ai_chat_id from ai_messages q join chats c on c.id = q.ai_chat_id
-             where q.id in (select question_id from input)
+             where q.id in (select question_id from input) and q.status in ($14, $15)
              order by q.id
              for no key update of q
          ), m as (
@@ -256,6 +265,8 @@ pub async fn save_replies(
         MessageStatus::Complete.as_str(),
         MessageStatus::Answered.as_str(),
         &stopped,
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Answering.as_str(),
     )
     .fetch_all(db)
     .await?;

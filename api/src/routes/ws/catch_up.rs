@@ -40,8 +40,9 @@ pub(super) struct CaughtUp {
 
 impl CaughtUp {
     /// Whether a live event repeats what the catch-up already sent: a stored message, or a
-    /// delta a partial holds.
-    pub(super) fn repeats(&self, event: &str) -> bool {
+    /// delta a partial holds. A live `assistant_partial` (the reply started over) goes through
+    /// and ends the filtering of that reply's deltas: what follows it is numbered from 1.
+    pub(super) fn repeats(&mut self, event: &str) -> bool {
         if self.messages.is_empty() && self.partials.is_empty() {
             return false;
         }
@@ -57,6 +58,10 @@ impl CaughtUp {
         match (ids.kind.as_deref(), ids.message_id, ids.seq) {
             (Some("assistant_delta"), Some(id), Some(seq)) => {
                 self.partials.get(&id).is_some_and(|&sent| seq <= sent)
+            }
+            (Some("assistant_partial"), Some(id), _) => {
+                self.partials.remove(&id);
+                false
             }
             _ => false,
         }

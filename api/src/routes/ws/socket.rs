@@ -148,7 +148,7 @@ async fn send_loop(
             },
             event = events.recv() => match event {
                 Ok(text) => {
-                    if !send_events(&mut sink, &mut events, text, &caught_up, send_timeout).await {
+                    if !send_events(&mut sink, &mut events, text, &mut caught_up, send_timeout).await {
                         close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
                         return;
                     }
@@ -229,7 +229,7 @@ async fn send_events(
     sink: &mut Sink,
     events: &mut Subscription,
     first: Event,
-    caught_up: &CaughtUp,
+    caught_up: &mut CaughtUp,
     limit: Duration,
 ) -> bool {
     let write = async {

@@ -102,3 +102,18 @@ pub fn parse_sse(text: &str) -> Vec<Value> {
         .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
         .collect()
 }
+
+/// Whether one SSE event is a word of the reply, as opposed to the role, finish and usage
+/// chunks or `[DONE]`.
+pub fn is_content_chunk(event: &str) -> bool {
+    let Some(Ok(chunk)) = event
+        .trim_end()
+        .strip_prefix("data: ")
+        .map(serde_json::from_str::<Value>)
+    else {
+        return false;
+    };
+    chunk["choices"][0]["delta"]["content"]
+        .as_str()
+        .is_some_and(|content| !content.is_empty())
+}
