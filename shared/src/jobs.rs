@@ -148,8 +148,10 @@ impl JobQueue {
     }
 }
 
-/// Lost jobs followed per message before [`JobQueue::next_job_key`] gives up on it.
-const MAX_GENERATIONS: usize = 10;
+/// Jobs followed per message before [`JobQueue::next_job_key`] gives up on it: a user's
+/// retries each add one to the chain (`SEND_RATE_PER_MINUTE` paces them), lost jobs the
+/// others. The keys live a day, so a chain this long takes a retry every half hour all day.
+const MAX_GENERATIONS: usize = 50;
 
 /// Where the chain of a message's jobs ends (`JobQueue::next_job_key`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -83,11 +83,14 @@ pub async fn restart(
 /// A reply in progress as read: its deltas after the `seq` asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Partial {
-    /// The deltas numbered `after + 1` to `seq`.
+    /// The deltas numbered `after + 1` to `seq`; all of them when the reply started over
+    /// since `after` (`restarted`).
     pub deltas: Vec<String>,
     /// The number of the last delta; 0 when none streamed yet (or the reply is no longer in
     /// progress).
     pub seq: u64,
+    /// The reply holds fewer deltas than the `after` asked for: it started over since.
+    pub restarted: bool,
 }
 
 impl Partial {
@@ -96,22 +99,35 @@ impl Partial {
     }
 }
 
-/// The deltas of the reply in progress to `message_id` after `after` (0: all of them).
+/// The deltas of the reply in progress to `message_id` after `after` (0: all of them), in one
+/// round trip; all of them, `restarted`, when it holds fewer than `after`.
 pub async fn read(
     conn: &mut ConnectionManager,
     ns: &Namespace,
     message_id: i64,
     after: u64,
 ) -> Result<Partial> {
-    let start = isize::try_from(after).unwrap_or(isize::MAX);
-    let deltas: Vec<String> = redis::cmd("LRANGE")
+    let (all,): (Vec<String>,) = redis::pipe()
+        .cmd("LRANGE")
         .arg(ns.partial_reply(message_id))
-        .arg(start)
+        .arg(0)
         .arg(-1)
         .query_async(conn)
         .await?;
-    let seq = after + deltas.len() as u64;
-    Ok(Partial { deltas, seq })
+    let seq = all.len() as u64;
+    if after > seq {
+        return Ok(Partial {
+            deltas: all,
+            seq,
+            restarted: true,
+        });
+    }
+    let skip = usize::try_from(after).unwrap_or(usize::MAX);
+    Ok(Partial {
+        deltas: all.into_iter().skip(skip).collect(),
+        seq,
+        restarted: false,
+    })
 }
 
 /// The whole text so far of the replies in progress to `message_ids`, in one round trip.
@@ -132,7 +148,11 @@ pub async fn read_many(
         .into_iter()
         .map(|deltas| {
             let seq = deltas.len() as u64;
-            Partial { deltas, seq }
+            Partial {
+                deltas,
+                seq,
+                restarted: false,
+            }
         })
         .collect())
 }

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use aichat_shared::announce::{self, Claim};
 use aichat_shared::db;
 use aichat_shared::jobs::CompletionJob;
+use aichat_shared::partial;
 
 use crate::deltas::{DeltaTarget, publish_deltas};
 use crate::llm::CompletionError;
@@ -172,6 +173,16 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             "message {} belongs to AI chat {}, not {}",
             subject.message_id, subject.ai_chat_id, job.ai_chat_id
         )));
+    }
+    if claim == Claim::Inherited {
+        // An earlier run may have streamed part of a reply and died: followers drop that text;
+        // this run's deltas are numbered from 1.
+        let mut redis = ctx.redis.clone();
+        if let Err(err) =
+            partial::restart(&mut redis, &ctx.ns, subject.ai_chat_id, subject.message_id).await
+        {
+            tracing::warn!(error = %err, "could not start the reply in progress over");
+        }
     }
     if subject.stop_requested {
         // Its user stopped it while a run that has since died answered it: the model is not

@@ -8,9 +8,11 @@
 //! published after the job listens; a job that takes over a message whose stop was requested
 //! earlier reads `stop_requested` when it takes it; and a request published while this
 //! process's pub/sub connection was down is found in the database when the connection has
-//! subscribed again (every running job's message is checked then).
+//! subscribed again (every running job's message is checked then), and every few seconds
+//! (a publish that failed, a connection dropped silently).
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind};
@@ -134,7 +136,13 @@ impl StopRequests {
     }
 }
 
-/// Routes the subscription's pushes until the registry is dropped.
+/// How often the running messages are checked for a recorded stop request besides the
+/// channel: a request whose publish failed, or that a connection dropped without a word
+/// carried, still stops its run within this.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Routes the subscription's pushes until the registry is dropped, and checks the running
+/// messages for recorded stop requests every [`RECHECK_EVERY`].
 async fn route(
     requests: Weak<StopRequests>,
     conn: ConnectionManager,
@@ -142,9 +150,18 @@ async fn route(
     db: PgPool,
     mut gone: oneshot::Receiver<()>,
 ) {
+    let mut recheck = tokio::time::interval(RECHECK_EVERY);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let push = tokio::select! {
             push = pushes.recv() => push,
+            _ = recheck.tick() => {
+                match requests.upgrade() {
+                    Some(requests) => requests.check_recorded(&db).await,
+                    None => return,
+                }
+                continue;
+            }
             _ = &mut gone => return,
         };
         let Some(push) = push else { return };

@@ -352,7 +352,7 @@ async fn get_message(
         (status = 404, description = "No such user message of the user's", body = ErrorBody),
         (status = 409, description = "The message was answered (whole) or failed before the stop", body = ErrorBody),
         (status = 429, description = "Past `SEND_RATE_PER_MINUTE`", body = ErrorBody),
-        (status = 503, description = "Redis unreachable: the workers cannot be told", body = ErrorBody)))]
+        (status = 503, description = "Redis unreachable (the rate limit, or the events the stop waits for)", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(message_id = id))]
 async fn stop_message(
     State(state): State<AppState>,

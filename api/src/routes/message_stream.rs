@@ -129,7 +129,8 @@ async fn feed(
     }
     let so_far = partial::read(&mut state.redis.clone(), &state.ns, id, after).await?;
     let mut sent = so_far.seq;
-    if after == 0 {
+    // From the start, or the reply started over since `after`: the whole text so far.
+    if after == 0 || so_far.restarted {
         let event = ChatEvent::AssistantPartial {
             message_id: id,
             content: so_far.content(),
@@ -151,7 +152,15 @@ async fn feed(
         }
     }
     let deadline = Instant::now() + limit;
-    while let Ok(Ok(text)) = timeout_at(deadline, events.recv()).await {
+    loop {
+        // A client that left ends the stream now, not at its next event.
+        let text = tokio::select! {
+            received = timeout_at(deadline, events.recv()) => match received {
+                Ok(Ok(text)) => text,
+                _ => return Ok(()),
+            },
+            () = tx.closed() => return Ok(()),
+        };
         let Ok(event) = serde_json::from_str::<ChatEvent>(&text) else {
             continue;
         };
@@ -181,5 +190,4 @@ async fn feed(
             sent = seq;
         }
     }
-    Ok(())
 }

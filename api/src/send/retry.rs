@@ -3,11 +3,12 @@
 //! toward the send rate limit and reserves budget like a send.
 //!
 //! Concurrent retries of one message change it once (the statement only takes a `failed` or
-//! `cancelled` message), and only that one pushes a job, under the next key of the message's
-//! chain of jobs (`JobQueue::next_job_key`, as the sweeper follows it), so the sweeper and a
-//! staff re-drive see it. When a job of the message is still alive (a message cancelled
-//! before any worker took its job), that job answers it and nothing is pushed. The message's
-//! dead job, if any, leaves the staff's list.
+//! `cancelled` message), and only that one pushes a job, after its change is committed, under
+//! the next key of the message's chain of jobs (`JobQueue::next_job_key`, as the sweeper
+//! follows it), so the sweeper and a staff re-drive see it. When a job of the message is still
+//! alive (a message cancelled before any worker took its job), that job answers it and nothing
+//! is pushed; if that job was in fact ending, the next sweep finds the message without a live
+//! job and pushes one. The message's dead job, if any, leaves the staff's list.
 use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::domain::{AiMessage, MessageStatus};
@@ -35,7 +36,7 @@ pub async fn retry(
     }
     rate::admit(state, user_id).await?;
     let reservation = budget::reserve(state, user_id).await?;
-    let result = requeue(state, user_id, message_id, request_id, reservation.as_ref()).await;
+    let result = requeue(state, &current, user_id, request_id, reservation.as_ref()).await;
     if let (Err(_), Some(reservation)) = (&result, &reservation) {
         budget::release(state, reservation).await;
     }
@@ -57,44 +58,44 @@ fn not_retriable(status: MessageStatus) -> ApiError {
     }
 }
 
-/// Back to `queued` and its job pushed, in one transaction that spans the push: the message is
-/// queued again only if its job is.
+/// Back to `queued`, committed, then its job pushed: a worker that takes the job finds the
+/// message waiting. If the push fails, the message goes back to what it was (`previous`).
 async fn requeue(
     state: &AppState,
+    previous: &AiMessage,
     user_id: i64,
-    message_id: i64,
     request_id: Option<String>,
     reservation: Option<&Reservation>,
 ) -> ApiResult<AiMessage> {
+    let message_id = previous.id;
     let budget = reservation.and_then(|r| Some((r.day?, r.stored_tokens())));
-    let mut tx = state.db.begin().await?;
-    let Some(requeued) = db::stops::requeue(&mut *tx, message_id, user_id, budget).await? else {
+    let Some(requeued) = db::retry::on_conflict("retry", || {
+        db::stops::requeue(&state.db, message_id, user_id, budget)
+    })
+    .await?
+    else {
         // Retried (or changed) by someone else since it was read.
         let now = db::ai_messages::get_user_message(&state.db, message_id, user_id).await?;
         return Err(now.map_or(ApiError::NotFound, |m| not_retriable(m.status)));
     };
-    let last = match state.queue.next_job_key(message_id).await? {
-        NextJob::Alive => None,
-        NextJob::Push { key, last } => {
-            let job = CompletionJob {
-                budget: reservation.cloned(),
-                ..CompletionJob::new(
-                    message_id,
-                    requeued.message.ai_chat,
-                    requeued.options,
-                    request_id,
-                )
-            };
-            state.queue.enqueue_completion(&job, &key).await?;
-            last
-        }
-        NextJob::GaveUp => {
-            return Err(ApiError::Unavailable(
-                "This message cannot be queued again right now; please try later",
-            ));
+    let pushed = push(state, &requeued, request_id, reservation).await;
+    let last = match pushed {
+        Ok(last) => last,
+        Err(err) => {
+            let restored = db::stops::unrequeue(
+                &state.db,
+                message_id,
+                previous.status,
+                previous.error.as_deref(),
+            )
+            .await;
+            if let Err(restore) = restored {
+                // Left `queued`: the sweeper pushes its job.
+                tracing::warn!(error = %restore, "could not undo a retry whose job was not queued");
+            }
+            return Err(err);
         }
     };
-    tx.commit().await?;
     if let Some(task) = last {
         // The message is queued: a dead job left in the staff's list is only clutter there (a
         // re-drive of it answers 409).
@@ -103,6 +104,32 @@ async fn requeue(
         }
     }
     Ok(requeued.message)
+}
+
+/// Pushes the requeued message's job under the next key of its chain, unless a job of it is
+/// still alive (it was cancelled before a worker took its job: that job answers it). The job
+/// the new one follows, if any.
+async fn push(
+    state: &AppState,
+    requeued: &db::stops::Requeued,
+    request_id: Option<String>,
+    reservation: Option<&Reservation>,
+) -> ApiResult<Option<String>> {
+    let message = &requeued.message;
+    match state.queue.next_job_key(message.id).await? {
+        NextJob::Alive => Ok(None),
+        NextJob::Push { key, last } => {
+            let job = CompletionJob {
+                budget: reservation.cloned(),
+                ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
+            };
+            state.queue.enqueue_completion(&job, &key).await?;
+            Ok(last)
+        }
+        NextJob::GaveUp => Err(ApiError::Unavailable(
+            "This message cannot be queued again right now; please try later",
+        )),
+    }
 }
 
 async fn remove_if_dead(state: &AppState, task: &str) -> aichat_shared::error::Result<()> {

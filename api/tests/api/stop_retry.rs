@@ -378,7 +378,11 @@ async fn a_failed_message_retried_by_its_user_leaves_the_dead_list_and_is_answer
     .await;
 
     stack.fake.set_config(FakeConfig::default());
-    let mut ws = stack.ws(chat, &alice.token, None).await;
+    // A socket whose catch-up replays the failed message (then its error) still gets the
+    // message again when it is retried.
+    let mut ws = stack.ws(chat, &alice.token, Some(question - 1)).await;
+    let (replayed, _) = event_of(&mut ws, "error", 5).await;
+    assert_eq!(replayed["message_id"], question);
     let (status, retried) = stack
         .post(&retry_path(question), &alice.token, json!({}))
         .await;

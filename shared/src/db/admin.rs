@@ -119,7 +119,7 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
 #[tracing::instrument(skip(db))]
 pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $2, error = null
+        r#"update ai_messages set status = $2, error = null, stop_requested_at = null
            where id = $1 and role = 'user' and status = $3"#,
         message_id,
         MessageStatus::Queued.as_str(),

@@ -88,8 +88,9 @@ pub struct Requeued {
 
 /// Puts `message_id`, a `failed` or `cancelled` user message of one of `user_id`'s chats, back
 /// to `queued`: its error and stop request cleared, its new budget reservation recorded, and
-/// `dispatched_at` set so the sweeper gives its new job a full grace period. `None` when it is
-/// not such a message; concurrent requeues of one message change it once.
+/// `dispatched_at` cleared, so the next sweep follows its jobs (its job is pushed after this
+/// commits, under the key a sweep would push, so the two push one job between them). `None`
+/// when it is not such a message; concurrent requeues of one message change it once.
 #[tracing::instrument(skip(db))]
 pub async fn requeue(
     db: impl PgExecutor<'_>,
@@ -99,7 +100,7 @@ pub async fn requeue(
 ) -> Result<Option<Requeued>> {
     let row = sqlx::query!(
         r#"update ai_messages m
-           set status = $4, error = null, stop_requested_at = null, dispatched_at = now(),
+           set status = $4, error = null, stop_requested_at = null, dispatched_at = null,
                budget_day = $7, budget_tokens = $8
            from ai_chats a
            where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id and a.user_id = $2
@@ -126,6 +127,28 @@ pub async fn requeue(
             context_message_limit: row.context_message_limit,
         },
     }))
+}
+
+/// Undoes [`requeue`] when the message's job could not be pushed: back to `status` with
+/// `error`, no budget held; unless a worker has taken it meanwhile. Whether it changed.
+#[tracing::instrument(skip(db, error))]
+pub async fn unrequeue(
+    db: impl PgExecutor<'_>,
+    message_id: i64,
+    status: MessageStatus,
+    error: Option<&str>,
+) -> Result<bool> {
+    let done = sqlx::query!(
+        r#"update ai_messages set status = $2, error = $3, budget_day = null, budget_tokens = null
+           where id = $1 and status = $4"#,
+        message_id,
+        status.as_str(),
+        error,
+        MessageStatus::Queued.as_str(),
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Of `message_ids`, those whose user asked to stop them while they were answered: what a

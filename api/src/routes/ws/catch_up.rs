@@ -101,7 +101,16 @@ pub(super) async fn catch_up(
     let truncated = messages.len() > CATCH_UP_LIMIT as usize;
     messages.truncate(CATCH_UP_LIMIT as usize);
     for message in &messages {
-        caught_up.messages.insert(message.id);
+        // A message that got no reply may be retried, and its retry announced with its id
+        // again: its events are not filtered. (Only a failure within the few milliseconds
+        // between the subscription and this read could repeat one; the client then sees the
+        // message and its failure twice, ending as stored.)
+        if !matches!(
+            message.status,
+            MessageStatus::Failed | MessageStatus::Cancelled
+        ) {
+            caught_up.messages.insert(message.id);
+        }
         for event in stored_events(message) {
             if !send_text(sink, event, send_timeout).await {
                 return CatchUp::Gone;
