@@ -177,9 +177,11 @@ async fn redrive(
         .job_args(&task_id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    // Back to `queued` only if the push succeeds: the transaction spans the push.
-    let mut tx = state.db.begin().await?;
-    if !db::admin::requeue_failed_message(&mut *tx, dead.message_id).await? {
+    // Back to `queued`, committed before the push: a worker that takes the job at once must
+    // find the message waiting (it takes only a message that waits). If the push fails, the
+    // message goes back to `failed`.
+    let before = db::ai_messages::find_message(&state.db, dead.message_id).await?;
+    if !db::admin::requeue_failed_message(&state.db, dead.message_id).await? {
         return match db::ai_messages::find_message(&state.db, dead.message_id).await? {
             None => {
                 state.queue.remove_dead_job(&task_id).await?;
@@ -190,14 +192,23 @@ async fn redrive(
             Some(_) => Err(ApiError::Conflict("The message of this job is not failed")),
         };
     }
-    state
+    let pushed = state
         .queue
         .enqueue_completion(
             &job,
             &state.queue.redrive_job_key(dead.message_id, &task_id),
         )
-        .await?;
-    tx.commit().await?;
+        .await;
+    if let Err(err) = pushed {
+        let error = before.as_ref().and_then(|m| m.error.as_deref());
+        let restored =
+            db::stops::unrequeue(&state.db, dead.message_id, MessageStatus::Failed, error).await;
+        if let Err(restore) = restored {
+            // Left `queued`: the sweeper pushes its job.
+            tracing::warn!(error = %restore, "could not undo a re-drive whose job was not queued");
+        }
+        return Err(err.into());
+    }
     state.queue.remove_dead_job(&task_id).await?;
     Ok((
         StatusCode::ACCEPTED,

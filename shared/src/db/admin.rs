@@ -115,11 +115,13 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
     Ok(rows)
 }
 
-/// Puts a failed user message back in the queue's hands; false if it is not failed.
+/// Puts a failed user message back in the queue's hands (its stop request and dispatch time
+/// cleared, so the next sweep follows its jobs); false if it is not failed.
 #[tracing::instrument(skip(db))]
 pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $2, error = null, stop_requested_at = null
+        r#"update ai_messages set status = $2, error = null, stop_requested_at = null,
+               dispatched_at = null
            where id = $1 and role = 'user' and status = $3"#,
         message_id,
         MessageStatus::Queued.as_str(),
