@@ -1,5 +1,6 @@
-//! The sweeper: queues again every user message left `queued` with no live job behind it, and
-//! forgets finished jobs (apalis-redis would keep their data in Redis forever).
+//! The sweeper: queues again every user message left waiting (`queued`, or `answering` by a
+//! worker whose job is gone) with no live job behind it, and forgets finished jobs
+//! (apalis-redis would keep their data in Redis forever).
 //!
 //! The API commits a message before pushing its job, and removes it if the push fails; that
 //! leaves three ways for a committed message to have no job that will ever answer it:
@@ -7,12 +8,14 @@
 //!   the last writes): the job is gone, the message waits forever;
 //! - the job died without marking the message (apalis-redis kills a job after 25 failed runs:
 //!   a database down for longer than the ~5 minutes those runs span);
-//! - the API process died between its commit and its push.
+//! - the API process died between its commit and its push (of a send, a user's retry or a
+//!   staff re-drive, which all commit the message as `queued` before pushing its job).
 //!
 //! Every `WORKER_SWEEP_INTERVAL_SECS` one worker (a Redis lock elects it) looks at messages
-//! `queued` for longer than `WORKER_SWEEP_GRACE_SECS` and follows each one's job keys: the
-//! first push (`message:{id}`), a staff re-drive (`message:{id}:redrive:{task}`) or an earlier
-//! rescue (`message:{id}:rescue:{task}`). If the last job is still alive (waiting, scheduled or
+//! waiting for longer than `WORKER_SWEEP_GRACE_SECS` (since `dispatched_at`, or their
+//! `timestamp` when it is empty) and follows each one's job keys (`JobQueue::next_job_key`):
+//! the first push (`message:{id}`), a staff re-drive (`message:{id}:redrive:{task}`) or an
+//! earlier rescue or user retry (`message:{id}:rescue:{task}`). If the last job is still alive (waiting, scheduled or
 //! in flight) nothing happens; otherwise a new job is pushed under the next rescue key. The
 //! keys are deterministic, so two sweepers rescuing the same message push one job, and the
 //! reply write is idempotent anyway (one reply per message).
