@@ -36,6 +36,24 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Events buffered for a client that reads slowly; past it the stream waits for the client.
 const BUFFER: usize = 64;
 
+/// One Server-Sent Event of a reply stream, as a client's parser reads it (the document's
+/// shape of each event of the `text/event-stream` body).
+#[derive(utoipa::ToSchema)]
+#[expect(
+    dead_code,
+    reason = "a shape for the document: the stream is written by axum's `Event`"
+)]
+pub struct ReplyStreamEvent {
+    /// The JSON of the WebSocket event of the same name (`assistant_partial`,
+    /// `assistant_delta`, `assistant_message`, `error` or `message_cancelled`).
+    data: String,
+    /// The SSE event name: always the default, `message`.
+    event: Option<String>,
+    /// The `seq` of the delta (or partial) the event carries; absent on the others.
+    id: Option<String>,
+    retry: Option<u64>,
+}
+
 /// Stream the reply to one of the user's messages (`{id}`: the user message) as Server-Sent
 /// Events, until it ends (at most `STREAM_MAX_SECS`; reconnect with `Last-Event-ID`).
 #[utoipa::path(get, path = "/api/ai/messages/{id}/stream/", tag = "ai",
@@ -45,7 +63,7 @@ const BUFFER: usize = 64;
         (status = 200, description = "`text/event-stream`: `assistant_partial` (or, after `Last-Event-ID`, \
             the missed `assistant_delta`s), live `assistant_delta`s with `id: <seq>`, then `assistant_message`, \
             `error` or `message_cancelled`; each event's data is the WebSocket event's JSON",
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = ReplyStreamEvent),
         (status = 404, description = "No such user message of the user's", body = ErrorBody),
         (status = 503, description = "Redis unreachable: events cannot be followed", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(message_id = id))]
