@@ -38,9 +38,10 @@ impl Reservation {
         })
     }
 
-    /// The tokens as the message's `budget_tokens` column holds them.
-    pub fn stored_tokens(&self) -> i32 {
-        i32::try_from(self.tokens).unwrap_or(i32::MAX)
+    /// The reservation as a message records it (`budget_day`, `budget_tokens`); `None` for one
+    /// of a job queued before reservations had a day.
+    pub fn stored(&self) -> Option<(NaiveDate, i32)> {
+        Some((self.day?, i32::try_from(self.tokens).unwrap_or(i32::MAX)))
     }
 }
 

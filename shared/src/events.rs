@@ -107,6 +107,22 @@ pub enum ChatEvent {
     },
 }
 
+impl ChatEvent {
+    /// Whether this event ends user message `message_id`: its reply (a stopped one
+    /// included), its failure, or its cancellation.
+    pub fn ends(&self, message_id: i64) -> bool {
+        match self {
+            ChatEvent::AssistantMessage { message } => message.reply_to == Some(message_id),
+            ChatEvent::Error {
+                message_id: Some(id),
+                ..
+            }
+            | ChatEvent::MessageCancelled { message_id: id } => *id == message_id,
+            _ => false,
+        }
+    }
+}
+
 /// Publishes each `(ai_chat_id, event)` on its chat's channel, in order, in one round trip.
 pub async fn publish_events(
     conn: &mut ConnectionManager,

@@ -99,21 +99,19 @@ impl Partial {
     }
 }
 
-/// The deltas of the reply in progress to `message_id` after `after` (0: all of them), in one
-/// round trip; all of them, `restarted`, when it holds fewer than `after`.
+/// The deltas of the reply in progress to `message_id` after `after` (0: all of them); all of
+/// them, `restarted`, when it holds fewer than `after`.
 pub async fn read(
     conn: &mut ConnectionManager,
     ns: &Namespace,
     message_id: i64,
     after: u64,
 ) -> Result<Partial> {
-    let (all,): (Vec<String>,) = redis::pipe()
-        .cmd("LRANGE")
-        .arg(ns.partial_reply(message_id))
-        .arg(0)
-        .arg(-1)
-        .query_async(conn)
-        .await?;
+    let all = read_many(conn, ns, &[message_id])
+        .await?
+        .pop()
+        .map(|partial| partial.deltas)
+        .unwrap_or_default();
     let seq = all.len() as u64;
     if after > seq {
         return Ok(Partial {

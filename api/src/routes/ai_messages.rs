@@ -209,12 +209,14 @@ async fn prepare_send<'a>(
     let send = SendMessage::parse(body.fields(), state.settings.max_content_chars)?;
     // Subscribe before the message exists, so its reply cannot slip past.
     let events = match wait {
-        Some(_) => Some(state.hub.subscribe(id).await.map_err(|err| {
-            tracing::warn!(error = %err, "pub/sub subscribe failed");
-            ApiError::Unavailable(
+        Some(_) => Some(
+            wait::subscribe(
+                state,
+                id,
                 "Waiting for replies is unavailable right now; send without ?wait",
             )
-        })?),
+            .await?,
+        ),
         None => None,
     };
     let idempotency_key = idempotency::key_from(headers)?;
@@ -366,10 +368,8 @@ async fn stop_message(
         let events = &mut events;
         async move {
             // Subscribed before the workers are told, so the stopped reply cannot slip past.
-            *events = Some(state.hub.subscribe(ai_chat_id).await.map_err(|err| {
-                tracing::warn!(error = %err, "pub/sub subscribe failed");
-                ApiError::Unavailable("Stopping is unavailable right now; please retry")
-            })?);
+            let refusal = "Stopping is unavailable right now; please retry";
+            *events = Some(wait::subscribe(state, ai_chat_id, refusal).await?);
             Ok(())
         }
     })

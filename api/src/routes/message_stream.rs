@@ -23,10 +23,11 @@ use aichat_shared::partial;
 
 use crate::access::own_user_message;
 use crate::auth::AuthUser;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::extract::ApiPath;
 use crate::fanout::Subscription;
 use crate::routes::schemas::ErrorBody;
+use crate::send::wait;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -82,10 +83,8 @@ async fn stream_message(
         .unwrap_or(0);
     // Subscribed before the message and its text so far are read: what happens after the
     // reads arrives as events.
-    let events = state.hub.subscribe(message.ai_chat).await.map_err(|err| {
-        tracing::warn!(error = %err, "pub/sub subscribe failed");
-        ApiError::Unavailable("Streaming is unavailable right now; please retry")
-    })?;
+    let refusal = "Streaming is unavailable right now; please retry";
+    let events = wait::subscribe(&state, message.ai_chat, refusal).await?;
     let message = own_user_message(&state, user_id, id).await?;
     let (tx, mut rx) = mpsc::channel(BUFFER);
     let limit = Duration::from_secs(state.settings.stream_max_secs);

@@ -12,6 +12,7 @@ pub mod retry;
 pub mod stop;
 pub mod wait;
 
+use aichat_shared::budget::Reservation;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::AiMessage;
 
@@ -52,9 +53,7 @@ pub async fn submit_message(
         user_id,
         content: message.content.to_owned(),
         options: message.options,
-        budget: reservation
-            .as_ref()
-            .and_then(|r| Some((r.day?, r.stored_tokens()))),
+        budget: reservation.as_ref().and_then(Reservation::stored),
     };
     let result = state
         .sends

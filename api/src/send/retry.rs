@@ -68,7 +68,7 @@ async fn requeue(
     reservation: Option<&Reservation>,
 ) -> ApiResult<AiMessage> {
     let message_id = previous.id;
-    let budget = reservation.and_then(|r| Some((r.day?, r.stored_tokens())));
+    let budget = reservation.and_then(Reservation::stored);
     let Some(requeued) = db::retry::on_conflict("retry", || {
         db::stops::requeue(&state.db, message_id, user_id, budget)
     })

@@ -102,15 +102,7 @@ where
 pub async fn wait_for_end(events: &mut Subscription, message_id: i64, limit: Duration) {
     let deadline = Instant::now() + limit;
     while let Ok(Ok(text)) = timeout_at(deadline, events.recv()).await {
-        let ended = match serde_json::from_str::<ChatEvent>(&text) {
-            Ok(ChatEvent::AssistantMessage { message }) => message.reply_to == Some(message_id),
-            Ok(ChatEvent::MessageCancelled { message_id: id }) => id == message_id,
-            Ok(ChatEvent::Error {
-                message_id: Some(id),
-                ..
-            }) => id == message_id,
-            _ => false,
-        };
+        let ended = serde_json::from_str::<ChatEvent>(&text).is_ok_and(|e| e.ends(message_id));
         if ended {
             return;
         }

@@ -12,6 +12,19 @@ use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::fanout::Subscription;
 use crate::state::AppState;
 
+/// Subscribes to the chat's events for a request that waits on them, before it reads or
+/// changes what it waits for; `refusal` is the 503's text when pub/sub is unreachable.
+pub async fn subscribe(
+    state: &AppState,
+    ai_chat_id: i64,
+    refusal: &'static str,
+) -> ApiResult<Subscription> {
+    state.hub.subscribe(ai_chat_id).await.map_err(|err| {
+        tracing::warn!(error = %err, "pub/sub subscribe failed");
+        ApiError::Unavailable(refusal)
+    })
+}
+
 /// How a waited-for message ended.
 pub enum Outcome {
     Answered(AiMessage),
