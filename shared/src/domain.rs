@@ -216,6 +216,14 @@ pub struct AiMessage {
     /// An assistant message its user stopped while it streamed: `content` is the text
     /// generated until then. Always false on user messages.
     pub stopped: bool,
+    /// The message this one follows: for a user message, the question of the turn before
+    /// (null for the first); for an assistant message, the question it answers.
+    pub parent_id: Option<i64>,
+    /// 1, 2, … among its siblings (the messages with the same `parent_id` and role): an edit
+    /// adds a user message, a regeneration a reply.
+    pub version: i32,
+    /// On the path the user sees (and the model is sent).
+    pub active: bool,
 }
 
 /// What a user message asks of the completion job.

@@ -3,7 +3,7 @@
 //! with the API's de-duplication key, for suites that drive the worker without an API.
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::NewAiChat;
-use aichat_shared::db::ai_messages::NewUserMessage;
+use aichat_shared::db::ai_messages::{Branches, NewUserMessage};
 use aichat_shared::domain::{AiMessage, ContextOptions, User};
 use aichat_shared::jobs::{CompletionJob, JobQueue};
 use sqlx::PgPool;
@@ -58,7 +58,7 @@ impl Env {
 
     /// Every message of an AI chat, oldest first.
     pub async fn messages(&self, ai_chat_id: i64) -> Vec<AiMessage> {
-        db::ai_messages::list_chat_messages(&self.pool, ai_chat_id, None, None)
+        db::ai_messages::list_chat_messages(&self.pool, ai_chat_id, Branches::All, None, None)
             .await
             .expect("list messages")
     }

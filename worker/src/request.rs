@@ -24,12 +24,7 @@ pub async fn build_request(
 ) -> anyhow::Result<Option<(ChatRequest, usize)>> {
     // Every message costs at least its framing tokens, so more than this can never fit.
     let history_limit = i64::try_from(ctx.token_budget / 4 + 1).unwrap_or(i64::MAX);
-    let history = db::completions::list_history(
-        &ctx.db,
-        subject.ai_chat_id,
-        subject.message_id,
-        history_limit,
-    )
+    let history = db::completions::list_history(&ctx.db, subject.message_id, history_limit)
     .await
     .context("loading the conversation")?;
     let related = match subject.related_chat_id {

@@ -8,6 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
+use aichat_shared::db::ai_messages::Branches;
 use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
 
 use crate::access::{NOT_OWNED, owned_chat};
@@ -170,7 +171,7 @@ async fn get_ai_chat(
 ) -> ApiResult<Json<AiChatDetail>> {
     let chat = owned_chat(&state, id, auth.user.id).await?;
     let messages =
-        db::ai_messages::list_chat_messages(&state.db, id, None, Some(MAX_LIMIT)).await?;
+        db::ai_messages::list_chat_messages(&state.db, id, Branches::Active, None, Some(MAX_LIMIT)).await?;
     Ok(Json(AiChatDetail { chat, messages }))
 }
 

@@ -8,10 +8,11 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use aichat_shared::db;
+use aichat_shared::db::ai_messages::Branches;
 use aichat_shared::domain::{AiMessage, MessageStatus, Usage};
 use aichat_shared::partial;
 
-use crate::access::{NOT_OWNED, not_found_first};
+use crate::access::{NOT_OWNED, not_found_first, own_user_message};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
@@ -20,6 +21,7 @@ use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::send::idempotency::{self, Claim};
 use crate::send::retry;
+use crate::send::versions;
 use crate::send::stop::{self, Recorded, StopResponse};
 use crate::send::wait::{self, Outcome};
 use crate::send::{SendFields, SendMessage, submit_message};
@@ -33,6 +35,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_message))
         .routes(routes!(stop_message))
         .routes(routes!(retry_message))
+        .routes(routes!(regenerate_message))
+        .routes(routes!(edit_message))
+        .routes(routes!(activate_message))
         .routes(routes!(usage))
 }
 
@@ -161,8 +166,20 @@ async fn send_message(
         }
         None => submit_message(&state, user_id, id, send, request_id.clone()).await?,
     };
-    if let (Some(limit), Some(events)) = (wait, events.as_mut()) {
-        match wait::wait_for_reply(&state, events, message.id, limit).await? {
+    queued_response(&state, message, wait, events.as_mut()).await
+}
+
+/// What a request that queued `message` answers: 202 with it, or with `?wait` (`wait` and
+/// the chat's `events`, subscribed before it was stored) the reply saved within the wait
+/// (200), its failure (502) or its cancellation (409).
+async fn queued_response(
+    state: &AppState,
+    message: AiMessage,
+    wait: Option<std::time::Duration>,
+    events: Option<&mut Subscription>,
+) -> ApiResult<Response> {
+    if let (Some(limit), Some(events)) = (wait, events) {
+        match wait::wait_for_reply(state, events, message.id, limit).await? {
             Outcome::Answered(reply) => return Ok((StatusCode::OK, Json(reply)).into_response()),
             Outcome::Failed(error) => {
                 return Err(ApiError::BadGateway(format!(
@@ -243,10 +260,30 @@ pub struct ListedMessage {
     partial: Option<String>,
 }
 
-/// The messages of one AI chat, oldest first (1000 a page by default; a full page links to
-/// the next). A message being answered carries its reply's text so far (`partial`).
+/// Which messages of an AI chat a list or an export holds.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BranchesQuery {
+    /// `true`: every version of every turn, with `parent_id`, `version` and `active`; absent
+    /// or `false`: the active path only (what the user sees).
+    all: Option<bool>,
+}
+
+impl BranchesQuery {
+    pub fn branches(&self) -> Branches {
+        if self.all == Some(true) {
+            Branches::All
+        } else {
+            Branches::Active
+        }
+    }
+}
+
+/// The messages of one AI chat's active path, oldest first (1000 a page by default; a full
+/// page links to the next); `?all=true`: every version of every turn. A message being
+/// answered carries its reply's text so far (`partial`).
 #[utoipa::path(get, path = "/api/ai/chats/{id}/messages/", tag = "ai", operation_id = "list_ai_chat_messages",
-    params(("id" = i64, Path), PageQuery),
+    params(("id" = i64, Path), PageQuery, BranchesQuery),
     responses((status = 200, description = "A page of the AI chat's messages", body = Vec<ListedMessage>,
             headers(("Link" = String, description = "When the page is full: `<url>; rel=\"next\"`, the next page"))),
         (status = 400, description = BAD_PAGE, body = BadRequestBody),
@@ -258,6 +295,7 @@ async fn list_chat_messages(
     ApiPath(id): ApiPath<i64>,
     uri: Uri,
     ApiQuery(page): ApiQuery<PageQuery>,
+    ApiQuery(branches): ApiQuery<BranchesQuery>,
 ) -> ApiResult<Page<ListedMessage>> {
     let (after_id, limit) = page.read(Order::OldestFirst, MAX_LIMIT)?;
     // The ownership check and the page in one query.
@@ -265,6 +303,7 @@ async fn list_chat_messages(
         &state.db,
         id,
         auth.user.id,
+        branches.branches(),
         after_id,
         Some(limit),
     )
@@ -425,6 +464,180 @@ async fn retry_message(
             status: MessageStatus::Queued,
         }),
     ))
+}
+
+/// Queue a new reply to one of the user's questions (`{id}`: the user message, or a reply to
+/// it). The earlier replies are kept; the new one is the next `version` and, once saved, the
+/// active one (a question off the active path has its branch made active first).
+#[utoipa::path(post, path = "/api/ai/messages/{id}/regenerate/", tag = "ai",
+    params(("id" = i64, Path), SendMessageQuery, SendMessageHeaders),
+    responses(
+        (status = 200, description = "With `?wait`: the new reply, saved within the wait", body = AiMessage),
+        (status = 202, description = "The question, queued for its new reply; with `?wait`, the reply \
+            was not saved in time. For a repeated `Idempotency-Key`: that request's question, as it is now",
+            body = SendMessageResponse),
+        (status = 400, description = "Field errors (`wait`), or a bad `Idempotency-Key`", body = BadRequestBody),
+        (status = 404, description = "No such AI message of the user's", body = ErrorBody),
+        (status = 409, description = "The question still waits for its reply (also the loser of \
+            concurrent regenerations); the `Idempotency-Key` is in use or was used for another \
+            message; or (with `?wait`) the regeneration was stopped before the model answered", body = ErrorBody),
+        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
+        (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
+        (status = 503, description = "The queue or a backing service unreachable", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(message_id = id))]
+async fn regenerate_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(query): ApiQuery<SendMessageQuery>,
+    headers: HeaderMap,
+    RequestId(request_id): RequestId,
+) -> ApiResult<Response> {
+    let user_id = auth.user.id;
+    let question = versions::question_of(&state, user_id, id).await?;
+    let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
+    let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
+    let (message, wait) = match idempotent(&state, user_id, &headers).await? {
+        Some(Claim::Existing(message_id)) => {
+            (repeated(&state, user_id, message_id, |m| m.id == question.id).await?, None)
+        }
+        claim => {
+            let result = versions::regenerate(&state, user_id, &question, request_id).await;
+            (settle(&state, claim, result).await?, wait)
+        }
+    };
+    queued_response(&state, message, wait, events.as_mut()).await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EditMessageRequest {
+    /// The question's new text (the rules of `send_message`'s `content`).
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Edit one of the user's questions: its new text is stored as a new user message, the next
+/// `version` of that turn, and queued. It and its reply become the active path; the turns
+/// after the old version stay in their own branch.
+#[utoipa::path(post, path = "/api/ai/messages/{id}/edit/", tag = "ai",
+    params(("id" = i64, Path), SendMessageQuery, SendMessageHeaders), request_body = EditMessageRequest,
+    responses(
+        (status = 200, description = "With `?wait`: the reply to the new version, saved within the wait", body = AiMessage),
+        (status = 202, description = "The new version, queued; with `?wait`, the reply was not saved in \
+            time. For a repeated `Idempotency-Key`: that request's message, as it is now", body = SendMessageResponse),
+        (status = 400, description = "Field errors (`content`, `wait`); or a body that is not a JSON \
+            object, or a bad `Idempotency-Key`", body = BadRequestBody),
+        (status = 404, description = "No such user message of the user's", body = ErrorBody),
+        (status = 409, description = "The question still waits for its reply; the `Idempotency-Key` is in \
+            use or was used for another message; or (with `?wait`) the new version was stopped before \
+            the model answered", body = ErrorBody),
+        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
+        (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
+        (status = 503, description = "The queue or a backing service unreachable", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(message_id = id))]
+async fn edit_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(query): ApiQuery<SendMessageQuery>,
+    headers: HeaderMap,
+    RequestId(request_id): RequestId,
+    ApiJson(body): ApiJson<EditMessageRequest>,
+) -> ApiResult<Response> {
+    let user_id = auth.user.id;
+    let question = own_user_message(&state, user_id, id).await?;
+    let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
+    let fields = SendFields {
+        content: body.content.as_deref(),
+        include_related_chat_context: None,
+        context_message_limit: None,
+    };
+    let content = SendMessage::parse(fields, state.settings.max_content_chars)?.content;
+    let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
+    let (message, wait) = match idempotent(&state, user_id, &headers).await? {
+        Some(Claim::Existing(message_id)) => {
+            let same_turn = |m: &AiMessage| {
+                m.ai_chat == question.ai_chat && m.parent_id == question.parent_id
+            };
+            (repeated(&state, user_id, message_id, same_turn).await?, None)
+        }
+        claim => {
+            let result = versions::edit(&state, user_id, &question, content, request_id).await;
+            (settle(&state, claim, result).await?, wait)
+        }
+    };
+    queued_response(&state, message, wait, events.as_mut()).await
+}
+
+/// Make the branch through one of the user's messages (`{id}`, a question or a reply) the
+/// active path of its chat: the turns before it, its turn (with that reply, for a reply), and
+/// after it the newest version of each following turn. Every other message leaves the path.
+#[utoipa::path(post, path = "/api/ai/messages/{id}/activate/", tag = "ai", params(("id" = i64, Path)),
+    responses(
+        (status = 200, description = "The message, now on the active path", body = AiMessage),
+        (status = 404, description = "No such AI message of the user's", body = ErrorBody),
+        (status = 503, description = "The database unreachable", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(message_id = id))]
+async fn activate_message(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<AiMessage>> {
+    Ok(Json(versions::activate(&state, auth.user.id, id).await?))
+}
+
+/// The chat's events for `?wait`, subscribed before anything is stored.
+async fn subscribe_for_wait(
+    state: &AppState,
+    ai_chat_id: i64,
+    wait: Option<std::time::Duration>,
+) -> ApiResult<Option<Subscription>> {
+    match wait {
+        Some(_) => {
+            let refusal = "Waiting for replies is unavailable right now; retry without ?wait";
+            Ok(Some(wait::subscribe(state, ai_chat_id, refusal).await?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The request's `Idempotency-Key` claim, if it sent one.
+async fn idempotent(state: &AppState, user_id: i64, headers: &HeaderMap) -> ApiResult<Option<Claim>> {
+    match idempotency::key_from(headers)? {
+        Some(key) => Ok(Some(idempotency::claim(state, user_id, &key).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The message an earlier request with the same key produced, as it is now, if `fits` this
+/// request; 409 when the key was used for something else.
+async fn repeated(
+    state: &AppState,
+    user_id: i64,
+    message_id: i64,
+    fits: impl Fn(&AiMessage) -> bool,
+) -> ApiResult<AiMessage> {
+    db::ai_messages::get_user_message(&state.db, message_id, user_id)
+        .await?
+        .filter(|m| fits(m))
+        .ok_or(ApiError::Conflict(
+            "This Idempotency-Key was used for another message",
+        ))
+}
+
+/// Records what a new claim produced (or frees it when the request failed).
+async fn settle(
+    state: &AppState,
+    claim: Option<Claim>,
+    result: ApiResult<AiMessage>,
+) -> ApiResult<AiMessage> {
+    if let Some(Claim::New(redis_key)) = &claim {
+        match &result {
+            Ok(message) => idempotency::complete(state, redis_key, message.id).await,
+            Err(_) => idempotency::release(state, redis_key).await,
+        }
+    }
+    result
 }
 
 /// The user's token totals: overall, per model and per UTC day.

@@ -1,8 +1,8 @@
 //! The send path: a user message taken in over REST `send_message` or a WebSocket `message`
 //! frame. [`request`] parses it; [`rate`] and [`budget`] admit it; [`batch`] stores it, queues
 //! its completion job and announces it; [`idempotency`] and [`wait`] serve REST's
-//! `Idempotency-Key` and `?wait`. What a user does to a message after sending it: [`stop`]
-//! and [`retry`].
+//! `Idempotency-Key` and `?wait`. What a user does to a message after sending it: [`stop`],
+//! [`retry`], and new [`versions`] of it.
 pub mod batch;
 pub mod budget;
 pub mod idempotency;
@@ -10,6 +10,7 @@ pub mod rate;
 pub mod request;
 pub mod retry;
 pub mod stop;
+pub mod versions;
 pub mod wait;
 
 use aichat_shared::budget::Reservation;

@@ -1,16 +1,18 @@
-//! A user's retry of their own message that got no reply (`failed`, or `cancelled` by a stop):
-//! the same message goes back to `queued` and is answered as a send would be. It counts
-//! toward the send rate limit and reserves budget like a send.
+//! Queueing one of a user's messages again: a retry of one that got no reply (`failed`, or
+//! `cancelled` by a stop), or a regeneration of one (`versions`). The same message goes back
+//! to `queued` and is answered as a send would be; it counts toward the send rate limit and
+//! reserves budget like a send.
 //!
-//! Concurrent retries of one message change it once (the statement only takes a `failed` or
-//! `cancelled` message), and only that one pushes a job, after its change is committed, under
-//! the next key of the message's chain of jobs (`JobQueue::next_job_key`, as the sweeper
-//! follows it), so the sweeper and a staff re-drive see it. When a job of the message is still
-//! alive (a message cancelled before any worker took its job), that job answers it and nothing
-//! is pushed; if that job was in fact ending, the next sweep finds the message without a live
-//! job and pushes one. The message's dead job, if any, leaves the staff's list.
+//! Concurrent requeues of one message change it once (the statement only takes a message that
+//! has ended), and only that one pushes a job, after its change is committed, under the next
+//! key of the message's chain of jobs (`JobQueue::next_job_key`, as the sweeper follows it), so
+//! the sweeper and a staff re-drive see it. When a job of the message is still alive (a message
+//! cancelled before any worker took its job), that job answers it and nothing is pushed; if
+//! that job was in fact ending, the next sweep finds the message without a live job and pushes
+//! one. The message's dead job, if any, leaves the staff's list.
 use aichat_shared::budget::Reservation;
 use aichat_shared::db;
+use aichat_shared::db::stops::{Requeue, Requeued};
 use aichat_shared::domain::{AiMessage, MessageStatus};
 use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
 use aichat_shared::jobs::{CompletionJob, NextJob};
@@ -34,21 +36,38 @@ pub async fn retry(
     ) {
         return Err(not_retriable(current.status));
     }
+    requeue_message(state, &current, user_id, request_id, Requeue::Retry).await
+}
+
+/// Queues `current` again for `purpose` (admitted by the rate limit and the budget), then
+/// announces it; the message as it is now (`queued`).
+pub(crate) async fn requeue_message(
+    state: &AppState,
+    current: &AiMessage,
+    user_id: i64,
+    request_id: Option<String>,
+    purpose: Requeue,
+) -> ApiResult<AiMessage> {
     rate::admit(state, user_id).await?;
     let reservation = budget::reserve(state, user_id).await?;
-    let result = requeue(state, &current, user_id, request_id, reservation.as_ref()).await;
+    let result = requeue(state, current, user_id, request_id, reservation.as_ref(), purpose).await;
     if let (Err(_), Some(reservation)) = (&result, &reservation) {
         budget::release(state, reservation).await;
     }
     let message = result?;
+    announce(state, &message).await;
+    Ok(message)
+}
+
+/// Publishes `user_message` for a message queued (again) outside the send batch.
+pub(crate) async fn announce(state: &AppState, message: &AiMessage) {
     let event = ChatEvent::UserMessage {
-        message: EventMessage::user(&message),
+        message: EventMessage::user(message),
     };
     let mut redis = state.redis.clone();
     if let Err(err) = publish_event(&mut redis, &state.ns, message.ai_chat, &event).await {
         tracing::warn!(error = %err, "could not publish user_message");
     }
-    Ok(message)
 }
 
 fn not_retriable(status: MessageStatus) -> ApiError {
@@ -66,11 +85,12 @@ async fn requeue(
     user_id: i64,
     request_id: Option<String>,
     reservation: Option<&Reservation>,
+    purpose: Requeue,
 ) -> ApiResult<AiMessage> {
     let message_id = previous.id;
     let budget = reservation.and_then(Reservation::stored);
     let Some(requeued) = db::retry::on_conflict("retry", || {
-        db::stops::requeue(&state.db, message_id, user_id, budget)
+        store_requeue(state, previous, user_id, budget, purpose)
     })
     .await?
     else {
@@ -106,12 +126,36 @@ async fn requeue(
     Ok(requeued.message)
 }
 
+/// The requeue's statement. A regeneration of a question off the active path first makes its
+/// branch the active one, in the same transaction, so the new reply is shown when it comes.
+async fn store_requeue(
+    state: &AppState,
+    message: &AiMessage,
+    user_id: i64,
+    budget: Option<(chrono::NaiveDate, i32)>,
+    purpose: Requeue,
+) -> aichat_shared::error::Result<Option<Requeued>> {
+    if purpose == Requeue::Retry || message.active {
+        return db::stops::requeue(&state.db, message.id, user_id, budget, purpose).await;
+    }
+    let mut tx = state.db.begin().await?;
+    if !db::versions::lock_owned_chat(&mut tx, message.ai_chat, user_id).await? {
+        return Ok(None);
+    }
+    db::versions::activate(&mut tx, message.ai_chat, message.id).await?;
+    let requeued = db::stops::requeue(&mut *tx, message.id, user_id, budget, purpose).await?;
+    if requeued.is_some() {
+        tx.commit().await?;
+    }
+    Ok(requeued)
+}
+
 /// Pushes the requeued message's job under the next key of its chain, unless a job of it is
 /// still alive (it was cancelled before a worker took its job: that job answers it). The job
 /// the new one follows, if any.
-async fn push(
+pub(crate) async fn push(
     state: &AppState,
-    requeued: &db::stops::Requeued,
+    requeued: &Requeued,
     request_id: Option<String>,
     reservation: Option<&Reservation>,
 ) -> ApiResult<Option<String>> {

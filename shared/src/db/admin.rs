@@ -60,7 +60,7 @@ pub async fn filter_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
            from ai_messages m
            where ($1::text is null or m.role = $1)
              and ($2::timestamptz is null or m.timestamp >= $2)

@@ -2,10 +2,9 @@
 //!
 //! Every statement that returns an [`AiChat`] (here and `admin::search_ai_chats`) spells out
 //! the same projection. A chat's `updated_at` is the later of its last edit and its newest user
-//! message: it is read, not written by a send, so sends into one chat never wait for each other
-//! on the chat's row (the lock order in `db/mod.rs`), and ordering by it reads one index entry
-//! per chat. `message_count` counts every message of the chat. `related_chat_name` comes from
-//! a left join, and sqlx's inference does not always see that it can be null: the statements
+//! message: it is read, not written by a send, so a send writes no chat row (the lock order in
+//! `db/mod.rs`), and ordering by it reads one index entry per chat. `message_count` counts the
+//! messages of the chat's active path. `related_chat_name` comes from a left join, and sqlx's inference does not always see that it can be null: the statements
 //! say so (`as "related_chat_name?"`).
 use sqlx::PgExecutor;
 
@@ -52,7 +51,7 @@ pub async fn list_ai_chats(
                       greatest(a.updated_at, (select m.timestamp from ai_messages m
                                               where m.ai_chat_id = a.id and m.role = 'user'
                                               order by m.id desc limit 1)) as updated_at,
-                      (select count(*) from ai_messages m where m.ai_chat_id = a.id) as message_count
+                      (select count(*) from ai_messages m where m.ai_chat_id = a.id and m.active) as message_count
                from ai_chats a
                join users u on u.id = a.user_id
                left join chats c on c.id = a.related_chat_id
@@ -87,7 +86,7 @@ pub async fn get_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Resu
                   greatest(a.updated_at, (select m.timestamp from ai_messages m
                                           where m.ai_chat_id = a.id and m.role = 'user'
                                           order by m.id desc limit 1)) as "updated_at!",
-                  (select count(*) from ai_messages m where m.ai_chat_id = a.id) as "message_count!"
+                  (select count(*) from ai_messages m where m.ai_chat_id = a.id and m.active) as "message_count!"
            from ai_chats a
            join users u on u.id = a.user_id
            left join chats c on c.id = a.related_chat_id

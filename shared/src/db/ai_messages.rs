@@ -2,7 +2,8 @@
 //!
 //! Every statement that returns an [`AiMessage`] lists its columns the same way: `m.id,
 //! m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp, m.prompt_tokens,
-//! m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error, m.model, m.reply_to, m.stopped`.
+//! m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
+//! m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active`.
 use chrono::NaiveDate;
 use sqlx::PgExecutor;
 
@@ -27,10 +28,16 @@ pub struct NewUserMessage {
 ///
 /// The ids are drawn in input order, so messages to one chat keep the order they came in.
 ///
-/// Locks (the order of `db/mod.rs`): the chat rows only, `for key share`, in id order, and no
-/// message row. A key-share lock waits for nothing but a chat being deleted, so batches into
-/// the same chat, reply saves and chat edits never wait for this statement or it for them. A
-/// chat deleted meanwhile is skipped by the lock (its message is `None`) instead of failing
+/// Each message follows (`parent_id`) the last question of its chat's active path, or the
+/// message before it in the batch, and is on the active path itself (`version` 1: the last
+/// question of an active path has no later question in any branch, since a branch switch
+/// goes to the newest end of the branch and an edit adds a new last question).
+///
+/// Locks (the order of `db/mod.rs`): the chat rows only, `for no key update`, in id order, and
+/// no message row. Sends into one chat, and its branch changes (`db::versions`), take turns
+/// on that lock, so each reads the last question (`ai_chat_tip`, with a snapshot taken after
+/// the lock) that the one before committed; reply saves (`for key share`) never wait for it.
+/// A chat deleted meanwhile is skipped by the lock (its message is `None`) instead of failing
 /// the foreign-key check at the end of the statement. The chat's row is not written: its
 /// `updated_at` is read from its newest message (`db::ai_chats`).
 #[tracing::instrument(skip_all, fields(messages = messages.len()))]
@@ -68,20 +75,23 @@ pub async fn insert_owned_user_messages(
                select a.id, a.user_id from ai_chats a
                where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
                order by a.id
-               for key share
+               for no key update
            ),
            m as (
                insert into ai_messages (id, ai_chat_id, role, content, status,
-                   include_related_chat_context, context_message_limit, budget_day, budget_tokens)
+                   include_related_chat_context, context_message_limit, budget_day, budget_tokens,
+                   parent_id)
                select i.id, i.ai_chat_id, $6, i.content, $7, i.related, i.context_limit,
-                   i.budget_day, i.budget_tokens
+                   i.budget_day, i.budget_tokens,
+                   coalesce(lag(i.id) over (partition by i.ai_chat_id order by i.id),
+                            ai_chat_tip(i.ai_chat_id))
                from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
                order by i.id
                returning *
            )
            select input.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                   m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus",
-                  m.error, m.model, m.reply_to, m.stopped
+                  m.error, m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
            from m join input on input.id = m.id"#,
         &chats,
         &users,
@@ -132,18 +142,31 @@ pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result
 
 /// Removes messages whose jobs could not be queued, so no message waits for a reply that
 /// nothing will produce. Their chats, then their rows, are locked in id order first
-/// (`db/mod.rs`), as a chat's deletion (chat, then its messages) would take them.
+/// (`db/mod.rs`), as a chat's deletion (chat, then its messages) would take them. A message
+/// sent meanwhile after one of them follows what that one followed.
 #[tracing::instrument(skip(db))]
 pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
     sqlx::query!(
         r#"with chats as materialized (
                select a.id from ai_chats a
                where a.id in (select ai_chat_id from ai_messages where id = any($1))
-               order by a.id for key share
+               order by a.id for no key update
            ), doomed as materialized (
-               select m.id from ai_messages m join chats c on c.id = m.ai_chat_id
+               select m.id, m.parent_id from ai_messages m join chats c on c.id = m.ai_chat_id
                where m.id = any($1) and m.dispatched_at is null
                order by m.id for update of m
+           ), moved as (
+               -- a follower of a doomed message follows its nearest ancestor that stays
+               update ai_messages f
+               set parent_id = (
+                   with recursive up(id, parent_id) as (
+                       select d.id, d.parent_id from doomed d where d.id = f.parent_id
+                       union all
+                       select d.id, d.parent_id from up join doomed d on d.id = up.parent_id
+                   )
+                   select up.parent_id from up
+                   where up.parent_id is null or up.parent_id not in (select id from doomed))
+               where f.parent_id in (select id from doomed) and f.id not in (select id from doomed)
            )
            delete from ai_messages m using doomed where m.id = doomed.id"#,
         ids,
@@ -158,6 +181,7 @@ pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) 
 pub async fn list_chat_messages(
     db: impl PgExecutor<'_>,
     ai_chat_id: i64,
+    branches: Branches,
     after_id: Option<i64>,
     limit: Option<i64>,
 ) -> Result<Vec<AiMessage>> {
@@ -165,13 +189,14 @@ pub async fn list_chat_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
            from ai_messages m
-           where m.ai_chat_id = $1 and m.id > $2
+           where m.ai_chat_id = $1 and m.id > $2 and (m.active or $4)
            order by m.id limit $3"#,
         ai_chat_id,
         after_id.unwrap_or(0),
         limit,
+        branches == Branches::All,
     )
     .fetch_all(db)
     .await?;
@@ -200,6 +225,15 @@ pub async fn answering_in_chat(
     Ok(ids)
 }
 
+/// Which messages of a chat a list holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branches {
+    /// The active path: what the user sees.
+    Active,
+    /// Every version of every turn.
+    All,
+}
+
 /// Messages of one chat `user_id` owns, oldest first, in one query with the ownership check;
 /// `None` when the user owns no such chat (an owned chat with no messages gives `Some([])`).
 #[tracing::instrument(skip(db))]
@@ -207,6 +241,7 @@ pub async fn list_owned_chat_messages(
     db: impl PgExecutor<'_>,
     ai_chat_id: i64,
     user_id: i64,
+    branches: Branches,
     after_id: Option<i64>,
     limit: Option<i64>,
 ) -> Result<Option<Vec<AiMessage>>> {
@@ -217,11 +252,12 @@ pub async fn list_owned_chat_messages(
         r#"select m.id as "id?", m.ai_chat_id as "ai_chat?", m.role as "role?: Role",
                   m.content as "content?", m.timestamp as "timestamp?", m.prompt_tokens,
                   m.completion_tokens, m.total_tokens, m.status as "status?: MessageStatus", m.error, m.model,
-                  m.reply_to, m.stopped as "stopped?"
+                  m.reply_to, m.stopped as "stopped?", m.parent_id, m.version as "version?",
+                  m.active as "active?"
            from ai_chats a
            left join lateral (
                select * from ai_messages m
-               where m.ai_chat_id = a.id and m.id > $3
+               where m.ai_chat_id = a.id and m.id > $3 and (m.active or $5)
                order by m.id limit $4
            ) m on true
            where a.id = $1 and a.user_id = $2
@@ -230,6 +266,7 @@ pub async fn list_owned_chat_messages(
         user_id,
         after_id.unwrap_or(0),
         limit,
+        branches == Branches::All,
     )
     .fetch_all(db)
     .await?;
@@ -253,6 +290,9 @@ pub async fn list_owned_chat_messages(
                 model: row.model,
                 reply_to: row.reply_to,
                 stopped: row.stopped?,
+                parent_id: row.parent_id,
+                version: row.version?,
+                active: row.active?,
             })
         })
         .collect();
@@ -271,7 +311,7 @@ pub async fn list_user_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where a.user_id = $1 and m.id > $2 order by m.id limit $3"#,
         user_id,
@@ -294,7 +334,7 @@ pub async fn get_user_message(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where m.id = $1 and a.user_id = $2"#,
         id,
@@ -305,7 +345,7 @@ pub async fn get_user_message(
     Ok(message)
 }
 
-/// The assistant message answering `user_message_id`, once saved.
+/// The assistant message answering `user_message_id` in its latest regeneration, once saved.
 #[tracing::instrument(skip(db))]
 pub async fn find_reply(
     db: impl PgExecutor<'_>,
@@ -315,8 +355,9 @@ pub async fn find_reply(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped
-           from ai_messages m where m.reply_to = $1"#,
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+           from ai_messages m join ai_messages q on q.id = m.reply_to
+           where m.reply_to = $1 and m.version = q.reply_version"#,
         user_message_id,
     )
     .fetch_optional(db)
@@ -331,7 +372,7 @@ pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiM
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
            from ai_messages m where m.id = $1"#,
         id,
     )

@@ -18,7 +18,8 @@ pub struct CompletionSubject {
     /// Its user asked to stop it (`db::stops::request_stop`) while an earlier run answered
     /// it: the model is not asked again.
     pub stop_requested: bool,
-    /// An assistant message already answers it: an earlier run of the job saved the reply.
+    /// An assistant message already answers it in its latest regeneration: an earlier run of
+    /// the job saved the reply.
     pub answered: bool,
     pub system_prompt: String,
     pub model: String,
@@ -91,7 +92,8 @@ pub async fn claim_completion_subject(
            select m.id as message_id, m.ai_chat_id, m.content,
                   c.id is not null as "claimed!",
                   c.stop_requested_at is not null as "stop_requested!",
-                  exists (select 1 from ai_messages r where r.reply_to = m.id) as "answered!",
+                  exists (select 1 from ai_messages r
+                          where r.reply_to = m.id and r.version = m.reply_version) as "answered!",
                   a.system_prompt, a.model, a.user_id as owner_id,
                   case when exists (select 1 from chat_participants p
                                     where p.chat_id = a.related_chat_id and p.user_id = a.user_id)
@@ -111,44 +113,54 @@ pub async fn claim_completion_subject(
     Ok(subject)
 }
 
-/// The conversation before user message `before_id`: the latest `limit` user and assistant
-/// messages, oldest first.
+/// The conversation before user message `question_id` as its branch has it: the latest
+/// `limit` user and assistant messages, oldest first.
 ///
-/// Earlier user messages count whatever their status except `failed` and `cancelled` (they got
-/// no answer and the user saw an error or stopped them, so the model should not answer them
+/// The turns are the question's ancestors (`parent_id`), nearest first, at most `limit` of
+/// them: on the active path these are the turns the user sees before it, and for a question
+/// left in another branch, that branch's. Each turn gives its question and one reply: the
+/// active one, else the latest. A question that failed or was cancelled without any reply
+/// counts for nothing (the user saw an error or stopped it, so the model should not answer it
 /// now); queued ones stay, they are part of what the user said. A stopped reply counts as it
-/// was saved: the text the user saw. Assistant messages are placed right after the message they
-/// answer (`reply_to`), not by their own id, so a reply saved late still follows its question.
+/// was saved: the text the user saw.
 ///
-/// The index `ai_messages_ai_chat_id_turn_idx` is `(ai_chat_id, coalesce(reply_to, id) desc,
-/// id desc)`: the scan starts at the newest turn before `before_id` and stops after `limit`
-/// rows, whatever the length of the chat. The range condition on the turn is what lets it
-/// start there; for user messages (which answer nothing) it is the same as `id < before_id`.
+/// Each step of the walk reads one message by its key and one question's replies by
+/// `ai_messages_reply_to_version_idx`, whatever the length of the chat.
 #[tracing::instrument(skip(db))]
 pub async fn list_history(
     db: impl PgExecutor<'_>,
-    ai_chat_id: i64,
-    before_id: i64,
+    question_id: i64,
     limit: i64,
 ) -> Result<Vec<HistoryMessage>> {
     let messages = sqlx::query_as!(
         HistoryMessage,
-        r#"select role as "role: Role", content, content_tokens from (
-             select m.id, m.role, m.content, m.content_tokens, coalesce(m.reply_to, m.id) as turn
-             from ai_messages m
-             where m.ai_chat_id = $1
-               and coalesce(m.reply_to, m.id) < $2
-               and ((m.role = $3 and m.id < $2 and m.status not in ($5, $7)) or m.role = $4)
-             order by turn desc, m.id desc
-             limit $6
-           ) latest
-           order by turn, id"#,
-        ai_chat_id,
-        before_id,
-        Role::User.as_str(),
-        Role::Assistant.as_str(),
-        MessageStatus::Failed.as_str(),
+        r#"with recursive turns(id, depth) as (
+               select q.parent_id, 1::bigint from ai_messages q where q.id = $1
+               union all
+               select p.parent_id, t.depth + 1 from turns t join ai_messages p on p.id = t.id
+               where t.depth < $2::bigint
+           ), latest as (
+               select t.depth, v.k, v.role, v.content, v.content_tokens
+               from turns t
+               join ai_messages q on q.id = t.id
+               left join lateral (
+                   select r.role, r.content, r.content_tokens from ai_messages r
+                   where r.reply_to = q.id
+                   order by r.active desc, r.version desc limit 1
+               ) r on true
+               cross join lateral (values (0, q.role, q.content, q.content_tokens),
+                                          (1, r.role, r.content, r.content_tokens))
+                   as v(k, role, content, content_tokens)
+               where (v.k = 0 and (r.role is not null or q.status not in ($3, $4)))
+                  or (v.k = 1 and r.role is not null)
+               order by t.depth, v.k desc
+               limit $2
+           )
+           select role as "role!: Role", content as "content!", content_tokens
+           from latest order by depth desc, k"#,
+        question_id,
         limit,
+        MessageStatus::Failed.as_str(),
         MessageStatus::Cancelled.as_str(),
     )
     .fetch_all(db)
@@ -160,8 +172,12 @@ pub async fn list_history(
 /// one statement (so one round trip and one commit, both writes or neither).
 ///
 /// Returns the new message, or `None` when there is nothing to do: another run of the job
-/// already saved a reply (the unique `reply_to` index keeps exactly one), or the user message
-/// is gone or no longer waits (failed, or cancelled by its user).
+/// already saved a reply (the unique `(reply_to, version)` index keeps exactly one per
+/// regeneration), or the user message is gone or no longer waits (failed, or cancelled by its
+/// user).
+///
+/// The reply gets the question's `reply_version`; it is active when its question is, and then
+/// the question's other replies no longer are.
 pub async fn save_reply(
     db: impl PgExecutor<'_>,
     user_message_id: i64,
@@ -226,27 +242,33 @@ pub async fn save_replies(
              order by a.id
              for key share
          ), questions as materialized (
-             select q.id, q.ai_chat_id from ai_messages q join chats c on c.id = q.ai_chat_id
+             select q.id, q.ai_chat_id, q.reply_version, q.active
+             from ai_messages q join chats c on c.id = q.ai_chat_id
              where q.id in (select question_id from input) and q.status in ($14, $15)
              order by q.id
              for no key update of q
          ), m as (
              insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
                  completion_tokens, total_tokens, model, latency_ms, reply_to, content_tokens,
-                 stopped)
+                 stopped, parent_id, version, active)
              select u.ai_chat_id, $10, i.content, $11, i.prompt_tokens, i.completion_tokens,
-                 i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens, i.stopped
+                 i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens, i.stopped,
+                 u.id, u.reply_version, u.active
              from input i join questions u on u.id = i.question_id
              order by u.id
-             on conflict (reply_to) where reply_to is not null do nothing
+             on conflict (reply_to, version) where reply_to is not null do nothing
              returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                 m.model, m.reply_to, m.stopped
+                 m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
          ), answered as (
              update ai_messages q set status = $12, error = null,
                  content_tokens = coalesce(i.question_tokens, q.content_tokens)
              from m join input i on i.question_id = m.reply_to
              where q.id = m.reply_to
+         ), superseded as (
+             update ai_messages o set active = false
+             from m
+             where m.active and o.reply_to = m.reply_to and o.id <> m.id and o.active
          )
          select * from m"#,
         &questions,

@@ -9,10 +9,14 @@
 //!
 //! A statement that holds a message row never asks for a chat row afterwards. The hot paths
 //! take as little as they can:
-//! - a send batch (`ai_messages::insert_owned_user_messages`) takes `for key share` on its
-//!   chats and no message row: key-share locks never conflict with each other nor with an
-//!   edit of a chat's fields, so sends into one chat do not wait for each other at all (a
-//!   chat's `updated_at` is derived from its messages, not written by the send);
+//! - a send batch (`ai_messages::insert_owned_user_messages`) takes `for no key update` on
+//!   its chats and no message row: sends into one chat take turns (each new message follows
+//!   the one before, `parent_id`), but never wait for a reply save, whose `for key share` does
+//!   not conflict with it (a chat's `updated_at` is derived from its messages, not written by
+//!   the send);
+//! - a branch change (`versions`: edit, regenerate, activate) takes its chat `for update`,
+//!   which waits for the sends and reply saves of that chat in flight and holds new ones off
+//!   until it commits, then the messages it changes;
 //! - a reply batch (`completions::save_replies`) takes `for key share` on the chats, then
 //!   the question rows `for no key update`, both in id order, before it writes;
 //! - single-row statements (`mark_failed`, `mark_dispatched`, the staff re-drive, a chat's
@@ -48,6 +52,9 @@ macro_rules! ai_message_of {
             model: $row.model,
             reply_to: $row.reply_to,
             stopped: $row.stopped,
+            parent_id: $row.parent_id,
+            version: $row.version,
+            active: $row.active,
         }
     };
 }
@@ -63,6 +70,7 @@ pub mod stale;
 pub mod stops;
 pub mod usage;
 pub mod users;
+pub mod versions;
 
 pub use sqlx::PgPool as Pool;
 

@@ -43,7 +43,7 @@ pub async fn request_stop(
            returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                      m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens,
                      m.status as "status: MessageStatus", m.error, m.model, m.reply_to,
-                     m.stopped, m.budget_day, m.budget_tokens"#,
+                     m.stopped, m.parent_id, m.version, m.active, m.budget_day, m.budget_tokens"#,
         message_id,
         user_id,
         Role::User.as_str(),
@@ -78,7 +78,7 @@ pub async fn cancel(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
     Ok(done.rows_affected() == 1)
 }
 
-/// A user message queued again by its user.
+/// A user message queued again by its user, or stored as an edit of one (`versions`).
 #[derive(Debug, Clone)]
 pub struct Requeued {
     pub message: AiMessage,
@@ -86,29 +86,42 @@ pub struct Requeued {
     pub options: ContextOptions,
 }
 
-/// Puts `message_id`, a `failed` or `cancelled` user message of one of `user_id`'s chats, back
-/// to `queued`: its error and stop request cleared, its new budget reservation recorded, and
-/// `dispatched_at` cleared, so the next sweep follows its jobs (its job is pushed after this
-/// commits, under the key a sweep would push, so the two push one job between them). `None`
-/// when it is not such a message; concurrent requeues of one message change it once.
+/// What a requeue is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeue {
+    /// A message that got no reply (`failed`, `cancelled`): answered as it was sent.
+    Retry,
+    /// Also an `answered` one, whose next reply is a new version (`reply_version` moves on).
+    Regenerate,
+}
+
+/// Puts `message_id`, a `failed` or `cancelled` user message of one of `user_id`'s chats (or,
+/// to regenerate, an `answered` one), back to `queued`: its error and stop request cleared,
+/// its new budget reservation recorded, and `dispatched_at` cleared, so the next sweep follows
+/// its jobs (its job is pushed after this commits, under the key a sweep would push, so the
+/// two push one job between them). `None` when it is not such a message; concurrent requeues
+/// of one message change it once.
 #[tracing::instrument(skip(db))]
 pub async fn requeue(
     db: impl PgExecutor<'_>,
     message_id: i64,
     user_id: i64,
     budget: Option<(NaiveDate, i32)>,
+    purpose: Requeue,
 ) -> Result<Option<Requeued>> {
     let row = sqlx::query!(
         r#"update ai_messages m
            set status = $4, error = null, stop_requested_at = null, dispatched_at = null,
-               budget_day = $7, budget_tokens = $8
+               budget_day = $7, budget_tokens = $8,
+               reply_version = case when m.status = $9 then m.reply_version + 1
+                                    else m.reply_version end
            from ai_chats a
            where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id and a.user_id = $2
-             and m.status in ($5, $6)
+             and (m.status in ($5, $6) or ($10 and m.status = $9))
            returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                      m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens,
                      m.status as "status: MessageStatus", m.error, m.model, m.reply_to,
-                     m.stopped, m.include_related_chat_context, m.context_message_limit"#,
+                     m.stopped, m.parent_id, m.version, m.active, m.include_related_chat_context, m.context_message_limit"#,
         message_id,
         user_id,
         Role::User.as_str(),
@@ -117,6 +130,8 @@ pub async fn requeue(
         MessageStatus::Cancelled.as_str(),
         budget.map(|(day, _)| day),
         budget.map(|(_, tokens)| tokens),
+        MessageStatus::Answered.as_str(),
+        purpose == Requeue::Regenerate,
     )
     .fetch_optional(db)
     .await?;
@@ -130,7 +145,8 @@ pub async fn requeue(
 }
 
 /// Undoes [`requeue`] when the message's job could not be pushed: back to `status` with
-/// `error`, no budget held; unless a worker has taken it meanwhile. Whether it changed.
+/// `error` (and, back to `answered`, the reply version it had), no budget held; unless a
+/// worker has taken it meanwhile. Whether it changed.
 #[tracing::instrument(skip(db, error))]
 pub async fn unrequeue(
     db: impl PgExecutor<'_>,
@@ -139,12 +155,14 @@ pub async fn unrequeue(
     error: Option<&str>,
 ) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $2, error = $3, budget_day = null, budget_tokens = null
+        r#"update ai_messages set status = $2::text, error = $3, budget_day = null, budget_tokens = null,
+               reply_version = case when $2::text = $5 then reply_version - 1 else reply_version end
            where id = $1 and status = $4"#,
         message_id,
         status.as_str(),
         error,
         MessageStatus::Queued.as_str(),
+        MessageStatus::Answered.as_str(),
     )
     .execute(db)
     .await?;

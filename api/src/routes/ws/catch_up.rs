@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use aichat_shared::db;
+use aichat_shared::db::ai_messages::Branches;
 use aichat_shared::domain::{AiMessage, MessageStatus, Role};
 use aichat_shared::events::{ChatEvent, EventMessage};
 use aichat_shared::partial;
@@ -89,7 +90,7 @@ pub(super) async fn catch_up(
     let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
     let limit = Some(CATCH_UP_LIMIT + 1);
     let mut messages =
-        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Some(after_id), limit)
+        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Branches::All, Some(after_id), limit)
             .await
         {
             Ok(messages) => messages,
