@@ -31,6 +31,13 @@ pub struct EventMessage {
     /// For an assistant message: whether its user stopped it while it streamed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<bool>,
+    /// The message this one follows (`AiMessage::parent_id`): absent on a chat's first message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<i64>,
+    /// 1, 2, … among its siblings (`AiMessage::version`): a regenerated reply or an edited
+    /// question is above 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
 }
 
 impl EventMessage {
@@ -43,6 +50,8 @@ impl EventMessage {
             usage: None,
             reply_to: None,
             stopped: None,
+            parent_id: message.parent_id,
+            version: Some(message.version),
         }
     }
 

@@ -1,12 +1,14 @@
 //! What a client may send over the socket: `{"type": "message", "content", ...}` is sent as
 //! REST's `send_message` would (the same rules, [`SendMessage`]); `{"type": "stop",
-//! "message_id": N}` stops a message as REST's `stop` would (its outcome comes as the chat's
-//! events); any other type (`typing` included) is ignored. A frame's problem comes back as the
-//! text of an `error` event.
+//! "message_id": N}`, `{"type": "regenerate", "message_id": N}` and `{"type": "edit",
+//! "message_id": N, "content": "..."}` do what REST's `stop`, `regenerate` and `edit` do (their
+//! outcome comes as the chat's events); any other type (`typing` included) is ignored. A
+//! frame's problem comes back as the text of an `error` event.
 use serde::Deserialize;
 
 use aichat_shared::domain::User;
 
+use crate::access::own_user_message;
 use crate::error::ApiError;
 use crate::json_body::{self, BodyError};
 use crate::send::stop::Recorded;
@@ -22,7 +24,7 @@ struct ClientFrame {
     content: Option<serde_json::Value>,
     include_related_chat_context: Option<bool>,
     context_message_limit: Option<i64>,
-    /// For `stop`: any JSON value, told when it is not a message id.
+    /// For `stop`, `regenerate` and `edit`: any JSON value, told when it is not a message id.
     message_id: Option<serde_json::Value>,
 }
 
@@ -51,6 +53,7 @@ pub(super) async fn handle_frame(
     match frame.kind.as_deref() {
         Some("message") => {}
         Some("stop") => return stop(state, user, frame.message_id.as_ref()).await,
+        Some(kind @ ("regenerate" | "edit")) => return new_version(state, user, kind, &frame).await,
         _ => return None,
     }
     let send = match SendMessage::parse(frame.fields(), state.settings.max_content_chars) {
@@ -82,6 +85,42 @@ async fn stop(
         Err(err) => Some(err),
     };
     refused.map(|err| socket_error(err, "WebSocket stop failed"))
+}
+
+/// A `regenerate` or `edit` frame: the message of any of the user's chats, as REST's routes
+/// take it; the new message's events come through the fan-out. Only a refusal is answered.
+async fn new_version(
+    state: &AppState,
+    user: &User,
+    kind: &str,
+    frame: &ClientFrame,
+) -> Option<String> {
+    let Some(message_id) = frame.message_id.as_ref().and_then(serde_json::Value::as_i64) else {
+        return Some("message_id: must be the id of a message".into());
+    };
+    let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
+    let result = if kind == "edit" {
+        let content = match SendMessage::parse(frame.fields(), state.settings.max_content_chars) {
+            Ok(send) => send.content,
+            Err(refused) => return Some(refused.socket_message()),
+        };
+        match own_user_message(state, user.id, message_id).await {
+            Ok(question) => {
+                send::versions::edit(state, user.id, &question, content, request_id).await
+            }
+            Err(err) => Err(err),
+        }
+    } else {
+        match send::versions::question_of(state, user.id, message_id).await {
+            Ok(question) => {
+                send::versions::regenerate(state, user.id, &question, request_id).await
+            }
+            Err(err) => Err(err),
+        }
+    };
+    result
+        .err()
+        .map(|err| socket_error(err, "WebSocket regenerate or edit failed"))
 }
 
 /// The text of an `error` event for `err`: its own words, or no detail for an internal error

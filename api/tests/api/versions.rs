@@ -1,0 +1,443 @@
+//! Versions of a conversation: regenerate, edit, switch branches; the prompt is the visible
+//! path. The real API, worker and fake model.
+use crate::common;
+
+use aichat_fake_llm::FakeConfig;
+use common::{
+    Stack, TestApp, TestUser, event_of, id, ids, messages_path, send_ws, spawn_app, texts,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn regenerate_path(message: i64) -> String {
+    format!("/api/ai/messages/{message}/regenerate/")
+}
+
+fn edit_path(message: i64) -> String {
+    format!("/api/ai/messages/{message}/edit/")
+}
+
+fn activate_path(message: i64) -> String {
+    format!("/api/ai/messages/{message}/activate/")
+}
+
+/// Every message of `chat`, every version (`?all=true`).
+async fn all_messages(app: &TestApp, user: &TestUser, chat: i64) -> Vec<Value> {
+    app.list(&format!("{}?all=true", messages_path(chat)), &user.token)
+        .await
+}
+
+/// Sends `content` and waits for its reply: (question, reply).
+async fn turn(app: &TestApp, user: &TestUser, chat: i64, content: &str) -> (Value, Value) {
+    let (status, reply) = app.send_waiting(user, chat, content, "true").await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let question = app
+        .messages(user, chat)
+        .await
+        .into_iter()
+        .find(|m| m["id"] == reply["reply_to"])
+        .expect("the question of the reply");
+    (question, reply)
+}
+
+/// The chat's `message_count` as its list says.
+async fn message_count(app: &TestApp, user: &TestUser, chat: i64) -> i64 {
+    let (status, body) = app
+        .get(&format!("/api/ai/chats/{chat}/"), &user.token)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["message_count"].as_i64().unwrap_or(-1)
+}
+
+/// The contents of the messages the model was sent last, system prompt left out.
+fn last_prompt(stack: &Stack) -> Vec<String> {
+    let requests = stack.fake.requests();
+    let last = requests.last().expect("a request reached the model");
+    last.messages
+        .iter()
+        .filter(|m| m["role"] != "system")
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_regenerated_reply_is_the_next_version_and_the_old_one_is_kept() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "hello there").await;
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["parent_id"], question["id"]);
+    assert_eq!(first["active"], true);
+
+    // From the reply's id: a new reply, version 2, saved within the wait.
+    let (status, second) = stack
+        .post(
+            &format!("{}?wait=true", regenerate_path(id(&first))),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(second["reply_to"], question["id"]);
+    assert_eq!(second["parent_id"], question["id"]);
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["active"], true);
+    assert_ne!(second["id"], first["id"]);
+
+    // What the user sees: the question and the new reply; the old one is kept, off the path.
+    let visible = stack.messages(&alice, chat).await;
+    assert_eq!(ids(&visible), vec![id(&question), id(&second)]);
+    assert_eq!(message_count(&stack, &alice, chat).await, 2);
+    let all = all_messages(&stack, &alice, chat).await;
+    assert_eq!(ids(&all), vec![id(&question), id(&first), id(&second)]);
+    let old = &all[1];
+    assert_eq!(old["active"], false);
+    for field in [
+        "content",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "version",
+    ] {
+        assert_eq!(old[field], first[field], "{field} of the old reply");
+    }
+
+    // From the question's id, once more: version 3; the question is answered again.
+    let (status, third) = stack
+        .post(
+            &format!("{}?wait=true", regenerate_path(id(&question))),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{third}");
+    assert_eq!(third["version"], 3);
+    let (_, now) = stack
+        .get(
+            &format!("/api/ai/messages/{}/", id(&question)),
+            &alice.token,
+        )
+        .await;
+    assert_eq!(now["status"], "answered");
+    let replies: Vec<Value> = all_messages(&stack, &alice, chat)
+        .await
+        .into_iter()
+        .filter(|m| m["reply_to"] == question["id"])
+        .collect();
+    let active: Vec<bool> = replies
+        .iter()
+        .map(|m| m["active"].as_bool().unwrap_or_default())
+        .collect();
+    assert_eq!(active, vec![false, false, true]);
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_edit_branches_and_the_model_is_sent_the_visible_path_only() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let mut turns = Vec::new();
+    for n in 1..=5 {
+        turns.push(turn(&stack, &alice, chat, &format!("question {n}")).await);
+    }
+    let before: Vec<i64> = ids(&stack.messages(&alice, chat).await);
+    assert_eq!(before.len(), 10);
+
+    // Edit the third question: the model gets turns 1-2 and the new text, nothing of 3-5.
+    let third = &turns[2].0;
+    let (status, reply) = stack
+        .post(
+            &format!("{}?wait=true", edit_path(id(third))),
+            &alice.token,
+            json!({"content": "question three, edited"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(
+        last_prompt(&stack),
+        vec![
+            "question 1",
+            turns[0].1["content"].as_str().unwrap_or_default(),
+            "question 2",
+            turns[1].1["content"].as_str().unwrap_or_default(),
+            "question three, edited",
+        ]
+    );
+
+    // The visible path: turns 1-2, the new version and its reply.
+    let visible = stack.messages(&alice, chat).await;
+    assert_eq!(
+        texts(&visible, "content")[..5],
+        [
+            "question 1".to_owned(),
+            turns[0].1["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            "question 2".to_owned(),
+            turns[1].1["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            "question three, edited".to_owned(),
+        ]
+    );
+    assert_eq!(visible.len(), 6);
+    assert_eq!(message_count(&stack, &alice, chat).await, 6);
+    let edited = &visible[4];
+    assert_eq!(edited["version"], 2);
+    assert_eq!(edited["parent_id"], turns[1].0["id"]);
+    assert_eq!(third["parent_id"], turns[1].0["id"]);
+    assert_eq!(visible[5]["id"], reply["id"]);
+
+    // The old turns 3-5 are all there, off the path, unchanged.
+    let all = all_messages(&stack, &alice, chat).await;
+    assert_eq!(all.len(), 12);
+    let old: Vec<&Value> = all.iter().filter(|m| before.contains(&id(m))).collect();
+    assert_eq!(old.len(), 10);
+    for m in &old[4..] {
+        assert_eq!(m["active"], false, "{m}");
+    }
+
+    // A send follows the edited turn, and its prompt is that branch.
+    let (next_question, _) = turn(&stack, &alice, chat, "question 6").await;
+    assert_eq!(next_question["parent_id"], edited["id"]);
+    let prompt = last_prompt(&stack);
+    assert_eq!(prompt.len(), 7);
+    assert_eq!(prompt[4], "question three, edited");
+    assert_eq!(prompt[6], "question 6");
+
+    // Back to the old branch through its last reply: the original ten messages again.
+    let old_last_reply = id(&turns[4].1);
+    let (status, body) = stack
+        .post(&activate_path(old_last_reply), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["active"], true);
+    assert_eq!(ids(&stack.messages(&alice, chat).await), before);
+    // …and a send now follows question 5, its prompt the old branch.
+    let (after_switch, _) = turn(&stack, &alice, chat, "question 6 again").await;
+    assert_eq!(after_switch["parent_id"], turns[4].0["id"]);
+    let prompt = last_prompt(&stack);
+    assert_eq!(prompt[4], "question 3");
+    assert_eq!(prompt[8], "question 5");
+    assert_eq!(prompt.len(), 11);
+
+    // Activating the edited question brings its branch back, to its newest end.
+    let (status, _) = stack
+        .post(&activate_path(id(edited)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let visible = stack.messages(&alice, chat).await;
+    assert_eq!(visible.len(), 8);
+    assert_eq!(visible[6]["id"], next_question["id"]);
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn switching_reply_versions_changes_what_the_next_prompt_holds() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "pick a word").await;
+    // The regenerated reply differs: three words of lorem.
+    stack.fake.set_config(FakeConfig {
+        reply_words: Some(3),
+        ..FakeConfig::default()
+    });
+    let (status, second) = stack
+        .post(
+            &format!("{}?wait=true", regenerate_path(id(&question))),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_ne!(second["content"], first["content"]);
+    stack.fake.set_config(FakeConfig::default());
+
+    let (status, body) = stack
+        .post(&activate_path(id(&first)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        ids(&stack.messages(&alice, chat).await),
+        vec![id(&question), id(&first)]
+    );
+    turn(&stack, &alice, chat, "and another").await;
+    assert_eq!(
+        last_prompt(&stack)[..2],
+        [
+            "pick a word".to_owned(),
+            first["content"].as_str().unwrap_or_default().to_owned()
+        ]
+    );
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn versions_over_the_websocket_carry_parent_and_version() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "over the socket").await;
+    let mut ws = stack.ws(chat, &alice.token, None).await;
+
+    send_ws(
+        &mut ws,
+        json!({"type": "regenerate", "message_id": id(&first)}),
+    )
+    .await;
+    let (event, _) = event_of(&mut ws, "assistant_message", 10).await;
+    assert_eq!(event["message"]["reply_to"], question["id"]);
+    assert_eq!(event["message"]["parent_id"], question["id"]);
+    assert_eq!(event["message"]["version"], 2);
+
+    send_ws(
+        &mut ws,
+        json!({"type": "edit", "message_id": id(&question), "content": "edited over the socket"}),
+    )
+    .await;
+    let (event, _) = event_of(&mut ws, "user_message", 10).await;
+    assert_eq!(event["message"]["content"], "edited over the socket");
+    assert_eq!(event["message"]["version"], 2);
+    let edited = event["message"]["id"].clone();
+    let (event, _) = event_of(&mut ws, "assistant_message", 10).await;
+    assert_eq!(event["message"]["reply_to"], edited);
+    assert_eq!(event["message"]["version"], 1);
+
+    // A refusal comes back as an error event.
+    send_ws(
+        &mut ws,
+        json!({"type": "edit", "message_id": id(&question), "content": "  "}),
+    )
+    .await;
+    let (event, _) = event_of(&mut ws, "error", 10).await;
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("content"),
+        "{event}"
+    );
+    send_ws(&mut ws, json!({"type": "regenerate", "message_id": "x"})).await;
+    let (event, _) = event_of(&mut ws, "error", 10).await;
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("message_id"),
+        "{event}"
+    );
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn version_routes_refuse_strangers_waiting_messages_and_bad_bodies() {
+    // No worker: a sent message stays queued.
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let mallory = app.user("mallory").await;
+    let chat = app.ai_chat_id(&alice).await;
+    let waiting = id(&app.send_ok(&alice, chat, "still waiting").await);
+
+    for path in [
+        regenerate_path(waiting),
+        edit_path(waiting),
+        activate_path(waiting),
+    ] {
+        let body = json!({"content": "x"});
+        let (status, _) = app.post(&path, "", body.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        let (status, error) = app.post(&path, &mallory.token, body.clone()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {error}");
+        assert!(error["error"].is_string(), "{error}");
+        let (status, _) = app
+            .post(
+                &path.replace(&waiting.to_string(), "999999"),
+                &alice.token,
+                body,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    // A message that waits for its reply: 409 for a new version of it.
+    for path in [regenerate_path(waiting), edit_path(waiting)] {
+        let (status, error) = app.post(&path, &alice.token, json!({"content": "x"})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {error}");
+    }
+    // Activating it is fine: it is on the path already.
+    let (status, body) = app
+        .post(&activate_path(waiting), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Bad edits: 400 with the field, and nothing stored.
+    for body in [
+        json!({}),
+        json!({"content": ""}),
+        json!({"content": "   "}),
+        json!({"content": 5}),
+        json!({"content": null}),
+        json!({"content": ["a"]}),
+        json!({"content": "x".repeat(32_001)}),
+    ] {
+        let (status, error) = app
+            .post(&edit_path(waiting), &alice.token, body.clone())
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {error}");
+    }
+    for body in [json!([]), json!("text"), json!(3), json!(null), json!(true)] {
+        let (status, error) = app
+            .post(&edit_path(waiting), &alice.token, body.clone())
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {error}");
+        assert!(error["error"].is_string(), "{error}");
+    }
+    let (status, error) = app
+        .post(
+            &format!("{}?wait=soon", regenerate_path(waiting)),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert!(error["wait"].is_array(), "{error}");
+    assert_eq!(all_messages(&app, &alice, chat).await.len(), 1);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_regenerates_once() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, _) = turn(&stack, &alice, chat, "once only").await;
+    let path = format!("{}?wait=true", regenerate_path(id(&question)));
+    let first = stack
+        .post_with_key(&path, &alice.token, "regen-1", "")
+        .await;
+    assert_eq!(first.0, StatusCode::OK, "{}", first.1);
+    let again = stack
+        .post_with_key(&path, &alice.token, "regen-1", "")
+        .await;
+    // The repeat answers the question as it is and queues nothing.
+    assert_eq!(again.0, StatusCode::ACCEPTED, "{}", again.1);
+    assert_eq!(again.1["message"]["id"], question["id"]);
+    assert_eq!(again.1["message"]["status"], "answered");
+    let replies = all_messages(&stack, &alice, chat)
+        .await
+        .into_iter()
+        .filter(|m| m["reply_to"] == question["id"])
+        .count();
+    assert_eq!(replies, 2);
+    // The same key for another message is a conflict.
+    let (other, _) = turn(&stack, &alice, chat, "another").await;
+    let (status, error) = stack
+        .post_with_key(&regenerate_path(id(&other)), &alice.token, "regen-1", "")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error}");
+    stack.cleanup().await;
+}
