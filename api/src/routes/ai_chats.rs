@@ -171,7 +171,8 @@ async fn get_ai_chat(
 ) -> ApiResult<Json<AiChatDetail>> {
     let chat = owned_chat(&state, id, auth.user.id).await?;
     let messages =
-        db::ai_messages::list_chat_messages(&state.db, id, Branches::Active, None, Some(MAX_LIMIT)).await?;
+        db::ai_messages::list_chat_messages(&state.db, id, Branches::Active, None, Some(MAX_LIMIT))
+            .await?;
     Ok(Json(AiChatDetail { chat, messages }))
 }
 

@@ -21,8 +21,8 @@ use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::send::idempotency::{self, Claim};
 use crate::send::retry;
-use crate::send::versions;
 use crate::send::stop::{self, Recorded, StopResponse};
+use crate::send::versions;
 use crate::send::wait::{self, Outcome};
 use crate::send::{SendFields, SendMessage, submit_message};
 use crate::state::AppState;
@@ -498,9 +498,10 @@ async fn regenerate_message(
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
     let (message, wait) = match idempotent(&state, user_id, &headers).await? {
-        Some(Claim::Existing(message_id)) => {
-            (repeated(&state, user_id, message_id, |m| m.id == question.id).await?, None)
-        }
+        Some(Claim::Existing(message_id)) => (
+            repeated(&state, user_id, message_id, |m| m.id == question.id).await?,
+            None,
+        ),
         claim => {
             let result = versions::regenerate(&state, user_id, &question, request_id).await;
             (settle(&state, claim, result).await?, wait)
@@ -556,10 +557,12 @@ async fn edit_message(
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
     let (message, wait) = match idempotent(&state, user_id, &headers).await? {
         Some(Claim::Existing(message_id)) => {
-            let same_turn = |m: &AiMessage| {
-                m.ai_chat == question.ai_chat && m.parent_id == question.parent_id
-            };
-            (repeated(&state, user_id, message_id, same_turn).await?, None)
+            let same_turn =
+                |m: &AiMessage| m.ai_chat == question.ai_chat && m.parent_id == question.parent_id;
+            (
+                repeated(&state, user_id, message_id, same_turn).await?,
+                None,
+            )
         }
         claim => {
             let result = versions::edit(&state, user_id, &question, content, request_id).await;
@@ -602,7 +605,11 @@ async fn subscribe_for_wait(
 }
 
 /// The request's `Idempotency-Key` claim, if it sent one.
-async fn idempotent(state: &AppState, user_id: i64, headers: &HeaderMap) -> ApiResult<Option<Claim>> {
+async fn idempotent(
+    state: &AppState,
+    user_id: i64,
+    headers: &HeaderMap,
+) -> ApiResult<Option<Claim>> {
     match idempotency::key_from(headers)? {
         Some(key) => Ok(Some(idempotency::claim(state, user_id, &key).await?)),
         None => Ok(None),

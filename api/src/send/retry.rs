@@ -50,7 +50,15 @@ pub(crate) async fn requeue_message(
 ) -> ApiResult<AiMessage> {
     rate::admit(state, user_id).await?;
     let reservation = budget::reserve(state, user_id).await?;
-    let result = requeue(state, current, user_id, request_id, reservation.as_ref(), purpose).await;
+    let result = requeue(
+        state,
+        current,
+        user_id,
+        request_id,
+        reservation.as_ref(),
+        purpose,
+    )
+    .await;
     if let (Err(_), Some(reservation)) = (&result, &reservation) {
         budget::release(state, reservation).await;
     }

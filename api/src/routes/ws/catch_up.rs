@@ -89,16 +89,21 @@ pub(super) async fn catch_up(
 ) -> CatchUp {
     let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
     let limit = Some(CATCH_UP_LIMIT + 1);
-    let mut messages =
-        match db::ai_messages::list_chat_messages(&state.db, ai_chat_id, Branches::All, Some(after_id), limit)
-            .await
-        {
-            Ok(messages) => messages,
-            Err(err) => {
-                tracing::warn!(error = %err, "catch-up query failed");
-                return CatchUp::Unavailable;
-            }
-        };
+    let mut messages = match db::ai_messages::list_chat_messages(
+        &state.db,
+        ai_chat_id,
+        Branches::Active,
+        Some(after_id),
+        limit,
+    )
+    .await
+    {
+        Ok(messages) => messages,
+        Err(err) => {
+            tracing::warn!(error = %err, "catch-up query failed");
+            return CatchUp::Unavailable;
+        }
+    };
     let truncated = messages.len() > CATCH_UP_LIMIT as usize;
     messages.truncate(CATCH_UP_LIMIT as usize);
     for message in &messages {

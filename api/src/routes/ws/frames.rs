@@ -53,7 +53,9 @@ pub(super) async fn handle_frame(
     match frame.kind.as_deref() {
         Some("message") => {}
         Some("stop") => return stop(state, user, frame.message_id.as_ref()).await,
-        Some(kind @ ("regenerate" | "edit")) => return new_version(state, user, kind, &frame).await,
+        Some(kind @ ("regenerate" | "edit")) => {
+            return new_version(state, user, kind, &frame).await;
+        }
         _ => return None,
     }
     let send = match SendMessage::parse(frame.fields(), state.settings.max_content_chars) {
@@ -95,7 +97,11 @@ async fn new_version(
     kind: &str,
     frame: &ClientFrame,
 ) -> Option<String> {
-    let Some(message_id) = frame.message_id.as_ref().and_then(serde_json::Value::as_i64) else {
+    let Some(message_id) = frame
+        .message_id
+        .as_ref()
+        .and_then(serde_json::Value::as_i64)
+    else {
         return Some("message_id: must be the id of a message".into());
     };
     let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
@@ -112,9 +118,7 @@ async fn new_version(
         }
     } else {
         match send::versions::question_of(state, user.id, message_id).await {
-            Ok(question) => {
-                send::versions::regenerate(state, user.id, &question, request_id).await
-            }
+            Ok(question) => send::versions::regenerate(state, user.id, &question, request_id).await,
             Err(err) => Err(err),
         }
     };
