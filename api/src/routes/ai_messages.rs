@@ -137,36 +137,28 @@ async fn send_message(
     let message = match claim {
         Some(Claim::Existing(message_id)) => {
             // A repeat: answer the first request's message, queue nothing.
-            let message = db::ai_messages::get_user_message(&state.db, message_id, user_id)
-                .await?
-                .filter(|m| m.ai_chat == id);
-            let Some(message) = message else {
-                let other_chat =
-                    ApiError::Conflict("This Idempotency-Key was used for another chat");
-                return Err(not_found_first(&state, id, user_id, other_chat).await);
+            return match repeated(&state, user_id, message_id, |m| m.ai_chat == id).await {
+                Ok(message) => Ok(repeat_response(message)),
+                Err(err) => Err(not_found_first(&state, id, user_id, err).await),
             };
-            let status = message.status;
-            return Ok((
-                StatusCode::ACCEPTED,
-                Json(SendMessageResponse { message, status }),
-            )
-                .into_response());
         }
-        Some(Claim::New(redis_key)) => {
-            match submit_message(&state, user_id, id, send, request_id.clone()).await {
-                Ok(message) => {
-                    idempotency::complete(&state, &redis_key, message.id).await;
-                    message
-                }
-                Err(err) => {
-                    idempotency::release(&state, &redis_key).await;
-                    return Err(err);
-                }
-            }
+        claim => {
+            let result = submit_message(&state, user_id, id, send, request_id.clone()).await;
+            settle(&state, claim, result).await?
         }
-        None => submit_message(&state, user_id, id, send, request_id.clone()).await?,
     };
     queued_response(&state, message, wait, events.as_mut()).await
+}
+
+/// A repeated `Idempotency-Key`'s answer: 202 with the message the first request queued, as
+/// it is now.
+fn repeat_response(message: AiMessage) -> Response {
+    let status = message.status;
+    (
+        StatusCode::ACCEPTED,
+        Json(SendMessageResponse { message, status }),
+    )
+        .into_response()
 }
 
 /// What a request that queued `message` answers: 202 with it, or with `?wait` (`wait` and
@@ -225,22 +217,8 @@ async fn prepare_send<'a>(
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let send = SendMessage::parse(body.fields(), state.settings.max_content_chars)?;
     // Subscribe before the message exists, so its reply cannot slip past.
-    let events = match wait {
-        Some(_) => Some(
-            wait::subscribe(
-                state,
-                id,
-                "Waiting for replies is unavailable right now; send without ?wait",
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let idempotency_key = idempotency::key_from(headers)?;
-    let claim = match &idempotency_key {
-        Some(key) => Some(idempotency::claim(state, user_id, key).await?),
-        None => None,
-    };
+    let events = subscribe_for_wait(state, id, wait).await?;
+    let claim = idempotent(state, user_id, headers).await?;
     Ok(Prepared {
         wait,
         send,
@@ -497,14 +475,14 @@ async fn regenerate_message(
     let question = versions::question_of(&state, user_id, id).await?;
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
-    let (message, wait) = match idempotent(&state, user_id, &headers).await? {
-        Some(Claim::Existing(message_id)) => (
-            repeated(&state, user_id, message_id, |m| m.id == question.id).await?,
-            None,
-        ),
+    let message = match idempotent(&state, user_id, &headers).await? {
+        Some(Claim::Existing(message_id)) => {
+            let message = repeated(&state, user_id, message_id, |m| m.id == question.id).await?;
+            return Ok(repeat_response(message));
+        }
         claim => {
             let result = versions::regenerate(&state, user_id, &question, request_id).await;
-            (settle(&state, claim, result).await?, wait)
+            settle(&state, claim, result).await?
         }
     };
     queued_response(&state, message, wait, events.as_mut()).await
@@ -555,18 +533,16 @@ async fn edit_message(
     };
     let content = SendMessage::parse(fields, state.settings.max_content_chars)?.content;
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
-    let (message, wait) = match idempotent(&state, user_id, &headers).await? {
+    let message = match idempotent(&state, user_id, &headers).await? {
         Some(Claim::Existing(message_id)) => {
             let same_turn =
                 |m: &AiMessage| m.ai_chat == question.ai_chat && m.parent_id == question.parent_id;
-            (
-                repeated(&state, user_id, message_id, same_turn).await?,
-                None,
-            )
+            let message = repeated(&state, user_id, message_id, same_turn).await?;
+            return Ok(repeat_response(message));
         }
         claim => {
             let result = versions::edit(&state, user_id, &question, content, request_id).await;
-            (settle(&state, claim, result).await?, wait)
+            settle(&state, claim, result).await?
         }
     };
     queued_response(&state, message, wait, events.as_mut()).await
@@ -597,7 +573,7 @@ async fn subscribe_for_wait(
 ) -> ApiResult<Option<Subscription>> {
     match wait {
         Some(_) => {
-            let refusal = "Waiting for replies is unavailable right now; retry without ?wait";
+            let refusal = "Waiting for replies is unavailable right now; send without ?wait";
             Ok(Some(wait::subscribe(state, ai_chat_id, refusal).await?))
         }
         None => Ok(None),
