@@ -1,5 +1,6 @@
-//! The versions migration (`migrations/…_versions.sql`) on a database that holds conversations
-//! from before it: every one becomes a single active path, with the same ids in the same order.
+//! Versions (`migrations/…_versions.sql`): the migration on a database that holds conversations
+//! from before it (every one becomes a single active path, with the same ids in the same
+//! order), and the parent links of sends kept whole when an unqueued message is removed.
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::Branches;
 use aichat_testkit::postgres::TestDb;
@@ -94,4 +95,44 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
     assert_eq!(history, vec!["q1", "a1", "q2", "a2"]);
     pool.close().await;
     test_db.drop_database().await;
+}
+
+/// A message removed because its job could not be queued leaves no follower without its
+/// place: what followed it follows what it followed.
+#[tokio::test]
+async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
+    use aichat_fake_llm::FakeConfig;
+    use aichat_shared::domain::ContextOptions;
+    use aichat_testkit::{Env as TestEnv, store_user_message};
+
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let chat = env
+        .ai_chat(alice.id, "You are a helpful assistant.", None)
+        .await;
+    let options = ContextOptions {
+        include_related_chat_context: false,
+        context_message_limit: 20,
+    };
+    let mut sent = Vec::new();
+    for content in ["one", "two", "three", "four"] {
+        sent.push(store_user_message(&env.pool, chat, content, options).await);
+    }
+    let parents: Vec<Option<i64>> = sent.iter().map(|m| m.parent_id).collect();
+    assert_eq!(
+        parents,
+        vec![None, Some(sent[0].id), Some(sent[1].id), Some(sent[2].id)]
+    );
+    // "two" and "three" were never queued: "four" now follows "one".
+    db::ai_messages::delete_undispatched_messages(&env.pool, &[sent[1].id, sent[2].id])
+        .await
+        .expect("delete");
+    let left = db::ai_messages::list_chat_messages(&env.pool, chat, Branches::All, None, None)
+        .await
+        .expect("list");
+    let left: Vec<(i64, Option<i64>)> = left.iter().map(|m| (m.id, m.parent_id)).collect();
+    assert_eq!(
+        left,
+        vec![(sent[0].id, None), (sent[3].id, Some(sent[0].id))]
+    );
 }
