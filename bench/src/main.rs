@@ -2,6 +2,7 @@
 //! against a scratch PostgreSQL database and Redis namespace, and measures ingest, pipeline,
 //! concurrency, fan-out, reads and soak, each beside a baseline measured in the same run.
 mod baselines;
+mod dbstats;
 mod env;
 mod load;
 mod procs;

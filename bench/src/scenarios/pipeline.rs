@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use crate::dbstats::{DbCost, DbCounters};
 use crate::env::Stack;
 use crate::load::{self, Counters, Progress};
 use crate::procs::CpuMeter;
@@ -105,6 +106,24 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             "",
         ));
     }
+    for (label, r) in [
+        ("1w", one),
+        ("2w", two),
+        (&*format!("1w {SHORT_CHATS} chats"), short),
+    ] {
+        let per = |what: &str, value: f64| {
+            Row::new(
+                "pipeline",
+                &format!("{what} per answered message, {label}"),
+                value,
+                "",
+            )
+        };
+        rep.push(per("PostgreSQL transactions", r.db.transactions));
+        rep.push(per("rows scanned (tup_returned)", r.db.rows_returned));
+        rep.push(per("rows fetched (tup_fetched)", r.db.rows_fetched));
+        rep.push(per("rows written", r.db.rows_written));
+    }
     for (w, r) in [(1, one), (2, two)] {
         rep.push(Row::new(
             "pipeline",
@@ -148,6 +167,8 @@ struct PipeResult {
     rate: f64,
     /// Mean length of the prompts the model received last (the fake keeps the last 100).
     prompt_messages: f64,
+    /// What PostgreSQL did per answered message (sends, jobs and replies together).
+    db: DbCost,
     latency: Summary,
     errors: u64,
     unanswered: usize,
@@ -229,6 +250,7 @@ async fn measure(
         sockets.len(),
         connect_start.elapsed().as_secs_f64()
     );
+    let db_before = DbCounters::read(&ctx.env.db).await?;
     let start = Instant::now();
     let send_end = start + warm + Duration::from_secs(secs);
     let read_end = send_end + drain;
@@ -329,6 +351,7 @@ async fn measure(
     }
     let unanswered = shared.sent_waiting();
     let done = shared.done.lock().map(|d| d.clone()).unwrap_or_default();
+    let db = db_before.per(&DbCounters::read(&ctx.env.db).await?, done.len());
     let window_start = start + warm;
     let in_window = done
         .iter()
@@ -344,6 +367,7 @@ async fn measure(
     Ok(PipeResult {
         rate: in_window as f64 / (send_end - window_start).as_secs_f64(),
         prompt_messages,
+        db,
         latency: samples.summary(),
         errors: counters.errors.load(Ordering::Relaxed),
         unanswered,
