@@ -35,7 +35,7 @@ where
 }
 
 /// `application/json` or any `application/*+json`, as axum's own `Json` accepts.
-fn has_json_content_type(headers: &HeaderMap) -> bool {
+pub fn has_json_content_type(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };

@@ -267,10 +267,17 @@ pub async fn request_timeout(
         };
     }
     let (parts, body) = req.into_parts();
-    let read = axum::body::to_bytes(body, settings.max_body_bytes);
+    // An AI chat import carries a whole conversation: its route has a limit of its own
+    // (`IMPORT_MAX_BYTES`, checked again by the route, which reads the body itself).
+    let max_bytes = if parts.uri.path() == "/api/ai/chats/import/" {
+        settings.import_max_bytes.max(settings.max_body_bytes)
+    } else {
+        settings.max_body_bytes
+    };
+    let read = axum::body::to_bytes(body, max_bytes);
     let bytes = match tokio::time::timeout(limit, read).await {
         Ok(Ok(bytes)) => bytes,
-        // Over MAX_BODY_BYTES (or the client went away while sending it).
+        // Over the limit (or the client went away while sending it).
         Ok(Err(_)) => {
             return ApiError::PayloadTooLarge("Request body is too large".into()).into_response();
         }

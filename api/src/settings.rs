@@ -42,6 +42,13 @@ pub struct Settings {
     /// Longest message content accepted, in characters.
     #[arg(long, env = "MAX_CONTENT_CHARS", default_value_t = 32_000)]
     pub max_content_chars: usize,
+    /// Most messages one AI chat import (`POST /api/ai/chats/import/`) may hold.
+    #[arg(long, env = "IMPORT_MAX_MESSAGES", default_value_t = 10_000)]
+    pub import_max_messages: usize,
+    /// Largest AI chat import body accepted, in bytes (a limit of its own: the export of a long
+    /// chat is larger than `MAX_BODY_BYTES`); larger ones get 413.
+    #[arg(long, env = "IMPORT_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub import_max_bytes: usize,
     /// Apply pending database migrations at start-up.
     #[arg(long, env = "RUN_MIGRATIONS", action = ArgAction::Set, default_value_t = true)]
     pub run_migrations: bool,

@@ -17,12 +17,58 @@ use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
+use crate::settings::Settings;
 use crate::state::AppState;
 use crate::validate;
 
 const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat.";
 const MAX_SYSTEM_PROMPT_CHARS: usize = 20_000;
+/// The longest `model` the table holds (`varchar(100)`).
+pub const MAX_MODEL_CHARS: usize = 100;
+
+/// A chat's own text fields as a create, an edit or an import (`routes::export`) gives them;
+/// `None` for a field not given.
+pub struct ChatFields<'a> {
+    pub title: Option<&'a str>,
+    pub system_prompt: Option<&'a str>,
+    pub model: Option<&'a str>,
+}
+
+impl ChatFields<'_> {
+    /// Adds the problems of the fields given to `errors`, each under `prefix` and its name.
+    pub fn check(&self, errors: &mut FieldErrors, prefix: &str, settings: &Settings) {
+        let name = |field: &str| format!("{prefix}{field}");
+        if let Some(title) = self.title {
+            validate::optional_text(errors, &name("title"), title, 255);
+        }
+        if let Some(prompt) = self.system_prompt
+            && validate::no_nul(errors, &name("system_prompt"), prompt)
+            && prompt.chars().count() > MAX_SYSTEM_PROMPT_CHARS
+        {
+            errors.add(
+                &name("system_prompt"),
+                format!("Ensure this field has no more than {MAX_SYSTEM_PROMPT_CHARS} characters."),
+            );
+        }
+        if let Some(model) = self.model
+            && validate::optional_text(errors, &name("model"), model, MAX_MODEL_CHARS).is_some()
+        {
+            if !model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c))
+            {
+                errors.add(&name("model"), "Enter a valid model name.");
+            } else if !settings.openai.is_allowed(model) {
+                // Only the operator's models reach the provider (and its bill).
+                errors.add(
+                    &name("model"),
+                    format!("Select a valid choice. {model} is not one of the available models."),
+                );
+            }
+        }
+    }
+}
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -77,38 +123,15 @@ impl AiChatRequest {
     /// Checks every field that was sent (and `title` when `require_title`).
     async fn validate(&self, state: &AppState, user_id: i64, require_title: bool) -> ApiResult<()> {
         let mut errors = FieldErrors::default();
-        match (&self.title, require_title) {
-            (None, true) => errors.add("title", validate::REQUIRED),
-            (Some(title), _) => {
-                validate::optional_text(&mut errors, "title", title, 255);
-            }
-            (None, false) => {}
+        if require_title && self.title.is_none() {
+            errors.add("title", validate::REQUIRED);
         }
-        if let Some(prompt) = &self.system_prompt
-            && validate::no_nul(&mut errors, "system_prompt", prompt)
-            && prompt.chars().count() > MAX_SYSTEM_PROMPT_CHARS
-        {
-            errors.add(
-                "system_prompt",
-                format!("Ensure this field has no more than {MAX_SYSTEM_PROMPT_CHARS} characters."),
-            );
-        }
-        if let Some(model) = &self.model
-            && validate::optional_text(&mut errors, "model", model, 100).is_some()
-        {
-            if !model
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c))
-            {
-                errors.add("model", "Enter a valid model name.");
-            } else if !state.settings.openai.is_allowed(model) {
-                // Only the operator's models reach the provider (and its bill).
-                errors.add(
-                    "model",
-                    format!("Select a valid choice. {model} is not one of the available models."),
-                );
-            }
-        }
+        let fields = ChatFields {
+            title: self.title.as_deref(),
+            system_prompt: self.system_prompt.as_deref(),
+            model: self.model.as_deref(),
+        };
+        fields.check(&mut errors, "", &state.settings);
         if let Some(Some(chat_id)) = self.related_chat
             && !db::chats::is_participant(&state.db, chat_id, user_id).await?
         {

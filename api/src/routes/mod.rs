@@ -17,6 +17,7 @@ mod admin;
 mod ai_chats;
 mod ai_messages;
 mod chats;
+mod export;
 mod message_stream;
 mod models;
 mod ops;
@@ -65,6 +66,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(chats::router())
         .merge(ai_chats::router())
         .merge(ai_messages::router())
+        .merge(export::router())
         .merge(message_stream::router())
         .merge(models::router())
         .merge(ops::router())

@@ -11,6 +11,7 @@ mod bad_input;
 mod chats;
 mod deploy;
 mod docs_and_ops;
+mod export;
 mod paging;
 mod pipeline;
 mod resume;
@@ -18,6 +19,7 @@ mod send_batch;
 mod send_message;
 mod session_cache;
 mod stop_retry;
+mod versions;
 mod web;
 mod websocket;
 

@@ -64,6 +64,7 @@ pub mod ai_chats;
 pub mod ai_messages;
 pub mod chats;
 pub mod completions;
+pub mod export;
 pub mod retry;
 pub mod sessions;
 pub mod stale;

@@ -1,0 +1,279 @@
+//! What an import must be before anything of it is stored.
+use std::collections::{HashMap, HashSet};
+
+use chrono::Datelike;
+
+use aichat_shared::db::export::ImportedMessage;
+use aichat_shared::domain::{MessageStatus, Role};
+
+use super::document::{ChatExport, ExportedMessage, FORMAT_TAG, FORMAT_VERSION};
+use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::routes::ai_chats::{ChatFields, MAX_MODEL_CHARS};
+use crate::settings::Settings;
+use crate::validate::{self, TextProblem};
+
+/// Problems of an import's messages listed at most: the rest are counted.
+const MAX_LISTED_PROBLEMS: usize = 20;
+
+/// The problems of an import's messages, as one field error each (`messages[i]: ...`), the
+/// first [`MAX_LISTED_PROBLEMS`] of them and a count of the rest.
+#[derive(Default)]
+struct Problems {
+    listed: Vec<String>,
+    more: usize,
+}
+
+impl Problems {
+    fn add(&mut self, index: usize, problem: impl std::fmt::Display) {
+        if self.listed.len() < MAX_LISTED_PROBLEMS {
+            self.listed.push(format!("messages[{index}]: {problem}"));
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn into_errors(self, errors: &mut FieldErrors) {
+        for problem in self.listed {
+            errors.add("messages", problem);
+        }
+        if self.more > 0 {
+            errors.add("messages", format!("and {} more problems", self.more));
+        }
+    }
+}
+
+/// What one parent's children of one role hold: the active one, the versions seen.
+#[derive(Default)]
+struct Siblings {
+    active: bool,
+    versions: HashSet<i32>,
+}
+
+/// Checks everything an import must be before anything is stored: the format, the chat's
+/// fields (as create checks them), and each message (its tree, role, status, version, content
+/// and counts); the messages to store, in order.
+pub fn check_import<'a>(
+    export: &'a ChatExport,
+    settings: &Settings,
+) -> ApiResult<Vec<ImportedMessage<'a>>> {
+    let mut errors = FieldErrors::default();
+    if export.format != FORMAT_TAG {
+        errors.add("format", format!("Expected \"{FORMAT_TAG}\"."));
+    }
+    if export.version != FORMAT_VERSION {
+        errors.add(
+            "version",
+            format!(
+                "Unsupported version {}; this server reads version {FORMAT_VERSION}.",
+                export.version
+            ),
+        );
+    }
+    // Another format's fields mean something else: nothing more to say about them.
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+
+    let chat = &export.chat;
+    let fields = ChatFields {
+        title: Some(&chat.title),
+        system_prompt: Some(&chat.system_prompt),
+        model: Some(&chat.model),
+    };
+    fields.check(&mut errors, "chat.", settings);
+    let max = settings.import_max_messages;
+    if export.messages.len() > max {
+        errors.add(
+            "messages",
+            format!(
+                "Ensure this field has no more than {max} messages (it has {}).",
+                export.messages.len()
+            ),
+        );
+        return Err(ApiError::Validation(errors));
+    }
+    let messages = check_messages(&export.messages, settings.max_content_chars, &mut errors);
+    errors.check()?;
+    Ok(messages)
+}
+
+/// [`check_import`]'s part for the messages: each problem added to `errors`.
+fn check_messages<'a>(
+    messages: &'a [ExportedMessage],
+    max_content_chars: usize,
+    errors: &mut FieldErrors,
+) -> Vec<ImportedMessage<'a>> {
+    let mut problems = Problems::default();
+    let mut positions: HashMap<i64, usize> = HashMap::with_capacity(messages.len());
+    let mut siblings: HashMap<(Option<usize>, Role), Siblings> = HashMap::new();
+    let mut imported: Vec<ImportedMessage<'a>> = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let mut problem = |text: String| problems.add(i, text);
+        if positions.insert(m.id, i).is_some() {
+            problem(format!("id {} is the id of an earlier message", m.id));
+        }
+        let parent = match m.parent_id {
+            None => None,
+            Some(parent_id) => match positions.get(&parent_id) {
+                Some(&p) if p < i => Some(p),
+                _ => {
+                    problem(format!("parent_id {parent_id} is not an earlier message"));
+                    None
+                }
+            },
+        };
+        let parent_role = parent.and_then(|p| imported.get(p)).map(|p| p.role);
+        match (m.role, m.parent_id, parent_role) {
+            (Role::User, None, _) | (Role::User, _, Some(Role::User)) => {}
+            (Role::User, _, Some(_)) => {
+                problem(
+                    "a user message's parent must be a user message (the question before it)"
+                        .into(),
+                );
+            }
+            (Role::Assistant, None, _) => {
+                problem(
+                    "an assistant message needs a parent_id: the user message it answers".into(),
+                );
+            }
+            (Role::Assistant, _, Some(Role::User)) => {}
+            (Role::Assistant, _, Some(_)) => {
+                problem("an assistant message's parent must be a user message (the question it answers)".into());
+            }
+            (Role::System, _, _) => problem("role must be user or assistant".into()),
+            // A parent that is not an earlier message: said above.
+            (_, Some(_), None) => {}
+        }
+        let status = match (m.role, m.status) {
+            (
+                Role::User,
+                MessageStatus::Answered | MessageStatus::Failed | MessageStatus::Cancelled,
+            )
+            | (Role::Assistant, MessageStatus::Complete) => m.status,
+            // Nothing will answer them: no job is queued for an import.
+            (Role::User, MessageStatus::Queued | MessageStatus::Answering) => {
+                MessageStatus::Cancelled
+            }
+            (role, status) => {
+                problem(format!("status {status} is not valid for role {role}"));
+                m.status
+            }
+        };
+        if m.version < 1 {
+            problem(format!("version {} is below 1", m.version));
+        }
+        // PostgreSQL's `timestamptz` starts in 4713 BC; chrono reads years it cannot hold.
+        if m.timestamp.is_some_and(|t| !(1..=9999).contains(&t.year())) {
+            problem("timestamp is not between the years 1 and 9999".into());
+        }
+        let content = match m.role {
+            Role::User => validate::check_text(Some(&m.content), max_content_chars).err(),
+            _ if m.content.contains('\0') => Some(TextProblem::Nul),
+            _ if m.content.chars().count() > max_content_chars => Some(TextProblem::TooLong {
+                max: max_content_chars,
+            }),
+            _ => None,
+        };
+        if let Some(content) = content {
+            problem(format!("content: {}", content.field_error()));
+        }
+        for (field, text, max) in [
+            ("error", m.error.as_deref(), max_content_chars),
+            ("model", m.model.as_deref(), MAX_MODEL_CHARS),
+        ] {
+            if let Some(text) = text {
+                if text.contains('\0') {
+                    problem(format!("{field}: {}", validate::NULL_CHARACTER));
+                } else if text.chars().count() > max {
+                    problem(format!(
+                        "{field}: {}",
+                        TextProblem::TooLong { max }.field_error()
+                    ));
+                }
+            }
+        }
+        for (field, count) in [
+            ("prompt_tokens", m.prompt_tokens),
+            ("completion_tokens", m.completion_tokens),
+            ("total_tokens", m.total_tokens),
+        ] {
+            if count.is_some_and(|n| n < 0) {
+                problem(format!("{field} is negative"));
+            }
+        }
+        if m.stopped && m.role != Role::Assistant {
+            problem("only an assistant message can be stopped".into());
+        }
+        if m.active
+            && parent
+                .and_then(|p| imported.get(p))
+                .is_some_and(|p| !p.active)
+        {
+            problem("an active message's parent must be active".into());
+        }
+        // A message whose parent is not in the file has no siblings to compare with.
+        let family = (parent.is_some() || m.parent_id.is_none())
+            .then(|| siblings.entry((parent, m.role)).or_default());
+        if let Some(family) = family {
+            if m.active && family.active {
+                problem(match (m.role, parent) {
+                    (Role::Assistant, Some(p)) => format!("messages[{p}] has another active reply"),
+                    (_, Some(p)) => {
+                        format!("the turn after messages[{p}] has another active version")
+                    }
+                    (_, None) => "the first turn has another active version".into(),
+                });
+            }
+            family.active |= m.active;
+            // A question's replies are told apart by their version (a unique index).
+            if !family.versions.insert(m.version) && m.role == Role::Assistant {
+                problem(format!(
+                    "another reply to the same question is version {}",
+                    m.version
+                ));
+            }
+        }
+        imported.push(ImportedMessage {
+            parent,
+            role: m.role,
+            content: &m.content,
+            timestamp: m.timestamp,
+            status,
+            error: m.error.as_deref(),
+            model: m.model.as_deref(),
+            prompt_tokens: m.prompt_tokens,
+            completion_tokens: m.completion_tokens,
+            total_tokens: m.total_tokens,
+            stopped: m.stopped,
+            version: m.version,
+            active: m.active,
+            reply_version: 1,
+        });
+    }
+    set_reply_versions(&mut imported);
+    problems.into_errors(errors);
+    imported
+}
+
+/// Each question's `reply_version`: the version its last reply took when it is `answered`
+/// (a regeneration's reply takes the next), and the version after its replies when it ended
+/// without one (a retry's reply takes it), so no new reply takes a version already there.
+fn set_reply_versions(messages: &mut [ImportedMessage<'_>]) {
+    let mut newest: HashMap<usize, i32> = HashMap::new();
+    for m in messages.iter() {
+        if let (Role::Assistant, Some(p)) = (m.role, m.parent) {
+            let top = newest.entry(p).or_default();
+            *top = (*top).max(m.version);
+        }
+    }
+    for (i, m) in messages.iter_mut().enumerate() {
+        if m.role == Role::User {
+            let top = newest.get(&i).copied().unwrap_or(0);
+            m.reply_version = if m.status == MessageStatus::Answered {
+                top.max(1)
+            } else {
+                top.saturating_add(1)
+            };
+        }
+    }
+}
