@@ -2,7 +2,7 @@
 // Run by scripts/browser-test, which starts the fake model, the API and a worker and passes
 // their addresses here. The tests run in order and share one user and its chat.
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
@@ -19,7 +19,7 @@ const TEST_MS = 60000;
 const PHONE = { width: 375, height: 740 };
 
 const user = { name: `alice_${Date.now().toString(36)}`, password: 'correct horse battery' };
-const shared = { chatId: null, otherChatId: null };
+const shared = { chatId: null, otherChatId: null, versionsChatId: null };
 const problems = [];
 const sockets = []; // the URL of every WebSocket any page opened
 let browser;
@@ -185,6 +185,37 @@ async function storedReply(token, id) {
 /** Resolves to the page's next `POST` to `path`. */
 function nextPost(p, path) {
   return p.waitForResponse((r) => r.request().method() === 'POST' && new URL(r.url()).pathname === path);
+}
+
+/** Resolves to the page's next read of every version of chat `chatId`'s messages. */
+function nextTreeRead(p, chatId) {
+  return p.waitForResponse((r) => {
+    const url = new URL(r.url());
+    return (
+      r.request().method() === 'GET' &&
+      url.pathname === `/api/ai/chats/${chatId}/messages/` &&
+      url.searchParams.get('all') === 'true'
+    );
+  });
+}
+
+/** The texts of the messages `p` shows, in order (only what is in view: hidden bubbles are not). */
+const shownTexts = (p) =>
+  p.locator('#messages > li.msg:visible .content').evaluateAll((nodes) => nodes.map((n) => n.textContent));
+
+/** The staff page in a context of its own, logged in as the admin. */
+async function openStaffPage() {
+  const context = await newContext();
+  const admin = await context.newPage();
+  await admin.goto(`${BASE}/admin/`);
+  const login = admin.locator('#login-form');
+  await login.locator('input[name=username]').fill(ADMIN.name);
+  await login.locator('input[name=password]').fill(ADMIN.password);
+  const token = nextLogin(admin);
+  await login.getByRole('button', { name: 'Log in' }).click();
+  await admin.locator('#admin-view').waitFor();
+  await assertTokenHidden(admin, await token);
+  return { context, admin };
 }
 
 /** `document.documentElement.scrollWidth`: wider than the viewport means sideways scrolling. */
@@ -879,16 +910,7 @@ test('the staff page tells a user who is not staff that it is staff only', { tim
 });
 
 test('staff see the chart, usage, chats, messages and re-drive a dead job', { timeout: TEST_MS }, async () => {
-  const context = await newContext();
-  const admin = await context.newPage();
-  await admin.goto(`${BASE}/admin/`);
-  const login = admin.locator('#login-form');
-  await login.locator('input[name=username]').fill(ADMIN.name);
-  await login.locator('input[name=password]').fill(ADMIN.password);
-  const token = nextLogin(admin);
-  await login.getByRole('button', { name: 'Log in' }).click();
-  await admin.locator('#admin-view').waitFor();
-  await assertTokenHidden(admin, await token);
+  const { context, admin } = await openStaffPage();
 
   // The chart has a bar for today's reply; the usage table names the user.
   await admin.locator('#chart-svg rect.bar').first().waitFor();
@@ -1016,6 +1038,233 @@ test('at phone width the chat page fits the screen', { timeout: TEST_MS }, async
   assert.ok((await pageWidth(phone)) <= PHONE.width);
   await shot(phone, 'chats-phone');
   await context.close();
+});
+
+test('a reply is regenerated: the new one streams in its place, and ‹ › switch between the two', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const created = await apiAs(token, 'POST', '/api/ai/chats/', { title: 'Versions' });
+  assert.equal(created.status, 201);
+  const chatId = created.body.id;
+  shared.versionsChatId = chatId;
+  await page.goto(`${BASE}/#chat-${chatId}`); // same document: only the hash changes
+  await page.reload();
+  await page.locator('#chat-title', { hasText: 'Versions' }).waitFor();
+  await page.locator('#conn[data-state="live"]').waitFor();
+
+  await page.locator('#message-input').fill('Name a colour');
+  await page.locator('#message-input').press('Enter');
+  const question = page.locator('li.user', { hasText: 'Name a colour' });
+  const first = page.locator('li.assistant[data-id]', { hasText: 'Echo: Name a colour' });
+  await first.waitFor();
+  const id = Number(await question.getAttribute('data-id'));
+  const firstId = Number(await first.getAttribute('data-id'));
+  assert.equal(await page.locator('.versions').count(), 0, 'one version of everything: no switcher');
+
+  const before = await fake('GET', '/_fake/config');
+  // The second reply differs from the first (lorem words instead of the echo), and streams
+  // long enough to be seen.
+  const words = 30;
+  await fake('PUT', '/_fake/config', { reply_words: words, chunk_delay_ms: 60 });
+  try {
+    const regenerated = nextPost(page, `/api/ai/messages/${id}/regenerate/`);
+    await first.getByRole('button', { name: 'Regenerate' }).click();
+    assert.equal((await regenerated).status(), 202);
+
+    // It streams in as after a send, Stop and all, in place of the first reply; the
+    // question's Edit waits meanwhile.
+    const streaming = page.locator(`li.assistant.streaming[data-reply-to="${id}"]`);
+    await streaming.getByRole('button', { name: 'Stop' }).waitFor();
+    await page.waitForFunction(
+      (id) => document.querySelector(`li.assistant.streaming[data-reply-to="${id}"] .content`)?.textContent.startsWith('lorem'),
+      id,
+      { timeout: STEP_MS, polling: 10 },
+    );
+    assert.equal(await first.isVisible(), false, 'the reply being replaced steps aside');
+    assert.equal(await question.getByRole('button', { name: 'Edit' }).getAttribute('aria-disabled'), 'true');
+    await shot(page, 'chat-regenerating-desktop');
+
+    const second = page.locator(`li.assistant[data-id][data-reply-to="${id}"]`, { hasText: lorem(words) });
+    await second.waitFor();
+    const secondId = Number(await second.getAttribute('data-id'));
+    assert.notEqual(secondId, firstId);
+    assert.equal(await page.locator(`li.assistant[data-reply-to="${id}"]`).count(), 1, 'one reply shown');
+    const switcher = second.getByRole('group', { name: 'Version 2 of 2' });
+    await switcher.waitFor();
+    assert.equal(await switcher.locator('.count').textContent(), '2/2');
+    assert.equal(await switcher.getByRole('button', { name: 'Next version' }).isDisabled(), true);
+    assert.equal(await question.getByRole('button', { name: 'Edit' }).getAttribute('aria-disabled'), null);
+    await shot(page, 'chat-regenerated-desktop');
+
+    // ‹: the first reply is the one shown again, as the list read back after the switch says.
+    const activated = nextPost(page, `/api/ai/messages/${firstId}/activate/`);
+    const reread = nextTreeRead(page, chatId);
+    await switcher.getByRole('button', { name: 'Previous version' }).click();
+    assert.equal((await activated).status(), 200);
+    const listed = await (await reread).json();
+    assert.equal(listed.find((m) => m.id === firstId)?.active, true, 'the first reply is active');
+    assert.equal(listed.find((m) => m.id === secondId)?.active, false, 'the second is not');
+    const back = page.locator(`li.assistant[data-id="${firstId}"]`);
+    await back.getByRole('group', { name: 'Version 1 of 2' }).waitFor();
+    assert.equal(await back.locator('.versions .count').textContent(), '1/2');
+    assert.deepEqual(await shownTexts(page), ['Name a colour', 'Echo: Name a colour']);
+    // The focus stays on the arrows: the one left to press.
+    assert.equal(await back.getByRole('button', { name: 'Next version' }).evaluate((n) => n === document.activeElement), true);
+
+    // Stored so: a reload shows the first reply, 1/2.
+    await page.reload();
+    await page.locator('#conn[data-state="live"]').waitFor();
+    await back.getByRole('group', { name: 'Version 1 of 2' }).waitFor();
+    assert.deepEqual(await shownTexts(page), ['Name a colour', 'Echo: Name a colour']);
+  } finally {
+    await fake('PUT', '/_fake/config', { reply_words: before.reply_words, chunk_delay_ms: before.chunk_delay_ms });
+  }
+});
+
+test('a question is edited: the conversation goes on from the new text, and ‹ brings the old branch back', { timeout: TEST_MS }, async () => {
+  const chatId = shared.versionsChatId;
+  await page.locator('#conn[data-state="live"]').waitFor();
+  await page.locator('#message-input').fill('And a fruit?');
+  await page.locator('#message-input').press('Enter');
+  await page.locator('li.assistant[data-id]', { hasText: 'Echo: And a fruit?' }).waitFor();
+  const turns = await shownTexts(page);
+  assert.equal(turns.length, 4, `two turns: ${JSON.stringify(turns)}`);
+  assert.deepEqual(turns.slice(2), ['And a fruit?', 'Echo: And a fruit?']);
+
+  const old = page.locator('li.user', { hasText: 'Name a colour' });
+  const oldId = Number(await old.getAttribute('data-id'));
+  const edit = old.getByRole('button', { name: 'Edit' });
+  const field = old.getByRole('textbox', { name: 'Edited message' });
+
+  // Cancel (or Escape) leaves the message as it was, the focus back on Edit.
+  await edit.click();
+  assert.equal(await field.inputValue(), 'Name a colour');
+  await old.getByRole('button', { name: 'Cancel' }).click();
+  assert.equal(await field.count(), 0);
+  assert.equal(await edit.evaluate((n) => n === document.activeElement), true);
+  await edit.click();
+  await field.press('Escape');
+  assert.equal(await field.count(), 0);
+
+  // An empty edit is refused on the page: nothing is sent.
+  await edit.click();
+  await field.fill('   ');
+  await old.getByRole('button', { name: 'Save' }).click();
+  await old.getByRole('alert').filter({ hasText: 'The message is empty' }).waitFor();
+
+  await field.fill('Name a shape');
+  await shot(page, 'chat-editing-desktop');
+  const edited = nextPost(page, `/api/ai/messages/${oldId}/edit/`);
+  await old.getByRole('button', { name: 'Save' }).click();
+  const response = await edited;
+  assert.equal(response.status(), 202);
+  const newId = (await response.json()).message.id;
+
+  // The new text is the question now, its reply streams in, and the turn after the old
+  // version is gone from view.
+  const question = page.locator(`li.user[data-id="${newId}"]`);
+  await question.locator('.content', { hasText: 'Name a shape' }).waitFor();
+  await page.locator(`li.assistant[data-id][data-reply-to="${newId}"]`, { hasText: 'Echo: Name a shape' }).waitFor();
+  assert.deepEqual(await shownTexts(page), ['Name a shape', 'Echo: Name a shape']);
+  const switcher = question.getByRole('group', { name: 'Version 2 of 2' });
+  await switcher.waitFor();
+  assert.equal(await switcher.locator('.count').textContent(), '2/2');
+  await shot(page, 'chat-edited-desktop');
+
+  // ‹: the old version, with the turn that followed it.
+  const activated = nextPost(page, `/api/ai/messages/${oldId}/activate/`);
+  await switcher.getByRole('button', { name: 'Previous version' }).click();
+  assert.equal((await activated).status(), 200);
+  await page.locator('li.user', { hasText: 'And a fruit?' }).waitFor();
+  await page.locator(`li.user[data-id="${oldId}"]`).getByRole('group', { name: 'Version 1 of 2' }).waitFor();
+  const shown = await shownTexts(page);
+  assert.equal(shown.length, 4, `two turns again: ${JSON.stringify(shown)}`);
+  assert.equal(shown[0], 'Name a colour');
+  assert.deepEqual(shown.slice(2), ['And a fruit?', 'Echo: And a fruit?']);
+  assert.equal(await page.locator('li.user', { hasText: 'Name a shape' }).count(), 0);
+
+  // What the server holds as the active path is what the page shows.
+  const { body: path } = await apiAs(await sessionCookie(desktop), 'GET', `/api/ai/chats/${chatId}/messages/`);
+  assert.deepEqual(
+    path.map((m) => m.content).sort(),
+    [...shown].sort(),
+    'the page shows the active path',
+  );
+});
+
+test('a new reply to an earlier question stays under it, before the turns that follow', { timeout: TEST_MS }, async () => {
+  // The turns' order is the tree's: the new reply is stored after the later turn.
+  const question = page.locator('li.user', { hasText: 'Name a colour' });
+  const id = Number(await question.getAttribute('data-id'));
+  const reply = page.locator(`li.assistant[data-id][data-reply-to="${id}"]`);
+  const versions = Number((await reply.locator('.versions .count').textContent()).split('/')[1]);
+  const regenerated = nextPost(page, `/api/ai/messages/${id}/regenerate/`);
+  await reply.getByRole('button', { name: 'Regenerate' }).click();
+  assert.equal((await regenerated).status(), 202);
+  const newest = `Version ${versions + 1} of ${versions + 1}`;
+  await reply.getByRole('group', { name: newest }).waitFor();
+  assert.deepEqual(await shownTexts(page), ['Name a colour', 'Echo: Name a colour', 'And a fruit?', 'Echo: And a fruit?']);
+
+  // So after a reload too.
+  await page.reload();
+  await page.locator('#conn[data-state="live"]').waitFor();
+  await reply.getByRole('group', { name: newest }).waitFor();
+  assert.deepEqual(await shownTexts(page), ['Name a colour', 'Echo: Name a colour', 'And a fruit?', 'Echo: And a fruit?']);
+});
+
+test('the conversation shown is exported as JSON and as Markdown', { timeout: TEST_MS }, async () => {
+  const chatId = shared.versionsChatId;
+  const shown = await shownTexts(page);
+  await page.getByRole('button', { name: 'Chat options' }).click();
+  const options = page.locator('#chat-options');
+  for (const [name, format] of [
+    ['Export as JSON', 'json'],
+    ['Export as Markdown', 'markdown'],
+  ]) {
+    const downloading = page.waitForEvent('download');
+    await options.getByRole('link', { name }).click();
+    const download = await downloading;
+    const url = new URL(download.url());
+    assert.equal(url.pathname, `/api/ai/chats/${chatId}/export/`);
+    assert.equal(url.searchParams.get('format'), format);
+    assert.equal(await download.failure(), null, `the ${format} download finished`);
+    const text = readFileSync(await download.path(), 'utf8');
+    if (format === 'json') {
+      const exported = JSON.parse(text);
+      assert.equal(exported.chat?.title, 'Versions');
+      const contents = exported.messages.map((m) => m.content);
+      for (const content of shown) assert.ok(contents.includes(content), `"${content}" is exported: ${text}`);
+    } else {
+      assert.ok(text.startsWith('# Versions'), text);
+      for (const content of shown) assert.ok(text.includes(content), `"${content}" is exported: ${text}`);
+    }
+    // The active path only: not the edited version, which is off it.
+    assert.ok(!text.includes('Name a shape'), `only the active path is exported: ${text}`);
+    assert.match(download.suggestedFilename(), format === 'json' ? /\.json$/ : /\.md$/);
+  }
+  await page.locator('#chat-options-close').click();
+});
+
+test('staff see each message\'s version, whether it is on its path, and its parent', { timeout: TEST_MS }, async () => {
+  const token = await sessionCookie(desktop);
+  const { body: messages } = await apiAs(token, 'GET', `/api/ai/chats/${shared.versionsChatId}/messages/?all=true`);
+  assert.ok(messages.some((m) => m.version === 2), 'the chat has second versions');
+  assert.ok(messages.some((m) => !m.active), 'and messages off its path');
+  const { context, admin } = await openStaffPage();
+  try {
+    for (const message of messages) {
+      const row = admin.locator('#messages-table tbody tr', {
+        has: admin.locator('td[data-label="ID"]', { hasText: new RegExp(`^${message.id}$`) }),
+      });
+      await row.waitFor();
+      const version = row.locator('td[data-label="Version"]');
+      assert.equal(await version.locator('.version').textContent(), `v${message.version}`);
+      assert.equal(await version.getByText('inactive', { exact: true }).count(), message.active ? 0 : 1);
+      assert.equal(await row.locator('td[data-label="Parent"]').textContent(), String(message.parent_id ?? '–'));
+    }
+    await shot(admin, 'admin-versions');
+  } finally {
+    await context.close();
+  }
 });
 
 test('a session revoked elsewhere sends the open page back to the log-in form', { timeout: TEST_MS }, async () => {

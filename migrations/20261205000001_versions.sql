@@ -10,8 +10,9 @@ alter table ai_messages
     add column parent_id bigint references ai_messages (id),
     add column version integer not null default 1,
     add column active boolean not null default true,
-    -- on a user message: the version of the reply being made for it, or made last; a
-    -- regeneration moves it on, so each (question, regeneration) has one reply
+    -- on a user message: the version of its reply being made (a requeue sets the next one,
+    -- so each (question, regeneration) has one reply), else of the reply it shows, which it
+    -- shows again when its branch becomes the active path once more
     add column reply_version integer not null default 1;
 
 update ai_messages m set parent_id = p.parent_id

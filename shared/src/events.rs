@@ -114,6 +114,11 @@ pub enum ChatEvent {
     CatchUpTruncated {
         next_after_id: i64,
     },
+    /// The chat's active path is now the branch through `message_id` (a branch switch, or a
+    /// regeneration of a question off the path): read the chat's messages again.
+    ActivePathChanged {
+        message_id: i64,
+    },
 }
 
 impl ChatEvent {

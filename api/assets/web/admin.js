@@ -350,6 +350,18 @@ async function loadMessages() {
     { label: 'Role', value: (x) => x.role },
     { label: 'Status', value: (x) => el('span', { class: `pill ${x.status}` }, x.status) },
     {
+      // Which version of its turn (an edit or a regeneration makes another), and whether it is
+      // on the path its user sees.
+      label: 'Version',
+      value: (x) => [
+        el('span', { class: 'badge version', title: `Version ${x.version ?? 1}` }, `v${x.version ?? 1}`),
+        x.active === false
+          ? el('span', { class: 'pill inactive', title: 'On a branch its user does not see' }, 'inactive')
+          : null,
+      ],
+    },
+    { label: 'Parent', num: true, value: (x) => x.parent_id ?? '–' },
+    {
       label: 'Content',
       class: 'wrap content-cell',
       value: (x) => el('span', { title: x.content }, x.content.length > 160 ? `${x.content.slice(0, 160)}…` : x.content),

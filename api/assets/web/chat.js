@@ -4,9 +4,15 @@
 // the socket (re)opens, and goes on from there. A reply still to come can be stopped, and a
 // failed or cancelled message retried, over REST. The assistant's replies are shown as Markdown
 // (markdown.js); the user's own messages as the plain text they typed.
+//
+// A conversation is a tree (parent_id, version, active): the page reads every message
+// (`?all=true`) and shows the active path. A question can be edited (a new version of it) and
+// a reply regenerated (a new version of it); a message with other versions shows `‹ 2/3 ›`,
+// whose arrows make another version's branch the active one.
 import {
   $,
   api,
+  apiPage,
   busy,
   el,
   formatNumber,
@@ -31,6 +37,8 @@ const PENDING = new Set(['queued', 'answering']);
 /** User message statuses that ended without a reply (they can be retried). */
 const RETRYABLE = new Set(['failed', 'cancelled']);
 const STATUS_TEXT = { answered: '', answering: 'answering…' };
+/** Reads of the tree in a row that events may overtake before the page waits for the next change. */
+const MAX_TREE_READS = 5;
 
 const state = {
   chats: [],
@@ -45,6 +53,10 @@ const state = {
   lastId: 0, // highest message id seen: where a (re)connection's catch-up starts
   pendingText: null, // sent over the socket, not yet confirmed: restored if refused
   opening: 0,
+  tree: new Map(), // every message of the open chat, every branch: id -> message
+  treeEpoch: 0, // bumped by every change to the tree: a read begun before one is stale
+  ends: new Map(), // user message id -> how many waits for its reply ended here
+  edits: 0, // edits sent, not yet answered
 };
 
 const authView = $('#auth-view');
@@ -263,8 +275,13 @@ async function openChat(id) {
   const ticket = ++state.opening;
   leaveChat();
   let chat;
+  let tree;
   try {
-    chat = await api('GET', `/api/ai/chats/${id}/`);
+    [chat, tree] = await Promise.all([
+      api('GET', `/api/ai/chats/${id}/`),
+      // Every branch, for the versions; without it the page still shows the active path.
+      readTree(id).catch(() => null),
+    ]);
   } catch (err) {
     if (ticket === state.opening && err.status !== 401) {
       history.replaceState(null, '', location.pathname);
@@ -283,8 +300,10 @@ async function openChat(id) {
   $('#chat-title').textContent = chat.title;
   setMessage(chatError, '');
   list.replaceChildren();
-  for (const message of chat.messages) renderStored(message);
-  updateChatMeta();
+  applyTree(tree ?? chat.messages);
+  for (const format of ['json', 'markdown']) {
+    $(`#export-${format}`).href = `/api/ai/chats/${chat.id}/export/?format=${format}`;
+  }
   const linked = chat.related_chat != null;
   includeBox.disabled = !linked;
   includeBox.checked = linked && localStorage.getItem(contextKey(chat.id)) !== 'off';
@@ -302,6 +321,8 @@ function leaveChat() {
   setHint('');
   state.chat = null;
   state.pendingText = null;
+  state.tree = new Map();
+  state.ends.clear();
   document.body.classList.remove('chat-open');
   show($('#chat-pane'), false);
   show($('#no-chat'), true);
@@ -433,10 +454,11 @@ function scrollToEnd(force) {
   if (force || nearBottom()) list.scrollTop = list.scrollHeight;
 }
 
+/** A message of the tree on the path: added when not shown yet, its status brought up to date. */
 function renderStored(message) {
-  if (message.role === 'assistant') addAssistantMessage(message);
+  if (message.role === 'assistant') addAssistantMessage(message, false);
   else if (message.role === 'user') addUserMessage(message);
-  else {
+  else if (!byId(message.id)) {
     seen(message.id);
     list.append(el('li', { class: 'msg system', dataset: { id: message.id } }, message.content));
   }
@@ -456,37 +478,78 @@ function userNode(message) {
     el('p', { class: 'msg-error', role: 'alert', hidden: true }),
     el(
       'div',
-      { class: 'msg-actions', hidden: true },
+      { class: 'msg-actions' },
+      el(
+        'button',
+        {
+          type: 'button',
+          class: 'small edit',
+          title: 'Change this message: the conversation goes on from the new text',
+          onclick: () => startEdit(message.id),
+        },
+        'Edit',
+      ),
       el(
         'button',
         {
           type: 'button',
           class: 'small retry',
+          hidden: true,
           title: 'Send this message to the assistant again',
           onclick: () => retryMessage(message.id),
         },
         'Retry',
       ),
+      el(
+        'button',
+        {
+          type: 'button',
+          class: 'small regenerate',
+          hidden: true,
+          title: 'Ask the assistant for a new reply to this message',
+          onclick: (event) => regenerate(message.id, event.currentTarget),
+        },
+        'Regenerate',
+      ),
     ),
   );
 }
 
+/** A reply's bubble; its actions show once it is saved (`decorate`). */
 function assistantNode(replyTo) {
   return el(
     'li',
     { class: 'msg assistant', dataset: replyTo != null ? { replyTo } : {} },
     el('div', { class: 'bubble' }, el('div', { class: 'content' })),
     el('div', { class: 'meta' }, el('time'), el('span', { class: 'usage' })),
+    el(
+      'div',
+      { class: 'msg-actions', hidden: true },
+      replyTo != null
+        ? el(
+            'button',
+            {
+              type: 'button',
+              class: 'small regenerate',
+              title: 'Ask the assistant for another reply to the same message',
+              onclick: (event) => regenerate(replyTo, event.currentTarget),
+            },
+            'Regenerate',
+          )
+        : null,
+    ),
   );
 }
 
 /**
- * Shows a user message's status: its error when failed, Retry when failed or cancelled, and
- * the reply to come (with its Stop button) while queued or answering.
+ * Shows a user message's status: its error when failed, Retry when failed or cancelled (and
+ * Regenerate when failed), and the reply to come (with its Stop button) while queued or
+ * answering, during which its buttons and its replies' wait.
  */
 function setStatus(node, status, error) {
   if (!node) return;
   const id = Number(node.dataset.id);
+  noteStatus(id, status, error);
   const stick = nearBottom(); // what it shows below the message stays in view
   node.dataset.status = status;
   node.classList.toggle('failed', status === 'failed');
@@ -497,16 +560,32 @@ function setStatus(node, status, error) {
   errorText.hidden = status !== 'failed';
   const actions = $('.msg-actions', node);
   const retryable = RETRYABLE.has(status);
-  if (!retryable) releaseFocus($('.retry', actions));
-  show(actions, retryable);
+  for (const [button, shown] of [
+    [$('.retry', actions), retryable],
+    [$('.regenerate', actions), status === 'failed'],
+  ]) {
+    if (!shown) releaseFocus(button);
+    show(button, shown);
+  }
   if (PENDING.has(status)) ensurePendingReply(id);
   else if (retryable) removePendingReply(id);
+  if (!state.rendering) decorateTurn(id);
   scrollToEnd(stick);
 }
 
-/** A user message, from the REST detail or a `user_message` event (which has no status). */
+/** The tree's record of user message `id`'s status (shown or not). */
+function noteStatus(id, status, error) {
+  const message = state.tree.get(id);
+  if (!message || message.status === status) return;
+  message.status = status;
+  message.error = status === 'failed' ? error || message.error || null : null;
+  state.treeEpoch += 1;
+}
+
+/** A user message, from a list, a send's answer or a `user_message` event (which has no status). */
 function addUserMessage(message) {
   seen(message.id);
+  remember(message);
   let node = byId(message.id);
   if (!node) {
     const stick = nearBottom();
@@ -519,9 +598,11 @@ function addUserMessage(message) {
   const current = node.dataset.status;
   if (message.status) {
     // A read older than the events already shown never makes an answered message pending again.
-    if (!(current === 'answered' && PENDING.has(message.status))) setStatus(node, message.status, message.error);
-  } else if (!current || RETRYABLE.has(current)) {
-    // An event about a message that had ended without a reply: it was retried (here or
+    if (message.status !== current && !(current === 'answered' && PENDING.has(message.status))) {
+      setStatus(node, message.status, message.error);
+    }
+  } else if (!current || !PENDING.has(current)) {
+    // An event about a message that had ended: it was retried or regenerated (here or
     // elsewhere), and the server queued it again under the same id.
     setStatus(node, 'queued');
   }
@@ -583,6 +664,8 @@ function removePendingReply(userId) {
  * holds; null once that reply is saved.
  */
 function streamingReply(userId) {
+  // A reply to a question off the path is not shown (its branch was left meanwhile).
+  if (state.tree.get(userId)?.active === false) return null;
   const user = byId(userId);
   // Words sent before a stop can arrive after the stopped reply itself (the stop's REST answer
   // and the socket are two roads): the saved reply is what stays.
@@ -652,13 +735,17 @@ function usageOf(message) {
   );
 }
 
-/** A saved reply: replaces the streamed text, or is added when nothing streamed. */
-function addAssistantMessage(message) {
+/**
+ * A saved reply: replaces the streamed text (`live`: it was just saved), or is added when
+ * nothing streamed (an older version read from the tree keeps a bubble of its own, beside a
+ * new one that may be streaming).
+ */
+function addAssistantMessage(message, live = true) {
   seen(message.id);
   if (byId(message.id)) return;
   const stick = nearBottom();
   const replyTo = message.reply_to ?? null;
-  let node = replyTo != null ? pendingReply(replyTo) : null;
+  let node = live && replyTo != null ? pendingReply(replyTo) : null;
   if (!node) {
     node = assistantNode(replyTo);
     placeReply(node, replyTo);
@@ -687,18 +774,48 @@ function addAssistantMessage(message) {
   const usage = usageOf(message);
   $('.usage', node).textContent = formatUsage(usage);
   if (usage.total_tokens != null) node.dataset.tokens = usage.total_tokens;
-  if (replyTo != null) setStatus(byId(replyTo), 'answered');
+  if (live && replyTo != null) setStatus(byId(replyTo), 'answered');
   updateChatMeta();
   scrollToEnd(stick);
 }
 
+/**
+ * A reply saved (its event, or a stop's answer): into the tree as the newest version of its
+ * question's replies, and the one shown when its question is on the path (`save_reply`).
+ */
+function receiveReply(message) {
+  const replyTo = message.reply_to ?? null;
+  const question = replyTo != null ? state.tree.get(replyTo) : undefined;
+  if (!state.tree.has(message.id)) {
+    const others = replyTo != null ? repliesTo(replyTo) : [];
+    const version = message.version ?? Math.max(0, ...others.map((m) => m.version ?? 1)) + 1;
+    const active = question ? question.active !== false : true;
+    remember(message, { role: 'assistant', parent_id: replyTo, version, active, status: 'complete' });
+    if (active) for (const other of others) other.active = false;
+    // A reply to a question not read yet, or a version the event does not number: read them.
+    if ((replyTo != null && !question) || (message.version === undefined && others.length > 0)) reloadSoon();
+  }
+  if (replyTo != null) endedWait(replyTo, 'answered');
+  if (state.tree.get(message.id).active) addAssistantMessage(message, true);
+  else if (replyTo != null) removePendingReply(replyTo);
+  showPath();
+}
+
+/** The wait of user message `userId` for its reply ended (`status`), shown or not. */
+function endedWait(userId, status, error) {
+  state.ends.set(userId, (state.ends.get(userId) ?? 0) + 1);
+  noteStatus(userId, status, error);
+}
+
 function failMessage(userId, error) {
+  endedWait(userId, 'failed', error);
   removePendingReply(userId);
   setStatus(byId(userId), 'failed', error);
 }
 
 /** Stopped before the model was asked: no reply comes. */
 function cancelMessage(userId) {
+  endedWait(userId, 'cancelled');
   removePendingReply(userId);
   setStatus(byId(userId), 'cancelled');
 }
@@ -706,7 +823,7 @@ function cancelMessage(userId) {
 function handleEvent(event) {
   switch (event.type) {
     case 'user_message':
-      addUserMessage(event.message);
+      noteUserMessage(event.message);
       if (state.pendingText !== null && event.message.content === state.pendingText) {
         state.pendingText = null;
       }
@@ -719,7 +836,7 @@ function handleEvent(event) {
       streamDelta(event.message_id, event.delta, event.seq);
       break;
     case 'assistant_message':
-      addAssistantMessage(event.message);
+      receiveReply(event.message);
       refreshChatsSoon();
       break;
     case 'message_cancelled':
@@ -736,7 +853,10 @@ function handleEvent(event) {
       }
       break;
     case 'catch_up_truncated':
-      if (state.chat) showMessagesAfter(state.chat.id, event.next_after_id);
+      reloadSoon(); // the rest, and where it goes
+      break;
+    case 'active_path_changed':
+      reloadSoon(); // another tab (or client) switched branches
       break;
     default:
       break; // unknown events are for newer pages
@@ -747,38 +867,9 @@ function handleEvent(event) {
  * After the socket opens, statuses of messages still pending here may have changed while
  * no socket listened: read them once (later changes arrive as events).
  */
-async function refreshPending(chatId) {
-  const pending = [...list.querySelectorAll('li.user[data-status]')]
-    .filter((n) => PENDING.has(n.dataset.status))
-    .map((n) => Number(n.dataset.id));
-  if (pending.length === 0) return;
-  await showMessagesAfter(chatId, Math.min(...pending) - 1);
-}
-
-/** Messages a page of `GET .../messages/` holds by default: a shorter page is the last. */
-const MESSAGES_PAGE = 1000;
-
-/**
- * Reads the chat's stored messages after `after` over REST, page by page, and shows them
- * (after a socket's catch-up stopped at its limit, or to refresh pending ones). The `partial`
- * of a message being answered is left out: it has no `seq` to line the next deltas up with,
- * and the socket, which this read follows, sends the same text as `assistant_partial` with one.
- */
-async function showMessagesAfter(chatId, after) {
-  try {
-    for (;;) {
-      const messages = await api('GET', `/api/ai/chats/${chatId}/messages/?after_id=${after}`);
-      if (!state.chat || state.chat.id !== chatId) return;
-      for (const message of messages) {
-        if (message.role === 'user') addUserMessage(message);
-        else if (message.role === 'assistant') addAssistantMessage(message);
-      }
-      if (messages.length < MESSAGES_PAGE) return;
-      after = messages[messages.length - 1].id;
-    }
-  } catch {
-    // Best effort: the events still arrive.
-  }
+async function refreshPending() {
+  const pending = [...list.querySelectorAll('li.user[data-status]')].some((n) => PENDING.has(n.dataset.status));
+  if (pending) await reloadSoon();
 }
 
 // ---------------------------------------------------------------- stopping and retrying
@@ -814,15 +905,15 @@ async function stopReply(userId) {
   try {
     const answer = await api('POST', `/api/ai/messages/${userId}/stop/`, {});
     if (state.chat !== chat) return;
-    if (answer?.reply) addAssistantMessage(answer.reply);
+    if (answer?.reply) receiveReply(answer.reply);
     else if (answer?.message?.status === 'cancelled') cancelMessage(userId);
-    else if (answer?.message && !PENDING.has(answer.message.status)) await showMessagesAfter(chat.id, userId - 1);
+    else if (answer?.message && !PENDING.has(answer.message.status)) await reloadSoon();
     // Otherwise (202) the stop is under way: `assistant_message` or `message_cancelled` follows.
   } catch (err) {
     if (state.chat !== chat || err.status === 401) return;
     if (err.status === 409 || err.status === 404) {
       // It ended meanwhile (answered or failed): nothing to stop, show what it became.
-      await showMessagesAfter(chat.id, userId - 1);
+      await reloadSoon();
       return;
     }
     const node = pendingReply(userId);
@@ -853,7 +944,7 @@ async function retryMessage(userId) {
     if (err.status === 409) {
       // Retried elsewhere already, perhaps: show what it is now, and the refusal only if it
       // still looks retryable.
-      await showMessagesAfter(chat.id, userId - 1);
+      await reloadSoon();
       if (state.chat === chat && RETRYABLE.has(byId(userId)?.dataset.status)) setMessage(chatError, err.message);
     } else {
       setMessage(chatError, err.message);
@@ -861,6 +952,443 @@ async function retryMessage(userId) {
   } finally {
     setWaiting(button, false);
   }
+}
+
+// ---------------------------------------------------------------- versions and branches
+
+/**
+ * Merges what is known of `message` into the tree (an event carries fewer fields than a
+ * list); `defaults` fill the fields nothing said yet. The merged message.
+ */
+function remember(message, defaults = {}) {
+  const known = state.tree.get(message.id);
+  const merged = Object.assign(known ?? { ...defaults }, message);
+  delete merged.partial; // the socket sends the text so far, numbered: it is shown from there
+  if (!known) state.tree.set(message.id, merged);
+  state.treeEpoch += 1;
+  return merged;
+}
+
+/** The replies saved to user message `userId`, every version. */
+const repliesTo = (userId) =>
+  [...state.tree.values()].filter((m) => m.role === 'assistant' && m.reply_to === userId);
+
+/** The last question of the active path (what a send follows), or null. */
+function tipId() {
+  let tip = null;
+  for (const m of state.tree.values()) if (m.role === 'user' && m.active && (tip === null || m.id > tip)) tip = m.id;
+  return tip;
+}
+
+/**
+ * The active path, in the order of the conversation: each question followed by its reply.
+ * Questions run in id order (each follows the one before it, so it was stored after it); a
+ * reply goes under its question, whenever it was made (a regenerated reply to an early
+ * question is newer than the turns after it).
+ */
+function activePath() {
+  const replies = new Map();
+  const rest = [];
+  for (const m of state.tree.values()) {
+    if (!m.active) continue;
+    if (m.role === 'assistant' && m.reply_to != null && state.tree.get(m.reply_to)?.active) replies.set(m.reply_to, m);
+    else rest.push(m);
+  }
+  rest.sort((a, b) => a.id - b.id);
+  return rest.flatMap((m) => (replies.has(m.id) ? [m, replies.get(m.id)] : [m]));
+}
+
+/** Siblings share it: the same role and the same parent (a reply's parent is its question). */
+const familyKey = (m) => `${m.role}:${(m.role === 'assistant' ? m.reply_to : m.parent_id) ?? ''}`;
+
+/** Every family of the tree (key -> its messages by version) with more than one message. */
+function familiesOf() {
+  const families = new Map();
+  for (const m of state.tree.values()) {
+    if (m.role !== 'user' && m.role !== 'assistant') continue;
+    const key = familyKey(m);
+    if (families.has(key)) families.get(key).push(m);
+    else families.set(key, [m]);
+  }
+  for (const [key, family] of families) {
+    if (family.length < 2) families.delete(key);
+    else family.sort((a, b) => (a.version ?? 1) - (b.version ?? 1) || a.id - b.id);
+  }
+  return families;
+}
+
+/**
+ * Shows the tree's active path: bubbles of messages that left it go, missing ones are made,
+ * and all stand in the path's order (a reply still to come under its question, after the
+ * reply it will replace). Nodes that stay are moved, not made again: a streaming reply goes on.
+ */
+function showPath() {
+  const stick = nearBottom();
+  const path = activePath();
+  const onPath = new Set(path.map((m) => m.id));
+  for (const node of [...list.children]) {
+    const id = node.dataset.id;
+    // A reply that started before its question was read stays until the question is known.
+    const question = node.dataset.replyTo != null ? Number(node.dataset.replyTo) : null;
+    const keep = id ? onPath.has(Number(id)) : question == null || onPath.has(question) || !state.tree.has(question);
+    if (!keep) dropNode(node);
+  }
+  state.rendering = true;
+  try {
+    for (const message of path) renderStored(message);
+  } finally {
+    state.rendering = false;
+  }
+  const order = [];
+  path.forEach((m, i) => {
+    order.push(byId(m.id));
+    const next = path[i + 1];
+    const replyFollows = m.role === 'user' && next?.role === 'assistant' && next.reply_to === m.id;
+    const question = m.role === 'user' ? m.id : m.reply_to;
+    if (question != null && !replyFollows) order.push(pendingReply(question));
+  });
+  let cursor = list.firstElementChild;
+  for (const node of order) {
+    if (!node) continue;
+    if (node === cursor) cursor = node.nextElementSibling;
+    else list.insertBefore(node, cursor);
+  }
+  const families = familiesOf();
+  for (const node of list.children) decorate(node, families);
+  updateChatMeta();
+  scrollToEnd(stick);
+}
+
+/** Removes a message's bubble, the focus going to the message field if it was inside. */
+function dropNode(node) {
+  releaseFocus(node.contains(document.activeElement) ? document.activeElement : null);
+  const content = $('.content', node);
+  if (content) cancelRender(content);
+  node.remove();
+}
+
+/**
+ * A message's actions as the tree and its question's status have them: the version switcher
+ * when it has siblings; Edit, Regenerate and the arrows waiting while its question does; and
+ * a saved reply out of sight while a new one to the same question is on its way.
+ */
+function decorate(node, families) {
+  const message = node.dataset.id ? state.tree.get(Number(node.dataset.id)) : undefined;
+  if (!message || (message.role !== 'user' && message.role !== 'assistant')) return;
+  const question = message.role === 'user' ? node : byId(message.reply_to);
+  const waiting = PENDING.has(question?.dataset.status);
+  const actions = $('.msg-actions', node);
+  if (message.role === 'assistant') {
+    const replaced = waiting && pendingReply(message.reply_to) !== null;
+    if (replaced) releaseFocus(node.contains(document.activeElement) ? document.activeElement : null);
+    node.hidden = replaced;
+    show(actions, true);
+    setWaiting($('.regenerate', actions), waiting);
+  } else {
+    setWaiting($('.edit', actions), waiting);
+  }
+  const family = families.get(familyKey(message));
+  let switcher = $('.versions', actions);
+  if (!family) {
+    if (switcher) {
+      releaseFocus(switcher.contains(document.activeElement) ? document.activeElement : null);
+      switcher.remove();
+    }
+    return;
+  }
+  if (!switcher) {
+    switcher = versionSwitcher(node);
+    actions.prepend(switcher);
+  }
+  const at = family.findIndex((m) => m.id === message.id);
+  switcher.setAttribute('aria-label', `Version ${at + 1} of ${family.length}`);
+  $('.count', switcher).textContent = `${at + 1}/${family.length}`;
+  const [previous, next] = switcher.querySelectorAll('button');
+  previous.disabled = at === 0;
+  next.disabled = at === family.length - 1;
+  setWaiting(previous, waiting);
+  setWaiting(next, waiting);
+}
+
+/** Decorates user message `userId` and its replies shown. */
+function decorateTurn(userId) {
+  const families = familiesOf();
+  for (const node of [byId(userId), ...list.querySelectorAll(`li.assistant[data-id][data-reply-to="${Number(userId)}"]`)]) {
+    if (node) decorate(node, families);
+  }
+}
+
+/** `‹ 2/3 ›`: the arrows show the version before or after this one (`switchVersion`). */
+function versionSwitcher(node) {
+  const arrow = (step, label, text) =>
+    el(
+      'button',
+      {
+        type: 'button',
+        class: `small ghost ${step < 0 ? 'previous' : 'next'}`,
+        'aria-label': label,
+        title: label,
+        onclick: (event) => switchVersion(Number(node.dataset.id), step, event.currentTarget),
+      },
+      text,
+    );
+  return el(
+    'div',
+    { class: 'versions', role: 'group' },
+    arrow(-1, 'Previous version', '‹'),
+    el('span', { class: 'count' }),
+    arrow(1, 'Next version', '›'),
+  );
+}
+
+/**
+ * Makes the version `step` away from message `id` (among its siblings) the one shown: its
+ * branch becomes the active path, which is then read again.
+ */
+async function switchVersion(id, step, button) {
+  const chat = state.chat;
+  const message = state.tree.get(id);
+  if (!chat || !message || button.disabled || button.getAttribute('aria-disabled')) return;
+  const family = familiesOf().get(familyKey(message)) ?? [];
+  const target = family[family.findIndex((m) => m.id === id) + step];
+  if (!target) return;
+  const focused = button === document.activeElement;
+  setWaiting(button, true);
+  setMessage(chatError, '');
+  try {
+    await api('POST', `/api/ai/messages/${target.id}/activate/`, {});
+    if (state.chat !== chat) return;
+    state.treeEpoch += 1; // a read begun before the switch shows the branch left
+    refreshChatsSoon(); // their message counts are the active path's
+    await reloadSoon();
+    if (state.chat !== chat || !focused) return;
+    // The focus stays on the arrows, now those of the version shown.
+    const arrows = byId(target.id)?.querySelectorAll('.versions button') ?? [];
+    const [previous, next] = arrows;
+    const keep = step < 0 ? previous : next;
+    (keep && !keep.disabled ? keep : step < 0 ? next : previous)?.focus();
+  } catch (err) {
+    if (state.chat !== chat || err.status === 401) return;
+    setMessage(chatError, err.message);
+  } finally {
+    setWaiting(button, false);
+    const node = byId(id);
+    if (node) decorate(node, familiesOf());
+  }
+}
+
+/**
+ * Asks for a new reply to user message `userId` (answered or failed). It streams in as after
+ * a send, in place of the reply it replaces, which stays a version of its own.
+ */
+async function regenerate(userId, button) {
+  const chat = state.chat;
+  const node = byId(userId);
+  if (!chat || !node || button.getAttribute('aria-disabled') || PENDING.has(node.dataset.status)) return;
+  const ends = state.ends.get(userId) ?? 0;
+  setWaiting(button, true);
+  setMessage(chatError, '');
+  try {
+    const answer = await api('POST', `/api/ai/messages/${userId}/regenerate/`, {});
+    if (state.chat !== chat) return;
+    state.treeEpoch += 1;
+    // Unless the socket told more meanwhile: the new reply started, or even ended.
+    const now = byId(userId);
+    if (now && !PENDING.has(now.dataset.status) && (state.ends.get(userId) ?? 0) === ends) {
+      setStatus(now, answer?.message?.status || 'queued');
+    }
+  } catch (err) {
+    if (state.chat !== chat || err.status === 401) return;
+    if (err.status === 409) {
+      // Regenerated elsewhere already, perhaps: show what it is now, and the refusal only if
+      // it does not wait.
+      await reloadSoon();
+      if (state.chat === chat && !PENDING.has(byId(userId)?.dataset.status)) setMessage(chatError, err.message);
+    } else {
+      setMessage(chatError, err.message);
+    }
+  } finally {
+    setWaiting(button, false);
+    if (state.chat === chat) decorateTurn(userId);
+  }
+}
+
+/** Opens the edit form of user message `id` in place of its bubble. */
+function startEdit(id) {
+  const node = byId(id);
+  const message = state.tree.get(id);
+  if (!node || !message || PENDING.has(node.dataset.status)) return;
+  const open = $('.edit-form', node);
+  if (open) {
+    open.elements.content.focus();
+    return;
+  }
+  const field = el('textarea', { name: 'content', rows: 3, 'aria-label': 'Edited message', required: true });
+  field.value = message.content;
+  const error = el('p', { class: 'form-error', role: 'alert', hidden: true });
+  const form = el(
+    'form',
+    { class: 'edit-form', novalidate: true },
+    field,
+    error,
+    el(
+      'div',
+      { class: 'row' },
+      el('button', { type: 'button', class: 'small ghost', onclick: () => endEdit(node, true) }, 'Cancel'),
+      el('button', { type: 'submit', class: 'small primary' }, 'Save'),
+    ),
+  );
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    saveEdit(id, form);
+  });
+  field.addEventListener('input', () => setMessage(error, ''));
+  field.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') {
+      event.preventDefault();
+      endEdit(node, true);
+    } else if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      // As in the message field: Enter sends, Shift+Enter is a new line.
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  node.classList.add('editing');
+  show($('.bubble', node), false);
+  show($('.msg-actions', node), false);
+  $('.bubble', node).after(form);
+  field.focus();
+  field.setSelectionRange(field.value.length, field.value.length);
+}
+
+/** Closes the edit form of `node`, if open (`refocus`: the focus goes back to Edit). */
+function endEdit(node, refocus) {
+  const form = node && $('.edit-form', node);
+  if (!form) return;
+  form.remove();
+  node.classList.remove('editing');
+  show($('.bubble', node), true);
+  show($('.msg-actions', node), true);
+  if (refocus) $('.edit', node).focus();
+}
+
+/**
+ * Sends the edit of user message `id`: its new text is a new version of the question, whose
+ * branch is the active path from now on (the turns after the old version leave the view), and
+ * its reply streams in as after a send.
+ */
+async function saveEdit(id, form) {
+  const chat = state.chat;
+  const field = form.elements.content;
+  const error = $('.form-error', form);
+  const content = field.value.trim();
+  if (!content) {
+    setMessage(error, 'The message is empty: write something, or cancel.');
+    field.focus();
+    return;
+  }
+  state.edits += 1;
+  try {
+    const answer = await busy(form, api('POST', `/api/ai/messages/${id}/edit/`, { content }));
+    if (state.chat !== chat) return;
+    applyEdit(id, answer.message);
+    reloadSoon(); // what the server made of it, should the path differ from the one guessed
+  } catch (err) {
+    if (state.chat !== chat || err.status === 401) return;
+    setMessage(error, err.message);
+    field.focus();
+  } finally {
+    state.edits -= 1;
+  }
+}
+
+/**
+ * Shows the edit's new version at once, as the server stores it: the old version and the
+ * turns after it leave the active path, the new message (queued) takes its place.
+ */
+function applyEdit(oldId, message) {
+  const path = activePath();
+  const from = path.findIndex((m) => m.id === oldId);
+  if (from >= 0) for (const m of path.slice(from)) m.active = false;
+  remember(message, { active: true }).active = true;
+  showPath();
+}
+
+/**
+ * A `user_message` event: a message sent (here or elsewhere), queued again (a retry or a
+ * regeneration), or made by an edit. A send follows the last question of the path as its
+ * first version and shows at once; an edit moves the path, which a read of the tree shows.
+ */
+function noteUserMessage(message) {
+  if (state.tree.has(message.id)) {
+    addUserMessage(message);
+    return;
+  }
+  const tip = tipId();
+  const numbered = message.version !== undefined; // events of an older server carry no versions
+  const sent = numbered ? message.version === 1 && (message.parent_id ?? null) === tip : state.edits === 0;
+  if (!sent) {
+    reloadSoon();
+    return;
+  }
+  remember(message, { parent_id: tip, version: 1, active: true });
+  addUserMessage(message);
+  if (!numbered) reloadSoon();
+}
+
+/** Every message of chat `chatId`, every branch, oldest first: all its pages, by their `Link`. */
+async function readTree(chatId) {
+  const messages = [];
+  let next = `/api/ai/chats/${chatId}/messages/?all=true`;
+  while (next) {
+    const page = await apiPage(next);
+    messages.push(...page.items);
+    next = page.next;
+  }
+  return messages;
+}
+
+/** Makes `messages` (every branch of the open chat) the tree, and shows its active path. */
+function applyTree(messages) {
+  state.tree = new Map();
+  for (const message of messages) {
+    remember(message);
+    seen(message.id);
+  }
+  showPath();
+}
+
+/**
+ * Reads the open chat's tree again and shows it: after a branch change, or when events alone
+ * do not say where a message goes. Resolves once a read begun after the call is shown. A read
+ * that a change overtook (an event, or a change this page asked for) is not shown but made
+ * again, up to MAX_TREE_READS times in a row; the events carry on meanwhile.
+ */
+function reloadSoon() {
+  const chat = state.chat;
+  if (!chat) return Promise.resolve();
+  if (chat.reload) {
+    chat.reloadAgain = true;
+    return chat.reload;
+  }
+  chat.reload = (async () => {
+    try {
+      for (let reads = 0; reads < MAX_TREE_READS; reads++) {
+        chat.reloadAgain = false;
+        const epoch = state.treeEpoch;
+        const messages = await readTree(chat.id);
+        if (state.chat !== chat) return;
+        if (epoch !== state.treeEpoch) continue;
+        applyTree(messages);
+        if (!chat.reloadAgain) return;
+      }
+    } catch {
+      // Best effort: the events still arrive, and the next change reads again.
+    } finally {
+      chat.reload = null;
+    }
+  })();
+  return chat.reload;
 }
 
 // ---------------------------------------------------------------- the socket
@@ -886,7 +1414,7 @@ function connect() {
     if (state.socket !== socket) return;
     state.attempts = 0;
     setConnection('live');
-    refreshPending(chat.id);
+    refreshPending();
   });
   socket.addEventListener('message', (message) => {
     if (state.socket !== socket) return;

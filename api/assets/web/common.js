@@ -61,6 +61,28 @@ export function onUnauthorized(handler) {
  * credential (`same-origin`: sent to this origin only); no `Authorization` header is sent.
  */
 export async function api(method, path, body) {
+  return (await request(method, path, body)).data;
+}
+
+/**
+ * Reads one page of a list: resolves to `{ items, next }`, `next` being the path of the page
+ * after it (its `Link: <…>; rel="next"`), or null on the last page.
+ */
+export async function apiPage(path) {
+  const { data, response } = await request('GET', path);
+  return { items: Array.isArray(data) ? data : [], next: nextLink(response.headers.get('Link')) };
+}
+
+/** The target of a `Link` header's `rel="next"` (RFC 8288), when it is a path of this origin. */
+function nextLink(header) {
+  for (const part of (header || '').split(',')) {
+    const match = /^\s*<([^>]*)>(.*)$/.exec(part);
+    if (match && /;\s*rel="?next"?\s*(?:;|$)/i.test(match[2]) && /^\/(?!\/)/.test(match[1])) return match[1];
+  }
+  return null;
+}
+
+async function request(method, path, body) {
   const headers = { Accept: 'application/json' };
   const init = { method, headers, credentials: 'same-origin' };
   const generation = session.generation;
@@ -99,7 +121,7 @@ export async function api(method, path, body) {
     unauthorized();
   }
   if (!response.ok) throw new ApiError(response.status, data);
-  return data;
+  return { data, response };
 }
 
 /** `el('li', {class: 'x', dataset: {id: 1}}, 'text', child)`: text is never parsed as HTML. */

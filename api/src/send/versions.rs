@@ -6,6 +6,7 @@ use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::stops::Requeue;
 use aichat_shared::domain::{AiMessage, MessageStatus, Role};
+use aichat_shared::events::{ChatEvent, publish_event};
 
 use crate::error::{ApiError, ApiResult};
 use crate::send::retry::{announce, push, requeue_message};
@@ -42,7 +43,22 @@ pub async fn regenerate(
     if is_waiting(question) {
         return Err(ApiError::Conflict(STILL_WAITING));
     }
-    requeue_message(state, question, user_id, request_id, Requeue::Regenerate).await
+    let message =
+        requeue_message(state, question, user_id, request_id, Requeue::Regenerate).await?;
+    if !question.active {
+        // Its branch was made the active path.
+        announce_path(state, question.ai_chat, question.id).await;
+    }
+    Ok(message)
+}
+
+/// Publishes `active_path_changed`: the chat's other clients read its messages again.
+async fn announce_path(state: &AppState, ai_chat_id: i64, message_id: i64) {
+    let event = ChatEvent::ActivePathChanged { message_id };
+    let mut redis = state.redis.clone();
+    if let Err(err) = publish_event(&mut redis, &state.ns, ai_chat_id, &event).await {
+        tracing::warn!(error = %err, "could not publish active_path_changed");
+    }
 }
 
 /// Stores `content` as a new version of `question` (one of `user_id`'s user messages) and
@@ -139,6 +155,7 @@ pub async fn activate(state: &AppState, user_id: i64, message_id: i64) -> ApiRes
     if !found {
         return Err(ApiError::NotFound);
     }
+    announce_path(state, ai_chat_id, message_id).await;
     db::ai_messages::get_user_message(&state.db, message_id, user_id)
         .await?
         .ok_or(ApiError::NotFound)

@@ -441,3 +441,85 @@ async fn a_repeated_idempotency_key_regenerates_once() {
     assert_eq!(status, StatusCode::CONFLICT, "{error}");
     stack.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_branch_shows_again_the_reply_it_showed_when_it_was_left() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "first question").await;
+    let (status, second) = stack
+        .post(
+            &format!("{}?wait=true", regenerate_path(id(&question))),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    // Back to the first reply, then away from the whole branch with an edit.
+    let (status, _) = stack
+        .post(&activate_path(id(&first)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, edited) = stack
+        .post(
+            &format!("{}?wait=true", edit_path(id(&question))),
+            &alice.token,
+            json!({"content": "another first question"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{edited}");
+    assert!(!ids(&stack.messages(&alice, chat).await).contains(&id(&question)));
+
+    // Coming back through the question: its first reply, as it was left, not the newest.
+    let (status, _) = stack
+        .post(&activate_path(id(&question)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ids(&stack.messages(&alice, chat).await),
+        vec![id(&question), id(&first)]
+    );
+    // And a regeneration after that is version 3, the next after both.
+    let (status, third) = stack
+        .post(
+            &format!("{}?wait=true", regenerate_path(id(&question))),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{third}");
+    assert_eq!(third["version"], 3);
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn other_sockets_hear_of_a_branch_switch_and_of_a_regeneration_they_caught_up_on() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "watched").await;
+    // A socket that caught up on the answered question and its reply.
+    let mut ws = stack.ws(chat, &alice.token, Some(0)).await;
+    let (caught_up, _) = event_of(&mut ws, "assistant_message", 10).await;
+    assert_eq!(caught_up["message"]["id"], first["id"]);
+
+    // The regeneration is announced to it, the question included.
+    let (status, _) = stack
+        .post(&regenerate_path(id(&question)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (event, _) = event_of(&mut ws, "user_message", 10).await;
+    assert_eq!(event["message"]["id"], question["id"]);
+    let (event, _) = event_of(&mut ws, "assistant_message", 10).await;
+    assert_eq!(event["message"]["version"], 2);
+
+    // A switch back to the first reply: the socket is told to read the path again.
+    let (status, _) = stack
+        .post(&activate_path(id(&first)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (event, _) = event_of(&mut ws, "active_path_changed", 10).await;
+    assert_eq!(event["message_id"], first["id"]);
+    stack.cleanup().await;
+}

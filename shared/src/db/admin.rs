@@ -32,7 +32,7 @@ pub async fn search_ai_chats(
                   greatest(a.updated_at, (select m.timestamp from ai_messages m
                                           where m.ai_chat_id = a.id and m.role = 'user'
                                           order by m.id desc limit 1)) as "updated_at!",
-                  (select count(*) from ai_messages m where m.ai_chat_id = a.id) as "message_count!"
+                  (select count(*) from ai_messages m where m.ai_chat_id = a.id and m.active) as "message_count!"
            from ai_chats a
            join users u on u.id = a.user_id
            left join chats c on c.id = a.related_chat_id

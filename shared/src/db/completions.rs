@@ -119,7 +119,7 @@ pub async fn claim_completion_subject(
 /// The turns are the question's ancestors (`parent_id`), nearest first, at most `limit` of
 /// them: on the active path these are the turns the user sees before it, and for a question
 /// left in another branch, that branch's. Each turn gives its question and one reply: the
-/// active one, else the latest. A question that failed or was cancelled without any reply
+/// active one, else the one it showed last (`reply_version`), else the newest. A question that failed or was cancelled without any reply
 /// counts for nothing (the user saw an error or stopped it, so the model should not answer it
 /// now); queued ones stay, they are part of what the user said. A stopped reply counts as it
 /// was saved: the text the user saw.
@@ -146,7 +146,8 @@ pub async fn list_history(
                left join lateral (
                    select r.role, r.content, r.content_tokens from ai_messages r
                    where r.reply_to = q.id
-                   order by r.active desc, r.version desc limit 1
+                   order by r.active desc, r.version = q.reply_version desc, r.version desc
+                   limit 1
                ) r on true
                cross join lateral (values (0, q.role, q.content, q.content_tokens),
                                           (1, r.role, r.content, r.content_tokens))

@@ -97,7 +97,8 @@ pub enum Requeue {
 
 /// Puts `message_id`, a `failed` or `cancelled` user message of one of `user_id`'s chats (or,
 /// to regenerate, an `answered` one), back to `queued`: its error and stop request cleared,
-/// its new budget reservation recorded, and `dispatched_at` cleared, so the next sweep follows
+/// its new budget reservation recorded, the version after its replies' for the reply to come,
+/// and `dispatched_at` cleared, so the next sweep follows
 /// its jobs (its job is pushed after this commits, under the key a sweep would push, so the
 /// two push one job between them). `None` when it is not such a message; concurrent requeues
 /// of one message change it once.
@@ -113,8 +114,8 @@ pub async fn requeue(
         r#"update ai_messages m
            set status = $4, error = null, stop_requested_at = null, dispatched_at = null,
                budget_day = $7, budget_tokens = $8,
-               reply_version = case when m.status = $9 then m.reply_version + 1
-                                    else m.reply_version end
+               reply_version = coalesce((select max(r.version) from ai_messages r
+                                         where r.reply_to = m.id), 0) + 1
            from ai_chats a
            where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id and a.user_id = $2
              and (m.status in ($5, $6) or ($10 and m.status = $9))
@@ -145,8 +146,8 @@ pub async fn requeue(
 }
 
 /// Undoes [`requeue`] when the message's job could not be pushed: back to `status` with
-/// `error` (and, back to `answered`, the reply version it had), no budget held; unless a
-/// worker has taken it meanwhile. Whether it changed.
+/// `error`, showing the reply it showed, no budget held; unless a worker has taken it
+/// meanwhile. Whether it changed.
 #[tracing::instrument(skip(db, error))]
 pub async fn unrequeue(
     db: impl PgExecutor<'_>,
@@ -155,14 +156,16 @@ pub async fn unrequeue(
     error: Option<&str>,
 ) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $2::text, error = $3, budget_day = null, budget_tokens = null,
-               reply_version = case when $2::text = $5 then reply_version - 1 else reply_version end
+        r#"update ai_messages set status = $2, error = $3, budget_day = null, budget_tokens = null,
+               reply_version = coalesce((select r.version from ai_messages r
+                                         where r.reply_to = ai_messages.id
+                                         order by r.active desc, r.version desc limit 1),
+                                        reply_version)
            where id = $1 and status = $4"#,
         message_id,
         status.as_str(),
         error,
         MessageStatus::Queued.as_str(),
-        MessageStatus::Answered.as_str(),
     )
     .execute(db)
     .await?;

@@ -79,15 +79,17 @@ pub async fn insert_edit(
 /// Makes the branch through message `message_id` (of the locked chat `ai_chat_id`) the active
 /// path: the turns before it (its question's ancestors), its turn, and after it the newest
 /// next turn at each step, to the end of that branch. Each of those questions shows one
-/// reply: `message_id` itself when it is a reply, else the one it showed, else its newest.
-/// Every other message of the chat leaves the path; only the messages that change are
-/// written. False when no such message is in the chat.
+/// reply: `message_id` itself when it is a reply (remembered as the one it shows,
+/// `reply_version`, unless the question waits for a new one), else the one it showed last,
+/// else its newest. Every other message of the chat leaves the path; only the messages that
+/// change are written. False when no such message is in the chat.
 #[tracing::instrument(skip(db))]
 pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -> Result<bool> {
     let found = sqlx::query_scalar!(
         r#"with recursive target as materialized (
                select case when m.role = $3 then m.reply_to else m.id end as question,
-                      case when m.role = $3 then m.id end as reply
+                      case when m.role = $3 then m.id end as reply,
+                      case when m.role = $3 then m.version end as reply_version
                from ai_messages m where m.id = $1 and m.ai_chat_id = $2
            ), up(id, parent_id) as (
                select q.id, q.parent_id from ai_messages q join target t on q.id = t.question
@@ -109,18 +111,30 @@ pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -
                select coalesce(
                    (select t.reply from target t where t.question = q.id and t.reply is not null),
                    (select r.id from ai_messages r where r.reply_to = q.id
-                    order by r.active desc, r.version desc limit 1))
-               from questions q
+                    order by r.active desc, r.version = q.reply_version desc, r.version desc
+                    limit 1))
+               from questions qs join ai_messages q on q.id = qs.id
+           ), remembered as materialized (
+               -- the question whose reply was chosen, unless it waits for a new reply
+               select t.question as id, t.reply_version from target t
+               join ai_messages q on q.id = t.question
+               where t.reply is not null and q.status not in ($5, $6)
            ), changed as (
-               update ai_messages m set active = not m.active
+               update ai_messages m
+               set active = m.id in (select id from path where id is not null),
+                   reply_version = coalesce((select r.reply_version from remembered r
+                                             where r.id = m.id), m.reply_version)
                where m.ai_chat_id = $2 and exists (select 1 from target)
-                 and m.active <> (m.id in (select id from path where id is not null))
+                 and (m.active <> (m.id in (select id from path where id is not null))
+                      or m.id in (select id from remembered))
            )
            select count(*) as "found!" from target"#,
         message_id,
         ai_chat_id,
         Role::Assistant.as_str(),
         Role::User.as_str(),
+        MessageStatus::Queued.as_str(),
+        MessageStatus::Answering.as_str(),
     )
     .fetch_one(db)
     .await?;

@@ -107,14 +107,17 @@ pub(super) async fn catch_up(
     let truncated = messages.len() > CATCH_UP_LIMIT as usize;
     messages.truncate(CATCH_UP_LIMIT as usize);
     for message in &messages {
-        // A message that got no reply may be retried, and its retry announced with its id
-        // again: its events are not filtered. (Only a failure within the few milliseconds
-        // between the subscription and this read could repeat one; the client then sees the
-        // message and its failure twice, ending as stored.)
-        if !matches!(
-            message.status,
-            MessageStatus::Failed | MessageStatus::Cancelled
-        ) {
+        // A user message that has ended may be queued again (a retry, a regeneration) and
+        // announced with its id again: only replies and questions still waiting, which a send
+        // in the few milliseconds between the subscription and this read announces live too,
+        // are filtered. (A question sent and ended within that window is seen twice, ending as
+        // stored.)
+        if message.role == Role::Assistant
+            || matches!(
+                message.status,
+                MessageStatus::Queued | MessageStatus::Answering
+            )
+        {
             caught_up.messages.insert(message.id);
         }
         for event in stored_events(message) {
