@@ -665,3 +665,41 @@ async fn an_import_may_be_larger_than_the_body_limit_of_other_routes() {
     assert_eq!(chat["system_prompt"].as_str().map(str::len), Some(5000));
     app.cleanup().await;
 }
+
+/// A reply regenerated for an earlier turn is saved after the later turns, but reads under
+/// its own question.
+#[tokio::test]
+async fn the_markdown_export_puts_a_regenerated_reply_under_its_question() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (status, first) = stack.send_waiting(&alice, chat, "turn one", "true").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, second) = stack.send_waiting(&alice, chat, "turn two", "true").await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    stack.fake.set_config(FakeConfig {
+        reply_words: Some(4),
+        ..FakeConfig::default()
+    });
+    let (status, again) = stack
+        .post(
+            &format!(
+                "/api/ai/messages/{}/regenerate/?wait=true",
+                first["reply_to"]
+            ),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    let text = markdown(&stack, &alice, chat).await.text;
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{text}"))
+    };
+    let regenerated = again["content"].as_str().unwrap_or_default().trim();
+    assert!(at("turn one") < at(regenerated), "{text}");
+    assert!(at(regenerated) < at("turn two"), "{text}");
+    assert!(!text.contains("Echo: turn one"), "{text}");
+    stack.cleanup().await;
+}

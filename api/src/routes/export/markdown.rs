@@ -21,7 +21,10 @@ pub fn markdown(chat: &AiChat, messages: &[AiMessage], exported_at: DateTime<Utc
             when(exported_at)
         ),
     ];
-    for m in messages {
+    // Each reply right after its question, however late it was saved (a regeneration).
+    let mut in_turns: Vec<&AiMessage> = messages.iter().collect();
+    in_turns.sort_by_key(|m| (m.reply_to.unwrap_or(m.id), m.id));
+    for m in in_turns {
         let who = match (m.role, m.model.as_deref()) {
             (Role::User, _) => "You".to_owned(),
             (Role::Assistant, Some(model)) => format!("Assistant ({})", one_line(model)),
