@@ -172,6 +172,18 @@ impl JobQueue {
     /// rescue (`…:rescue:{task}`, also what a user's retry pushes). The keys are deterministic,
     /// so two callers that find the same end push one job between them.
     pub async fn next_job_key(&self, message_id: i64) -> Result<NextJob> {
+        self.chain_end(message_id, false).await
+    }
+
+    /// [`next_job_key`](Self::next_job_key) for a message whose jobs are done with it: its
+    /// regeneration after it was answered. A job of it still alive is the one that answered
+    /// it, finishing; the new job goes after it (its rescue key, which a sweep following the
+    /// chain finds taken).
+    pub async fn next_job_key_after_answer(&self, message_id: i64) -> Result<NextJob> {
+        self.chain_end(message_id, true).await
+    }
+
+    async fn chain_end(&self, message_id: i64, past_alive: bool) -> Result<NextJob> {
         let mut conn = self.conn.clone();
         let idempotency = self.config.idempotency_key_set();
         let mut key = self.message_job_key(message_id);
@@ -181,7 +193,7 @@ impl JobQueue {
             let Some(task) = task else {
                 return Ok(NextJob::Push { key, last });
             };
-            if self.alive(&task).await? {
+            if !past_alive && self.alive(&task).await? {
                 return Ok(NextJob::Alive);
             }
             let redrive = self.redrive_job_key(message_id, &task);

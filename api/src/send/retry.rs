@@ -106,7 +106,8 @@ async fn requeue(
         let now = db::ai_messages::get_user_message(&state.db, message_id, user_id).await?;
         return Err(now.map_or(ApiError::NotFound, |m| not_retriable(m.status)));
     };
-    let pushed = push(state, &requeued, request_id, reservation).await;
+    let after_answer = previous.status == MessageStatus::Answered;
+    let pushed = push(state, &requeued, request_id, reservation, after_answer).await;
     let last = match pushed {
         Ok(last) => last,
         Err(err) => {
@@ -159,16 +160,23 @@ async fn store_requeue(
 }
 
 /// Pushes the requeued message's job under the next key of its chain, unless a job of it is
-/// still alive (it was cancelled before a worker took its job: that job answers it). The job
-/// the new one follows, if any.
+/// still alive (it was cancelled before a worker took its job: that job answers it). A
+/// regeneration of an answered message (`after_answer`) pushes past a job still alive: that
+/// one answered it and is only finishing. The job the new one follows, if any.
 pub(crate) async fn push(
     state: &AppState,
     requeued: &Requeued,
     request_id: Option<String>,
     reservation: Option<&Reservation>,
+    after_answer: bool,
 ) -> ApiResult<Option<String>> {
     let message = &requeued.message;
-    match state.queue.next_job_key(message.id).await? {
+    let end = if after_answer {
+        state.queue.next_job_key_after_answer(message.id).await?
+    } else {
+        state.queue.next_job_key(message.id).await?
+    };
+    match end {
         NextJob::Alive => Ok(None),
         NextJob::Push { key, last } => {
             let job = CompletionJob {

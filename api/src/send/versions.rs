@@ -92,7 +92,7 @@ pub async fn edit(
             });
         }
     };
-    if let Err(err) = push(state, &stored, request_id, reservation.as_ref()).await {
+    if let Err(err) = push(state, &stored, request_id, reservation.as_ref(), false).await {
         tracing::warn!(error = %err, message_id = stored.message.id,
             "the edited message's job was not queued; the sweeper queues it");
     }

@@ -10,4 +10,5 @@ mod model_trouble;
 mod route_matrix;
 mod send_load;
 mod stop;
+mod versions;
 mod worker_processes;

@@ -26,7 +26,8 @@ pub struct NewUserMessage {
 /// round trip, one commit however many messages). Answers one entry per input, in order: the
 /// stored message, or `None` when the sender owns no such chat (nothing is stored for it).
 ///
-/// The ids are drawn in input order, so messages to one chat keep the order they came in.
+/// The ids are drawn in input order once the chats are locked, so messages to one chat keep
+/// the order they came in, and a chat's ids grow in the order its sends commit.
 ///
 /// Each message follows (`parent_id`) the last question of its chat's active path, or the
 /// message before it in the batch, and is on the active path itself (`version` 1: the last
@@ -64,18 +65,26 @@ pub async fn insert_owned_user_messages(
     }
     let rows = sqlx::query!(
         r#"with input as materialized (
-               select t.*, nextval('ai_messages_id_seq'::regclass) as id
+               select t.*
                from unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[], $5::integer[],
                            $8::date[], $9::integer[])
                     with ordinality as t(ai_chat_id, user_id, content, related, context_limit,
                                          budget_day, budget_tokens, ord)
-               order by t.ord
            ),
            owned as materialized (
                select a.id, a.user_id from ai_chats a
                where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
                order by a.id
                for no key update
+           ),
+           numbered as materialized (
+               -- The ids are drawn once every chat is locked (the sort reads the whole join
+               -- first, and a volatile output is computed after the sort), in input order: in
+               -- a chat, ids then follow the order in which sends and edits took its lock,
+               -- which `ai_chat_tip` relies on.
+               select i.*, nextval('ai_messages_id_seq'::regclass) as id
+               from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
+               order by i.ord
            ),
            m as (
                insert into ai_messages (id, ai_chat_id, role, content, status,
@@ -85,14 +94,14 @@ pub async fn insert_owned_user_messages(
                    i.budget_day, i.budget_tokens,
                    coalesce(lag(i.id) over (partition by i.ai_chat_id order by i.id),
                             ai_chat_tip(i.ai_chat_id))
-               from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
+               from numbered i
                order by i.id
                returning *
            )
-           select input.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
+           select numbered.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                   m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus",
                   m.error, m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
-           from m join input on input.id = m.id"#,
+           from m join numbered on numbered.id = m.id"#,
         &chats,
         &users,
         // sqlx's check knows `text[]` only as `[String]`; borrowed strings encode the same.

@@ -267,9 +267,12 @@ pub async fn save_replies(
              from m join input i on i.question_id = m.reply_to
              where q.id = m.reply_to
          ), superseded as (
+             -- Not `and o.active`: rows are found as the statement's snapshot had them, and a
+             -- branch switch that committed while this waited for the chat may have made one
+             -- active since; the update reads each row again before it writes.
              update ai_messages o set active = false
              from m
-             where m.active and o.reply_to = m.reply_to and o.id <> m.id and o.active
+             where m.active and o.reply_to = m.reply_to and o.id <> m.id
          )
          select * from m"#,
         &questions,
