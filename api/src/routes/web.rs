@@ -38,6 +38,51 @@ const STATIC_FILES: &[(&str, &str, &str)] = &[
         include_str!("../../assets/web/chat.js"),
     ),
     (
+        "chat-list.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/chat-list.js"),
+    ),
+    (
+        "chat-options.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/chat-options.js"),
+    ),
+    (
+        "messages.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/messages.js"),
+    ),
+    (
+        "socket.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/socket.js"),
+    ),
+    (
+        "state.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/state.js"),
+    ),
+    (
+        "stop-retry.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/stop-retry.js"),
+    ),
+    (
+        "stream.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/stream.js"),
+    ),
+    (
+        "tree.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/tree.js"),
+    ),
+    (
+        "versions.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../assets/web/versions.js"),
+    ),
+    (
         "markdown.js",
         "text/javascript; charset=utf-8",
         include_str!("../../assets/web/markdown.js"),
