@@ -9,31 +9,12 @@ use std::time::{Duration, Instant};
 
 use aichat_fake_llm::FakeConfig;
 use aichat_faults::{
-    Api, Audit, Client, Env, HEAVY, InProcessWorker, eventually, fake_with_latency, pg_base,
-    report, with_sweeper,
+    Api, Audit, Client, Env, HEAVY, InProcessWorker, deadlocks_in, eventually, fake_with_latency,
+    report, stop_and_count_deadlocks, with_sweeper,
 };
 use reqwest::{Method, StatusCode};
-use sqlx::{Connection, PgConnection};
 
 use crate::send_load::{Load, Sender, closed_loop};
-
-/// A connection to the server's maintenance database, for what the test database's own
-/// connections must not see or hold.
-async fn maintenance() -> PgConnection {
-    PgConnection::connect(&format!("{}/postgres", pg_base()))
-        .await
-        .expect("connect to postgres")
-}
-
-/// Deadlocks PostgreSQL counted in `database`.
-async fn deadlocks_in(database: &str) -> i64 {
-    let mut conn = maintenance().await;
-    sqlx::query_scalar("select deadlocks from pg_stat_database where datname = $1")
-        .bind(database)
-        .fetch_one(&mut conn)
-        .await
-        .expect("read pg_stat_database")
-}
 
 /// The end of every scenario: waits (at most `settle`) until no message is queued any more,
 /// stops the APIs and workers, and counts the deadlocks since `before`; the audit and that count.
@@ -55,38 +36,6 @@ fn assert_clean_scenario(load: &Load, audit: &Audit, accepted: &[i64], deadlocks
     load.assert_clean();
     audit.assert_answered_once(accepted);
     assert_eq!(deadlocks, 0, "PostgreSQL counted deadlocks");
-}
-
-/// Stops the scenario's APIs and workers, closes every pool to the test database, and answers
-/// the deadlocks PostgreSQL counted in it once nothing is connected any more (a backend reports
-/// its counts when it exits).
-async fn stop_and_count_deadlocks(env: &Env, apis: Vec<Api>, workers: Vec<InProcessWorker>) -> i64 {
-    for api in apis {
-        let db = api.state.db.clone();
-        api.stop().await;
-        db.close().await;
-    }
-    for worker in workers {
-        worker.stop().await;
-    }
-    env.pool.close().await;
-    let database = env.db.name.as_str();
-    eventually(
-        Duration::from_secs(30),
-        "every connection to the test database closed",
-        || async move {
-            let mut conn = maintenance().await;
-            let open: i64 =
-                sqlx::query_scalar("select count(*) from pg_stat_activity where datname = $1")
-                    .bind(database)
-                    .fetch_one(&mut conn)
-                    .await
-                    .expect("read pg_stat_activity");
-            (open == 0).then_some(())
-        },
-    )
-    .await;
-    deadlocks_in(database).await
 }
 
 fn no_rate_limits() -> [&'static str; 4] {

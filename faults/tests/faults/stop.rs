@@ -5,10 +5,9 @@
 //! asked once, and the message keeps zero or one assistant message.
 use std::time::{Duration, Instant};
 
-use aichat_fake_llm::FakeConfig;
 use aichat_faults::{
-    Client, DEFAULT_CONTEXT, Env, HEAVY, QueueSnapshot, User, WsCollector, eventually, report,
-    secs, wait_worker_ready, ws_connect,
+    Client, DEFAULT_CONTEXT, Env, FLUSH_AT_ONCE, HEAVY, User, WsCollector, eventually,
+    queue_settled, report, secs, slow_long_reply, wait_worker_ready, ws_connect,
 };
 use aichat_shared::jobs::{CompletionJob, JobQueue};
 use aichat_shared::keys::Namespace;
@@ -16,19 +15,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_faults-worker");
-
-/// Every chunk its own delta, at once: the socket shows the stream as the model sends it.
-const FLUSH_AT_ONCE: [&str; 4] = ["--delta-flush-ms", "1", "--delta-flush-chars", "1"];
-
-/// A long reply streamed slowly: 400 words, one every 50 ms (20 s in all), so a stop or a
-/// SIGKILL always lands mid-stream.
-fn slow_long_reply() -> FakeConfig {
-    FakeConfig {
-        reply_words: Some(400),
-        chunk_delay_ms: 50,
-        ..FakeConfig::default()
-    }
-}
 
 fn stop_path(message: i64) -> String {
     format!("/api/ai/messages/{message}/stop/")
@@ -78,24 +64,6 @@ async fn wait_for_deltas(socket: &WsCollector, message: i64, n: usize) {
         async move { (seen >= n).then_some(()) }
     })
     .await;
-}
-
-/// Waits until the queue holds nothing waiting, scheduled or in any worker's hands and
-/// `ended` jobs have ended; insists that all of them were acknowledged done (none dead).
-async fn queue_settled(env: &Env, ended: u64) -> QueueSnapshot {
-    let snapshot = eventually(Duration::from_secs(30), "the queue settled", || async {
-        let s = env.queue_snapshot().await;
-        let idle =
-            s.waiting == 0 && s.scheduled == 0 && s.in_flight.iter().all(|(_, jobs)| *jobs == 0);
-        (idle && s.done + s.dead >= ended).then_some(s)
-    })
-    .await;
-    assert_eq!(
-        (snapshot.done, snapshot.dead),
-        (ended, 0),
-        "every job acknowledged done, none dead or run twice: {snapshot:?}"
-    );
-    snapshot
 }
 
 /// Checks that `question` is answered by exactly the stopped reply the stop answered with;
