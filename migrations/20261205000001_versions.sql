@@ -6,8 +6,13 @@
 -- one), replies to the same question (a regeneration adds one). `active` marks the path the
 -- user sees, which is also what the model is sent: one version of each turn, and of each
 -- question one reply. Every message stored before this migration is on the one active path.
+-- `parent_id` has no foreign key: its check would lock the previous question on every send (a
+-- tuple lock written to the WAL, and a multixact while a reply save holds that question), for a
+-- link every writer keeps anyway: a parent is an earlier message of the same chat, messages are
+-- removed only with their chat or by `db::ai_messages::delete_undispatched_messages`, which
+-- hands the removed message's followers to its parent.
 alter table ai_messages
-    add column parent_id bigint references ai_messages (id),
+    add column parent_id bigint,
     add column version integer not null default 1,
     add column active boolean not null default true,
     -- on a user message: the version of its reply being made (a requeue sets the next one,
@@ -30,22 +35,17 @@ drop index ai_messages_reply_to_idx;
 create unique index ai_messages_reply_to_version_idx
     on ai_messages (reply_to, version) where reply_to is not null;
 -- A message's children: the next turns and the replies (edits, branch switches, and the
--- foreign key's check when a message is removed).
+-- followers of a message removed unqueued).
 create index ai_messages_parent_id_idx on ai_messages (parent_id) where parent_id is not null;
 -- The worker's history walks the question's ancestors (`db::completions::list_history`)
 -- instead of scanning the chat by turn.
 drop index ai_messages_ai_chat_id_turn_idx;
 
--- The last question of a chat's active path: what a new message follows.
---
--- Volatile and in PL/pgSQL so that its query takes a snapshot of its own when it runs: a
--- send calls it after it has locked the chat (`for no key update`, which sends and branch
--- changes of one chat take in turn), so it sees what the send that held the lock before
--- committed, not only what the calling statement's older snapshot saw.
-create function ai_chat_tip(chat bigint) returns bigint
-language plpgsql volatile as $$
-begin
-    return (select max(id) from ai_messages
-            where ai_chat_id = chat and role = 'user' and active);
-end
-$$;
+-- The last question of a chat's active path: what a new message follows. Kept on the chat's
+-- row, which a send locks anyway (sends, edits and branch switches of one chat take turns on it),
+-- so a send reads it from the row it locked, as the lock left it, without a query whose plan
+-- could read the whole chat: sends and edits move it to their message, a branch switch to the
+-- end of the branch.
+alter table ai_chats add column tip_question_id bigint;
+update ai_chats a set tip_question_id = (
+    select max(m.id) from ai_messages m where m.ai_chat_id = a.id and m.role = 'user');

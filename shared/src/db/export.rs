@@ -88,6 +88,12 @@ pub async fn insert_imported_messages(
                                          stopped, version, active, reply_version, ord)
                order by t.ord
            )
+           , tip as (
+               -- the chat's next message follows the active path's last question
+               update ai_chats set tip_question_id = (
+                   select max(id) from input where role = $17 and active)
+               where id = $1
+           )
            insert into ai_messages (id, ai_chat_id, role, content, timestamp, status, error,
                model, prompt_tokens, completion_tokens, total_tokens, stopped, version, active,
                reply_version, parent_id, reply_to)
@@ -114,6 +120,7 @@ pub async fn insert_imported_messages(
         active.as_slice() as &[bool],
         reply_versions.as_slice() as &[i32],
         Role::Assistant.as_str(),
+        Role::User.as_str(),
     )
     .execute(db)
     .await?;

@@ -82,7 +82,8 @@ pub async fn insert_edit(
 /// reply: `message_id` itself when it is a reply (remembered as the one it shows,
 /// `reply_version`, unless the question waits for a new one), else the one it showed last,
 /// else its newest. Every other message of the chat leaves the path; only the messages that
-/// change are written. False when no such message is in the chat.
+/// change are written. The chat's next message follows the branch's last question
+/// (`tip_question_id`). False when no such message is in the chat.
 #[tracing::instrument(skip(db))]
 pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -> Result<bool> {
     let found = sqlx::query_scalar!(
@@ -95,14 +96,19 @@ pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -
                select q.id, q.parent_id from ai_messages q join target t on q.id = t.question
                union all
                select p.id, p.parent_id from up join ai_messages p on p.id = up.parent_id
-           ), down(id) as (
-               select t.question from target t
+           ), down(id, depth) as (
+               select t.question, 0 from target t
                union all
-               select c.id from down cross join lateral (
+               select c.id, down.depth + 1 from down cross join lateral (
                    select c.id from ai_messages c
                    where c.parent_id = down.id and c.role = $4
                    order by c.id desc limit 1
                ) c
+           ), tip as (
+               -- the end of the branch: what the chat's next message follows
+               update ai_chats a
+               set tip_question_id = (select id from down order by depth desc limit 1)
+               where a.id = $2 and exists (select 1 from target)
            ), questions as materialized (
                select id from up union select id from down
            ), path as materialized (

@@ -2,7 +2,8 @@
 //! from before it (every one becomes a single active path, with the same ids in the same
 //! order), and the parent links of sends kept whole when an unqueued message is removed.
 use aichat_shared::db;
-use aichat_shared::db::ai_messages::Branches;
+use aichat_shared::db::ai_messages::{Branches, NewUserMessage};
+use aichat_shared::domain::ContextOptions;
 use aichat_testkit::postgres::TestDb;
 use sqlx::{Executor, PgPool};
 
@@ -93,6 +94,27 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
         .expect("history");
     let history: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(history, vec!["q1", "a1", "q2", "a2"]);
+    // The next send follows the chat's last question.
+    let owner: i64 = sqlx::query_scalar("select user_id from ai_chats where id = $1")
+        .bind(chat)
+        .fetch_one(&pool)
+        .await
+        .expect("owner");
+    let next = NewUserMessage {
+        ai_chat_id: chat,
+        user_id: owner,
+        content: "q5".to_owned(),
+        options: ContextOptions {
+            include_related_chat_context: false,
+            context_message_limit: 20,
+        },
+        budget: None,
+    };
+    let sent = db::ai_messages::insert_owned_user_messages(&pool, &[next])
+        .await
+        .expect("send");
+    let q5 = sent.into_iter().flatten().next().expect("stored");
+    assert_eq!(q5.parent_id, Some(q4));
     pool.close().await;
     test_db.drop_database().await;
 }
@@ -102,7 +124,6 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
 #[tokio::test]
 async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
     use aichat_fake_llm::FakeConfig;
-    use aichat_shared::domain::ContextOptions;
     use aichat_testkit::{Env as TestEnv, store_user_message};
 
     let env = TestEnv::start(FakeConfig::default()).await;
@@ -135,4 +156,11 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
         left,
         vec![(sent[0].id, None), (sent[3].id, Some(sent[0].id))]
     );
+    // "four" removed too: the next send follows "one".
+    db::ai_messages::delete_undispatched_messages(&env.pool, &[sent[3].id])
+        .await
+        .expect("delete");
+    let five = store_user_message(&env.pool, chat, "five", options).await;
+    assert_eq!(five.parent_id, Some(sent[0].id));
+    env.cleanup().await;
 }
