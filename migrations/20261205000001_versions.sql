@@ -37,9 +37,11 @@ create unique index ai_messages_reply_to_version_idx
 -- A message's children: the next turns and the replies (edits, branch switches, and the
 -- followers of a message removed unqueued).
 create index ai_messages_parent_id_idx on ai_messages (parent_id) where parent_id is not null;
--- The worker's history walks the question's ancestors (`db::completions::list_history`)
--- instead of scanning the chat by turn.
+-- The worker's history (`db::completions::list_history`) reads the active path by turn; a
+-- question off the path walks its ancestors instead.
 drop index ai_messages_ai_chat_id_turn_idx;
+create index ai_messages_active_turn_idx
+    on ai_messages (ai_chat_id, (coalesce(reply_to, id)) desc, id desc) where active;
 
 -- The last question of a chat's active path: what a new message follows. Kept on the chat's
 -- row, which a send locks anyway (sends, edits and branch switches of one chat take turns on it),

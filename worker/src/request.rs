@@ -24,9 +24,14 @@ pub async fn build_request(
 ) -> anyhow::Result<Option<(ChatRequest, usize)>> {
     // Every message costs at least its framing tokens, so more than this can never fit.
     let history_limit = i64::try_from(ctx.token_budget / 4 + 1).unwrap_or(i64::MAX);
-    let history = db::completions::list_history(&ctx.db, subject.message_id, history_limit)
-        .await
-        .context("loading the conversation")?;
+    let history = db::completions::list_history(
+        &ctx.db,
+        subject.ai_chat_id,
+        subject.message_id,
+        history_limit,
+    )
+    .await
+    .context("loading the conversation")?;
     let related = match subject.related_chat_id {
         Some(chat_id) if job.include_related_chat_context => {
             let limit = i64::from(job.context_message_limit).clamp(0, MAX_CONTEXT_MESSAGES);

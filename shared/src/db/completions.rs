@@ -113,56 +113,79 @@ pub async fn claim_completion_subject(
     Ok(subject)
 }
 
-/// The conversation before user message `question_id` as its branch has it: the latest
-/// `limit` user and assistant messages, oldest first.
+/// The conversation before user message `question_id` (of chat `ai_chat_id`) as its branch has
+/// it: the latest `limit` user and assistant messages, oldest first.
 ///
-/// The turns are the question's ancestors (`parent_id`), nearest first, at most `limit` of
-/// them: on the active path these are the turns the user sees before it, and for a question
-/// left in another branch, that branch's. Each turn gives its question and one reply: the
-/// active one, else the one it showed last (`reply_version`), else the newest. A question that failed or was cancelled without any reply
+/// The turns are the question's ancestors (`parent_id`): on the active path these are the turns
+/// the user sees before it, and for a question left in another branch, that branch's. Each turn
+/// gives its question and one reply: the active one, else the one it showed last
+/// (`reply_version`), else the newest. A question that failed or was cancelled without any reply
 /// counts for nothing (the user saw an error or stopped it, so the model should not answer it
 /// now); queued ones stay, they are part of what the user said. A stopped reply counts as it
-/// was saved: the text the user saw.
+/// was saved: the text the user saw. Replies are placed right after the question they answer
+/// (`reply_to`), not by their own id, so a reply saved late still follows its question.
 ///
-/// Each step of the walk reads one message by its key and one question's replies by
-/// `ai_messages_reply_to_version_idx`, whatever the length of the chat.
+/// Two ways to the same turns, one of which reads nothing: a question on the active path (the
+/// usual case) reads the chat's active messages before its turn from
+/// `ai_messages_active_turn_idx`, `(ai_chat_id, coalesce(reply_to, id) desc, id desc) where
+/// active`: the scan starts at the newest turn before it and stops after `limit` rows, whatever
+/// the length of the chat. A question off the path walks its ancestors, one message by its key
+/// and one question's replies by `ai_messages_reply_to_version_idx` per turn, at most `limit`.
 #[tracing::instrument(skip(db))]
 pub async fn list_history(
     db: impl PgExecutor<'_>,
+    ai_chat_id: i64,
     question_id: i64,
     limit: i64,
 ) -> Result<Vec<HistoryMessage>> {
     let messages = sqlx::query_as!(
         HistoryMessage,
-        r#"with recursive turns(id, depth) as (
-               select q.parent_id, 1::bigint from ai_messages q where q.id = $1
+        r#"with recursive subject as materialized (
+               select q.active, q.parent_id from ai_messages q where q.id = $1
+           ), on_path as (
+               select coalesce(m.reply_to, m.id) as turn, m.id, m.role, m.content,
+                      m.content_tokens
+               from ai_messages m
+               where (select active from subject)
+                 and m.ai_chat_id = $6 and m.active
+                 and coalesce(m.reply_to, m.id) < $1
+                 and (m.role = $4 or m.status not in ($3, $5)
+                      or exists (select 1 from ai_messages r
+                                 where r.reply_to = m.id and r.active))
+               order by coalesce(m.reply_to, m.id) desc, m.id desc
+               limit $2
+           ), turns(id, depth) as (
+               select s.parent_id, 1::bigint from subject s where not s.active
                union all
                select p.parent_id, t.depth + 1 from turns t join ai_messages p on p.id = t.id
                where t.depth < $2::bigint
-           ), latest as (
-               select t.depth, v.k, v.role, v.content, v.content_tokens
+           ), off_path as (
+               select q.id as turn, v.id, v.role, v.content, v.content_tokens
                from turns t
                join ai_messages q on q.id = t.id
                left join lateral (
-                   select r.role, r.content, r.content_tokens from ai_messages r
+                   select r.id, r.role, r.content, r.content_tokens from ai_messages r
                    where r.reply_to = q.id
                    order by r.active desc, r.version = q.reply_version desc, r.version desc
                    limit 1
                ) r on true
-               cross join lateral (values (0, q.role, q.content, q.content_tokens),
-                                          (1, r.role, r.content, r.content_tokens))
-                   as v(k, role, content, content_tokens)
-               where (v.k = 0 and (r.role is not null or q.status not in ($3, $4)))
-                  or (v.k = 1 and r.role is not null)
-               order by t.depth, v.k desc
+               cross join lateral (values (q.id, q.role, q.content, q.content_tokens),
+                                          (r.id, r.role, r.content, r.content_tokens))
+                   as v(id, role, content, content_tokens)
+               where v.id is not null
+                 and (v.id <> q.id or r.id is not null or q.status not in ($3, $5))
+               order by q.id desc, v.id desc
                limit $2
            )
            select role as "role!: Role", content as "content!", content_tokens
-           from latest order by depth desc, k"#,
+           from (select * from on_path union all select * from off_path) latest
+           order by turn, id"#,
         question_id,
         limit,
         MessageStatus::Failed.as_str(),
+        Role::Assistant.as_str(),
         MessageStatus::Cancelled.as_str(),
+        ai_chat_id,
     )
     .fetch_all(db)
     .await?;

@@ -89,7 +89,7 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
     assert!(none.is_empty());
     // The model's history of q4: every earlier turn but the failed one, replies after their
     // questions.
-    let history = db::completions::list_history(&pool, q4, 100)
+    let history = db::completions::list_history(&pool, chat, q4, 100)
         .await
         .expect("history");
     let history: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
@@ -162,5 +162,75 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
         .expect("delete");
     let five = store_user_message(&env.pool, chat, "five", options).await;
     assert_eq!(five.parent_id, Some(sent[0].id));
+    env.cleanup().await;
+}
+
+/// A question whose branch was left while it waited is answered with its own branch's turns;
+/// the new branch's question with the active path's.
+#[tokio::test]
+async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
+    use aichat_fake_llm::FakeConfig;
+    use aichat_shared::db::completions::NewReply;
+    use aichat_testkit::{Env as TestEnv, MODEL, store_user_message};
+
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let chat = env
+        .ai_chat(alice.id, "You are a helpful assistant.", None)
+        .await;
+    let options = ContextOptions {
+        include_related_chat_context: false,
+        context_message_limit: 20,
+    };
+    let q1 = store_user_message(&env.pool, chat, "q1", options).await;
+    let reply = NewReply {
+        content: "a1".to_owned(),
+        prompt_tokens: None,
+        completion_tokens: None,
+        total_tokens: None,
+        model: MODEL.to_owned(),
+        latency_ms: 1,
+        content_tokens: None,
+        question_tokens: None,
+        stopped: false,
+    };
+    db::completions::save_reply(&env.pool, q1.id, &reply)
+        .await
+        .expect("save");
+    let q2 = store_user_message(&env.pool, chat, "q2", options).await;
+    // q1 edited while q2 waits: q2's branch leaves the path.
+    let mut tx = env.pool.begin().await.expect("tx");
+    assert!(
+        db::versions::lock_owned_chat(&mut tx, chat, alice.id)
+            .await
+            .expect("lock")
+    );
+    let edited = db::versions::insert_edit(&mut tx, chat, q1.id, "q1 again", None)
+        .await
+        .expect("edit")
+        .expect("stored");
+    db::versions::activate(&mut tx, chat, edited.message.id)
+        .await
+        .expect("activate");
+    tx.commit().await.expect("commit");
+
+    let contents = |history: Vec<db::completions::HistoryMessage>| -> Vec<String> {
+        history.into_iter().map(|m| m.content).collect()
+    };
+    let off_path = db::completions::list_history(&env.pool, chat, q2.id, 100)
+        .await
+        .expect("history");
+    assert_eq!(contents(off_path), vec!["q1", "a1"]);
+    let on_path = db::completions::list_history(&env.pool, chat, edited.message.id, 100)
+        .await
+        .expect("history");
+    assert!(contents(on_path).is_empty());
+    // A send now follows the edited question, and its history is the new path.
+    let q3 = store_user_message(&env.pool, chat, "q3", options).await;
+    assert_eq!(q3.parent_id, Some(edited.message.id));
+    let history = db::completions::list_history(&env.pool, chat, q3.id, 100)
+        .await
+        .expect("history");
+    assert_eq!(contents(history), vec!["q1 again"]);
     env.cleanup().await;
 }
