@@ -27,6 +27,11 @@ use crate::send::wait::{self, Outcome};
 use crate::send::{SendFields, SendMessage, submit_message};
 use crate::state::AppState;
 
+/// The refusals every route that queues a message shares (send, retry, regenerate, edit).
+const PAST_RATE_OR_BUDGET: &str = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget";
+const MODEL_FAILED_WAITING: &str = "With `?wait`: the model could not answer";
+const QUEUE_UNREACHABLE: &str = "The queue or a backing service unreachable";
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(send_message))
@@ -107,8 +112,8 @@ pub struct SendMessageHeaders {
         (status = 409, description = "A request with this `Idempotency-Key` is still being processed, \
             or the key was used for another chat; or (with `?wait`) the message was stopped before \
             the model answered", body = ErrorBody),
-        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
-        (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
+        (status = 429, description = PAST_RATE_OR_BUDGET, body = ErrorBody),
+        (status = 502, description = MODEL_FAILED_WAITING, body = ErrorBody),
         (status = 503, description = "The queue or a backing service unreachable, or (with `?wait`) \
             waiting unavailable", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(ai_chat_id = id))]
@@ -425,8 +430,8 @@ async fn stop_message(
         (status = 404, description = "No such user message of the user's", body = ErrorBody),
         (status = 409, description = "The message is not failed or cancelled (it waits for its reply, \
             or has it); also the loser of concurrent retries", body = ErrorBody),
-        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
-        (status = 503, description = "The queue or a backing service unreachable", body = ErrorBody)))]
+        (status = 429, description = PAST_RATE_OR_BUDGET, body = ErrorBody),
+        (status = 503, description = QUEUE_UNREACHABLE, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(message_id = id))]
 async fn retry_message(
     State(state): State<AppState>,
@@ -459,9 +464,9 @@ async fn retry_message(
         (status = 409, description = "The question still waits for its reply (also the loser of \
             concurrent regenerations); the `Idempotency-Key` is in use or was used for another \
             message; or (with `?wait`) the regeneration was stopped before the model answered", body = ErrorBody),
-        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
-        (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
-        (status = 503, description = "The queue or a backing service unreachable", body = ErrorBody)))]
+        (status = 429, description = PAST_RATE_OR_BUDGET, body = ErrorBody),
+        (status = 502, description = MODEL_FAILED_WAITING, body = ErrorBody),
+        (status = 503, description = QUEUE_UNREACHABLE, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(message_id = id))]
 async fn regenerate_message(
     State(state): State<AppState>,
@@ -510,9 +515,9 @@ pub struct EditMessageRequest {
         (status = 409, description = "The question still waits for its reply; the `Idempotency-Key` is in \
             use or was used for another message; or (with `?wait`) the new version was stopped before \
             the model answered", body = ErrorBody),
-        (status = 429, description = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget", body = ErrorBody),
-        (status = 502, description = "With `?wait`: the model could not answer", body = ErrorBody),
-        (status = 503, description = "The queue or a backing service unreachable", body = ErrorBody)))]
+        (status = 429, description = PAST_RATE_OR_BUDGET, body = ErrorBody),
+        (status = 502, description = MODEL_FAILED_WAITING, body = ErrorBody),
+        (status = 503, description = QUEUE_UNREACHABLE, body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(message_id = id))]
 async fn edit_message(
     State(state): State<AppState>,

@@ -40,6 +40,15 @@ async fn turn(app: &TestApp, user: &TestUser, chat: i64, content: &str) -> (Valu
     (question, reply)
 }
 
+/// Regenerates the reply to message `id` (a question or its reply) and waits for it: the new
+/// reply.
+async fn regenerated(app: &TestApp, user: &TestUser, id: i64) -> Value {
+    let path = format!("{}?wait=true", regenerate_path(id));
+    let (status, reply) = app.post(&path, &user.token, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    reply
+}
+
 /// The chat's `message_count` as its list says.
 async fn message_count(app: &TestApp, user: &TestUser, chat: i64) -> i64 {
     let (status, body) = app
@@ -71,14 +80,7 @@ async fn a_regenerated_reply_is_the_next_version_and_the_old_one_is_kept() {
     assert_eq!(first["active"], true);
 
     // From the reply's id: a new reply, version 2, saved within the wait.
-    let (status, second) = stack
-        .post(
-            &format!("{}?wait=true", regenerate_path(id(&first))),
-            &alice.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{second}");
+    let second = regenerated(&stack, &alice, id(&first)).await;
     assert_eq!(second["reply_to"], question["id"]);
     assert_eq!(second["parent_id"], question["id"]);
     assert_eq!(second["version"], 2);
@@ -104,14 +106,7 @@ async fn a_regenerated_reply_is_the_next_version_and_the_old_one_is_kept() {
     }
 
     // From the question's id, once more: version 3; the question is answered again.
-    let (status, third) = stack
-        .post(
-            &format!("{}?wait=true", regenerate_path(id(&question))),
-            &alice.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{third}");
+    let third = regenerated(&stack, &alice, id(&question)).await;
     assert_eq!(third["version"], 3);
     let (_, now) = stack
         .get(
@@ -247,14 +242,7 @@ async fn switching_reply_versions_changes_what_the_next_prompt_holds() {
         reply_words: Some(3),
         ..FakeConfig::default()
     });
-    let (status, second) = stack
-        .post(
-            &format!("{}?wait=true", regenerate_path(id(&question))),
-            &alice.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{second}");
+    let second = regenerated(&stack, &alice, id(&question)).await;
     assert_ne!(second["content"], first["content"]);
     stack.fake.set_config(FakeConfig::default());
 
@@ -448,14 +436,7 @@ async fn a_branch_shows_again_the_reply_it_showed_when_it_was_left() {
     let alice = stack.user("alice").await;
     let chat = stack.ai_chat_id(&alice).await;
     let (question, first) = turn(&stack, &alice, chat, "first question").await;
-    let (status, second) = stack
-        .post(
-            &format!("{}?wait=true", regenerate_path(id(&question))),
-            &alice.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{second}");
+    regenerated(&stack, &alice, id(&question)).await;
     // Back to the first reply, then away from the whole branch with an edit.
     let (status, _) = stack
         .post(&activate_path(id(&first)), &alice.token, json!({}))
@@ -481,14 +462,7 @@ async fn a_branch_shows_again_the_reply_it_showed_when_it_was_left() {
         vec![id(&question), id(&first)]
     );
     // And a regeneration after that is version 3, the next after both.
-    let (status, third) = stack
-        .post(
-            &format!("{}?wait=true", regenerate_path(id(&question))),
-            &alice.token,
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{third}");
+    let third = regenerated(&stack, &alice, id(&question)).await;
     assert_eq!(third["version"], 3);
     stack.cleanup().await;
 }
