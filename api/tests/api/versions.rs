@@ -4,7 +4,7 @@ use crate::common;
 
 use aichat_fake_llm::FakeConfig;
 use common::{
-    Stack, TestApp, TestUser, event_of, id, ids, messages_path, send_ws, spawn_app, texts,
+    Replied, Stack, TestApp, TestUser, event_of, id, ids, messages_path, send_ws, spawn_app, texts,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -495,5 +495,74 @@ async fn other_sockets_hear_of_a_branch_switch_and_of_a_regeneration_they_caught
     assert_eq!(status, StatusCode::OK);
     let (event, _) = event_of(&mut ws, "active_path_changed", 10).await;
     assert_eq!(event["message_id"], first["id"]);
+    stack.cleanup().await;
+}
+
+#[tokio::test]
+async fn regenerations_and_edits_count_toward_the_send_rate_and_the_budget() {
+    let stack = Stack::start(FakeConfig::default(), &["--send-rate-per-minute", "3"], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, _) = turn(&stack, &alice, chat, "one").await;
+    regenerated(&stack, &alice, id(&question)).await;
+    let (status, edited) = stack
+        .post(
+            &edit_path(id(&question)),
+            &alice.token,
+            json!({"content": "two"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{edited}");
+    // The fourth of the minute, whichever route: 429 with Retry-After, nothing queued.
+    for path in [regenerate_path(id(&question)), edit_path(id(&question))] {
+        let refused = stack
+            .request(reqwest::Method::POST, &path)
+            .bearer_auth(&alice.token)
+            .json(&json!({"content": "three"}))
+            .reply()
+            .await;
+        let error = refused.error(&path, StatusCode::TOO_MANY_REQUESTS);
+        assert!(error.contains("slow down"), "{error}");
+        assert!(refused.retry_after().is_some(), "{path}");
+    }
+    // Stored: the question, its edit (whose reply may be on its way) and two replies to it.
+    let all = all_messages(&stack, &alice, chat).await;
+    let users = all.iter().filter(|m| m["role"] == "user").count();
+    let replies = all
+        .iter()
+        .filter(|m| m["reply_to"] == question["id"])
+        .count();
+    assert_eq!((users, replies), (2, 2), "{all:?}");
+    stack.cleanup().await;
+
+    // A budget one send fills: after it, a regeneration and an edit are refused for it.
+    let budget = [
+        "--daily-token-budget",
+        "17",
+        "--context-token-budget",
+        "15",
+        "--max-completion-tokens",
+        "2",
+        "--send-rate-per-minute",
+        "0",
+    ];
+    let stack = Stack::start(FakeConfig::default(), &budget, &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, _) = turn(&stack, &alice, chat, "hi").await;
+    for path in [regenerate_path(id(&question)), edit_path(id(&question))] {
+        let (status, error) = stack
+            .post(&path, &alice.token, json!({"content": "again"}))
+            .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{path}: {error}");
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("budget"),
+            "{error}"
+        );
+    }
+    assert_eq!(all_messages(&stack, &alice, chat).await.len(), 2);
     stack.cleanup().await;
 }
