@@ -18,9 +18,14 @@ from http import HTTPStatus
 import httpx
 from aichat_client import AuthenticatedClient, Client
 from aichat_client.api.ai import (
+    activate_message,
     create_ai_chat,
+    edit_message,
+    export_ai_chat,
     get_ai_chat,
+    import_ai_chat,
     list_ai_chat_messages,
+    regenerate_message,
     send_message,
     usage,
 )
@@ -32,8 +37,10 @@ from aichat_client.models import (
     AiMessage,
     Chat,
     ChatMessage,
+    ChatExport,
     ChatMessageRequest,
     CreateChatRequest,
+    EditMessageRequest,
     ErrorBody,
     FieldErrorsBody,
     LoginRequest,
@@ -261,6 +268,54 @@ def main() -> None:
 
     missing = get_ai_chat.sync_detailed(ai_chat.id + 1_000_000, client=client)
     expect(missing, HTTPStatus.NOT_FOUND, ErrorBody)
+
+    # Versions: a regenerated reply, an edited question, a switch back, and the tree.
+    again = expect(
+        regenerate_message.sync_detailed(reply.id, client=client, wait="true"),
+        HTTPStatus.OK,
+        AiMessage,
+    )
+    assert again.version == 2 and again.reply_to == messages[0].id, again
+    edited = expect(
+        edit_message.sync_detailed(
+            messages[0].id,
+            client=client,
+            body=EditMessageRequest(content="What should I pack for rain?"),
+            wait="true",
+        ),
+        HTTPStatus.OK,
+        AiMessage,
+    )
+    assert edited.role == "assistant" and edited.active, edited
+    back = expect(
+        activate_message.sync_detailed(reply.id, client=client),
+        HTTPStatus.OK,
+        AiMessage,
+    )
+    assert back.active, back
+    tree = expect(
+        list_ai_chat_messages.sync_detailed(ai_chat.id, client=client, all_=True),
+        HTTPStatus.OK,
+        list,
+    )
+    assert len(tree) == 5 and [m.id for m in tree if m.active] == [
+        messages[0].id,
+        reply.id,
+    ], tree
+
+    # Export and import: the copy holds the same tree.
+    export = expect(
+        export_ai_chat.sync_detailed(ai_chat.id, client=client, all_=True),
+        HTTPStatus.OK,
+        ChatExport,
+    )
+    assert len(export.messages) == 5, export
+    copy = expect(
+        import_ai_chat.sync_detailed(client=client, body=export),
+        HTTPStatus.CREATED,
+        AiChat,
+    )
+    assert copy.id != ai_chat.id and copy.message_count == 2, copy
 
     expect(logout.sync_detailed(client=client), HTTPStatus.OK, MessageResponse)
     expect(me.sync_detailed(client=client), HTTPStatus.UNAUTHORIZED, ErrorBody)
