@@ -43,11 +43,15 @@ drop index ai_messages_ai_chat_id_turn_idx;
 create index ai_messages_active_turn_idx
     on ai_messages (ai_chat_id, (coalesce(reply_to, id)) desc, id desc) where active;
 
--- The last question of a chat's active path: what a new message follows. Kept on the chat's
--- row, which a send locks anyway (sends, edits and branch switches of one chat take turns on it),
--- so a send reads it from the row it locked, as the lock left it, without a query whose plan
--- could read the whole chat: sends and edits move it to their message, a branch switch to the
--- end of the branch.
-alter table ai_chats add column tip_question_id bigint;
-update ai_chats a set tip_question_id = (
-    select max(m.id) from ai_messages m where m.ai_chat_id = a.id and m.role = 'user');
+-- The last question of a chat's active path: what a new message follows. A row of its own per
+-- chat, which sends, edits and branch switches of the chat lock (`for update`) and move, so each
+-- reads it as the one before left it, without a query whose plan could read the whole chat. Not
+-- a column of `ai_chats`: every send and reply save holds that row `for key share`, and moving a
+-- value on a row so shared while other sends queue for it deadlocks in PostgreSQL.
+create table ai_chat_tips (
+    ai_chat_id      bigint primary key references ai_chats (id) on delete cascade,
+    question_id     bigint
+);
+insert into ai_chat_tips (ai_chat_id, question_id)
+select a.id, (select max(m.id) from ai_messages m where m.ai_chat_id = a.id and m.role = 'user')
+from ai_chats a;

@@ -102,8 +102,13 @@ pub async fn get_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Resu
 #[tracing::instrument(skip_all)]
 pub async fn insert_ai_chat(db: impl PgExecutor<'_>, new: &NewAiChat<'_>) -> Result<i64> {
     let id = sqlx::query_scalar!(
-        r#"insert into ai_chats (user_id, title, system_prompt, related_chat_id, model)
-           values ($1, $2, $3, $4, $5) returning id"#,
+        r#"with chat as (
+               insert into ai_chats (user_id, title, system_prompt, related_chat_id, model)
+               values ($1, $2, $3, $4, $5) returning id
+           ), tip as (
+               insert into ai_chat_tips (ai_chat_id) select id from chat
+           )
+           select id as "id!" from chat"#,
         new.user_id,
         new.title,
         new.system_prompt,

@@ -34,15 +34,15 @@ pub struct NewUserMessage {
 /// question of an active path has no later question in any branch, since a branch switch
 /// goes to the newest end of the branch and an edit adds a new last question).
 ///
-/// Locks (the order of `db/mod.rs`): the chat rows only, `for no key update`, in id order, and
-/// no message row. Sends into one chat, and its branch changes (`db::versions`), take turns
-/// on that lock, so each reads the chat's last question (`tip_question_id`, from the row as
-/// the lock returns it: as the one before committed it) and moves it to its own last message;
-/// reply saves (`for key share`) never wait for it.
+/// Locks (the order of `db/mod.rs`): the chat rows `for key share`, then their `ai_chat_tips`
+/// rows `for update`, both in id order, and no message row. Sends into one chat take turns on
+/// its tip row, so each reads the chat's last question as the one before left it (the lock
+/// returns the row's newest version) and moves it to its own last message; reply saves never
+/// wait for a send, and a branch change (`db::versions`, `for update` on the chat) waits for
+/// the sends in flight and holds new ones off.
 /// A chat deleted meanwhile is skipped by the lock (its message is `None`) instead of failing
-/// the foreign-key check at the end of the statement. Of the chat's row only `tip_question_id`
-/// is written (a heap-only update: no index holds it); its `updated_at` is read from its newest
-/// message (`db::ai_chats`).
+/// the foreign-key check at the end of the statement. The chat's row is not written: its
+/// `updated_at` is read from its newest message (`db::ai_chats`).
 #[tracing::instrument(skip_all, fields(messages = messages.len()))]
 pub async fn insert_owned_user_messages(
     db: impl PgExecutor<'_>,
@@ -74,24 +74,31 @@ pub async fn insert_owned_user_messages(
                                          budget_day, budget_tokens, ord)
            ),
            owned as materialized (
-               select a.id, a.user_id, a.tip_question_id from ai_chats a
+               select a.id, a.user_id from ai_chats a
                where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
                order by a.id
-               for no key update
+               for key share
+           ),
+           tips as materialized (
+               select t.ai_chat_id, t.question_id from ai_chat_tips t
+               where t.ai_chat_id in (select id from owned)
+               order by t.ai_chat_id
+               for update
            ),
            numbered as materialized (
                -- The ids are drawn once every chat is locked (the sort reads the whole join
                -- first, and a volatile output is computed after the sort), in input order: in
                -- a chat, ids follow the order in which sends and edits took its lock.
-               select i.*, c.tip_question_id as tip,
+               select i.*, t.question_id as tip,
                       nextval('ai_messages_id_seq'::regclass) as id
                from input i join owned c on c.id = i.ai_chat_id and c.user_id = i.user_id
+               left join tips t on t.ai_chat_id = i.ai_chat_id
                order by i.ord
            ),
-           tips as (
-               update ai_chats a set tip_question_id = n.last
+           moved as (
+               update ai_chat_tips t set question_id = n.last
                from (select ai_chat_id, max(id) as last from numbered group by ai_chat_id) n
-               where a.id = n.ai_chat_id
+               where t.ai_chat_id = n.ai_chat_id
            ),
            m as (
                insert into ai_messages (id, ai_chat_id, role, content, status,
@@ -184,17 +191,17 @@ pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) 
                where f.parent_id in (select id from doomed) and f.id not in (select id from doomed)
            ), tips as (
                -- a chat whose last question is doomed ends at its nearest ancestor that stays
-               update ai_chats a
-               set tip_question_id = (
+               update ai_chat_tips a
+               set question_id = (
                    with recursive up(id, parent_id) as (
-                       select d.id, d.parent_id from doomed d where d.id = a.tip_question_id
+                       select d.id, d.parent_id from doomed d where d.id = a.question_id
                        union all
                        select d.id, d.parent_id from up join doomed d on d.id = up.parent_id
                    )
                    select up.parent_id from up
                    where up.parent_id is null or up.parent_id not in (select id from doomed))
-               where a.id in (select id from chats)
-                 and a.tip_question_id in (select id from doomed)
+               where a.ai_chat_id in (select id from chats)
+                 and a.question_id in (select id from doomed)
            )
            delete from ai_messages m using doomed where m.id = doomed.id"#,
         ids,

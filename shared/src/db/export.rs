@@ -90,9 +90,9 @@ pub async fn insert_imported_messages(
            )
            , tip as (
                -- the chat's next message follows the active path's last question
-               update ai_chats set tip_question_id = (
+               update ai_chat_tips set question_id = (
                    select max(id) from input where role = $17 and active)
-               where id = $1
+               where ai_chat_id = $1
            )
            insert into ai_messages (id, ai_chat_id, role, content, timestamp, status, error,
                model, prompt_tokens, completion_tokens, total_tokens, stopped, version, active,

@@ -5,15 +5,16 @@
 //! Every statement that locks rows of `ai_chats` or `ai_messages` takes them in this order,
 //! so no two statements can wait for each other in a cycle:
 //! 1. `ai_chats` rows, in ascending id;
-//! 2. then `ai_messages` rows, in ascending id.
+//! 2. then their `ai_chat_tips` rows, in ascending chat id;
+//! 3. then `ai_messages` rows, in ascending id.
 //!
 //! A statement that holds a message row never asks for a chat row afterwards. The hot paths
 //! take as little as they can:
-//! - a send batch (`ai_messages::insert_owned_user_messages`) takes `for no key update` on
-//!   its chats and no message row: sends into one chat take turns (each new message follows
-//!   the one before, `parent_id`), but never wait for a reply save, whose `for key share` does
-//!   not conflict with it (a chat's `updated_at` is derived from its messages, not written by
-//!   the send);
+//! - a send batch (`ai_messages::insert_owned_user_messages`) takes `for key share` on its
+//!   chats, then their `ai_chat_tips` rows `for update`, and no message row: sends into one
+//!   chat take turns on its tip (each new message follows the one before, `parent_id`), but
+//!   never wait for a reply save, and key-share locks never conflict with an edit of a chat's
+//!   fields (a chat's `updated_at` is derived from its messages, not written by the send);
 //! - a branch change (`versions`: edit, regenerate, activate) takes its chat `for update`,
 //!   which waits for the sends and reply saves of that chat in flight and holds new ones off
 //!   until it commits, then the messages it changes;

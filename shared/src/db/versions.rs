@@ -83,7 +83,7 @@ pub async fn insert_edit(
 /// `reply_version`, unless the question waits for a new one), else the one it showed last,
 /// else its newest. Every other message of the chat leaves the path; only the messages that
 /// change are written. The chat's next message follows the branch's last question
-/// (`tip_question_id`). False when no such message is in the chat.
+/// (`ai_chat_tips`). False when no such message is in the chat.
 #[tracing::instrument(skip(db))]
 pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -> Result<bool> {
     let found = sqlx::query_scalar!(
@@ -106,9 +106,9 @@ pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -
                ) c
            ), tip as (
                -- the end of the branch: what the chat's next message follows
-               update ai_chats a
-               set tip_question_id = (select id from down order by depth desc limit 1)
-               where a.id = $2 and exists (select 1 from target)
+               update ai_chat_tips t
+               set question_id = (select id from down order by depth desc limit 1)
+               where t.ai_chat_id = $2 and exists (select 1 from target)
            ), questions as materialized (
                select id from up union select id from down
            ), path as materialized (
