@@ -163,45 +163,44 @@ pub async fn mark_dispatched(db: impl PgExecutor<'_>, message_id: i64) -> Result
 }
 
 /// Removes messages whose jobs could not be queued, so no message waits for a reply that
-/// nothing will produce. Their chats, then their rows, are locked in id order first
-/// (`db/mod.rs`), as a chat's deletion (chat, then its messages) would take them. A message
-/// sent meanwhile after one of them follows what that one followed.
+/// nothing will produce. Their chats, the chats' tip rows, then the messages are locked in id
+/// order first (`db/mod.rs`), as a send and a chat's deletion take them. A message sent after
+/// one of them, and the chat's last question if it was one of them, follow what it followed.
 #[tracing::instrument(skip(db))]
 pub async fn delete_undispatched_messages(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
     sqlx::query!(
-        r#"with chats as materialized (
+        r#"with recursive chats as materialized (
                select a.id from ai_chats a
                where a.id in (select ai_chat_id from ai_messages where id = any($1))
-               order by a.id for no key update
+               order by a.id for key share
+           ), tip_rows as materialized (
+               -- held before the messages, as a send holds them, so no send follows a
+               -- doomed message while it goes (`doomed` counts them: a CTE nothing reads is
+               -- never run, and the count runs in full before its first row is locked)
+               select t.ai_chat_id from ai_chat_tips t
+               where t.ai_chat_id in (select id from chats)
+               order by t.ai_chat_id for update
            ), doomed as materialized (
                select m.id, m.parent_id from ai_messages m join chats c on c.id = m.ai_chat_id
                where m.id = any($1) and m.dispatched_at is null
+                 and (select count(*) from tip_rows) >= 0
                order by m.id for update of m
+           ), up(id, ancestor) as (
+               select d.id, d.parent_id from doomed d
+               union all
+               select up.id, d.parent_id from up join doomed d on d.id = up.ancestor
+           ), heirs as materialized (
+               -- each doomed message's nearest ancestor that stays (null: none)
+               select id, ancestor from up
+               where ancestor is null or ancestor not in (select id from doomed)
            ), moved as (
-               -- a follower of a doomed message follows its nearest ancestor that stays
-               update ai_messages f
-               set parent_id = (
-                   with recursive up(id, parent_id) as (
-                       select d.id, d.parent_id from doomed d where d.id = f.parent_id
-                       union all
-                       select d.id, d.parent_id from up join doomed d on d.id = up.parent_id
-                   )
-                   select up.parent_id from up
-                   where up.parent_id is null or up.parent_id not in (select id from doomed))
-               where f.parent_id in (select id from doomed) and f.id not in (select id from doomed)
+               update ai_messages f set parent_id = h.ancestor
+               from heirs h
+               where f.parent_id = h.id and f.id not in (select id from doomed)
            ), tips as (
-               -- a chat whose last question is doomed ends at its nearest ancestor that stays
-               update ai_chat_tips a
-               set question_id = (
-                   with recursive up(id, parent_id) as (
-                       select d.id, d.parent_id from doomed d where d.id = a.question_id
-                       union all
-                       select d.id, d.parent_id from up join doomed d on d.id = up.parent_id
-                   )
-                   select up.parent_id from up
-                   where up.parent_id is null or up.parent_id not in (select id from doomed))
-               where a.ai_chat_id in (select id from chats)
-                 and a.question_id in (select id from doomed)
+               update ai_chat_tips t set question_id = h.ancestor
+               from heirs h
+               where t.question_id = h.id and t.ai_chat_id in (select id from chats)
            )
            delete from ai_messages m using doomed where m.id = doomed.id"#,
         ids,

@@ -3,9 +3,9 @@
 //! of the question (`stops::requeue`) whose reply gets the next version.
 //!
 //! Each change runs in one transaction that first takes its chat `for update`
-//! ([`lock_owned_chat`]): sends into the chat (`for no key update`) and reply saves (`for key
-//! share`) in flight end first and new ones wait, so the active path it computes is the one
-//! they see and extend. Then it writes messages, in the order of `db/mod.rs`.
+//! ([`lock_owned_chat`]): sends into the chat and reply saves (both `for key share`) in flight
+//! end first and new ones wait, so the active path it computes is the one they see and extend.
+//! Then it writes the chat's tip row and messages, in the order of `db/mod.rs`.
 use chrono::NaiveDate;
 use sqlx::PgConnection;
 
