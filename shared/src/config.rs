@@ -27,6 +27,11 @@ pub struct DatabaseSettings {
     /// Seconds a request waits for a free database connection before it fails with 503.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
     pub database_acquire_timeout_secs: u64,
+    /// Milliseconds a pooled connection must have been idle before it is checked (one round
+    /// trip) as it is handed out; one used more recently is handed out as it is. 0: check
+    /// every time.
+    #[arg(long, env = "DATABASE_PING_AFTER_IDLE_MS", default_value_t = 1000)]
+    pub database_ping_after_idle_ms: u64,
 }
 
 impl fmt::Debug for DatabaseSettings {
@@ -40,6 +45,10 @@ impl fmt::Debug for DatabaseSettings {
             .field(
                 "database_acquire_timeout_secs",
                 &self.database_acquire_timeout_secs,
+            )
+            .field(
+                "database_ping_after_idle_ms",
+                &self.database_ping_after_idle_ms,
             )
             .finish()
     }

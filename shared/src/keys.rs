@@ -75,6 +75,11 @@ impl Namespace {
         format!("{}:*", self.of_rows("announce"))
     }
 
+    /// A chat's history as its last completion job assembled it (the worker's context cache).
+    pub fn history_cache(&self, ai_chat_id: i64) -> String {
+        format!("{}:{ai_chat_id}", self.of_rows("history:v1"))
+    }
+
     /// The deltas of the reply in progress to a user message (`partial.rs`).
     pub fn partial_reply(&self, message_id: i64) -> String {
         format!("{}:{message_id}", self.of_rows("partial"))

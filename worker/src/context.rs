@@ -65,12 +65,17 @@ pub fn build_prompt(
             Role::System => return None,
         };
         Some(PromptMessage {
-            known_tokens: m.content_tokens.and_then(|n| usize::try_from(n).ok()),
+            known_tokens: stored_tokens(m),
             ..PromptMessage::new(role, m.content.clone())
         })
     }));
     prompt.push(PromptMessage::new(Role::User, new_message));
     prompt
+}
+
+/// The token count stored with a history message, if any.
+pub fn stored_tokens(message: &HistoryMessage) -> Option<usize> {
+    message.content_tokens.and_then(|n| usize::try_from(n).ok())
 }
 
 /// Counts prompt tokens the way the provider bills them (cl100k_base, which ships inside
@@ -134,10 +139,12 @@ impl TokenCounter {
 
     /// Tokens of a message with its framing; a stored count is taken as it is.
     pub fn message(&self, message: &PromptMessage) -> usize {
-        TOKENS_PER_MESSAGE
-            + message
-                .known_tokens
-                .unwrap_or_else(|| self.text(&message.content))
+        self.framed(&message.content, message.known_tokens)
+    }
+
+    /// Tokens of a message of `content` with its framing, `known` when its count is stored.
+    pub fn framed(&self, content: &str, known: Option<usize>) -> usize {
+        TOKENS_PER_MESSAGE + known.unwrap_or_else(|| self.text(content))
     }
 
     /// Tokens of a whole prompt, reply priming included.

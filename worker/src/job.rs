@@ -19,14 +19,16 @@ use tracing::Instrument;
 
 use aichat_shared::announce::{self, Claim};
 use aichat_shared::db;
+use aichat_shared::db::completions::ClaimedJob;
 use aichat_shared::jobs::CompletionJob;
 use aichat_shared::partial;
 
 use crate::deltas::{DeltaTarget, publish_deltas};
+use crate::history_cache;
 use crate::llm::CompletionError;
 use crate::metrics;
 use crate::outcome::{Done, JobError, announce_stored_reply, cancel, fail, save_and_announce};
-use crate::request::build_request;
+use crate::request;
 use crate::retry::FailureReason;
 use crate::state::JobContext;
 use crate::stop::Ack;
@@ -140,9 +142,22 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
     // Listening before the message is taken: a stop request that finds it `answering` is
     // published after this (`stop_requests.rs`).
     let listening = ctx.stop_requests.listen(job.message_id);
-    let Some(subject) = db::completions::claim_completion_subject(&ctx.db, job.message_id)
-        .await
-        .context("taking the user message")?
+    // What the context cache holds of the chat: the read skips it (`history_cache.rs`).
+    let limit = request::history_limit(ctx);
+    let cached = history_cache::load(ctx, job.ai_chat_id, limit).await;
+    let Some(ClaimedJob {
+        subject,
+        history,
+        related,
+    }) = db::completions::claim_job(
+        &ctx.db,
+        job.message_id,
+        cached.as_ref().map(history_cache::Entry::known),
+        i64::try_from(limit).unwrap_or(i64::MAX),
+        request::related_limit(job),
+    )
+    .await
+    .context("taking the user message")?
     else {
         announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
         metrics::job_skipped("message_gone");
@@ -190,7 +205,9 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         return cancel(ctx, job, claim, &subject).await;
     }
 
-    let Some((request, question_tokens)) = build_request(job, &subject, ctx).await? else {
+    let Some((request, question_tokens)) =
+        request::build_request(&subject, history, related, cached, ctx).await?
+    else {
         let err = CompletionError::Failed {
             reason: FailureReason::TooLong,
             attempts: 0,

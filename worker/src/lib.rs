@@ -20,6 +20,7 @@ use aichat_shared::{db, redis_conn};
 
 pub mod context;
 mod deltas;
+mod history_cache;
 mod http;
 mod job;
 mod llm;
@@ -119,6 +120,7 @@ impl Worker {
             limiter,
             tokens,
             token_budget,
+            history_cache_secs: settings.context_cache_secs,
             system_token_cap: token_budget
                 .saturating_mul(usize::from(settings.openai.system_token_share_percent))
                 / 100,

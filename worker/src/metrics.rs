@@ -97,6 +97,10 @@ pub fn describe(models: &[String]) {
         "aichat_worker_reply_batch_size",
         "Replies saved by one statement"
     );
+    describe_counter!(
+        "aichat_worker_context_cache_total",
+        "Histories of jobs on a chat's active path, by whether the context cache held the turns before the new ones (hit) or the whole history was read (miss)"
+    );
     aichat_shared::db::retry::describe(CONFLICT_PATHS);
 
     counter!("aichat_worker_jobs_started_total").increment(0);
@@ -131,6 +135,13 @@ pub fn describe(models: &[String]) {
     counter!("aichat_worker_db_retries_total").increment(0);
     counter!("aichat_worker_swept_messages_total").increment(0);
     let _ = histogram!("aichat_worker_reply_batch_size");
+    for outcome in ["hit", "miss"] {
+        counter!("aichat_worker_context_cache_total", "outcome" => outcome).increment(0);
+    }
+}
+
+pub fn context_cache(outcome: &'static str) {
+    counter!("aichat_worker_context_cache_total", "outcome" => outcome).increment(1);
 }
 
 pub fn job_started() {

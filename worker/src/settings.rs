@@ -53,6 +53,11 @@ pub struct Settings {
     /// restart count and a random suffix are appended, so every run is unique.
     #[arg(long, env = "WORKER_NAME_PREFIX")]
     pub worker_name_prefix: Option<String>,
+    /// Seconds a chat's history stays in the context cache in Redis after its last job, so the
+    /// chat's next job reads only the turns after it from PostgreSQL. Each entry is at most a
+    /// `CONTEXT_TOKEN_BUDGET` of text; 0: no cache (every job reads its whole history).
+    #[arg(long, env = "CONTEXT_CACHE_SECS", default_value_t = 600)]
+    pub context_cache_secs: u64,
     /// Address of the `/healthz` and `/metrics` HTTP server (port 0 picks a free one).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9100")]
     pub metrics_addr: String,

@@ -25,6 +25,8 @@ pub struct JobContext {
     pub limiter: RateLimiter,
     pub tokens: TokenCounter,
     pub token_budget: usize,
+    /// Seconds a chat's history stays in the context cache (`CONTEXT_CACHE_SECS`); 0: no cache.
+    pub history_cache_secs: u64,
     /// Most tokens of the system message (`SYSTEM_TOKEN_SHARE_PERCENT` of the budget).
     pub system_token_cap: usize,
     /// Sent as `max_completion_tokens` on every call.

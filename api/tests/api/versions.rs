@@ -566,3 +566,91 @@ async fn regenerations_and_edits_count_toward_the_send_rate_and_the_budget() {
     assert_eq!(all_messages(&stack, &alice, chat).await.len(), 2);
     stack.cleanup().await;
 }
+
+/// The worker keeps each chat's history in its context cache (Redis) and reads only the turns
+/// after it: a branch switch made after the history was cached (no job runs for it) still
+/// reaches the next prompt.
+#[tokio::test]
+async fn a_branch_switch_after_the_history_was_cached_reaches_the_next_prompt() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "pick a word").await;
+    stack.fake.set_config(FakeConfig {
+        reply_words: Some(3),
+        ..FakeConfig::default()
+    });
+    let second = regenerated(&stack, &alice, id(&question)).await;
+    assert_ne!(second["content"], first["content"]);
+    stack.fake.set_config(FakeConfig::default());
+    // Two more turns: the history before the last one, the regenerated reply in it, is cached.
+    turn(&stack, &alice, chat, "two").await;
+    turn(&stack, &alice, chat, "three").await;
+    assert_eq!(
+        last_prompt(&stack)[1],
+        second["content"].as_str().unwrap_or_default()
+    );
+
+    let (status, body) = stack
+        .post(&activate_path(id(&first)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    turn(&stack, &alice, chat, "four").await;
+    let prompt = last_prompt(&stack);
+    assert_eq!(
+        prompt[..3],
+        [
+            "pick a word".to_owned(),
+            first["content"].as_str().unwrap_or_default().to_owned(),
+            "two".to_owned()
+        ]
+    );
+    assert_eq!(prompt.len(), 7, "{prompt:?}");
+    stack.cleanup().await;
+}
+
+/// The next prompt is built from the cached history (what Redis holds is what the model gets),
+/// and from PostgreSQL again once an earlier turn changed.
+#[tokio::test]
+async fn the_next_prompt_comes_from_the_cached_history_until_an_earlier_turn_changes() {
+    use redis::AsyncCommands;
+
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (_, first) = turn(&stack, &alice, chat, "question 1").await;
+    turn(&stack, &alice, chat, "question 2").await;
+    turn(&stack, &alice, chat, "question 3").await;
+    // The third job cached the two turns before it.
+    let key = stack.keys.history_cache(chat);
+    let mut redis = stack.redis().await;
+    let cached: String = redis.get(&key).await.expect("the chat's cached history");
+    assert!(cached.contains("question 2"), "{cached}");
+    let _: () = redis
+        .set(&key, cached.replace("question 1", "as cached"))
+        .await
+        .expect("set");
+
+    turn(&stack, &alice, chat, "question 4").await;
+    let prompt = last_prompt(&stack);
+    assert_eq!(prompt[0], "as cached", "{prompt:?}");
+    assert_eq!(
+        prompt[4..],
+        [
+            "question 3".to_owned(),
+            prompt[5].clone(),
+            "question 4".to_owned()
+        ]
+    );
+
+    // Showing the first reply again (it already shows) is a branch switch all the same.
+    let (status, body) = stack
+        .post(&activate_path(id(&first)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    turn(&stack, &alice, chat, "question 5").await;
+    let prompt = last_prompt(&stack);
+    assert_eq!(prompt[0], "question 1", "{prompt:?}");
+    assert_eq!(prompt.len(), 9);
+    stack.cleanup().await;
+}

@@ -120,9 +120,18 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
 #[tracing::instrument(skip(db))]
 pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $2, error = null, stop_requested_at = null,
+        r#"with chat as (
+               -- the chat row first (the lock order); its context caches are invalid once the
+               -- failed turn waits again (`ai_chats.history_epoch`)
+               update ai_chats a set history_epoch = a.history_epoch + 1
+               from ai_messages q
+               where q.id = $1 and q.role = 'user' and q.status = $3 and a.id = q.ai_chat_id
+               returning a.id
+           )
+           update ai_messages m set status = $2, error = null, stop_requested_at = null,
                dispatched_at = null
-           where id = $1 and role = 'user' and status = $3"#,
+           from chat c
+           where m.id = $1 and m.ai_chat_id = c.id and m.role = 'user' and m.status = $3"#,
         message_id,
         MessageStatus::Queued.as_str(),
         MessageStatus::Failed.as_str(),

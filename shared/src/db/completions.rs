@@ -1,13 +1,14 @@
 //! The completion worker's queries: what a job reads to build its prompt, and how it records
 //! the reply or the failure.
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
 
-use crate::domain::{AiMessage, MessageStatus, Role};
+use crate::domain::{AiMessage, ContextMessage, MessageStatus, Role};
 use crate::error::Result;
 
 /// A user message whose job runs, with what its chat contributes to the prompt.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct CompletionSubject {
     pub message_id: i64,
     pub ai_chat_id: i64,
@@ -32,7 +33,7 @@ pub struct CompletionSubject {
 }
 
 /// One earlier message of the conversation, as the model sees it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryMessage {
     /// `user` or `assistant`.
     pub role: Role,
@@ -60,10 +61,61 @@ pub struct NewReply {
     pub stopped: bool,
 }
 
-/// Takes the user message `message_id` for a run of its job, and reads it with its chat:
-/// a message that waits (`queued`, or `answering` when an earlier run died) becomes
-/// `answering` and `claimed`. `None` when it no longer exists (deleted with its chat) or is not
-/// a user message.
+/// What a job's caller already holds of its chat's history (the workers' context cache): every
+/// row of the active path up to turn `through_turn`, as read at the chat's `history_epoch`
+/// `epoch`. Turns that have ended change only with that epoch (`migrations/…_history_epoch.sql`),
+/// so while it is the same only the turns after `through_turn` need reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownHistory {
+    pub epoch: i64,
+    pub through_turn: i64,
+}
+
+/// A run of a completion job as [`claim_job`] found it: the message with its chat, the history
+/// before it, and the related chat's lines.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub subject: CompletionSubject,
+    pub history: HistoryRead,
+    /// The related chat's latest lines, oldest first: `Some` when they were asked for and the
+    /// chat has a related chat its owner still takes part in.
+    pub related: Option<Vec<ContextMessage>>,
+}
+
+/// The history rows read with a job (none when the run did not take the message).
+#[derive(Debug, Clone, Default)]
+pub struct HistoryRead {
+    /// The chat's `history_epoch` as the statement saw it, with the rows.
+    pub epoch: i64,
+    /// The rows are the turns after this one only, the caller's [`KnownHistory`] holding the
+    /// rest; 0 when they are the whole history (its latest `limit` rows).
+    pub after_turn: i64,
+    /// The question is on the chat's active path (the only history a cache holds).
+    pub on_path: bool,
+    /// Oldest first, as [`list_history`] returns them.
+    pub rows: Vec<HistoryRow>,
+}
+
+/// One message of a job's history, with its turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// The question the message belongs to (its own id for a question).
+    pub turn: i64,
+    /// Its turn had ended when read: its question is answered, failed or cancelled, so the
+    /// turn changes only with the chat's `history_epoch`.
+    pub ended: bool,
+    pub message: HistoryMessage,
+}
+
+/// Takes the user message `message_id` for a run of its job and reads, in the same statement
+/// (one round trip, one snapshot, one commit), everything the prompt is built from: the message
+/// with its chat, the history before it ([`list_history`]'s rows, only the turns after
+/// `known.through_turn` when `known.epoch` is still the chat's), and when `related_limit` is
+/// given, the related chat's latest lines.
+///
+/// A message that waits (`queued`, or `answering` when an earlier run died) becomes
+/// `answering` and `claimed`; the history and lines are read only then. `None` when the
+/// message no longer exists (deleted with its chat) or is not a user message.
 ///
 /// The message's other columns are read as the statement began: when a concurrent statement
 /// ended the message meanwhile (a save, a cancel), `claimed` is false and the rest may be
@@ -76,45 +128,19 @@ pub struct NewReply {
 /// `queued` cancels it, after which no reply can be saved for it (`save_replies` takes only a
 /// message that waits).
 #[tracing::instrument(skip(db))]
-pub async fn claim_completion_subject(
+pub async fn claim_job(
     db: impl PgExecutor<'_>,
     message_id: i64,
-) -> Result<Option<CompletionSubject>> {
-    let subject = sqlx::query_as!(
-        CompletionSubject,
-        r#"with async_commit as (select set_config('synchronous_commit', 'off', true)),
-           claimed as (
-               update ai_messages set status = $3
-               from async_commit
-               where id = $1 and role = $2 and status in ($3, $4)
-               returning id, stop_requested_at
-           )
-           select m.id as message_id, m.ai_chat_id, m.content,
-                  c.id is not null as "claimed!",
-                  c.stop_requested_at is not null as "stop_requested!",
-                  exists (select 1 from ai_messages r
-                          where r.reply_to = m.id and r.version = m.reply_version) as "answered!",
-                  a.system_prompt, a.model, a.user_id as owner_id,
-                  case when exists (select 1 from chat_participants p
-                                    where p.chat_id = a.related_chat_id and p.user_id = a.user_id)
-                       then a.related_chat_id end as related_chat_id,
-                  m.budget_day, m.budget_tokens
-           from ai_messages m
-           join ai_chats a on a.id = m.ai_chat_id
-           left join claimed c on c.id = m.id
-           where m.id = $1 and m.role = $2"#,
-        message_id,
-        Role::User.as_str(),
-        MessageStatus::Answering.as_str(),
-        MessageStatus::Queued.as_str(),
-    )
-    .fetch_optional(db)
-    .await?;
-    Ok(subject)
+    known: Option<KnownHistory>,
+    history_limit: i64,
+    related_limit: Option<i64>,
+) -> Result<Option<ClaimedJob>> {
+    read_job(db, message_id, true, known, history_limit, related_limit).await
 }
 
-/// The conversation before user message `question_id` (of chat `ai_chat_id`) as its branch has
-/// it: the latest `limit` user and assistant messages, oldest first.
+/// The conversation before user message `question_id` as its branch has it: the latest `limit`
+/// user and assistant messages, oldest first; what [`claim_job`] reads, without taking the
+/// message. Empty when it is not a user message.
 ///
 /// The turns are the question's ancestors (`parent_id`): on the active path these are the turns
 /// the user sees before it, and for a question left in another branch, that branch's. Each turn
@@ -128,39 +154,75 @@ pub async fn claim_completion_subject(
 /// Two ways to the same turns, one of which reads nothing: a question on the active path (the
 /// usual case) reads the chat's active messages before its turn from
 /// `ai_messages_active_turn_idx`, `(ai_chat_id, coalesce(reply_to, id) desc, id desc) where
-/// active`: the scan starts at the newest turn before it and stops after `limit` rows, whatever
-/// the length of the chat. A question off the path walks its ancestors, one message by its key
-/// and one question's replies by `ai_messages_reply_to_version_idx` per turn, at most `limit`.
-#[tracing::instrument(skip(db))]
+/// active`: the scan starts at the newest turn before it and stops after `limit` rows (or at the
+/// turn already known), whatever the length of the chat. A question off the path walks its
+/// ancestors, one message by its key and one question's replies by
+/// `ai_messages_reply_to_version_idx` per turn, at most `limit`.
 pub async fn list_history(
     db: impl PgExecutor<'_>,
-    ai_chat_id: i64,
     question_id: i64,
     limit: i64,
 ) -> Result<Vec<HistoryMessage>> {
-    let messages = sqlx::query_as!(
-        HistoryMessage,
-        r#"with recursive subject as materialized (
-               select q.active, q.parent_id from ai_messages q where q.id = $1
+    let read = read_job(db, question_id, false, None, limit, None).await?;
+    Ok(read
+        .map(|job| job.history.rows.into_iter().map(|r| r.message).collect())
+        .unwrap_or_default())
+}
+
+/// [`claim_job`], or with `claim` false the same reads without taking the message.
+#[tracing::instrument(skip(db))]
+async fn read_job(
+    db: impl PgExecutor<'_>,
+    message_id: i64,
+    claim: bool,
+    known: Option<KnownHistory>,
+    history_limit: i64,
+    related_limit: Option<i64>,
+) -> Result<Option<ClaimedJob>> {
+    let row = sqlx::query!(
+        r#"with recursive async_commit as (
+               select set_config('synchronous_commit', 'off', true) where $7
+           ), claimed as (
+               update ai_messages set status = $3
+               from async_commit
+               where id = $1 and role = $8 and status in ($3, $4)
+               returning id, stop_requested_at
+           ), subject as materialized (
+               select m.id, m.ai_chat_id, m.content, m.active, m.parent_id, m.reply_version,
+                      m.budget_day, m.budget_tokens,
+                      c.id is not null as claimed,
+                      c.stop_requested_at is not null as stop_requested,
+                      (c.id is not null or not $7) as reads,
+                      a.system_prompt, a.model, a.user_id as owner_id, a.history_epoch,
+                      case when exists (select 1 from chat_participants p
+                                        where p.chat_id = a.related_chat_id
+                                          and p.user_id = a.user_id)
+                           then a.related_chat_id end as related_chat_id,
+                      case when a.history_epoch = $9 then $10::bigint else 0 end as after_turn
+               from ai_messages m
+               join ai_chats a on a.id = m.ai_chat_id
+               left join claimed c on c.id = m.id
+               where m.id = $1 and m.role = $8
            ), on_path as (
                select coalesce(m.reply_to, m.id) as turn, m.id, m.role, m.content,
-                      m.content_tokens
+                      m.content_tokens, m.role = $6 or m.status not in ($3, $4) as ended
                from ai_messages m
-               where (select active from subject)
-                 and m.ai_chat_id = $6 and m.active
+               where (select reads and active from subject)
+                 and m.ai_chat_id = (select ai_chat_id from subject) and m.active
                  and coalesce(m.reply_to, m.id) < $1
-                 and (m.role = $4 or m.status not in ($3, $5)
+                 and coalesce(m.reply_to, m.id) > (select after_turn from subject)
+                 and (m.role = $6 or m.status not in ($5, $11)
                       or exists (select 1 from ai_messages r
                                  where r.reply_to = m.id and r.active))
                order by coalesce(m.reply_to, m.id) desc, m.id desc
                limit $2
            ), turns(id, depth) as (
-               select s.parent_id, 1::bigint from subject s where not s.active
+               select s.parent_id, 1::bigint from subject s where s.reads and not s.active
                union all
                select p.parent_id, t.depth + 1 from turns t join ai_messages p on p.id = t.id
                where t.depth < $2::bigint
            ), off_path as (
-               select q.id as turn, v.id, v.role, v.content, v.content_tokens
+               select q.id as turn, v.id, v.role, v.content, v.content_tokens, false as ended
                from turns t
                join ai_messages q on q.id = t.id
                left join lateral (
@@ -173,23 +235,112 @@ pub async fn list_history(
                                           (r.id, r.role, r.content, r.content_tokens))
                    as v(id, role, content, content_tokens)
                where v.id is not null
-                 and (v.id <> q.id or r.id is not null or q.status not in ($3, $5))
+                 and (v.id <> q.id or r.id is not null or q.status not in ($5, $11))
                order by q.id desc, v.id desc
                limit $2
+           ), history as (
+               select * from on_path union all select * from off_path
+           ), related as (
+               select m.id, u.username as sender, m.content, m.timestamp
+               from chat_messages m join users u on u.id = m.sender_id
+               where (select reads from subject)
+                 and m.chat_id = (select related_chat_id from subject)
+               order by m.id desc
+               limit coalesce($12::bigint, 0)
            )
-           select role as "role!: Role", content as "content!", content_tokens
-           from (select * from on_path union all select * from off_path) latest
-           order by turn, id"#,
-        question_id,
-        limit,
+           select s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
+                  s.claimed as "claimed!", s.stop_requested as "stop_requested!",
+                  exists (select 1 from ai_messages r
+                          where r.reply_to = s.id and r.version = s.reply_version) as "answered!",
+                  s.system_prompt as "system_prompt!", s.model as "model!",
+                  s.owner_id as "owner_id!", s.related_chat_id, s.budget_day, s.budget_tokens,
+                  s.history_epoch as "history_epoch!", s.after_turn as "after_turn!",
+                  s.active as "active!",
+                  array(select h.turn from history h order by h.turn, h.id) as "turns!: Vec<i64>",
+                  array(select h.ended from history h order by h.turn, h.id) as "ended!: Vec<bool>",
+                  array(select h.role from history h order by h.turn, h.id) as "roles!: Vec<Role>",
+                  array(select h.content from history h order by h.turn, h.id) as "contents!: Vec<String>",
+                  array(select h.content_tokens from history h order by h.turn, h.id)
+                      as "tokens!: Vec<Option<i32>>",
+                  array(select r.sender from related r order by r.id) as "senders!: Vec<String>",
+                  array(select r.content from related r order by r.id) as "lines!: Vec<String>",
+                  array(select r.timestamp from related r order by r.id)
+                      as "times!: Vec<DateTime<Utc>>"
+           from subject s"#,
+        message_id,
+        history_limit,
+        MessageStatus::Answering.as_str(),
+        MessageStatus::Queued.as_str(),
         MessageStatus::Failed.as_str(),
         Role::Assistant.as_str(),
+        claim,
+        Role::User.as_str(),
+        known.map(|k| k.epoch),
+        known.map_or(0, |k| k.through_turn),
         MessageStatus::Cancelled.as_str(),
-        ai_chat_id,
+        related_limit,
     )
-    .fetch_all(db)
+    .fetch_optional(db)
     .await?;
-    Ok(messages)
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let related = match (related_limit, row.related_chat_id) {
+        (Some(_), Some(_)) => Some(
+            row.senders
+                .into_iter()
+                .zip(row.lines)
+                .zip(row.times)
+                .map(|((sender, content), timestamp)| ContextMessage {
+                    sender,
+                    content,
+                    timestamp,
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+    let rows = row
+        .turns
+        .into_iter()
+        .zip(row.ended)
+        .zip(row.roles)
+        .zip(row.contents.into_iter().zip(row.tokens))
+        .map(
+            |(((turn, ended), role), (content, content_tokens))| HistoryRow {
+                turn,
+                ended,
+                message: HistoryMessage {
+                    role,
+                    content,
+                    content_tokens,
+                },
+            },
+        )
+        .collect();
+    Ok(Some(ClaimedJob {
+        subject: CompletionSubject {
+            message_id: row.message_id,
+            ai_chat_id: row.ai_chat_id,
+            content: row.content,
+            claimed: row.claimed,
+            stop_requested: row.stop_requested,
+            answered: row.answered,
+            system_prompt: row.system_prompt,
+            model: row.model,
+            owner_id: row.owner_id,
+            related_chat_id: row.related_chat_id,
+            budget_day: row.budget_day,
+            budget_tokens: row.budget_tokens,
+        },
+        history: HistoryRead {
+            epoch: row.history_epoch,
+            after_turn: row.after_turn,
+            on_path: row.active,
+            rows,
+        },
+        related,
+    }))
 }
 
 /// Stores the assistant reply to `user_message_id` and marks the user message `answered`, in

@@ -87,10 +87,27 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// reply save, but a generic plan is made from the statistics of the moment and kept until
 /// the next ANALYZE: made on a young table it scanned and sorted whole chats, and the soak's
 /// PostgreSQL CPU doubled (BENCHMARKS.md, fourth session).
+///
+/// A connection is checked (a ping, one round trip) before it is handed out only when it has
+/// been idle for `DATABASE_PING_AFTER_IDLE_MS`: under load every statement would otherwise pay a
+/// round trip for a check that finds the connection it used a moment ago alive
+/// (BENCHMARKS.md, "Cost per answered message"). A connection that broke while busy fails its
+/// next statement instead, which every caller already handles as the database being
+/// unreachable (503, a retried save); sqlx drops it then.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let ping_after = Duration::from_millis(settings.database_ping_after_idle_ms);
     PgPoolOptions::new()
         .max_connections(settings.database_max_connections)
         .acquire_timeout(Duration::from_secs(settings.database_acquire_timeout_secs))
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= ping_after {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy(settings.database_url.expose_secret())
 }
 

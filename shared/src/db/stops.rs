@@ -111,13 +111,23 @@ pub async fn requeue(
     purpose: Requeue,
 ) -> Result<Option<Requeued>> {
     let row = sqlx::query!(
-        r#"update ai_messages m
+        r#"with chat as (
+               -- a turn that had ended changes: the workers' context caches of the chat no
+               -- longer hold its history (`ai_chats.history_epoch`); the chat row is taken
+               -- before the message, as the lock order says
+               update ai_chats a set history_epoch = a.history_epoch + 1
+               from ai_messages q
+               where q.id = $1 and q.role = $3 and a.id = q.ai_chat_id and a.user_id = $2
+                 and (q.status in ($5, $6) or ($10 and q.status = $9))
+               returning a.id
+           )
+           update ai_messages m
            set status = $4, error = null, stop_requested_at = null, dispatched_at = null,
                budget_day = $7, budget_tokens = $8,
                reply_version = coalesce((select max(r.version) from ai_messages r
                                          where r.reply_to = m.id), 0) + 1
-           from ai_chats a
-           where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id and a.user_id = $2
+           from chat a
+           where m.id = $1 and m.role = $3 and a.id = m.ai_chat_id
              and (m.status in ($5, $6) or ($10 and m.status = $9))
            returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                      m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens,

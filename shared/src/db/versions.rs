@@ -109,6 +109,11 @@ pub async fn activate(db: &mut PgConnection, ai_chat_id: i64, message_id: i64) -
                update ai_chat_tips t
                set question_id = (select id from down order by depth desc limit 1)
                where t.ai_chat_id = $2 and exists (select 1 from target)
+           ), epoch as (
+               -- the active path changes: the workers' context caches of the chat no longer
+               -- hold its history (`ai_chats.history_epoch`)
+               update ai_chats a set history_epoch = a.history_epoch + 1
+               where a.id = $2 and exists (select 1 from target)
            ), questions as materialized (
                select id from up union select id from down
            ), path as materialized (

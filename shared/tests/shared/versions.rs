@@ -89,7 +89,7 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
     assert!(none.is_empty());
     // The model's history of q4: every earlier turn but the failed one, replies after their
     // questions.
-    let history = db::completions::list_history(&pool, chat, q4, 100)
+    let history = db::completions::list_history(&pool, q4, 100)
         .await
         .expect("history");
     let history: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
@@ -217,20 +217,152 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
     let contents = |history: Vec<db::completions::HistoryMessage>| -> Vec<String> {
         history.into_iter().map(|m| m.content).collect()
     };
-    let off_path = db::completions::list_history(&env.pool, chat, q2.id, 100)
+    let off_path = db::completions::list_history(&env.pool, q2.id, 100)
         .await
         .expect("history");
     assert_eq!(contents(off_path), vec!["q1", "a1"]);
-    let on_path = db::completions::list_history(&env.pool, chat, edited.message.id, 100)
+    let on_path = db::completions::list_history(&env.pool, edited.message.id, 100)
         .await
         .expect("history");
     assert!(contents(on_path).is_empty());
     // A send now follows the edited question, and its history is the new path.
     let q3 = store_user_message(&env.pool, chat, "q3", options).await;
     assert_eq!(q3.parent_id, Some(edited.message.id));
-    let history = db::completions::list_history(&env.pool, chat, q3.id, 100)
+    let history = db::completions::list_history(&env.pool, q3.id, 100)
         .await
         .expect("history");
     assert_eq!(contents(history), vec!["q1 again"]);
+    env.cleanup().await;
+}
+
+/// The turns a job reads past what its caller knew (`claim_job`'s `KnownHistory`): only the
+/// newer ones while the chat's ended turns stay as they were; all of them again after anything
+/// that changes an ended turn (a regeneration, a retry, a staff re-drive, a branch switch).
+#[tokio::test]
+async fn a_job_reads_only_newer_turns_until_an_ended_turn_changes() {
+    use aichat_fake_llm::FakeConfig;
+    use aichat_shared::db::completions::{KnownHistory, NewReply};
+    use aichat_shared::db::stops::Requeue;
+    use aichat_testkit::{Env as TestEnv, MODEL, store_user_message};
+
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, "s", None).await;
+    let options = ContextOptions {
+        include_related_chat_context: false,
+        context_message_limit: 20,
+    };
+    let reply = |content: &str| NewReply {
+        content: content.to_owned(),
+        prompt_tokens: None,
+        completion_tokens: None,
+        total_tokens: None,
+        model: MODEL.to_owned(),
+        latency_ms: 1,
+        content_tokens: None,
+        question_tokens: None,
+        stopped: false,
+    };
+    let q1 = store_user_message(&env.pool, chat, "q1", options).await;
+    db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
+        .await
+        .expect("save");
+    let q2 = store_user_message(&env.pool, chat, "q2", options).await;
+    db::completions::mark_failed(&env.pool, q2.id, "no")
+        .await
+        .expect("fail");
+    let pool = env.pool.clone();
+    // Reads the history of a new question as a job would, knowing `known`; (epoch, the turn
+    // the rows start after, the rows' contents).
+    let read = async |known: Option<KnownHistory>| {
+        let q = store_user_message(&pool, chat, "next", options).await;
+        let job = db::completions::claim_job(&pool, q.id, known, 100, None)
+            .await
+            .expect("claim")
+            .expect("the message");
+        assert!(job.subject.claimed);
+        db::completions::mark_failed(&pool, q.id, "done")
+            .await
+            .expect("end it");
+        let contents: Vec<String> = job
+            .history
+            .rows
+            .iter()
+            .map(|r| r.message.content.clone())
+            .collect();
+        (job.history.epoch, job.history.after_turn, contents)
+    };
+    let (epoch, after, rows) = read(None).await;
+    assert_eq!((after, rows), (0, vec!["q1".to_owned(), "a1".to_owned()]));
+    let known = KnownHistory {
+        epoch,
+        through_turn: q1.id,
+    };
+    assert_eq!(read(Some(known)).await, (epoch, q1.id, vec![]));
+
+    let regenerate = db::stops::requeue(&env.pool, q1.id, alice.id, None, Requeue::Regenerate)
+        .await
+        .expect("requeue");
+    assert!(regenerate.is_some());
+    let (after_regenerate, after, rows) = read(Some(known)).await;
+    assert!(after_regenerate > epoch);
+    assert_eq!(
+        (after, rows.len()),
+        (0, 2),
+        "the whole history again: {rows:?}"
+    );
+    db::completions::save_reply(&env.pool, q1.id, &reply("a1 again"))
+        .await
+        .expect("save");
+
+    let known = KnownHistory {
+        epoch: after_regenerate,
+        through_turn: q1.id,
+    };
+    assert_eq!(read(Some(known)).await.1, q1.id, "nothing changed since");
+    let retry = db::stops::requeue(&env.pool, q2.id, alice.id, None, Requeue::Retry)
+        .await
+        .expect("retry");
+    assert!(retry.is_some());
+    let (after_retry, after, rows) = read(Some(known)).await;
+    assert!(after_retry > after_regenerate);
+    assert_eq!(after, 0);
+    assert_eq!(rows, vec!["q1", "a1 again", "q2"]);
+    db::completions::mark_failed(&env.pool, q2.id, "again")
+        .await
+        .expect("fail");
+
+    let known = KnownHistory {
+        epoch: after_retry,
+        through_turn: q1.id,
+    };
+    assert!(
+        db::admin::requeue_failed_message(&env.pool, q2.id)
+            .await
+            .expect("re-drive")
+    );
+    let (after_redrive, after, _) = read(Some(known)).await;
+    assert!(after_redrive > after_retry);
+    assert_eq!(after, 0);
+
+    let known = KnownHistory {
+        epoch: after_redrive,
+        through_turn: q1.id,
+    };
+    let mut tx = env.pool.begin().await.expect("tx");
+    assert!(
+        db::versions::lock_owned_chat(&mut tx, chat, alice.id)
+            .await
+            .expect("lock")
+    );
+    assert!(
+        db::versions::activate(&mut tx, chat, q1.id)
+            .await
+            .expect("activate")
+    );
+    tx.commit().await.expect("commit");
+    let (after_switch, after, _) = read(Some(known)).await;
+    assert!(after_switch > after_redrive);
+    assert_eq!(after, 0);
     env.cleanup().await;
 }
