@@ -200,7 +200,13 @@ async fn read_job(
                            then a.related_chat_id end as related_chat_id,
                       case when a.history_epoch = $9 then $10::bigint else 0 end as after_turn
                from ai_messages m
-               join ai_chats a on a.id = m.ai_chat_id
+               -- by its key whatever the statistics say (`limit` keeps it a nested loop): a
+               -- young table's estimates once made this a scan of every chat
+               cross join lateral (
+                   select a.system_prompt, a.model, a.user_id, a.history_epoch,
+                          a.related_chat_id
+                   from ai_chats a where a.id = m.ai_chat_id limit 1
+               ) a
                left join claimed c on c.id = m.id
                where m.id = $1 and m.role = $8
            ), on_path as (
