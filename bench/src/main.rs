@@ -1,6 +1,7 @@
 //! aichat-bench: starts the real release binaries (API, worker, fake model) on loopback
 //! against a scratch PostgreSQL database and Redis namespace, and measures ingest, pipeline,
-//! concurrency, fan-out, reads and soak, each beside a baseline measured in the same run.
+//! `?wait` sends, concurrency, fan-out, reads and soak, each beside a baseline measured in the
+//! same run.
 mod baselines;
 mod dbstats;
 mod env;
@@ -33,7 +34,9 @@ struct Cli {
     /// Print the results as JSON on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// Scenarios to run, comma-separated (ingest, pipeline, concurrency, fanout, reads, soak).
+    /// Scenarios to run, comma-separated (ingest, pipeline, wait, concurrency, fanout, reads,
+    /// soak). wait: 64 clients each in a closed loop of `send_message?wait=true` against a 1 s
+    /// model (one worker, concurrency 128), answers/s beside 64 ÷ 1 s.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Directory holding aichat-api, aichat-worker and aichat-fake-llm.
@@ -111,6 +114,7 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
             ..Report::default()
         },
         ingest_rps: None,
+        pgbench_insert_tps: None,
     };
     let selected: Vec<&str> = ALL
         .iter()
@@ -174,6 +178,7 @@ async fn run_one(ctx: &mut Ctx, name: &str) -> anyhow::Result<()> {
     match name {
         "ingest" => scenarios::ingest::run(ctx).await,
         "pipeline" => scenarios::pipeline::run(ctx).await,
+        "wait" => scenarios::wait::run(ctx).await,
         "concurrency" => scenarios::concurrency::run(ctx).await,
         "fanout" => scenarios::fanout::run(ctx).await,
         "reads" => scenarios::reads::run(ctx).await,

@@ -289,23 +289,69 @@ impl CpuMeter {
     /// Percent of one core used by the bench and each process, and percent of the whole
     /// machine busy (every process, ours or not).
     pub fn finish(&self) -> Vec<(String, f64)> {
-        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        self.spent().percentages()
+    }
+
+    /// CPU spent since the start: by the bench, each process and each group, and by the
+    /// whole machine.
+    pub fn spent(&self) -> CpuSpent {
         let hz = clock_ticks_per_sec();
-        let pct = |ticks: u64| ticks as f64 / hz / secs * 100.0;
-        let mut out = vec![(
+        let secs = |ticks: u64| ticks as f64 / hz;
+        let mut by_name = vec![(
             "bench".to_owned(),
-            pct(cpu_ticks(std::process::id()).saturating_sub(self.own)),
+            secs(cpu_ticks(std::process::id()).saturating_sub(self.own)),
         )];
         for (name, pid, t0) in &self.procs {
-            out.push((name.clone(), pct(cpu_ticks(*pid).saturating_sub(*t0))));
+            by_name.push((name.clone(), secs(cpu_ticks(*pid).saturating_sub(*t0))));
         }
         for (group, t0) in &self.groups {
-            out.push((group.clone(), pct(group_ticks(group).saturating_sub(*t0))));
+            by_name.push((group.clone(), secs(group_ticks(group).saturating_sub(*t0))));
         }
         let (busy, total) = machine_ticks();
-        let db = busy.saturating_sub(self.machine.0) as f64;
-        let dt = total.saturating_sub(self.machine.1).max(1) as f64;
-        out.push(("machine_busy".to_owned(), db / dt * 100.0));
+        CpuSpent {
+            wall_secs: self.start.elapsed().as_secs_f64().max(1e-3),
+            by_name,
+            machine_busy_secs: secs(busy.saturating_sub(self.machine.0)),
+            machine_total_secs: secs(total.saturating_sub(self.machine.1)),
+        }
+    }
+}
+
+/// CPU time spent over an interval.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSpent {
+    /// Length of the interval.
+    pub wall_secs: f64,
+    /// CPU seconds (user + system) of the bench, each process and each group, in that order.
+    pub by_name: Vec<(String, f64)>,
+    /// CPU seconds the whole machine was busy (every process, ours or not; all cores).
+    pub machine_busy_secs: f64,
+    /// CPU seconds the machine had (the interval × its cores).
+    pub machine_total_secs: f64,
+}
+
+impl CpuSpent {
+    /// CPU seconds of `name` (a process or group), 0 if not measured.
+    pub fn secs(&self, name: &str) -> f64 {
+        self.by_name
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| *s)
+            .unwrap_or(0.0)
+    }
+
+    /// Percent of one core used by the bench, each process and each group, then
+    /// `machine_busy`, the percent of the whole machine busy ([`CpuMeter::finish`]).
+    pub fn percentages(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .by_name
+            .iter()
+            .map(|(n, s)| (n.clone(), s / self.wall_secs * 100.0))
+            .collect();
+        out.push((
+            "machine_busy".to_owned(),
+            self.machine_busy_secs / self.machine_total_secs.max(1e-9) * 100.0,
+        ));
         out
     }
 }

@@ -58,6 +58,25 @@ async fn message_count(app: &TestApp, user: &TestUser, chat: i64) -> i64 {
     body["message_count"].as_i64().unwrap_or(-1)
 }
 
+/// Sends `content`, then regenerates its reply into a different one (three words of lorem):
+/// (question, first reply, second reply), the second one shown.
+async fn two_replies(
+    stack: &Stack,
+    user: &TestUser,
+    chat: i64,
+    content: &str,
+) -> (Value, Value, Value) {
+    let (question, first) = turn(stack, user, chat, content).await;
+    stack.fake.set_config(FakeConfig {
+        reply_words: Some(3),
+        ..FakeConfig::default()
+    });
+    let second = regenerated(stack, user, id(&question)).await;
+    assert_ne!(second["content"], first["content"]);
+    stack.fake.set_config(FakeConfig::default());
+    (question, first, second)
+}
+
 /// The contents of the messages the model was sent last, system prompt left out.
 fn last_prompt(stack: &Stack) -> Vec<String> {
     let requests = stack.fake.requests();
@@ -236,15 +255,7 @@ async fn switching_reply_versions_changes_what_the_next_prompt_holds() {
     let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
     let alice = stack.user("alice").await;
     let chat = stack.ai_chat_id(&alice).await;
-    let (question, first) = turn(&stack, &alice, chat, "pick a word").await;
-    // The regenerated reply differs: three words of lorem.
-    stack.fake.set_config(FakeConfig {
-        reply_words: Some(3),
-        ..FakeConfig::default()
-    });
-    let second = regenerated(&stack, &alice, id(&question)).await;
-    assert_ne!(second["content"], first["content"]);
-    stack.fake.set_config(FakeConfig::default());
+    let (question, first, _) = two_replies(&stack, &alice, chat, "pick a word").await;
 
     let (status, body) = stack
         .post(&activate_path(id(&first)), &alice.token, json!({}))
@@ -575,14 +586,7 @@ async fn a_branch_switch_after_the_history_was_cached_reaches_the_next_prompt() 
     let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
     let alice = stack.user("alice").await;
     let chat = stack.ai_chat_id(&alice).await;
-    let (question, first) = turn(&stack, &alice, chat, "pick a word").await;
-    stack.fake.set_config(FakeConfig {
-        reply_words: Some(3),
-        ..FakeConfig::default()
-    });
-    let second = regenerated(&stack, &alice, id(&question)).await;
-    assert_ne!(second["content"], first["content"]);
-    stack.fake.set_config(FakeConfig::default());
+    let (_, first, second) = two_replies(&stack, &alice, chat, "pick a word").await;
     // Two more turns: the history before the last one, the regenerated reply in it, is cached.
     turn(&stack, &alice, chat, "two").await;
     turn(&stack, &alice, chat, "three").await;

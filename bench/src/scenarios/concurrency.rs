@@ -1,21 +1,27 @@
 //! Concurrency: the fake model answers after 2 s; one worker with WORKER_CONCURRENCY=500 works
 //! a backlog of jobs queued beforehand. Reports the most model calls in flight (from the
 //! fake's arrival log) and jobs in flight (worker /metrics), and replies per second beside
-//! the ideal concurrency ÷ latency.
+//! the ideal concurrency ÷ latency. Then, with that drain measured alone, a second backlog is
+//! queued, and while the worker drains it 64 closed-loop clients send into other chats for a
+//! few seconds: that ingest rate beside pgbench single-row inserts (the ingest scenario's
+//! baseline, or measured here when it did not run).
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::baselines;
 use crate::env::{self, Stack};
-use crate::load;
+use crate::load::{self, LoadResult};
 use crate::procs::CpuMeter;
 use crate::report::Row;
 use crate::scenarios::{Ctx, send_load};
 use crate::seed;
 
 const LATENCY_MS: u64 = 2000;
+/// Clients of the ingest during the drain (as many as the ingest scenario's).
+const INGEST_CLIENTS: usize = 64;
 
 #[derive(Deserialize)]
 struct Recorded {
@@ -25,10 +31,36 @@ struct Recorded {
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let jobs = ctx.opts.concurrency_jobs;
     let concurrency = ctx.opts.concurrency;
+    let pgbench_tps = match ctx.pgbench_insert_tps {
+        Some(tps) => tps,
+        None => {
+            let secs = ctx.opts.secs;
+            eprintln!(
+                "concurrency: no pgbench figure yet; pgbench single-row insert, {INGEST_CLIENTS} clients, {secs}s"
+            );
+            baselines::scratch_table(&ctx.env).await?;
+            let pg = baselines::pgbench(
+                &ctx.env,
+                "insert",
+                "insert into bench_scratch (payload) values ('bench message');",
+                INGEST_CLIENTS,
+                secs,
+            )
+            .await?;
+            ctx.pgbench_insert_tps = Some(pg.tps);
+            pg.tps
+        }
+    };
     let mut stack = Stack::api(&ctx.env, "concurrency").await?;
     stack.start_fake(&ctx.env, LATENCY_MS, 20_000).await?;
     let accounts = Arc::new(seed::accounts(&ctx.env.db, "conc", 50, 10).await?);
     let chats: Vec<i64> = accounts.iter().flat_map(|a| a.chats.clone()).collect();
+    let ingest_accounts =
+        Arc::new(seed::accounts(&ctx.env.db, "conc-ingest", INGEST_CLIENTS, 2).await?);
+    let ingest_chats: Vec<i64> = ingest_accounts
+        .iter()
+        .flat_map(|a| a.chats.clone())
+        .collect();
     let http = load::http_client(64)?;
 
     eprintln!(
@@ -114,7 +146,24 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     } else {
         0.0
     };
+
+    // Then a second backlog, and the ingest while the worker drains it (the drain above is
+    // measured alone, as ever).
+    let ingest = ingest_while_draining(
+        ctx,
+        &mut stack,
+        &http,
+        &accounts,
+        &ingest_accounts,
+        &chats,
+        &metrics_url,
+    )
+    .await?;
     stack.stop().await;
+    // The ingest's messages (and whatever of the backlog is left) are not answered now: their
+    // jobs went with the namespace, and the next scenarios' sweepers would queue them again.
+    env::forget_queued(&ctx.env.db, &ingest_chats).await?;
+    env::forget_queued(&ctx.env.db, &chats).await?;
 
     let rep = &mut ctx.report;
     rep.push(
@@ -157,6 +206,45 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         )
         .baseline("WORKER_CONCURRENCY", f64::from(concurrency)),
     );
+    let i = &ingest;
+    let rps = i.load.rate();
+    rep.push(
+        Row::new(
+            "concurrency",
+            "ingest while a worker drains at concurrency 500",
+            rps,
+            "req/s",
+        )
+        .baseline("pgbench insert tps", pgbench_tps)
+        .target(">= 0.40 × pgbench", rps >= 0.40 * pgbench_tps),
+    );
+    rep.push(
+        Row::new(
+            "concurrency",
+            "ingest while draining: errors",
+            i.load.errors as f64,
+            "",
+        )
+        .target("0", i.load.errors == 0),
+    );
+    if !i.load.first_errors.is_empty() {
+        rep.note(format!(
+            "concurrency ingest errors: {:?}",
+            i.load.first_errors
+        ));
+    }
+    rep.note(format!(
+        "concurrency: ingest while draining = a second backlog of {} messages queued into the backlog chats once the first was drained; when the worker held {} jobs, {INGEST_CLIENTS} closed-loop clients sent into {} other chats (accounts of their own) for {:.1}s after a {:.1}s warm-up; {} sends ok; {} backlog replies meanwhile ({:.0}/s; the replies come in waves of 500 every 2 s, so a short window counts whole waves), {} backlog messages still waiting at its end (above 0: the ingest ran within the drain); the ingest's messages queue behind the backlog and are deleted unanswered",
+        i.backlog,
+        i.in_flight_at_start,
+        ingest_chats.len(),
+        i.load.elapsed.as_secs_f64(),
+        i.warm.as_secs_f64(),
+        i.load.ok,
+        i.replies,
+        i.drain_rate,
+        i.backlog_left,
+    ));
     rep.note(format!(
         "concurrency: {replies} of {queued} replies; rate = replies ÷ (last reply saved − first model call) = {replies} ÷ {span_s:.2}s; in-flight from the fake = most arrivals within any {LATENCY_MS} ms window"
     ));
@@ -166,6 +254,119 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Queues a second backlog (`opts.concurrency_jobs` messages into the backlog chats) for the
+/// running worker; once it holds its `concurrency` jobs (or after one model latency), runs the
+/// ingest into the ingest accounts' chats.
+async fn ingest_while_draining(
+    ctx: &mut Ctx,
+    stack: &mut Stack,
+    http: &reqwest::Client,
+    accounts: &Arc<Vec<seed::Account>>,
+    ingest_accounts: &Arc<Vec<seed::Account>>,
+    chats: &[i64],
+    metrics_url: &str,
+) -> anyhow::Result<IngestDuringDrain> {
+    let jobs = ctx.opts.concurrency_jobs;
+    let concurrency = f64::from(ctx.opts.concurrency);
+    let (secs, warm) = if ctx.opts.quick {
+        (Duration::from_secs(2), Duration::from_millis(500))
+    } else {
+        (Duration::from_secs(5), Duration::from_secs(1))
+    };
+    eprintln!(
+        "concurrency: queueing {jobs} more messages into the backlog chats for the worker, then ingest into other chats while it drains them"
+    );
+    let r = send_load(
+        "enqueue (ingest phase)",
+        http,
+        &stack.api_url(),
+        accounts,
+        64,
+        Duration::from_secs(120),
+        jobs,
+    )
+    .await;
+    if r.errors > 0 {
+        ctx.report.note(format!(
+            "concurrency second enqueue errors: {} {:?}",
+            r.errors, r.first_errors
+        ));
+    }
+    let backlog = r.ok;
+    let filling = Instant::now();
+    let mut in_flight = 0.0f64;
+    while filling.elapsed() < Duration::from_millis(LATENCY_MS) {
+        in_flight = env::worker_in_flight(&ctx.env.http, metrics_url)
+            .await
+            .unwrap_or(0.0);
+        if in_flight >= concurrency {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack.check_alive()?;
+    eprintln!(
+        "concurrency: {backlog} queued, {in_flight} jobs in flight: ingest with {INGEST_CLIENTS} clients, warm-up {warm:?}, then {secs:?}"
+    );
+    let cpu = CpuMeter::start(&stack.pids());
+    let warm_up = send_load(
+        "drain ingest warm-up",
+        http,
+        &stack.api_url(),
+        ingest_accounts,
+        INGEST_CLIENTS,
+        warm,
+        u64::MAX,
+    )
+    .await;
+    let before = env::replies_in(&ctx.env.db, chats).await?;
+    let t = Instant::now();
+    let mut load = send_load(
+        "drain ingest",
+        http,
+        &stack.api_url(),
+        ingest_accounts,
+        INGEST_CLIENTS,
+        secs,
+        u64::MAX,
+    )
+    .await;
+    let elapsed = t.elapsed().as_secs_f64().max(1e-3);
+    let replies = env::replies_in(&ctx.env.db, chats).await? - before;
+    let backlog_left = env::queued_in(&ctx.env.db, chats).await?;
+    ctx.cpu("concurrency+ingest", cpu.finish());
+    stack.check_alive()?;
+    // The warm-up's errors count too.
+    load.errors += warm_up.errors;
+    let mut first = warm_up.first_errors;
+    first.extend(load.first_errors);
+    first.truncate(5);
+    load.first_errors = first;
+    Ok(IngestDuringDrain {
+        load,
+        warm,
+        backlog,
+        in_flight_at_start: in_flight,
+        replies,
+        drain_rate: replies as f64 / elapsed,
+        backlog_left,
+    })
+}
+
+/// What the ingest during the drain did, and the drain meanwhile.
+struct IngestDuringDrain {
+    load: LoadResult,
+    warm: Duration,
+    /// Messages of the second backlog, and the worker's jobs in flight when the ingest began.
+    backlog: u64,
+    in_flight_at_start: f64,
+    /// Backlog replies saved during the measured ingest, and their rate.
+    replies: i64,
+    drain_rate: f64,
+    /// Backlog messages still waiting when the ingest ended (above 0: it ran within the drain).
+    backlog_left: i64,
 }
 
 /// The most arrivals within any window of `window_ms` (arrivals sorted): the calls in flight

@@ -67,6 +67,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         secs,
     )
     .await?;
+    ctx.pgbench_insert_tps = Some(pg.tps);
     eprintln!("ingest: baseline redis-benchmark LPUSH, {CLIENTS} clients");
     let requests = if ctx.opts.quick { 50_000 } else { 500_000 };
     let rb = baselines::redis_lpush(&ctx.env, CLIENTS, requests).await?;

@@ -13,10 +13,12 @@ pub mod ingest;
 pub mod pipeline;
 pub mod reads;
 pub mod soak;
+pub mod wait;
 
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     "ingest",
     "pipeline",
+    "wait",
     "concurrency",
     "fanout",
     "reads",
@@ -79,6 +81,9 @@ pub struct Ctx {
     pub report: Report,
     /// Ingest rate of this run (the pipeline's baseline).
     pub ingest_rps: Option<f64>,
+    /// pgbench single-row inserts per second with 64 clients, measured in this run (the
+    /// baseline of the ingest scenario, and of the ingest during the concurrency drain).
+    pub pgbench_insert_tps: Option<f64>,
 }
 
 impl Ctx {

@@ -11,8 +11,8 @@ use tokio::sync::Semaphore;
 use crate::dbstats::{DbCost, DbCounters};
 use crate::env::Stack;
 use crate::load::{self, Counters, Progress};
-use crate::procs::CpuMeter;
-use crate::report::Row;
+use crate::procs::{CpuMeter, CpuSpent};
+use crate::report::{Report, Row};
 use crate::scenarios::{Ctx, accepted_id, ingest, post_send};
 use crate::seed;
 use crate::stats::{Samples, Summary};
@@ -45,7 +45,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             "pipeline: {workers} worker(s), {outstanding} messages outstanding over {chats} chats, {}s",
             ctx.opts.secs
         );
-        let cpu = CpuMeter::start(&stack.pids());
         let label = format!("pipeline {workers}w {chats} chats");
         let r = measure(ctx, &stack, &accounts, outstanding, &label).await?;
         let cpu_label = if chats == CHATS {
@@ -53,7 +52,8 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         } else {
             format!("pipeline{workers}w-{chats}chats")
         };
-        ctx.cpu(&cpu_label, cpu.finish());
+        ctx.cpu(&cpu_label, r.cpu.percentages());
+        eprintln!("  {}", r.compact(&cpu_label));
         stack.check_alive()?;
         stack.stop_workers().await;
         // What was still outstanding must not be answered (or swept) in the next phase.
@@ -64,7 +64,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     stack.stop().await;
 
     let (one, two, short) = (&results[0], &results[1], &results[2]);
+    let short_label = format!("1w {SHORT_CHATS} chats");
     let rep = &mut ctx.report;
+    // Each phase's rate, then beside it what PostgreSQL did per answered message.
     rep.push(
         Row::new(
             "pipeline",
@@ -75,6 +77,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         .baseline("ingest req/s", ingest_rps)
         .target(">= 0.50 × ingest", one.rate >= 0.5 * ingest_rps),
     );
+    push_per_message(rep, "1w", one);
     rep.push(
         Row::new(
             "pipeline",
@@ -85,6 +88,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         .baseline("1 worker", one.rate)
         .target("> 1 worker", two.rate > one.rate),
     );
+    push_per_message(rep, "2w", two);
     rep.push(
         Row::new(
             "pipeline",
@@ -94,35 +98,25 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         )
         .baseline("ingest req/s", ingest_rps),
     );
-    for (label, r) in [
-        ("1w", one),
-        ("2w", two),
-        (&*format!("1w {SHORT_CHATS} chats"), short),
-    ] {
+    push_per_message(rep, &short_label, short);
+    // What each process spent per answered message: which one limits the machine.
+    for (label, r) in [("1w", one), ("2w", two), (&*short_label, short)] {
+        for (name, ms) in r.cpu_ms_per_answer() {
+            rep.push(Row::new(
+                "pipeline",
+                &format!("CPU per answered message: {name}, {label}"),
+                ms,
+                "ms",
+            ));
+        }
+    }
+    for (label, r) in [("1w", one), ("2w", two), (&*short_label, short)] {
         rep.push(Row::new(
             "pipeline",
             &format!("prompt messages (mean of the last 100), {label}"),
             r.prompt_messages,
             "",
         ));
-    }
-    for (label, r) in [
-        ("1w", one),
-        ("2w", two),
-        (&*format!("1w {SHORT_CHATS} chats"), short),
-    ] {
-        let per = |what: &str, value: f64| {
-            Row::new(
-                "pipeline",
-                &format!("{what} per answered message, {label}"),
-                value,
-                "",
-            )
-        };
-        rep.push(per("PostgreSQL transactions", r.db.transactions));
-        rep.push(per("rows scanned (tup_returned)", r.db.rows_returned));
-        rep.push(per("rows fetched (tup_fetched)", r.db.rows_fetched));
-        rep.push(per("rows written", r.db.rows_written));
     }
     for (w, r) in [(1, one), (2, two)] {
         rep.push(Row::new(
@@ -151,6 +145,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             ));
         }
     }
+    rep.note(
+        "pipeline: per answered message = over the phase (warm-up, measured window and the drain of the last replies) ÷ the replies it received; CPU from /proc (postgres and redis-server: every such process of the machine, machine: every busy core, so others' work on the machine counts too)".to_owned(),
+    );
     rep.note(format!(
         "pipeline: closed loop with {outstanding} messages outstanding (a new send as each reply arrives), {CHATS} chats each watched by one WebSocket; the rate counts replies received after a warm-up; latency includes time queued behind the other outstanding messages; every prompt carries its chat's whole history (up to the 3,000-token budget), so with {CHATS} chats prompts grow through the run; the {SHORT_CHATS}-chat phase spreads the same load so conversations stay short"
     ));
@@ -163,8 +160,31 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rows of what one phase cost per answered message: PostgreSQL's transactions and rows,
+/// and its CPU.
+fn push_per_message(rep: &mut Report, label: &str, r: &PipeResult) {
+    let per = |what: &str, value: f64, unit: &str| {
+        Row::new(
+            "pipeline",
+            &format!("{what} per answered message, {label}"),
+            value,
+            unit,
+        )
+    };
+    rep.push(per("PostgreSQL transactions", r.db.transactions, ""));
+    rep.push(per("rows scanned (tup_returned)", r.db.rows_returned, ""));
+    rep.push(per("rows fetched (tup_fetched)", r.db.rows_fetched, ""));
+    rep.push(per("rows written", r.db.rows_written, ""));
+    rep.push(per("PostgreSQL CPU", r.pg_cpu_ms_per_answer(), "ms"));
+}
+
 struct PipeResult {
     rate: f64,
+    /// Replies received over the whole phase (warm-up and drain included): the unit of the
+    /// per-answered-message figures.
+    answered: usize,
+    /// CPU spent over the same span as `db`.
+    cpu: CpuSpent,
     /// Mean length of the prompts the model received last (the fake keeps the last 100).
     prompt_messages: f64,
     /// What PostgreSQL did per answered message (sends, jobs and replies together).
@@ -173,6 +193,47 @@ struct PipeResult {
     errors: u64,
     unanswered: usize,
     first_errors: Vec<String>,
+}
+
+impl PipeResult {
+    /// CPU milliseconds per answered message of `seconds` CPU seconds.
+    fn per_answer_ms(&self, seconds: f64) -> f64 {
+        seconds * 1000.0 / self.answered.max(1) as f64
+    }
+
+    /// CPU milliseconds of every `postgres` process per answered message.
+    fn pg_cpu_ms_per_answer(&self) -> f64 {
+        self.per_answer_ms(self.cpu.secs("postgres"))
+    }
+
+    /// (process or group, CPU ms per answered message): the children, PostgreSQL, Redis, the
+    /// bench, and the whole machine.
+    fn cpu_ms_per_answer(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .cpu
+            .by_name
+            .iter()
+            .map(|(name, secs)| (name.clone(), self.per_answer_ms(*secs)))
+            .collect();
+        out.push((
+            "machine (all processes)".to_owned(),
+            self.per_answer_ms(self.cpu.machine_busy_secs),
+        ));
+        out
+    }
+
+    /// One line: the rate, and beside it what PostgreSQL did per answered message.
+    fn compact(&self, label: &str) -> String {
+        format!(
+            "[{label}] {:.0} replies/s; per answered message: {:.2} transactions, {:.1} rows scanned, {:.1} rows fetched, {:.3} ms PostgreSQL CPU ({} answered)",
+            self.rate,
+            self.db.transactions,
+            self.db.rows_returned,
+            self.db.rows_fetched,
+            self.pg_cpu_ms_per_answer(),
+            self.answered,
+        )
+    }
 }
 
 enum Slot {
@@ -251,6 +312,7 @@ async fn measure(
         connect_start.elapsed().as_secs_f64()
     );
     let db_before = DbCounters::read(&ctx.env.db).await?;
+    let cpu = CpuMeter::start(&stack.pids());
     let start = Instant::now();
     let send_end = start + warm + Duration::from_secs(secs);
     let read_end = send_end + drain;
@@ -351,6 +413,7 @@ async fn measure(
     }
     let unanswered = shared.sent_waiting();
     let done = shared.done.lock().map(|d| d.clone()).unwrap_or_default();
+    let cpu = cpu.spent();
     let db = db_before.per(&DbCounters::read(&ctx.env.db).await?, done.len());
     let window_start = start + warm;
     let in_window = done
@@ -366,6 +429,8 @@ async fn measure(
     let prompt_messages = mean_prompt_messages(&http, &stack.fake_url()).await?;
     Ok(PipeResult {
         rate: in_window as f64 / (send_end - window_start).as_secs_f64(),
+        answered: done.len(),
+        cpu,
         prompt_messages,
         db,
         latency: samples.summary(),

@@ -1,5 +1,6 @@
 //! Soak: minutes of mixed load (paced sends answered by one worker, reads, open sockets
-//! receiving the chats' events); samples the RSS of every child and counts errors.
+//! receiving the chats' events); samples the RSS of every child and Redis's `used_memory`, and
+//! counts errors.
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -11,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::env::{self, Stack};
 use crate::load::{self, Counters, Progress};
 use crate::procs::{self, CpuMeter};
-use crate::report::Row;
+use crate::report::{Report, Row};
 use crate::scenarios::{Ctx, accepted_id, post_send};
 use crate::seed;
 use crate::stats::{self, Samples};
@@ -90,13 +91,21 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         }));
     }
 
-    // RSS samples of every child.
+    // RSS samples of every child, and Redis's used_memory (KiB) with them.
     let pids = stack.pids();
     let mut rss: Vec<Vec<(f64, f64)>> = vec![Vec::new(); pids.len()];
+    let mut redis_mem: Vec<(f64, f64)> = Vec::new();
+    let mut redis = ctx.env.redis.clone();
+    // What the namespace's keys hold (used_memory is the whole server's), at half time.
+    let mut ns_at_half: Option<KeyUsage> = None;
     while Instant::now() < end {
         let t = start.elapsed().as_secs_f64();
         for (i, (_, pid)) in pids.iter().enumerate() {
             rss[i].push((t, procs::rss_kib(*pid) as f64));
+        }
+        redis_mem.push((t, redis_used_memory(&mut redis).await? as f64 / 1024.0));
+        if ns_at_half.is_none() && Instant::now() >= half {
+            ns_at_half = Some(namespace_usage(&mut redis, &stack.ns).await?);
         }
         stack.check_alive()?;
         tokio::time::sleep(
@@ -110,6 +119,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     for (i, (_, pid)) in pids.iter().enumerate() {
         rss[i].push((t, procs::rss_kib(*pid) as f64));
     }
+    redis_mem.push((t, redis_used_memory(&mut redis).await? as f64 / 1024.0));
+    let ns_at_end = namespace_usage(&mut redis, &stack.ns).await?;
+    let ns_at_half = ns_at_half.unwrap_or_default();
     let mut send_lat = [Samples::default(), Samples::default()];
     let mut read_lat = [Samples::default(), Samples::default()];
     for task in tasks {
@@ -143,37 +155,28 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let errors = counters.errors.load(Ordering::Relaxed);
     let rep = &mut ctx.report;
     for (i, (name, _)) in pids.iter().enumerate() {
-        let points = &rss[i];
-        let first = points.first().map(|p| p.1).unwrap_or(0.0);
-        let last = points.last().map(|p| p.1).unwrap_or(0.0);
-        let max = points.iter().map(|p| p.1).fold(0.0, f64::max);
-        let mid = points.len() / 2;
-        let second_half = &points[mid..];
-        let mid_v = second_half.first().map(|p| p.1).unwrap_or(0.0);
-        // KiB per minute over the second half (the first holds the warm-up growth).
-        let slope = stats::slope(second_half) * 60.0;
-        let growth = if mid_v > 0.0 {
-            (last - mid_v) / mid_v
-        } else {
-            0.0
-        };
-        let mib = |what: &str, kib: f64| {
-            Row::new("soak", &format!("{name} RSS {what}"), kib / 1024.0, "MiB")
-        };
-        rep.push(mib("start", first));
-        rep.push(mib("max", max));
-        rep.push(
-            mib("end", last)
-                .baseline("RSS at half time", mid_v / 1024.0)
-                .target("flat: second half +<= 5%", growth <= 0.05),
-        );
-        rep.push(Row::new(
-            "soak",
-            &format!("{name} RSS slope, 2nd half"),
-            slope,
-            "KiB/min",
-        ));
+        push_memory_rows(rep, &format!("{name} RSS"), "RSS at half time", &rss[i]);
     }
+    push_memory_rows(
+        rep,
+        "Redis used_memory",
+        "used_memory at half time",
+        &redis_mem,
+    );
+    let total = |u: &KeyUsage| u.values().map(|(_, bytes)| *bytes).sum::<u64>() as f64;
+    rep.push(
+        Row::new(
+            "soak",
+            "Redis memory of the soak namespace's keys, end",
+            total(&ns_at_end) / (1024.0 * 1024.0),
+            "MiB",
+        )
+        .baseline("at half time", total(&ns_at_half) / (1024.0 * 1024.0)),
+    );
+    rep.note(format!(
+        "soak: Redis used_memory is the whole server's (other users of it count too); the soak namespace's keys by kind (MEMORY USAGE), half time → end: {}",
+        usage_growth(&ns_at_half, &ns_at_end)
+    ));
     let [s1, s2] = send_lat;
     let [r1, r2] = read_lat;
     let (s1, s2, r1, r2) = (s1.summary(), s2.summary(), r1.summary(), r2.summary());
@@ -214,6 +217,138 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         rep.note(format!("soak errors: {:?}", counters.first_errors()));
     }
     Ok(())
+}
+
+/// The rows of one memory series of `(seconds, KiB)` points: start, max, end beside the value
+/// at half time (target: the second half grows by at most 5%), and the second half's slope.
+fn push_memory_rows(rep: &mut Report, what: &str, at_half: &str, points: &[(f64, f64)]) {
+    let first = points.first().map(|p| p.1).unwrap_or(0.0);
+    let last = points.last().map(|p| p.1).unwrap_or(0.0);
+    let max = points.iter().map(|p| p.1).fold(0.0, f64::max);
+    let mid = points.len() / 2;
+    let second_half = &points[mid..];
+    let mid_v = second_half.first().map(|p| p.1).unwrap_or(0.0);
+    // KiB per minute over the second half (the first holds the warm-up growth).
+    let slope = stats::slope(second_half) * 60.0;
+    let growth = if mid_v > 0.0 {
+        (last - mid_v) / mid_v
+    } else {
+        0.0
+    };
+    let mib =
+        |when: &str, kib: f64| Row::new("soak", &format!("{what} {when}"), kib / 1024.0, "MiB");
+    rep.push(mib("start", first));
+    rep.push(mib("max", max));
+    rep.push(
+        mib("end", last)
+            .baseline(at_half, mid_v / 1024.0)
+            .target("flat: second half +<= 5%", growth <= 0.05),
+    );
+    rep.push(Row::new(
+        "soak",
+        &format!("{what} slope, 2nd half"),
+        slope,
+        "KiB/min",
+    ));
+}
+
+/// Redis's `used_memory` (bytes) from `INFO memory`: the whole server's, so other users of the
+/// same Redis count too.
+async fn redis_used_memory(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(redis).await?;
+    parse_used_memory(&info).ok_or_else(|| anyhow::anyhow!("no used_memory in INFO memory"))
+}
+
+/// Keys of a namespace by kind (the key less the namespace, its ids written `*`): how many,
+/// and their bytes (`MEMORY USAGE`).
+type KeyUsage = std::collections::BTreeMap<String, (u64, u64)>;
+
+/// The namespace's keys by kind, from a SCAN of `{ns}:*` and `MEMORY USAGE` of each key.
+async fn namespace_usage(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ns: &str,
+) -> anyhow::Result<KeyUsage> {
+    let mut usage = KeyUsage::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{ns}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("MEMORY").arg("USAGE").arg(key);
+            }
+            let sizes: Vec<Option<u64>> = pipe.query_async(redis).await?;
+            for (key, size) in keys.iter().zip(sizes) {
+                let entry = usage.entry(key_kind(ns, key)).or_default();
+                entry.0 += 1;
+                entry.1 += size.unwrap_or(0);
+            }
+        }
+        if next == 0 {
+            return Ok(usage);
+        }
+        cursor = next;
+    }
+}
+
+/// A key's kind: the key less `{ns}:`, with each segment that is an id (all digits, or longer
+/// than 16 characters: task ids, hashes) written `*`.
+fn key_kind(ns: &str, key: &str) -> String {
+    let rest = key
+        .strip_prefix(ns)
+        .and_then(|r| r.strip_prefix(':'))
+        .unwrap_or(key);
+    let segments: Vec<&str> = rest
+        .split(':')
+        .map(|seg| {
+            if (!seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit())) || seg.len() > 16 {
+                "*"
+            } else {
+                seg
+            }
+        })
+        .collect();
+    segments.join(":")
+}
+
+/// The kinds that grew most from `half` to `end` (at most 8): `kind keys (KiB) → keys (KiB)`.
+fn usage_growth(half: &KeyUsage, end: &KeyUsage) -> String {
+    let mut kinds: Vec<_> = end
+        .iter()
+        .map(|(kind, e)| (kind, half.get(kind).copied().unwrap_or((0, 0)), *e))
+        .collect();
+    kinds.sort_by_key(|(_, h, e)| std::cmp::Reverse(e.1 as i64 - h.1 as i64));
+    let parts: Vec<String> = kinds
+        .iter()
+        .take(8)
+        .map(|(kind, h, e)| {
+            format!(
+                "{kind} {} ({:.0} KiB) → {} ({:.0} KiB)",
+                h.0,
+                h.1 as f64 / 1024.0,
+                e.0,
+                e.1 as f64 / 1024.0
+            )
+        })
+        .collect();
+    if parts.is_empty() {
+        "no keys".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn parse_used_memory(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.trim_end().strip_prefix("used_memory:"))
+        .and_then(|v| v.parse().ok())
 }
 
 /// What the soak's HTTP clients share: the API, the chats (one per account) and the newest
@@ -308,4 +443,30 @@ async fn leftover_reply_keys(
         left += keys.len();
     }
     Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_kind, parse_used_memory};
+
+    #[test]
+    fn key_kinds_write_ids_as_stars() {
+        let ns = "aichat_bench_0123_soak";
+        assert_eq!(key_kind(ns, &format!("{ns}:chat:42")), "chat:*");
+        assert_eq!(key_kind(ns, &format!("{ns}:history:v1:42")), "history:v1:*");
+        assert_eq!(
+            key_kind(
+                ns,
+                &format!("{ns}:jobs:completion:message:7:rescue:01JABCDEFGHJKMNPQRSTVWXYZ0")
+            ),
+            "jobs:completion:message:*:rescue:*"
+        );
+    }
+
+    #[test]
+    fn used_memory_from_info_memory() {
+        let info = "# Memory\r\nused_memory:1056784\r\nused_memory_human:1.01M\r\nused_memory_rss:5836800\r\n";
+        assert_eq!(parse_used_memory(info), Some(1_056_784));
+        assert_eq!(parse_used_memory("# Memory\r\n"), None);
+    }
 }

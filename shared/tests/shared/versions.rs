@@ -165,13 +165,27 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
     env.cleanup().await;
 }
 
+/// A reply of `content` as a worker would store it, without token counts.
+fn reply(content: &str) -> aichat_shared::db::completions::NewReply {
+    aichat_shared::db::completions::NewReply {
+        content: content.to_owned(),
+        prompt_tokens: None,
+        completion_tokens: None,
+        total_tokens: None,
+        model: aichat_testkit::MODEL.to_owned(),
+        latency_ms: 1,
+        content_tokens: None,
+        question_tokens: None,
+        stopped: false,
+    }
+}
+
 /// A question whose branch was left while it waited is answered with its own branch's turns;
 /// the new branch's question with the active path's.
 #[tokio::test]
 async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
     use aichat_fake_llm::FakeConfig;
-    use aichat_shared::db::completions::NewReply;
-    use aichat_testkit::{Env as TestEnv, MODEL, store_user_message};
+    use aichat_testkit::{Env as TestEnv, store_user_message};
 
     let env = TestEnv::start(FakeConfig::default()).await;
     let alice = env.user("alice").await;
@@ -183,18 +197,7 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
         context_message_limit: 20,
     };
     let q1 = store_user_message(&env.pool, chat, "q1", options).await;
-    let reply = NewReply {
-        content: "a1".to_owned(),
-        prompt_tokens: None,
-        completion_tokens: None,
-        total_tokens: None,
-        model: MODEL.to_owned(),
-        latency_ms: 1,
-        content_tokens: None,
-        question_tokens: None,
-        stopped: false,
-    };
-    db::completions::save_reply(&env.pool, q1.id, &reply)
+    db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
         .await
         .expect("save");
     let q2 = store_user_message(&env.pool, chat, "q2", options).await;
@@ -241,9 +244,9 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
 #[tokio::test]
 async fn a_job_reads_only_newer_turns_until_an_ended_turn_changes() {
     use aichat_fake_llm::FakeConfig;
-    use aichat_shared::db::completions::{KnownHistory, NewReply};
+    use aichat_shared::db::completions::KnownHistory;
     use aichat_shared::db::stops::Requeue;
-    use aichat_testkit::{Env as TestEnv, MODEL, store_user_message};
+    use aichat_testkit::{Env as TestEnv, store_user_message};
 
     let env = TestEnv::start(FakeConfig::default()).await;
     let alice = env.user("alice").await;
@@ -251,17 +254,6 @@ async fn a_job_reads_only_newer_turns_until_an_ended_turn_changes() {
     let options = ContextOptions {
         include_related_chat_context: false,
         context_message_limit: 20,
-    };
-    let reply = |content: &str| NewReply {
-        content: content.to_owned(),
-        prompt_tokens: None,
-        completion_tokens: None,
-        total_tokens: None,
-        model: MODEL.to_owned(),
-        latency_ms: 1,
-        content_tokens: None,
-        question_tokens: None,
-        stopped: false,
     };
     let q1 = store_user_message(&env.pool, chat, "q1", options).await;
     db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
