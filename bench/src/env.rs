@@ -322,6 +322,9 @@ pub async fn queued_in(db: &PgPool, chats: &[i64]) -> anyhow::Result<i64> {
 
 /// Deletes the messages of these chats still waiting for a reply: their jobs go with the
 /// scenario's namespace, and the next scenarios' sweepers would otherwise queue them again.
+/// Then vacuums the table, as autovacuum would in time: the index entries of a deleted backlog
+/// of tens of thousands would otherwise be read by the next scenario's statements (its
+/// worker's first sweep reads every one of them), and counted as theirs.
 pub async fn forget_queued(db: &PgPool, chats: &[i64]) -> anyhow::Result<u64> {
     let done = sqlx::query(
         "delete from ai_messages where ai_chat_id = any($1) and status in ('queued', 'answering')",
@@ -329,6 +332,9 @@ pub async fn forget_queued(db: &PgPool, chats: &[i64]) -> anyhow::Result<u64> {
     .bind(chats)
     .execute(db)
     .await?;
+    if done.rows_affected() > 0 {
+        sqlx::query("vacuum (analyze) ai_messages").execute(db).await?;
+    }
     Ok(done.rows_affected())
 }
 

@@ -17,18 +17,29 @@ pub struct Account {
 }
 
 /// `users` users named `{prefix}-{i}`, each with a session and `chats_per_user` AI chats
-/// (seeded eight at a time, returned in order).
+/// (seeded eight at a time, returned in order), then refreshes the planner's statistics.
+///
+/// A deployment's tables have statistics that match them; a bench's grow from nothing in a
+/// minute, and a statement planned once (a cached generic plan) while a table was a few pages
+/// keeps the scan of that table it chose then until the table is analyzed: the send batch
+/// scanned every chat for each batch until the end of the pipeline. ANALYZE also makes the
+/// cached plans of the stack's open connections planned again.
 pub async fn accounts(
     db: &PgPool,
     prefix: &str,
     users: usize,
     chats_per_user: usize,
 ) -> anyhow::Result<Vec<Account>> {
-    futures::stream::iter(0..users)
+    let accounts = futures::stream::iter(0..users)
         .map(|i| account(db, format!("{prefix}-{i}"), chats_per_user))
         .buffered(8)
         .try_collect()
+        .await?;
+    sqlx::query("analyze users, sessions, ai_chats, ai_chat_tips")
+        .execute(db)
         .await
+        .context("analyzing the seeded tables")?;
+    Ok(accounts)
 }
 
 async fn account(db: &PgPool, name: String, chats_per_user: usize) -> anyhow::Result<Account> {

@@ -74,8 +74,11 @@ pub async fn insert_owned_user_messages(
                                          budget_day, budget_tokens, ord)
            ),
            owned as materialized (
+               -- `id = any` (an index lookup per chat) whatever the planner guesses of the
+               -- unnested input: as a join it scanned every chat for each batch
                select a.id, a.user_id from ai_chats a
-               where (a.id, a.user_id) in (select ai_chat_id, user_id from input)
+               where a.id = any($1::bigint[])
+                 and (a.id, a.user_id) in (select ai_chat_id, user_id from input)
                order by a.id
                for key share
            ),

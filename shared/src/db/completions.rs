@@ -417,9 +417,10 @@ pub async fn save_replies(
                       ord)
              order by t.question_id, t.ord
          ), chats as materialized (
+             -- `id = any` of an array: an index lookup per chat, never a scan of every chat
              select a.id from ai_chats a
-             where a.id in (select q.ai_chat_id from ai_messages q
-                            where q.id in (select question_id from input))
+             where a.id = any(array(select q.ai_chat_id from ai_messages q
+                                    where q.id = any($1::bigint[])))
              order by a.id
              for key share
          ), questions as materialized (
