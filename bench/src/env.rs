@@ -333,7 +333,9 @@ pub async fn forget_queued(db: &PgPool, chats: &[i64]) -> anyhow::Result<u64> {
     .execute(db)
     .await?;
     if done.rows_affected() > 0 {
-        sqlx::query("vacuum (analyze) ai_messages").execute(db).await?;
+        sqlx::query("vacuum (analyze) ai_messages")
+            .execute(db)
+            .await?;
     }
     Ok(done.rows_affected())
 }
