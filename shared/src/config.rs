@@ -28,9 +28,10 @@ pub struct DatabaseSettings {
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
     pub database_acquire_timeout_secs: u64,
     /// Milliseconds a pooled connection must have been idle before it is checked (one round
-    /// trip) as it is handed out; one used more recently is handed out as it is. 0: check
-    /// every time.
-    #[arg(long, env = "DATABASE_PING_AFTER_IDLE_MS", default_value_t = 1000)]
+    /// trip) as it is handed out; one used more recently is handed out as it is. 0 (the
+    /// default): check every time, so a connection PostgreSQL dropped is replaced before a
+    /// request fails on it (BENCHMARKS.md, "Cost per answered message").
+    #[arg(long, env = "DATABASE_PING_AFTER_IDLE_MS", default_value_t = 0)]
     pub database_ping_after_idle_ms: u64,
 }
 
