@@ -84,7 +84,7 @@ pub async fn insert_owned_user_messages(
            ),
            tips as materialized (
                select t.ai_chat_id, t.question_id from ai_chat_tips t
-               where t.ai_chat_id in (select id from owned)
+               where t.ai_chat_id = any($1::bigint[]) and t.ai_chat_id in (select id from owned)
                order by t.ai_chat_id
                for update
            ),

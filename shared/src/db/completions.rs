@@ -426,7 +426,9 @@ pub async fn save_replies(
          ), questions as materialized (
              select q.id, q.ai_chat_id, q.reply_version, q.active
              from ai_messages q join chats c on c.id = q.ai_chat_id
-             where q.id in (select question_id from input) and q.status in ($14, $15)
+             -- `id = any`: a lookup per question; as a semi-join with the input, analyzed
+             -- statistics made it a scan of every waiting message's index entry per batch
+             where q.id = any($1::bigint[]) and q.status in ($14, $15)
              order by q.id
              for no key update of q
          ), m as (
