@@ -67,22 +67,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
         "concurrency: queueing {jobs} messages over {} chats (no worker yet)",
         chats.len()
     );
-    let r = send_load(
-        "enqueue",
-        &http,
-        &stack.api_url(),
-        &accounts,
-        64,
-        Duration::from_secs(120),
-        jobs,
-    )
-    .await;
-    if r.errors > 0 {
-        ctx.report.note(format!(
-            "concurrency enqueue errors: {} {:?}",
-            r.errors, r.first_errors
-        ));
-    }
+    enqueue(ctx, &http, &stack, &accounts, jobs, "enqueue").await;
     let queued = env::queued_in(&ctx.env.db, &chats).await?;
     eprintln!(
         "concurrency: {queued} queued; starting one worker with WORKER_CONCURRENCY={concurrency}, model latency {LATENCY_MS} ms"
@@ -278,22 +263,7 @@ async fn ingest_while_draining(
     eprintln!(
         "concurrency: queueing {jobs} more messages into the backlog chats for the worker, then ingest into other chats while it drains them"
     );
-    let r = send_load(
-        "enqueue (ingest phase)",
-        http,
-        &stack.api_url(),
-        accounts,
-        64,
-        Duration::from_secs(120),
-        jobs,
-    )
-    .await;
-    if r.errors > 0 {
-        ctx.report.note(format!(
-            "concurrency second enqueue errors: {} {:?}",
-            r.errors, r.first_errors
-        ));
-    }
+    let r = enqueue(ctx, http, stack, accounts, jobs, "second enqueue").await;
     let backlog = r.ok;
     let filling = Instant::now();
     let mut in_flight = 0.0f64;
@@ -371,6 +341,35 @@ struct IngestDuringDrain {
 
 /// The most arrivals within any window of `window_ms` (arrivals sorted): the calls in flight
 /// when each lasts exactly `window_ms`.
+/// Queues `jobs` messages over the accounts' chats (64 senders, at most 2 minutes); errors go
+/// to the report's notes under `what`.
+async fn enqueue(
+    ctx: &mut Ctx,
+    http: &reqwest::Client,
+    stack: &Stack,
+    accounts: &Arc<Vec<seed::Account>>,
+    jobs: u64,
+    what: &str,
+) -> load::LoadResult {
+    let r = send_load(
+        what,
+        http,
+        &stack.api_url(),
+        accounts,
+        64,
+        Duration::from_secs(120),
+        jobs,
+    )
+    .await;
+    if r.errors > 0 {
+        ctx.report.note(format!(
+            "concurrency {what} errors: {} {:?}",
+            r.errors, r.first_errors
+        ));
+    }
+    r
+}
+
 fn max_in_window(arrivals: &[u64], window_ms: u64) -> usize {
     let mut best = 0;
     let mut lo = 0;

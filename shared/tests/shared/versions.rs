@@ -9,6 +9,12 @@ use sqlx::{Executor, PgPool};
 
 const VERSIONS: i64 = 20261205000001;
 
+/// The context options of every message these tests send: no related chat.
+const OPTIONS: ContextOptions = ContextOptions {
+    include_related_chat_context: false,
+    context_message_limit: 20,
+};
+
 /// Applies the migrations older than `VERSIONS` (`true`) or the rest (`false`), each as
 /// written, in order.
 async fn apply(pool: &PgPool, before: bool) {
@@ -104,10 +110,7 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
         ai_chat_id: chat,
         user_id: owner,
         content: "q5".to_owned(),
-        options: ContextOptions {
-            include_related_chat_context: false,
-            context_message_limit: 20,
-        },
+        options: OPTIONS,
         budget: None,
     };
     let sent = db::ai_messages::insert_owned_user_messages(&pool, &[next])
@@ -131,10 +134,7 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
     let chat = env
         .ai_chat(alice.id, "You are a helpful assistant.", None)
         .await;
-    let options = ContextOptions {
-        include_related_chat_context: false,
-        context_message_limit: 20,
-    };
+    let options = OPTIONS;
     let mut sent = Vec::new();
     for content in ["one", "two", "three", "four"] {
         sent.push(store_user_message(&env.pool, chat, content, options).await);
@@ -192,10 +192,7 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
     let chat = env
         .ai_chat(alice.id, "You are a helpful assistant.", None)
         .await;
-    let options = ContextOptions {
-        include_related_chat_context: false,
-        context_message_limit: 20,
-    };
+    let options = OPTIONS;
     let q1 = store_user_message(&env.pool, chat, "q1", options).await;
     db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
         .await
@@ -251,10 +248,7 @@ async fn a_job_reads_only_newer_turns_until_an_ended_turn_changes() {
     let env = TestEnv::start(FakeConfig::default()).await;
     let alice = env.user("alice").await;
     let chat = env.ai_chat(alice.id, "s", None).await;
-    let options = ContextOptions {
-        include_related_chat_context: false,
-        context_message_limit: 20,
-    };
+    let options = OPTIONS;
     let q1 = store_user_message(&env.pool, chat, "q1", options).await;
     db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
         .await
