@@ -3,17 +3,11 @@
 //! order), and the parent links of sends kept whole when an unqueued message is removed.
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::{Branches, NewUserMessage};
-use aichat_shared::domain::ContextOptions;
+use aichat_testkit::DEFAULT_CONTEXT;
 use aichat_testkit::postgres::TestDb;
 use sqlx::{Executor, PgPool};
 
 const VERSIONS: i64 = 20261205000001;
-
-/// The context options of every message these tests send: no related chat.
-const OPTIONS: ContextOptions = ContextOptions {
-    include_related_chat_context: false,
-    context_message_limit: 20,
-};
 
 /// Applies the migrations older than `VERSIONS` (`true`) or the rest (`false`), each as
 /// written, in order.
@@ -110,7 +104,7 @@ async fn existing_conversations_become_one_active_path_with_the_same_ids() {
         ai_chat_id: chat,
         user_id: owner,
         content: "q5".to_owned(),
-        options: OPTIONS,
+        options: DEFAULT_CONTEXT,
         budget: None,
     };
     let sent = db::ai_messages::insert_owned_user_messages(&pool, &[next])
@@ -134,10 +128,9 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
     let chat = env
         .ai_chat(alice.id, "You are a helpful assistant.", None)
         .await;
-    let options = OPTIONS;
     let mut sent = Vec::new();
     for content in ["one", "two", "three", "four"] {
-        sent.push(store_user_message(&env.pool, chat, content, options).await);
+        sent.push(store_user_message(&env.pool, chat, content, DEFAULT_CONTEXT).await);
     }
     let parents: Vec<Option<i64>> = sent.iter().map(|m| m.parent_id).collect();
     assert_eq!(
@@ -160,7 +153,7 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
     db::ai_messages::delete_undispatched_messages(&env.pool, &[sent[3].id])
         .await
         .expect("delete");
-    let five = store_user_message(&env.pool, chat, "five", options).await;
+    let five = store_user_message(&env.pool, chat, "five", DEFAULT_CONTEXT).await;
     assert_eq!(five.parent_id, Some(sent[0].id));
     env.cleanup().await;
 }
@@ -180,6 +173,25 @@ fn reply(content: &str) -> aichat_shared::db::completions::NewReply {
     }
 }
 
+/// Alice's new chat with one turn: "q1" answered "a1". (alice, chat, q1)
+async fn one_answered_turn(
+    env: &aichat_testkit::Env,
+) -> (
+    aichat_shared::domain::User,
+    i64,
+    aichat_shared::domain::AiMessage,
+) {
+    let alice = env.user("alice").await;
+    let chat = env
+        .ai_chat(alice.id, "You are a helpful assistant.", None)
+        .await;
+    let q1 = aichat_testkit::store_user_message(&env.pool, chat, "q1", DEFAULT_CONTEXT).await;
+    db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
+        .await
+        .expect("save");
+    (alice, chat, q1)
+}
+
 /// A question whose branch was left while it waited is answered with its own branch's turns;
 /// the new branch's question with the active path's.
 #[tokio::test]
@@ -188,16 +200,8 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
     use aichat_testkit::{Env as TestEnv, store_user_message};
 
     let env = TestEnv::start(FakeConfig::default()).await;
-    let alice = env.user("alice").await;
-    let chat = env
-        .ai_chat(alice.id, "You are a helpful assistant.", None)
-        .await;
-    let options = OPTIONS;
-    let q1 = store_user_message(&env.pool, chat, "q1", options).await;
-    db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
-        .await
-        .expect("save");
-    let q2 = store_user_message(&env.pool, chat, "q2", options).await;
+    let (alice, chat, q1) = one_answered_turn(&env).await;
+    let q2 = store_user_message(&env.pool, chat, "q2", DEFAULT_CONTEXT).await;
     // q1 edited while q2 waits: q2's branch leaves the path.
     let mut tx = env.pool.begin().await.expect("tx");
     assert!(
@@ -226,7 +230,7 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
         .expect("history");
     assert!(contents(on_path).is_empty());
     // A send now follows the edited question, and its history is the new path.
-    let q3 = store_user_message(&env.pool, chat, "q3", options).await;
+    let q3 = store_user_message(&env.pool, chat, "q3", DEFAULT_CONTEXT).await;
     assert_eq!(q3.parent_id, Some(edited.message.id));
     let history = db::completions::list_history(&env.pool, q3.id, 100)
         .await
@@ -246,14 +250,8 @@ async fn a_job_reads_only_newer_turns_until_an_ended_turn_changes() {
     use aichat_testkit::{Env as TestEnv, store_user_message};
 
     let env = TestEnv::start(FakeConfig::default()).await;
-    let alice = env.user("alice").await;
-    let chat = env.ai_chat(alice.id, "s", None).await;
-    let options = OPTIONS;
-    let q1 = store_user_message(&env.pool, chat, "q1", options).await;
-    db::completions::save_reply(&env.pool, q1.id, &reply("a1"))
-        .await
-        .expect("save");
-    let q2 = store_user_message(&env.pool, chat, "q2", options).await;
+    let (alice, chat, q1) = one_answered_turn(&env).await;
+    let q2 = store_user_message(&env.pool, chat, "q2", DEFAULT_CONTEXT).await;
     db::completions::mark_failed(&env.pool, q2.id, "no")
         .await
         .expect("fail");
@@ -261,7 +259,7 @@ async fn a_job_reads_only_newer_turns_until_an_ended_turn_changes() {
     // Reads the history of a new question as a job would, knowing `known`; (epoch, the turn
     // the rows start after, the rows' contents).
     let read = async |known: Option<KnownHistory>| {
-        let q = store_user_message(&pool, chat, "next", options).await;
+        let q = store_user_message(&pool, chat, "next", DEFAULT_CONTEXT).await;
         let job = db::completions::claim_job(&pool, q.id, known, 100, None)
             .await
             .expect("claim")
