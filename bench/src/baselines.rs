@@ -109,7 +109,7 @@ fn pgbench_log_latencies(dir: &std::path::Path, prefix: &str) -> anyhow::Result<
 }
 
 /// Creates the scratch table of the insert baseline.
-pub async fn scratch_table(env: &Env) -> anyhow::Result<()> {
+async fn scratch_table(env: &Env) -> anyhow::Result<()> {
     sqlx::query(
         "create table if not exists bench_scratch (
             id bigserial primary key, payload text not null, created_at timestamptz not null default now())",
@@ -117,6 +117,20 @@ pub async fn scratch_table(env: &Env) -> anyhow::Result<()> {
     .execute(&env.db)
     .await?;
     Ok(())
+}
+
+/// The ingest baseline: pgbench inserting one row per transaction into the scratch table
+/// (created if need be), from `clients` clients for `secs` seconds.
+pub async fn pgbench_insert(env: &Env, clients: usize, secs: u64) -> anyhow::Result<PgBench> {
+    scratch_table(env).await?;
+    pgbench(
+        env,
+        "insert",
+        "insert into bench_scratch (payload) values ('bench message');",
+        clients,
+        secs,
+    )
+    .await
 }
 
 /// What redis-benchmark reported.

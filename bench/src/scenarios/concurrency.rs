@@ -38,15 +38,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             eprintln!(
                 "concurrency: no pgbench figure yet; pgbench single-row insert, {INGEST_CLIENTS} clients, {secs}s"
             );
-            baselines::scratch_table(&ctx.env).await?;
-            let pg = baselines::pgbench(
-                &ctx.env,
-                "insert",
-                "insert into bench_scratch (payload) values ('bench message');",
-                INGEST_CLIENTS,
-                secs,
-            )
-            .await?;
+            let pg = baselines::pgbench_insert(&ctx.env, INGEST_CLIENTS, secs).await?;
             ctx.pgbench_insert_tps = Some(pg.tps);
             pg.tps
         }

@@ -58,15 +58,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.ingest_rps = Some(rps);
 
     eprintln!("ingest: baseline pgbench single-row insert, {CLIENTS} clients, {secs}s");
-    baselines::scratch_table(&ctx.env).await?;
-    let pg = baselines::pgbench(
-        &ctx.env,
-        "insert",
-        "insert into bench_scratch (payload) values ('bench message');",
-        CLIENTS,
-        secs,
-    )
-    .await?;
+    let pg = baselines::pgbench_insert(&ctx.env, CLIENTS, secs).await?;
     ctx.pgbench_insert_tps = Some(pg.tps);
     eprintln!("ingest: baseline redis-benchmark LPUSH, {CLIENTS} clients");
     let requests = if ctx.opts.quick { 50_000 } else { 500_000 };
