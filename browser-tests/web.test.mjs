@@ -357,7 +357,8 @@ test('a message is answered: the reply streams in, then shows its token use', { 
 
   // Token use: the fake model counts one token per word of the reply.
   const usage = await reply.locator('.usage').textContent();
-  const match = /^([\d,]+) tokens \(prompt ([\d,]+) · completion ([\d,]+)\)$/.exec(usage);
+  // A priced model's replies also show their cost (` · 0.00045 USD`).
+  const match = /^([\d,]+) tokens \(prompt ([\d,]+) · completion ([\d,]+)\)(?: · [\d.]+ [A-Z]{3})?$/.exec(usage);
   assert.ok(match, `usage shown: "${usage}"`);
   const [total, prompt, completion] = match.slice(1).map((n) => Number(n.replaceAll(',', '')));
   assert.equal(completion, expected.split(/\s+/).length);

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use aichat_shared::models::Keys;
 use aichat_shared::{db, jobs::JobQueue, redis_conn};
 use secrecy::ExposeSecret;
 
@@ -69,6 +70,9 @@ impl Application {
         // Install the recorder before anything records.
         aichat_shared::telemetry::prometheus();
         metrics::describe();
+        // A registry that cannot be used is a reason not to start. The API names models but
+        // never calls them: their keys stay with the workers.
+        let models = settings.openai.registry(Keys::Skip)?;
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
         if settings.run_migrations {
             db::migrate(&pool)
@@ -120,6 +124,7 @@ impl Application {
                 Duration::from_millis(settings.password_hash_wait_ms),
             ),
             settings: Arc::new(settings),
+            models: Arc::new(models),
             shutdown,
             sockets: SocketTracker::default(),
         };

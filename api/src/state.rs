@@ -6,6 +6,7 @@ use std::time::Duration;
 use aichat_shared::jobs::JobQueue;
 use aichat_shared::keys::Namespace;
 use aichat_shared::lock::lock;
+use aichat_shared::models::Registry;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub(crate) hub: Hub,
     pub ns: Namespace,
     pub(crate) settings: Arc<Settings>,
+    /// The models AI chats may use (`MODELS_FILE`, or the environment's).
+    pub(crate) models: Arc<Registry>,
     /// Becomes `true` when the server starts shutting down: sockets close with 1001.
     pub(crate) shutdown: watch::Receiver<bool>,
     pub sockets: SocketTracker,

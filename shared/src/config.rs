@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::keys::Namespace;
+use crate::models::{EnvironmentModels, Keys, Registry, RegistryError};
 
 /// Reads `.env` when present. Values already in the environment win.
 pub fn load_dotenv() {
@@ -96,9 +97,14 @@ pub struct OpenAiSettings {
     )]
     pub openai_base_url: String,
     /// Models an AI chat may use, comma-separated; `OPENAI_MODEL` is always one of them.
-    /// Unset: `OPENAI_MODEL` alone.
+    /// Unset: `OPENAI_MODEL` alone. Not read when `MODELS_FILE` is set.
     #[arg(long, env = "ALLOWED_MODELS", value_delimiter = ',')]
     pub allowed_models: Vec<String>,
+    /// The model registry (TOML; `models.example.toml`): every model AI chats may use, each
+    /// with its endpoint, key variable, window, prices and fallbacks. Unset: `OPENAI_MODEL`
+    /// and `ALLOWED_MODELS` on `OPENAI_BASE_URL` with `OPENAI_API_KEY`.
+    #[arg(long, env = "MODELS_FILE")]
+    pub models_file: Option<std::path::PathBuf>,
     /// Most tokens of prompt sent to the model (tiktoken `cl100k_base`): the oldest turns are
     /// dropped to fit. With `MAX_COMPLETION_TOKENS`, also what one send reserves of a user's
     /// daily budget.
@@ -114,28 +120,35 @@ pub struct OpenAiSettings {
 }
 
 impl OpenAiSettings {
-    /// The models AI chats may use: `OPENAI_MODEL` first, then `ALLOWED_MODELS` in order.
-    pub fn allowed_models(&self) -> Vec<String> {
-        let mut models = vec![self.openai_model.clone()];
-        for model in &self.allowed_models {
-            let model = model.trim();
-            if !model.is_empty() && !models.iter().any(|m| m == model) {
-                models.push(model.to_owned());
-            }
-        }
-        models
+    /// The model registry: `MODELS_FILE`, or the models of the environment. `keys` says
+    /// whether each model's key variable must be set (the worker) or is only named (the API).
+    pub fn registry(&self, keys: Keys) -> Result<Registry, RegistryError> {
+        let Some(path) = &self.models_file else {
+            return Ok(Registry::from_environment(EnvironmentModels {
+                default: &self.openai_model,
+                others: &self.allowed_models,
+                base_url: &self.openai_base_url,
+                api_key: self.openai_api_key.as_ref(),
+                max_completion_tokens: self.max_completion_tokens,
+            }));
+        };
+        let source = format!("MODELS_FILE {}", path.display());
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| RegistryError::new(format!("{source}: cannot be read: {err}")))?;
+        Registry::parse(
+            &text,
+            &source,
+            keys,
+            |var| std::env::var(var).ok(),
+            self.max_completion_tokens,
+        )
     }
 
-    /// Whether an AI chat may use `model` (the empty name stands for `OPENAI_MODEL`).
-    pub fn is_allowed(&self, model: &str) -> bool {
-        model.is_empty() || self.allowed_models().iter().any(|m| m == model)
-    }
-
-    /// The most tokens one send can cost: a full prompt and a full reply.
-    pub fn most_tokens_per_send(&self) -> i64 {
+    /// The most tokens one send can cost: a full prompt and the largest reply of any model.
+    pub fn most_tokens_per_send(&self, registry: &Registry) -> i64 {
         i64::try_from(self.context_token_budget)
             .unwrap_or(i64::MAX)
-            .saturating_add(i64::from(self.max_completion_tokens))
+            .saturating_add(i64::from(registry.most_completion_tokens()))
     }
 }
 
@@ -149,6 +162,7 @@ impl fmt::Debug for OpenAiSettings {
             .field("openai_model", &self.openai_model)
             .field("openai_base_url", &self.openai_base_url)
             .field("allowed_models", &self.allowed_models)
+            .field("models_file", &self.models_file)
             .field("context_token_budget", &self.context_token_budget)
             .field("max_completion_tokens", &self.max_completion_tokens)
             .field(

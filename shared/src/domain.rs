@@ -1,4 +1,6 @@
 //! Domain types: what the database returns and the API serialises, field names as in the contract.
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -234,6 +236,14 @@ pub struct AiMessage {
     pub version: i32,
     /// On the path the user sees (and the model is sent).
     pub active: bool,
+    /// What an assistant message cost, as an exact decimal string in `currency` (e.g.
+    /// `"0.00045"`), from the prices of the model that answered. Null on user messages, and
+    /// on replies of a model without prices or saved before costs were recorded.
+    #[schema(example = "0.00045")]
+    pub cost: Option<String>,
+    /// The currency of `cost` (e.g. `"USD"`); null exactly when `cost` is.
+    #[schema(example = "USD")]
+    pub currency: Option<String>,
 }
 
 /// What a user message asks of the completion job.
@@ -243,30 +253,39 @@ pub struct ContextOptions {
     pub context_message_limit: i32,
 }
 
+/// Money spent, per currency: each currency (e.g. `USD`) to the exact decimal sum of the costs
+/// in it, as a string without trailing zeros (e.g. `{"USD": "0.00075"}`; `"0.00045"` and
+/// `"0.00035"` make `"0.0008"`). Summed by PostgreSQL's `numeric`, never by floats, so the
+/// parts of a total add up to it to the last digit. Replies without a cost (unpriced models)
+/// add nothing: empty when none was priced.
+pub type Costs = BTreeMap<String, String>;
+
 /// Token totals over a set of assistant messages.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct TokenTotals {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
     /// Assistant messages counted.
     pub message_count: i64,
+    /// What those messages cost, per currency (currency → exact decimal string); `{}` when
+    /// none of them was priced.
+    #[schema(example = json!({"USD": "0.00075"}))]
+    pub cost: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelUsage {
     pub model: String,
     #[serde(flatten)]
-    #[sqlx(flatten)]
     pub totals: TokenTotals,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DailyUsage {
     /// UTC day, `YYYY-MM-DD`.
     pub day: NaiveDate,
     #[serde(flatten)]
-    #[sqlx(flatten)]
     pub totals: TokenTotals,
 }
 

@@ -9,11 +9,22 @@ use crate::domain::{AiMessage, Role};
 use crate::error::Result;
 use crate::keys::Namespace;
 
+/// What an assistant message used: its tokens and what they cost (`AiMessage`'s fields of the
+/// same names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TokenUsage {
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
     pub total_tokens: Option<i32>,
+    /// The reply's cost, an exact decimal string in `currency`; null when its model has no
+    /// prices. (`default`: an event of a worker older than costs reads as unpriced.)
+    #[serde(default)]
+    #[schema(example = "0.00045")]
+    pub cost: Option<String>,
+    /// The currency of `cost` (e.g. `"USD"`); null exactly when `cost` is.
+    #[serde(default)]
+    #[schema(example = "USD")]
+    pub currency: Option<String>,
 }
 
 /// A message as WebSocket events carry it.
@@ -61,6 +72,8 @@ impl EventMessage {
                 prompt_tokens: message.prompt_tokens,
                 completion_tokens: message.completion_tokens,
                 total_tokens: message.total_tokens,
+                cost: message.cost.clone(),
+                currency: message.currency.clone(),
             }),
             reply_to: message.reply_to,
             stopped: Some(message.stopped),

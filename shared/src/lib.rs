@@ -12,6 +12,7 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod lock;
+pub mod models;
 pub mod partial;
 pub mod redis_conn;
 pub mod signals;

@@ -14,18 +14,19 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, TaskId, WorkerContext};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use aichat_shared::announce::{self, Claim};
 use aichat_shared::db;
 use aichat_shared::db::completions::ClaimedJob;
 use aichat_shared::jobs::CompletionJob;
+use aichat_shared::models::Model;
 use aichat_shared::partial;
 
-use crate::deltas::{DeltaTarget, publish_deltas};
+use crate::deltas::{DeltaTarget, Piece, publish_deltas};
 use crate::history_cache;
-use crate::llm::CompletionError;
+use crate::llm::{ChatRequest, Completion, CompletionError};
 use crate::metrics;
 use crate::outcome::{Done, JobError, announce_stored_reply, cancel, fail, save_and_announce};
 use crate::request;
@@ -205,15 +206,13 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         return cancel(ctx, job, claim, &subject).await;
     }
 
-    let Some((request, question_tokens)) =
-        request::build_request(&subject, history, related, cached, ctx).await?
-    else {
-        let err = CompletionError::Failed {
-            reason: FailureReason::TooLong,
-            attempts: 0,
-        };
-        return fail(ctx, job, claim, &subject, &err, "too_long").await;
-    };
+    let parts = request::prompt_parts(&subject, history, related, cached, ctx).await?;
+    let model = ctx.models.resolve(&subject.model);
+    if !subject.model.is_empty() && model.name != subject.model {
+        // The operator took this model out of the registry after the chat chose it.
+        tracing::warn!(model = %subject.model, "the chat's model is no longer in the registry; using the default");
+    }
+    let chain = ctx.models.chain(model);
     let (chunks_tx, chunks_rx) = mpsc::unbounded_channel();
     let target = DeltaTarget {
         redis: ctx.redis.clone(),
@@ -229,20 +228,29 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         // Dropping the sender when the call ends lets the publisher flush and finish: the
         // deltas of the text received before a stop are out before the stopped reply.
         let chunks_tx = chunks_tx;
-        ctx.llm
-            .complete(&request, &ctx.limiter, &chunks_tx, &mut shutdown, &mut stop)
-            .await
+        call_models(&chain, &parts, ctx, &chunks_tx, &mut shutdown, &mut stop).await
     };
     // Past the shutdown grace, a call still waiting on the model is dropped: the job goes
     // back to the queue for another worker.
     let mut abandoned = ctx.stopping.abandoned();
-    let (result, ()) = tokio::select! {
+    let (called, ()) = tokio::select! {
         out = async { tokio::join!(call, publish_deltas(chunks_rx, target)) } => out,
         Ok(_) = abandoned.wait_for(|a| *a) => {
             return Err(JobError::Retry(anyhow::anyhow!(
                 "abandoned: the worker's shutdown grace ended during the model call"
             )));
         }
+    };
+    let (result, request) = called?;
+    let question_tokens = parts.question_tokens;
+    let Some(request) = request else {
+        // No model of the chain had room for the question.
+        let err = CompletionError::Failed {
+            reason: FailureReason::TooLong,
+            attempts: 0,
+            streamed: false,
+        };
+        return fail(ctx, job, claim, &subject, &err, "too_long").await;
     };
 
     match result {
@@ -264,4 +272,64 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         }
         Err(err) => Err(JobError::Retry(err.into())),
     }
+}
+
+/// Asks the chat's model, then, while it failed before any of its text went out, each model of
+/// its fallback list in turn, every one with the prompt cut to its own window. Once text went
+/// out, the reply is that model's or none: a stored reply never holds two models' text.
+/// Returns the last call's result and the request it made (`None`: no model had room for the
+/// question, so none was called).
+async fn call_models(
+    chain: &[&Model],
+    parts: &Arc<request::PromptParts>,
+    ctx: &JobContext,
+    chunks: &mpsc::UnboundedSender<Piece>,
+    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(Result<Completion, CompletionError>, Option<ChatRequest>), JobError> {
+    let mut last: (Result<Completion, CompletionError>, Option<ChatRequest>) = (
+        Err(CompletionError::Failed {
+            reason: FailureReason::TooLong,
+            attempts: 0,
+            streamed: false,
+        }),
+        None,
+    );
+    for (i, model) in chain.iter().enumerate() {
+        let next = chain.get(i + 1);
+        let Some(request) = request::request_for(parts, model, ctx).await? else {
+            tracing::info!(model = %model.name, "the question does not fit this model's window");
+            if let Some(next) = next {
+                metrics::fallback(&model.name, &next.name, FailureReason::TooLong.as_str());
+            }
+            continue;
+        };
+        let result = ctx
+            .llm
+            .complete(
+                &request,
+                &ctx.limiter,
+                chunks,
+                shutdown,
+                stop,
+                next.is_some(),
+            )
+            .await;
+        match (&result, next) {
+            (
+                Err(CompletionError::Failed {
+                    reason,
+                    streamed: false,
+                    ..
+                }),
+                Some(next),
+            ) => {
+                tracing::warn!(from = %model.name, to = %next.name, reason = reason.as_str(), "falling back to the next model");
+                metrics::fallback(&model.name, &next.name, reason.as_str());
+                last = (result, Some(request));
+            }
+            _ => return Ok((result, Some(request))),
+        }
+    }
+    Ok(last)
 }

@@ -16,6 +16,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use aichat_shared::models::Keys;
 use aichat_shared::{db, redis_conn};
 
 pub mod context;
@@ -79,9 +80,11 @@ impl Worker {
             backoff_base: Duration::from_millis(settings.llm_backoff_base_ms),
             backoff_max: Duration::from_millis(settings.llm_backoff_max_ms),
         };
-        let llm = LlmClient::new(&settings.openai, policy).context("building the model client")?;
+        let models = settings.openai.registry(Keys::Read)?;
+        let llm = LlmClient::new(&models, policy).context("building the model clients")?;
         let metrics = metrics::install();
-        metrics::describe(&settings.openai.allowed_models());
+        let names: Vec<String> = models.models().iter().map(|m| m.name.clone()).collect();
+        metrics::describe(&names);
         let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
         let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
             .await
@@ -90,14 +93,25 @@ impl Worker {
             .redis
             .namespace()
             .for_installation(tasks::wait_for_installation(&pool, &settings.database).await);
-        let limiter = RateLimiter::new(
-            redis.clone(),
-            ns.clone(),
-            Limits {
-                requests: settings.rate_limit_rpm,
-                tokens: settings.rate_limit_tpm,
-                window: Duration::from_millis(settings.rate_limit_window_ms),
-                margin: Duration::from_millis(settings.rate_limit_margin_ms),
+        let limits = Limits {
+            requests: settings.rate_limit_rpm,
+            tokens: settings.rate_limit_tpm,
+            window: Duration::from_millis(settings.rate_limit_window_ms),
+            margin: Duration::from_millis(settings.rate_limit_margin_ms),
+        };
+        // Each registry model has its own window; `rpm`/`tpm` of the file replace the defaults.
+        let limiter = models.models().iter().fold(
+            RateLimiter::new(redis.clone(), ns.clone(), limits),
+            |limiter, model| match (model.rpm, model.tpm) {
+                (None, None) => limiter,
+                (rpm, tpm) => limiter.with_model_limits(
+                    &model.name,
+                    Limits {
+                        requests: rpm.unwrap_or(limits.requests),
+                        tokens: tpm.unwrap_or(limits.tokens),
+                        ..limits
+                    },
+                ),
             },
         );
         // Loading the BPE ranks takes a moment: do it now rather than in the first job.
@@ -117,17 +131,13 @@ impl Worker {
             redis: redis.clone(),
             ns,
             llm,
+            models,
             limiter,
             tokens,
             token_budget,
             history_cache_secs: settings.context_cache_secs,
-            system_token_cap: token_budget
-                .saturating_mul(usize::from(settings.openai.system_token_share_percent))
-                / 100,
-            max_completion_tokens: settings.openai.max_completion_tokens,
-            allowed_models: settings.openai.allowed_models(),
+            system_share_percent: settings.openai.system_token_share_percent,
             completion_allowance: settings.rate_limit_completion_tokens,
-            default_model: settings.openai.openai_model.clone(),
             delta_flush_every: Duration::from_millis(settings.delta_flush_ms),
             delta_flush_chars: usize::try_from(settings.delta_flush_chars).unwrap_or(usize::MAX),
             shutdown: shutdown_rx,

@@ -7,6 +7,7 @@
 //! request with a plain `reqwest::Client` (no retry layer) and copies the status and the
 //! `Retry-After` header of error responses aside, because async-openai turns them into an
 //! `OpenAIError` that keeps the status but drops the headers.
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +28,8 @@ use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use aichat_shared::config::OpenAiSettings;
 use aichat_shared::lock::lock;
+use aichat_shared::models::Registry;
 
 use crate::context::{PromptMessage, Role};
 use crate::deltas::Piece;
@@ -39,7 +40,10 @@ use crate::retry::{AttemptError, FailureReason, RetryPolicy, classify, parse_ret
 /// What the model is asked.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
+    /// The registry's name of the model: its client, its rate limit, its metrics.
     pub model: String,
+    /// The provider's name of it, sent as `model`.
+    pub provider_model: String,
     pub messages: Vec<PromptMessage>,
     /// The reply's cap, sent to the provider.
     pub max_completion_tokens: u32,
@@ -67,10 +71,13 @@ pub struct Completion {
 #[derive(Debug, thiserror::Error)]
 pub enum CompletionError {
     /// The model did not answer: after the last attempt, past the time cap, or for good.
+    /// `streamed`: some of its text had gone out to the chat (then no other model may finish
+    /// the reply).
     #[error("the model did not answer ({reason}) after {attempts} attempt(s)")]
     Failed {
         reason: FailureReason,
         attempts: u32,
+        streamed: bool,
     },
     /// The shared rate limit could not be consulted; the job should run again later.
     #[error("rate limit unavailable: {0}")]
@@ -105,7 +112,8 @@ type ResponseSlot = Arc<Mutex<ErrorResponseInfo>>;
 
 #[derive(Clone)]
 pub struct LlmClient {
-    client: Client<OpenAIConfig>,
+    /// One per registry model: its endpoint and key.
+    clients: HashMap<String, Client<OpenAIConfig>>,
     http: reqwest::Client,
     policy: RetryPolicy,
 }
@@ -128,35 +136,49 @@ fn is_on_this_machine(base_url: &str) -> bool {
 }
 
 impl LlmClient {
-    pub fn new(settings: &OpenAiSettings, policy: RetryPolicy) -> anyhow::Result<Self> {
+    /// A client for every model of the registry. A model that could never be answered (no
+    /// key for a server elsewhere) is a reason not to start.
+    pub fn new(registry: &Registry, policy: RetryPolicy) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(policy.attempt_timeout.min(Duration::from_secs(10)))
             .build()?;
-        let api_key = settings
-            .openai_api_key
-            .as_ref()
-            .map(|key| key.expose_secret().to_owned())
-            .unwrap_or_default();
-        if api_key.trim().is_empty() && !is_on_this_machine(&settings.openai_base_url) {
-            anyhow::bail!(
-                "OPENAI_API_KEY is empty, and OPENAI_BASE_URL ({}) is not a server on this \
-                 machine: every call would be refused. Set OPENAI_API_KEY to the provider's key \
-                 (a model server on 127.0.0.1 or localhost, such as the fake model, needs none)",
-                settings.openai_base_url
-            );
+        let mut clients = HashMap::new();
+        for model in registry.models() {
+            let api_key = model
+                .api_key
+                .as_ref()
+                .map(|key| key.expose_secret().to_owned())
+                .unwrap_or_default();
+            if api_key.trim().is_empty() && !is_on_this_machine(&model.base_url) {
+                let var = model.api_key_env.as_deref().unwrap_or("api_key_env");
+                anyhow::bail!(
+                    "model `{}`{}: no key ({var} is empty or unset), and its base URL ({}) is \
+                     not a server on this machine: every call would be refused. Set {var} to \
+                     the provider's key (a model server on 127.0.0.1 or localhost, such as the \
+                     fake model, needs none)",
+                    model.name,
+                    if model.line > 0 {
+                        format!(" (MODELS_FILE line {})", model.line)
+                    } else {
+                        String::new()
+                    },
+                    model.base_url
+                );
+            }
+            let config = OpenAIConfig::new()
+                .with_api_base(model.base_url.trim_end_matches('/'))
+                .with_api_key(api_key);
+            clients.insert(model.name.clone(), Client::build(http.clone(), config));
         }
-        let config = OpenAIConfig::new()
-            .with_api_base(settings.openai_base_url.trim_end_matches('/'))
-            .with_api_key(api_key);
         Ok(LlmClient {
-            client: Client::build(http.clone(), config),
+            clients,
             http,
             policy,
         })
     }
 
     /// A client for one attempt: plain transport, error status and `Retry-After` kept in `slot`.
-    fn attempt_client(&self, slot: ResponseSlot) -> Client<OpenAIConfig> {
+    fn attempt_client(&self, model: &str, slot: ResponseSlot) -> Option<Client<OpenAIConfig>> {
         let http = self.http.clone();
         let service = tower::service_fn(move |factory: HttpRequestFactory| {
             let http = http.clone();
@@ -172,7 +194,7 @@ impl LlmClient {
                 Ok::<_, OpenAIError>(response)
             }
         });
-        self.client.clone().with_http_service(service)
+        Some(self.clients.get(model)?.clone().with_http_service(service))
     }
 
     /// Streams the reply to `request`, sending text pieces to `chunks` as they arrive, retrying
@@ -182,6 +204,9 @@ impl LlmClient {
     /// the stream is dropped (closing the connection, so the provider stops generating) and the
     /// text received so far is the `stopped` reply; when no text came yet there is no reply
     /// ([`CompletionError::Stopped`]). `cancel` (the worker's shutdown) only ends waits.
+    ///
+    /// `fallback_ready`: another model would take over: a failure that
+    /// [`FailureReason::falls_back_at_once`] ends the call without retrying.
     pub async fn complete(
         &self,
         request: &ChatRequest,
@@ -189,11 +214,14 @@ impl LlmClient {
         chunks: &mpsc::UnboundedSender<Piece>,
         cancel: &mut watch::Receiver<bool>,
         stop: &mut watch::Receiver<bool>,
+        fallback_ready: bool,
     ) -> Result<Completion, CompletionError> {
         let body = request_body(request);
         let model = request.model.as_str();
         let deadline = Instant::now() + self.policy.max_total;
         let mut failures = 0u32;
+        // Whether any text of this call went out to the chat.
+        let mut streamed = false;
         loop {
             if *stop.borrow() {
                 return Err(CompletionError::Stopped);
@@ -208,6 +236,7 @@ impl LlmClient {
                     return Err(CompletionError::Failed {
                         reason: FailureReason::RateLimitWait,
                         attempts: failures,
+                        streamed,
                     });
                 }
                 Err(RateLimitError::Cancelled) => return Err(CompletionError::Cancelled),
@@ -224,7 +253,9 @@ impl LlmClient {
                 let _ = chunks.send(Piece::Restart);
             }
             let started = Instant::now();
-            let result = self.attempt(body.clone(), chunks, stop).await;
+            let result = self
+                .attempt(model, body.clone(), chunks, stop, &mut streamed)
+                .await;
             let elapsed = started.elapsed();
             let err = match result {
                 // Stopped before any text came: as if the model had not been asked.
@@ -268,10 +299,12 @@ impl LlmClient {
                 detail = %err.detail,
                 "model call failed"
             );
-            if !err.retryable || failures >= self.policy.max_attempts {
+            let hand_over = fallback_ready && !streamed && err.reason.falls_back_at_once();
+            if !err.retryable || failures >= self.policy.max_attempts || hand_over {
                 return Err(CompletionError::Failed {
                     reason: err.reason,
                     attempts: failures,
+                    streamed,
                 });
             }
             let delay = self
@@ -281,6 +314,7 @@ impl LlmClient {
                 return Err(CompletionError::Failed {
                     reason: err.reason,
                     attempts: failures,
+                    streamed,
                 });
             }
             metrics::retry(model, err.reason.as_str());
@@ -300,12 +334,19 @@ impl LlmClient {
     /// text received so far; returning drops the stream, which closes its connection.
     async fn attempt(
         &self,
+        model: &str,
         body: CreateChatCompletionRequest,
         chunks: &mpsc::UnboundedSender<Piece>,
         stop: &mut watch::Receiver<bool>,
+        streamed: &mut bool,
     ) -> Result<Streamed, AttemptError> {
         let slot = ResponseSlot::default();
-        let client = self.attempt_client(slot.clone());
+        let Some(client) = self.attempt_client(model, slot.clone()) else {
+            return Err(AttemptError::permanent(
+                FailureReason::NotFound,
+                format!("model `{model}` is not in this worker's registry"),
+            ));
+        };
         let silence = self.policy.attempt_timeout;
         let stopped = |content: String, usage: Option<CompletionUsage>| Streamed {
             content,
@@ -357,6 +398,7 @@ impl LlmClient {
             for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
                 if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
                     content.push_str(&text);
+                    *streamed = true;
                     // The receiver only goes away when the job is being dropped.
                     let _ = chunks.send(Piece::Text(text));
                 }
@@ -400,7 +442,7 @@ fn request_body(request: &ChatRequest) -> CreateChatCompletionRequest {
         })
         .collect();
     CreateChatCompletionRequest {
-        model: request.model.clone(),
+        model: request.provider_model.clone(),
         messages,
         max_completion_tokens: Some(request.max_completion_tokens),
         stream: Some(true),
@@ -436,6 +478,7 @@ mod tests {
         let err = CompletionError::Failed {
             reason: FailureReason::ServerError,
             attempts: 5,
+            streamed: false,
         };
         assert_eq!(
             err.user_message(),

@@ -61,6 +61,10 @@ pub fn describe(models: &[String]) {
         "Model calls tried again, by model and reason"
     );
     describe_counter!(
+        "aichat_worker_model_fallbacks_total",
+        "Messages handed to the next model of a fallback list before any text came, by from, to and reason"
+    );
+    describe_counter!(
         "aichat_worker_rate_limit_waits_total",
         "Model calls that waited for the shared rate limit, by model"
     );
@@ -181,6 +185,16 @@ pub fn model_call(model: &str, outcome: &'static str, elapsed: Duration) {
         "outcome" => outcome
     )
     .record(elapsed.as_secs_f64());
+}
+
+pub fn fallback(from: &str, to: &str, reason: &'static str) {
+    counter!(
+        "aichat_worker_model_fallbacks_total",
+        "from" => from.to_owned(),
+        "to" => to.to_owned(),
+        "reason" => reason
+    )
+    .increment(1);
 }
 
 pub fn retry(model: &str, reason: &'static str) {

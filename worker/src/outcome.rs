@@ -62,6 +62,11 @@ pub async fn save_and_announce(
     let reply_tokens = count_text(ctx.tokens, &completion.content).await;
     let usage = reply_usage(&completion, request, reply_tokens);
     let to_i32 = |n: u64| i32::try_from(n).unwrap_or(i32::MAX);
+    // Priced by the model that answered (a fallback's prices when one did).
+    let pricing = ctx.models.get(model).and_then(|m| m.pricing.as_ref());
+    let cost = pricing
+        .zip(usage)
+        .map(|(p, u)| p.cost(u.prompt, u.completion));
     let reply = NewReply {
         content: completion.content,
         prompt_tokens: usage.map(|u| to_i32(u.prompt)),
@@ -72,6 +77,8 @@ pub async fn save_and_announce(
         content_tokens: reply_tokens.and_then(|n| i32::try_from(n).ok()),
         question_tokens: i32::try_from(question_tokens).ok(),
         stopped: completion.stopped,
+        currency: cost.as_ref().and(pricing).map(|p| p.currency.clone()),
+        cost,
     };
     let latency_ms = reply.latency_ms;
     let saved = save_reply(ctx, subject.message_id, reply).await?;

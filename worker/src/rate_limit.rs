@@ -1,7 +1,8 @@
 //! The rate limit every worker process shares: requests and tokens per window, per model,
 //! enforced atomically by a Lua script in Redis (a sliding-window log, timed by the Redis
 //! server's clock so workers on different machines agree).
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use rand::Rng;
@@ -166,12 +167,30 @@ pub enum Admission {
 pub struct RateLimiter {
     conn: ConnectionManager,
     ns: Namespace,
+    /// Of models the registry gives no limits of their own.
     limits: Limits,
+    /// Registry models with limits of their own (`rpm`/`tpm` in `MODELS_FILE`).
+    per_model: Arc<HashMap<String, Limits>>,
 }
 
 impl RateLimiter {
     pub fn new(conn: ConnectionManager, ns: Namespace, limits: Limits) -> Self {
-        RateLimiter { conn, ns, limits }
+        RateLimiter {
+            conn,
+            ns,
+            limits,
+            per_model: Arc::default(),
+        }
+    }
+
+    /// The same limiter, with `model`'s own limits.
+    pub fn with_model_limits(mut self, model: &str, limits: Limits) -> Self {
+        Arc::make_mut(&mut self.per_model).insert(model.to_owned(), limits);
+        self
+    }
+
+    fn limits(&self, model: &str) -> Limits {
+        self.per_model.get(model).copied().unwrap_or(self.limits)
     }
 
     fn keys(&self, model: &str) -> [String; 3] {
@@ -191,14 +210,15 @@ impl RateLimiter {
         id: &str,
     ) -> Result<Admission, redis::RedisError> {
         let [requests, token_log, token_sum] = self.keys(model);
+        let limits = self.limits(model);
         let mut conn = self.conn.clone();
         let (wait_ms, _now_ms): (u64, u64) = ACQUIRE
             .key(requests)
             .key(token_log)
             .key(token_sum)
-            .arg(self.limits.hold_ms())
-            .arg(self.limits.requests)
-            .arg(self.limits.tokens)
+            .arg(limits.hold_ms())
+            .arg(limits.requests)
+            .arg(limits.tokens)
             .arg(tokens)
             .arg(id)
             .invoke_async(&mut conn)
@@ -226,7 +246,7 @@ impl RateLimiter {
             id,
             tokens,
         };
-        if self.limits.unlimited() {
+        if self.limits(model).unlimited() {
             return Ok((reservation, None));
         }
         let started = Instant::now();
@@ -255,7 +275,7 @@ impl RateLimiter {
     /// Corrects the reservation to the tokens really used, giving back (or taking) the
     /// difference. Best effort: the reservation expires with the window anyway.
     pub async fn settle(&self, reservation: &Reservation, used_tokens: u64) {
-        if self.limits.tokens == 0 || used_tokens == reservation.tokens {
+        if self.limits(&reservation.model).tokens == 0 || used_tokens == reservation.tokens {
             return;
         }
         let [_, token_log, token_sum] = self.keys(&reservation.model);

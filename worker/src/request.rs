@@ -1,10 +1,14 @@
 //! The model request of one job: the history (from the context cache and what the job read),
-//! the prompt built and trimmed to the token budget (`context.rs`), and the model chosen.
+//! then, for each model the job tries, the prompt built and trimmed to that model's budget
+//! (`context.rs`).
+use std::sync::Arc;
+
 use anyhow::Context;
 
-use aichat_shared::db::completions::{CompletionSubject, HistoryRead};
+use aichat_shared::db::completions::{CompletionSubject, HistoryMessage, HistoryRead};
 use aichat_shared::domain::ContextMessage;
 use aichat_shared::jobs::CompletionJob;
+use aichat_shared::models::Model;
 
 use crate::context;
 use crate::history_cache;
@@ -26,84 +30,106 @@ pub fn related_limit(job: &CompletionJob) -> Option<i64> {
         .then(|| i64::from(job.context_message_limit).clamp(0, MAX_CONTEXT_MESSAGES))
 }
 
-/// Builds the prompt from what the job read with its claim (`db::completions::claim_job`) and
-/// what the context cache held (`history_cache.rs`, updated here), and trims it to the token
-/// budget. Also returns the tokens of the new message, stored with it once it is answered so
-/// later jobs need not count it again. `None` when the new message alone does not fit the
-/// budget.
-pub async fn build_request(
+/// What every model's prompt is made of, before it is cut to that model's budget.
+pub struct PromptParts {
+    system_prompt: String,
+    related: Option<Vec<ContextMessage>>,
+    /// Within `CONTEXT_TOKEN_BUDGET`, which no model's budget exceeds.
+    history: Vec<HistoryMessage>,
+    question: String,
+    /// Tokens of the question, stored with it once it is answered so later jobs need not
+    /// count it again.
+    pub question_tokens: usize,
+}
+
+/// Assembles the history from what the job read with its claim (`db::completions::claim_job`)
+/// and what the context cache held (`history_cache.rs`, updated here), within
+/// `CONTEXT_TOKEN_BUDGET`.
+pub async fn prompt_parts(
     subject: &CompletionSubject,
     history: HistoryRead,
     related: Option<Vec<ContextMessage>>,
     cached: Option<history_cache::Entry>,
     ctx: &JobContext,
-) -> anyhow::Result<Option<(ChatRequest, usize)>> {
+) -> anyhow::Result<Arc<PromptParts>> {
     let counter = ctx.tokens;
     let budget = ctx.token_budget;
     let limit = history_limit(ctx);
     let question_id = subject.message_id;
-    let system_cap = ctx.system_token_cap;
-    let system_prompt = subject.system_prompt.clone();
     let question = subject.content.clone();
     // BPE over a few thousand tokens is CPU work: keep it off the async threads.
-    let (built, entry) = tokio::task::spawn_blocking(move || {
+    let (history, entry, question_tokens) = tokio::task::spawn_blocking(move || {
         let (history, entry) =
             history_cache::assemble(cached, history, question_id, limit, budget, &counter);
-        let build = || {
-            // Counted once, not remembered (it is stored with the message), and handed to the
-            // trimming as known.
-            let question_tokens = counter.text_once(&question);
-            // The system message gets its share of the budget, and never the room the
-            // question and the framing of both need: then only history is dropped to fit.
-            let fixed = context::REPLY_PRIMING_TOKENS + 2 * context::TOKENS_PER_MESSAGE;
-            let room = budget.checked_sub(question_tokens + fixed)?;
-            let system = context::system_within(
-                &system_prompt,
-                related.as_deref(),
-                system_cap.min(room),
-                &counter,
-            );
-            let mut prompt = context::build_prompt(system, &history, &question);
-            if let Some(last) = prompt.last_mut() {
-                last.known_tokens = Some(question_tokens);
-            }
-            let (messages, prompt_tokens) =
-                context::trim_to_budget(prompt, budget, |m| counter.message(m));
-            Some((messages, prompt_tokens, question_tokens, history.len()))
-        };
-        (build(), entry)
+        // Counted once, not remembered (it is stored with the message).
+        (history, entry, counter.text_once(&question))
     })
     .await
     .context("counting prompt tokens")?;
     if let Some(entry) = &entry {
         history_cache::store(ctx, subject.ai_chat_id, entry).await;
     }
-    let Some((messages, prompt_tokens, question_tokens, history_len)) = built else {
+    Ok(Arc::new(PromptParts {
+        system_prompt: subject.system_prompt.clone(),
+        related,
+        history,
+        question: subject.content.clone(),
+        question_tokens,
+    }))
+}
+
+/// The request to `model`: the prompt trimmed to the model's budget (its window less its reply
+/// cap, never more than `CONTEXT_TOKEN_BUDGET`), the system message within its share of that.
+/// `None` when the question alone does not fit.
+pub async fn request_for(
+    parts: &Arc<PromptParts>,
+    model: &Model,
+    ctx: &JobContext,
+) -> anyhow::Result<Option<ChatRequest>> {
+    let counter = ctx.tokens;
+    let budget =
+        usize::try_from(model.prompt_budget(ctx.token_budget as u64)).unwrap_or(usize::MAX);
+    let system_cap = budget.saturating_mul(usize::from(ctx.system_share_percent)) / 100;
+    let parts = parts.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        // The system message gets its share of the budget, and never the room the question
+        // and the framing of both need: then only history is dropped to fit.
+        let fixed = context::REPLY_PRIMING_TOKENS + 2 * context::TOKENS_PER_MESSAGE;
+        let room = budget.checked_sub(parts.question_tokens + fixed)?;
+        let system = context::system_within(
+            &parts.system_prompt,
+            parts.related.as_deref(),
+            system_cap.min(room),
+            &counter,
+        );
+        let mut prompt = context::build_prompt(system, &parts.history, &parts.question);
+        if let Some(last) = prompt.last_mut() {
+            // Handed to the trimming as known.
+            last.known_tokens = Some(parts.question_tokens);
+        }
+        let (messages, prompt_tokens) =
+            context::trim_to_budget(prompt, budget, |m| counter.message(m));
+        Some((messages, prompt_tokens, parts.history.len()))
+    })
+    .await
+    .context("counting prompt tokens")?;
+    let Some((messages, prompt_tokens, history_len)) = built else {
         return Ok(None);
     };
-    let model = if subject.model.is_empty() {
-        ctx.default_model.clone()
-    } else if ctx.allowed_models.contains(&subject.model) {
-        subject.model.clone()
-    } else {
-        // The operator took this model off ALLOWED_MODELS after the chat chose it.
-        tracing::warn!(model = %subject.model, "the chat's model is no longer allowed; using the default");
-        ctx.default_model.clone()
-    };
     tracing::debug!(
+        model = %model.name,
         prompt_tokens,
         messages = messages.len(),
         history = history_len,
         "prompt built"
     );
-    let request = ChatRequest {
-        model,
+    let prompt_tokens = u64::try_from(prompt_tokens).unwrap_or(u64::MAX);
+    Ok(Some(ChatRequest {
+        model: model.name.clone(),
+        provider_model: model.provider_model.clone(),
         messages,
-        max_completion_tokens: ctx.max_completion_tokens,
-        prompt_tokens: u64::try_from(prompt_tokens).unwrap_or(u64::MAX),
-        estimated_tokens: u64::try_from(prompt_tokens)
-            .unwrap_or(u64::MAX)
-            .saturating_add(ctx.completion_allowance),
-    };
-    Ok(Some((request, question_tokens)))
+        max_completion_tokens: model.max_completion_tokens,
+        prompt_tokens,
+        estimated_tokens: prompt_tokens.saturating_add(ctx.completion_allowance),
+    }))
 }

@@ -92,6 +92,20 @@ impl FailureReason {
         FailureReason::BadResponse,
     ];
 
+    /// Failures after which a model with a fallback hands the message over at once instead of
+    /// spending its retries: the provider is down or slow (5xx, time-out, connection), or does
+    /// not have the model (404). Any other failure falls back once its retries are spent, as
+    /// long as none of the reply's text went out.
+    pub const fn falls_back_at_once(self) -> bool {
+        matches!(
+            self,
+            FailureReason::ServerError
+                | FailureReason::Timeout
+                | FailureReason::Connection
+                | FailureReason::NotFound
+        )
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             FailureReason::RateLimited => "rate_limited",

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use aichat_shared::keys::Namespace;
+use aichat_shared::models::Registry;
 
 use crate::context::TokenCounter;
 use crate::llm::LlmClient;
@@ -22,21 +23,19 @@ pub struct JobContext {
     pub redis: ConnectionManager,
     pub ns: Namespace,
     pub llm: LlmClient,
+    /// The models chats may use, with their windows, caps, prices and fallbacks.
+    pub models: Registry,
     pub limiter: RateLimiter,
     pub tokens: TokenCounter,
+    /// `CONTEXT_TOKEN_BUDGET`: no model's prompt is larger.
     pub token_budget: usize,
     /// Seconds a chat's history stays in the context cache (`CONTEXT_CACHE_SECS`); 0: no cache.
     pub history_cache_secs: u64,
-    /// Most tokens of the system message (`SYSTEM_TOKEN_SHARE_PERCENT` of the budget).
-    pub system_token_cap: usize,
-    /// Sent as `max_completion_tokens` on every call.
-    pub max_completion_tokens: u32,
-    /// Models chats may use (`ALLOWED_MODELS` and the default).
-    pub allowed_models: Vec<String>,
+    /// Most of a model's prompt budget the system message takes, in percent
+    /// (`SYSTEM_TOKEN_SHARE_PERCENT`).
+    pub system_share_percent: u8,
     /// Completion tokens reserved under the token rate limit before the real count is known.
     pub completion_allowance: u64,
-    /// Model of chats that have none.
-    pub default_model: String,
     pub delta_flush_every: Duration,
     pub delta_flush_chars: usize,
     /// Turns true when the worker starts shutting down.

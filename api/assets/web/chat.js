@@ -17,8 +17,10 @@
 // active path), versions.js (the switcher, Regenerate and Edit) and state.js (what they share).
 import {
   $,
+  addDecimals,
   api,
   busy,
+  formatCosts,
   formatNumber,
   logOut,
   onUnauthorized,
@@ -163,9 +165,15 @@ export function updateChatMeta() {
   if (!chat) return;
   let tokens = 0;
   for (const node of list.querySelectorAll('li.assistant[data-tokens]')) tokens += Number(node.dataset.tokens);
+  const costs = {};
+  for (const node of list.querySelectorAll('li.assistant[data-cost]')) {
+    const { cost, currency } = node.dataset;
+    costs[currency] = currency in costs ? addDecimals(costs[currency], cost) : cost;
+  }
   const parts = [chat.model];
   if (chat.related_chat_name) parts.push(`linked to “${chat.related_chat_name}”`);
   parts.push(`${formatNumber(tokens)} tokens used`);
+  if (Object.keys(costs).length) parts.push(formatCosts(costs));
   $('#chat-meta').textContent = parts.join(' · ');
 }
 

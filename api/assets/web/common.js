@@ -174,12 +174,43 @@ export function formatNumber(n) {
   return n === null || n === undefined ? '–' : numberFormat.format(n);
 }
 
-/** Token counts as one short line, or '' when none is known. */
+/** A cost as the server gives it (an exact decimal string) with its currency, or '' when none. */
+export function formatCost(cost, currency) {
+  return cost == null ? '' : `${cost} ${currency ?? ''}`.trim();
+}
+
+/** Costs per currency (`{"USD": "0.00075"}`, as usage totals give them) as one short line. */
+export function formatCosts(costs) {
+  return Object.entries(costs || {})
+    .map(([currency, cost]) => formatCost(cost, currency))
+    .join(' + ');
+}
+
+/**
+ * The exact sum of two non-negative decimal strings ("0.00045" + "0.0003" = "0.00075"): summed
+ * as integers of the finer scale, never as floats, so a total shows what its parts add up to.
+ */
+export function addDecimals(a, b) {
+  const [aWhole, aFraction = ''] = String(a).split('.');
+  const [bWhole, bFraction = ''] = String(b).split('.');
+  const scale = Math.max(aFraction.length, bFraction.length);
+  const units =
+    BigInt((aWhole || '0') + aFraction.padEnd(scale, '0')) + BigInt((bWhole || '0') + bFraction.padEnd(scale, '0'));
+  const digits = units.toString().padStart(scale + 1, '0');
+  const whole = digits.slice(0, digits.length - scale);
+  const fraction = digits.slice(digits.length - scale).replace(/0+$/, '');
+  return fraction ? `${whole}.${fraction}` : whole;
+}
+
+/** Token counts and the cost as one short line, or '' when none is known. */
 export function formatUsage(usage) {
   if (!usage) return '';
   const { prompt_tokens: p, completion_tokens: c, total_tokens: t } = usage;
-  if (p == null && c == null && t == null) return '';
-  return `${formatNumber(t)} tokens (prompt ${formatNumber(p)} · completion ${formatNumber(c)})`;
+  const tokens =
+    p == null && c == null && t == null
+      ? ''
+      : `${formatNumber(t)} tokens (prompt ${formatNumber(p)} · completion ${formatNumber(c)})`;
+  return [tokens, formatCost(usage.cost, usage.currency)].filter(Boolean).join(' · ');
 }
 
 function formValues(form) {

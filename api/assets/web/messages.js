@@ -193,6 +193,8 @@ function usageOf(message) {
       prompt_tokens: message.prompt_tokens,
       completion_tokens: message.completion_tokens,
       total_tokens: message.total_tokens,
+      cost: message.cost,
+      currency: message.currency,
     }
   );
 }
@@ -236,6 +238,10 @@ export function addAssistantMessage(message, live = true) {
   const usage = usageOf(message);
   $('.usage', node).textContent = formatUsage(usage);
   if (usage.total_tokens != null) node.dataset.tokens = usage.total_tokens;
+  if (usage.cost != null && usage.currency != null) {
+    node.dataset.cost = usage.cost;
+    node.dataset.currency = usage.currency;
+  }
   if (live && replyTo != null) setStatus(byId(replyTo), 'answered');
   updateChatMeta();
   scrollToEnd(stick);

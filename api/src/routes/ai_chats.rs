@@ -10,6 +10,7 @@ use aichat_shared::db;
 use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
 use aichat_shared::db::ai_messages::Branches;
 use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
+use aichat_shared::models::Registry;
 
 use crate::access::{NOT_OWNED, owned_chat};
 use crate::auth::AuthUser;
@@ -17,7 +18,6 @@ use crate::error::{ApiError, ApiResult, FieldErrors};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::paging::{DEFAULT_LIMIT, MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
-use crate::settings::Settings;
 use crate::state::AppState;
 use crate::validate;
 
@@ -37,7 +37,7 @@ pub struct ChatFields<'a> {
 
 impl ChatFields<'_> {
     /// Adds the problems of the fields given to `errors`, each under `prefix` and its name.
-    pub fn check(&self, errors: &mut FieldErrors, prefix: &str, settings: &Settings) {
+    pub fn check(&self, errors: &mut FieldErrors, prefix: &str, models: &Registry) {
         let name = |field: &str| format!("{prefix}{field}");
         if let Some(title) = self.title {
             validate::optional_text(errors, &name("title"), title, 255);
@@ -59,7 +59,7 @@ impl ChatFields<'_> {
                 .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c))
             {
                 errors.add(&name("model"), "Enter a valid model name.");
-            } else if !settings.openai.is_allowed(model) {
+            } else if !models.is_allowed(model) {
                 // Only the operator's models reach the provider (and its bill).
                 errors.add(
                     &name("model"),
@@ -131,7 +131,7 @@ impl AiChatRequest {
             system_prompt: self.system_prompt.as_deref(),
             model: self.model.as_deref(),
         };
-        fields.check(&mut errors, "", &state.settings);
+        fields.check(&mut errors, "", &state.models);
         if let Some(Some(chat_id)) = self.related_chat
             && !db::chats::is_participant(&state.db, chat_id, user_id).await?
         {
@@ -172,7 +172,7 @@ async fn create_ai_chat(
         model: body
             .model
             .as_deref()
-            .unwrap_or(&state.settings.openai.openai_model),
+            .unwrap_or(&state.models.default_model().name),
     };
     let id = db::ai_chats::insert_ai_chat(&state.db, &new).await?;
     let chat = db::ai_chats::get_ai_chat(&state.db, id, auth.user.id)

@@ -408,7 +408,7 @@ async fn stop_message(
         Recorded::Cancelled(message) => (
             true,
             StopResponse {
-                message,
+                message: *message,
                 reply: None,
             },
         ),

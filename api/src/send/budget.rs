@@ -15,7 +15,7 @@ pub async fn reserve(state: &AppState, user_id: i64) -> ApiResult<Option<Reserva
     if settings.daily_token_budget <= 0 {
         return Ok(None);
     }
-    let estimate = settings.openai.most_tokens_per_send();
+    let estimate = settings.openai.most_tokens_per_send(&state.models);
     let mut redis = state.redis.clone();
     let now = Utc::now();
     match budget::reserve(

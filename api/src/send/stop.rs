@@ -39,8 +39,9 @@ pub struct StopResponse {
 
 /// Where a stop request left the message.
 pub enum Recorded {
-    /// It was `queued`: now `cancelled`, and said so.
-    Cancelled(AiMessage),
+    /// It was `queued`: now `cancelled`, and said so. (Boxed: a message is large beside the
+    /// other outcomes, which carry nothing.)
+    Cancelled(Box<AiMessage>),
     /// It is `answering`: its worker has been asked to stop it.
     Requested,
     /// It no longer waits (answered, failed, cancelled): nothing changed.
@@ -85,7 +86,7 @@ where
         if let Err(err) = publish_event(&mut redis, &state.ns, message.ai_chat, &event).await {
             tracing::warn!(error = %err, "could not publish message_cancelled");
         }
-        return Ok(Recorded::Cancelled(stopping.message));
+        return Ok(Recorded::Cancelled(Box::new(stopping.message)));
     }
     before_signal(message.ai_chat).await?;
     // Recorded in the database first: a worker that misses this finds it there.

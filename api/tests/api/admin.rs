@@ -93,6 +93,7 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
     assert_eq!(usage[0]["model"], "gpt-test");
     assert_eq!(usage[0]["total_tokens"], reply["total_tokens"]);
     assert_eq!(usage[0]["message_count"], 1);
+    assert_eq!(usage[0]["cost"], json!({}), "an unpriced model: {usage}");
     app.cleanup().await;
 }
 

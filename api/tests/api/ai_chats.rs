@@ -208,6 +208,8 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
         "total_tokens",
         "status",
         "model",
+        "cost",
+        "currency",
     ] {
         assert!(m.get(field).is_some(), "{field} missing in {m}");
     }
@@ -220,6 +222,7 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
         (Some("user"), Some("queued"), Some(chat))
     );
     assert_eq!(m["total_tokens"], Value::Null);
+    assert_eq!((&m["cost"], &m["currency"]), (&Value::Null, &Value::Null));
 
     let after = page(&format!("?after_id={}&limit=2", sent[1])).await;
     assert_eq!(ids(&after), sent[2..4]);

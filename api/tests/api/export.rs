@@ -174,6 +174,8 @@ async fn an_exported_tree_imports_as_the_same_tree_under_new_ids() {
             "active",
             "completion_tokens",
             "content",
+            "cost",
+            "currency",
             "error",
             "id",
             "model",
@@ -540,6 +542,39 @@ async fn a_refused_import_names_the_problem_and_stores_nothing() {
             "messages[1].role",
             "robot",
         ),
+        (
+            "a cost on a question",
+            with(&|d| {
+                d["messages"][0]["cost"] = json!("0.1");
+                d["messages"][0]["currency"] = json!("USD");
+            }),
+            "messages",
+            "messages[0]: only an assistant message can have a cost",
+        ),
+        (
+            "a cost that is not a plain decimal",
+            with(&|d| {
+                d["messages"][1]["cost"] = json!("-1e-5");
+                d["messages"][1]["currency"] = json!("USD");
+            }),
+            "messages",
+            "messages[1]: cost must be a decimal such as \"0.00045\"",
+        ),
+        (
+            "a cost without its currency",
+            with(&|d| d["messages"][1]["cost"] = json!("0.1")),
+            "messages",
+            "messages[1]: cost and currency go together",
+        ),
+        (
+            "a currency that is not a code",
+            with(&|d| {
+                d["messages"][1]["cost"] = json!("0.1");
+                d["messages"][1]["currency"] = json!("dollars");
+            }),
+            "messages",
+            "messages[1]: currency must be a code such as \"USD\"",
+        ),
     ];
     for (what, doc, field, expected) in cases {
         let (status, errors) = app.post(IMPORT, &alice.token, doc).await;
@@ -599,6 +634,37 @@ async fn a_refused_import_names_the_problem_and_stores_nothing() {
     // The same document, valid, goes in.
     import_ok(&app, &alice, &document(one_turn())).await;
     assert_eq!(app.list("/api/ai/chats/", &alice.token).await.len(), 2);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_imported_replys_cost_is_kept_and_counted_in_the_usage() {
+    let app = spawn_app().await;
+    let alice = app.user("alice").await;
+    let mut turns = one_turn();
+    turns[1]["cost"] = json!("0.00045");
+    turns[1]["currency"] = json!("USD");
+    turns.push(message(12, Some(10), "assistant", "hey", "complete"));
+    turns[2]["version"] = json!(2);
+    turns[2]["active"] = json!(false);
+    let imported = import_ok(&app, &alice, &document(turns)).await;
+    let messages = all_messages(&app, &alice, id(&imported)).await;
+    let costs: Vec<(&Value, &Value)> = messages
+        .iter()
+        .map(|m| (&m["cost"], &m["currency"]))
+        .collect();
+    assert_eq!(
+        costs,
+        [
+            (&Value::Null, &Value::Null),
+            (&json!("0.00045"), &json!("USD")),
+            // An export from before costs: none.
+            (&Value::Null, &Value::Null),
+        ]
+    );
+    let (status, usage) = app.get("/api/ai/usage/", &alice.token).await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    assert_eq!(usage["total"]["cost"], json!({"USD": "0.00045"}), "{usage}");
     app.cleanup().await;
 }
 

@@ -12,6 +12,7 @@ mod chats;
 mod deploy;
 mod docs_and_ops;
 mod export;
+mod models;
 mod paging;
 mod pipeline;
 mod resume;

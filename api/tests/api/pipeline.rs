@@ -55,7 +55,9 @@ async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_u
     let usage = Usage::for_exchange(["Be kind.", content], &expected);
     assert_eq!(
         reply["message"]["usage"],
-        json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens})
+        json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
+               "cost": null, "currency": null}),
+        "the test's model has no prices"
     );
 
     // Stored: the user message answered, the reply with its tokens and model.
@@ -72,6 +74,11 @@ async fn a_reply_streams_to_a_socket_on_another_instance_and_is_saved_with_its_u
     let (_, report) = a.get("/api/ai/usage/", &alice.token).await;
     assert_eq!(report["total"]["total_tokens"], usage.total_tokens);
     assert_eq!(report["total"]["message_count"], 1);
+    assert_eq!(
+        report["total"]["cost"],
+        json!({}),
+        "nothing priced: {report}"
+    );
     assert_eq!(report["by_model"][0]["model"], "gpt-test");
     assert_eq!(report["by_model"][0]["prompt_tokens"], usage.prompt_tokens);
     assert_eq!(

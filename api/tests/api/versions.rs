@@ -119,6 +119,8 @@ async fn a_regenerated_reply_is_the_next_version_and_the_old_one_is_kept() {
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "cost",
+        "currency",
         "version",
     ] {
         assert_eq!(old[field], first[field], "{field} of the old reply");

@@ -1,10 +1,13 @@
-//! Staff views across all users: search, filters and token totals.
+//! Staff views across all users: search, filters, token totals and costs.
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::PgExecutor;
+use sqlx::types::Json;
 use utoipa::ToSchema;
 
-use crate::domain::{AiChat, AiMessage, MessageStatus, Role};
+use crate::domain::{AiChat, AiMessage, Costs, MessageStatus, Role};
 use crate::error::Result;
 
 /// AI chats whose title or owner's username contains `query` (case-insensitive), newest first.
@@ -60,7 +63,8 @@ pub async fn filter_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from ai_messages m
            where ($1::text is null or m.role = $1)
              and ($2::timestamptz is null or m.timestamp >= $2)
@@ -76,8 +80,8 @@ pub async fn filter_messages(
     Ok(messages)
 }
 
-/// Token totals of one user, model and UTC day.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+/// Token totals and cost of one user, model and UTC day.
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UsageRow {
     pub user_id: i64,
     pub username: String,
@@ -87,29 +91,57 @@ pub struct UsageRow {
     pub completion_tokens: i64,
     pub total_tokens: i64,
     pub message_count: i64,
+    /// What those messages cost, per currency (currency → exact decimal string); `{}` when
+    /// none of them was priced.
+    #[schema(example = json!({"USD": "0.00075"}))]
+    pub cost: BTreeMap<String, String>,
 }
 
-/// Token totals per user, model and day, newest day first.
+/// Token totals and costs per user, model and day, newest day first.
 #[tracing::instrument(skip(db))]
 pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Result<Vec<UsageRow>> {
-    // sqlx's not-null marker is part of an output column's name: `order by "day!"` and
+    // Grouped by currency too first, so each currency's cost is one exact `numeric` sum. sqlx's
+    // not-null marker is part of an output column's name: `order by "day!"` and
     // `"total_tokens!"` sort by the output columns, each group's day and total.
-    let rows = sqlx::query_as!(
-        UsageRow,
-        r#"select u.id as user_id, u.username, coalesce(m.model, 'unknown') as "model!",
-                  (m.timestamp at time zone 'UTC')::date as "day!",
-                  coalesce(sum(m.prompt_tokens), 0)::bigint as "prompt_tokens!",
-                  coalesce(sum(m.completion_tokens), 0)::bigint as "completion_tokens!",
-                  coalesce(sum(m.total_tokens), 0)::bigint as "total_tokens!",
-                  count(*) as "message_count!"
-           from ai_messages m
-           join ai_chats a on a.id = m.ai_chat_id
-           join users u on u.id = a.user_id
-           where m.role = 'assistant' and m.timestamp >= now() - make_interval(days => $1)
+    let rows = sqlx::query!(
+        r#"with per_currency as (
+               select a.user_id, coalesce(m.model, 'unknown') as model,
+                      (m.timestamp at time zone 'UTC')::date as day, m.currency,
+                      coalesce(sum(m.prompt_tokens), 0)::bigint as prompt_tokens,
+                      coalesce(sum(m.completion_tokens), 0)::bigint as completion_tokens,
+                      coalesce(sum(m.total_tokens), 0)::bigint as total_tokens,
+                      count(*) as message_count,
+                      sum(m.cost) as cost
+               from ai_messages m
+               join ai_chats a on a.id = m.ai_chat_id
+               where m.role = 'assistant' and m.timestamp >= now() - make_interval(days => $1)
+               group by 1, 2, 3, 4
+           )
+           select u.id as user_id, u.username, p.model as "model!", p.day as "day!",
+                  sum(p.prompt_tokens)::bigint as "prompt_tokens!",
+                  sum(p.completion_tokens)::bigint as "completion_tokens!",
+                  sum(p.total_tokens)::bigint as "total_tokens!",
+                  sum(p.message_count)::bigint as "message_count!",
+                  coalesce(jsonb_object_agg(p.currency, trim_scale(p.cost)::text)
+                               filter (where p.currency is not null and p.cost is not null),
+                           '{}') as "cost!: Json<Costs>"
+           from per_currency p
+           join users u on u.id = p.user_id
            group by 1, 2, 3, 4
            order by "day!" desc, "total_tokens!" desc"#,
         days,
     )
+    .map(|row| UsageRow {
+        user_id: row.user_id,
+        username: row.username,
+        model: row.model,
+        day: row.day,
+        prompt_tokens: row.prompt_tokens,
+        completion_tokens: row.completion_tokens,
+        total_tokens: row.total_tokens,
+        message_count: row.message_count,
+        cost: row.cost.0,
+    })
     .fetch_all(db)
     .await?;
     Ok(rows)

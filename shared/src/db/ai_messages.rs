@@ -3,7 +3,8 @@
 //! Every statement that returns an [`AiMessage`] lists its columns the same way: `m.id,
 //! m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp, m.prompt_tokens,
 //! m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-//! m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active`.
+//! m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active, m.cost::text as "cost?",
+//! m.currency` (the cost as its exact decimal text: no decimal type on this side).
 use chrono::NaiveDate;
 use sqlx::PgExecutor;
 
@@ -116,7 +117,8 @@ pub async fn insert_owned_user_messages(
            )
            select numbered.ord as "ord!", m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content,
                   m.timestamp, m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus",
-                  m.error, m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.error, m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from m join numbered on numbered.id = m.id"#,
         &chats,
         &users,
@@ -226,7 +228,8 @@ pub async fn list_chat_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from ai_messages m
            where m.ai_chat_id = $1 and m.id > $2 and (m.active or $4)
            order by m.id limit $3"#,
@@ -290,7 +293,7 @@ pub async fn list_owned_chat_messages(
                   m.content as "content?", m.timestamp as "timestamp?", m.prompt_tokens,
                   m.completion_tokens, m.total_tokens, m.status as "status?: MessageStatus", m.error, m.model,
                   m.reply_to, m.stopped as "stopped?", m.parent_id, m.version as "version?",
-                  m.active as "active?"
+                  m.active as "active?", m.cost::text as "cost?", m.currency
            from ai_chats a
            left join lateral (
                select * from ai_messages m
@@ -330,6 +333,8 @@ pub async fn list_owned_chat_messages(
                 parent_id: row.parent_id,
                 version: row.version?,
                 active: row.active?,
+                cost: row.cost,
+                currency: row.currency,
             })
         })
         .collect();
@@ -348,7 +353,8 @@ pub async fn list_user_messages(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where a.user_id = $1 and m.id > $2 order by m.id limit $3"#,
         user_id,
@@ -371,7 +377,8 @@ pub async fn get_user_message(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from ai_messages m join ai_chats a on a.id = m.ai_chat_id
            where m.id = $1 and a.user_id = $2"#,
         id,
@@ -392,7 +399,8 @@ pub async fn find_reply(
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from ai_messages m join ai_messages q on q.id = m.reply_to
            where m.reply_to = $1 and m.version = q.reply_version"#,
         user_message_id,
@@ -409,7 +417,8 @@ pub async fn find_message(db: impl PgExecutor<'_>, id: i64) -> Result<Option<AiM
         AiMessage,
         r#"select m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                   m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                  m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                  m.cost::text as "cost?", m.currency
            from ai_messages m where m.id = $1"#,
         id,
     )

@@ -59,6 +59,10 @@ pub struct NewReply {
     pub question_tokens: Option<i32>,
     /// Its user stopped it while it streamed: `content` is what was generated until then.
     pub stopped: bool,
+    /// What it cost, an exact decimal in `currency`, from the prices of the model that
+    /// answered (`model`); `None` when that model has no prices or the usage is unknown.
+    pub cost: Option<String>,
+    pub currency: Option<String>,
 }
 
 /// What a job's caller already holds of its chat's history (the workers' context cache): every
@@ -394,6 +398,8 @@ pub async fn save_replies(
     let mut content_tokens = Vec::with_capacity(n);
     let mut question_tokens = Vec::with_capacity(n);
     let mut stopped = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
+    let mut currencies = Vec::with_capacity(n);
     for (question, reply) in replies {
         questions.push(*question);
         contents.push(reply.content.as_str());
@@ -405,16 +411,19 @@ pub async fn save_replies(
         content_tokens.push(reply.content_tokens);
         question_tokens.push(reply.question_tokens);
         stopped.push(reply.stopped);
+        costs.push(reply.cost.as_deref());
+        currencies.push(reply.currency.as_deref());
     }
     let rows = sqlx::query_as!(
         AiMessage,
         r#"with input as (
              select distinct on (t.question_id) t.*
              from unnest($1::bigint[], $2::text[], $3::integer[], $4::integer[], $5::integer[],
-                         $6::text[], $7::integer[], $8::integer[], $9::integer[], $13::boolean[])
+                         $6::text[], $7::integer[], $8::integer[], $9::integer[], $13::boolean[],
+                         $16::text[], $17::text[])
                   with ordinality as t(question_id, content, prompt_tokens, completion_tokens,
                       total_tokens, model, latency_ms, content_tokens, question_tokens, stopped,
-                      ord)
+                      cost, currency, ord)
              order by t.question_id, t.ord
          ), chats as materialized (
              -- `id = any` of an array: an index lookup per chat, never a scan of every chat
@@ -434,16 +443,17 @@ pub async fn save_replies(
          ), m as (
              insert into ai_messages as m (ai_chat_id, role, content, status, prompt_tokens,
                  completion_tokens, total_tokens, model, latency_ms, reply_to, content_tokens,
-                 stopped, parent_id, version, active)
+                 stopped, parent_id, version, active, cost, currency)
              select u.ai_chat_id, $10, i.content, $11, i.prompt_tokens, i.completion_tokens,
                  i.total_tokens, i.model, i.latency_ms, u.id, i.content_tokens, i.stopped,
-                 u.id, u.reply_version, u.active
+                 u.id, u.reply_version, u.active, i.cost::numeric, i.currency
              from input i join questions u on u.id = i.question_id
              order by u.id
              on conflict (reply_to, version) where reply_to is not null do nothing
              returning m.id, m.ai_chat_id as ai_chat, m.role as "role: Role", m.content, m.timestamp,
                  m.prompt_tokens, m.completion_tokens, m.total_tokens, m.status as "status: MessageStatus", m.error,
-                 m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active
+                 m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
+                 m.cost::text as "cost?", m.currency
          ), answered as (
              update ai_messages q set status = $12, error = null,
                  content_tokens = coalesce(i.question_tokens, q.content_tokens)
@@ -476,6 +486,9 @@ pub async fn save_replies(
         &stopped,
         MessageStatus::Queued.as_str(),
         MessageStatus::Answering.as_str(),
+        // Decimal strings, cast in SQL: exact, and no decimal type on this side.
+        costs.as_slice() as &[Option<&str>],
+        currencies.as_slice() as &[Option<&str>],
     )
     .fetch_all(db)
     .await?;

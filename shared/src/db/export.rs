@@ -24,6 +24,9 @@ pub struct ImportedMessage<'a> {
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
     pub total_tokens: Option<i32>,
+    /// A reply's cost, a decimal string (checked by the caller) in `currency`.
+    pub cost: Option<&'a str>,
+    pub currency: Option<&'a str>,
     pub stopped: bool,
     pub version: i32,
     pub active: bool,
@@ -60,6 +63,8 @@ pub async fn insert_imported_messages(
     let mut versions = Vec::with_capacity(n);
     let mut active = Vec::with_capacity(n);
     let mut reply_versions = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
+    let mut currencies = Vec::with_capacity(n);
     for m in messages {
         // The ordinal `unnest … with ordinality` gives the parent: 1-based.
         parents.push(m.parent.and_then(|p| i64::try_from(p).ok()).map(|p| p + 1));
@@ -76,16 +81,20 @@ pub async fn insert_imported_messages(
         versions.push(m.version);
         active.push(m.active);
         reply_versions.push(m.reply_version);
+        costs.push(m.cost);
+        currencies.push(m.currency);
     }
     let done = sqlx::query!(
         r#"with input as materialized (
                select t.*, nextval('ai_messages_id_seq'::regclass) as id
                from unnest($2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
                            $7::text[], $8::text[], $9::integer[], $10::integer[], $11::integer[],
-                           $12::boolean[], $13::integer[], $14::boolean[], $15::integer[])
+                           $12::boolean[], $13::integer[], $14::boolean[], $15::integer[],
+                           $18::text[], $19::text[])
                     with ordinality as t(parent_ord, role, content, timestamp, status, error,
                                          model, prompt_tokens, completion_tokens, total_tokens,
-                                         stopped, version, active, reply_version, ord)
+                                         stopped, version, active, reply_version, cost,
+                                         currency, ord)
                order by t.ord
            )
            , tip as (
@@ -96,11 +105,11 @@ pub async fn insert_imported_messages(
            )
            insert into ai_messages (id, ai_chat_id, role, content, timestamp, status, error,
                model, prompt_tokens, completion_tokens, total_tokens, stopped, version, active,
-               reply_version, parent_id, reply_to)
+               reply_version, parent_id, reply_to, cost, currency)
            select i.id, $1, i.role, i.content, coalesce(i.timestamp, now()), i.status, i.error,
                   i.model, i.prompt_tokens, i.completion_tokens, i.total_tokens, i.stopped,
                   i.version, i.active, i.reply_version, p.id,
-                  case when i.role = $16 then p.id end
+                  case when i.role = $16 then p.id end, i.cost::numeric, i.currency
            from input i left join input p on p.ord = i.parent_ord
            order by i.id"#,
         ai_chat_id,
@@ -121,6 +130,8 @@ pub async fn insert_imported_messages(
         reply_versions.as_slice() as &[i32],
         Role::Assistant.as_str(),
         Role::User.as_str(),
+        costs.as_slice() as &[Option<&str>],
+        currencies.as_slice() as &[Option<&str>],
     )
     .execute(db)
     .await?;

@@ -56,6 +56,8 @@ macro_rules! ai_message_of {
             parent_id: $row.parent_id,
             version: $row.version,
             active: $row.active,
+            cost: $row.cost,
+            currency: $row.currency,
         }
     };
 }

@@ -170,6 +170,8 @@ fn reply(content: &str) -> aichat_shared::db::completions::NewReply {
         content_tokens: None,
         question_tokens: None,
         stopped: false,
+        cost: None,
+        currency: None,
     }
 }
 

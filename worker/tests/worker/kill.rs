@@ -77,9 +77,14 @@ async fn a_killed_workers_job_is_finished_by_another_exactly_once() {
 /// Runs the worker binary with `key` as `OPENAI_API_KEY` against `base_url` until it exits (at
 /// most 20 s); its exit status and what it wrote to stderr.
 async fn start_with_key(key: &str, base_url: &str) -> (Option<i32>, String) {
+    start_with_env(&[("OPENAI_API_KEY", key), ("OPENAI_BASE_URL", base_url)]).await
+}
+
+/// Runs the worker binary with `vars` until it exits (at most 20 s); its exit status and what
+/// it wrote to stderr.
+async fn start_with_env(vars: &[(&str, &str)]) -> (Option<i32>, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_aichat-worker"))
-        .env("OPENAI_API_KEY", key)
-        .env("OPENAI_BASE_URL", base_url)
+        .envs(vars.iter().copied())
         // Nothing listens here: a worker that got past the check would not get far, and the
         // test would time out instead of passing.
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
@@ -111,4 +116,28 @@ async fn a_worker_without_a_key_for_a_remote_model_refuses_to_start_and_says_why
     assert_eq!(code, Some(1), "{stderr}");
     assert!(!stderr.contains("OPENAI_API_KEY"), "{stderr}");
     assert!(stderr.contains("Redis"), "{stderr}");
+}
+
+/// A model of `MODELS_FILE` whose key variable is not set: the worker (which calls models, so
+/// reads their keys) refuses to start, naming the variable and the line.
+#[tokio::test]
+async fn a_worker_whose_registry_names_an_unset_key_variable_refuses_to_start() {
+    let var = "AICHAT_TEST_KEY_NEVER_SET";
+    let file = std::env::temp_dir().join(format!(
+        "{}.toml",
+        aichat_testkit::unique_name("aichat_registry")
+    ));
+    let registry = format!(
+        "[[models]]\nname = \"remote\"\nbase_url = \"https://models.example.com/v1\"\n\
+         api_key_env = \"{var}\"\n"
+    );
+    std::fs::write(&file, registry).expect("write the registry");
+    let path = file.to_str().expect("a UTF-8 path");
+    let (code, stderr) = start_with_env(&[("MODELS_FILE", path)]).await;
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(var) && stderr.contains("line 4"),
+        "{stderr}"
+    );
 }

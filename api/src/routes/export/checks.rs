@@ -5,6 +5,7 @@ use chrono::Datelike;
 
 use aichat_shared::db::export::ImportedMessage;
 use aichat_shared::domain::{MessageStatus, Role};
+use aichat_shared::models::Registry;
 
 use super::document::{ChatExport, ExportedMessage, FORMAT_TAG, FORMAT_VERSION};
 use crate::error::{ApiError, ApiResult, FieldErrors};
@@ -42,6 +43,26 @@ impl Problems {
     }
 }
 
+/// Most digits of an imported cost before, and after, its point: far more than any price
+/// gives, and a number PostgreSQL's `numeric` stores exactly.
+const MAX_COST_DIGITS: usize = 20;
+
+/// A cost as the server writes it: a non-negative decimal, digits with an optional fraction.
+fn is_cost(text: &str) -> bool {
+    let digits = |part: &str| {
+        (1..=MAX_COST_DIGITS).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    match text.split_once('.') {
+        Some((whole, fraction)) => digits(whole) && digits(fraction),
+        None => digits(text),
+    }
+}
+
+/// A currency as a models file names it: an ISO 4217 code such as `USD`.
+fn is_currency(text: &str) -> bool {
+    text.len() == 3 && text.bytes().all(|b| b.is_ascii_uppercase())
+}
+
 /// What one parent's children of one role hold: the active one, the versions seen.
 #[derive(Default)]
 struct Siblings {
@@ -55,6 +76,7 @@ struct Siblings {
 pub fn check_import<'a>(
     export: &'a ChatExport,
     settings: &Settings,
+    models: &Registry,
 ) -> ApiResult<Vec<ImportedMessage<'a>>> {
     let mut errors = FieldErrors::default();
     if export.format != FORMAT_TAG {
@@ -80,7 +102,7 @@ pub fn check_import<'a>(
         system_prompt: Some(&chat.system_prompt),
         model: Some(&chat.model),
     };
-    fields.check(&mut errors, "chat.", settings);
+    fields.check(&mut errors, "chat.", models);
     let max = settings.import_max_messages;
     if export.messages.len() > max {
         errors.add(
@@ -201,6 +223,23 @@ fn check_messages<'a>(
                 problem(format!("{field} is negative"));
             }
         }
+        match (m.cost.as_deref(), m.currency.as_deref()) {
+            (None, None) => {}
+            _ if m.role != Role::Assistant => {
+                problem("only an assistant message can have a cost".into());
+            }
+            (Some(cost), Some(currency)) => {
+                if !is_cost(cost) {
+                    problem(format!(
+                        "cost must be a decimal such as \"0.00045\" (at most {MAX_COST_DIGITS} digits on each side of the point)"
+                    ));
+                }
+                if !is_currency(currency) {
+                    problem("currency must be a code such as \"USD\"".into());
+                }
+            }
+            _ => problem("cost and currency go together".into()),
+        }
         if m.stopped && m.role != Role::Assistant {
             problem("only an assistant message can be stopped".into());
         }
@@ -244,6 +283,8 @@ fn check_messages<'a>(
             prompt_tokens: m.prompt_tokens,
             completion_tokens: m.completion_tokens,
             total_tokens: m.total_tokens,
+            cost: m.cost.as_deref(),
+            currency: m.currency.as_deref(),
             stopped: m.stopped,
             version: m.version,
             active: m.active,

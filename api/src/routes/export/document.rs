@@ -63,6 +63,15 @@ pub struct ExportedMessage {
     pub prompt_tokens: Option<i32>,
     pub completion_tokens: Option<i32>,
     pub total_tokens: Option<i32>,
+    /// What a reply cost, an exact decimal string in `currency` (e.g. `"0.00045"`); null on
+    /// user messages and unpriced replies (absent: null).
+    #[serde(default)]
+    #[schema(example = "0.00045")]
+    pub cost: Option<String>,
+    /// The currency of `cost`, a code such as `"USD"`; null exactly when `cost` is.
+    #[serde(default)]
+    #[schema(example = "USD")]
+    pub currency: Option<String>,
     /// A reply its user stopped while it streamed.
     #[serde(default)]
     pub stopped: bool,
@@ -93,6 +102,8 @@ impl ExportedMessage {
             prompt_tokens: m.prompt_tokens,
             completion_tokens: m.completion_tokens,
             total_tokens: m.total_tokens,
+            cost: m.cost,
+            currency: m.currency,
             stopped: m.stopped,
             error: m.error,
         }

@@ -166,7 +166,7 @@ async fn import_ai_chat(
     request: Request,
 ) -> ApiResult<(StatusCode, Json<AiChat>)> {
     let export = read_import(&state, request).await?;
-    let messages = checks::check_import(&export, &state.settings)?;
+    let messages = checks::check_import(&export, &state.settings, &state.models)?;
     let user_id = auth.user.id;
     let new = NewAiChat {
         user_id,
