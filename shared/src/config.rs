@@ -123,7 +123,12 @@ impl OpenAiSettings {
     /// The model registry: `MODELS_FILE`, or the models of the environment. `keys` says
     /// whether each model's key variable must be set (the worker) or is only named (the API).
     pub fn registry(&self, keys: Keys) -> Result<Registry, RegistryError> {
-        let Some(path) = &self.models_file else {
+        // An empty value (`MODELS_FILE=` in a compose file) is no file.
+        let Some(path) = self
+            .models_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        else {
             return Ok(Registry::from_environment(EnvironmentModels {
                 default: &self.openai_model,
                 others: &self.allowed_models,
