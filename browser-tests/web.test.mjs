@@ -947,6 +947,18 @@ test('staff see the chart, usage, chats, messages and re-drive a dead job', { ti
     { timeout: STEP_MS },
   );
   assert.equal(await admin.locator('#messages-table td', { hasText: /^This one fails$/ }).count(), 0);
+
+  // A user's own daily token budget, set from the budgets table, then the default again.
+  const budgetRow = admin.locator('#budgets-table tbody tr', { has: admin.locator(`form[data-user="${user.name}"]`) });
+  await budgetRow.waitFor();
+  await budgetRow.locator('input[name=daily_tokens]').fill('123456');
+  await budgetRow.getByRole('button', { name: 'Set' }).click();
+  await admin.locator('#budgets-notice', { hasText: `${user.name} now has` }).waitFor();
+  await budgetRow.locator('td[data-label="Limit"]', { hasText: /123.?456/ }).waitFor();
+  await budgetRow.locator('input[name=daily_tokens]').fill('');
+  await budgetRow.getByRole('button', { name: 'Set' }).click();
+  await admin.locator('#budgets-notice', { hasText: 'the default' }).waitFor();
+  await budgetRow.locator('td[data-label="Own budget"]', { hasText: 'default' }).waitFor();
   await shot(admin, 'admin-desktop');
 
   // The failed message's job is dead; re-driving it gets the message answered.

@@ -25,6 +25,7 @@ from aichat_client.api.ai import (
     get_ai_chat,
     import_ai_chat,
     list_ai_chat_messages,
+    quota,
     regenerate_message,
     send_message,
     usage,
@@ -46,6 +47,7 @@ from aichat_client.models import (
     LoginRequest,
     LoginResponse,
     MessageResponse,
+    Quota,
     RegisterRequest,
     SendMessageRequest,
     Usage,
@@ -265,6 +267,12 @@ def main() -> None:
 
     totals = expect(usage.sync_detailed(client=client), HTTPStatus.OK, Usage)
     assert totals.total.message_count == 1 and totals.total.total_tokens > 0, totals
+
+    limits = expect(quota.sync_detailed(client=client), HTTPStatus.OK, Quota)
+    assert limits.daily.reserved == 0, limits
+    assert limits.send_rate.limit is None or limits.send_rate.remaining < limits.send_rate.limit, (
+        limits
+    )
 
     missing = get_ai_chat.sync_detailed(ai_chat.id + 1_000_000, client=client)
     expect(missing, HTTPStatus.NOT_FOUND, ErrorBody)

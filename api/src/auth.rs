@@ -11,6 +11,7 @@ use aichat_shared::db::sessions::LiveSession;
 use aichat_shared::domain::User;
 
 use crate::error::ApiError;
+use crate::send::limits::Sender;
 use crate::state::AppState;
 
 pub(crate) const SESSION_COOKIE: &str = "sessionid";
@@ -72,9 +73,7 @@ pub(crate) async fn live_session(
     let Some(session) = db::sessions::find_live_session(&state.db, hash).await? else {
         return Ok(None);
     };
-    state
-        .sessions
-        .insert(hash, &session.user, session.expires_at);
+    state.sessions.insert(hash, &session);
     Ok(Some(session))
 }
 
@@ -94,6 +93,19 @@ async fn user_for_token_hash(state: &AppState, hash: &[u8]) -> Result<Option<Use
 pub(crate) struct AuthUser {
     pub(crate) user: User,
     pub(crate) token_hash: Vec<u8>,
+    /// The daily token budget staff set for the user, as the session was read (`None`: the
+    /// default).
+    pub(crate) daily_token_budget: Option<i64>,
+}
+
+impl AuthUser {
+    /// The user as the send limits know them.
+    pub(crate) fn sender(&self) -> Sender {
+        Sender {
+            user_id: self.user.id,
+            daily_token_budget: self.daily_token_budget,
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -105,10 +117,14 @@ impl FromRequestParts<AppState> for AuthUser {
     ) -> Result<Self, Self::Rejection> {
         let token = request_token(parts).ok_or(ApiError::Unauthenticated)?;
         let token_hash = hash_token(&token);
-        let user = user_for_token_hash(state, &token_hash)
+        let session = live_session(state, &token_hash)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        Ok(AuthUser { user, token_hash })
+        Ok(AuthUser {
+            user: session.user,
+            token_hash,
+            daily_token_budget: session.daily_token_budget,
+        })
     }
 }
 

@@ -7,6 +7,8 @@ use axum::http::header::RETRY_AFTER;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::send::limits::LimitsLeft;
+
 /// Validation problems by field, as `{"field": ["problem", ...]}`.
 #[derive(Debug, Default, Clone)]
 pub struct FieldErrors(BTreeMap<String, Vec<String>>);
@@ -72,15 +74,23 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     Conflict(&'static str),
+    /// Past the send rate; `left` becomes the response's limit headers (`send::limits`).
     #[error("Too many messages, please slow down")]
-    TooManyRequests { retry_after_secs: u64 },
+    TooManyRequests {
+        retry_after_secs: u64,
+        left: LimitsLeft,
+    },
     #[error("Too many attempts, please try again later")]
     TooManyAttempts { retry_after_secs: u64 },
     /// `MAX_SOCKETS_PER_USER` reached on this instance.
     #[error("Too many open WebSockets, close one first")]
     TooManySockets,
+    /// Past the user's daily token budget; `left` as for `TooManyRequests`.
     #[error("Daily token budget exceeded; it resets at midnight UTC")]
-    BudgetExceeded { retry_after_secs: u64 },
+    BudgetExceeded {
+        retry_after_secs: u64,
+        left: LimitsLeft,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -146,11 +156,21 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let retry_after = match &self {
-            ApiError::TooManyRequests { retry_after_secs }
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            }
             | ApiError::TooManyAttempts { retry_after_secs }
-            | ApiError::BudgetExceeded { retry_after_secs } => Some(*retry_after_secs),
+            | ApiError::BudgetExceeded {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
             ApiError::TooManySockets => Some(SOCKET_RETRY_AFTER_SECS),
+            _ => None,
+        };
+        let left = match &self {
+            ApiError::TooManyRequests { left, .. } | ApiError::BudgetExceeded { left, .. } => {
+                Some(*left)
+            }
             _ => None,
         };
         let body = match self {
@@ -160,7 +180,9 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = ?err, "request failed");
                 json!({"error": "Internal server error"})
             }
-            ApiError::TooManyRequests { retry_after_secs } => {
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => {
                 json!({"error": self_text(retry_after_secs)})
             }
             other => json!({"error": other.to_string()}),
@@ -168,6 +190,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         if let Some(secs) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, secs.into());
+        }
+        if let Some(left) = left {
+            left.write(response.headers_mut());
         }
         response
     }

@@ -1,6 +1,7 @@
 //! Reading a JSON object into a request type, with errors in JSON's words: a value of the wrong
 //! type names its field and the JSON type expected (`"Expected a string, got an integer."`),
 //! never the Rust type it was to become (`expected struct SendMessageRequest`, `u32`).
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, FieldErrors};
@@ -46,6 +47,17 @@ impl From<BodyError> for ApiError {
             other => ApiError::BadRequest(other.message()),
         }
     }
+}
+
+/// For a field that tells `null` from absent (`#[serde(default, deserialize_with =
+/// "crate::json_body::explicit")]` on an `Option<Option<T>>`): `Some(None)` for an explicit
+/// `null`, `None` (the default) when the field is absent.
+pub fn explicit<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Ok(Some(Option::deserialize(d)?))
 }
 
 /// Parses `bytes` as a JSON object into `T`.

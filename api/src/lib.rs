@@ -96,7 +96,9 @@ impl Application {
             settings.ws_queue_capacity,
             Box::new(move |revocation| match revocation {
                 Revocation::Session(hash) => forget.revoke(hash),
-                Revocation::User(user_id) => forget.revoke_user(*user_id),
+                Revocation::User(user_id) | Revocation::UserChanged(user_id) => {
+                    forget.revoke_user(*user_id)
+                }
             }),
         )
         .await

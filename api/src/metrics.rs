@@ -1,5 +1,5 @@
 //! Prometheus metrics of the API: requests by route and status with latency, open sockets,
-//! and the completion queue's depth read from Redis at scrape time.
+//! and the completion queue's depth and oldest waiting job read from Redis at scrape time.
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -38,10 +38,6 @@ pub fn describe() {
         "pubsub_subscribed_chats",
         "AI chats this instance listens to on Redis pub/sub"
     );
-    describe_gauge!(
-        "queue_jobs",
-        "Completion jobs in the queue, by state (waiting, in_flight, dead), read at scrape time"
-    );
     describe_histogram!("send_batch_size", "Sends stored by one statement");
     describe_counter!(
         crate::throttle::FAILED_LOGINS_METRIC,
@@ -68,6 +64,7 @@ pub fn describe() {
         "WebSocket upgrades answered 429 because the user had MAX_SOCKETS_PER_USER open here"
     );
     aichat_shared::db::retry::describe(CONFLICT_PATHS);
+    aichat_shared::jobs::describe_queue_gauges();
     for counter in [CONNECTIONS_REFUSED, REQUESTS_TIMED_OUT, SOCKETS_REFUSED] {
         metrics::counter!(counter).increment(0);
     }
@@ -77,9 +74,6 @@ pub fn describe() {
     let _ = metrics::histogram!("http_request_duration_seconds", "method" => "GET", "route" => "/healthz");
     metrics::gauge!("websockets_open").set(0.0);
     metrics::gauge!("pubsub_subscribed_chats").set(0.0);
-    for state in ["waiting", "in_flight", "dead"] {
-        metrics::gauge!("queue_jobs", "state" => state).increment(0.0);
-    }
     let _ = metrics::histogram!("send_batch_size");
     metrics::counter!(crate::throttle::FAILED_LOGINS_METRIC).increment(0);
     for action in ["login", "register"] {
@@ -129,14 +123,7 @@ pub async fn render(State(state): State<AppState>, parts: Parts) -> Response {
     }
     metrics::gauge!("websockets_open").set(state.sockets.open() as f64);
     metrics::gauge!("pubsub_subscribed_chats").set(state.hub.subscribed_chats() as f64);
-    match state.queue.depth().await {
-        Ok(depth) => {
-            metrics::gauge!("queue_jobs", "state" => "waiting").set(depth.waiting as f64);
-            metrics::gauge!("queue_jobs", "state" => "in_flight").set(depth.in_flight as f64);
-            metrics::gauge!("queue_jobs", "state" => "dead").set(depth.dead as f64);
-        }
-        Err(err) => tracing::warn!(error = %err, "could not read the queue depth"),
-    }
+    state.queue.record_queue_gauges().await;
     match telemetry::prometheus() {
         Some(handle) => (
             [("content-type", "text/plain; version=0.0.4")],

@@ -92,6 +92,13 @@ impl<T> Page<T> {
         };
         Page { items, next }
     }
+
+    /// The same page with its items in another order; the link to the next page stays where
+    /// the list's order put it.
+    pub fn sort_by(mut self, compare: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Self {
+        self.items.sort_by(compare);
+        self
+    }
 }
 
 impl<T: Serialize> IntoResponse for Page<T> {

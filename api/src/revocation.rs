@@ -1,7 +1,8 @@
 //! Revoked sessions reach every API instance: a logout (one session) or a "log out
 //! everywhere" (every session of a user) is published on `{ns}:revoked`; each instance's
 //! pub/sub connection (`fanout.rs`) forgets the sessions in its cache, then tells its sockets,
-//! which close with [`SESSION_ENDED`] when the revocation is theirs.
+//! which close with [`SESSION_ENDED`] when the revocation is theirs. A change to a user that
+//! the cache holds (`Revocation::UserChanged`) travels the same way but ends no session.
 //!
 //! Pub/sub delivers at most once: a revocation published while Redis is unreachable is lost.
 //! The database stays the truth, so REST requests are refused once a cache entry runs out
@@ -28,6 +29,10 @@ pub enum Revocation {
     Session(#[serde(with = "hex::serde")] Vec<u8>),
     /// Every session of a user.
     User(i64),
+    /// No session ends, but what the session cache holds of this user changed (staff set
+    /// their daily token budget): every instance forgets the user's cached sessions, so their
+    /// next request reads the user again.
+    UserChanged(i64),
 }
 
 impl Revocation {
@@ -40,6 +45,7 @@ impl Revocation {
         match self {
             Revocation::Session(hash) => hash == token_hash,
             Revocation::User(id) => *id == user_id,
+            Revocation::UserChanged(_) => false,
         }
     }
 }
@@ -97,6 +103,13 @@ mod tests {
         let all = Revocation::User(7);
         assert_eq!(serde_json::to_string(&all).unwrap(), r#"{"user":7}"#);
         assert!(all.ends(7, b"anything") && !all.ends(8, b"anything"));
+        let changed = Revocation::UserChanged(7);
+        assert_eq!(
+            serde_json::to_string(&changed).unwrap(),
+            r#"{"user_changed":7}"#
+        );
+        assert_eq!(parse(r#"{"user_changed":7}"#), Some(changed.clone()));
+        assert!(!changed.ends(7, b"anything"), "the sessions stay open");
         assert_eq!(parse("not json"), None);
     }
 }

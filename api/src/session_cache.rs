@@ -1,20 +1,20 @@
-//! A short-lived, bounded, per-process memo of session token hash → user, so most
-//! authenticated requests skip the session query.
+//! A short-lived, bounded, per-process memo of session token hash → user (with the user's own
+//! daily token budget), so most authenticated requests skip the session query.
 //!
 //! Only live sessions are remembered, each for at most `SESSION_CACHE_SECS` and never past the
 //! session's own expiry. Logging out evicts the token here at once, and on every other API
 //! instance when its revocation arrives over pub/sub (`revocation.rs`); should that message be
 //! lost, an instance keeps accepting the token until its entry runs out (at most
 //! `SESSION_CACHE_SECS`), the bound for anything else changed in the database (an expired or
-//! deleted session, a changed `is_staff`).
+//! deleted session, a changed `is_staff`). A daily token budget set by staff is announced the
+//! same way (`Revocation::UserChanged`), so it holds from the user's next request.
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aichat_shared::db::sessions::LiveSession;
-use aichat_shared::domain::User;
 use aichat_shared::lock::lock;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 /// Entries kept at most; past it the expired ones go, and if none had, all of them (a refill
 /// costs one query per live token, and a full map only means many distinct tokens in a few
@@ -86,11 +86,12 @@ impl SessionCache {
 
     /// Remembers a session just read from the database, until the TTL or its expiry, whichever
     /// comes first; a token logged out here meanwhile stays out.
-    pub fn insert(&self, token_hash: &[u8], user: &User, expires_at: DateTime<Utc>) {
+    pub fn insert(&self, token_hash: &[u8], session: &LiveSession) {
         if !self.enabled() {
             return;
         }
-        let Ok(left) = (expires_at - Utc::now()).to_std() else {
+        let user = &session.user;
+        let Ok(left) = (session.expires_at - Utc::now()).to_std() else {
             return; // already expired
         };
         let now = Instant::now();
@@ -112,10 +113,7 @@ impl SessionCache {
         entries.insert(
             token_hash.to_vec(),
             Entry::Live {
-                session: LiveSession {
-                    user: user.clone(),
-                    expires_at,
-                },
+                session: session.clone(),
                 until,
             },
         );
@@ -140,7 +138,8 @@ impl SessionCache {
 }
 
 impl SessionCache {
-    /// Forgets every remembered session of `user_id` (all of them were just revoked).
+    /// Forgets every remembered session of `user_id` (all of them were just revoked, or the
+    /// user changed), and keeps a lookup that read one before from remembering it.
     pub fn revoke_user(&self, user_id: i64) {
         if !self.enabled() {
             return;
@@ -168,6 +167,17 @@ fn make_room(entries: &mut HashMap<Vec<u8>, Entry>, now: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aichat_shared::domain::User;
+    use chrono::DateTime;
+
+    /// A session of `user` until `expires_at`, as the database answers it.
+    fn live(user: User, expires_at: DateTime<Utc>) -> LiveSession {
+        LiveSession {
+            user,
+            expires_at,
+            daily_token_budget: None,
+        }
+    }
 
     fn alice() -> User {
         User {
@@ -185,11 +195,11 @@ mod tests {
     #[test]
     fn a_remembered_session_is_returned_until_revoked() {
         let cache = SessionCache::new(Duration::from_secs(60));
-        cache.insert(b"t", &alice(), in_an_hour());
+        cache.insert(b"t", &live(alice(), in_an_hour()));
         assert_eq!(cache.get(b"t").map(|s| s.user.id), Some(1));
         cache.revoke(b"t");
         assert!(cache.get(b"t").is_none());
-        cache.insert(b"t", &alice(), in_an_hour());
+        cache.insert(b"t", &live(alice(), in_an_hour()));
         assert!(
             cache.get(b"t").is_none(),
             "a racing lookup must not bring it back"
@@ -199,12 +209,14 @@ mod tests {
     #[test]
     fn an_entry_never_outlives_its_session() {
         let cache = SessionCache::new(Duration::from_secs(60));
-        cache.insert(b"gone", &alice(), Utc::now() - chrono::Duration::seconds(1));
+        cache.insert(
+            b"gone",
+            &live(alice(), Utc::now() - chrono::Duration::seconds(1)),
+        );
         assert!(cache.get(b"gone").is_none());
         cache.insert(
             b"soon",
-            &alice(),
-            Utc::now() + chrono::Duration::milliseconds(30),
+            &live(alice(), Utc::now() + chrono::Duration::milliseconds(30)),
         );
         let deadline = Instant::now() + Duration::from_secs(5);
         while cache.get(b"soon").is_some() {
@@ -221,18 +233,18 @@ mod tests {
             username: "bob".into(),
             ..alice()
         };
-        cache.insert(b"a1", &alice(), in_an_hour());
-        cache.insert(b"a2", &alice(), in_an_hour());
-        cache.insert(b"b1", &bob, in_an_hour());
+        cache.insert(b"a1", &live(alice(), in_an_hour()));
+        cache.insert(b"a2", &live(alice(), in_an_hour()));
+        cache.insert(b"b1", &live(bob, in_an_hour()));
         cache.revoke_user(1);
         assert!(cache.get(b"a1").is_none() && cache.get(b"a2").is_none());
-        cache.insert(b"a1", &alice(), in_an_hour());
+        cache.insert(b"a1", &live(alice(), in_an_hour()));
         assert!(
             cache.get(b"a1").is_none(),
             "a racing lookup must not bring it back"
         );
         // Nor one of a session that was not remembered when the revocation came.
-        cache.insert(b"a3", &alice(), in_an_hour());
+        cache.insert(b"a3", &live(alice(), in_an_hour()));
         assert!(cache.get(b"a3").is_none());
         assert_eq!(cache.get(b"b1").map(|s| s.user.id), Some(2));
     }
@@ -240,7 +252,7 @@ mod tests {
     #[test]
     fn a_zero_ttl_disables_the_cache() {
         let cache = SessionCache::new(Duration::ZERO);
-        cache.insert(b"t", &alice(), in_an_hour());
+        cache.insert(b"t", &live(alice(), in_an_hour()));
         assert!(cache.get(b"t").is_none());
     }
 
@@ -248,7 +260,7 @@ mod tests {
     fn the_cache_stays_bounded() {
         let cache = SessionCache::new(Duration::from_secs(60));
         for n in 0..(CAPACITY + 10) {
-            cache.insert(&n.to_le_bytes(), &alice(), in_an_hour());
+            cache.insert(&n.to_le_bytes(), &live(alice(), in_an_hour()));
         }
         assert!(cache.lock().len() <= CAPACITY);
     }

@@ -55,8 +55,9 @@ pub struct Settings {
     /// Messages one user may send per minute, over REST and WebSocket together (0: no limit).
     #[arg(long, env = "SEND_RATE_PER_MINUTE", default_value_t = 60)]
     pub send_rate_per_minute: u64,
-    /// Tokens one user may spend per UTC day, prompt and completion together (0: no budget).
-    /// Each message reserves the most it can cost (`CONTEXT_TOKEN_BUDGET` +
+    /// The default daily token budget: tokens one user may spend per UTC day, prompt and
+    /// completion together (0: no limit). A budget staff set for a user wins over it (0 there:
+    /// no tokens at all). Each message reserves the most it can cost (`CONTEXT_TOKEN_BUDGET` +
     /// `MAX_COMPLETION_TOKENS`) when it is sent; the worker settles it to the real use.
     #[arg(long, env = "DAILY_TOKEN_BUDGET", default_value_t = 0)]
     pub daily_token_budget: i64,

@@ -24,6 +24,11 @@ pub struct CompletionJob {
     /// The user's daily token budget reserved for this message, to settle after the call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<crate::budget::Reservation>,
+    /// The user the message is answered for: jobs of one user run at most
+    /// `WORKER_PER_USER_CONCURRENCY` at once across the workers. Absent in jobs queued before
+    /// it existed, which no per-user limit holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<i64>,
     /// The database the message is in (`db::installation_id`), stamped by [`JobQueue`]: a
     /// worker drops a job of another database instead of answering whatever message now has
     /// that id.
@@ -45,7 +50,16 @@ impl CompletionJob {
             context_message_limit: options.context_message_limit,
             request_id,
             budget: None,
+            user_id: None,
             installation: None,
+        }
+    }
+
+    /// The same job, answered for `user_id`.
+    pub fn for_user(self, user_id: i64) -> Self {
+        CompletionJob {
+            user_id: Some(user_id),
+            ..self
         }
     }
 }
@@ -246,22 +260,114 @@ return { redis.call('llen', KEYS[1]) + redis.call('zcard', KEYS[4]), running, re
 
 impl JobQueue {
     pub async fn depth(&self) -> Result<QueueDepth> {
+        Ok(self.depth_and_oldest_age().await?.0)
+    }
+}
+
+/// The age of the oldest job waiting to be taken, in milliseconds of the Redis server's clock
+/// (`TIME`), so every API and worker reads the same figure: appended to [`DEPTH_SCRIPT`]'s
+/// counts, over the same keys. Two candidates, each found in O(log n):
+/// - the head of the active list, the next job a fetch takes (jobs reach the list from the
+///   scheduled set, oldest first, or from a stopped or dead worker): waiting since its task id,
+///   a ULID, was made at its push;
+/// - the first due job of the scheduled set, where every push lands: its score is when it
+///   became due (its push, in whole seconds, or a retry's due time); the ULID holds the
+///   milliseconds of a push within that second. Jobs due later are not waiting yet.
+const OLDEST_WAITING_LUA: &str = r#"
+local function ulid_ms(id)
+  local alphabet = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+  if type(id) ~= 'string' or #id ~= 26 then return nil end
+  local ms = 0
+  for i = 1, 10 do
+    local digit = string.find(alphabet, string.upper(string.sub(id, i, i)), 1, true)
+    if not digit then return nil end
+    ms = ms * 32 + digit - 1
+  end
+  return ms
+end
+local time = redis.call('time')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local since = ulid_ms(redis.call('lindex', KEYS[1], 0))
+local due = redis.call('zrangebyscore', KEYS[4], '-inf', time[1], 'LIMIT', 0, 1, 'WITHSCORES')
+if due[1] then
+  local at = math.max(tonumber(due[2]) * 1000, ulid_ms(due[1]) or 0)
+  if not since or at < since then since = at end
+end
+local age = 0
+if since and now > since then age = now - since end
+table.insert(counts, age)
+return counts
+"#;
+
+/// [`DEPTH_SCRIPT`] and [`OLDEST_WAITING_LUA`] as one script (one round trip).
+static DEPTH_AND_AGE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "local function depth(){DEPTH_SCRIPT}end\nlocal counts = depth()\n{OLDEST_WAITING_LUA}"
+    ))
+});
+
+impl JobQueue {
+    /// [`JobQueue::depth`], and how long the oldest job waiting to be taken has waited (zero
+    /// when none waits): the scaling signal for workers.
+    pub async fn depth_and_oldest_age(&self) -> Result<(QueueDepth, Duration)> {
         let mut conn = self.conn.clone();
-        let (waiting, in_flight, dead): (u64, u64, u64) = redis::Script::new(DEPTH_SCRIPT)
+        let (waiting, in_flight, dead, age_ms): (u64, u64, u64, u64) = DEPTH_AND_AGE_SCRIPT
             .key(self.config.active_jobs_list())
             .key(self.config.workers_set())
             .key(self.config.dead_jobs_set())
             .key(self.config.scheduled_jobs_set())
-            // apalis-redis keeps each worker's jobs in `<inflight set>:<worker name>`.
             .arg(self.config.inflight_jobs_set())
             .invoke_async(&mut conn)
             .await?;
-        Ok(QueueDepth {
+        let depth = QueueDepth {
             waiting,
             in_flight,
             dead,
-        })
+        };
+        Ok((depth, Duration::from_millis(age_ms)))
     }
+
+    /// Sets the queue gauges ([`describe_queue_gauges`]) from one read of the queue; on a
+    /// Redis error they keep their last values and the error is logged. `/metrics` of both
+    /// binaries calls it at scrape time, so any replica scraped tells the whole queue.
+    pub async fn record_queue_gauges(&self) {
+        match self.depth_and_oldest_age().await {
+            Ok((depth, age)) => {
+                for (state, jobs) in [
+                    ("waiting", depth.waiting),
+                    ("in_flight", depth.in_flight),
+                    ("dead", depth.dead),
+                ] {
+                    metrics::gauge!(QUEUE_JOBS_GAUGE, "state" => state).set(jobs as f64);
+                }
+                metrics::gauge!(OLDEST_JOB_AGE_GAUGE).set(age.as_secs_f64());
+            }
+            Err(err) => tracing::warn!(error = %err, "could not read the queue depth"),
+        }
+    }
+}
+
+/// Completion jobs by state, read at scrape time.
+pub const QUEUE_JOBS_GAUGE: &str = "queue_jobs";
+/// How long the oldest waiting job has waited: what to scale workers on (README, "Scaling
+/// workers").
+pub const OLDEST_JOB_AGE_GAUGE: &str = "aichat_queue_oldest_job_age_seconds";
+
+/// Describes the queue gauges and registers them at zero, so an idle process lists them.
+pub fn describe_queue_gauges() {
+    metrics::describe_gauge!(
+        QUEUE_JOBS_GAUGE,
+        "Completion jobs in the queue, by state (waiting, in_flight, dead), read at scrape time"
+    );
+    metrics::describe_gauge!(
+        OLDEST_JOB_AGE_GAUGE,
+        metrics::Unit::Seconds,
+        "Time the oldest completion job waiting to be taken by a worker has waited (0 when none waits), by the Redis server's clock, read at scrape time"
+    );
+    for state in ["waiting", "in_flight", "dead"] {
+        metrics::gauge!(QUEUE_JOBS_GAUGE, "state" => state).increment(0.0);
+    }
+    metrics::gauge!(OLDEST_JOB_AGE_GAUGE).increment(0.0);
 }
 
 /// Forgets up to ARGV[1] finished jobs: their id in the done set, their arguments and their

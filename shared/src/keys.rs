@@ -107,6 +107,12 @@ impl Namespace {
         format!("{}:{user_id}:{day}", self.of_rows("budget"))
     }
 
+    /// The running jobs of one user across every worker (`WORKER_PER_USER_CONCURRENCY`), the
+    /// jobs waiting for a turn, and (with a message id) a waiting job's sign of life.
+    pub fn user_slots(&self, user_id: i64) -> String {
+        format!("{}:{user_id}", self.of_rows("userslots"))
+    }
+
     /// The per-user send counter of the current window.
     pub fn send_rate(&self, user_id: i64) -> String {
         format!("{}:{user_id}", self.of_rows("sendrate"))

@@ -1,5 +1,6 @@
 //! The worker's small HTTP server: `/healthz` (200 once the worker is registered and taking
-//! jobs, 503 before and while it restarts) and Prometheus `/metrics`.
+//! jobs, 503 before and while it restarts) and Prometheus `/metrics`, with the queue's gauges
+//! read at scrape time.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,10 +11,14 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use aichat_shared::jobs::JobQueue;
+
 #[derive(Clone)]
 pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     pub metrics: PrometheusHandle,
+    /// Read at every scrape: the depth and the oldest waiting job's age.
+    pub queue: JobQueue,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -32,6 +37,7 @@ async fn healthz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
 }
 
 async fn render_metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    state.queue.record_queue_gauges().await;
     state.metrics.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -137,6 +137,28 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
              Redis keys name the new one"
         );
     }
+    // The user's turn first (fair queuing), then one of this worker's model slots: a job
+    // waiting for its turn holds neither, and its message stays `queued` meanwhile.
+    let _turn = match job.user_id {
+        Some(user_id) => ctx
+            .user_slots
+            .take(user_id, job.message_id, &mut ctx.shutdown.clone())
+            .await
+            .map_err(|err| JobError::Retry(err.into()))?,
+        None => None,
+    };
+    let mut shutdown = ctx.shutdown.clone();
+    let _running = tokio::select! {
+        // A free slot is taken even while stopping, as before the per-user limit: only a job
+        // still waiting when the stop begins goes back.
+        biased;
+        permit = ctx.running.acquire() => permit.map_err(|err| JobError::Retry(err.into()))?,
+        Ok(_) = shutdown.wait_for(|stopping| *stopping) => {
+            return Err(JobError::Retry(anyhow::anyhow!(
+                "the worker began to stop before the job's turn came"
+            )));
+        }
+    };
     // Claimed before the message is read, so a run that finds it answered knows whether that
     // answer was announced (`aichat_shared::announce`).
     let claim = announce::claim(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;

@@ -14,8 +14,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
+use aichat_shared::jobs::JobQueue;
 use aichat_shared::models::Keys;
 use aichat_shared::{db, redis_conn};
 
@@ -39,6 +40,7 @@ mod stop;
 mod stop_requests;
 mod sweeper;
 mod tasks;
+mod user_slots;
 
 pub use aichat_shared::signals::shutdown_signal;
 pub use settings::Settings;
@@ -51,6 +53,7 @@ use crate::retry::RetryPolicy;
 use crate::state::JobContext;
 use crate::stop::Stopping;
 use crate::stop_requests::StopRequests;
+use crate::user_slots::UserSlots;
 
 /// A worker process, connected and bound, ready to run.
 pub struct Worker {
@@ -126,6 +129,12 @@ impl Worker {
             .await
             .context("subscribing to stop requests")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let user_slots = UserSlots::new(
+            redis.clone(),
+            ns.clone(),
+            settings.worker_per_user_concurrency,
+            Duration::from_secs(settings.worker_user_slot_lease_secs),
+        );
         let jobs = Arc::new(JobContext {
             db: pool.clone(),
             redis: redis.clone(),
@@ -133,6 +142,10 @@ impl Worker {
             llm,
             models,
             limiter,
+            user_slots,
+            running: Arc::new(Semaphore::new(
+                usize::try_from(settings.worker_concurrency).unwrap_or(64),
+            )),
             tokens,
             token_budget,
             history_cache_secs: settings.context_cache_secs,
@@ -185,6 +198,7 @@ impl Worker {
         let http = http::HttpState {
             ready: ready.clone(),
             metrics,
+            queue: JobQueue::new(redis.clone(), &jobs.ns),
         };
         let server = tasks::serve_http(listener, http, &stop);
         let config = monitor::queue_config(&settings);

@@ -61,6 +61,10 @@ pub fn describe(models: &[String]) {
         "Model calls tried again, by model and reason"
     );
     describe_counter!(
+        "aichat_worker_user_turn_waits_total",
+        "Jobs that waited because their user had WORKER_PER_USER_CONCURRENCY jobs running"
+    );
+    describe_counter!(
         "aichat_worker_model_fallbacks_total",
         "Messages handed to the next model of a fallback list before any text came, by from, to and reason"
     );
@@ -106,6 +110,8 @@ pub fn describe(models: &[String]) {
         "Histories of jobs on a chat's active path, by whether the context cache held the turns before the new ones (hit) or the whole history was read (miss)"
     );
     aichat_shared::db::retry::describe(CONFLICT_PATHS);
+    // The queue gauges, read at scrape time (`http.rs`): any worker tells the whole queue.
+    aichat_shared::jobs::describe_queue_gauges();
 
     counter!("aichat_worker_jobs_started_total").increment(0);
     counter!("aichat_worker_jobs_succeeded_total").increment(0);
@@ -240,4 +246,8 @@ pub fn swept(count: u64) {
 /// Replies saved by one statement (`reply_batch.rs`).
 pub fn reply_batch(size: usize) {
     histogram!("aichat_worker_reply_batch_size").record(size as f64);
+}
+
+pub fn user_turn_waited() {
+    counter!("aichat_worker_user_turn_waits_total").increment(1);
 }

@@ -34,11 +34,7 @@ pub fn queue_config(settings: &Settings) -> apalis_redis::Config {
     // `Stopping::keep_alive` refreshes the registration on its own, and a full worker holding
     // a batch is not taken for dead.
     jobs::queue_config(&settings.redis.namespace())
-        .batch_size(
-            FETCH_BATCH
-                .min(usize::try_from(settings.worker_concurrency).unwrap_or(1))
-                .max(1),
-        )
+        .batch_size(FETCH_BATCH.min(settings.jobs_taken_at_once()).max(1))
         .heartbeat_interval(settings.heartbeat_interval())
         .missed_heartbeats(usize::try_from(settings.worker_missed_heartbeats).unwrap_or(2))
 }
@@ -54,7 +50,7 @@ pub fn monitor(
 ) -> Monitor {
     let config = queue_config(settings);
     let poll = settings.poll_interval();
-    let concurrency = usize::try_from(settings.worker_concurrency).unwrap_or(64);
+    let concurrency = settings.jobs_taken_at_once();
     let prefix = settings
         .worker_name_prefix
         .clone()

@@ -24,6 +24,20 @@ pub struct Settings {
     /// Completion jobs this process runs at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub worker_concurrency: u32,
+    /// Jobs of one user running at once across every worker, so one user's backlog cannot
+    /// hold every worker (0: no limit). Jobs past it wait, in the order their messages were
+    /// sent, without holding a `WORKER_CONCURRENCY` slot.
+    #[arg(long, env = "WORKER_PER_USER_CONCURRENCY", default_value_t = 0)]
+    pub worker_per_user_concurrency: u32,
+    /// Jobs this process holds beyond `WORKER_CONCURRENCY` while their users are at
+    /// `WORKER_PER_USER_CONCURRENCY` (only with that limit set): other users' jobs are taken
+    /// from the queue past a backlog of this many.
+    #[arg(long, env = "WORKER_WAITING_JOBS", default_value_t = 256)]
+    pub worker_waiting_jobs: u32,
+    /// Seconds a running job's turn of its user lasts unless renewed (every third of it): how
+    /// long a turn of a worker that died stays taken.
+    #[arg(long, env = "WORKER_USER_SLOT_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
+    pub worker_user_slot_lease_secs: u64,
     /// Milliseconds between two looks at the queue when it is empty.
     #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     pub worker_poll_interval_ms: u64,
@@ -119,6 +133,17 @@ impl Settings {
     pub fn orphan_window(&self) -> Duration {
         self.heartbeat_interval()
             .saturating_mul(u32::try_from(self.worker_missed_heartbeats).unwrap_or(u32::MAX))
+    }
+
+    /// Jobs the queue consumer runs at once: the model slots, and room for jobs waiting for
+    /// their user's turn.
+    pub fn jobs_taken_at_once(&self) -> usize {
+        let waiting = if self.worker_per_user_concurrency > 0 {
+            self.worker_waiting_jobs
+        } else {
+            0
+        };
+        usize::try_from(self.worker_concurrency.saturating_add(waiting)).unwrap_or(64)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

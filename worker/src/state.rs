@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use aichat_shared::keys::Namespace;
 use aichat_shared::models::Registry;
@@ -16,6 +16,7 @@ use crate::rate_limit::RateLimiter;
 use crate::reply_batch::ReplySaver;
 use crate::stop::Stopping;
 use crate::stop_requests::StopRequests;
+use crate::user_slots::UserSlots;
 
 /// Everything a job needs, shared by all jobs of the process.
 pub struct JobContext {
@@ -26,6 +27,11 @@ pub struct JobContext {
     /// The models chats may use, with their windows, caps, prices and fallbacks.
     pub models: Registry,
     pub limiter: RateLimiter,
+    /// Turns of each user across the workers (`WORKER_PER_USER_CONCURRENCY`).
+    pub user_slots: UserSlots,
+    /// `WORKER_CONCURRENCY` permits: jobs past their user's turn that may run at once (the
+    /// queue consumer takes more, to hold jobs waiting for their turn).
+    pub running: Arc<Semaphore>,
     pub tokens: TokenCounter,
     /// `CONTEXT_TOKEN_BUDGET`: no model's prompt is larger.
     pub token_budget: usize,

@@ -1,5 +1,6 @@
 // The staff page: token use per day (an SVG bar chart drawn here) and per user/model/day,
-// AI chat search, message filters, and the dead jobs with their re-drive.
+// users' daily token budgets (set here) and today's use of them, AI chat search, message
+// filters, and the dead jobs with their re-drive.
 import {
   $,
   api,
@@ -40,6 +41,7 @@ const usageCall = latestOnly();
 const chatsCall = latestOnly();
 const messagesCall = latestOnly();
 const deadCall = latestOnly();
+const budgetsCall = latestOnly();
 
 // ---------------------------------------------------------------- session
 
@@ -79,6 +81,7 @@ function enter(user) {
   show(staffOnly, false);
   show(adminView, true);
   loadUsage();
+  loadBudgets();
   searchChats();
   loadDeadJobs();
   loadMessages();
@@ -131,7 +134,8 @@ function renderTable(table, columns, rows, emptyText) {
   table.replaceChildren(head, body);
 }
 
-const num = (key) => ({ num: true, value: (row) => formatNumber(row[key]) });
+/** A numeric column of `row[key]` (or of `of(row)[key]`). */
+const num = (key, of = (row) => row) => ({ num: true, value: (row) => formatNumber(of(row)[key]) });
 
 // ---------------------------------------------------------------- usage and chart
 
@@ -281,6 +285,95 @@ new ResizeObserver(() => {
     if (!adminView.hidden) drawChart();
   }, 100);
 }).observe($('#chart'));
+
+// ---------------------------------------------------------------- budgets
+
+/** Users per page: the API sorts each page by the share of the limit taken today. */
+const BUDGET_PAGE = 1000;
+
+$('#budgets-refresh').addEventListener('click', () => loadBudgets());
+
+const tokens = (n) => (n === null || n === undefined ? 'no limit' : formatNumber(n));
+
+/** The share of today's limit taken (used and reserved), as a percentage; '–' without a limit. */
+function shareTaken(daily) {
+  if (daily.limit === null) return '–';
+  if (daily.limit === 0) return '100%';
+  return `${Math.round((100 * (daily.used + daily.reserved)) / daily.limit)}%`;
+}
+
+async function loadBudgets() {
+  let users;
+  const current = budgetsCall();
+  try {
+    users = await api('GET', `/api/admin/users/?limit=${BUDGET_PAGE}`);
+    if (!current()) return;
+    setMessage($('#budgets-error'), '');
+  } catch (err) {
+    if (!refused(err)) setMessage($('#budgets-error'), err.message);
+    return;
+  }
+  const columns = [
+    { label: 'User', value: (u) => u.username },
+    { label: 'Own budget', num: true, value: (u) => (u.daily_token_budget === null ? 'default' : formatNumber(u.daily_token_budget)) },
+    { label: 'Limit', num: true, value: (u) => tokens(u.daily.limit) },
+    { label: 'Used', ...num('used', (u) => u.daily) },
+    { label: 'Reserved', ...num('reserved', (u) => u.daily) },
+    { label: 'Remaining', num: true, value: (u) => tokens(u.daily.remaining) },
+    { label: 'Taken', num: true, value: (u) => shareTaken(u.daily) },
+    { label: 'Set budget', value: (u) => budgetForm(u) },
+  ];
+  columns.rowClass = (u) => (u.daily.limit !== null && u.daily.remaining === 0 ? 'failed' : null);
+  renderTable($('#budgets-table'), columns, users, 'No users yet.');
+}
+
+/** An input and a button that set `user`'s own budget (empty: the default). */
+function budgetForm(user) {
+  const input = el('input', {
+    type: 'number',
+    name: 'daily_tokens',
+    min: 0,
+    step: 1,
+    placeholder: 'default',
+    'aria-label': `Daily token budget of ${user.username}`,
+    value: user.daily_token_budget ?? '',
+  });
+  const form = el(
+    'form',
+    {
+      class: 'inline-form budget-form',
+      'data-user': user.username,
+      onsubmit: (event) => {
+        event.preventDefault();
+        setBudget(user, input, event.currentTarget.querySelector('button'));
+      },
+    },
+    input,
+    el('button', { type: 'submit', class: 'small' }, 'Set'),
+  );
+  return form;
+}
+
+async function setBudget(user, input, button) {
+  const text = input.value.trim();
+  const dailyTokens = text === '' ? null : Number(text);
+  if (dailyTokens !== null && !(Number.isInteger(dailyTokens) && dailyTokens >= 0)) {
+    setMessage($('#budgets-error'), 'A budget is a whole number of tokens, 0 or more.');
+    return;
+  }
+  button.disabled = true;
+  setMessage($('#budgets-error'), '');
+  try {
+    const updated = await api('PUT', `/api/admin/users/${user.id}/budget/`, { daily_tokens: dailyTokens });
+    const now = updated.daily_token_budget === null ? 'the default' : `${formatNumber(updated.daily_token_budget)} tokens a day`;
+    setMessage($('#budgets-notice'), `${updated.username} now has ${now}.`);
+  } catch (err) {
+    button.disabled = false;
+    if (!refused(err)) setMessage($('#budgets-error'), err.message);
+    return;
+  }
+  loadBudgets();
+}
 
 // ---------------------------------------------------------------- AI chats
 

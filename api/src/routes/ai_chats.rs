@@ -2,7 +2,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -100,11 +100,6 @@ async fn list_ai_chats(
     Ok(Page::new(chats, limit, &uri, Order::NewestFirst, |c| c.id))
 }
 
-/// `Some(None)` for an explicit `null`, so a change can unlink the related chat.
-fn explicit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
-    Ok(Some(Option::deserialize(d)?))
-}
-
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AiChatRequest {
     #[serde(default)]
@@ -112,7 +107,7 @@ pub struct AiChatRequest {
     #[serde(default)]
     system_prompt: Option<String>,
     /// A chat the user takes part in; `null` unlinks.
-    #[serde(default, deserialize_with = "explicit")]
+    #[serde(default, deserialize_with = "crate::json_body::explicit")]
     #[schema(value_type = Option<i64>)]
     related_chat: Option<Option<i64>>,
     #[serde(default)]

@@ -24,11 +24,13 @@ use crate::send::retry;
 use crate::send::stop::{self, Recorded, StopResponse};
 use crate::send::versions;
 use crate::send::wait::{self, Outcome};
-use crate::send::{SendFields, SendMessage, submit_message};
+use crate::send::{LimitsLeft, SendFields, SendMessage, submit_message};
 use crate::state::AppState;
 
 /// The refusals every route that queues a message shares (send, retry, regenerate, edit).
-const PAST_RATE_OR_BUDGET: &str = "Past `SEND_RATE_PER_MINUTE`, or past the daily token budget";
+const PAST_RATE_OR_BUDGET: &str = "Past `SEND_RATE_PER_MINUTE` (`Retry-After` = `RateLimit-Reset`), \
+    or past the user's daily token budget (`Retry-After`: the seconds to midnight UTC); both with \
+    the limit headers (`RateLimit-*`, `X-Budget-Remaining`)";
 const MODEL_FAILED_WAITING: &str = "With `?wait`: the model could not answer";
 const QUEUE_UNREACHABLE: &str = "The queue or a backing service unreachable";
 
@@ -129,6 +131,7 @@ async fn send_message(
     // Ownership is checked by the insert itself (one query for the common send); the refusals
     // that come earlier ask for it first, so someone else's chat is still a 404 before anything.
     let user_id = auth.user.id;
+    let sender = auth.sender();
     let prepared = prepare_send(&state, user_id, id, &query, &headers, &body).await;
     let Prepared {
         wait,
@@ -148,7 +151,7 @@ async fn send_message(
             };
         }
         claim => {
-            let result = submit_message(&state, user_id, id, send, request_id.clone()).await;
+            let result = submit_message(&state, sender, id, send, request_id.clone()).await;
             settle(&state, claim, result).await?
         }
     };
@@ -168,16 +171,22 @@ fn repeat_response(message: AiMessage) -> Response {
 
 /// What a request that queued `message` answers: 202 with it, or with `?wait` (`wait` and
 /// the chat's `events`, subscribed before it was stored) the reply saved within the wait
-/// (200), its failure (502) or its cancellation (409).
+/// (200), its failure (502) or its cancellation (409). The 200 and 202 carry what is `left`
+/// of the user's limits.
 async fn queued_response(
     state: &AppState,
-    message: AiMessage,
+    (message, left): (AiMessage, LimitsLeft),
     wait: Option<std::time::Duration>,
     events: Option<&mut Subscription>,
 ) -> ApiResult<Response> {
     if let (Some(limit), Some(events)) = (wait, events) {
         match wait::wait_for_reply(state, events, message.id, limit).await? {
-            Outcome::Answered(reply) => return Ok((StatusCode::OK, Json(reply)).into_response()),
+            Outcome::Answered(reply) => {
+                return Ok(with_limits(
+                    (StatusCode::OK, Json(reply)).into_response(),
+                    left,
+                ));
+            }
             Outcome::Failed(error) => {
                 return Err(ApiError::BadGateway(format!(
                     "Failed to get response from ChatGPT: {error}"
@@ -191,14 +200,24 @@ async fn queued_response(
             Outcome::Pending => {}
         }
     }
-    Ok((
+    Ok(with_limits(queued(message).into_response(), left))
+}
+
+/// 202 with a message just queued.
+fn queued(message: AiMessage) -> (StatusCode, Json<SendMessageResponse>) {
+    (
         StatusCode::ACCEPTED,
         Json(SendMessageResponse {
             message,
             status: MessageStatus::Queued,
         }),
     )
-        .into_response())
+}
+
+/// `response` with the headers of what is `left` of the user's limits.
+fn with_limits(mut response: Response, left: LimitsLeft) -> Response {
+    left.write(response.headers_mut());
+    response
 }
 
 /// A send that passed its checks: what `send_message` goes on with.
@@ -438,15 +457,9 @@ async fn retry_message(
     auth: AuthUser,
     ApiPath(id): ApiPath<i64>,
     RequestId(request_id): RequestId,
-) -> ApiResult<(StatusCode, Json<SendMessageResponse>)> {
-    let message = retry::retry(&state, auth.user.id, id, request_id).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(SendMessageResponse {
-            message,
-            status: MessageStatus::Queued,
-        }),
-    ))
+) -> ApiResult<Response> {
+    let (message, left) = retry::retry(&state, auth.sender(), id, request_id).await?;
+    Ok(with_limits(queued(message).into_response(), left))
 }
 
 /// Queue a new reply to one of the user's questions (`{id}`: the user message, or a reply to
@@ -477,6 +490,7 @@ async fn regenerate_message(
     RequestId(request_id): RequestId,
 ) -> ApiResult<Response> {
     let user_id = auth.user.id;
+    let sender = auth.sender();
     let question = versions::question_of(&state, user_id, id).await?;
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
@@ -486,7 +500,7 @@ async fn regenerate_message(
             return Ok(repeat_response(message));
         }
         claim => {
-            let result = versions::regenerate(&state, user_id, &question, request_id).await;
+            let result = versions::regenerate(&state, sender, &question, request_id).await;
             settle(&state, claim, result).await?
         }
     };
@@ -529,6 +543,7 @@ async fn edit_message(
     ApiJson(body): ApiJson<EditMessageRequest>,
 ) -> ApiResult<Response> {
     let user_id = auth.user.id;
+    let sender = auth.sender();
     let question = own_user_message(&state, user_id, id).await?;
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let fields = SendFields {
@@ -546,7 +561,7 @@ async fn edit_message(
             return Ok(repeat_response(message));
         }
         claim => {
-            let result = versions::edit(&state, user_id, &question, content, request_id).await;
+            let result = versions::edit(&state, sender, &question, content, request_id).await;
             settle(&state, claim, result).await?
         }
     };
@@ -617,11 +632,11 @@ async fn repeated(
 async fn settle(
     state: &AppState,
     claim: Option<Claim>,
-    result: ApiResult<AiMessage>,
-) -> ApiResult<AiMessage> {
+    result: ApiResult<(AiMessage, LimitsLeft)>,
+) -> ApiResult<(AiMessage, LimitsLeft)> {
     if let Some(Claim::New(redis_key)) = &claim {
         match &result {
-            Ok(message) => idempotency::complete(state, redis_key, message.id).await,
+            Ok((message, _)) => idempotency::complete(state, redis_key, message.id).await,
             Err(_) => idempotency::release(state, redis_key).await,
         }
     }

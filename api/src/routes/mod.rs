@@ -14,6 +14,7 @@ use crate::trailing_slash::SlashedRoutes;
 
 mod accounts;
 mod admin;
+mod admin_users;
 mod ai_chats;
 mod ai_messages;
 mod chats;
@@ -21,6 +22,7 @@ mod export;
 mod message_stream;
 mod models;
 mod ops;
+mod quota;
 mod schemas;
 mod web;
 mod ws;
@@ -69,12 +71,15 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(export::router())
         .merge(message_stream::router())
         .merge(models::router())
+        .merge(quota::router())
         .merge(ops::router())
         .merge(admin::router())
+        .merge(admin_users::router())
         .merge(ws::router())
         .split_for_parts();
     // Once every operation is in: `ApiDoc`'s own modifiers run before the routers are merged.
     utoipa::Modify::modify(&schemas::MiddlewareResponses, &mut openapi);
+    utoipa::Modify::modify(&schemas::LimitHeaders, &mut openapi);
     (router, openapi)
 }
 

@@ -115,6 +115,79 @@ fn add_common(operation: &mut Operation, unsafe_method: bool) {
     }
 }
 
+/// The operations that queue a message, counted against the send rate and the daily token
+/// budget (`send::limits`).
+const QUEUEING: &[&str] = &[
+    "send_message",
+    "retry_message",
+    "regenerate_message",
+    "edit_message",
+];
+
+/// The headers of what is left of the user's limits, each absent where there is no limit.
+const LIMIT_HEADERS: &[(&str, &str)] = &[
+    (
+        "RateLimit-Limit",
+        "Messages the user may send per minute (`SEND_RATE_PER_MINUTE`)",
+    ),
+    (
+        "RateLimit-Remaining",
+        "Messages left in the send rate's current window",
+    ),
+    (
+        "RateLimit-Reset",
+        "Seconds until the send rate's current window ends",
+    ),
+    (
+        "X-Budget-Remaining",
+        "Tokens left of the user's daily budget today (after this message's reservation)",
+    ),
+];
+
+/// Adds the limit headers to the answers of the operations that queue a message: the 200 and
+/// 202 of an accepted message, and the 429 of a refused one.
+pub struct LimitHeaders;
+
+impl utoipa::Modify for LimitHeaders {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let Some(operation) = item.post.as_mut() else {
+                continue;
+            };
+            let queueing = operation
+                .operation_id
+                .as_deref()
+                .is_some_and(|id| QUEUEING.contains(&id));
+            if !queueing {
+                continue;
+            }
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let ("200" | "202" | "429", RefOr::T(response)) = (status.as_str(), response) {
+                    for (name, description) in LIMIT_HEADERS {
+                        response
+                            .headers
+                            .entry((*name).to_owned())
+                            .or_insert_with(|| count_header(description));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A header holding a count (0 or more).
+fn count_header(description: &str) -> RefOr<utoipa::openapi::Header> {
+    let count = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(0));
+    HeaderBuilder::new()
+        .schema(Some(count))
+        .description(Some(description))
+        .build()
+        .into()
+}
+
 fn error_response(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
         .description(description)

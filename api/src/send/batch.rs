@@ -126,6 +126,7 @@ impl Writer {
                         new.options,
                         request_id.take(),
                     )
+                    .for_user(new.user_id)
                 };
                 jobs.push((job, self.queue.message_job_key(message.id)));
                 let event = ChatEvent::UserMessage {

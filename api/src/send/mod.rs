@@ -1,11 +1,12 @@
 //! The send path: a user message taken in over REST `send_message` or a WebSocket `message`
-//! frame. [`request`] parses it; [`rate`] and [`budget`] admit it; [`batch`] stores it, queues
-//! its completion job and announces it; [`idempotency`] and [`wait`] serve REST's
-//! `Idempotency-Key` and `?wait`. What a user does to a message after sending it: [`stop`],
+//! frame. [`request`] parses it; [`limits`] admits it ([`rate`], then [`budget`]) and says
+//! what is left of them; [`batch`] stores it, queues its completion job and announces it;
+//! [`idempotency`] and [`wait`] serve REST's `Idempotency-Key` and `?wait`. What a user does to a message after sending it: [`stop`],
 //! [`retry`], and new [`versions`] of it.
 pub mod batch;
 pub mod budget;
 pub mod idempotency;
+pub mod limits;
 pub mod rate;
 pub mod request;
 pub mod retry;
@@ -21,10 +22,12 @@ use crate::access::not_found_first;
 use crate::error::ApiResult;
 use crate::state::AppState;
 
+pub use limits::{LimitsLeft, Sender};
 pub use request::{SendFields, SendMessage};
 
 /// Stores `message` as a queued user message of `ai_chat_id` and queues its completion job;
-/// 404 unless `user_id` owns the chat (checked by the insert itself, so callers need not).
+/// 404 unless the sender owns the chat (checked by the insert itself, so callers need not).
+/// The message, and what is left of the sender's limits.
 ///
 /// The message is committed before the push, so a worker can never take a job whose message
 /// is not visible yet. If Redis refuses the push, the message is removed again and the caller
@@ -34,17 +37,15 @@ pub use request::{SendFields, SendMessage};
 #[tracing::instrument(skip(state, message), fields(options = ?message.options))]
 pub async fn submit_message(
     state: &AppState,
-    user_id: i64,
+    sender: Sender,
     ai_chat_id: i64,
     message: SendMessage<'_>,
     request_id: Option<String>,
-) -> ApiResult<AiMessage> {
-    if let Err(err) = rate::admit(state, user_id).await {
+) -> ApiResult<(AiMessage, LimitsLeft)> {
+    let user_id = sender.user_id;
+    let limits::Admitted { reservation, left } = match limits::admit(state, sender).await {
+        Ok(admitted) => admitted,
         // Someone else's chat is not found before anything else is said about it.
-        return Err(not_found_first(state, ai_chat_id, user_id, err).await);
-    }
-    let reservation = match budget::reserve(state, user_id).await {
-        Ok(reservation) => reservation,
         Err(err) => return Err(not_found_first(state, ai_chat_id, user_id, err).await),
     };
     // Written with whatever other sends are waiting: one statement (ownership check, insert,
@@ -65,5 +66,5 @@ pub async fn submit_message(
     {
         budget::release(state, reservation).await;
     }
-    result
+    result.map(|message| (message, left))
 }

@@ -19,37 +19,39 @@ use aichat_shared::jobs::{CompletionJob, NextJob};
 
 use crate::access::own_user_message;
 use crate::error::{ApiError, ApiResult};
-use crate::send::{budget, rate};
+use crate::send::budget;
+use crate::send::limits::{self, LimitsLeft, Sender};
 use crate::state::AppState;
 
-/// Queues `message_id` again (see the module); the message as it is now (`queued`).
+/// Queues `message_id` again (see the module); the message as it is now (`queued`), and what
+/// is left of the sender's limits.
 pub async fn retry(
     state: &AppState,
-    user_id: i64,
+    sender: Sender,
     message_id: i64,
     request_id: Option<String>,
-) -> ApiResult<AiMessage> {
-    let current = own_user_message(state, user_id, message_id).await?;
+) -> ApiResult<(AiMessage, LimitsLeft)> {
+    let current = own_user_message(state, sender.user_id, message_id).await?;
     if !matches!(
         current.status,
         MessageStatus::Failed | MessageStatus::Cancelled
     ) {
         return Err(not_retriable(current.status));
     }
-    requeue_message(state, &current, user_id, request_id, Requeue::Retry).await
+    requeue_message(state, &current, sender, request_id, Requeue::Retry).await
 }
 
 /// Queues `current` again for `purpose` (admitted by the rate limit and the budget), then
-/// announces it; the message as it is now (`queued`).
+/// announces it; the message as it is now (`queued`), and what is left of the limits.
 pub(crate) async fn requeue_message(
     state: &AppState,
     current: &AiMessage,
-    user_id: i64,
+    sender: Sender,
     request_id: Option<String>,
     purpose: Requeue,
-) -> ApiResult<AiMessage> {
-    rate::admit(state, user_id).await?;
-    let reservation = budget::reserve(state, user_id).await?;
+) -> ApiResult<(AiMessage, LimitsLeft)> {
+    let user_id = sender.user_id;
+    let limits::Admitted { reservation, left } = limits::admit(state, sender).await?;
     let result = requeue(
         state,
         current,
@@ -64,7 +66,7 @@ pub(crate) async fn requeue_message(
     }
     let message = result?;
     announce(state, &message).await;
-    Ok(message)
+    Ok((message, left))
 }
 
 /// Publishes `user_message` for a message queued (again) outside the send batch.
@@ -107,7 +109,15 @@ async fn requeue(
         return Err(now.map_or(ApiError::NotFound, |m| not_retriable(m.status)));
     };
     let after_answer = previous.status == MessageStatus::Answered;
-    let pushed = push(state, &requeued, request_id, reservation, after_answer).await;
+    let pushed = push(
+        state,
+        user_id,
+        &requeued,
+        request_id,
+        reservation,
+        after_answer,
+    )
+    .await;
     let last = match pushed {
         Ok(last) => last,
         Err(err) => {
@@ -165,6 +175,7 @@ async fn store_requeue(
 /// one answered it and is only finishing. The job the new one follows, if any.
 pub(crate) async fn push(
     state: &AppState,
+    user_id: i64,
     requeued: &Requeued,
     request_id: Option<String>,
     reservation: Option<&Reservation>,
@@ -182,6 +193,7 @@ pub(crate) async fn push(
             let job = CompletionJob {
                 budget: reservation.cloned(),
                 ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
+                    .for_user(user_id)
             };
             state.queue.enqueue_completion(&job, &key).await?;
             Ok(last)

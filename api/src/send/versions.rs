@@ -9,8 +9,9 @@ use aichat_shared::domain::{AiMessage, MessageStatus, Role};
 use aichat_shared::events::{ChatEvent, publish_event};
 
 use crate::error::{ApiError, ApiResult};
+use crate::send::budget;
+use crate::send::limits::{self, LimitsLeft, Sender};
 use crate::send::retry::{announce, push, requeue_message};
-use crate::send::{budget, rate};
 use crate::state::AppState;
 
 const STILL_WAITING: &str = "This message is still waiting for its reply";
@@ -31,20 +32,20 @@ pub async fn question_of(state: &AppState, user_id: i64, id: i64) -> ApiResult<A
     question.ok_or(ApiError::NotFound)
 }
 
-/// Queues a new reply to `question` (one of `user_id`'s user messages, as [`question_of`]
+/// Queues a new reply to `question` (one of the sender's user messages, as [`question_of`]
 /// found it): its earlier replies stay, the new one is the next version and becomes the
-/// active one when it is saved. The question as it is now (`queued`).
+/// active one when it is saved. The question as it is now (`queued`), and what is left of the
+/// sender's limits.
 pub async fn regenerate(
     state: &AppState,
-    user_id: i64,
+    sender: Sender,
     question: &AiMessage,
     request_id: Option<String>,
-) -> ApiResult<AiMessage> {
+) -> ApiResult<(AiMessage, LimitsLeft)> {
     if is_waiting(question) {
         return Err(ApiError::Conflict(STILL_WAITING));
     }
-    let message =
-        requeue_message(state, question, user_id, request_id, Requeue::Regenerate).await?;
+    let message = requeue_message(state, question, sender, request_id, Requeue::Regenerate).await?;
     if !question.active {
         // Its branch was made the active path.
         announce_path(state, question.ai_chat, question.id).await;
@@ -61,24 +62,25 @@ async fn announce_path(state: &AppState, ai_chat_id: i64, message_id: i64) {
     }
 }
 
-/// Stores `content` as a new version of `question` (one of `user_id`'s user messages) and
+/// Stores `content` as a new version of `question` (one of the sender's user messages) and
 /// queues it: the new message and, once saved, its reply are the active path; the turns after
-/// the old version stay in their branch. The new message (`queued`).
+/// the old version stay in their branch. The new message (`queued`), and what is left of the
+/// sender's limits.
 ///
 /// If its job cannot be pushed the message stays `queued` and the sweeper queues it once the
 /// queue is back (an edit is not undone: a client retrying it would make another version).
 pub async fn edit(
     state: &AppState,
-    user_id: i64,
+    sender: Sender,
     question: &AiMessage,
     content: &str,
     request_id: Option<String>,
-) -> ApiResult<AiMessage> {
+) -> ApiResult<(AiMessage, LimitsLeft)> {
     if is_waiting(question) {
         return Err(ApiError::Conflict(STILL_WAITING));
     }
-    rate::admit(state, user_id).await?;
-    let reservation = budget::reserve(state, user_id).await?;
+    let user_id = sender.user_id;
+    let limits::Admitted { reservation, left } = limits::admit(state, sender).await?;
     let stored = match store_edit(state, question, user_id, content, reservation.as_ref()).await {
         Ok(Some(stored)) => stored,
         other => {
@@ -92,12 +94,21 @@ pub async fn edit(
             });
         }
     };
-    if let Err(err) = push(state, &stored, request_id, reservation.as_ref(), false).await {
+    if let Err(err) = push(
+        state,
+        user_id,
+        &stored,
+        request_id,
+        reservation.as_ref(),
+        false,
+    )
+    .await
+    {
         tracing::warn!(error = %err, message_id = stored.message.id,
             "the edited message's job was not queued; the sweeper queues it");
     }
     announce(state, &stored.message).await;
-    Ok(stored.message)
+    Ok((stored.message, left))
 }
 
 fn is_waiting(message: &AiMessage) -> bool {

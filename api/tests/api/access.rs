@@ -28,6 +28,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/ai/messages/"),
     ("GET", "/api/ai/messages/{msg}/"),
     ("GET", "/api/ai/usage/"),
+    ("GET", "/api/ai/quota/"),
 ];
 
 /// Calls `route` of `ROUTES` as `token` on the objects `ids` names (chat, AI chat, message),

@@ -16,6 +16,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/admin/usage/"),
     ("GET", "/api/admin/dead-jobs/"),
     ("POST", "/api/admin/dead-jobs/nope/redrive/"),
+    ("GET", "/api/admin/users/"),
+    ("GET", "/api/admin/users/1/"),
+    ("PUT", "/api/admin/users/1/budget/"),
 ];
 
 #[tokio::test]

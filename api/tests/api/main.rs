@@ -15,6 +15,7 @@ mod export;
 mod models;
 mod paging;
 mod pipeline;
+mod quotas;
 mod resume;
 mod send_batch;
 mod send_message;

@@ -374,7 +374,8 @@ async fn authorization_matrix_every_route_every_role() {
             .path
             .replace("{chat}", &fixture.chat.to_string())
             .replace("{ai}", &fixture.ai.to_string())
-            .replace("{msg}", &fixture.msg.to_string());
+            .replace("{msg}", &fixture.msg.to_string())
+            .replace("{user}", &alice.id.to_string());
         for role in ROLES {
             // Logging out ends the session: use a session of its own.
             let session = match (row.path, user_of(role)) {

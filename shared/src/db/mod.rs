@@ -65,6 +65,7 @@ macro_rules! ai_message_of {
 pub mod admin;
 pub mod ai_chats;
 pub mod ai_messages;
+pub mod budgets;
 pub mod chats;
 pub mod completions;
 pub mod export;

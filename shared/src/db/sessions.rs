@@ -29,16 +29,20 @@ pub struct LiveSession {
     #[sqlx(flatten)]
     pub user: User,
     pub expires_at: DateTime<Utc>,
+    /// The daily token budget staff set for the user (`users.daily_token_budget`); `None`:
+    /// the deployment's default. Read with the session so a send needs no query of its own.
+    pub daily_token_budget: Option<i64>,
 }
 
-/// The user a live (unexpired) session belongs to, with the session's expiry.
+/// The user a live (unexpired) session belongs to, with the session's expiry and the user's
+/// own daily token budget.
 #[tracing::instrument(skip_all)]
 pub async fn find_live_session(
     db: impl PgExecutor<'_>,
     token_hash: &[u8],
 ) -> Result<Option<LiveSession>> {
     let session = sqlx::query!(
-        r#"select u.id, u.username, u.email, u.is_staff, s.expires_at
+        r#"select u.id, u.username, u.email, u.is_staff, s.expires_at, u.daily_token_budget
            from sessions s join users u on u.id = s.user_id
            where s.token_hash = $1 and s.expires_at > now()"#,
         token_hash,
@@ -51,6 +55,7 @@ pub async fn find_live_session(
             is_staff: row.is_staff,
         },
         expires_at: row.expires_at,
+        daily_token_budget: row.daily_token_budget,
     })
     .fetch_optional(db)
     .await?;

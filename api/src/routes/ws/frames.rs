@@ -9,11 +9,34 @@ use serde::Deserialize;
 use aichat_shared::domain::User;
 
 use crate::access::own_user_message;
+use crate::auth::live_session;
 use crate::error::ApiError;
 use crate::json_body::{self, BodyError};
 use crate::send::stop::Recorded;
-use crate::send::{self, SendFields, SendMessage, submit_message};
+use crate::send::{self, SendFields, SendMessage, Sender, submit_message};
 use crate::state::AppState;
+
+/// Who a socket's frames come from: its user, and its session's token hash.
+pub(super) struct SocketUser {
+    pub(super) user: User,
+    pub(super) token_hash: Vec<u8>,
+}
+
+impl SocketUser {
+    /// The sender of a frame that queues a message, with the daily token budget as it is now:
+    /// the session is read again (from this instance's cache, which a budget change empties on
+    /// every instance), so a budget staff set while the socket was open holds from its next
+    /// send.
+    async fn sender(&self, state: &AppState) -> Result<Sender, ApiError> {
+        let session = live_session(state, &self.token_hash)
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        Ok(Sender {
+            user_id: self.user.id,
+            daily_token_budget: session.daily_token_budget,
+        })
+    }
+}
 
 #[derive(Debug, Deserialize)]
 struct ClientFrame {
@@ -41,10 +64,11 @@ impl ClientFrame {
 /// Handles one client frame; returns the error to send back, if any.
 pub(super) async fn handle_frame(
     state: &AppState,
-    user: &User,
+    socket_user: &SocketUser,
     ai_chat_id: i64,
     text: &str,
 ) -> Option<String> {
+    let user = &socket_user.user;
     let frame = match json_body::parse_object::<ClientFrame>(text.as_bytes()) {
         Ok(frame) => frame,
         Err(BodyError::Syntax(_)) => return Some("Invalid JSON".into()),
@@ -54,7 +78,7 @@ pub(super) async fn handle_frame(
         Some("message") => {}
         Some("stop") => return stop(state, user, frame.message_id.as_ref()).await,
         Some(kind @ ("regenerate" | "edit")) => {
-            return new_version(state, user, kind, &frame).await;
+            return new_version(state, socket_user, kind, &frame).await;
         }
         _ => return None,
     }
@@ -64,7 +88,11 @@ pub(super) async fn handle_frame(
     };
     // `submit_message` checks ownership in its insert: a chat deleted since the upgrade is 404.
     let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
-    match submit_message(state, user.id, ai_chat_id, send, request_id).await {
+    let sender = match socket_user.sender(state).await {
+        Ok(sender) => sender,
+        Err(err) => return Some(socket_error(err, "WebSocket message failed")),
+    };
+    match submit_message(state, sender, ai_chat_id, send, request_id).await {
         Ok(_) => None, // the `user_message` event comes back through the fan-out
         Err(err) => Some(socket_error(err, "WebSocket message failed")),
     }
@@ -93,10 +121,11 @@ async fn stop(
 /// take it; the new message's events come through the fan-out. Only a refusal is answered.
 async fn new_version(
     state: &AppState,
-    user: &User,
+    socket_user: &SocketUser,
     kind: &str,
     frame: &ClientFrame,
 ) -> Option<String> {
+    let user = &socket_user.user;
     let Some(message_id) = frame
         .message_id
         .as_ref()
@@ -105,6 +134,10 @@ async fn new_version(
         return Some("message_id: must be the id of a message".into());
     };
     let request_id = Some(format!("ws-{}", uuid::Uuid::new_v4().simple()));
+    let sender = match socket_user.sender(state).await {
+        Ok(sender) => sender,
+        Err(err) => return Some(socket_error(err, "WebSocket regenerate or edit failed")),
+    };
     let result = if kind == "edit" {
         let content = match SendMessage::parse(frame.fields(), state.settings.max_content_chars) {
             Ok(send) => send.content,
@@ -112,13 +145,13 @@ async fn new_version(
         };
         match own_user_message(state, user.id, message_id).await {
             Ok(question) => {
-                send::versions::edit(state, user.id, &question, content, request_id).await
+                send::versions::edit(state, sender, &question, content, request_id).await
             }
             Err(err) => Err(err),
         }
     } else {
         match send::versions::question_of(state, user.id, message_id).await {
-            Ok(question) => send::versions::regenerate(state, user.id, &question, request_id).await,
+            Ok(question) => send::versions::regenerate(state, sender, &question, request_id).await,
             Err(err) => Err(err),
         }
     };

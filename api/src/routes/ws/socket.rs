@@ -13,7 +13,7 @@ use aichat_shared::events::ChatEvent;
 
 use super::catch_up::{CatchUp, CaughtUp, catch_up};
 use super::credential::Credential;
-use super::frames::handle_frame;
+use super::frames::{SocketUser, handle_frame};
 use super::sink::{Sink, close, send_message, send_text};
 use crate::fanout::{Event, Lagged, Subscription};
 use crate::revocation::SESSION_ENDED;
@@ -42,8 +42,12 @@ pub(super) async fn session(
         events: subscription,
         after_id,
     };
+    let socket_user = SocketUser {
+        user,
+        token_hash: credential.token_hash.clone(),
+    };
     let send = send_loop(state.clone(), credential, feed, sink, direct_rx, alive_rx);
-    let recv = recv_loop(state, user, ai_chat_id, stream, direct_tx, alive_tx);
+    let recv = recv_loop(state, socket_user, ai_chat_id, stream, direct_tx, alive_tx);
     tokio::pin!(send);
     tokio::select! {
         _ = &mut send => {},
@@ -165,7 +169,7 @@ async fn send_loop(
 
 async fn recv_loop(
     state: AppState,
-    user: User,
+    user: SocketUser,
     ai_chat_id: i64,
     mut stream: futures::stream::SplitStream<WebSocket>,
     direct: mpsc::Sender<Direct>,
