@@ -12,7 +12,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::common::start_worker;
-use crate::common::{TestApp, TestUser, id, spawn_app_with_flags};
+use crate::common::{TestApp, TestUser, id, spawn_app_with_flags, ws_events_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -412,8 +412,16 @@ async fn a_replys_cost_is_its_tokens_at_its_models_prices_per_model_and_in_total
     let mut expected = Vec::new();
     for (model, input, output) in [("m-a", 15, 60), ("m-b", 300, 1500)] {
         let chat = models.chat_on(&alice, model).await;
+        let mut ws = models.app.ws(chat, &alice.token, None).await;
         let messages = models.ask(&alice, chat, "what does this cost?").await;
         let reply = replies(&messages)[0].clone();
+        // The socket's event carries the same cost, in its `usage`.
+        let (event, _) = ws_events_until(&mut ws, WAIT, "the reply's event", |event| {
+            event["type"] == "assistant_message"
+        })
+        .await;
+        assert_eq!(event["message"]["usage"]["cost"], reply["cost"], "{event}");
+        assert_eq!(event["message"]["usage"]["currency"], "USD", "{event}");
         let prompt = reply["prompt_tokens"].as_u64().expect("prompt tokens");
         let completion = reply["completion_tokens"]
             .as_u64()
