@@ -169,3 +169,66 @@ async fn a_worker_killed_holding_a_users_turns_loses_nothing_and_the_turns_come_
     api.stop().await;
     env.cleanup().await;
 }
+
+/// SIGTERM while jobs wait for their user's turn: the running one finishes, the waiting ones go
+/// back to the queue at once (they never reached the model), the worker exits 0 without waiting
+/// out its grace, and another worker answers every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_hands_back_the_jobs_waiting_for_their_users_turn() {
+    const MESSAGES: usize = 4;
+    const GRACE_SECS: u64 = 20;
+    let _heavy = HEAVY.lock().await;
+    let env = Env::start(fake_with_latency(2000)).await;
+    let (api, client) = env.api_client(&["--send-rate-per-minute", "0"]).await;
+    let events = env.event_counter().await;
+    let grace = GRACE_SECS.to_string();
+    let flags = [
+        "--worker-concurrency",
+        "4",
+        "--worker-per-user-concurrency",
+        "1",
+        "--worker-shutdown-grace-secs",
+        grace.as_str(),
+    ];
+    let mut first = env.ready_worker_process(WORKER, &flags).await;
+    let alice = client.user("alice").await;
+    let chats = client.ai_chats(&alice, MESSAGES).await;
+    let ids = client.send_round(&alice, &chats, "alice", MESSAGES).await;
+    // One runs (alice's one turn); the others wait in the worker.
+    env.fake
+        .state()
+        .wait_for_requests(1, Duration::from_secs(30))
+        .await;
+    let signalled = Instant::now();
+    first.sigterm();
+    let status = first
+        .wait(Duration::from_secs(GRACE_SECS + 10))
+        .await
+        .expect("the worker exits after SIGTERM");
+    let exited_after = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        exited_after < Duration::from_secs(GRACE_SECS),
+        "the waiting jobs held the stop until the grace ended: {exited_after:?}"
+    );
+    assert_eq!(
+        env.fake.requests().len(),
+        1,
+        "a waiting job reached the model while stopping"
+    );
+    let mut second = env.ready_worker_process(WORKER, &flags).await;
+    let audit = env.settled(Duration::from_secs(60)).await;
+    audit.assert_answered_once(&ids);
+    events.drain().await.assert_announced_once(&ids);
+    report(
+        "fairness_sigterm",
+        &[
+            ("messages", MESSAGES.to_string()),
+            ("exited_after_s", secs(exited_after)),
+            ("model_calls", env.fake.requests().len().to_string()),
+        ],
+    );
+    second.kill().await;
+    api.stop().await;
+    env.cleanup().await;
+}
