@@ -157,3 +157,24 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Tokens (cl100k, with the worker's framing) of a prompt as the fake model recorded it: its
+/// `messages` array.
+pub fn prompt_tokens(
+    counter: &aichat_worker::context::TokenCounter,
+    messages: &[serde_json::Value],
+) -> usize {
+    use aichat_worker::context::{PromptMessage, Role};
+    let prompt: Vec<PromptMessage> = messages
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str() {
+                Some("system") => Role::System,
+                Some("assistant") => Role::Assistant,
+                _ => Role::User,
+            };
+            PromptMessage::new(role, m["content"].as_str().unwrap_or_default())
+        })
+        .collect();
+    counter.prompt(&prompt)
+}

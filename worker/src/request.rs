@@ -58,11 +58,12 @@ pub async fn prompt_parts(
     let question_id = subject.message_id;
     let question = subject.content.clone();
     // BPE over a few thousand tokens is CPU work: keep it off the async threads.
-    let (history, entry, question_tokens) = tokio::task::spawn_blocking(move || {
+    let (history, entry, question, question_tokens) = tokio::task::spawn_blocking(move || {
         let (history, entry) =
             history_cache::assemble(cached, history, question_id, limit, budget, &counter);
         // Counted once, not remembered (it is stored with the message).
-        (history, entry, counter.text_once(&question))
+        let question_tokens = counter.text_once(&question);
+        (history, entry, question, question_tokens)
     })
     .await
     .context("counting prompt tokens")?;
@@ -73,7 +74,7 @@ pub async fn prompt_parts(
         system_prompt: subject.system_prompt.clone(),
         related,
         history,
-        question: subject.content.clone(),
+        question,
         question_tokens,
     }))
 }

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aichat_fake_llm::{FakeConfig, FakeLlm, Outcome};
+use aichat_testkit::prompt_tokens;
 use aichat_testkit::{InProcessWorker, eventually, fake_always, unique_name, worker_metrics_text};
-use aichat_worker::context::{PromptMessage, Role, TokenCounter};
+use aichat_worker::context::TokenCounter;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -320,20 +321,7 @@ async fn a_fallback_with_a_smaller_window_gets_a_prompt_that_fits_it() {
     let asked_b = models.b.requests();
     assert_eq!(asked_b.len(), 1);
     let counter = TokenCounter::cl100k();
-    let prompt = |messages: &[Value]| -> usize {
-        let messages: Vec<PromptMessage> = messages
-            .iter()
-            .map(|m| {
-                let role = match m["role"].as_str() {
-                    Some("system") => Role::System,
-                    Some("assistant") => Role::Assistant,
-                    _ => Role::User,
-                };
-                PromptMessage::new(role, m["content"].as_str().unwrap_or_default())
-            })
-            .collect();
-        counter.prompt(&messages)
-    };
+    let prompt = |messages: &[Value]| prompt_tokens(&counter, messages);
     let to_a = prompt(&asked_a.last().expect("A's last request").messages);
     let to_b = prompt(&asked_b[0].messages);
     assert!(to_a > 250, "A was sent the whole history ({to_a} tokens)");

@@ -274,19 +274,7 @@ async fn every_call_is_bounded_by_the_completion_cap_and_the_system_share() {
         "the long line is cut, not dropped: {system:?}"
     );
     assert!(!system.contains("the oldest line"), "{system:?}");
-    let prompt: Vec<PromptMessage> = request
-        .messages
-        .iter()
-        .map(|m| {
-            let role = match m["role"].as_str() {
-                Some("system") => Role::System,
-                Some("assistant") => Role::Assistant,
-                _ => Role::User,
-            };
-            PromptMessage::new(role, m["content"].as_str().unwrap_or_default())
-        })
-        .collect();
-    assert!(counter.prompt(&prompt) <= BUDGET);
+    assert!(aichat_testkit::prompt_tokens(&counter, &request.messages) <= BUDGET);
     env.finish([worker]).await;
 }
 
