@@ -126,9 +126,26 @@ async fn staff_set_a_users_budget_and_read_it_back_with_the_limit_it_makes() {
             (json!({"daily_tokens": 1.5}), "daily_tokens"),
             (json!({"daily_tokens": "5"}), "daily_tokens"),
             (json!({"daily_tokens": 1_000_000_001_i64}), "daily_tokens"),
+            (json!({"daily_tokens": true}), "daily_tokens"),
+            (json!({"daily_tokens": [5]}), "daily_tokens"),
+            (json!({"daily_tokens": {"n": 5}}), "daily_tokens"),
         ],
     )
     .await;
+    // A body that is not a JSON object at all.
+    for body in [json!([5]), json!("5"), json!(5), json!(true), Value::Null] {
+        let (status, error) = app
+            .put(&budget_path(alice.id), &root.token, body.clone())
+            .await;
+        assert_eq!(
+            (status, error),
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "Invalid data: expected a JSON object"})
+            ),
+            "{body}"
+        );
+    }
     let (_, missing) = app
         .put(&budget_path(alice.id), &root.token, json!({}))
         .await;
