@@ -34,7 +34,7 @@ impl Reservation {
     ) -> Option<Reservation> {
         let (day, tokens) = (day?, tokens?);
         Some(Reservation {
-            key: ns.budget(user_id, &day.format("%Y-%m-%d").to_string()),
+            key: day_key(ns, user_id, day),
             tokens: i64::from(tokens),
             day: Some(day),
         })
