@@ -263,9 +263,8 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
             )));
         }
     };
-    let (result, request) = called?;
     let question_tokens = parts.question_tokens;
-    let Some(request) = request else {
+    let Some((result, request)) = called? else {
         // No model of the chain had room for the question.
         let err = CompletionError::Failed {
             reason: FailureReason::TooLong,
@@ -299,8 +298,8 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
 /// Asks the chat's model, then, while it failed before any of its text went out, each model of
 /// its fallback list in turn, every one with the prompt cut to its own window. Once text went
 /// out, the reply is that model's or none: a stored reply never holds two models' text.
-/// Returns the last call's result and the request it made (`None`: no model had room for the
-/// question, so none was called).
+/// Returns the last call's result and the request it made; `None` when no model had room for
+/// the question, so none was called.
 async fn call_models(
     chain: &[&Model],
     parts: &Arc<request::PromptParts>,
@@ -308,15 +307,8 @@ async fn call_models(
     chunks: &mpsc::UnboundedSender<Piece>,
     shutdown: &mut watch::Receiver<bool>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(Result<Completion, CompletionError>, Option<ChatRequest>), JobError> {
-    let mut last: (Result<Completion, CompletionError>, Option<ChatRequest>) = (
-        Err(CompletionError::Failed {
-            reason: FailureReason::TooLong,
-            attempts: 0,
-            streamed: false,
-        }),
-        None,
-    );
+) -> Result<Option<(Result<Completion, CompletionError>, ChatRequest)>, JobError> {
+    let mut last = None;
     for (i, model) in chain.iter().enumerate() {
         let next = chain.get(i + 1);
         let Some(request) = request::request_for(parts, model, ctx).await? else {
@@ -348,9 +340,9 @@ async fn call_models(
             ) => {
                 tracing::warn!(from = %model.name, to = %next.name, reason = reason.as_str(), "falling back to the next model");
                 metrics::fallback(&model.name, &next.name, reason.as_str());
-                last = (result, Some(request));
+                last = Some((result, request));
             }
-            _ => return Ok((result, Some(request))),
+            _ => return Ok(Some((result, request))),
         }
     }
     Ok(last)
