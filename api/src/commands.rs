@@ -18,7 +18,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             app.run_until(shutdown_signal()).await
         }
         Some(Command::Migrate) => {
-            let pool = db::pool(&settings.database)?;
+            let pool = db::pool(
+                &settings.database,
+                db::Planning::Default,
+                settings.database.database_max_connections,
+            )?;
             db::migrate(&pool).await.context("applying migrations")?;
             tracing::info!("migrations applied");
             Ok(())

@@ -73,7 +73,12 @@ impl Application {
         // A registry that cannot be used is a reason not to start. The API names models but
         // never calls them: their keys stay with the workers.
         let models = settings.openai.registry(Keys::Skip)?;
-        let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
+        let pool = db::pool(
+            &settings.database,
+            db::Planning::Default,
+            settings.database.database_max_connections,
+        )
+        .context("invalid DATABASE_URL")?;
         if settings.run_migrations {
             db::migrate(&pool)
                 .await
@@ -105,8 +110,16 @@ impl Application {
         .context("connecting the pub/sub connection to Redis")?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let queue = JobQueue::new(redis.clone(), &ns);
+        // The send writers run only keyed statements: connections of their own that plan
+        // them once and never as a scan (`db::Planning::KeyedGeneric`).
+        let send_pool = db::pool(
+            &settings.database,
+            db::Planning::KeyedGeneric,
+            settings.send_batch_writers.into(),
+        )
+        .context("invalid DATABASE_URL")?;
         let sends = SendBatcher::start(
-            pool.clone(),
+            send_pool,
             redis.clone(),
             queue.clone(),
             ns.clone(),

@@ -61,7 +61,8 @@ pub struct Settings {
     /// `MAX_COMPLETION_TOKENS`) when it is sent; the worker settles it to the real use.
     #[arg(long, env = "DAILY_TOKEN_BUDGET", default_value_t = 0)]
     pub daily_token_budget: i64,
-    /// Send batches written at once (each holds a database connection while it writes).
+    /// Send batches written at once, each on a database connection of the writers' own (so
+    /// the API opens this many connections beside `DATABASE_MAX_CONNECTIONS`).
     #[arg(long, env = "SEND_BATCH_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub send_batch_writers: u16,
     /// Most sends written in one batch (one statement, one job push).

@@ -88,7 +88,12 @@ impl Worker {
         let metrics = metrics::install();
         let names: Vec<String> = models.models().iter().map(|m| m.name.clone()).collect();
         metrics::describe(&names);
-        let pool = db::pool(&settings.database).context("invalid DATABASE_URL")?;
+        let pool = db::pool(
+            &settings.database,
+            db::Planning::KeyedGeneric,
+            settings.database.database_max_connections,
+        )
+        .context("invalid DATABASE_URL")?;
         let redis = redis_conn::connect(settings.redis.redis_url.expose_secret())
             .await
             .context("connecting to Redis")?;

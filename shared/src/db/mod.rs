@@ -30,7 +30,7 @@
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::config::DatabaseSettings;
 
@@ -82,14 +82,34 @@ pub use sqlx::PgPool as Pool;
 /// The schema, embedded in the binaries.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// How the connections of a pool plan their statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planning {
+    /// PostgreSQL's default: a custom plan for each run while custom plans look cheaper than
+    /// the generic one. For a process whose statements read by ranges and pages (the API's
+    /// lists), whose best plan depends on the values.
+    Default,
+    /// Each statement is planned once per connection (a generic plan) and never with a
+    /// sequential scan. For a process whose statements all take their rows by key (the
+    /// worker: claims, reply saves, single-row updates), so no plan depends on the values or on
+    /// the statistics of the moment.
+    ///
+    /// The batched reply save was planned again on every run (its custom plan knows the
+    /// batch's length, so the generic one, costed for a guessed length, never looked as cheap):
+    /// half of its PostgreSQL time was planning (BENCHMARKS.md, "Cost per answered message").
+    /// A generic plan alone is made from the statistics of the moment and kept until the next
+    /// ANALYZE: made on a young table it chose sequential scans, even for `id = any(...)`, and
+    /// kept them as the table grew (the soak's PostgreSQL CPU doubled when the API's pool was
+    /// planned so). Without sequential scans, every such plan is the index lookup it is on a
+    /// large table, whatever the table's size when it was made. A custom plan is no safer:
+    /// analyzed, a table of a few thousand chats looks cheaper to scan whole than to look up a
+    /// batch's chats one by one, and the send batch read every tip row for each batch.
+    KeyedGeneric,
+}
+
 /// A lazily connecting pool: the process starts even while PostgreSQL is down and requests
-/// get 503 until it is back.
-///
-/// Statements keep PostgreSQL's default plan caching (custom plans while they look cheaper).
-/// Forcing generic plans removed the planning time of the message page and of the batched
-/// reply save, but a generic plan is made from the statistics of the moment and kept until
-/// the next ANALYZE: made on a young table it scanned and sorted whole chats, and the soak's
-/// PostgreSQL CPU doubled (BENCHMARKS.md, fourth session).
+/// get 503 until it is back; at most `max_connections` connections, planning statements as
+/// `planning` says.
 ///
 /// A connection is checked (a ping, one round trip) before it is handed out when it has been
 /// idle for `DATABASE_PING_AFTER_IDLE_MS`, by default always: with connections cut under load
@@ -97,10 +117,23 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// fail with 503 on connections PostgreSQL had dropped, against 2 and 1 with the check, for a
 /// cost under load within the noise of the bench (BENCHMARKS.md, "Cost per answered message").
 /// A deployment whose connections are never cut may set it.
-pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+pub fn pool(
+    settings: &DatabaseSettings,
+    planning: Planning,
+    max_connections: u32,
+) -> Result<PgPool, sqlx::Error> {
     let ping_after = Duration::from_millis(settings.database_ping_after_idle_ms);
-    PgPoolOptions::new()
-        .max_connections(settings.database_max_connections)
+    let options: PgConnectOptions = settings.database_url.expose_secret().parse()?;
+    let options = match planning {
+        Planning::Default => options,
+        // Startup parameters: set once per connection, no statement of their own.
+        Planning::KeyedGeneric => options.options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ]),
+    };
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(settings.database_acquire_timeout_secs))
         .test_before_acquire(false)
         .before_acquire(move |conn, meta| {
@@ -111,7 +144,7 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
                 Ok(true)
             })
         })
-        .connect_lazy(settings.database_url.expose_secret())
+        .connect_lazy_with(options))
 }
 
 /// Applies every pending migration; a no-op when the schema is current.
@@ -160,8 +193,7 @@ pub fn missing_database_hint(
     if !missing {
         return None;
     }
-    let options: sqlx::postgres::PgConnectOptions =
-        settings.database_url.expose_secret().parse().ok()?;
+    let options: PgConnectOptions = settings.database_url.expose_secret().parse().ok()?;
     let name = options.get_database().unwrap_or("postgres");
     Some(format!(
         "The database \"{name}\" named by DATABASE_URL does not exist. Create it with:\n  \

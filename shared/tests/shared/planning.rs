@@ -1,0 +1,98 @@
+//! `db::Planning::KeyedGeneric`, the planning of the worker's connections and of the API's send
+//! writers': a send batch, a claim and a reply save take their rows by key on a young table,
+//! where a planner left to the statistics scans it whole (it looks cheaper while it is small,
+//! and a generic plan made then is kept as the table grows).
+use aichat_fake_llm::FakeConfig;
+use aichat_shared::config::DatabaseSettings;
+use aichat_shared::db;
+use aichat_shared::db::ai_messages::NewUserMessage;
+use aichat_shared::db::completions::NewReply;
+use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv, MODEL};
+
+/// Tables the hot statements read, whose sequential scans the test counts.
+const HOT_TABLES: [&str; 3] = ["ai_chats", "ai_chat_tips", "ai_messages"];
+
+fn reply(content: &str) -> NewReply {
+    NewReply {
+        content: content.to_owned(),
+        prompt_tokens: Some(10),
+        completion_tokens: Some(2),
+        total_tokens: Some(12),
+        model: MODEL.to_owned(),
+        latency_ms: 5,
+        content_tokens: Some(2),
+        question_tokens: Some(3),
+        stopped: false,
+        cost: None,
+        currency: None,
+    }
+}
+
+#[tokio::test]
+async fn keyed_connections_take_a_young_tables_rows_by_key() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let mut chats = Vec::new();
+    for _ in 0..20 {
+        chats.push(env.ai_chat(alice.id, "system", None).await);
+    }
+    // The statistics of young tables: twenty chats, one page of `ai_chats` and `ai_chat_tips`.
+    sqlx::query("analyze")
+        .execute(&env.pool)
+        .await
+        .expect("analyze");
+
+    let settings = DatabaseSettings {
+        database_url: env.db.url.clone().into(),
+        database_max_connections: 1,
+        database_acquire_timeout_secs: 5,
+        database_ping_after_idle_ms: 0,
+    };
+    let keyed = db::pool(&settings, db::Planning::KeyedGeneric, 1).expect("pool");
+    // One transaction, so `pg_stat_xact_user_tables` counts exactly what these statements did.
+    let mut tx = keyed.begin().await.expect("begin");
+    for round in 0..3 {
+        let sends: Vec<NewUserMessage> = chats[..4]
+            .iter()
+            .map(|&chat| NewUserMessage {
+                ai_chat_id: chat,
+                user_id: alice.id,
+                content: format!("question {round}"),
+                options: DEFAULT_CONTEXT,
+                budget: None,
+            })
+            .collect();
+        let stored = db::ai_messages::insert_owned_user_messages(&mut *tx, &sends)
+            .await
+            .expect("send batch");
+        let ids: Vec<i64> = stored.iter().flatten().map(|m| m.id).collect();
+        assert_eq!(ids.len(), 4, "every send is stored");
+        for &id in &ids {
+            let claimed = db::completions::claim_job(&mut *tx, id, None, 20, None)
+                .await
+                .expect("claim")
+                .expect("the message exists");
+            assert!(claimed.subject.claimed);
+        }
+        let replies: Vec<NewReply> = ids.iter().map(|id| reply(&format!("to {id}"))).collect();
+        let batch: Vec<(i64, &NewReply)> = ids.iter().copied().zip(replies.iter()).collect();
+        let saved = db::completions::save_replies(&mut *tx, &batch)
+            .await
+            .expect("reply batch");
+        assert!(saved.iter().all(Option::is_some), "every reply is saved");
+    }
+    let (seq_scans, index_scans): (i64, i64) = sqlx::query_as(
+        "select coalesce(sum(seq_scan), 0)::bigint, coalesce(sum(idx_scan), 0)::bigint
+         from pg_stat_xact_user_tables where relname = any($1)",
+    )
+    .bind(HOT_TABLES)
+    .fetch_one(&mut *tx)
+    .await
+    .expect("this transaction's scans");
+    tx.rollback().await.expect("rollback");
+    assert!(index_scans > 0, "the statements ran in this transaction");
+    assert_eq!(
+        seq_scans, 0,
+        "sends, claims and saves on keyed connections never scan a table"
+    );
+}
