@@ -7,26 +7,12 @@ use aichat_shared::config::DatabaseSettings;
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::db::completions::NewReply;
-use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv, MODEL};
+use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv};
+
+use crate::reply;
 
 /// Tables the hot statements read, whose sequential scans the test counts.
 const HOT_TABLES: [&str; 3] = ["ai_chats", "ai_chat_tips", "ai_messages"];
-
-fn reply(content: &str) -> NewReply {
-    NewReply {
-        content: content.to_owned(),
-        prompt_tokens: Some(10),
-        completion_tokens: Some(2),
-        total_tokens: Some(12),
-        model: MODEL.to_owned(),
-        latency_ms: 5,
-        content_tokens: Some(2),
-        question_tokens: Some(3),
-        stopped: false,
-        cost: None,
-        currency: None,
-    }
-}
 
 #[tokio::test]
 async fn keyed_connections_take_a_young_tables_rows_by_key() {
@@ -95,4 +81,6 @@ async fn keyed_connections_take_a_young_tables_rows_by_key() {
         seq_scans, 0,
         "sends, claims and saves on keyed connections never scan a table"
     );
+    keyed.close().await;
+    env.cleanup().await;
 }

@@ -4,6 +4,8 @@
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::{Branches, NewUserMessage};
 use aichat_testkit::DEFAULT_CONTEXT;
+
+use crate::reply;
 use aichat_testkit::postgres::TestDb;
 use sqlx::{Executor, PgPool};
 
@@ -156,23 +158,6 @@ async fn a_removed_unqueued_message_hands_its_followers_to_its_parent() {
     let five = store_user_message(&env.pool, chat, "five", DEFAULT_CONTEXT).await;
     assert_eq!(five.parent_id, Some(sent[0].id));
     env.cleanup().await;
-}
-
-/// A reply of `content` as a worker would store it, without token counts.
-fn reply(content: &str) -> aichat_shared::db::completions::NewReply {
-    aichat_shared::db::completions::NewReply {
-        content: content.to_owned(),
-        prompt_tokens: None,
-        completion_tokens: None,
-        total_tokens: None,
-        model: aichat_testkit::MODEL.to_owned(),
-        latency_ms: 1,
-        content_tokens: None,
-        question_tokens: None,
-        stopped: false,
-        cost: None,
-        currency: None,
-    }
 }
 
 /// Alice's new chat with one turn: "q1" answered "a1". (alice, chat, q1)
