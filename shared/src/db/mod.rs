@@ -90,13 +90,13 @@ pub enum Planning {
     /// lists), whose best plan depends on the values.
     Default,
     /// Each statement is planned once per connection (a generic plan) and never with a
-    /// sequential scan. For a process whose statements all take their rows by key (the
-    /// worker: claims, reply saves, single-row updates), so no plan depends on the values or on
-    /// the statistics of the moment.
+    /// sequential scan. For connections whose statements all take their rows by key (the
+    /// worker's: claims, reply saves, single-row updates; the API's send writers': send
+    /// batches), so no plan depends on the values or on the statistics of the moment.
     ///
     /// The batched reply save was planned again on every run (its custom plan knows the
     /// batch's length, so the generic one, costed for a guessed length, never looked as cheap):
-    /// half of its PostgreSQL time was planning (BENCHMARKS.md, "Cost per answered message").
+    /// nearly half of its PostgreSQL time was planning (BENCHMARKS.md, "Cost per answered message").
     /// A generic plan alone is made from the statistics of the moment and kept until the next
     /// ANALYZE: made on a young table it chose sequential scans, even for `id = any(...)`, and
     /// kept them as the table grew (the soak's PostgreSQL CPU doubled when the API's pool was
