@@ -34,7 +34,12 @@ async fn keyed_connections_take_a_young_tables_rows_by_key() {
         database_acquire_timeout_secs: 5,
         database_ping_after_idle_ms: 0,
     };
-    let keyed = db::pool(&settings, db::Planning::KeyedGeneric, 1).expect("pool");
+    let keyed = db::pool(
+        &settings,
+        db::Planning::KeyedGeneric,
+        settings.database_max_connections,
+    )
+    .expect("pool");
     // One transaction, so `pg_stat_xact_user_tables` counts exactly what these statements did.
     let mut tx = keyed.begin().await.expect("begin");
     for round in 0..3 {

@@ -4,10 +4,10 @@
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::{Branches, NewUserMessage};
 use aichat_testkit::DEFAULT_CONTEXT;
-
-use crate::reply;
 use aichat_testkit::postgres::TestDb;
 use sqlx::{Executor, PgPool};
+
+use crate::reply;
 
 const VERSIONS: i64 = 20261205000001;
 
