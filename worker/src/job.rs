@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use aichat_shared::announce::{self, Claim};
 use aichat_shared::db;
+use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::ClaimedJob;
 use aichat_shared::jobs::CompletionJob;
 use aichat_shared::models::Model;
@@ -172,15 +173,16 @@ async fn run(job: &CompletionJob, ctx: &JobContext) -> Result<Done, JobError> {
         subject,
         history,
         related,
-    }) = db::completions::claim_job(
-        &ctx.db,
-        job.message_id,
-        cached.as_ref().map(history_cache::Entry::known),
-        i64::try_from(limit).unwrap_or(i64::MAX),
-        request::related_limit(job),
-    )
-    .await
-    .context("taking the user message")?
+    }) = ctx
+        .claims
+        .claim(ClaimRequest {
+            message_id: job.message_id,
+            known: cached.as_ref().map(history_cache::Entry::known),
+            history_limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            related_limit: request::related_limit(job),
+        })
+        .await
+        .context("taking the user message")?
     else {
         announce::release(&mut ctx.redis.clone(), &ctx.ns, job.message_id).await;
         metrics::job_skipped("message_gone");

@@ -20,6 +20,7 @@ use aichat_shared::jobs::JobQueue;
 use aichat_shared::models::Keys;
 use aichat_shared::{db, redis_conn};
 
+mod claim_batch;
 pub mod context;
 mod deltas;
 mod history_cache;
@@ -161,6 +162,7 @@ impl Worker {
             shutdown: shutdown_rx,
             stopping: Stopping::new(),
             stop_requests,
+            claims: claim_batch::JobClaimer::start(pool.clone()),
             replies: reply_batch::ReplySaver::start(pool.clone()),
             save_retry_for: Duration::from_secs(settings.worker_save_retry_secs),
             hooks,

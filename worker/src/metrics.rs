@@ -105,6 +105,10 @@ pub fn describe(models: &[String]) {
         "aichat_worker_reply_batch_size",
         "Replies saved by one statement"
     );
+    describe_histogram!(
+        "aichat_worker_claim_batch_size",
+        "Jobs that took their messages in one statement"
+    );
     describe_counter!(
         "aichat_worker_context_cache_total",
         "Histories of jobs on a chat's active path, by whether the context cache held the turns before the new ones (hit) or the whole history was read (miss)"
@@ -145,6 +149,7 @@ pub fn describe(models: &[String]) {
     counter!("aichat_worker_db_retries_total").increment(0);
     counter!("aichat_worker_swept_messages_total").increment(0);
     let _ = histogram!("aichat_worker_reply_batch_size");
+    let _ = histogram!("aichat_worker_claim_batch_size");
     for outcome in ["hit", "miss"] {
         counter!("aichat_worker_context_cache_total", "outcome" => outcome).increment(0);
     }
@@ -244,6 +249,10 @@ pub fn swept(count: u64) {
 }
 
 /// Replies saved by one statement (`reply_batch.rs`).
+pub fn claim_batch(size: usize) {
+    histogram!("aichat_worker_claim_batch_size").record(size as f64);
+}
+
 pub fn reply_batch(size: usize) {
     histogram!("aichat_worker_reply_batch_size").record(size as f64);
 }

@@ -10,6 +10,7 @@ use tokio::sync::{Semaphore, watch};
 use aichat_shared::keys::Namespace;
 use aichat_shared::models::Registry;
 
+use crate::claim_batch::JobClaimer;
 use crate::context::TokenCounter;
 use crate::llm::LlmClient;
 use crate::rate_limit::RateLimiter;
@@ -50,6 +51,8 @@ pub struct JobContext {
     pub stopping: Arc<Stopping>,
     /// Users' stop requests, routed to the job answering the message (`stop_requests.rs`).
     pub stop_requests: Arc<StopRequests>,
+    /// Takes jobs' messages, several per statement.
+    pub claims: JobClaimer,
     /// Writes replies, several per statement.
     pub replies: ReplySaver,
     /// How long a finished reply (or failure) keeps trying to reach the database before the

@@ -378,6 +378,7 @@ async fn an_idle_worker_lists_every_metric_at_zero_on_its_first_scrape() {
         ("aichat_worker_db_retries_total", "counter"),
         ("aichat_worker_swept_messages_total", "counter"),
         ("aichat_worker_reply_batch_size", "summary"),
+        ("aichat_worker_claim_batch_size", "summary"),
         ("aichat_db_conflict_retries_total", "counter"),
     ] {
         assert!(

@@ -175,7 +175,7 @@ pub async fn list_history(
 
 /// [`claim_job`], or with `claim` false the same reads without taking the message.
 #[tracing::instrument(skip(db))]
-async fn read_job(
+pub(super) async fn read_job(
     db: impl PgExecutor<'_>,
     message_id: i64,
     claim: bool,
@@ -183,7 +183,8 @@ async fn read_job(
     history_limit: i64,
     related_limit: Option<i64>,
 ) -> Result<Option<ClaimedJob>> {
-    let row = sqlx::query!(
+    let row = sqlx::query_as!(
+        JobRow,
         r#"with recursive async_commit as (
                select set_config('synchronous_commit', 'off', true) where $7
            ), claimed as (
@@ -258,7 +259,8 @@ async fn read_job(
                order by m.id desc
                limit coalesce($12::bigint, 0)
            )
-           select s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
+           select 1::bigint as "ord!", true as "locked!",
+                  s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
                   s.claimed as "claimed!", s.stop_requested as "stop_requested!",
                   exists (select 1 from ai_messages r
                           where r.reply_to = s.id and r.version = s.reply_version) as "answered!",
@@ -292,65 +294,103 @@ async fn read_job(
     )
     .fetch_optional(db)
     .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let related = match (related_limit, row.related_chat_id) {
-        (Some(_), Some(_)) => Some(
-            row.senders
-                .into_iter()
-                .zip(row.lines)
-                .zip(row.times)
-                .map(|((sender, content), timestamp)| ContextMessage {
-                    sender,
-                    content,
-                    timestamp,
-                })
-                .collect(),
-        ),
-        _ => None,
-    };
-    let rows = row
-        .turns
-        .into_iter()
-        .zip(row.ended)
-        .zip(row.roles)
-        .zip(row.contents.into_iter().zip(row.tokens))
-        .map(
-            |(((turn, ended), role), (content, content_tokens))| HistoryRow {
-                turn,
-                ended,
-                message: HistoryMessage {
-                    role,
-                    content,
-                    content_tokens,
+    Ok(row.map(|row| row.into_job(related_limit.is_some())))
+}
+
+/// A row of [`read_job`] or of the batched claim (`db::claims`): the message with its chat,
+/// and the history and related lines as parallel arrays (one round trip for all of them).
+#[derive(Debug)]
+pub(super) struct JobRow {
+    /// The position of the claim in its batch, from 1.
+    pub ord: i64,
+    /// The statement held the message's row: false only in a batch, for a row another
+    /// transaction held (nothing was read or claimed; the caller claims it alone).
+    pub locked: bool,
+    pub message_id: i64,
+    pub ai_chat_id: i64,
+    pub content: String,
+    pub claimed: bool,
+    pub stop_requested: bool,
+    pub answered: bool,
+    pub system_prompt: String,
+    pub model: String,
+    pub owner_id: i64,
+    pub related_chat_id: Option<i64>,
+    pub budget_day: Option<NaiveDate>,
+    pub budget_tokens: Option<i32>,
+    pub history_epoch: i64,
+    pub after_turn: i64,
+    pub active: bool,
+    pub turns: Vec<i64>,
+    pub ended: Vec<bool>,
+    pub roles: Vec<Role>,
+    pub contents: Vec<String>,
+    pub tokens: Vec<Option<i32>>,
+    pub senders: Vec<String>,
+    pub lines: Vec<String>,
+    pub times: Vec<DateTime<Utc>>,
+}
+
+impl JobRow {
+    /// The job as read; `related_asked`: the related chat's lines were asked for.
+    pub(super) fn into_job(self, related_asked: bool) -> ClaimedJob {
+        let related = match (related_asked, self.related_chat_id) {
+            (true, Some(_)) => Some(
+                self.senders
+                    .into_iter()
+                    .zip(self.lines)
+                    .zip(self.times)
+                    .map(|((sender, content), timestamp)| ContextMessage {
+                        sender,
+                        content,
+                        timestamp,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let rows = self
+            .turns
+            .into_iter()
+            .zip(self.ended)
+            .zip(self.roles)
+            .zip(self.contents.into_iter().zip(self.tokens))
+            .map(
+                |(((turn, ended), role), (content, content_tokens))| HistoryRow {
+                    turn,
+                    ended,
+                    message: HistoryMessage {
+                        role,
+                        content,
+                        content_tokens,
+                    },
                 },
+            )
+            .collect();
+        ClaimedJob {
+            subject: CompletionSubject {
+                message_id: self.message_id,
+                ai_chat_id: self.ai_chat_id,
+                content: self.content,
+                claimed: self.claimed,
+                stop_requested: self.stop_requested,
+                answered: self.answered,
+                system_prompt: self.system_prompt,
+                model: self.model,
+                owner_id: self.owner_id,
+                related_chat_id: self.related_chat_id,
+                budget_day: self.budget_day,
+                budget_tokens: self.budget_tokens,
             },
-        )
-        .collect();
-    Ok(Some(ClaimedJob {
-        subject: CompletionSubject {
-            message_id: row.message_id,
-            ai_chat_id: row.ai_chat_id,
-            content: row.content,
-            claimed: row.claimed,
-            stop_requested: row.stop_requested,
-            answered: row.answered,
-            system_prompt: row.system_prompt,
-            model: row.model,
-            owner_id: row.owner_id,
-            related_chat_id: row.related_chat_id,
-            budget_day: row.budget_day,
-            budget_tokens: row.budget_tokens,
-        },
-        history: HistoryRead {
-            epoch: row.history_epoch,
-            after_turn: row.after_turn,
-            on_path: row.active,
-            rows,
-        },
-        related,
-    }))
+            history: HistoryRead {
+                epoch: self.history_epoch,
+                after_turn: self.after_turn,
+                on_path: self.active,
+                rows,
+            },
+            related,
+        }
+    }
 }
 
 /// Stores the assistant reply to `user_message_id` and marks the user message `answered`, in

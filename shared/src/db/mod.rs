@@ -18,6 +18,9 @@
 //! - a branch change (`versions`: edit, regenerate, activate) takes its chat `for update`,
 //!   which waits for the sends and reply saves of that chat in flight and holds new ones off
 //!   until it commits, then the messages it changes;
+//! - a claim batch (`claims::claim_jobs`) takes its messages `for no key update skip locked`
+//!   in id order and nothing else: it never waits while it holds a row (a row it skipped is
+//!   claimed afterwards on its own);
 //! - a reply batch (`completions::save_replies`) takes `for key share` on the chats, then
 //!   the question rows `for no key update`, both in id order, before it writes;
 //! - single-row statements (`mark_failed`, `mark_dispatched`, the staff re-drive, a chat's
@@ -67,6 +70,7 @@ pub mod ai_chats;
 pub mod ai_messages;
 pub mod budgets;
 pub mod chats;
+pub mod claims;
 pub mod completions;
 pub mod export;
 pub mod retry;

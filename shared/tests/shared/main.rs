@@ -1,5 +1,6 @@
 //! The shared crate's tests against a real PostgreSQL: the SQL of `shared/src/db/` and the
 //! conflict retry. One binary, a module per area.
+mod claims;
 mod planning;
 mod retry;
 mod saving;

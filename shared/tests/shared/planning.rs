@@ -6,6 +6,7 @@ use aichat_fake_llm::FakeConfig;
 use aichat_shared::config::DatabaseSettings;
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
+use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::NewReply;
 use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv};
 
@@ -58,6 +59,21 @@ async fn keyed_connections_take_a_young_tables_rows_by_key() {
             .expect("send batch");
         let ids: Vec<i64> = stored.iter().flatten().map(|m| m.id).collect();
         assert_eq!(ids.len(), 4, "every send is stored");
+        // The batch a worker's jobs claim with, then each alone (as a claim whose row was
+        // held is taken).
+        let claims: Vec<ClaimRequest> = ids
+            .iter()
+            .map(|&message_id| ClaimRequest {
+                message_id,
+                known: None,
+                history_limit: 20,
+                related_limit: None,
+            })
+            .collect();
+        let batch = db::claims::claim_jobs(&mut tx, &claims)
+            .await
+            .expect("claim batch");
+        assert!(batch.iter().flatten().all(|job| job.subject.claimed));
         for &id in &ids {
             let claimed = db::completions::claim_job(&mut *tx, id, None, 20, None)
                 .await

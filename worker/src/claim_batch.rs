@@ -1,0 +1,83 @@
+//! Jobs take their messages in batches (`aichat_shared::batch`): the jobs that start while the
+//! previous batch is being claimed go in together, one PostgreSQL statement and one commit for
+//! all of them (`db::claims::claim_jobs`).
+//!
+//! Each claim keeps the single claim's contract (`db::completions::claim_job`): the job gets
+//! its message with the rows of its prompt, `None` when the message is gone, or the error,
+//! shared by the whole batch, for the job to run again. A batch refused by PostgreSQL is claimed
+//! job by job, so one message never fails its neighbours.
+use std::sync::Arc;
+
+use aichat_shared::batch::{Batcher, all_or_each, writers_gone};
+use aichat_shared::db;
+use aichat_shared::db::claims::ClaimRequest;
+use aichat_shared::db::completions::ClaimedJob;
+use sqlx::PgPool;
+
+/// Batches claimed at the same time.
+const WRITERS: usize = 2;
+/// Most claims in one statement.
+const MAX_BATCH: usize = 64;
+/// Claims waiting for a writer before new ones wait to be taken in.
+const QUEUE: usize = 1024;
+
+/// How one claim ended.
+pub type Claimed = Result<Option<ClaimedJob>, Arc<aichat_shared::Error>>;
+
+/// The way in to the claimers, shared by every job of the process.
+#[derive(Clone)]
+pub struct JobClaimer {
+    batcher: Batcher<ClaimRequest, Claimed>,
+}
+
+impl JobClaimer {
+    /// Starts the claimers; they stop once every clone is dropped.
+    pub fn start(db: PgPool) -> Self {
+        let batcher = Batcher::start(WRITERS, MAX_BATCH, QUEUE, move |batch| {
+            let db = db.clone();
+            async move { claim(&db, batch).await }
+        });
+        JobClaimer { batcher }
+    }
+
+    /// Claims the message of `request` with what its prompt is built from (see
+    /// `db::completions::claim_job`).
+    pub async fn claim(&self, request: ClaimRequest) -> Claimed {
+        self.batcher
+            .submit(request)
+            .await
+            .unwrap_or_else(|| Err(Arc::new(writers_gone())))
+    }
+}
+
+async fn claim(db: &PgPool, batch: Vec<ClaimRequest>) -> Vec<Claimed> {
+    crate::metrics::claim_batch(batch.len());
+    let claimed = all_or_each(
+        "claims",
+        &batch,
+        || async {
+            let mut conn = db.acquire().await?;
+            db::claims::claim_jobs(&mut conn, &batch).await
+        },
+        |request| {
+            db::completions::claim_job(
+                db,
+                request.message_id,
+                request.known,
+                request.history_limit,
+                request.related_limit,
+            )
+        },
+    )
+    .await;
+    match claimed {
+        Ok(claimed) => claimed
+            .into_iter()
+            .map(|one| one.map_err(Arc::new))
+            .collect(),
+        Err(err) => {
+            let err = Arc::new(err);
+            batch.iter().map(|_| Err(err.clone())).collect()
+        }
+    }
+}
