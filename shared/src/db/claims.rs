@@ -3,9 +3,9 @@
 //! trip and one commit (`worker/src/claim_batch.rs` gathers them).
 //!
 //! Each claim answers exactly as [`completions::claim_job`] would have for it alone: the batch
-//! statement handles the usual case, and the two it leaves (a message whose row another
-//! transaction holds, a question off its chat's active path) are finished here by the single
-//! statement.
+//! statement handles the usual case, and the ones it leaves (a message whose row another
+//! transaction holds or that is no job's, a question off its chat's active path) are finished
+//! here by the single statement.
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
@@ -26,9 +26,12 @@ pub struct ClaimRequest {
 ///
 /// The statement takes the messages' rows `for no key update skip locked`, in id order, and
 /// holds no other row (the lock order of `db/mod.rs`): it never waits while holding, so it
-/// closes no cycle. A row it skipped is claimed afterwards by the single statement, which waits
-/// for it as a lone claim always has. The same message twice in one batch is claimed by both,
-/// as two runs of its job claiming it one after the other would be.
+/// closes no cycle. The subject's columns are read from the held row, and the update takes it
+/// by its `ctid` (no second lookup). A message the statement returned nothing for (its row was
+/// held, or it is gone or no user message) is claimed afterwards by the single statement, which
+/// waits for a held row as a lone claim always has, and says `None` for the others. The same
+/// message twice in one batch is claimed by both, as two runs of its job claiming it one after
+/// the other would be.
 ///
 /// The history on the active path is read in the statement, as [`completions::claim_job`]
 /// reads it (the same `where`, order and limit); a question off the path has its ancestors
@@ -61,22 +64,25 @@ pub async fn claim_jobs(
                    with ordinality as t(id, epoch, through_turn, history_limit, related_limit,
                                         ord)
            ), locked as materialized (
-               select m.id from ai_messages m
+               -- The rows as they are once held: the subject's columns with them (no second
+               -- lookup), and the `ctid` the update takes its row by.
+               select m.id, m.ctid, m.ai_chat_id, m.content, m.active, m.reply_version,
+                      m.budget_day, m.budget_tokens, m.status, m.stop_requested_at
+               from ai_messages m
                where m.id = any($1::bigint[]) and m.role = $11
                order by m.id
                for no key update skip locked
            ), claimed as (
                update ai_messages m set status = $6
                from async_commit, locked l
-               where m.id = l.id and m.status in ($6, $7)
-               returning m.id, m.stop_requested_at
+               where m.ctid = l.ctid and m.id = l.id and l.status in ($6, $7)
+               returning m.id
            ), subject as materialized (
                select i.ord, i.history_limit, i.related_limit,
                       m.id, m.ai_chat_id, m.content, m.active, m.reply_version,
                       m.budget_day, m.budget_tokens,
-                      l.id is not null as locked,
                       c.id is not null as claimed,
-                      c.stop_requested_at is not null as stop_requested,
+                      c.id is not null and m.stop_requested_at is not null as stop_requested,
                       a.system_prompt, a.model, a.user_id as owner_id, a.history_epoch,
                       case when exists (select 1 from chat_participants p
                                         where p.chat_id = a.related_chat_id
@@ -85,19 +91,16 @@ pub async fn claim_jobs(
                       case when a.history_epoch = i.epoch then i.through_turn else 0 end
                           as after_turn
                from input i
-               join ai_messages m on m.id = i.id
+               join locked m on m.id = i.id
                -- by its key whatever the statistics say, as in `completions::read_job`
                cross join lateral (
                    select a.system_prompt, a.model, a.user_id, a.history_epoch,
                           a.related_chat_id
                    from ai_chats a where a.id = m.ai_chat_id limit 1
                ) a
-               left join locked l on l.id = m.id
                left join claimed c on c.id = m.id
-               where m.role = $11
            )
-           select s.ord as "ord!", s.locked as "locked!",
-                  s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
+           select s.ord as "ord!", s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
                   s.claimed as "claimed!", s.stop_requested as "stop_requested!",
                   exists (select 1 from ai_messages r
                           where r.reply_to = s.id and r.version = s.reply_version) as "answered!",
@@ -164,39 +167,44 @@ pub async fn claim_jobs(
     .fetch_all(&mut *db)
     .await?;
     let mut jobs: Vec<Option<ClaimedJob>> = vec![None; n];
+    let mut seen = vec![false; n];
     for row in rows {
         let slot = usize::try_from(row.ord - 1).ok();
-        let Some((claim, slot)) = slot.and_then(|i| Some((claims.get(i)?, jobs.get_mut(i)?)))
+        let Some(((claim, slot), row_seen)) =
+            slot.and_then(|i| Some(((claims.get(i)?, jobs.get_mut(i)?), seen.get_mut(i)?)))
         else {
             continue;
         };
-        *slot = if !row.locked {
-            completions::claim_job(
+        *row_seen = true;
+        let walk = row.claimed && !row.active;
+        let mut job = row.into_job(claim.related_limit.is_some());
+        if walk
+            && let Some(read) = completions::read_job(
+                &mut *db,
+                claim.message_id,
+                false,
+                None,
+                claim.history_limit,
+                None,
+            )
+            .await?
+        {
+            job.history = read.history;
+        }
+        *slot = Some(job);
+    }
+    // No row: another transaction held it, or it is no job's message (gone, or a reply).
+    for ((claim, slot), seen) in claims.iter().zip(&mut jobs).zip(seen) {
+        if !seen {
+            *slot = completions::claim_job(
                 &mut *db,
                 claim.message_id,
                 claim.known,
                 claim.history_limit,
                 claim.related_limit,
             )
-            .await?
-        } else {
-            let walk = row.claimed && !row.active;
-            let mut job = row.into_job(claim.related_limit.is_some());
-            if walk
-                && let Some(read) = completions::read_job(
-                    &mut *db,
-                    claim.message_id,
-                    false,
-                    None,
-                    claim.history_limit,
-                    None,
-                )
-                .await?
-            {
-                job.history = read.history;
-            }
-            Some(job)
-        };
+            .await?;
+        }
     }
     Ok(jobs)
 }

@@ -259,8 +259,7 @@ pub(super) async fn read_job(
                order by m.id desc
                limit coalesce($12::bigint, 0)
            )
-           select 1::bigint as "ord!", true as "locked!",
-                  s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
+           select 1::bigint as "ord!", s.id as "message_id!", s.ai_chat_id as "ai_chat_id!", s.content as "content!",
                   s.claimed as "claimed!", s.stop_requested as "stop_requested!",
                   exists (select 1 from ai_messages r
                           where r.reply_to = s.id and r.version = s.reply_version) as "answered!",
@@ -303,9 +302,6 @@ pub(super) async fn read_job(
 pub(super) struct JobRow {
     /// The position of the claim in its batch, from 1.
     pub ord: i64,
-    /// The statement held the message's row: false only in a batch, for a row another
-    /// transaction held (nothing was read or claimed; the caller claims it alone).
-    pub locked: bool,
     pub message_id: i64,
     pub ai_chat_id: i64,
     pub content: String,
@@ -503,9 +499,12 @@ pub async fn save_replies(
              -- Not `and o.active`: rows are found as the statement's snapshot had them, and a
              -- branch switch that committed while this waited for the chat may have made one
              -- active since; the update reads each row again before it writes.
+             -- Only past version 1: a question waits with `reply_version` 1 only while it has
+             -- no reply (a requeue gives it the version after its replies'), so a first reply
+             -- has none to supersede and costs no lookup.
              update ai_messages o set active = false
              from m
-             where m.active and o.reply_to = m.reply_to and o.id <> m.id
+             where m.active and m.version > 1 and o.reply_to = m.reply_to and o.id <> m.id
          )
          select * from m"#,
         &questions,
