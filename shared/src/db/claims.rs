@@ -132,9 +132,12 @@ pub async fn claim_jobs(
                      and m.ai_chat_id = s.ai_chat_id and m.active
                      and coalesce(m.reply_to, m.id) < s.id
                      and coalesce(m.reply_to, m.id) > s.after_turn
+                     -- a failed or cancelled question counts only with an active reply, looked
+                     -- up by its key: `offset 0` keeps the planner from hashing every active
+                     -- message of the table instead (its choice in a young table's generic plan)
                      and (m.role = $10 or m.status not in ($8, $9)
                           or exists (select 1 from ai_messages r
-                                     where r.reply_to = m.id and r.active))
+                                     where r.reply_to = m.id and r.active offset 0))
                    order by coalesce(m.reply_to, m.id) desc, m.id desc
                    limit s.history_limit
                ) x

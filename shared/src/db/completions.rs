@@ -222,9 +222,12 @@ pub(super) async fn read_job(
                  and m.ai_chat_id = (select ai_chat_id from subject) and m.active
                  and coalesce(m.reply_to, m.id) < $1
                  and coalesce(m.reply_to, m.id) > (select after_turn from subject)
+                 -- a failed or cancelled question counts only with an active reply, looked
+                 -- up by its key: `offset 0` keeps the planner from hashing every active
+                 -- message of the table instead (its choice in a young table's generic plan)
                  and (m.role = $6 or m.status not in ($5, $11)
                       or exists (select 1 from ai_messages r
-                                 where r.reply_to = m.id and r.active))
+                                 where r.reply_to = m.id and r.active offset 0))
                order by coalesce(m.reply_to, m.id) desc, m.id desc
                limit $2
            ), turns(id, depth) as (

@@ -8,12 +8,28 @@ use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::NewReply;
-use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv};
+use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv, store_user_message};
 
 use crate::reply;
 
 /// Tables the hot statements read, whose sequential scans the test counts.
 const HOT_TABLES: [&str; 3] = ["ai_chats", "ai_chat_tips", "ai_messages"];
+
+/// A pool of one keyed connection to the test's database.
+fn keyed_pool(env: &TestEnv) -> sqlx::PgPool {
+    let settings = DatabaseSettings {
+        database_url: env.db.url.clone().into(),
+        database_max_connections: 1,
+        database_acquire_timeout_secs: 5,
+        database_ping_after_idle_ms: 0,
+    };
+    db::pool(
+        &settings,
+        db::Planning::KeyedGeneric,
+        settings.database_max_connections,
+    )
+    .expect("pool")
+}
 
 #[tokio::test]
 async fn keyed_connections_take_a_young_tables_rows_by_key() {
@@ -29,18 +45,7 @@ async fn keyed_connections_take_a_young_tables_rows_by_key() {
         .await
         .expect("analyze");
 
-    let settings = DatabaseSettings {
-        database_url: env.db.url.clone().into(),
-        database_max_connections: 1,
-        database_acquire_timeout_secs: 5,
-        database_ping_after_idle_ms: 0,
-    };
-    let keyed = db::pool(
-        &settings,
-        db::Planning::KeyedGeneric,
-        settings.database_max_connections,
-    )
-    .expect("pool");
+    let keyed = keyed_pool(&env);
     // One transaction, so `pg_stat_xact_user_tables` counts exactly what these statements did.
     let mut tx = keyed.begin().await.expect("begin");
     for round in 0..3 {
@@ -101,6 +106,90 @@ async fn keyed_connections_take_a_young_tables_rows_by_key() {
     assert_eq!(
         seq_scans, 0,
         "sends, claims and saves on keyed connections never scan a table"
+    );
+    keyed.close().await;
+    env.cleanup().await;
+}
+
+/// A failed question in a job's history counts only if it has an active reply: that reply is
+/// looked up by the question's key, never by hashing every active message of the table (what
+/// a generic plan made on an empty table chose, and kept as the table grew).
+#[tokio::test]
+async fn a_failed_turn_in_the_history_is_looked_up_by_its_key() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let mut chats = Vec::new();
+    for _ in 0..8 {
+        chats.push(env.ai_chat(alice.id, "system", None).await);
+    }
+    // The claims are planned on the keyed connection while the table is empty, as a worker
+    // started with a new deployment plans them, and the plans are kept as it grows.
+    let keyed = keyed_pool(&env);
+    let nothing = ClaimRequest {
+        message_id: i64::MAX,
+        known: None,
+        history_limit: 20,
+        related_limit: None,
+    };
+    let mut conn = keyed.acquire().await.expect("connection");
+    db::claims::claim_jobs(&mut conn, &[nothing])
+        .await
+        .expect("claim batch");
+    db::completions::claim_job(&mut *conn, i64::MAX, None, 20, None)
+        .await
+        .expect("claim");
+    drop(conn);
+    // Other chats' messages: what hashing every active message would read.
+    let others: Vec<NewUserMessage> = (0..400)
+        .map(|i| NewUserMessage {
+            ai_chat_id: chats[1 + i % 7],
+            user_id: alice.id,
+            content: format!("other {i}"),
+            options: DEFAULT_CONTEXT,
+            budget: None,
+        })
+        .collect();
+    db::ai_messages::insert_owned_user_messages(&env.pool, &others)
+        .await
+        .expect("other chats' messages");
+    let failed = store_user_message(&env.pool, chats[0], "failed", DEFAULT_CONTEXT).await;
+    db::completions::mark_failed(&env.pool, failed.id, "no")
+        .await
+        .expect("fail");
+    let question = store_user_message(&env.pool, chats[0], "question", DEFAULT_CONTEXT).await;
+
+    let mut tx = keyed.begin().await.expect("begin");
+    let claim = ClaimRequest {
+        message_id: question.id,
+        known: None,
+        history_limit: 20,
+        related_limit: None,
+    };
+    let batch = db::claims::claim_jobs(&mut tx, &[claim])
+        .await
+        .expect("claim batch");
+    let alone = db::completions::claim_job(&mut *tx, question.id, None, 20, None)
+        .await
+        .expect("claim")
+        .expect("the message");
+    for job in batch.iter().flatten().chain([&alone]) {
+        assert!(job.subject.claimed);
+        assert!(
+            job.history.rows.is_empty(),
+            "a failed turn without a reply counts for nothing"
+        );
+    }
+    let fetched: i64 = sqlx::query_scalar(
+        "select coalesce(sum(idx_tup_fetch), 0)::bigint from pg_stat_xact_user_tables
+         where relname = 'ai_messages'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("this transaction's rows");
+    tx.rollback().await.expect("rollback");
+    assert!(
+        fetched < 40,
+        "two claims read {fetched} messages: the failed turn's reply was not looked up by key"
     );
     keyed.close().await;
     env.cleanup().await;
