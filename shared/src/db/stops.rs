@@ -1,8 +1,9 @@
 //! Stopping and retrying user messages: the API's requests (`request_stop`, `requeue`) and the
 //! worker's end of a stopped message (`cancel`). The worker takes a message with
-//! `completions::claim_completion_subject`, which is what moves it from `queued` to
-//! `answering`: a stop finds it either still `queued` (nobody asked the model: it is cancelled
-//! on the spot) or `answering` (only its worker can end it, so the stop is recorded for it).
+//! `claims::claim_jobs` (or alone, `completions::claim_job`), which is what moves it from
+//! `queued` to `answering`: a stop finds it either still `queued` (nobody asked the model: it is
+//! cancelled on the spot) or `answering` (only its worker can end it, so the stop is recorded
+//! for it).
 //!
 //! Each statement changes one row, so none can close a lock cycle (`db/mod.rs`).
 use chrono::NaiveDate;
