@@ -81,20 +81,7 @@ async fn a_batch_answers_each_claim_as_the_single_claim_does() {
     let b1 = send(branched, "b1").await;
     answer(b1.id, "ba1").await;
     let off_path = send(branched, "b2").await;
-    let mut tx = env.pool.begin().await.expect("tx");
-    assert!(
-        db::versions::lock_owned_chat(&mut tx, branched, alice.id)
-            .await
-            .expect("lock")
-    );
-    let edited = db::versions::insert_edit(&mut tx, branched, b1.id, "b1 again", None)
-        .await
-        .expect("edit")
-        .expect("stored");
-    db::versions::activate(&mut tx, branched, edited.message.id)
-        .await
-        .expect("activate");
-    tx.commit().await.expect("commit");
+    crate::edit(&env, branched, alice.id, b1.id, "b1 again").await;
 
     // An answered question, and one its user stopped while an earlier run answered it.
     let answered = env.ai_chat(alice.id, "system", None).await;

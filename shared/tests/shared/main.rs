@@ -22,3 +22,30 @@ pub fn reply(content: &str) -> aichat_shared::db::completions::NewReply {
         currency: None,
     }
 }
+
+/// Edits `question_id` of `user_id`'s chat `ai_chat_id` to `content` and makes the edit's
+/// branch the active path, as the API's edit does; the edited question.
+pub async fn edit(
+    env: &aichat_testkit::Env,
+    ai_chat_id: i64,
+    user_id: i64,
+    question_id: i64,
+    content: &str,
+) -> aichat_shared::domain::AiMessage {
+    use aichat_shared::db;
+    let mut tx = env.pool.begin().await.expect("tx");
+    assert!(
+        db::versions::lock_owned_chat(&mut tx, ai_chat_id, user_id)
+            .await
+            .expect("lock")
+    );
+    let edited = db::versions::insert_edit(&mut tx, ai_chat_id, question_id, content, None)
+        .await
+        .expect("edit")
+        .expect("stored");
+    db::versions::activate(&mut tx, ai_chat_id, edited.message.id)
+        .await
+        .expect("activate");
+    tx.commit().await.expect("commit");
+    edited.message
+}

@@ -190,20 +190,7 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
     let (alice, chat, q1) = one_answered_turn(&env).await;
     let q2 = store_user_message(&env.pool, chat, "q2", DEFAULT_CONTEXT).await;
     // q1 edited while q2 waits: q2's branch leaves the path.
-    let mut tx = env.pool.begin().await.expect("tx");
-    assert!(
-        db::versions::lock_owned_chat(&mut tx, chat, alice.id)
-            .await
-            .expect("lock")
-    );
-    let edited = db::versions::insert_edit(&mut tx, chat, q1.id, "q1 again", None)
-        .await
-        .expect("edit")
-        .expect("stored");
-    db::versions::activate(&mut tx, chat, edited.message.id)
-        .await
-        .expect("activate");
-    tx.commit().await.expect("commit");
+    let edited = crate::edit(&env, chat, alice.id, q1.id, "q1 again").await;
 
     let contents = |history: Vec<db::completions::HistoryMessage>| -> Vec<String> {
         history.into_iter().map(|m| m.content).collect()
@@ -212,13 +199,13 @@ async fn a_question_off_the_active_path_gets_its_own_branch_as_history() {
         .await
         .expect("history");
     assert_eq!(contents(off_path), vec!["q1", "a1"]);
-    let on_path = db::completions::list_history(&env.pool, edited.message.id, 100)
+    let on_path = db::completions::list_history(&env.pool, edited.id, 100)
         .await
         .expect("history");
     assert!(contents(on_path).is_empty());
     // A send now follows the edited question, and its history is the new path.
     let q3 = store_user_message(&env.pool, chat, "q3", DEFAULT_CONTEXT).await;
-    assert_eq!(q3.parent_id, Some(edited.message.id));
+    assert_eq!(q3.parent_id, Some(edited.id));
     let history = db::completions::list_history(&env.pool, q3.id, 100)
         .await
         .expect("history");
