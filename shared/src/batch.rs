@@ -108,6 +108,21 @@ where
     Ok(written)
 }
 
+/// The answers of [`all_or_each`] for `items` items, each shareable by the caller that waits
+/// for it: an item's own result, or the whole batch's error for every item.
+pub fn each_answer<R>(written: Result<Vec<Result<R>>>, items: usize) -> Vec<Result<R, Arc<Error>>> {
+    match written {
+        Ok(written) => written
+            .into_iter()
+            .map(|one| one.map_err(Arc::new))
+            .collect(),
+        Err(err) => {
+            let err = Arc::new(err);
+            (0..items).map(|_| Err(err.clone())).collect()
+        }
+    }
+}
+
 /// What an item hears when its writers are gone: the database could not be reached, so the
 /// caller retries (or answers 503) rather than losing it.
 pub fn writers_gone() -> Error {

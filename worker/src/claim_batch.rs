@@ -8,7 +8,7 @@
 //! job by job, so one message never fails its neighbours.
 use std::sync::Arc;
 
-use aichat_shared::batch::{Batcher, all_or_each, writers_gone};
+use aichat_shared::batch::{Batcher, all_or_each, each_answer, writers_gone};
 use aichat_shared::db;
 use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::ClaimedJob;
@@ -70,14 +70,5 @@ async fn claim(db: &PgPool, batch: Vec<ClaimRequest>) -> Vec<Claimed> {
         },
     )
     .await;
-    match claimed {
-        Ok(claimed) => claimed
-            .into_iter()
-            .map(|one| one.map_err(Arc::new))
-            .collect(),
-        Err(err) => {
-            let err = Arc::new(err);
-            batch.iter().map(|_| Err(err.clone())).collect()
-        }
-    }
+    each_answer(claimed, batch.len())
 }

@@ -9,7 +9,7 @@
 //! other reason is saved reply by reply, so one reply never fails its neighbours.
 use std::sync::Arc;
 
-use aichat_shared::batch::{Batcher, all_or_each, writers_gone};
+use aichat_shared::batch::{Batcher, all_or_each, each_answer, writers_gone};
 use aichat_shared::db;
 use aichat_shared::db::completions::NewReply;
 use aichat_shared::domain::AiMessage;
@@ -69,11 +69,5 @@ async fn write(db: &PgPool, batch: Vec<(i64, NewReply)>) -> Vec<Saved> {
         },
     )
     .await;
-    match saved {
-        Ok(saved) => saved.into_iter().map(|one| one.map_err(Arc::new)).collect(),
-        Err(err) => {
-            let err = Arc::new(err);
-            batch.iter().map(|_| Err(err.clone())).collect()
-        }
-    }
+    each_answer(saved, batch.len())
 }
