@@ -170,15 +170,12 @@ pub async fn claim_jobs(
     .fetch_all(&mut *db)
     .await?;
     let mut jobs: Vec<Option<ClaimedJob>> = vec![None; n];
-    let mut seen = vec![false; n];
     for row in rows {
         let slot = usize::try_from(row.ord - 1).ok();
-        let Some(((claim, slot), row_seen)) =
-            slot.and_then(|i| Some(((claims.get(i)?, jobs.get_mut(i)?), seen.get_mut(i)?)))
+        let Some((claim, slot)) = slot.and_then(|i| Some((claims.get(i)?, jobs.get_mut(i)?)))
         else {
             continue;
         };
-        *row_seen = true;
         let walk = row.claimed && !row.active;
         let mut job = row.into_job(claim.related_limit.is_some());
         if walk
@@ -197,8 +194,8 @@ pub async fn claim_jobs(
         *slot = Some(job);
     }
     // No row: another transaction held it, or it is no job's message (gone, or a reply).
-    for ((claim, slot), seen) in claims.iter().zip(&mut jobs).zip(seen) {
-        if !seen {
+    for (claim, slot) in claims.iter().zip(&mut jobs) {
+        if slot.is_none() {
             *slot = completions::claim_job(
                 &mut *db,
                 claim.message_id,
