@@ -58,6 +58,17 @@ impl<T: Send + 'static, A: Send + 'static> Batcher<T, A> {
     }
 }
 
+impl<T: Send + 'static, R: Send + 'static> Batcher<T, Result<R, Arc<Error>>> {
+    /// [`Batcher::submit`] for writers whose answers share the batch's error
+    /// ([`each_answer`]): writers that are gone answer as an unreachable database does, so the
+    /// caller retries rather than losing the item.
+    pub async fn answer(&self, item: T) -> Result<R, Arc<Error>> {
+        self.submit(item)
+            .await
+            .unwrap_or_else(|| Err(Arc::new(writers_gone())))
+    }
+}
+
 /// The next batch for a writer: waits for one item, then takes those already waiting behind
 /// it, up to `max` (at least one). `None` once every sender is gone and the queue is empty.
 /// Writers sharing `rx` take turns; the lock is held only while gathering, not while writing.
@@ -125,6 +136,6 @@ pub fn each_answer<R>(written: Result<Vec<Result<R>>>, items: usize) -> Vec<Resu
 
 /// What an item hears when its writers are gone: the database could not be reached, so the
 /// caller retries (or answers 503) rather than losing it.
-pub fn writers_gone() -> Error {
+fn writers_gone() -> Error {
     Error::Database(sqlx::Error::PoolClosed)
 }

@@ -8,7 +8,7 @@
 //! job by job, so one message never fails its neighbours.
 use std::sync::Arc;
 
-use aichat_shared::batch::{Batcher, all_or_each, each_answer, writers_gone};
+use aichat_shared::batch::{Batcher, all_or_each, each_answer};
 use aichat_shared::db;
 use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::ClaimedJob;
@@ -43,10 +43,7 @@ impl JobClaimer {
     /// Claims the message of `request` with what its prompt is built from (see
     /// `db::completions::claim_job`).
     pub async fn claim(&self, request: ClaimRequest) -> Claimed {
-        self.batcher
-            .submit(request)
-            .await
-            .unwrap_or_else(|| Err(Arc::new(writers_gone())))
+        self.batcher.answer(request).await
     }
 }
 

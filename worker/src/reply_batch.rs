@@ -9,7 +9,7 @@
 //! other reason is saved reply by reply, so one reply never fails its neighbours.
 use std::sync::Arc;
 
-use aichat_shared::batch::{Batcher, all_or_each, each_answer, writers_gone};
+use aichat_shared::batch::{Batcher, all_or_each, each_answer};
 use aichat_shared::db;
 use aichat_shared::db::completions::NewReply;
 use aichat_shared::domain::AiMessage;
@@ -44,10 +44,7 @@ impl ReplySaver {
     /// Saves the reply to `message_id` and marks that message answered (see
     /// `db::completions::save_reply`).
     pub async fn save(&self, message_id: i64, reply: NewReply) -> Saved {
-        self.batcher
-            .submit((message_id, reply))
-            .await
-            .unwrap_or_else(|| Err(Arc::new(writers_gone())))
+        self.batcher.answer((message_id, reply)).await
     }
 }
 
