@@ -7,17 +7,7 @@ use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::KnownHistory;
 use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv, store_user_message};
 
-use crate::reply;
-
-/// A claim of `message_id` reading up to 20 history rows.
-fn request(message_id: i64, known: Option<KnownHistory>, related: Option<i64>) -> ClaimRequest {
-    ClaimRequest {
-        message_id,
-        known,
-        history_limit: 20,
-        related_limit: related,
-    }
-}
+use crate::{reply, request};
 
 async fn epoch(env: &TestEnv, chat: i64) -> i64 {
     sqlx::query_scalar("select history_epoch from ai_chats where id = $1")

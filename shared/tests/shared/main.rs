@@ -23,6 +23,21 @@ pub fn reply(content: &str) -> aichat_shared::db::completions::NewReply {
     }
 }
 
+/// A job's claim of `message_id` reading up to 20 history rows, knowing `known` of them, with
+/// `related` lines of its related chat.
+pub fn request(
+    message_id: i64,
+    known: Option<aichat_shared::db::completions::KnownHistory>,
+    related: Option<i64>,
+) -> aichat_shared::db::claims::ClaimRequest {
+    aichat_shared::db::claims::ClaimRequest {
+        message_id,
+        known,
+        history_limit: 20,
+        related_limit: related,
+    }
+}
+
 /// Edits `question_id` of `user_id`'s chat `ai_chat_id` to `content` and makes the edit's
 /// branch the active path, as the API's edit does; the edited question.
 pub async fn edit(

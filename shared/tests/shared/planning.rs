@@ -10,7 +10,7 @@ use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::NewReply;
 use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv, store_user_message};
 
-use crate::reply;
+use crate::{reply, request};
 
 /// Tables the hot statements read, whose sequential scans the test counts.
 const HOT_TABLES: [&str; 3] = ["ai_chats", "ai_chat_tips", "ai_messages"];
@@ -66,15 +66,7 @@ async fn keyed_connections_take_a_young_tables_rows_by_key() {
         assert_eq!(ids.len(), 4, "every send is stored");
         // The batch a worker's jobs claim with, then each alone (as a claim whose row was
         // held is taken).
-        let claims: Vec<ClaimRequest> = ids
-            .iter()
-            .map(|&message_id| ClaimRequest {
-                message_id,
-                known: None,
-                history_limit: 20,
-                related_limit: None,
-            })
-            .collect();
+        let claims: Vec<ClaimRequest> = ids.iter().map(|&id| request(id, None, None)).collect();
         let batch = db::claims::claim_jobs(&mut tx, &claims)
             .await
             .expect("claim batch");
@@ -125,12 +117,7 @@ async fn a_failed_turn_in_the_history_is_looked_up_by_its_key() {
     // The claims are planned on the keyed connection while the table is empty, as a worker
     // started with a new deployment plans them, and the plans are kept as it grows.
     let keyed = keyed_pool(&env);
-    let nothing = ClaimRequest {
-        message_id: i64::MAX,
-        known: None,
-        history_limit: 20,
-        related_limit: None,
-    };
+    let nothing = request(i64::MAX, None, None);
     let mut conn = keyed.acquire().await.expect("connection");
     db::claims::claim_jobs(&mut conn, &[nothing])
         .await
@@ -159,12 +146,7 @@ async fn a_failed_turn_in_the_history_is_looked_up_by_its_key() {
     let question = store_user_message(&env.pool, chats[0], "question", DEFAULT_CONTEXT).await;
 
     let mut tx = keyed.begin().await.expect("begin");
-    let claim = ClaimRequest {
-        message_id: question.id,
-        known: None,
-        history_limit: 20,
-        related_limit: None,
-    };
+    let claim = request(question.id, None, None);
     let batch = db::claims::claim_jobs(&mut tx, &[claim])
         .await
         .expect("claim batch");
