@@ -63,7 +63,7 @@ pub struct Settings {
     pub daily_token_budget: i64,
     /// Send batches written at once, each on a database connection of the writers' own (so
     /// the API opens this many connections beside `DATABASE_MAX_CONNECTIONS`).
-    #[arg(long, env = "SEND_BATCH_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "SEND_BATCH_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub send_batch_writers: u16,
     /// Most sends written in one batch (one statement, one job push).
     #[arg(long, env = "SEND_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]

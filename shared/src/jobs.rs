@@ -64,8 +64,9 @@ impl CompletionJob {
     }
 }
 
-/// How long a pushed job's de-duplication key lives: a second push of the same message within
-/// this window is a no-op. Longer than any re-enqueue grace period.
+/// How long a pushed job's de-duplication key lives at most: a second push of the same message
+/// within this window is a no-op. Longer than any re-enqueue grace period. The sweeper deletes
+/// a message's keys sooner, once every job of it is finished ([`JobQueue::trim_done`]).
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The apalis-redis queue configuration both sides use. The worker adds its heartbeat settings.
@@ -174,8 +175,14 @@ pub enum NextJob {
     /// will run the message; pushing another would run it twice.
     Alive,
     /// No job of the message is alive: a new one goes under `key`, after `last` (the latest
-    /// job, done or dead or lost; `None` when the message never had one or its keys expired).
-    Push { key: String, last: Option<String> },
+    /// job, done or dead or lost; `None` when the message never had one or its keys are gone).
+    /// Push it with [`JobQueue::enqueue_next`], which keeps `chain` (the keys walked to get
+    /// here, each with its job) leading to it.
+    Push {
+        key: String,
+        last: Option<String>,
+        chain: Vec<(String, String)>,
+    },
     /// The message lost more jobs in a row than anyone should follow.
     GaveUp,
 }
@@ -201,25 +208,59 @@ impl JobQueue {
         let mut conn = self.conn.clone();
         let idempotency = self.config.idempotency_key_set();
         let mut key = self.message_job_key(message_id);
-        let mut last = None;
+        let mut chain = Vec::new();
         for _ in 0..MAX_GENERATIONS {
             let task: Option<String> = conn.get(format!("{idempotency}:{key}")).await?;
             let Some(task) = task else {
-                return Ok(NextJob::Push { key, last });
+                let last = chain
+                    .last()
+                    .map(|(_, task): &(String, String)| task.clone());
+                return Ok(NextJob::Push { key, last, chain });
             };
             if !past_alive && self.alive(&task).await? {
                 return Ok(NextJob::Alive);
             }
             let redrive = self.redrive_job_key(message_id, &task);
             let redriven: bool = conn.exists(format!("{idempotency}:{redrive}")).await?;
-            key = if redriven {
+            let next = if redriven {
                 redrive
             } else {
                 self.rescue_job_key(message_id, &task)
             };
-            last = Some(task);
+            chain.push((std::mem::replace(&mut key, next), task));
         }
         Ok(NextJob::GaveUp)
+    }
+
+    /// Pushes `job` where `next` says ([`NextJob::Push`]; anything else pushes nothing), and
+    /// returns whether a new job was queued. Then sets again each key of the chain that led
+    /// there, where it is missing: the sweeper deletes a message's keys once all its jobs are
+    /// finished (`trim_done`), and a chain read just before that would otherwise leave the new
+    /// job where no walk from the message's first key finds it (a later sweep would push a
+    /// second one). A key taken meanwhile by another push is left alone.
+    pub async fn enqueue_next(&self, job: &CompletionJob, next: &NextJob) -> Result<bool> {
+        let NextJob::Push { key, chain, .. } = next else {
+            return Ok(false);
+        };
+        let pushed = self.enqueue_completion(job, key).await?;
+        if !chain.is_empty() {
+            let idempotency = self.config.idempotency_key_set();
+            let ttl = IDEMPOTENCY_TTL.as_secs();
+            let mut restore = redis::pipe();
+            for (key, task) in chain {
+                restore
+                    .cmd("set")
+                    .arg(format!("{idempotency}:{key}"))
+                    .arg(task)
+                    .arg("nx")
+                    .arg("ex")
+                    .arg(ttl)
+                    .ignore();
+            }
+            let mut conn = self.conn.clone();
+            restore.query_async::<()>(&mut conn).await?;
+        }
+        Ok(pushed)
     }
 
     /// A job is alive while its data exists and it is neither done nor dead: it waits, is
@@ -371,27 +412,73 @@ pub fn describe_queue_gauges() {
 }
 
 /// Forgets up to ARGV[1] finished jobs: their id in the done set, their arguments and their
-/// metadata. apalis-redis keeps them forever (its own `vacuum` reads the whole data hash).
+/// metadata (apalis-redis keeps them forever; its own `vacuum` reads the whole data hash). Then
+/// the de-duplication keys of each one's message, once every job of that message is finished:
+/// the chain (`JobQueue::next_job_key`) is walked from the message's first key (the job's own
+/// key without its `:rescue:{task}` or `:redrive:{task}` suffix), at most ARGV[2] links, and
+/// its keys are deleted when it ends (no next key) and every job on it is finished (its data
+/// gone, or in the done set). A chain with a job waiting, running or dead keeps its keys, so a
+/// sweep or a staff re-drive finds it; a chain whose last job is done is what a new push starts
+/// afresh from the first key, as for a message that never had a job.
+/// KEYS: done set, data hash, metadata prefix, de-duplication key prefix.
 const TRIM_DONE_SCRIPT: &str = r#"
 local ids = redis.call('spop', KEYS[1], ARGV[1])
-for _, id in ipairs(ids) do
+local keys = {}
+for i, id in ipairs(ids) do
+  keys[i] = redis.call('hget', KEYS[3] .. ':' .. id, 'idempotency_key')
   redis.call('hdel', KEYS[2], id)
   redis.call('del', KEYS[3] .. ':' .. id)
+end
+local function finished(task)
+  return redis.call('hexists', KEYS[2], task) == 0 or redis.call('sismember', KEYS[1], task) == 1
+end
+local function key(name)
+  return KEYS[4] .. ':' .. name
+end
+for i = 1, #ids do
+  local own = keys[i]
+  if own and #own > 0 then
+    local first = string.match(own, '^(.*):rescue:[^:]*$') or string.match(own, '^(.*):redrive:[^:]*$') or own
+    local chain, name, ended = {}, first, false
+    for _ = 1, tonumber(ARGV[2]) do
+      local task = redis.call('get', key(name))
+      if not task then
+        ended = true
+        break
+      end
+      if not finished(task) then
+        break
+      end
+      table.insert(chain, key(name))
+      local redrive = first .. ':redrive:' .. task
+      if redis.call('exists', key(redrive)) == 1 then
+        name = redrive
+      else
+        name = first .. ':rescue:' .. task
+      end
+    end
+    if ended and #chain > 0 then
+      redis.call('del', unpack(chain))
+    end
+  end
 end
 return #ids
 "#;
 
 impl JobQueue {
-    /// Removes the data of at most `limit` finished jobs; returns how many it removed. Nothing
-    /// reads a finished job's data again: its message is answered, and the message's
-    /// idempotency key (which keeps a second push out) lives on its own TTL.
+    /// Removes the data of at most `limit` finished jobs, and the de-duplication keys of their
+    /// messages whose jobs are all finished (`TRIM_DONE_SCRIPT`); returns how many jobs it
+    /// removed. Nothing reads a finished job's data again: its message is answered, or failed
+    /// for good until a user's retry, which pushes a new job.
     pub async fn trim_done(&self, limit: usize) -> Result<u64> {
         let mut conn = self.conn.clone();
         let removed: u64 = redis::Script::new(TRIM_DONE_SCRIPT)
             .key(self.config.done_jobs_set())
             .key(self.config.job_data_hash())
             .key(self.config.job_meta_hash())
+            .key(self.config.idempotency_key_set())
             .arg(limit)
+            .arg(MAX_GENERATIONS)
             .invoke_async(&mut conn)
             .await?;
         Ok(removed)

@@ -14,8 +14,6 @@ use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::ClaimedJob;
 use sqlx::PgPool;
 
-/// Batches claimed at the same time.
-const WRITERS: usize = 2;
 /// Most claims in one statement.
 const MAX_BATCH: usize = 64;
 /// Claims waiting for a writer before new ones wait to be taken in.
@@ -31,9 +29,10 @@ pub struct JobClaimer {
 }
 
 impl JobClaimer {
-    /// Starts the claimers; they stop once every clone is dropped.
-    pub fn start(db: PgPool) -> Self {
-        let batcher = Batcher::start(WRITERS, MAX_BATCH, QUEUE, move |batch| {
+    /// Starts `writers` claimers (`WORKER_BATCH_WRITERS`); they stop once every clone is
+    /// dropped.
+    pub fn start(db: PgPool, writers: usize) -> Self {
+        let batcher = Batcher::start(writers, MAX_BATCH, QUEUE, move |batch| {
             let db = db.clone();
             async move { claim(&db, batch).await }
         });

@@ -162,8 +162,14 @@ impl Worker {
             shutdown: shutdown_rx,
             stopping: Stopping::new(),
             stop_requests,
-            claims: claim_batch::JobClaimer::start(pool.clone()),
-            replies: reply_batch::ReplySaver::start(pool.clone()),
+            claims: claim_batch::JobClaimer::start(
+                pool.clone(),
+                settings.worker_batch_writers.into(),
+            ),
+            replies: reply_batch::ReplySaver::start(
+                pool.clone(),
+                settings.worker_batch_writers.into(),
+            ),
             save_retry_for: Duration::from_secs(settings.worker_save_retry_secs),
             hooks,
         });

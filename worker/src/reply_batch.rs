@@ -15,8 +15,6 @@ use aichat_shared::db::completions::NewReply;
 use aichat_shared::domain::AiMessage;
 use sqlx::PgPool;
 
-/// Batches written at the same time.
-const WRITERS: usize = 2;
 /// Most replies in one statement.
 const MAX_BATCH: usize = 64;
 /// Replies waiting for a writer before new ones wait to be taken in.
@@ -32,9 +30,10 @@ pub struct ReplySaver {
 }
 
 impl ReplySaver {
-    /// Starts the writers; they stop once every clone of the saver is dropped.
-    pub fn start(db: PgPool) -> Self {
-        let batcher = Batcher::start(WRITERS, MAX_BATCH, QUEUE, move |batch| {
+    /// Starts `writers` writers (`WORKER_BATCH_WRITERS`); they stop once every clone of the
+    /// saver is dropped.
+    pub fn start(db: PgPool, writers: usize) -> Self {
+        let batcher = Batcher::start(writers, MAX_BATCH, QUEUE, move |batch| {
             let db = db.clone();
             async move { write(&db, batch).await }
         });

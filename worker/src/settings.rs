@@ -67,6 +67,13 @@ pub struct Settings {
     /// restart count and a random suffix are appended, so every run is unique.
     #[arg(long, env = "WORKER_NAME_PREFIX")]
     pub worker_name_prefix: Option<String>,
+    /// Claim batches, and reply batches, each written at once by this process. Jobs that start
+    /// (or finish) while one is being written go in the next, so one writer makes the batches
+    /// as large as the load and a reply cost the database the least (BENCHMARKS.md, "Cost per
+    /// answered message"); a second one lets the other batches go on while one waits on a lock
+    /// another transaction holds (a chat being deleted).
+    #[arg(long, env = "WORKER_BATCH_WRITERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_batch_writers: u16,
     /// Seconds a chat's history stays in the context cache in Redis after its last job, so the
     /// chat's next job reads only the turns after it from PostgreSQL. Each entry is at most a
     /// `CONTEXT_TOKEN_BUDGET` of text; 0: no cache (every job reads its whole history).

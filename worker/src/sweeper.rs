@@ -18,7 +18,10 @@
 //! earlier rescue or user retry (`message:{id}:rescue:{task}`). If the last job is still alive (waiting, scheduled or
 //! in flight) nothing happens; otherwise a new job is pushed under the next rescue key. The
 //! keys are deterministic, so two sweepers rescuing the same message push one job, and the
-//! reply write is idempotent anyway (one reply per message).
+//! reply write is idempotent anyway (one reply per message). The trim deletes a message's keys
+//! once every job of it is finished (`JobQueue::trim_done`): its next push, if any, starts
+//! again from the first key, and a push that read the chain just before puts the chain's keys
+//! back (`JobQueue::enqueue_next`).
 use std::time::Duration;
 
 use anyhow::Context;
@@ -128,8 +131,9 @@ impl Sweeper {
             options,
         } in stale
         {
-            let (key, lost_task) = match self.queue.next_job_key(message_id).await? {
-                NextJob::Push { key, last } => (key, last),
+            let next = self.queue.next_job_key(message_id).await?;
+            let (key, lost_task) = match &next {
+                NextJob::Push { key, last, .. } => (key, last),
                 NextJob::Alive => continue,
                 NextJob::GaveUp => {
                     tracing::error!(
@@ -139,7 +143,7 @@ impl Sweeper {
                     continue;
                 }
             };
-            let stored = match &lost_task {
+            let stored = match lost_task {
                 Some(task) => self.queue.job_args(task).await.ok().flatten(),
                 None => None,
             };
@@ -153,7 +157,7 @@ impl Sweeper {
             });
             if self
                 .queue
-                .enqueue_completion(&job, &key)
+                .enqueue_next(&job, &next)
                 .await
                 .context("queueing a swept message")?
             {

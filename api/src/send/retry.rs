@@ -187,16 +187,16 @@ pub(crate) async fn push(
     } else {
         state.queue.next_job_key(message.id).await?
     };
-    match end {
+    match &end {
         NextJob::Alive => Ok(None),
-        NextJob::Push { key, last } => {
+        NextJob::Push { last, .. } => {
             let job = CompletionJob {
                 budget: reservation.cloned(),
                 ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
                     .for_user(user_id)
             };
-            state.queue.enqueue_completion(&job, &key).await?;
-            Ok(last)
+            state.queue.enqueue_next(&job, &end).await?;
+            Ok(last.clone())
         }
         NextJob::GaveUp => Err(ApiError::Unavailable(
             "This message cannot be queued again right now; please try later",

@@ -4,6 +4,7 @@
 mod common;
 
 mod backlog;
+mod job_keys;
 mod kill;
 mod lifecycle;
 mod prompt;
