@@ -52,7 +52,7 @@ use hashing::Hashing;
 use revocation::Revocation;
 use send::batch::SendBatcher;
 use session_cache::SessionCache;
-use state::{AppState, SocketTracker};
+use state::{AppState, Handles, SocketTracker};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -126,7 +126,7 @@ impl Application {
             settings.send_batch_writers.into(),
             settings.send_batch_max.into(),
         );
-        let state = AppState {
+        let state = AppState::new(Handles {
             db: pool,
             queue,
             sends,
@@ -142,7 +142,7 @@ impl Application {
             models: Arc::new(models),
             shutdown,
             sockets: SocketTracker::default(),
-        };
+        });
         let listener = TcpListener::bind(&state.settings.api_addr)
             .await
             .with_context(|| format!("binding {}", state.settings.api_addr))?;
