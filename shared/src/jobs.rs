@@ -174,17 +174,27 @@ pub enum NextJob {
     /// A job of the message is still alive (waiting, scheduled, or in a worker's hands): it
     /// will run the message; pushing another would run it twice.
     Alive,
-    /// No job of the message is alive: a new one goes under `key`, after `last` (the latest
-    /// job, done or dead or lost; `None` when the message never had one or its keys are gone).
-    /// Push it with [`JobQueue::enqueue_next`], which keeps `chain` (the keys walked to get
-    /// here, each with its job) leading to it.
+    /// No job of the message is alive: a new one goes under `key`, after the jobs of `chain`
+    /// (the keys walked to get here, each with its job, oldest first; empty when the message
+    /// never had one or its keys are gone). Push it with [`JobQueue::enqueue_next`], which
+    /// keeps `chain` leading to it.
     Push {
         key: String,
-        last: Option<String>,
         chain: Vec<(String, String)>,
     },
     /// The message lost more jobs in a row than anyone should follow.
     GaveUp,
+}
+
+impl NextJob {
+    /// The job a push goes after: the latest of the message, done or dead or lost (`None` when
+    /// there is none to go after, or nothing is to be pushed).
+    pub fn last_job(&self) -> Option<&str> {
+        match self {
+            NextJob::Push { chain, .. } => chain.last().map(|(_, task)| task.as_str()),
+            NextJob::Alive | NextJob::GaveUp => None,
+        }
+    }
 }
 
 impl JobQueue {
@@ -206,22 +216,18 @@ impl JobQueue {
 
     async fn chain_end(&self, message_id: i64, past_alive: bool) -> Result<NextJob> {
         let mut conn = self.conn.clone();
-        let idempotency = self.config.idempotency_key_set();
         let mut key = self.message_job_key(message_id);
         let mut chain = Vec::new();
         for _ in 0..MAX_GENERATIONS {
-            let task: Option<String> = conn.get(format!("{idempotency}:{key}")).await?;
+            let task: Option<String> = conn.get(self.stored_key(&key)).await?;
             let Some(task) = task else {
-                let last = chain
-                    .last()
-                    .map(|(_, task): &(String, String)| task.clone());
-                return Ok(NextJob::Push { key, last, chain });
+                return Ok(NextJob::Push { key, chain });
             };
             if !past_alive && self.alive(&task).await? {
                 return Ok(NextJob::Alive);
             }
             let redrive = self.redrive_job_key(message_id, &task);
-            let redriven: bool = conn.exists(format!("{idempotency}:{redrive}")).await?;
+            let redriven: bool = conn.exists(self.stored_key(&redrive)).await?;
             let next = if redriven {
                 redrive
             } else {
@@ -244,13 +250,12 @@ impl JobQueue {
         };
         let pushed = self.enqueue_completion(job, key).await?;
         if !chain.is_empty() {
-            let idempotency = self.config.idempotency_key_set();
             let ttl = IDEMPOTENCY_TTL.as_secs();
             let mut restore = redis::pipe();
             for (key, task) in chain {
                 restore
                     .cmd("set")
-                    .arg(format!("{idempotency}:{key}"))
+                    .arg(self.stored_key(key))
                     .arg(task)
                     .arg("nx")
                     .arg("ex")
@@ -261,6 +266,11 @@ impl JobQueue {
             restore.query_async::<()>(&mut conn).await?;
         }
         Ok(pushed)
+    }
+
+    /// The Redis key under which apalis-redis stores the de-duplication `key` (its job's id).
+    fn stored_key(&self, key: &str) -> String {
+        format!("{}:{key}", self.config.idempotency_key_set())
     }
 
     /// A job is alive while its data exists and it is neither done nor dead: it waits, is

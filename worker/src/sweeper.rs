@@ -132,8 +132,8 @@ impl Sweeper {
         } in stale
         {
             let next = self.queue.next_job_key(message_id).await?;
-            let (key, lost_task) = match &next {
-                NextJob::Push { key, last, .. } => (key, last),
+            let key = match &next {
+                NextJob::Push { key, .. } => key,
                 NextJob::Alive => continue,
                 NextJob::GaveUp => {
                     tracing::error!(
@@ -143,6 +143,7 @@ impl Sweeper {
                     continue;
                 }
             };
+            let lost_task = next.last_job();
             let stored = match lost_task {
                 Some(task) => self.queue.job_args(task).await.ok().flatten(),
                 None => None,
@@ -164,7 +165,7 @@ impl Sweeper {
                 tracing::warn!(
                     message_id,
                     key,
-                    lost_task = lost_task.as_deref().unwrap_or("-"),
+                    lost_task = lost_task.unwrap_or("-"),
                     "a queued message had no live job; queued it again"
                 );
                 if let Err(err) = db::retry::on_conflict("sweeper", || {

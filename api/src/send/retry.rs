@@ -189,14 +189,14 @@ pub(crate) async fn push(
     };
     match &end {
         NextJob::Alive => Ok(None),
-        NextJob::Push { last, .. } => {
+        NextJob::Push { .. } => {
             let job = CompletionJob {
                 budget: reservation.cloned(),
                 ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
                     .for_user(user_id)
             };
             state.queue.enqueue_next(&job, &end).await?;
-            Ok(last.clone())
+            Ok(end.last_job().map(str::to_owned))
         }
         NextJob::GaveUp => Err(ApiError::Unavailable(
             "This message cannot be queued again right now; please try later",

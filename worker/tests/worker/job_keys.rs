@@ -60,7 +60,6 @@ async fn a_message_whose_jobs_are_all_finished_keeps_no_job_keys() {
         env.queue.next_job_key(first.id).await.expect("chain"),
         NextJob::Push {
             key: env.queue.message_job_key(first.id),
-            last: None,
             chain: Vec::new(),
         }
     );
