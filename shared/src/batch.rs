@@ -31,7 +31,8 @@ impl<T: Send + 'static, A: Send + 'static> Batcher<T, A> {
         W: Fn(Vec<T>) -> F + Send + Sync + 'static,
         F: Future<Output = Vec<A>> + Send,
     {
-        let (tx, rx) = queue_of(queue);
+        let (tx, rx) = mpsc::channel::<(T, oneshot::Sender<A>)>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
         let write = Arc::new(write);
         for _ in 0..writers.max(1) {
             let (rx, write) = (rx.clone(), write.clone());
@@ -39,50 +40,8 @@ impl<T: Send + 'static, A: Send + 'static> Batcher<T, A> {
                 while let Some(batch) = next_batch(&rx, max_batch).await {
                     let (items, answers): (Vec<T>, Vec<oneshot::Sender<A>>) =
                         batch.into_iter().unzip();
-                    answer_each(answers, write(items).await);
-                }
-            });
-        }
-        Batcher { tx }
-    }
-
-    /// [`Batcher::start`] with each batch written in two stages: a writer gives the batch to
-    /// `first`, hands what it returns to a task of its own running `then` (which answers each
-    /// item, in order) and takes its next batch meanwhile. So a writer's next statement starts
-    /// while the batch before it is still being finished, and the batches of one writer go
-    /// through `then` in the order they went through `first`. At most one finished `first`
-    /// waits for `then`: a slow `then` holds its writer back rather than piling batches up.
-    pub fn start_staged<W, F, M, S, G>(
-        writers: usize,
-        max_batch: usize,
-        queue: usize,
-        first: W,
-        then: S,
-    ) -> Self
-    where
-        W: Fn(Vec<T>) -> F + Send + Sync + 'static,
-        F: Future<Output = M> + Send,
-        M: Send + 'static,
-        S: Fn(M) -> G + Send + Sync + 'static,
-        G: Future<Output = Vec<A>> + Send,
-    {
-        let (tx, rx) = queue_of(queue);
-        let (first, then) = (Arc::new(first), Arc::new(then));
-        for _ in 0..writers.max(1) {
-            let (rx, first, then) = (rx.clone(), first.clone(), then.clone());
-            let (staged, mut to_finish) = mpsc::channel::<(M, Vec<oneshot::Sender<A>>)>(1);
-            tokio::spawn(async move {
-                while let Some((written, answers)) = to_finish.recv().await {
-                    answer_each(answers, then(written).await);
-                }
-            });
-            tokio::spawn(async move {
-                while let Some(batch) = next_batch(&rx, max_batch).await {
-                    let (items, answers): (Vec<T>, Vec<oneshot::Sender<A>>) =
-                        batch.into_iter().unzip();
-                    let written = first(items).await;
-                    if staged.send((written, answers)).await.is_err() {
-                        break;
+                    for (answer, value) in answers.into_iter().zip(write(items).await) {
+                        let _ = answer.send(value);
                     }
                 }
             });
@@ -107,24 +66,6 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, Result<R, Arc<Error>>> {
         self.submit(item)
             .await
             .unwrap_or_else(|| Err(Arc::new(writers_gone())))
-    }
-}
-
-/// The way in to the writers of a batcher taking `queue` items at most, and their shared end.
-type Queue<T, A> = (
-    mpsc::Sender<(T, oneshot::Sender<A>)>,
-    Arc<Mutex<mpsc::Receiver<(T, oneshot::Sender<A>)>>>,
-);
-
-fn queue_of<T, A>(queue: usize) -> Queue<T, A> {
-    let (tx, rx) = mpsc::channel(queue.max(1));
-    (tx, Arc::new(Mutex::new(rx)))
-}
-
-/// Gives each waiting caller its answer, in order; a caller that stopped waiting is skipped.
-fn answer_each<A>(answers: Vec<oneshot::Sender<A>>, values: Vec<A>) {
-    for (answer, value) in answers.into_iter().zip(values) {
-        let _ = answer.send(value);
     }
 }
 
@@ -197,65 +138,4 @@ pub fn each_answer<R>(written: Result<Vec<Result<R>>>, items: usize) -> Vec<Resu
 /// caller retries (or answers 503) rather than losing it.
 fn writers_gone() -> Error {
     Error::Database(sqlx::Error::PoolClosed)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use tokio::sync::{Mutex, mpsc};
-
-    use super::Batcher;
-
-    /// How long a step that is not blocked may take before the test calls it blocked.
-    const BOUND: Duration = Duration::from_secs(10);
-
-    #[tokio::test]
-    async fn a_writer_takes_its_next_batch_while_the_last_one_is_finished_and_answers_in_order() {
-        // `first` reports each batch it takes; `then` holds the first batch until released.
-        let (taken_tx, mut taken) = mpsc::unbounded_channel::<Vec<u32>>();
-        let (release_tx, release) = mpsc::unbounded_channel::<()>();
-        let release = std::sync::Arc::new(Mutex::new(release));
-        let batcher: Batcher<u32, u32> = Batcher::start_staged(
-            1,
-            1,
-            16,
-            move |items: Vec<u32>| {
-                let taken_tx = taken_tx.clone();
-                async move {
-                    let _ = taken_tx.send(items.clone());
-                    items
-                }
-            },
-            move |items: Vec<u32>| {
-                let release = release.clone();
-                async move {
-                    if items == [1] {
-                        release.lock().await.recv().await;
-                    }
-                    items.into_iter().map(|i| i * 10).collect()
-                }
-            },
-        );
-        let one = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(1).await }
-        });
-        let first = tokio::time::timeout(BOUND, taken.recv()).await;
-        assert_eq!(first.ok().flatten(), Some(vec![1]));
-        let two = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.submit(2).await }
-        });
-        // Batch 1 is held in its second stage; the writer has taken batch 2 all the same.
-        let second = tokio::time::timeout(BOUND, taken.recv()).await;
-        assert_eq!(second.ok().flatten(), Some(vec![2]));
-        assert!(!one.is_finished() && !two.is_finished());
-        let _ = release_tx.send(());
-        let answers = tokio::time::timeout(BOUND, async { (one.await, two.await) }).await;
-        match answers {
-            Ok((Ok(one), Ok(two))) => assert_eq!((one, two), (Some(10), Some(20))),
-            other => panic!("answers: {other:?}"),
-        }
-    }
 }

@@ -3,7 +3,6 @@ use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
 use crate::domain::{AiMessage, Role};
@@ -164,52 +163,6 @@ pub async fn publish_events(
     }
     pipe.query_async::<()>(conn).await?;
     Ok(())
-}
-
-/// Events handed to a [`Publisher`] published in one round trip at most.
-const PUBLISH_BATCH_MAX: usize = 1024;
-
-/// Publishes events in the background, in the order they were handed over: what waits when a
-/// round trip ends goes in the next one. For a caller that must not wait for the publish (a
-/// sender is answered once its message is stored and its job queued) but needs each chat's
-/// events in order. Publishing stays at most once, as pub/sub is: a round trip that fails
-/// loses its events (logged), as a failed [`publish_events`] does.
-#[derive(Clone)]
-pub struct Publisher {
-    tx: mpsc::Sender<Vec<(i64, ChatEvent)>>,
-}
-
-impl Publisher {
-    /// Starts the publishing task; at most `queue` hand-overs wait for it before
-    /// [`Publisher::publish`] waits too. The task ends once every clone is dropped and what
-    /// waits is published.
-    pub fn start(mut conn: ConnectionManager, ns: Namespace, queue: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Vec<(i64, ChatEvent)>>(queue.max(1));
-        tokio::spawn(async move {
-            while let Some(mut events) = rx.recv().await {
-                while events.len() < PUBLISH_BATCH_MAX {
-                    match rx.try_recv() {
-                        Ok(more) => events.extend(more),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(err) = publish_events(&mut conn, &ns, &events).await {
-                    tracing::warn!(error = %err, events = events.len(), "could not publish events");
-                }
-            }
-        });
-        Publisher { tx }
-    }
-
-    /// Hands `events` over to be published after those handed over before.
-    pub async fn publish(&self, events: Vec<(i64, ChatEvent)>) {
-        if events.is_empty() {
-            return;
-        }
-        if self.tx.send(events).await.is_err() {
-            tracing::warn!("the publishing task is gone; events not published");
-        }
-    }
 }
 
 /// Publishes `event` on the chat's channel; returns how many subscribers got it.

@@ -1,18 +1,11 @@
 //! Sends are stored and queued in batches (`aichat_shared::batch`). Whatever arrived while the
 //! previous batch was being written goes in together: one PostgreSQL statement (one commit) for
-//! all its messages and one Redis script run for all their jobs. Their `user_message` events go
-//! to a publisher (`aichat_shared::events::Publisher`) that publishes them in that order, in
-//! one pipeline with whatever else waits, while the senders are answered.
+//! all its messages, one Redis script run for all their jobs and one pipeline for their
+//! `user_message` events.
 //!
 //! Each message still follows the single-send rules: it is committed before its job is pushed
 //! (a worker never takes a job whose message it cannot see), and if Redis refuses the push the
 //! batch's messages are removed again and every sender gets 503.
-//!
-//! A writer works in two stages (`Batcher::start_staged`): once a batch's statement is
-//! committed, it starts the next batch's statement while the push of the first is made, so
-//! PostgreSQL is not left idle during the Redis round trips. A process killed
-//! between the two leaves committed messages without a job, which the worker's sweeper queues
-//! (as it does for an API killed between its commit and its push).
 use std::sync::Arc;
 
 use aichat_shared::batch::{Batcher, all_or_each};
@@ -20,7 +13,7 @@ use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::AiMessage;
-use aichat_shared::events::{ChatEvent, EventMessage, Publisher};
+use aichat_shared::events::{ChatEvent, EventMessage, publish_events};
 use aichat_shared::jobs::{CompletionJob, JobQueue};
 use aichat_shared::keys::Namespace;
 use redis::aio::ConnectionManager;
@@ -41,14 +34,12 @@ struct Pending {
     reservation: Option<Reservation>,
 }
 
-/// Batches of `user_message` events waiting to be published before the writers wait.
-const EVENTS_QUEUE: usize = 64;
-
 /// What the writers write with.
 struct Writer {
     db: PgPool,
+    redis: ConnectionManager,
     queue: JobQueue,
-    events: Publisher,
+    ns: Namespace,
 }
 
 /// The way in to the writers; cloned into every request's state.
@@ -70,26 +61,17 @@ impl SendBatcher {
     ) -> Self {
         let writer = Arc::new(Writer {
             db,
+            redis,
             queue,
-            events: Publisher::start(redis, ns, EVENTS_QUEUE),
+            ns,
         });
-        let finisher = writer.clone();
-        let batcher = Batcher::start_staged(
-            writers,
-            max_batch,
-            QUEUE,
-            move |batch| {
-                let writer = writer.clone();
-                async move {
-                    metrics::histogram!("send_batch_size").record(batch.len() as f64);
-                    writer.store_batch(batch).await
-                }
-            },
-            move |stored| {
-                let writer = finisher.clone();
-                async move { writer.queue_and_announce(stored).await }
-            },
-        );
+        let batcher = Batcher::start(writers, max_batch, QUEUE, move |batch| {
+            let writer = writer.clone();
+            async move {
+                metrics::histogram!("send_batch_size").record(batch.len() as f64);
+                writer.write(batch).await
+            }
+        });
         SendBatcher { batcher }
     }
 
@@ -118,39 +100,18 @@ impl SendBatcher {
 /// or why it could not be stored.
 type Stored = ApiResult<Option<AiMessage>>;
 
-/// A batch whose statement is done: its sends, and how each was stored.
-struct StoredBatch {
-    messages: Vec<NewUserMessage>,
-    rest: Vec<(Option<String>, Option<Reservation>)>,
-    stored: Vec<Stored>,
-}
-
 impl Writer {
-    /// The first stage of a batch: its statement. The writer takes its next batch once it is
-    /// committed, while [`Writer::queue_and_announce`] finishes this one.
-    async fn store_batch(&self, batch: Vec<Pending>) -> StoredBatch {
+    /// Writes one batch; the answer of each send, in order.
+    async fn write(&self, batch: Vec<Pending>) -> Vec<ApiResult<AiMessage>> {
         let mut messages = Vec::with_capacity(batch.len());
         let mut rest = Vec::with_capacity(batch.len());
         for pending in batch {
             messages.push(pending.message);
             rest.push((pending.request_id, pending.reservation));
         }
-        let stored = self.store(&messages).await;
-        StoredBatch {
-            messages,
-            rest,
-            stored,
-        }
-    }
 
-    /// The second stage of a batch: pushes the jobs of its stored messages (removing them
-    /// again when Redis refuses) and announces them; the answer of each send, in order.
-    async fn queue_and_announce(&self, batch: StoredBatch) -> Vec<ApiResult<AiMessage>> {
-        let StoredBatch {
-            messages,
-            mut rest,
-            stored,
-        } = batch;
+        let stored = self.store(&messages).await;
+
         let mut jobs = Vec::with_capacity(stored.len());
         let mut events = Vec::with_capacity(stored.len());
         for ((message, new), (request_id, reservation)) in
@@ -201,8 +162,12 @@ impl Writer {
                 .collect();
         }
 
-        // The senders do not wait for the announcement; the publisher keeps it in push order.
-        self.events.publish(events).await;
+        if !events.is_empty() {
+            let mut redis = self.redis.clone();
+            if let Err(err) = publish_events(&mut redis, &self.ns, &events).await {
+                tracing::warn!(error = %err, events = events.len(), "could not publish user_message events");
+            }
+        }
         stored
             .into_iter()
             .map(|message| message.and_then(|m| m.ok_or(ApiError::NotFound)))

@@ -2,7 +2,6 @@
 //! conflict retry. One binary, a module per area.
 mod claims;
 mod planning;
-mod publishing;
 mod retry;
 mod saving;
 mod versions;
