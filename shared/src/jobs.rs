@@ -269,7 +269,7 @@ impl JobQueue {
     }
 
     /// The Redis key under which apalis-redis stores the de-duplication `key` (its job's id).
-    fn stored_key(&self, key: &str) -> String {
+    pub fn stored_key(&self, key: &str) -> String {
         format!("{}:{key}", self.config.idempotency_key_set())
     }
 

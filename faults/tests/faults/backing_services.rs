@@ -382,11 +382,7 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     let mut conn = env.redis().await;
     let q = env.queue_config();
     let task: String = conn
-        .get(format!(
-            "{}:{}",
-            q.idempotency_key_set(),
-            queue.message_job_key(dead.id)
-        ))
+        .get(queue.stored_key(&queue.message_job_key(dead.id)))
         .await
         .expect("task of the dead job");
     let _: () = redis::pipe()
