@@ -28,10 +28,11 @@ pub struct ClaimRequest {
 /// holds no other row (the lock order of `db/mod.rs`): it never waits while holding, so it
 /// closes no cycle. The subject's columns are read from the held row, and the update takes it
 /// by its `ctid` (no second lookup). A message the statement returned nothing for (its row was
-/// held, or it is gone or no user message) is claimed afterwards by the single statement, which
-/// waits for a held row as a lone claim always has, and says `None` for the others. The same
-/// message twice in one batch is claimed by both, as two runs of its job claiming it one after
-/// the other would be.
+/// held, or changed by a transaction that committed after the statement's snapshot so that the
+/// update missed it, or it is gone or no user message) is claimed afterwards by the single
+/// statement, which waits for a held row as a lone claim always has, and says `None` for the
+/// others. The same message twice in one batch is claimed by both, as two runs of its job
+/// claiming it one after the other would be.
 ///
 /// The history on the active path is read in the statement, as [`completions::claim_job`]
 /// reads it (the same `where`, order and limit); a question off the path has its ancestors
@@ -81,7 +82,7 @@ pub async fn claim_jobs(
                select i.ord, i.history_limit, i.related_limit,
                       m.id, m.ai_chat_id, m.content, m.active, m.reply_version,
                       m.budget_day, m.budget_tokens,
-                      c.id is not null as claimed,
+                      c.id is not null as claimed, m.status,
                       c.id is not null and m.stop_requested_at is not null as stop_requested,
                       a.system_prompt, a.model, a.user_id as owner_id, a.history_epoch,
                       case when exists (select 1 from chat_participants p
@@ -154,6 +155,10 @@ pub async fn claim_jobs(
                    limit coalesce(s.related_limit, 0)
                ) x
            ) r
+           -- A row changed and committed after the statement's snapshot is held in its newest
+           -- version, which the update (under that snapshot) does not see: such a claim it
+           -- missed is left to the single statement, as a held row is.
+           where s.claimed or s.status not in ($6, $7)
            order by s.ord"#,
         &ids,
         epochs.as_slice() as &[Option<i64>],
@@ -193,7 +198,8 @@ pub async fn claim_jobs(
         }
         *slot = Some(job);
     }
-    // No row: another transaction held it, or it is no job's message (gone, or a reply).
+    // No row: another transaction held it or changed it while the statement ran, or it is no
+    // job's message (gone, or a reply).
     for (claim, slot) in claims.iter().zip(&mut jobs) {
         if slot.is_none() {
             *slot = completions::claim_job(

@@ -237,3 +237,58 @@ async fn a_held_row_is_waited_for_after_the_batch_let_go_of_the_others() {
     }
     env.cleanup().await;
 }
+
+/// A message whose row another transaction changes and commits while the batch statement runs
+/// (after its snapshot, before it takes the row) is still claimed: the batch holds the row's
+/// newest version, and its update must take that version, not miss it because the statement's
+/// snapshot does not see it. A miss answered "not claimed" for a message still waiting, and
+/// its job ended without a reply. An edit of an earlier turn changes the row this way (it takes
+/// the question off the active path); here another connection flips the same column as fast as
+/// it can while one message is claimed again and again (a claim of a message already
+/// `answering` claims it, as a second run of a job does).
+#[tokio::test]
+async fn a_row_changed_while_the_batch_runs_is_still_claimed() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let alice = env.user("alice").await;
+    let chat = env.ai_chat(alice.id, "system", None).await;
+    let message = store_user_message(&env.pool, chat, "question", DEFAULT_CONTEXT).await;
+
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let pool = env.pool.clone();
+    let flipper = tokio::spawn(async move {
+        let mut flips = 0u64;
+        while !*stopped.borrow_and_update() {
+            sqlx::query("update ai_messages set active = not active where id = $1")
+                .bind(message.id)
+                .execute(&pool)
+                .await
+                .expect("flip");
+            flips += 1;
+        }
+        flips
+    });
+    let mut conn = env.pool.acquire().await.expect("connection");
+    let mut missed = 0;
+    const CLAIMS: usize = 2_000;
+    for _ in 0..CLAIMS {
+        let batch = db::claims::claim_jobs(&mut conn, &[request(message.id, None, None)])
+            .await
+            .expect("claim batch");
+        let job = batch[0].as_ref().expect("the message");
+        if !job.subject.claimed {
+            missed += 1;
+        }
+    }
+    drop(conn);
+    stop.send(true).expect("stop the flips");
+    let flips = flipper.await.expect("flipper");
+    assert!(
+        flips >= CLAIMS as u64 / 4,
+        "the row changed during the claims ({flips} flips over {CLAIMS} claims)"
+    );
+    assert_eq!(
+        missed, 0,
+        "claims that missed a waiting message, of {CLAIMS}"
+    );
+    env.cleanup().await;
+}
