@@ -120,7 +120,6 @@ impl Application {
         .context("invalid DATABASE_URL")?;
         let sends = SendBatcher::start(
             send_pool,
-            redis.clone(),
             queue.clone(),
             ns.clone(),
             settings.send_batch_writers.into(),

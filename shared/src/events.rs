@@ -150,19 +150,15 @@ impl ChatEvent {
     }
 }
 
-/// Publishes each `(ai_chat_id, event)` on its chat's channel, in order, in one round trip.
-pub async fn publish_events(
-    conn: &mut ConnectionManager,
-    ns: &Namespace,
-    events: &[(i64, ChatEvent)],
-) -> Result<()> {
-    let mut pipe = redis::pipe();
-    for (ai_chat_id, event) in events {
-        pipe.publish(ns.chat_channel(*ai_chat_id), serde_json::to_string(event)?)
-            .ignore();
-    }
-    pipe.query_async::<()>(conn).await?;
-    Ok(())
+/// Each `(ai_chat_id, event)` as it is published: its chat's channel and the event's JSON, in
+/// order (for a publish made with other writes, as `JobQueue::enqueue_completions` makes it).
+pub fn encode_events(ns: &Namespace, events: &[(i64, ChatEvent)]) -> Result<Vec<(String, String)>> {
+    events
+        .iter()
+        .map(|(ai_chat_id, event)| {
+            Ok((ns.chat_channel(*ai_chat_id), serde_json::to_string(event)?))
+        })
+        .collect()
 }
 
 /// Publishes `event` on the chat's channel; returns how many subscribers got it.

@@ -135,15 +135,27 @@ impl JobQueue {
     }
 
     /// Pushes several jobs in one round trip (one script run); each with its de-duplication
-    /// key, as in [`JobQueue::enqueue_completion`].
+    /// key, as in [`JobQueue::enqueue_completion`]. Then, in the same run, publishes each
+    /// `(channel, message)` of `then_publish` (`events::encode_events`): nothing is published
+    /// unless every job was pushed.
     #[tracing::instrument(skip_all, fields(jobs = jobs.len()))]
-    pub async fn enqueue_completions(&self, jobs: &[(CompletionJob, String)]) -> Result<()> {
+    pub async fn enqueue_completions(
+        &self,
+        jobs: &[(CompletionJob, String)],
+        then_publish: &[(String, String)],
+    ) -> Result<()> {
         let tasks = jobs
             .iter()
             .map(|(job, key)| self.task(job, key))
             .collect::<Result<Vec<_>>>()?;
         let mut conn = self.conn.clone();
-        apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks).await?;
+        apalis_redis::queries::push_tasks_then_publish(
+            &mut conn,
+            &self.config,
+            &tasks,
+            then_publish,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Sends are stored and queued in batches (`aichat_shared::batch`). Whatever arrived while the
 //! previous batch was being written goes in together: one PostgreSQL statement (one commit) for
-//! all its messages, one Redis script run for all their jobs and one pipeline for their
-//! `user_message` events.
+//! all its messages, and one Redis script run for all their jobs and then their `user_message`
+//! events (one round trip, and no event of a message whose job was not pushed).
 //!
 //! Each message still follows the single-send rules: it is committed before its job is pushed
 //! (a worker never takes a job whose message it cannot see), and if Redis refuses the push the
@@ -13,10 +13,9 @@ use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::ai_messages::NewUserMessage;
 use aichat_shared::domain::AiMessage;
-use aichat_shared::events::{ChatEvent, EventMessage, publish_events};
+use aichat_shared::events::{ChatEvent, EventMessage, encode_events};
 use aichat_shared::jobs::{CompletionJob, JobQueue};
 use aichat_shared::keys::Namespace;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use crate::error::{ApiError, ApiResult, SERVICE_UNAVAILABLE};
@@ -37,7 +36,6 @@ struct Pending {
 /// What the writers write with.
 struct Writer {
     db: PgPool,
-    redis: ConnectionManager,
     queue: JobQueue,
     ns: Namespace,
 }
@@ -53,18 +51,12 @@ impl SendBatcher {
     /// clone of the batcher is dropped.
     pub fn start(
         db: PgPool,
-        redis: ConnectionManager,
         queue: JobQueue,
         ns: Namespace,
         writers: usize,
         max_batch: usize,
     ) -> Self {
-        let writer = Arc::new(Writer {
-            db,
-            redis,
-            queue,
-            ns,
-        });
+        let writer = Arc::new(Writer { db, queue, ns });
         let batcher = Batcher::start(writers, max_batch, QUEUE, move |batch| {
             let writer = writer.clone();
             async move {
@@ -136,8 +128,14 @@ impl Writer {
             }
         }
 
+        // The events are our own types: one that cannot be encoded is a bug to log, and its
+        // batch's messages are still queued.
+        let events = encode_events(&self.ns, &events).unwrap_or_else(|err| {
+            tracing::error!(error = %err, "could not encode user_message events");
+            Vec::new()
+        });
         if !jobs.is_empty()
-            && let Err(err) = self.queue.enqueue_completions(&jobs).await
+            && let Err(err) = self.queue.enqueue_completions(&jobs, &events).await
         {
             tracing::error!(error = %err, jobs = jobs.len(), "could not queue completion jobs");
             let ids: Vec<i64> = stored
@@ -162,12 +160,6 @@ impl Writer {
                 .collect();
         }
 
-        if !events.is_empty() {
-            let mut redis = self.redis.clone();
-            if let Err(err) = publish_events(&mut redis, &self.ns, &events).await {
-                tracing::warn!(error = %err, events = events.len(), "could not publish user_message events");
-            }
-        }
         stored
             .into_iter()
             .map(|message| message.and_then(|m| m.ok_or(ApiError::NotFound)))

@@ -7,15 +7,18 @@
 
 -- ARGV[1]: the idempotency_ttl
 -- ARGV[2]: emit pubsub events
--- ARGV[3..]: [task_id1, task_data1, attempts1, max_attempts1, metadata_json1, schedule_time1, idempotency_key1,
+-- ARGV[3]: P, how many messages to publish once the tasks are pushed
+-- ARGV[4..3+2P]: [channel1, message1, channel2, message2, ...]
+-- ARGV[4+2P..]: [task_id1, task_data1, attempts1, max_attempts1, metadata_json1, schedule_time1, idempotency_key1,
 --        task_id2, task_data2, attempts2, max_attempts2, metadata_json2, schedule_time2, idempotency_key2, ...]
 local newly_enqueued = 0
 local newly_scheduled = 0
 
 local idempotency_ttl = ARGV[1]
 local emit_events = ARGV[2] == "1"
+local first_task = 4 + 2 * tonumber(ARGV[3])
 
-for i = 3, #ARGV, 7 do
+for i = first_task, #ARGV, 7 do
     local task_id = ARGV[i]
     local task_data = ARGV[i + 1]
     local attempts = ARGV[i + 2]
@@ -89,6 +92,11 @@ end
 if newly_enqueued > 0 then
     redis.call("del", KEYS[3])
     redis.call("lpush", KEYS[3], 1)
+end
+
+-- Only once every task is pushed: a run that failed before here published nothing.
+for i = 4, first_task - 1, 2 do
+    redis.call("publish", ARGV[i], ARGV[i + 1])
 end
 
 return {newly_enqueued, newly_scheduled}

@@ -17,6 +17,20 @@ pub async fn push_tasks<Conn>(
 where
     Conn: ConnectionLike,
 {
+    push_tasks_then_publish(conn, config, tasks, &[]).await
+}
+
+/// Pushes tasks as [`push_tasks`] does, then publishes each `(channel, message)` of `publish`,
+/// in order, in the same script run: nothing is published unless every task was pushed.
+pub async fn push_tasks_then_publish<Conn>(
+    conn: &mut Conn,
+    config: &Config,
+    tasks: &[RedisTask],
+    publish: &[(String, String)],
+) -> Result<(u32, u32), Error>
+where
+    Conn: ConnectionLike,
+{
     let mut batch = BATCH_PUSH_SCRIPT.key(config.job_data_hash());
     let mut script = batch
         .key(config.active_jobs_list())
@@ -30,7 +44,11 @@ where
                 .map(|a| a.as_secs())
                 .unwrap_or_default(), // 0 is forever
         )
-        .arg(config.emit_events);
+        .arg(config.emit_events)
+        .arg(publish.len());
+    for (channel, message) in publish {
+        script = script.arg(channel).arg(message);
+    }
     for request in tasks {
         let task_id = request
             .task_id()
