@@ -182,7 +182,7 @@ async fn list_is_most_recently_updated_first_and_delete_takes_the_messages() {
 
 #[tokio::test]
 async fn messages_page_with_after_id_and_limit_oldest_first() {
-    let (app, [alice]) = app_with_users(["alice"]).await;
+    let (app, [alice, mallory]) = app_with_users(["alice", "mallory"]).await;
     let chat = app.ai_chat_id(&alice).await;
     let mut sent = Vec::new();
     for n in 0..5 {
@@ -226,6 +226,26 @@ async fn messages_page_with_after_id_and_limit_oldest_first() {
 
     let after = page(&format!("?after_id={}&limit=2", sent[1])).await;
     assert_eq!(ids(&after), sent[2..4]);
+    // Past the last message: an empty page of the owner's chat, and no page of someone else's
+    // (the ownership check is part of the page's query, and an empty page asks again).
+    assert!(page(&format!("?after_id={}", sent[4])).await.is_empty());
+    let empty_chat = app.ai_chat_id(&alice).await;
+    assert!(
+        app.list(&messages_path(empty_chat), &alice.token)
+            .await
+            .is_empty()
+    );
+    for path in [
+        messages_path(chat),
+        format!("{}?after_id={}", messages_path(chat), sent[4]),
+        messages_path(empty_chat),
+    ] {
+        assert_eq!(
+            app.get(&path, &mallory.token).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
     let bad = [
         "?limit=0",
         "?limit=-1",
