@@ -1,7 +1,7 @@
 -- KEYS[1]: this worker's inflight set
 -- KEYS[2]: the active workers sorted set
 -- KEYS[3]: the task metadata prefix
--- KEYS[4]: the active jobs list (jobs must currently be queued, not already inflight elsewhere)
+-- KEYS[4]: the active jobs list (names the lock event's channel)
 -- ARGV[1]: worker name
 -- ARGV[2]: current timestamp
 -- ARGV[3]: emit pubsub events
@@ -36,8 +36,13 @@ for _, task_id in ipairs(task_ids) do
 end
 
 -- All validated — now mutate
+-- PATCHED (vendored copy): no `lrem KEYS[4] 1 task_id` here. A task id is in at most one of the
+-- active list and an inflight set: every script that moves one between them removes it from
+-- the other in the same run (fetch_next, release_leases, reenqueue_orphaned, aichat's stop
+-- settle), and a push never repeats an id (hsetnx). The task was validated in this worker's
+-- set above, so the lrem never found it and only scanned the whole waiting queue: O(backlog)
+-- for every job that starts.
 for _, task_id in ipairs(task_ids) do
-    redis.call("lrem", KEYS[4], 1, task_id)
     redis.call("sadd", KEYS[1], task_id)
 
     local meta_key = KEYS[3] .. ":" .. task_id

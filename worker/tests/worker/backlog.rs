@@ -2,6 +2,11 @@
 //! apalis-redis' scheduled set, and the first fetch used to promote them all in one call
 //! ("too many results to unpack" above ~8,000), wedging the queue for good (BENCHMARKS.md,
 //! finding 1). The vendored apalis-redis promotes them in bounded chunks.
+//!
+//! The same backlog showed a second cost: taking a job removed its id from the waiting list
+//! with `LREM`, which found nothing there (the fetch had already moved it) and so read the
+//! whole list — every job paid for the length of the queue behind it (BENCHMARKS.md, finding
+//! 14). The drain counts the list scans Redis served.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -99,6 +104,7 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
     assert_eq!(scheduled, BACKLOG, "pushed jobs wait in the scheduled set");
 
     let setup = setup_started.elapsed();
+    let scans_before = list_scans(&mut redis).await;
     let started = Instant::now();
     let worker = env
         .spawn_worker(&[
@@ -144,6 +150,13 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
         panic!("{failure}");
     }
     let drained_in = started.elapsed();
+    // Counted server-wide: no code of this workspace sends these commands, so another test
+    // running meanwhile adds none either.
+    let scans = list_scans(&mut redis).await.saturating_sub(scans_before);
+    assert_eq!(
+        scans, 0,
+        "jobs were taken with commands that read the waiting list element by element"
+    );
     eprintln!("{BACKLOG} jobs answered by one worker in {drained_in:?} (setup took {setup:?})");
     worker.stop().await;
 
@@ -189,4 +202,26 @@ async fn a_backlog_of_ten_thousand_jobs_queued_with_no_worker_is_answered_exactl
         "one model call per message"
     );
     env.cleanup().await;
+}
+
+/// How many commands that walk a list element by element (`LREM`, `LPOS`, `LINSERT`) Redis
+/// has served since it started or its statistics were reset (`INFO commandstats`).
+async fn list_scans(redis: &mut redis::aio::ConnectionManager) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .filter(|line| {
+            ["cmdstat_lrem:", "cmdstat_lpos:", "cmdstat_linsert:"]
+                .iter()
+                .any(|name| line.starts_with(name))
+        })
+        .filter_map(|line| {
+            line.split(|c| c == ':' || c == ',')
+                .find_map(|field| field.strip_prefix("calls="))
+                .and_then(|calls| calls.parse::<u64>().ok())
+        })
+        .sum()
 }
