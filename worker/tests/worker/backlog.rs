@@ -219,7 +219,7 @@ async fn list_scans(redis: &mut redis::aio::ConnectionManager) -> u64 {
                 .any(|name| line.starts_with(name))
         })
         .filter_map(|line| {
-            line.split(|c| c == ':' || c == ',')
+            line.split([':', ','])
                 .find_map(|field| field.strip_prefix("calls="))
                 .and_then(|calls| calls.parse::<u64>().ok())
         })
