@@ -8,7 +8,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use aichat_testkit::TestDb;
 use aichat_testkit::postgres::try_drop_database;
-use aichat_testkit::redis_server::delete_keys_starting_with;
+use aichat_testkit::redis_server::{delete_keys_starting_with, forget_queues_starting_with};
 
 use crate::procs::{self, Proc};
 
@@ -84,6 +84,10 @@ impl Env {
         match delete_keys_starting_with(REDIS_URL, &self.base_ns).await {
             Ok(n) => eprintln!("cleanup: dropped {}, deleted {n} Redis keys", self.db_name),
             Err(e) => problems.push(format!("deleting Redis keys: {e}")),
+        }
+        // The workers registered their queues in apalis's global list, outside the namespaces.
+        if let Err(e) = forget_queues_starting_with(REDIS_URL, &self.base_ns).await {
+            problems.push(format!("taking the queues out of apalis's list: {e}"));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         if problems.is_empty() {

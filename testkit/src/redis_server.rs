@@ -3,7 +3,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use aichat_shared::keys::Namespace;
 use redis::AsyncCommands;
 
 use crate::{eventually, free_port};
@@ -15,12 +14,24 @@ const APALIS_QUEUES: &str = "core:apalis:queues:list";
 /// Deletes every key of namespace `ns` (and its queue's entry in apalis's global list).
 /// Best effort, at most 5 s to connect: a test's cleanup never hangs on a Redis it stopped.
 pub async fn delete_namespace(redis_url: &str, ns: &str) {
-    let _ = delete_keys_starting_with(redis_url, &format!("{ns}:")).await;
-    let Ok(mut conn) = connect(redis_url).await else {
-        return;
-    };
-    let workers = format!("{}:workers", Namespace::new(ns).completion_queue());
-    let _: Result<(), _> = conn.zrem(APALIS_QUEUES, workers).await;
+    let prefix = format!("{ns}:");
+    let _ = delete_keys_starting_with(redis_url, &prefix).await;
+    let _ = forget_queues_starting_with(redis_url, &prefix).await;
+}
+
+/// Takes every queue whose name starts with `prefix` out of apalis's global list (a worker
+/// registers its queue there, outside any namespace, and nothing takes it out); how many.
+pub async fn forget_queues_starting_with(
+    redis_url: &str,
+    prefix: &str,
+) -> redis::RedisResult<usize> {
+    let mut conn = connect(redis_url).await?;
+    let queues: Vec<String> = conn.zrange(APALIS_QUEUES, 0, -1).await?;
+    let ours: Vec<&String> = queues.iter().filter(|q| q.starts_with(prefix)).collect();
+    if ours.is_empty() {
+        return Ok(0);
+    }
+    conn.zrem(APALIS_QUEUES, ours).await
 }
 
 /// Deletes every key whose name starts with `prefix` (SCAN and UNLINK, at most 10,000 rounds);
@@ -136,5 +147,54 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::AsyncCommands;
+    use redis::aio::MultiplexedConnection;
+
+    use super::{APALIS_QUEUES, connect, delete_namespace, forget_queues_starting_with};
+    use crate::{redis_url, unique_name};
+
+    fn queue(ns: &str) -> String {
+        format!("{ns}:jobs:completion:workers")
+    }
+
+    async fn listed(conn: &mut MultiplexedConnection, ns: &str) -> bool {
+        let score: Option<f64> = conn.zscore(APALIS_QUEUES, queue(ns)).await.expect("zscore");
+        score.is_some()
+    }
+
+    #[tokio::test]
+    async fn a_cleanup_takes_its_own_queues_out_of_apalis_list_and_no_other() {
+        let url = redis_url();
+        let base = unique_name("testkit_queues");
+        let (ns_a, ns_b) = (format!("{base}_a"), format!("{base}_b"));
+        let other = unique_name("testkit_other");
+        let mut conn = connect(&url).await.expect("redis");
+        for ns in [&ns_a, &ns_b, &other] {
+            let _: () = conn.zadd(APALIS_QUEUES, queue(ns), 1).await.expect("zadd");
+        }
+
+        delete_namespace(&url, &ns_a).await;
+        assert!(!listed(&mut conn, &ns_a).await);
+        assert!(
+            listed(&mut conn, &ns_b).await,
+            "another namespace's queue stays"
+        );
+
+        let forgotten = forget_queues_starting_with(&url, &base)
+            .await
+            .expect("zrem");
+        assert_eq!(forgotten, 1);
+        assert!(!listed(&mut conn, &ns_b).await);
+        assert!(
+            listed(&mut conn, &other).await,
+            "a queue outside the prefix stays"
+        );
+
+        let _: () = conn.zrem(APALIS_QUEUES, queue(&other)).await.expect("zrem");
     }
 }
