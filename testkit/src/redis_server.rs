@@ -179,22 +179,24 @@ mod tests {
         }
 
         delete_namespace(&url, &ns_a).await;
-        assert!(!listed(&mut conn, &ns_a).await);
-        assert!(
-            listed(&mut conn, &ns_b).await,
-            "another namespace's queue stays"
-        );
-
-        let forgotten = forget_queues_starting_with(&url, &base)
+        let a_after_its_namespace = listed(&mut conn, &ns_a).await;
+        let b_after_a = listed(&mut conn, &ns_b).await;
+        let forgotten = forget_queues_starting_with(&url, &base).await;
+        let b_after_the_prefix = listed(&mut conn, &ns_b).await;
+        let other_after_the_prefix = listed(&mut conn, &other).await;
+        // Every entry goes before the checks, so a failing run leaves nothing in the list.
+        let _: () = conn
+            .zrem(
+                APALIS_QUEUES,
+                vec![queue(&ns_a), queue(&ns_b), queue(&other)],
+            )
             .await
             .expect("zrem");
-        assert_eq!(forgotten, 1);
-        assert!(!listed(&mut conn, &ns_b).await);
-        assert!(
-            listed(&mut conn, &other).await,
-            "a queue outside the prefix stays"
-        );
 
-        let _: () = conn.zrem(APALIS_QUEUES, queue(&other)).await.expect("zrem");
+        assert!(!a_after_its_namespace);
+        assert!(b_after_a, "another namespace's queue stays");
+        assert_eq!(forgotten.expect("zrem"), 1);
+        assert!(!b_after_the_prefix);
+        assert!(other_after_the_prefix, "a queue outside the prefix stays");
     }
 }
