@@ -84,6 +84,9 @@ pub struct JobQueue {
     conn: ConnectionManager,
     config: apalis_redis::Config,
     installation: Option<String>,
+    /// `Namespace::jobs_pushed`: a push that finds no job waiting publishes on it, after its
+    /// jobs are in the queue.
+    pushed: String,
 }
 
 impl JobQueue {
@@ -92,6 +95,7 @@ impl JobQueue {
             conn,
             config: queue_config(ns),
             installation: ns.installation().map(str::to_owned),
+            pushed: ns.jobs_pushed(),
         }
     }
 
@@ -128,9 +132,7 @@ impl JobQueue {
     #[tracing::instrument(skip(self))]
     pub async fn enqueue_completion(&self, job: &CompletionJob, key: &str) -> Result<bool> {
         let task = self.task(job, key)?;
-        let mut conn = self.conn.clone();
-        let (enqueued, scheduled) =
-            apalis_redis::queries::push_tasks(&mut conn, &self.config, &[task]).await?;
+        let (enqueued, scheduled) = self.push(&[task], &[]).await?;
         Ok(enqueued + scheduled > 0)
     }
 
@@ -148,15 +150,28 @@ impl JobQueue {
             .iter()
             .map(|(job, key)| self.task(job, key))
             .collect::<Result<Vec<_>>>()?;
+        self.push(&tasks, then_publish).await?;
+        Ok(())
+    }
+
+    /// Every push: the tasks, then `then_publish`, then, if no job waited before them, the
+    /// wake-up of the workers that found the queue empty, all in one script run; returns
+    /// (queued, scheduled) as apalis counts them. Behind a backlog the workers fetch again as
+    /// soon as they have room, so no wake-up is needed there.
+    async fn push(
+        &self,
+        tasks: &[apalis_redis::RedisTask],
+        then_publish: &[(String, String)],
+    ) -> Result<(u32, u32)> {
         let mut conn = self.conn.clone();
-        apalis_redis::queries::push_tasks_then_publish(
+        Ok(apalis_redis::queries::push_tasks_then_publish(
             &mut conn,
             &self.config,
-            &tasks,
+            tasks,
             then_publish,
+            Some(&self.pushed),
         )
-        .await?;
-        Ok(())
+        .await?)
     }
 }
 

@@ -52,6 +52,12 @@ impl Namespace {
         format!("{}:jobs:completion", self.prefix)
     }
 
+    /// The pub/sub channel on which a push of completion jobs that finds none waiting wakes the
+    /// workers that found the queue empty (`JobQueue` publishes on it in the push's script run).
+    pub fn jobs_pushed(&self) -> String {
+        format!("{}:pushed", self.completion_queue())
+    }
+
     /// The pub/sub channel that carries one AI chat's WebSocket events.
     pub fn chat_channel(&self, ai_chat_id: i64) -> String {
         format!("{}:chat:{ai_chat_id}", self.prefix)

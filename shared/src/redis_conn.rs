@@ -1,6 +1,6 @@
 //! Opening Redis connections with time-outs that hold under load, and the pub/sub connections
-//! of the API's fan-out (`api/src/fanout.rs`) and the worker's stop requests
-//! (`worker/src/stop_requests.rs`).
+//! of the API's fan-out (`api/src/fanout.rs`) and the worker's stop requests and pushed jobs
+//! (`worker/src/subscription.rs`).
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

@@ -26,6 +26,7 @@ mod deltas;
 mod history_cache;
 mod http;
 mod job;
+mod jobs_pushed;
 mod llm;
 mod metrics;
 mod monitor;
@@ -39,6 +40,7 @@ mod settings;
 mod state;
 mod stop;
 mod stop_requests;
+mod subscription;
 mod sweeper;
 mod tasks;
 mod user_slots;
@@ -48,12 +50,14 @@ pub use settings::Settings;
 pub use state::Hooks;
 
 use crate::context::TokenCounter;
+use crate::jobs_pushed::JobsPushed;
 use crate::llm::LlmClient;
 use crate::rate_limit::{Limits, RateLimiter};
 use crate::retry::RetryPolicy;
 use crate::state::JobContext;
 use crate::stop::Stopping;
 use crate::stop_requests::StopRequests;
+use crate::subscription::Subscription;
 use crate::user_slots::UserSlots;
 
 /// A worker process, connected and bound, ready to run.
@@ -65,6 +69,8 @@ pub struct Worker {
     metrics: PrometheusHandle,
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
+    /// Stop requests and pushed jobs reach `jobs` through it until the run ends.
+    subscription: Subscription,
 }
 
 impl Worker {
@@ -130,10 +136,16 @@ impl Worker {
         let token_budget =
             usize::try_from(settings.openai.context_token_budget).unwrap_or(usize::MAX);
         let stop_requests = StopRequests::new();
-        stop_requests
-            .subscribe(settings.redis.redis_url.expose_secret(), &ns, pool.clone())
-            .await
-            .context("subscribing to stop requests")?;
+        let jobs_pushed = JobsPushed::default();
+        let subscription = subscription::subscribe(
+            settings.redis.redis_url.expose_secret(),
+            &ns,
+            pool.clone(),
+            &stop_requests,
+            jobs_pushed.clone(),
+        )
+        .await
+        .context("subscribing to stop requests and pushed jobs")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let user_slots = UserSlots::new(
             redis.clone(),
@@ -162,6 +174,7 @@ impl Worker {
             shutdown: shutdown_rx,
             stopping: Stopping::new(),
             stop_requests,
+            jobs_pushed,
             claims: claim_batch::JobClaimer::start(
                 pool.clone(),
                 settings.worker_batch_writers.into(),
@@ -184,6 +197,7 @@ impl Worker {
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
             shutdown,
+            subscription,
         })
     }
 
@@ -206,6 +220,7 @@ impl Worker {
             metrics,
             ready,
             shutdown: stop,
+            subscription,
         } = self;
         let addr = listener.local_addr()?;
         let http = http::HttpState {
@@ -234,6 +249,8 @@ impl Worker {
         let result = consumer
             .run_with_signal(tasks::begin_stop(shutdown, ready, stopping, stop))
             .await;
+        // No job runs any more: nothing is left to stop or to wake.
+        drop(subscription);
         registration.settle(redis, &config).await;
         if let Some(sweeper) = sweeper {
             let _ = sweeper.await;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use apalis::prelude::{
-    BackendExt, Event, Monitor, ParallelizeExt, WorkerBuilder, WorkerBuilderExt,
+    BackendExt, Event, Monitor, ParallelizeExt, Strategy, WorkerBuilder, WorkerBuilderExt,
 };
 use apalis_redis::RedisStorage;
 use rand::Rng;
@@ -61,6 +61,7 @@ pub fn monitor(
     let (failed, recovered) = (failures.clone(), failures.clone());
     let on_restart = ready.clone();
     let stopping = jobs.stopping.clone();
+    let pushed = jobs.jobs_pushed.clone();
     Monitor::new()
         .register(move |restarts| {
             let pause = restart_delay(failures.load(Ordering::SeqCst));
@@ -81,7 +82,9 @@ pub fn monitor(
                         Ok(())
                     }
                 })
-                .poll_with_interval(poll);
+                // An empty queue is looked at again when jobs are pushed, and every `poll`
+                // whatever happens (`jobs_pushed.rs`).
+                .poll_with_strategy(Strategy::new().stream(pushed.clone()).interval(poll));
             let name = worker_name(&prefix, restarts);
             stopping.register_name(&name);
             WorkerBuilder::new(name)

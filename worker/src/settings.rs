@@ -38,7 +38,8 @@ pub struct Settings {
     /// long a turn of a worker that died stays taken.
     #[arg(long, env = "WORKER_USER_SLOT_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..))]
     pub worker_user_slot_lease_secs: u64,
-    /// Milliseconds between two looks at the queue when it is empty.
+    /// Milliseconds between two looks at the queue when it is empty, besides the look a push
+    /// wakes it for (`jobs_pushed.rs`): what a missed wake-up costs at most.
     #[arg(long, env = "WORKER_POLL_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     pub worker_poll_interval_ms: u64,
     /// Seconds between two heartbeats of this worker in Redis.

@@ -12,6 +12,7 @@ use aichat_shared::models::Registry;
 
 use crate::claim_batch::JobClaimer;
 use crate::context::TokenCounter;
+use crate::jobs_pushed::JobsPushed;
 use crate::llm::LlmClient;
 use crate::rate_limit::RateLimiter;
 use crate::reply_batch::ReplySaver;
@@ -51,6 +52,8 @@ pub struct JobContext {
     pub stopping: Arc<Stopping>,
     /// Users' stop requests, routed to the job answering the message (`stop_requests.rs`).
     pub stop_requests: Arc<StopRequests>,
+    /// Signalled when jobs are pushed: wakes the queue consumer (`jobs_pushed.rs`).
+    pub jobs_pushed: JobsPushed,
     /// Takes jobs' messages, several per statement.
     pub claims: JobClaimer,
     /// Writes replies, several per statement.

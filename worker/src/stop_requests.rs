@@ -1,7 +1,7 @@
 //! Stop requests reaching the job that answers the message, in whichever worker process it
 //! runs. The API records the request in the database (`db::stops::request_stop`) and then
 //! publishes the message id on the namespace's stop channel; every worker process listens on
-//! it and tells its job for that message, if it runs one.
+//! it (`subscription.rs`) and tells its job for that message, if it runs one.
 //!
 //! Nothing is missed between the two: a job registers its message here *before* it takes the
 //! message (`queued` → `answering`), so a request that finds the message `answering` is
@@ -11,26 +11,18 @@
 //! subscribed again (every running job's message is checked then), and every few seconds
 //! (a publish that failed, a connection dropped silently).
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use redis::aio::ConnectionManager;
-use redis::{PushInfo, PushKind};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
 use aichat_shared::db;
-use aichat_shared::keys::Namespace;
 use aichat_shared::lock::lock;
-use aichat_shared::redis_conn::{self, value_text};
 
 /// The messages this process's jobs are answering, each with the switch that stops them.
 #[derive(Default)]
 pub struct StopRequests {
     running: Mutex<HashMap<i64, Running>>,
-    /// Dropped with the registry: the subscription's task then ends, closing its Redis
-    /// connection and its handle on the database pool.
-    gone: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 struct Running {
@@ -100,25 +92,9 @@ impl StopRequests {
         lock(&self.running).keys().copied().collect()
     }
 
-    /// Subscribes to the namespace's stop channel and routes what it carries, for as long as
-    /// this registry lives.
-    pub async fn subscribe(
-        self: &Arc<Self>,
-        redis_url: &str,
-        ns: &Namespace,
-        db: PgPool,
-    ) -> redis::RedisResult<()> {
-        let (mut conn, pushes) = redis_conn::connect_pubsub(redis_url).await?;
-        conn.subscribe(ns.stop_requests()).await?;
-        let (gone_tx, gone) = oneshot::channel();
-        *lock(&self.gone) = Some(gone_tx);
-        tokio::spawn(route(Arc::downgrade(self), conn, pushes, db, gone));
-        Ok(())
-    }
-
     /// Stops the runs whose message has a recorded stop request: what the pub/sub channel may
     /// have carried while this process was not subscribed.
-    async fn check_recorded(&self, db: &PgPool) {
+    pub async fn check_recorded(&self, db: &PgPool) {
         let running = self.running_messages();
         if running.is_empty() {
             return;
@@ -132,66 +108,6 @@ impl StopRequests {
             Err(err) => {
                 tracing::warn!(error = %err, "could not check the running messages for stop requests")
             }
-        }
-    }
-}
-
-/// How often the running messages are checked for a recorded stop request besides the
-/// channel: a request whose publish failed, or that a connection dropped without a word
-/// carried, still stops its run within this.
-const RECHECK_EVERY: Duration = Duration::from_secs(5);
-
-/// Routes the subscription's pushes until the registry is dropped, and checks the running
-/// messages for recorded stop requests every [`RECHECK_EVERY`].
-async fn route(
-    requests: Weak<StopRequests>,
-    conn: ConnectionManager,
-    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
-    db: PgPool,
-    mut gone: oneshot::Receiver<()>,
-) {
-    let mut recheck = tokio::time::interval(RECHECK_EVERY);
-    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let push = tokio::select! {
-            push = pushes.recv() => push,
-            _ = recheck.tick() => {
-                match requests.upgrade() {
-                    Some(requests) => requests.check_recorded(&db).await,
-                    None => return,
-                }
-                continue;
-            }
-            _ = &mut gone => return,
-        };
-        let Some(push) = push else { return };
-        let Some(requests) = requests.upgrade() else {
-            return;
-        };
-        match push.kind {
-            PushKind::Message => {
-                let id = push
-                    .data
-                    .get(1)
-                    .and_then(value_text)
-                    .and_then(|payload| payload.parse::<i64>().ok());
-                if let Some(id) = id
-                    && requests.stop(id)
-                {
-                    tracing::info!(message_id = id, "stop requested; stopping its run");
-                }
-            }
-            // Also the subscription made again after a reconnect.
-            PushKind::Subscribe => requests.check_recorded(&db).await,
-            PushKind::Disconnection => {
-                tracing::warn!("stop-request connection to Redis lost; reconnecting");
-                let conn = conn.clone();
-                let alive = Arc::downgrade(&requests);
-                tokio::spawn(redis_conn::reconnect(move || {
-                    alive.upgrade().map(|_| conn.clone())
-                }));
-            }
-            _ => {}
         }
     }
 }

@@ -92,7 +92,7 @@ where
     // Recorded in the database first: a worker that misses this finds it there.
     if let Err(err) = publish_stop_request(&mut redis, &state.ns, message_id).await {
         // Recorded all the same: the worker running it checks within seconds
-        // (`worker/src/stop_requests.rs`).
+        // (`worker/src/subscription.rs`).
         tracing::warn!(error = %err, "could not publish a stop request");
     }
     Ok(Recorded::Requested)

@@ -8,15 +8,26 @@
 -- ARGV[1]: the idempotency_ttl
 -- ARGV[2]: emit pubsub events
 -- ARGV[3]: P, how many messages to publish once the tasks are pushed
--- ARGV[4..3+2P]: [channel1, message1, channel2, message2, ...]
--- ARGV[4+2P..]: [task_id1, task_data1, attempts1, max_attempts1, metadata_json1, schedule_time1, idempotency_key1,
+-- ARGV[4]: a channel on which to publish an empty message once the tasks are pushed, only if
+--          this push queued a task and no task was waiting or due before it ("" for none): it
+--          wakes the consumers that found the queue empty, and costs nothing under a backlog
+-- ARGV[5..4+2P]: [channel1, message1, channel2, message2, ...]
+-- ARGV[5+2P..]: [task_id1, task_data1, attempts1, max_attempts1, metadata_json1, schedule_time1, idempotency_key1,
 --        task_id2, task_data2, attempts2, max_attempts2, metadata_json2, schedule_time2, idempotency_key2, ...]
 local newly_enqueued = 0
 local newly_scheduled = 0
 
 local idempotency_ttl = ARGV[1]
 local emit_events = ARGV[2] == "1"
-local first_task = 4 + 2 * tonumber(ARGV[3])
+local first_task = 5 + 2 * tonumber(ARGV[3])
+
+-- Whether no task waits or is due (by the first task's schedule time, "now") before this push.
+local wake = ARGV[4]
+local was_idle = false
+local now = tonumber(ARGV[first_task + 5])
+if #wake > 0 and now then
+    was_idle = redis.call("llen", KEYS[2]) == 0 and redis.call("zcount", KEYS[5], 0, now) == 0
+end
 
 for i = first_task, #ARGV, 7 do
     local task_id = ARGV[i]
@@ -95,8 +106,11 @@ if newly_enqueued > 0 then
 end
 
 -- Only once every task is pushed: a run that failed before here published nothing.
-for i = 4, first_task - 1, 2 do
+for i = 5, first_task - 1, 2 do
     redis.call("publish", ARGV[i], ARGV[i + 1])
+end
+if was_idle and newly_enqueued + newly_scheduled > 0 then
+    redis.call("publish", wake, "")
 end
 
 return {newly_enqueued, newly_scheduled}

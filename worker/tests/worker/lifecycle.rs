@@ -1,5 +1,5 @@
 //! A job's life: queued twice, undecodable, its message deleted, a busy worker's heartbeats,
-//! Redis restarting, a graceful stop.
+//! Redis restarting, a graceful stop; a push waking a worker that found the queue empty.
 
 use crate::common::{SYSTEM_PROMPT, TestEnv, WAIT, fake_with_latency};
 use aichat_fake_llm::FakeConfig;
@@ -8,6 +8,8 @@ use aichat_shared::jobs::CompletionJob;
 use aichat_shared::keys::Namespace;
 use aichat_testkit::{DEFAULT_CONTEXT, PrivateRedis};
 use apalis::prelude::TaskBuilder;
+use futures::StreamExt;
+use redis::AsyncCommands;
 
 #[tokio::test]
 async fn a_job_queued_twice_is_answered_exactly_once() {
@@ -143,6 +145,71 @@ async fn a_graceful_stop_finishes_the_running_job_first() {
         env.queue_set("done").await.len(),
         1,
         "acknowledged before exit"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_push_wakes_a_worker_that_found_the_queue_empty() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    // Without the wake-up on a push, this worker would look at the queue again only after ten
+    // minutes: its poll interval and its heartbeat (apalis also fetches at each heartbeat).
+    let worker = env
+        .spawn_worker(&[
+            "--worker-poll-interval-ms",
+            "600000",
+            "--worker-heartbeat-secs",
+            "600",
+        ])
+        .await;
+    env.wait_ready(worker.port).await;
+    let (chat, mut events) = env.watched_chat().await;
+    // Each message is sent once the one before is answered and its job acknowledged: the
+    // worker looked at the queue again right after taking that job (and after its
+    // acknowledgement) and found it empty.
+    for round in 1..=3 {
+        let sent = env.ask(chat, &format!("round {round}")).await;
+        events.reply_to(sent.id, WAIT).await;
+        env.wait_queue_set("done", round, WAIT).await;
+    }
+    env.finish([worker]).await;
+}
+
+#[tokio::test]
+async fn a_push_behind_a_waiting_job_wakes_nobody() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    let channel = Namespace::new(env.ns.clone()).jobs_pushed();
+    let client = redis::Client::open(env.redis_url.as_str()).expect("redis client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub connection");
+    pubsub.subscribe(&channel).await.expect("subscribe");
+    let (_sink, mut wakes) = pubsub.split();
+
+    // No worker runs: the first job still waits when the next two are pushed.
+    let (chat, _events) = env.watched_chat().await;
+    for content in ["first", "second", "third"] {
+        env.ask(chat, content).await;
+    }
+    let mut conn = env.redis.clone();
+    let _: usize = conn
+        .publish(&channel, "marker")
+        .await
+        .expect("publish marker");
+    let mut before_marker = Vec::new();
+    loop {
+        let message = tokio::time::timeout(WAIT, wakes.next())
+            .await
+            .expect("the marker in time")
+            .expect("subscription open");
+        let payload: String = message.get_payload().expect("text payload");
+        if payload == "marker" {
+            break;
+        }
+        before_marker.push(payload);
+    }
+    assert_eq!(
+        before_marker,
+        vec![String::new()],
+        "only the first push wakes"
     );
     env.cleanup().await;
 }

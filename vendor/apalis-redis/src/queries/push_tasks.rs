@@ -17,16 +17,20 @@ pub async fn push_tasks<Conn>(
 where
     Conn: ConnectionLike,
 {
-    push_tasks_then_publish(conn, config, tasks, &[]).await
+    push_tasks_then_publish(conn, config, tasks, &[], None).await
 }
 
 /// Pushes tasks as [`push_tasks`] does, then publishes each `(channel, message)` of `publish`,
-/// in order, in the same script run: nothing is published unless every task was pushed.
+/// in order, in the same script run: nothing is published unless every task was pushed. Then,
+/// if this push queued a task and no task was waiting or due before it, publishes an empty
+/// message on `wake_if_idle`: consumers that found the queue empty can fetch at once instead
+/// of at their next poll, and a push behind a backlog publishes nothing.
 pub async fn push_tasks_then_publish<Conn>(
     conn: &mut Conn,
     config: &Config,
     tasks: &[RedisTask],
     publish: &[(String, String)],
+    wake_if_idle: Option<&str>,
 ) -> Result<(u32, u32), Error>
 where
     Conn: ConnectionLike,
@@ -45,7 +49,8 @@ where
                 .unwrap_or_default(), // 0 is forever
         )
         .arg(config.emit_events)
-        .arg(publish.len());
+        .arg(publish.len())
+        .arg(wake_if_idle.unwrap_or_default());
     for (channel, message) in publish {
         script = script.arg(channel).arg(message);
     }

@@ -1,0 +1,128 @@
+//! The worker process's pub/sub connection: stop requests for the jobs it runs
+//! (`stop_requests.rs`) and pushes of new jobs (`jobs_pushed.rs`), each on its namespace
+//! channel.
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+use aichat_shared::keys::Namespace;
+use aichat_shared::redis_conn::{self, value_text};
+
+use crate::jobs_pushed::JobsPushed;
+use crate::stop_requests::StopRequests;
+
+/// The subscription runs until this is dropped; its task then ends, closing its Redis
+/// connection and its handle on the database pool.
+pub struct Subscription {
+    _gone: oneshot::Sender<()>,
+}
+
+/// Subscribes to the namespace's stop and jobs-pushed channels and routes what they carry,
+/// until the returned [`Subscription`] or `requests` is dropped.
+pub async fn subscribe(
+    redis_url: &str,
+    ns: &Namespace,
+    db: PgPool,
+    requests: &Arc<StopRequests>,
+    pushed: JobsPushed,
+) -> redis::RedisResult<Subscription> {
+    let (mut conn, pushes) = redis_conn::connect_pubsub(redis_url).await?;
+    let channels = Channels {
+        stop: ns.stop_requests(),
+        pushed: ns.jobs_pushed(),
+    };
+    conn.subscribe(&[&channels.stop, &channels.pushed]).await?;
+    let (gone_tx, gone) = oneshot::channel();
+    let route = Route {
+        requests: Arc::downgrade(requests),
+        pushed,
+        channels,
+        db,
+    };
+    tokio::spawn(route.run(conn, pushes, gone));
+    Ok(Subscription { _gone: gone_tx })
+}
+
+struct Channels {
+    stop: String,
+    pushed: String,
+}
+
+struct Route {
+    requests: Weak<StopRequests>,
+    pushed: JobsPushed,
+    channels: Channels,
+    db: PgPool,
+}
+
+/// How often the running messages are checked for a recorded stop request besides the
+/// channel: a request whose publish failed, or that a connection dropped without a word
+/// carried, still stops its run within this.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
+
+impl Route {
+    /// Routes the subscription's pushes until `gone` fires or the stop registry is dropped,
+    /// and checks the running messages for recorded stop requests every [`RECHECK_EVERY`].
+    async fn run(
+        self,
+        conn: ConnectionManager,
+        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+        mut gone: oneshot::Receiver<()>,
+    ) {
+        let mut recheck = tokio::time::interval(RECHECK_EVERY);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let push = tokio::select! {
+                push = pushes.recv() => push,
+                _ = recheck.tick() => {
+                    match self.requests.upgrade() {
+                        Some(requests) => requests.check_recorded(&self.db).await,
+                        None => return,
+                    }
+                    continue;
+                }
+                _ = &mut gone => return,
+            };
+            let Some(push) = push else { return };
+            let Some(requests) = self.requests.upgrade() else {
+                return;
+            };
+            let channel = push.data.first().and_then(value_text);
+            let on = |name: &String| channel.as_ref() == Some(name);
+            match push.kind {
+                PushKind::Message if on(&self.channels.pushed) => self.pushed.signal(),
+                PushKind::Message if on(&self.channels.stop) => {
+                    let id = push
+                        .data
+                        .get(1)
+                        .and_then(value_text)
+                        .and_then(|payload| payload.parse::<i64>().ok());
+                    if let Some(id) = id
+                        && requests.stop(id)
+                    {
+                        tracing::info!(message_id = id, "stop requested; stopping its run");
+                    }
+                }
+                // Also the subscriptions made again after a reconnect: what was published
+                // while the connection was down reached nobody.
+                PushKind::Subscribe if on(&self.channels.pushed) => self.pushed.signal(),
+                PushKind::Subscribe if on(&self.channels.stop) => {
+                    requests.check_recorded(&self.db).await
+                }
+                PushKind::Disconnection => {
+                    tracing::warn!("worker's pub/sub connection to Redis lost; reconnecting");
+                    let conn = conn.clone();
+                    let alive = Arc::downgrade(&requests);
+                    tokio::spawn(redis_conn::reconnect(move || {
+                        alive.upgrade().map(|_| conn.clone())
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+}
