@@ -71,6 +71,8 @@ pub struct Worker {
     shutdown: watch::Sender<bool>,
     /// Stop requests and pushed jobs reach `jobs` through it until the run ends.
     subscription: Subscription,
+    /// Stop requests recorded in the database reach `jobs` through it until the run ends.
+    stop_checks: stop_requests::Checking,
 }
 
 impl Worker {
@@ -137,10 +139,10 @@ impl Worker {
             usize::try_from(settings.openai.context_token_budget).unwrap_or(usize::MAX);
         let stop_requests = StopRequests::new();
         let jobs_pushed = JobsPushed::default();
+        let stop_checks = stop_requests::keep_checking(&stop_requests, pool.clone());
         let subscription = subscription::subscribe(
             settings.redis.redis_url.expose_secret(),
             &ns,
-            pool.clone(),
             &stop_requests,
             jobs_pushed.clone(),
         )
@@ -198,6 +200,7 @@ impl Worker {
             ready: Arc::new(AtomicBool::new(false)),
             shutdown,
             subscription,
+            stop_checks,
         })
     }
 
@@ -221,6 +224,7 @@ impl Worker {
             ready,
             shutdown: stop,
             subscription,
+            stop_checks,
         } = self;
         let addr = listener.local_addr()?;
         let http = http::HttpState {
@@ -251,6 +255,7 @@ impl Worker {
             .await;
         // No job runs any more: nothing is left to stop or to wake.
         drop(subscription);
+        drop(stop_checks);
         registration.settle(redis, &config).await;
         if let Some(sweeper) = sweeper {
             let _ = sweeper.await;

@@ -9,12 +9,15 @@
 //! earlier reads `stop_requested` when it takes it; and a request published while this
 //! process's pub/sub connection was down is found in the database when the connection has
 //! subscribed again (every running job's message is checked then), and every few seconds
-//! (a publish that failed, a connection dropped silently).
+//! (a publish that failed, a connection dropped silently). Those checks run on a task of
+//! their own ([`keep_checking`]), so a slow database never holds up the subscription.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 
 use aichat_shared::db;
 use aichat_shared::lock::lock;
@@ -23,6 +26,8 @@ use aichat_shared::lock::lock;
 #[derive(Default)]
 pub struct StopRequests {
     running: Mutex<HashMap<i64, Running>>,
+    /// Asks the checking task ([`keep_checking`]) to look in the database now.
+    check_now: Arc<Notify>,
 }
 
 struct Running {
@@ -92,9 +97,16 @@ impl StopRequests {
         lock(&self.running).keys().copied().collect()
     }
 
+    /// Has the checking task look for recorded stop requests now, without waiting for it: the
+    /// stop channel has just been subscribed (again), and what it carried while it was not
+    /// reached nobody.
+    pub fn check_soon(&self) {
+        self.check_now.notify_one();
+    }
+
     /// Stops the runs whose message has a recorded stop request: what the pub/sub channel may
     /// have carried while this process was not subscribed.
-    pub async fn check_recorded(&self, db: &PgPool) {
+    async fn check_recorded(&self, db: &PgPool) {
         let running = self.running_messages();
         if running.is_empty() {
             return;
@@ -109,6 +121,48 @@ impl StopRequests {
                 tracing::warn!(error = %err, "could not check the running messages for stop requests")
             }
         }
+    }
+}
+
+/// How often the running messages are checked for a recorded stop request besides the
+/// channel: a request whose publish failed, or that a connection dropped without a word
+/// carried, still stops its run within this.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The task checking `requests`' running messages for recorded stop requests, every
+/// [`CHECK_EVERY`] and at each [`StopRequests::check_soon`]; it ends when this is dropped or
+/// when the registry is.
+pub struct Checking {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts checking `requests`' running messages against the database (see [`Checking`]).
+pub fn keep_checking(requests: &Arc<StopRequests>, db: PgPool) -> Checking {
+    let registry = Arc::downgrade(requests);
+    let check_now = requests.check_now.clone();
+    Checking {
+        task: tokio::spawn(check_until_gone(registry, check_now, db)),
+    }
+}
+
+async fn check_until_gone(registry: Weak<StopRequests>, check_now: Arc<Notify>, db: PgPool) {
+    let mut every = tokio::time::interval(CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = check_now.notified() => {}
+        }
+        let Some(requests) = registry.upgrade() else {
+            return;
+        };
+        requests.check_recorded(&db).await;
     }
 }
 

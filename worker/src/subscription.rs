@@ -1,12 +1,11 @@
 //! The worker process's pub/sub connection: stop requests for the jobs it runs
 //! (`stop_requests.rs`) and pushes of new jobs (`jobs_pushed.rs`), each on its namespace
-//! channel.
+//! channel. Its task only routes what arrives; it does no I/O of its own, so a wake-up is
+//! never held up behind anything else.
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind};
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use aichat_shared::keys::Namespace;
@@ -16,7 +15,7 @@ use crate::jobs_pushed::JobsPushed;
 use crate::stop_requests::StopRequests;
 
 /// The subscription runs until this is dropped; its task then ends, closing its Redis
-/// connection and its handle on the database pool.
+/// connection.
 pub struct Subscription {
     _gone: oneshot::Sender<()>,
 }
@@ -26,7 +25,6 @@ pub struct Subscription {
 pub async fn subscribe(
     redis_url: &str,
     ns: &Namespace,
-    db: PgPool,
     requests: &Arc<StopRequests>,
     pushed: JobsPushed,
 ) -> redis::RedisResult<Subscription> {
@@ -41,7 +39,6 @@ pub async fn subscribe(
         requests: Arc::downgrade(requests),
         pushed,
         channels,
-        db,
     };
     tokio::spawn(route.run(conn, pushes, gone));
     Ok(Subscription { _gone: gone_tx })
@@ -56,35 +53,19 @@ struct Route {
     requests: Weak<StopRequests>,
     pushed: JobsPushed,
     channels: Channels,
-    db: PgPool,
 }
 
-/// How often the running messages are checked for a recorded stop request besides the
-/// channel: a request whose publish failed, or that a connection dropped without a word
-/// carried, still stops its run within this.
-const RECHECK_EVERY: Duration = Duration::from_secs(5);
-
 impl Route {
-    /// Routes the subscription's pushes until `gone` fires or the stop registry is dropped,
-    /// and checks the running messages for recorded stop requests every [`RECHECK_EVERY`].
+    /// Routes the subscription's pushes until `gone` fires or the stop registry is dropped.
     async fn run(
         self,
         conn: ConnectionManager,
         mut pushes: mpsc::UnboundedReceiver<PushInfo>,
         mut gone: oneshot::Receiver<()>,
     ) {
-        let mut recheck = tokio::time::interval(RECHECK_EVERY);
-        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let push = tokio::select! {
                 push = pushes.recv() => push,
-                _ = recheck.tick() => {
-                    match self.requests.upgrade() {
-                        Some(requests) => requests.check_recorded(&self.db).await,
-                        None => return,
-                    }
-                    continue;
-                }
                 _ = &mut gone => return,
             };
             let Some(push) = push else { return };
@@ -110,9 +91,7 @@ impl Route {
                 // Also the subscriptions made again after a reconnect: what was published
                 // while the connection was down reached nobody.
                 PushKind::Subscribe if on(&self.channels.pushed) => self.pushed.signal(),
-                PushKind::Subscribe if on(&self.channels.stop) => {
-                    requests.check_recorded(&self.db).await
-                }
+                PushKind::Subscribe if on(&self.channels.stop) => requests.check_soon(),
                 PushKind::Disconnection => {
                     tracing::warn!("worker's pub/sub connection to Redis lost; reconnecting");
                     let conn = conn.clone();

@@ -5,6 +5,7 @@ use crate::common;
 use std::time::Duration;
 
 use aichat_fake_llm::{FakeConfig, FakeLlm};
+use aichat_shared::db;
 use aichat_testkit::eventually;
 use common::{
     Stack, TestApp, TestUser, event_of, id, next_event, spawn_app_with_flags, start_worker,
@@ -147,6 +148,36 @@ async fn a_stop_through_another_instance_cuts_the_stream_and_keeps_what_was_stre
     let (status, _) = a.post(&stop_path(next), &alice.token, json!({})).await;
     assert_eq!(status, StatusCode::OK);
     b.cleanup().await;
+    a.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_stop_recorded_but_never_published_still_stops_the_run() {
+    let a = Stack::start(slow_long_reply(), &[], &FLUSH_AT_ONCE).await;
+    let alice = a.user("alice").await;
+    let chat = a.ai_chat_id(&alice).await;
+    let mut ws = a.ws(chat, &alice.token, None).await;
+    let question = id(&a.send_ok(&alice, chat, "tell me a long story").await);
+    event_of(&mut ws, "assistant_delta", 10).await;
+
+    // What the API records for a stop, without the publish that tells the workers at once
+    // (as when that publish failed or no subscription carried it).
+    let recorded = db::stops::request_stop(&a.db, question, alice.id)
+        .await
+        .expect("recording the stop");
+    assert!(recorded.is_some(), "the message was being answered");
+
+    // The worker's periodic check finds it: the stopped reply comes within its period (5 s),
+    // long before the 20 s reply would end.
+    let (reply, _) = event_of(&mut ws, "assistant_message", 8).await;
+    assert_eq!(reply["message"]["stopped"], true, "{reply}");
+    assert_eq!(reply["message"]["reply_to"], question);
+    let hung_up = a
+        .fake
+        .wait_for_hang_up(Duration::from_secs(5))
+        .await
+        .expect("the worker closed the model's stream");
+    assert!(hung_up.chunks_sent < 400, "{hung_up:?}");
     a.cleanup().await;
 }
 
