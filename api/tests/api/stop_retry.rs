@@ -64,6 +64,15 @@ async fn budget_used(app: &TestApp, user_id: i64) -> i64 {
     used.unwrap_or(0)
 }
 
+/// Asserts the worker closed the model's stream of [`slow_long_reply`] before its end.
+async fn model_stream_cut(fake: &FakeLlm) {
+    let hung_up = fake
+        .wait_for_hang_up(Duration::from_secs(5))
+        .await
+        .expect("the worker closed the model's stream");
+    assert!(hung_up.chunks_sent < 400, "{hung_up:?}");
+}
+
 /// Jobs the queue has finished (acknowledged done).
 async fn done_jobs(app: &TestApp) -> usize {
     let done: usize = app
@@ -113,12 +122,7 @@ async fn a_stop_through_another_instance_cuts_the_stream_and_keeps_what_was_stre
     assert_eq!(stop["reply"]["stopped"], true);
 
     // The model's stream was closed by the worker, not finished.
-    let hung_up = a
-        .fake
-        .wait_for_hang_up(Duration::from_secs(5))
-        .await
-        .expect("the worker closed the model's stream");
-    assert!(hung_up.chunks_sent < 400, "{hung_up:?}");
+    model_stream_cut(&a.fake).await;
 
     // Usage: the prompt and the tokens generated until the stop, fewer than the whole reply's.
     let usage = &reply["message"]["usage"];
@@ -172,12 +176,7 @@ async fn a_stop_recorded_but_never_published_still_stops_the_run() {
     let (reply, _) = event_of(&mut ws, "assistant_message", 8).await;
     assert_eq!(reply["message"]["stopped"], true, "{reply}");
     assert_eq!(reply["message"]["reply_to"], question);
-    let hung_up = a
-        .fake
-        .wait_for_hang_up(Duration::from_secs(5))
-        .await
-        .expect("the worker closed the model's stream");
-    assert!(hung_up.chunks_sent < 400, "{hung_up:?}");
+    model_stream_cut(&a.fake).await;
     a.cleanup().await;
 }
 
