@@ -21,6 +21,7 @@ use tower::ServiceExt;
 
 use crate::error::ApiError;
 use crate::metrics;
+use crate::routes::export;
 use crate::state::AppState;
 
 /// One connection's place under `MAX_CONNECTIONS`, freed when the last holder drops it: the
@@ -269,7 +270,8 @@ pub async fn request_timeout(
     let (parts, body) = req.into_parts();
     // An AI chat import carries a whole conversation: its route has a limit of its own
     // (`IMPORT_MAX_BYTES`, checked again by the route, which reads the body itself).
-    let max_bytes = if parts.uri.path() == "/api/ai/chats/import/" {
+    let import = parts.uri.path() == export::IMPORT_PATH;
+    let max_bytes = if import {
         settings.import_max_bytes.max(settings.max_body_bytes)
     } else {
         settings.max_body_bytes
@@ -278,6 +280,9 @@ pub async fn request_timeout(
     let bytes = match tokio::time::timeout(limit, read).await {
         Ok(Ok(bytes)) => bytes,
         // Over the limit (or the client went away while sending it).
+        Ok(Err(_)) if import => {
+            return export::import_too_large(settings.import_max_bytes).into_response();
+        }
         Ok(Err(_)) => {
             return ApiError::PayloadTooLarge("Request body is too large".into()).into_response();
         }

@@ -8,6 +8,15 @@ pub const BLANK: &str = "This field may not be blank.";
 /// PostgreSQL text cannot hold U+0000, so no text field may carry it.
 pub const NULL_CHARACTER: &str = "Null characters are not allowed.";
 
+/// Years a time may fall in: PostgreSQL's `timestamptz` starts in 4713 BC, and chrono reads
+/// years of any length it cannot hold.
+pub const TIME_OUT_OF_RANGE: &str = "Must be a time between the years 1 and 9999.";
+
+/// Whether PostgreSQL can take `time` (and the years around it are ones a chat can have).
+pub fn storable_time(time: &chrono::DateTime<chrono::Utc>) -> bool {
+    (1..=9999).contains(&chrono::Datelike::year(time))
+}
+
 /// Adds the error when `value` holds a NUL character; true when it is clean.
 pub fn no_nul(errors: &mut FieldErrors, field: &str, value: &str) -> bool {
     if value.contains('\0') {

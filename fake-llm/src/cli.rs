@@ -46,6 +46,7 @@ impl Cli {
             always: None,
             hang_ms: self.hang_ms,
             reply_words: self.reply_words,
+            reply: None,
             max_recorded: self.max_recorded,
         }
     }

@@ -27,6 +27,9 @@ pub struct FakeConfig {
     pub hang_ms: u64,
     /// When set, replies are this many lorem-ipsum words instead of the echo.
     pub reply_words: Option<usize>,
+    /// When set, every reply is this text (split into word chunks as any reply): what a real
+    /// model may send and no user can, such as U+0000.
+    pub reply: Option<String>,
     /// Only the newest `max_recorded` requests are kept.
     pub max_recorded: usize,
 }
@@ -41,6 +44,7 @@ impl Default for FakeConfig {
             always: None,
             hang_ms: DEFAULT_HANG_MS,
             reply_words: None,
+            reply: None,
             max_recorded: DEFAULT_MAX_RECORDED,
         }
     }

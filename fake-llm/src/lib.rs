@@ -5,7 +5,8 @@
 //!
 //! # Replies
 //! The reply is `"Echo: " + <content of the last user message>` (`"Echo: "` without one), or,
-//! when [`FakeConfig::reply_words`] is set, that many words cycling through a lorem-ipsum list.
+//! when [`FakeConfig::reply_words`] is set, that many words cycling through a lorem-ipsum list,
+//! or, when [`FakeConfig::reply`] is set, that text.
 //! Streams send a role chunk, one chunk per word (keeping its trailing whitespace, so the
 //! chunks concatenate to the reply), a `finish_reason: "stop"` chunk, the usage chunk
 //! (`choices: []`) when `stream_options.include_usage` is true, then `data: [DONE]`. Each

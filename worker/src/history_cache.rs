@@ -18,6 +18,8 @@
 //!
 //! Bounded: one key per chat with a job in the last `CONTEXT_CACHE_SECS`, each at most a
 //! budget's worth of text. Losing it (Redis restarted, evicted, expired) costs one full read.
+use std::ops::Range;
+
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
@@ -27,9 +29,10 @@ use crate::context::{Role, TokenCounter, stored_tokens};
 use crate::metrics;
 use crate::state::JobContext;
 
-/// A chat's cached history.
+/// A chat's cached history: `rows` owned as read from Redis, borrowed as stored, or as the
+/// range of the job's history that [`assemble`] says to store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub struct Entry<R = Vec<HistoryMessage>> {
     /// The chat's `history_epoch` the rows were read at.
     epoch: i64,
     /// Every turn up to this one had ended, and `rows` are theirs (the newest that can count).
@@ -38,16 +41,37 @@ pub struct Entry {
     budget: usize,
     limit: usize,
     /// Oldest first, starting with a question.
-    rows: Vec<HistoryMessage>,
+    rows: R,
 }
 
-impl Entry {
+impl<R> Entry<R> {
     /// What the job's read asks PostgreSQL to skip.
     pub fn known(&self) -> KnownHistory {
         KnownHistory {
             epoch: self.epoch,
             through_turn: self.through_turn,
         }
+    }
+
+    fn with_rows<S>(&self, rows: S) -> Entry<S> {
+        Entry {
+            epoch: self.epoch,
+            through_turn: self.through_turn,
+            budget: self.budget,
+            limit: self.limit,
+            rows,
+        }
+    }
+}
+
+/// The entry to store as a range of the history it was assembled with.
+pub type Update = Entry<Range<usize>>;
+
+impl Update {
+    /// The entry, its rows borrowed from `history` (what [`assemble`] returned with it), so
+    /// storing it copies no message.
+    pub fn over<'a>(&self, history: &'a [HistoryMessage]) -> Entry<&'a [HistoryMessage]> {
+        self.with_rows(history.get(self.rows.clone()).unwrap_or_default())
     }
 }
 
@@ -71,7 +95,7 @@ pub async fn load(ctx: &JobContext, ai_chat_id: i64, limit: usize) -> Option<Ent
 
 /// Stores `entry` as chat `ai_chat_id`'s, for `CONTEXT_CACHE_SECS`. A failure only means the
 /// next job reads more.
-pub async fn store(ctx: &JobContext, ai_chat_id: i64, entry: &Entry) {
+pub async fn store(ctx: &JobContext, ai_chat_id: i64, entry: &Entry<&[HistoryMessage]>) {
     if ctx.history_cache_secs == 0 {
         return;
     }
@@ -91,8 +115,8 @@ pub async fn store(ctx: &JobContext, ai_chat_id: i64, entry: &Entry) {
 
 /// The history of question `question_id`'s prompt (oldest first, at most `limit` rows, as
 /// `db::completions::list_history` gives it, or a suffix of that which trims to the same
-/// prompt), from what the cache held and what the job read; and the entry to store after it,
-/// when it says more than `cached` did.
+/// prompt), from what the cache held and what the job read; and the entry to store after it
+/// (a range of that history), when it says more than `cached` did.
 pub fn assemble(
     cached: Option<Entry>,
     read: HistoryRead,
@@ -100,7 +124,7 @@ pub fn assemble(
     limit: usize,
     budget: usize,
     counter: &TokenCounter,
-) -> (Vec<HistoryMessage>, Option<Entry>) {
+) -> (Vec<HistoryMessage>, Option<Update>) {
     let HistoryRead {
         epoch,
         after_turn,
@@ -132,14 +156,14 @@ pub fn assemble(
     rows.drain(..over);
     let ended = ended.saturating_sub(over);
     let store = (on_path && previous_through != Some(through_turn)).then(|| {
-        let ended = rows.get(..ended).unwrap_or_default();
-        let start = within_budget(ended, budget, counter);
+        let ended = ended.min(rows.len());
+        let start = within_budget(rows.get(..ended).unwrap_or_default(), budget, counter);
         Entry {
             epoch,
             through_turn,
             budget,
             limit,
-            rows: ended.get(start..).unwrap_or_default().to_vec(),
+            rows: start..ended,
         }
     });
     (rows, store)
@@ -164,6 +188,14 @@ fn within_budget(rows: &[HistoryMessage], budget: usize, counter: &TokenCounter)
         start = i;
     }
     start
+}
+
+#[cfg(test)]
+impl Entry<&[HistoryMessage]> {
+    /// The entry as the next job reads it back.
+    fn owned(&self) -> Entry {
+        self.with_rows(self.rows.to_vec())
+    }
 }
 
 #[cfg(test)]
@@ -289,7 +321,7 @@ mod tests {
             let expected: Vec<HistoryMessage> = full.rows.iter().map(|r| r.message.clone()).collect();
             let (history, entry) = assemble(None, full, question_id(first), limit, budget, &counter);
             prop_assert_eq!(&history, &expected);
-            let entry = entry.expect("a first read stores an entry");
+            let entry = entry.expect("a first read stores an entry").over(&history).owned();
 
             let known = entry.known();
             let later = HistoryRead {

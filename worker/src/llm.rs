@@ -216,7 +216,6 @@ impl LlmClient {
         stop: &mut watch::Receiver<bool>,
         fallback_ready: bool,
     ) -> Result<Completion, CompletionError> {
-        let body = request_body(request);
         let model = request.model.as_str();
         let deadline = Instant::now() + self.policy.max_total;
         let mut failures = 0u32;
@@ -253,8 +252,10 @@ impl LlmClient {
                 let _ = chunks.send(Piece::Restart);
             }
             let started = Instant::now();
+            // Built for each attempt: the client consumes it, and a copy kept for a retry
+            // would cost as much on every call as building it again costs on a retry.
             let result = self
-                .attempt(model, body.clone(), chunks, stop, &mut streamed)
+                .attempt(model, request_body(request), chunks, stop, &mut streamed)
                 .await;
             let elapsed = started.elapsed();
             let err = match result {
@@ -397,6 +398,7 @@ impl LlmClient {
             }
             for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
                 if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                    let text = storable(text);
                     content.push_str(&text);
                     *streamed = true;
                     // The receiver only goes away when the job is being dropped.
@@ -417,6 +419,17 @@ impl LlmClient {
             usage,
             stopped: false,
         })
+    }
+}
+
+/// `text` as PostgreSQL's `text` can hold it: U+0000, which a model may send, becomes U+FFFD,
+/// in the deltas and the saved reply alike (a reply that cannot be saved would be asked for
+/// again until its job died).
+fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 

@@ -68,7 +68,7 @@ pub async fn prompt_parts(
     .await
     .context("counting prompt tokens")?;
     if let Some(entry) = &entry {
-        history_cache::store(ctx, subject.ai_chat_id, entry).await;
+        history_cache::store(ctx, subject.ai_chat_id, &entry.over(&history)).await;
     }
     Ok(Arc::new(PromptParts {
         system_prompt: subject.system_prompt.clone(),

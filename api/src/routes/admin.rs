@@ -78,7 +78,7 @@ pub struct MessageFilter {
 /// Messages of every user, newest first, filtered by role and date.
 #[utoipa::path(get, path = "/api/admin/messages/", tag = "admin", params(MessageFilter),
     responses((status = 200, description = "The matching messages, newest first", body = Vec<AiMessage>),
-        (status = 400, description = "An unknown `role` or `limit` outside 1–1000 (field errors); or a query that does not parse", body = BadRequestBody),
+        (status = 400, description = "An unknown `role`, `limit` outside 1–1000, or `since`/`until` outside the years 1–9999 (field errors); or a query that does not parse", body = BadRequestBody),
         (status = 403, description = "Staff only", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn filter_messages(
@@ -87,14 +87,18 @@ async fn filter_messages(
     ApiQuery(query): ApiQuery<MessageFilter>,
 ) -> ApiResult<Json<Vec<AiMessage>>> {
     let limit = checked_limit(query.limit, 1000)?;
+    let mut errors = FieldErrors::default();
     if let Some(r) = &query.role
         && r.parse::<Role>().is_err()
     {
-        return Err(FieldErrors::single(
-            "role",
-            "Must be user, assistant or system.",
-        ));
+        errors.add("role", "Must be user, assistant or system.");
     }
+    for (field, time) in [("since", &query.since), ("until", &query.until)] {
+        if time.as_ref().is_some_and(|t| !validate::storable_time(t)) {
+            errors.add(field, validate::TIME_OUT_OF_RANGE);
+        }
+    }
+    errors.check()?;
     let messages = db::admin::filter_messages(
         &state.db,
         query.role.as_deref(),

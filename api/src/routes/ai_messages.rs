@@ -151,8 +151,16 @@ async fn send_message(
             };
         }
         claim => {
-            let result = submit_message(&state, sender, id, send, request_id.clone()).await;
-            settle(&state, claim, result).await?
+            let (content, options) = (send.content.to_owned(), send.options);
+            let request_id = request_id.clone();
+            settled(&state, claim, move |state| async move {
+                let send = SendMessage {
+                    content: &content,
+                    options,
+                };
+                submit_message(&state, sender, id, send, request_id).await
+            })
+            .await?
         }
     };
     queued_response(&state, message, wait, events.as_mut()).await
@@ -500,8 +508,11 @@ async fn regenerate_message(
             return Ok(repeat_response(message));
         }
         claim => {
-            let result = versions::regenerate(&state, sender, &question, request_id).await;
-            settle(&state, claim, result).await?
+            let question = question.clone();
+            settled(&state, claim, move |state| async move {
+                versions::regenerate(&state, sender, &question, request_id).await
+            })
+            .await?
         }
     };
     queued_response(&state, message, wait, events.as_mut()).await
@@ -561,8 +572,11 @@ async fn edit_message(
             return Ok(repeat_response(message));
         }
         claim => {
-            let result = versions::edit(&state, sender, &question, content, request_id).await;
-            settle(&state, claim, result).await?
+            let (question, content) = (question.clone(), content.to_owned());
+            settled(&state, claim, move |state| async move {
+                versions::edit(&state, sender, &question, &content, request_id).await
+            })
+            .await?
         }
     };
     queued_response(&state, message, wait, events.as_mut()).await
@@ -626,6 +640,32 @@ async fn repeated(
         .ok_or(ApiError::Conflict(
             "This Idempotency-Key was used for another message",
         ))
+}
+
+/// Runs the work of a request that may have claimed an `Idempotency-Key`, then settles the
+/// key ([`settle`]). With a new claim the work runs on a task of its own, to its end even when
+/// the request is dropped first (the client went away): once under way the work may still
+/// store the message, and a key left `pending` would let a repeat store a second one once the
+/// claim expires.
+async fn settled<W>(
+    state: &AppState,
+    claim: Option<Claim>,
+    work: impl FnOnce(AppState) -> W,
+) -> ApiResult<(AiMessage, LimitsLeft)>
+where
+    W: Future<Output = ApiResult<(AiMessage, LimitsLeft)>> + Send + 'static,
+{
+    let work = work(state.clone());
+    if !matches!(claim, Some(Claim::New(_))) {
+        return settle(state, claim, work.await).await;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let result = work.await;
+        settle(&state, claim, result).await
+    })
+    .await
+    .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("a claimed send's task")))?
 }
 
 /// Records what a new claim produced (or frees it when the request failed).

@@ -18,7 +18,7 @@ mod admin_users;
 mod ai_chats;
 mod ai_messages;
 mod chats;
-mod export;
+pub(crate) mod export;
 mod message_stream;
 mod models;
 mod ops;

@@ -88,6 +88,26 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
         ],
     )
     .await;
+    // Times chrono reads and PostgreSQL cannot hold: field errors, at and past the edge.
+    for (query, field) in [
+        ("since=-5000-01-01T00:00:00Z", "since"),
+        ("until=%2B10000-01-01T00:00:00Z", "until"),
+        ("since=0000-12-31T23:59:59Z", "since"),
+    ] {
+        let (status, body) = app
+            .get(&format!("/api/admin/messages/?{query}"), &root.token)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(body[field].is_array(), "{query}: {body}");
+    }
+    let (status, edge) = app
+        .get(
+            "/api/admin/messages/?since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59Z",
+            &root.token,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{edge}");
+    assert_eq!(items(&edge).len(), 2, "{edge}");
 
     let (status, usage) = app.get("/api/admin/usage/", &root.token).await;
     assert_eq!(status, StatusCode::OK);

@@ -508,6 +508,18 @@ async fn a_refused_import_names_the_problem_and_stores_nothing() {
             "messages[0]: version 0 is below 1",
         ),
         (
+            "a version past the most an import takes",
+            with(&|d| d["messages"][1]["version"] = json!(2_147_483_647)),
+            "messages",
+            "messages[1]: version 2147483647 is above 1000000",
+        ),
+        (
+            "an answered question without its reply",
+            document(vec![message(1, None, "user", "hi", "answered")]),
+            "messages",
+            "messages[0]: an answered question needs a reply",
+        ),
+        (
             "too many messages",
             document(vec![
                 message(1, None, "user", "a", "answered"),
@@ -723,12 +735,22 @@ async fn imported_waiting_messages_are_cancelled_and_never_answered() {
 /// An export larger than `MAX_BODY_BYTES` still imports, up to `IMPORT_MAX_BYTES`.
 #[tokio::test]
 async fn an_import_may_be_larger_than_the_body_limit_of_other_routes() {
-    let app = spawn_app_with_flags(&["--max-body-bytes", "2000"]).await;
+    let app =
+        spawn_app_with_flags(&["--max-body-bytes", "2000", "--import-max-bytes", "8000"]).await;
     let alice = app.user("alice").await;
     let mut doc = document(one_turn());
     doc["chat"]["system_prompt"] = json!("p".repeat(5000));
     let chat = import_ok(&app, &alice, &doc).await;
     assert_eq!(chat["system_prompt"].as_str().map(str::len), Some(5000));
+
+    // Past its own limit, an import is told that limit.
+    doc["chat"]["system_prompt"] = json!("p".repeat(9000));
+    let (status, body) = app.post(IMPORT, &alice.token, doc).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(
+        body,
+        json!({"error": "Request body is too large: an import is at most 8000 bytes"})
+    );
     app.cleanup().await;
 }
 
@@ -768,4 +790,37 @@ async fn the_markdown_export_puts_a_regenerated_reply_under_its_question() {
     assert!(at(regenerated) < at("turn two"), "{text}");
     assert!(!text.contains("Echo: turn one"), "{text}");
     stack.cleanup().await;
+}
+
+/// The highest version an import takes leaves room for the versions that come after it: its
+/// question can be regenerated and edited.
+#[tokio::test]
+async fn a_turn_at_the_highest_imported_version_can_be_regenerated_and_edited() {
+    let app = spawn_app_with_flags(&[]).await;
+    let alice = app.user("alice").await;
+    let mut turn = one_turn();
+    turn[0]["version"] = json!(1_000_000);
+    turn[1]["version"] = json!(1_000_000);
+    for action in ["regenerate", "edit"] {
+        let chat = import_ok(&app, &alice, &document(turn.clone())).await;
+        let messages = all_messages(&app, &alice, id(&chat)).await;
+        let question = id(&messages[0]);
+        let (status, body) = app
+            .post(
+                &format!("/api/ai/messages/{question}/{action}/"),
+                &alice.token,
+                json!({"content": "once more"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{action}: {body}");
+        let message = &body["message"];
+        assert_eq!(message["status"], "queued", "{action}: {body}");
+        if action == "edit" {
+            assert_ne!(id(message), question, "a new version: {body}");
+            assert_eq!(message["version"], 1_000_001, "{body}");
+        } else {
+            assert_eq!(id(message), question, "{body}");
+        }
+    }
+    app.cleanup().await;
 }

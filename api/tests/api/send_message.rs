@@ -2,7 +2,9 @@
 //! when Redis cannot take the job, nothing is stored and the client gets 503.
 use crate::common;
 
-use aichat_testkit::PrivateRedis;
+use std::time::Duration;
+
+use aichat_testkit::{PrivateRedis, eventually};
 use common::{
     Options, Replied, app_with_ai_chat, app_with_users, assert_error, flags, id, send_path,
     spawn_app_with, spawn_app_with_flags,
@@ -112,6 +114,57 @@ async fn when_redis_cannot_take_the_job_the_client_gets_503_and_no_message_is_le
     let (status, ready) = app.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready["redis"], "unavailable");
+    app.cleanup().await;
+}
+
+/// A client that goes away while its keyed send is being stored leaves no key pending: the
+/// send is stored once, and a repeat with the key answers that message instead of 409.
+#[tokio::test]
+async fn a_keyed_send_whose_client_went_away_is_stored_once_and_a_repeat_answers_it() {
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
+    let path = send_path(chat);
+    // The chat's row held `for update`: the send's statement waits for it (it takes the row
+    // `for key share`).
+    let mut lock = app.db.begin().await.expect("begin");
+    sqlx::query("select 1 from ai_chats where id = $1 for update")
+        .bind(chat)
+        .execute(&mut *lock)
+        .await
+        .expect("locking the chat");
+    let mut send = Box::pin(app.post_with_key(&path, &alice.token, "gone", "hello"));
+    let waiting = eventually(
+        Duration::from_secs(10),
+        "the send waiting for the chat's row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity
+                 where datname = current_database() and wait_event_type = 'Lock'",
+            )
+            .fetch_one(&app.db)
+            .await
+            .expect("pg_stat_activity");
+            (waiting > 0).then_some(())
+        },
+    );
+    tokio::select! {
+        (status, body) = &mut send => panic!("answered while its chat was locked: {status} {body}"),
+        () = waiting => {}
+    }
+    drop(send); // the client goes away
+    lock.rollback().await.expect("unlocking the chat");
+
+    let repeat = eventually(Duration::from_secs(10), "a repeat answering", || async {
+        let (status, body) = app
+            .post_with_key(&path, &alice.token, "gone", "hello")
+            .await;
+        (status != StatusCode::CONFLICT).then_some((status, body))
+    })
+    .await;
+    assert_eq!(repeat.0, StatusCode::ACCEPTED, "{}", repeat.1);
+    let stored = app.my_messages(&alice).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(repeat.1["message"]["id"], stored[0]["id"]);
+    assert_eq!(app.queued_jobs().await.len(), 1);
     app.cleanup().await;
 }
 

@@ -298,7 +298,9 @@ async fn versions_over_the_websocket_carry_parent_and_version() {
 
     send_ws(
         &mut ws,
-        json!({"type": "edit", "message_id": id(&question), "content": "edited over the socket"}),
+        // A send's other fields are not an edit's (as over REST): not checked, not used.
+        json!({"type": "edit", "message_id": id(&question), "content": "edited over the socket",
+               "context_message_limit": 0}),
     )
     .await;
     let (event, _) = event_of(&mut ws, "user_message", 10).await;

@@ -87,6 +87,15 @@ async fn invalid_json_non_objects_and_blank_content_get_error_events_and_typing_
             "{frame}"
         );
     }
+    // A binary frame, even of a JSON object, is not a frame the socket reads.
+    let object = json!({"type": "message", "content": "binary"}).to_string();
+    ws.send(Message::Binary(object.into_bytes().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut ws, 5).await,
+        json!({"type": "error", "message": "Invalid data: expected a JSON object in a text frame"})
+    );
     for content in [json!(""), json!("   "), Value::Null] {
         send_ws(&mut ws, json!({"type": "message", "content": content})).await;
         assert_eq!(

@@ -114,3 +114,41 @@ async fn a_sent_message_is_streamed_saved_with_the_models_token_counts_and_annou
 
     env.finish([worker]).await;
 }
+
+/// A model may send U+0000, which PostgreSQL's text cannot hold: the reply is saved and
+/// announced with U+FFFD in its place (in the deltas as well), and the question is answered
+/// once, not retried until the job dies.
+#[tokio::test]
+async fn a_reply_holding_nul_characters_is_saved_with_replacement_characters() {
+    let env = TestEnv::start(FakeConfig {
+        reply: Some("before\u{0}after \u{0}".into()),
+        ..FakeConfig::default()
+    })
+    .await;
+    let worker = env.spawn_worker(&["--delta-flush-chars", "1"]).await;
+    env.wait_ready(worker.port).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let sent = env.ask(chat, "say something odd").await;
+    let reply = events.reply_to(sent.id, WAIT).await;
+
+    let expected = "before\u{FFFD}after \u{FFFD}";
+    let ChatEvent::AssistantMessage { message } = chat_event(&reply) else {
+        panic!("not an assistant_message: {reply}");
+    };
+    assert_eq!(message.content, expected);
+    let deltas: String = events
+        .of_type("assistant_delta")
+        .into_iter()
+        .map(|e| match chat_event(e) {
+            ChatEvent::AssistantDelta { delta, .. } => delta,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(deltas, expected);
+    let stored = env.messages(chat).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0].status, "answered");
+    assert_eq!(stored[1].content, expected);
+    assert_eq!(env.fake.requests().len(), 1, "asked once");
+    env.finish([worker]).await;
+}

@@ -1,8 +1,6 @@
 //! What an import must be before anything of it is stored.
 use std::collections::{HashMap, HashSet};
 
-use chrono::Datelike;
-
 use aichat_shared::db::export::ImportedMessage;
 use aichat_shared::domain::{MessageStatus, Role};
 use aichat_shared::models::Registry;
@@ -42,6 +40,10 @@ impl Problems {
         }
     }
 }
+
+/// Highest `version` an import takes: far more than any turn has, and far enough from the end
+/// of PostgreSQL's `integer` that the versions later regenerations and edits add never reach it.
+const MAX_IMPORTED_VERSION: i32 = 1_000_000;
 
 /// Most digits of an imported cost before, and after, its point: far more than any price
 /// gives, and a number PostgreSQL's `numeric` stores exactly.
@@ -183,9 +185,13 @@ fn check_messages<'a>(
         };
         if m.version < 1 {
             problem(format!("version {} is below 1", m.version));
+        } else if m.version > MAX_IMPORTED_VERSION {
+            problem(format!(
+                "version {} is above {MAX_IMPORTED_VERSION}",
+                m.version
+            ));
         }
-        // PostgreSQL's `timestamptz` starts in 4713 BC; chrono reads years it cannot hold.
-        if m.timestamp.is_some_and(|t| !(1..=9999).contains(&t.year())) {
+        if m.timestamp.is_some_and(|t| !validate::storable_time(&t)) {
             problem("timestamp is not between the years 1 and 9999".into());
         }
         let content = match m.role {
@@ -290,6 +296,19 @@ fn check_messages<'a>(
             active: m.active,
             reply_version: 1,
         });
+    }
+    let replied: HashSet<usize> = imported
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .filter_map(|m| m.parent)
+        .collect();
+    for (i, m) in imported.iter().enumerate() {
+        if m.role == Role::User && m.status == MessageStatus::Answered && !replied.contains(&i) {
+            problems.add(
+                i,
+                "an answered question needs a reply (an assistant message whose parent_id is its id)",
+            );
+        }
     }
     set_reply_versions(&mut imported);
     problems.into_errors(errors);

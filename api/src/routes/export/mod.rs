@@ -186,6 +186,16 @@ async fn import_ai_chat(
     Ok((StatusCode::CREATED, Json(chat)))
 }
 
+/// The path of an import, whose body has a limit of its own (`IMPORT_MAX_BYTES`).
+pub const IMPORT_PATH: &str = "/api/ai/chats/import/";
+
+/// An import's body over `limit` bytes: 413.
+pub fn import_too_large(limit: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "Request body is too large: an import is at most {limit} bytes"
+    ))
+}
+
 /// The body of an import: JSON (415 otherwise) of at most `IMPORT_MAX_BYTES` (413), read
 /// here rather than by `ApiJson`, whose limit is `MAX_BODY_BYTES`.
 async fn read_import(state: &AppState, request: Request) -> ApiResult<ChatExport> {
@@ -197,10 +207,6 @@ async fn read_import(state: &AppState, request: Request) -> ApiResult<ChatExport
     let limit = state.settings.import_max_bytes;
     let bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
-        .map_err(|_| {
-            ApiError::PayloadTooLarge(format!(
-                "Request body is too large: an import is at most {limit} bytes"
-            ))
-        })?;
+        .map_err(|_| import_too_large(limit))?;
     Ok(crate::json_body::parse_object(&bytes)?)
 }

@@ -52,11 +52,25 @@ struct ClientFrame {
 }
 
 impl ClientFrame {
+    fn content(&self) -> Option<&str> {
+        self.content.as_ref().and_then(serde_json::Value::as_str)
+    }
+
     fn fields(&self) -> SendFields<'_> {
         SendFields {
-            content: self.content.as_ref().and_then(serde_json::Value::as_str),
+            content: self.content(),
             include_related_chat_context: self.include_related_chat_context,
             context_message_limit: self.context_message_limit,
+        }
+    }
+
+    /// An edit's fields: its `content` only, as REST's edit takes them (the new version keeps
+    /// its turn's context settings).
+    fn edit_fields(&self) -> SendFields<'_> {
+        SendFields {
+            content: self.content(),
+            include_related_chat_context: None,
+            context_message_limit: None,
         }
     }
 }
@@ -139,10 +153,11 @@ async fn new_version(
         Err(err) => return Some(socket_error(err, "WebSocket regenerate or edit failed")),
     };
     let result = if kind == "edit" {
-        let content = match SendMessage::parse(frame.fields(), state.settings.max_content_chars) {
-            Ok(send) => send.content,
-            Err(refused) => return Some(refused.socket_message()),
-        };
+        let content =
+            match SendMessage::parse(frame.edit_fields(), state.settings.max_content_chars) {
+                Ok(send) => send.content,
+                Err(refused) => return Some(refused.socket_message()),
+            };
         match own_user_message(state, user.id, message_id).await {
             Ok(question) => {
                 send::versions::edit(state, sender, &question, content, request_id).await

@@ -189,15 +189,16 @@ async fn recv_loop(
             Some(Err(_)) | None => return RecvEnd::Gone,
         };
         let _ = alive.send(Instant::now());
-        let text = match frame {
-            Message::Text(text) => text,
+        let refused = match frame {
+            // Boxed: a frame's handling (a send, an edit, a stop…) is a large future, and
+            // inline it would size this loop, and so every idle socket's task, for it
+            // (BENCHMARKS.md, fan-out memory).
+            Message::Text(text) => Box::pin(handle_frame(&state, &user, ai_chat_id, &text)).await,
+            Message::Binary(_) => Some(BINARY_FRAME.to_owned()),
             Message::Close(_) => return RecvEnd::Gone,
-            _ => continue,
+            Message::Ping(_) | Message::Pong(_) => None,
         };
-        // Boxed: a frame's handling (a send, an edit, a stop…) is a large future, and inline it
-        // would size this loop, and so every idle socket's task, for it (BENCHMARKS.md,
-        // fan-out memory).
-        if let Some(error) = Box::pin(handle_frame(&state, &user, ai_chat_id, &text)).await {
+        if let Some(error) = refused {
             let event = ChatEvent::Error {
                 message: error,
                 message_id: None,
@@ -211,6 +212,9 @@ async fn recv_loop(
         }
     }
 }
+
+/// The `error` event's text for a binary frame: frames are JSON objects, sent as text.
+const BINARY_FRAME: &str = "Invalid data: expected a JSON object in a text frame";
 
 /// Whether a read failed because a frame or message was over the configured size.
 fn is_too_big(err: &axum::Error) -> bool {
