@@ -127,6 +127,9 @@ pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
 /// interval or two.
 pub const SOCKET_RETRY_AFTER_SECS: u64 = 5;
 
+/// What a client is told when what its request refers to was deleted while it ran.
+pub const REFERENCE_GONE: &str = "Something this request refers to was deleted meanwhile";
+
 /// What a client is told when PostgreSQL or Redis cannot be reached.
 pub const SERVICE_UNAVAILABLE: &str = "Service temporarily unavailable, please retry shortly";
 
@@ -140,6 +143,11 @@ impl From<aichat_shared::Error> for ApiError {
             // otherwise the client's to try again.
             tracing::warn!(error = %err, "statement aborted by a conflict");
             ApiError::Unavailable(SERVICE_UNAVAILABLE)
+        } else if err.is_reference_gone() {
+            // A race with a deletion, not a fault of the server: the checks before the write
+            // found the row, and another request deleted it before the write.
+            tracing::info!(error = %err, "a write referred to a row deleted meanwhile");
+            ApiError::Conflict(REFERENCE_GONE)
         } else {
             ApiError::Internal(err.into())
         }

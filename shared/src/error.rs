@@ -29,6 +29,12 @@ impl Error {
         matches!(self, Error::Database(sqlx::Error::Database(_)))
     }
 
+    /// True when a write referred to a row that is gone (`23503`): deleted by a request that
+    /// ran at the same time as the one that checked it was there.
+    pub fn is_reference_gone(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::Database(db)) if db.is_foreign_key_violation())
+    }
+
     /// True when PostgreSQL aborted the statement so that another could go on, and asks for it
     /// to be run again: a deadlock (`40P01`) or a serialization failure (`40001`).
     pub fn is_conflict(&self) -> bool {

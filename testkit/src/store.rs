@@ -35,7 +35,8 @@ impl Env {
         for (sender, content) in messages {
             db::chats::insert_chat_message(&mut conn, chat.id, *sender, content)
                 .await
-                .expect("insert chat message");
+                .expect("insert chat message")
+                .expect("the chat just inserted");
         }
         chat.id
     }

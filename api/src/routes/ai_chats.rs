@@ -148,7 +148,8 @@ impl AiChatRequest {
 /// Create an AI chat.
 #[utoipa::path(post, path = "/api/ai/chats/", tag = "ai", request_body = AiChatRequest,
     responses((status = 201, description = "The new AI chat", body = AiChat),
-        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody)))]
+        (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
+        (status = 409, description = crate::error::REFERENCE_GONE, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn create_ai_chat(
     State(state): State<AppState>,
@@ -199,7 +200,8 @@ async fn get_ai_chat(
     request_body = AiChatRequest,
     responses((status = 200, description = "The changed AI chat", body = AiChat),
         (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
-        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
+        (status = 404, description = NOT_OWNED, body = ErrorBody),
+        (status = 409, description = crate::error::REFERENCE_GONE, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn patch_ai_chat(
     State(state): State<AppState>,
@@ -215,7 +217,8 @@ async fn patch_ai_chat(
     request_body = AiChatRequest,
     responses((status = 200, description = "The changed AI chat", body = AiChat),
         (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
-        (status = 404, description = NOT_OWNED, body = ErrorBody)))]
+        (status = 404, description = NOT_OWNED, body = ErrorBody),
+        (status = 409, description = crate::error::REFERENCE_GONE, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn put_ai_chat(
     State(state): State<AppState>,

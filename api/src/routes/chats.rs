@@ -150,7 +150,8 @@ pub struct ChatMessageRequest {
     request_body = ChatMessageRequest,
     responses((status = 201, description = "The stored message", body = ChatMessage),
         (status = 400, description = "Field errors; or a body that is not a JSON object", body = BadRequestBody),
-        (status = 404, description = NOT_A_PARTICIPANT, body = ErrorBody)))]
+        (status = 404, description = NOT_A_PARTICIPANT, body = ErrorBody),
+        (status = 409, description = crate::error::REFERENCE_GONE, body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn send_chat_message(
     State(state): State<AppState>,
@@ -169,7 +170,9 @@ async fn send_chat_message(
     errors.check()?;
     let content = content.ok_or(ApiError::BadRequest("content is required".into()))?;
     let mut conn = state.db.acquire().await?;
-    let message = db::chats::insert_chat_message(&mut conn, id, auth.user.id, content).await?;
+    let message = db::chats::insert_chat_message(&mut conn, id, auth.user.id, content)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok((StatusCode::CREATED, Json(message)))
 }
 

@@ -130,3 +130,45 @@ async fn deleting_a_chat_leaves_linked_ai_chats_with_a_null_related_chat() {
     assert_eq!(ai["related_chat_name"], Value::Null);
     app.cleanup().await;
 }
+
+/// A message sent, or an AI chat linked, to a chat another request deletes meanwhile (after the
+/// checks that found it, before the write): 409, not 500, and nothing stored.
+#[tokio::test]
+async fn a_write_racing_the_deletion_of_its_chat_is_a_conflict() {
+    let (app, [alice]) = app_with_users(["alice"]).await;
+    for what in ["send", "link"] {
+        let chat = app.create_chat(&alice, "c", &[]).await;
+        // The chat's row held `for update`: the write's foreign-key check waits for it.
+        let mut lock = app.db.begin().await.expect("begin");
+        sqlx::query("select 1 from chats where id = $1 for update")
+            .bind(chat)
+            .execute(&mut *lock)
+            .await
+            .expect("locking the chat");
+        let mut request = Box::pin(async {
+            match what {
+                "send" => {
+                    let path = format!("/api/chats/{chat}/send_message/");
+                    app.post(&path, &alice.token, json!({"content": "hello"}))
+                        .await
+                }
+                _ => {
+                    let body = json!({"title": "helper", "related_chat": chat});
+                    app.post("/api/ai/chats/", &alice.token, body).await
+                }
+            }
+        });
+        app.until_it_waits_for_a_lock(&mut request).await;
+        sqlx::query("delete from chats where id = $1")
+            .bind(chat)
+            .execute(&mut *lock)
+            .await
+            .expect("deleting the chat");
+        lock.commit().await.expect("commit");
+        let (status, body) = request.await;
+        assert_eq!(status, StatusCode::CONFLICT, "{what}: {body}");
+        assert!(body["error"].is_string(), "{what}: {body}");
+    }
+    assert!(app.list("/api/ai/chats/", &alice.token).await.is_empty());
+    app.cleanup().await;
+}

@@ -132,24 +132,7 @@ async fn a_keyed_send_whose_client_went_away_is_stored_once_and_a_repeat_answers
         .await
         .expect("locking the chat");
     let mut send = Box::pin(app.post_with_key(&path, &alice.token, "gone", "hello"));
-    let waiting = eventually(
-        Duration::from_secs(10),
-        "the send waiting for the chat's row",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "select count(*) from pg_stat_activity
-                 where datname = current_database() and wait_event_type = 'Lock'",
-            )
-            .fetch_one(&app.db)
-            .await
-            .expect("pg_stat_activity");
-            (waiting > 0).then_some(())
-        },
-    );
-    tokio::select! {
-        (status, body) = &mut send => panic!("answered while its chat was locked: {status} {body}"),
-        () = waiting => {}
-    }
+    app.until_it_waits_for_a_lock(&mut send).await;
     drop(send); // the client goes away
     lock.rollback().await.expect("unlocking the chat");
 

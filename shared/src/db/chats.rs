@@ -172,7 +172,7 @@ pub async fn insert_chat_message(
     chat_id: i64,
     sender_id: i64,
     content: &str,
-) -> Result<ChatMessage> {
+) -> Result<Option<ChatMessage>> {
     let id = sqlx::query_scalar!(
         r#"insert into chat_messages (chat_id, sender_id, content) values ($1, $2, $3) returning id"#,
         chat_id,
@@ -189,9 +189,10 @@ pub async fn insert_chat_message(
            where m.id = $1"#,
         id,
     )
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.into())
+    // `None`: gone between the two statements, its chat deleted meanwhile (the cascade).
+    Ok(row.map(ChatMessage::from))
 }
 
 /// Messages of a chat, oldest first: at most `limit`, with an id above `after_id`.

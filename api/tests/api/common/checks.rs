@@ -1,6 +1,11 @@
 //! Checks many tests make, asserted the same way everywhere and naming the case in a failure:
 //! an error answer, a refusal of each of many bodies or queries, a link to a chat the user is
-//! not in.
+//! not in; and a request held at a lock the test holds.
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use aichat_testkit::eventually;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -65,6 +70,37 @@ impl TestApp {
             let (status, body) = self.get(path, token).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
             assert!(body.is_object(), "{path}: {body}");
+        }
+    }
+}
+
+impl TestApp {
+    /// Drives `request` until a statement of the app's database waits for a lock (one the test
+    /// holds, in `pg_stat_activity`), and leaves it there, unanswered; panics if it is answered
+    /// first.
+    pub async fn until_it_waits_for_a_lock<F>(&self, request: &mut Pin<Box<F>>)
+    where
+        F: Future<Output = (StatusCode, Value)>,
+    {
+        let waiting = eventually(
+            Duration::from_secs(10),
+            "a statement waiting for a lock",
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "select count(*) from pg_stat_activity
+                     where datname = current_database() and wait_event_type = 'Lock'",
+                )
+                .fetch_one(&self.db)
+                .await
+                .expect("pg_stat_activity");
+                (waiting > 0).then_some(())
+            },
+        );
+        tokio::select! {
+            (status, body) = request.as_mut() => {
+                panic!("answered while the lock was held: {status} {body}")
+            }
+            () = waiting => {}
         }
     }
 }
