@@ -124,7 +124,7 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
 async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     let app = Stack::start(
         fake_always(Outcome::ServerError),
-        &[],
+        &["--daily-token-budget", "1000000"],
         &["--llm-max-attempts", "1"],
     )
     .await;
@@ -172,5 +172,17 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
 
     let messages = app.messages(&alice, chat).await;
     assert_eq!(texts(&messages, "status"), ["answered", "complete"]);
+
+    // The budget counts the reply once: the failure gave the send's reservation back, and the
+    // re-driven reply gives nothing back a second time.
+    let (status, quota) = app.get("/api/ai/quota/", &alice.token).await;
+    assert_eq!(status, StatusCode::OK, "{quota}");
+    let used = reply["message"]["usage"]["total_tokens"].clone();
+    assert!(used.as_i64().is_some_and(|n| n > 0), "{reply}");
+    assert_eq!(
+        (&quota["daily"]["used"], &quota["daily"]["reserved"]),
+        (&used, &json!(0)),
+        "{quota}"
+    );
     app.cleanup().await;
 }

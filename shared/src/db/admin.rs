@@ -148,7 +148,9 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
 }
 
 /// Puts a failed user message back in the queue's hands (its stop request and dispatch time
-/// cleared, so the next sweep follows its jobs); false if it is not failed.
+/// cleared, so the next sweep follows its jobs); false if it is not failed. Its budget
+/// reservation was given back when it failed: it now holds none (0 tokens, today), so its reply
+/// counts what it uses and gives nothing back a second time.
 #[tracing::instrument(skip(db))]
 pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
     let done = sqlx::query!(
@@ -161,7 +163,8 @@ pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) ->
                returning a.id
            )
            update ai_messages m set status = $2, error = null, stop_requested_at = null,
-               dispatched_at = null
+               dispatched_at = null, budget_day = (now() at time zone 'utc')::date,
+               budget_tokens = 0
            from chat c
            where m.id = $1 and m.ai_chat_id = c.id and m.role = 'user' and m.status = $3"#,
         message_id,
