@@ -1,8 +1,32 @@
 //! A database of one test: created empty under a unique name, dropped (connections and all)
-//! at the end.
-use sqlx::{Connection, Executor, PgConnection};
+//! at the end; and what its backends wait for.
+use std::time::Duration;
 
-use crate::{pg_base, unique_name};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+use crate::{eventually, pg_base, unique_name};
+
+/// Backends of the database `pool` connects to that wait for a lock while running a statement
+/// containing `fragment` (any statement for "").
+pub async fn lock_waiters(pool: &PgPool, fragment: &str) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock' and query like $1",
+    )
+    .bind(format!("%{fragment}%"))
+    .fetch_one(pool)
+    .await
+    .expect("read pg_stat_activity")
+}
+
+/// Waits (at most 10 s) until such a backend is there: a statement held up by a lock the test
+/// holds, the point a test puts a concurrent change at.
+pub async fn wait_for_a_lock_waiter(pool: &PgPool, fragment: &str, what: &str) {
+    eventually(Duration::from_secs(10), what, || async {
+        (lock_waiters(pool, fragment).await > 0).then_some(())
+    })
+    .await
+}
 
 /// An empty, uniquely named database of one test.
 pub struct TestDb {

@@ -5,6 +5,7 @@ use aichat_fake_llm::FakeConfig;
 use aichat_shared::db;
 use aichat_shared::db::claims::ClaimRequest;
 use aichat_shared::db::completions::KnownHistory;
+use aichat_testkit::postgres::wait_for_a_lock_waiter;
 use aichat_testkit::{DEFAULT_CONTEXT, Env as TestEnv, store_user_message};
 
 use crate::{reply, request};
@@ -202,20 +203,7 @@ async fn a_held_row_is_waited_for_after_the_batch_let_go_of_the_others() {
         let mut conn = pool.acquire().await.expect("connection");
         db::claims::claim_jobs(&mut conn, &requests).await
     });
-    // The claim waits for the held row: a backend of this database waits for a lock.
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .expect("locks");
-        if waiting > 0 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    wait_for_a_lock_waiter(&env.pool, "", "the claim waiting for the held row").await;
     // Meanwhile the other row is free.
     let mut other = env.pool.begin().await.expect("other");
     let free = sqlx::query("select id from ai_messages where id = $1 for update nowait")

@@ -3,9 +3,8 @@
 //! not in; and a request held at a lock the test holds.
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
-use aichat_testkit::eventually;
+use aichat_testkit::postgres::wait_for_a_lock_waiter;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -82,20 +81,7 @@ impl TestApp {
     where
         F: Future<Output = (StatusCode, Value)>,
     {
-        let waiting = eventually(
-            Duration::from_secs(10),
-            "a statement waiting for a lock",
-            || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "select count(*) from pg_stat_activity
-                     where datname = current_database() and wait_event_type = 'Lock'",
-                )
-                .fetch_one(&self.db)
-                .await
-                .expect("pg_stat_activity");
-                (waiting > 0).then_some(())
-            },
-        );
+        let waiting = wait_for_a_lock_waiter(&self.db, "", "a statement waiting for a lock");
         tokio::select! {
             (status, body) = request.as_mut() => {
                 panic!("answered while the lock was held: {status} {body}")

@@ -3,34 +3,12 @@
 use std::time::Duration;
 
 use aichat_fake_llm::{FakeConfig, Outcome};
-use aichat_faults::{Client, Env, HEAVY, eventually, maintenance, report};
+use aichat_faults::{Client, Env, HEAVY, report};
+use aichat_testkit::postgres::wait_for_a_lock_waiter;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::{active_path, all_messages, answered_with_version, chain_problems, regenerate, tree};
-
-/// Backends of the test's database waiting for a lock while running a statement containing
-/// `fragment`.
-async fn blocked_on_a_lock(env: &Env, fragment: &str) -> i64 {
-    let mut conn = maintenance().await;
-    sqlx::query_scalar(
-        "select count(*) from pg_stat_activity
-         where datname = $1 and wait_event_type = 'Lock' and query like $2",
-    )
-    .bind(&env.db.name)
-    .bind(format!("%{fragment}%"))
-    .fetch_one(&mut conn)
-    .await
-    .expect("read pg_stat_activity")
-}
-
-/// Waits (at most 10 s) until a statement containing `fragment` waits for a lock.
-async fn wait_until_blocked(env: &Env, fragment: &str, what: &str) {
-    eventually(Duration::from_secs(10), what, || async {
-        (blocked_on_a_lock(env, fragment).await > 0).then_some(())
-    })
-    .await;
-}
 
 /// The interleaving the race of `races.rs` finds now and then, made to happen every time: a
 /// regenerated reply is saved while a branch switch that brings its question back onto the
@@ -94,8 +72,8 @@ async fn a_reply_saved_while_a_branch_switch_holds_the_chat_is_the_one_active_re
             client.post(&path, &token, json!({})).await
         })
     };
-    wait_until_blocked(
-        &env,
+    wait_for_a_lock_waiter(
+        &env.pool,
         "with recursive target",
         "the switch back holds the chat",
     )
@@ -105,8 +83,8 @@ async fn a_reply_saved_while_a_branch_switch_holds_the_chat_is_the_one_active_re
         !call.stream_ended,
         "the set-up took longer than the model's 5 s: {call:?}"
     );
-    wait_until_blocked(
-        &env,
+    wait_for_a_lock_waiter(
+        &env.pool,
         // PostgreSQL shows a statement's first 1 kB: the opening of `save_replies`'s.
         "select distinct on (t.question_id)",
         "the new reply's save waits for the chat",
