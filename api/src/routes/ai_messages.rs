@@ -660,12 +660,16 @@ where
         return settle(state, claim, work.await).await;
     }
     let state = state.clone();
-    tokio::spawn(async move {
+    let task = async move {
         let result = work.await;
         settle(&state, claim, result).await
-    })
-    .await
-    .map_err(|err| ApiError::Internal(anyhow::Error::new(err).context("a claimed send's task")))?
+    };
+    // In the request's span, so what the work logs still names its request.
+    tokio::spawn(tracing::Instrument::in_current_span(task))
+        .await
+        .map_err(|err| {
+            ApiError::Internal(anyhow::Error::new(err).context("a claimed send's task"))
+        })?
 }
 
 /// Records what a new claim produced (or frees it when the request failed).
