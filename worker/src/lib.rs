@@ -20,6 +20,7 @@ use aichat_shared::jobs::JobQueue;
 use aichat_shared::models::Keys;
 use aichat_shared::{db, redis_conn};
 
+mod abort_on_drop;
 mod claim_batch;
 pub mod context;
 mod deltas;
@@ -49,6 +50,7 @@ pub use aichat_shared::signals::shutdown_signal;
 pub use settings::Settings;
 pub use state::Hooks;
 
+use crate::abort_on_drop::AbortOnDrop;
 use crate::context::TokenCounter;
 use crate::jobs_pushed::JobsPushed;
 use crate::llm::LlmClient;
@@ -57,7 +59,6 @@ use crate::retry::RetryPolicy;
 use crate::state::JobContext;
 use crate::stop::Stopping;
 use crate::stop_requests::StopRequests;
-use crate::subscription::Subscription;
 use crate::user_slots::UserSlots;
 
 /// A worker process, connected and bound, ready to run.
@@ -70,9 +71,9 @@ pub struct Worker {
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     /// Stop requests and pushed jobs reach `jobs` through it until the run ends.
-    subscription: Subscription,
+    subscription: AbortOnDrop,
     /// Stop requests recorded in the database reach `jobs` through it until the run ends.
-    stop_checks: stop_requests::Checking,
+    stop_checks: AbortOnDrop,
 }
 
 impl Worker {

@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
 
 use aichat_shared::db;
 use aichat_shared::lock::lock;
+
+use crate::abort_on_drop::AbortOnDrop;
 
 /// The messages this process's jobs are answering, each with the switch that stops them.
 #[derive(Default)]
@@ -129,26 +130,13 @@ impl StopRequests {
 /// carried, still stops its run within this.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// The task checking `requests`' running messages for recorded stop requests, every
-/// [`CHECK_EVERY`] and at each [`StopRequests::check_soon`]; it ends when this is dropped or
-/// when the registry is.
-pub struct Checking {
-    task: JoinHandle<()>,
-}
-
-impl Drop for Checking {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Starts checking `requests`' running messages against the database (see [`Checking`]).
-pub fn keep_checking(requests: &Arc<StopRequests>, db: PgPool) -> Checking {
+/// Starts the task that checks `requests`' running messages for recorded stop requests, every
+/// [`CHECK_EVERY`] and at each [`StopRequests::check_soon`]; it ends when the returned handle
+/// is dropped or when the registry is.
+pub fn keep_checking(requests: &Arc<StopRequests>, db: PgPool) -> AbortOnDrop {
     let registry = Arc::downgrade(requests);
     let check_now = requests.check_now.clone();
-    Checking {
-        task: tokio::spawn(check_until_gone(registry, check_now, db)),
-    }
+    AbortOnDrop::spawn(check_until_gone(registry, check_now, db))
 }
 
 async fn check_until_gone(registry: Weak<StopRequests>, check_now: Arc<Notify>, db: PgPool) {

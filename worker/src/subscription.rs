@@ -6,42 +6,36 @@ use std::sync::{Arc, Weak};
 
 use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use aichat_shared::keys::Namespace;
 use aichat_shared::redis_conn::{self, value_text};
 
+use crate::abort_on_drop::AbortOnDrop;
 use crate::jobs_pushed::JobsPushed;
 use crate::stop_requests::StopRequests;
 
-/// The subscription runs until this is dropped; its task then ends, closing its Redis
-/// connection.
-pub struct Subscription {
-    _gone: oneshot::Sender<()>,
-}
-
 /// Subscribes to the namespace's stop and jobs-pushed channels and routes what they carry,
-/// until the returned [`Subscription`] or `requests` is dropped.
+/// until the returned handle or `requests` is dropped (its task then ends, closing its Redis
+/// connection).
 pub async fn subscribe(
     redis_url: &str,
     ns: &Namespace,
     requests: &Arc<StopRequests>,
     pushed: JobsPushed,
-) -> redis::RedisResult<Subscription> {
+) -> redis::RedisResult<AbortOnDrop> {
     let (mut conn, pushes) = redis_conn::connect_pubsub(redis_url).await?;
     let channels = Channels {
         stop: ns.stop_requests(),
         pushed: ns.jobs_pushed(),
     };
     conn.subscribe(&[&channels.stop, &channels.pushed]).await?;
-    let (gone_tx, gone) = oneshot::channel();
     let route = Route {
         requests: Arc::downgrade(requests),
         pushed,
         channels,
     };
-    tokio::spawn(route.run(conn, pushes, gone));
-    Ok(Subscription { _gone: gone_tx })
+    Ok(AbortOnDrop::spawn(route.run(conn, pushes)))
 }
 
 struct Channels {
@@ -56,19 +50,10 @@ struct Route {
 }
 
 impl Route {
-    /// Routes the subscription's pushes until `gone` fires or the stop registry is dropped.
-    async fn run(
-        self,
-        conn: ConnectionManager,
-        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
-        mut gone: oneshot::Receiver<()>,
-    ) {
-        loop {
-            let push = tokio::select! {
-                push = pushes.recv() => push,
-                _ = &mut gone => return,
-            };
-            let Some(push) = push else { return };
+    /// Routes the subscription's pushes until the stop registry is dropped (or the task is
+    /// aborted).
+    async fn run(self, conn: ConnectionManager, mut pushes: mpsc::UnboundedReceiver<PushInfo>) {
+        while let Some(push) = pushes.recv().await {
             let Some(requests) = self.requests.upgrade() else {
                 return;
             };
