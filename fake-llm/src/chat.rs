@@ -30,10 +30,11 @@ pub(crate) async fn chat_completions(
     };
     let config = state.config();
     let outcome = state.next_outcome(&config);
-    let reply = match &config.reply {
-        Some(reply) => reply.clone(),
-        None => reply_text(request.last_user_content().as_deref(), config.reply_words),
-    };
+    let reply = reply_text(
+        request.last_user_content().as_deref(),
+        config.reply_words,
+        config.reply.as_deref(),
+    );
     let usage = Usage::for_exchange(request.contents(), &reply);
     let seq = state.record(
         &request,

@@ -84,11 +84,17 @@ pub fn lorem_reply(words: usize) -> String {
         .join(" ")
 }
 
-/// The reply the fake gives: lorem words when `reply_words` is set, otherwise the echo.
-pub fn reply_text(last_user_content: Option<&str>, reply_words: Option<usize>) -> String {
-    match reply_words {
-        Some(words) => lorem_reply(words),
-        None => echo_reply(last_user_content),
+/// The reply the fake gives: `reply` when set, else lorem words when `reply_words` is set,
+/// otherwise the echo.
+pub fn reply_text(
+    last_user_content: Option<&str>,
+    reply_words: Option<usize>,
+    reply: Option<&str>,
+) -> String {
+    match (reply, reply_words) {
+        (Some(reply), _) => reply.to_owned(),
+        (None, Some(words)) => lorem_reply(words),
+        (None, None) => echo_reply(last_user_content),
     }
 }
 
@@ -169,7 +175,8 @@ mod tests {
         assert_eq!(echo_reply(None), "Echo: ");
         assert_eq!(lorem_reply(10).split(' ').count(), 10);
         assert_eq!(lorem_reply(0), "");
-        assert_eq!(reply_text(Some("x"), Some(2)), "lorem ipsum");
+        assert_eq!(reply_text(Some("x"), Some(2), None), "lorem ipsum");
+        assert_eq!(reply_text(Some("x"), Some(2), Some("set")), "set");
     }
 
     #[test]
