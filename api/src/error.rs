@@ -25,6 +25,11 @@ impl FieldErrors {
         self.0.is_empty()
     }
 
+    /// Whether `field` has a problem.
+    pub fn has(&self, field: &str) -> bool {
+        self.0.contains_key(field)
+    }
+
     /// `Ok(())` when nothing was added, else the 400 error.
     pub fn check(self) -> Result<(), ApiError> {
         if self.0.is_empty() {

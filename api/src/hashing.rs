@@ -102,6 +102,21 @@ impl Hashing {
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("a password-hashing thread is gone")))
     }
 
+    /// Django's validators on a new password for an account named `username` with `email`
+    /// (`passwords::problems`), on a hashing thread: comparing a long password with the
+    /// account's attributes takes up to a tenth of a second of CPU (a 4,096-byte password
+    /// against a 254-character email), which would hold a request thread, and every request
+    /// queued behind it, that long.
+    pub async fn password_problems(
+        &self,
+        password: String,
+        username: String,
+        email: String,
+    ) -> ApiResult<Vec<&'static str>> {
+        self.run(move || crate::passwords::problems(&password, &username, &email))
+            .await
+    }
+
     /// Hashes a new password.
     pub async fn hash(&self, password: String) -> ApiResult<String> {
         self.run(move || hash_password(&password)).await?

@@ -139,7 +139,8 @@ pub struct Settings {
     /// Longest lock of a username after failed logins, in seconds.
     #[arg(long, env = "LOGIN_BACKOFF_MAX_SECS", default_value_t = 900)]
     pub login_backoff_max_secs: u64,
-    /// Password hashes and checks run at once (argon2, 19 MiB each; 0: one per core).
+    /// Password hashes and checks run at once (argon2, 19 MiB each; 0: one per core), and new
+    /// passwords' comparisons with the account's username and email.
     #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
     pub password_hash_concurrency: usize,
     /// Milliseconds a login or registration waits for a hashing slot before it gets 503.

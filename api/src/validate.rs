@@ -148,19 +148,19 @@ pub fn email(errors: &mut FieldErrors, value: &str) {
     }
 }
 
-/// A new password: Django's default validators (`passwords.rs`), then the confirmation.
+/// A new password: the `problems` Django's default validators found in it
+/// ([`Hashing::password_problems`](crate::hashing::Hashing::password_problems)), then the
+/// confirmation.
 pub fn password(
     errors: &mut FieldErrors,
     password: Option<&str>,
     confirm: Option<&str>,
-    username: &str,
-    email: &str,
+    problems: Vec<&'static str>,
 ) {
     let Some(p) = password else {
         errors.add("password", REQUIRED);
         return;
     };
-    let problems = crate::passwords::problems(p, username, email);
     if problems.is_empty() && confirm != Some(p) {
         errors.add("password", "Password fields didn't match.");
     }

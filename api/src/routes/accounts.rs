@@ -68,12 +68,32 @@ async fn register(
     validate::username(&mut errors, body.username.as_deref());
     let email = body.email.unwrap_or_default();
     validate::email(&mut errors, &email);
+    // Compared only with the attributes that are valid, as Django's form compares the
+    // password with its cleaned fields: a refused 100 KB email is not worth a comparison that
+    // grows with its length times the password's.
+    let problems = match &body.password {
+        Some(password) => {
+            let username = match &body.username {
+                Some(username) if !errors.has("username") => username.clone(),
+                _ => String::new(),
+            };
+            let email = if errors.has("email") {
+                String::new()
+            } else {
+                email.clone()
+            };
+            state
+                .hashing
+                .password_problems(password.clone(), username, email)
+                .await?
+        }
+        None => Vec::new(),
+    };
     validate::password(
         &mut errors,
         body.password.as_deref(),
         body.password_confirm.as_deref(),
-        body.username.as_deref().unwrap_or_default(),
-        &email,
+        problems,
     );
     errors.check()?;
     let (Some(username), Some(password)) = (body.username, body.password) else {

@@ -292,6 +292,94 @@ async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answe
     );
 }
 
+/// Django's similarity check compares a new password with the username and the email, in
+/// work that grows with the one's length times the other's. On the API binary:
+/// - a registration whose email is refused (20,000 characters) is answered with the email's
+///   error at once: the password is compared only with attributes that are valid (a
+///   4,096-character one took 78 s of CPU against this email in a release build);
+/// - eight registrations at once with the longest valid username and email and a
+///   2,538-character password each get 400 (the confirmation differs: every check ran and found nothing) or
+///   503 with `Retry-After`, while `/healthz` keeps answering within 1 s: the comparisons run
+///   on the two hashing threads, not on the threads that serve requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_registrations_are_compared_off_the_request_threads_and_only_with_valid_fields() {
+    let api = common::spawn_api_binary(&[
+        "--registrations-per-address",
+        "0",
+        "--password-hash-concurrency",
+        "2",
+    ])
+    .await;
+    let base = api.base.clone();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    // Under ten times the email's length, so the check cannot skip it as too long to match.
+    let password: String = "ab".repeat(1269);
+    let register = |username: String, email: String| {
+        client
+            .post(format!("{base}/api/register/"))
+            .json(&json!({"username": username, "email": email,
+                          "password": password, "password_confirm": "something else"}))
+    };
+
+    let refused_email = format!("{}@example.com", "a".repeat(20_000));
+    let reply = register("mallory".into(), refused_email).reply().await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
+    assert_eq!(
+        reply.json(),
+        json!({"email": ["Enter a valid email address."],
+               "password": ["Password fields didn't match."]})
+    );
+
+    // 150 characters of username, 254 of email: the longest each may be.
+    let registrations: Vec<_> = (0..8)
+        .map(|n| {
+            let username = format!("{}{n:05}", "a".repeat(145));
+            let email = format!("{}{n:05}@aaaaaaa.aa", "a".repeat(238));
+            assert_eq!((username.len(), email.len()), (150, 254));
+            let request = register(username, email);
+            tokio::spawn(async move { request.reply().await })
+        })
+        .collect();
+    let mut slowest_health = Duration::ZERO;
+    while registrations.iter().any(|r| !r.is_finished()) {
+        let started = Instant::now();
+        let health = client
+            .get(format!("{base}/healthz"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map(|r| r.status());
+        slowest_health = slowest_health.max(started.elapsed());
+        assert!(matches!(health, Ok(StatusCode::OK)), "{health:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut checked = 0;
+    for registration in registrations {
+        let reply = registration.await.expect("registration task");
+        match reply.status {
+            StatusCode::BAD_REQUEST => {
+                assert_eq!(
+                    reply.json(),
+                    json!({"password": ["Password fields didn't match."]})
+                );
+                checked += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => assert!(reply.retry_after().is_some()),
+            other => panic!("{other}: {}", reply.text),
+        }
+    }
+    api.cleanup().await;
+    eprintln!("checked {checked} of 8, slowest /healthz {slowest_health:?}");
+    assert!(checked > 0, "every registration was turned away");
+    assert!(
+        slowest_health < Duration::from_secs(1),
+        "{slowest_health:?}"
+    );
+}
+
 /// The resident memory of process `pid` (0 when it cannot be read).
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
