@@ -60,6 +60,11 @@ pub struct Settings {
     /// Seconds a message must have been waiting before a sweep looks at it.
     #[arg(long, env = "WORKER_SWEEP_GRACE_SECS", default_value_t = 60)]
     pub worker_sweep_grace_secs: u64,
+    /// Waiting messages one sweep looks at, at most: after Redis lost a backlog, the sweeps
+    /// queue it again at up to this many per interval (each costs a few Redis calls and one
+    /// row update).
+    #[arg(long, env = "WORKER_SWEEP_MAX_MESSAGES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub worker_sweep_max_messages: u64,
     /// Seconds a finished reply (or failure) keeps trying to reach an unreachable database
     /// before its job is handed back to the queue (which would call the model again).
     #[arg(long, env = "WORKER_SAVE_RETRY_SECS", default_value_t = 30)]

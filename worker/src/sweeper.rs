@@ -35,8 +35,8 @@ use aichat_shared::jobs::{CompletionJob, JobQueue, NextJob};
 
 use crate::metrics;
 
-/// Stale messages looked at per sweep.
-const BATCH: i64 = 200;
+/// Stale messages read from PostgreSQL at a time.
+const PAGE: usize = 200;
 /// Finished jobs forgotten per Redis call, and calls per sweep: a sweep removes up to 50,000,
 /// far more than a worker finishes between two sweeps, in calls short enough not to stall Redis.
 const TRIM_BATCH: usize = 1_000;
@@ -48,6 +48,8 @@ pub struct Sweeper {
     pub queue: JobQueue,
     pub interval: Duration,
     pub grace: Duration,
+    /// Stale messages one sweep looks at, at most (`WORKER_SWEEP_MAX_MESSAGES`).
+    pub max_messages: usize,
 }
 
 /// What one sweep found.
@@ -83,8 +85,8 @@ impl Sweeper {
         }
     }
 
-    /// One sweep over the next batch of stale messages after `cursor` (wrapping around), if
-    /// this worker wins the sweep lock.
+    /// One sweep, if this worker wins the sweep lock: finished jobs forgotten, then up to
+    /// `max_messages` stale messages after `cursor` (wrapping around at the end) looked at.
     pub async fn sweep(&self, cursor: &mut i64) -> anyhow::Result<Swept> {
         let mut conn = self.redis.clone();
         let lock_ms = (self.interval.as_millis() as u64).saturating_mul(4) / 5;
@@ -112,73 +114,106 @@ impl Sweeper {
                 break;
             }
         }
-        let stale =
-            db::stale::list_stale_queued(&self.db, *cursor, self.grace.as_secs_f64(), BATCH)
-                .await
-                .context("listing stale queued messages")?;
-        *cursor = match stale.last() {
-            Some(last) if stale.len() as i64 == BATCH => last.id,
-            _ => 0,
-        };
         let mut swept = Swept {
-            stale: stale.len() as u64,
-            requeued: 0,
             trimmed,
+            ..Swept::default()
         };
-        for StaleMessage {
-            id: message_id,
-            ai_chat_id,
-            options,
-        } in stale
-        {
-            let next = self.queue.next_job_key(message_id).await?;
-            let key = match &next {
-                NextJob::Push { key, .. } => key,
-                NextJob::Alive => continue,
-                NextJob::GaveUp => {
-                    tracing::error!(
-                        message_id,
-                        "a queued message lost its jobs too many times in a row; leaving it to staff"
-                    );
-                    continue;
-                }
+        // Counted also when the sweep stops at an error: what it queued is queued.
+        let swept_stale = self.sweep_stale(cursor, &mut swept).await;
+        metrics::swept(swept.requeued);
+        swept_stale?;
+        Ok(swept)
+    }
+
+    /// Pages of `PAGE` stale messages from the cursor on, each queued again if its job is gone,
+    /// until `max_messages` were looked at or the end of the table: after Redis lost a backlog,
+    /// one sweep re-queues up to `max_messages` of it, and the next goes on from where this one
+    /// stopped.
+    async fn sweep_stale(&self, cursor: &mut i64, swept: &mut Swept) -> anyhow::Result<()> {
+        while (swept.stale as usize) < self.max_messages {
+            let limit = PAGE.min(self.max_messages - swept.stale as usize);
+            let stale = db::stale::list_stale_queued(
+                &self.db,
+                *cursor,
+                self.grace.as_secs_f64(),
+                limit as i64,
+            )
+            .await
+            .context("listing stale queued messages")?;
+            *cursor = match stale.last() {
+                Some(last) if stale.len() == limit => last.id,
+                _ => 0,
             };
-            let lost_task = next.last_job();
-            let stored = match lost_task {
-                Some(task) => self.queue.job_args(task).await.ok().flatten(),
-                None => None,
-            };
-            let job = stored.unwrap_or_else(|| {
-                CompletionJob::new(
-                    message_id,
-                    ai_chat_id,
-                    options,
-                    Some(format!("sweep-{message_id}")),
-                )
-            });
-            if self
-                .queue
-                .enqueue_next(&job, &next)
-                .await
-                .context("queueing a swept message")?
-            {
-                tracing::warn!(
-                    message_id,
-                    key,
-                    lost_task = lost_task.unwrap_or("-"),
-                    "a queued message had no live job; queued it again"
-                );
-                if let Err(err) = db::retry::on_conflict("sweeper", || {
-                    db::ai_messages::mark_dispatched(&self.db, message_id)
-                })
-                .await
-                {
-                    tracing::warn!(error = %err, message_id, "could not record the re-dispatch");
+            swept.stale += stale.len() as u64;
+            for message in stale {
+                if self.requeue(message).await? {
+                    swept.requeued += 1;
                 }
-                swept.requeued += 1;
+            }
+            if *cursor == 0 {
+                break;
             }
         }
-        metrics::swept(swept.requeued);
-        Ok(swept)
+        Ok(())
+    }
+
+    /// Queues `message` again if its last job is gone; true when this call pushed one.
+    async fn requeue(&self, message: StaleMessage) -> anyhow::Result<bool> {
+        let StaleMessage {
+            id: message_id,
+            ai_chat_id,
+            user_id,
+            options,
+        } = message;
+        let next = self.queue.next_job_key(message_id).await?;
+        let key = match &next {
+            NextJob::Push { key, .. } => key,
+            NextJob::Alive => return Ok(false),
+            NextJob::GaveUp => {
+                tracing::error!(
+                    message_id,
+                    "a queued message lost its jobs too many times in a row; leaving it to staff"
+                );
+                return Ok(false);
+            }
+        };
+        let lost_task = next.last_job();
+        let stored = match lost_task {
+            Some(task) => self.queue.job_args(task).await.ok().flatten(),
+            None => None,
+        };
+        // Without the lost job's arguments the job is made anew, for the chat's owner, so the
+        // per-user limit holds it as it held the original.
+        let job = stored.unwrap_or_else(|| {
+            CompletionJob::new(
+                message_id,
+                ai_chat_id,
+                options,
+                Some(format!("sweep-{message_id}")),
+            )
+            .for_user(user_id)
+        });
+        if !self
+            .queue
+            .enqueue_next(&job, &next)
+            .await
+            .context("queueing a swept message")?
+        {
+            return Ok(false);
+        }
+        tracing::warn!(
+            message_id,
+            key,
+            lost_task = lost_task.unwrap_or("-"),
+            "a queued message had no live job; queued it again"
+        );
+        if let Err(err) = db::retry::on_conflict("sweeper", || {
+            db::ai_messages::mark_dispatched(&self.db, message_id)
+        })
+        .await
+        {
+            tracing::warn!(error = %err, message_id, "could not record the re-dispatch");
+        }
+        Ok(true)
     }
 }

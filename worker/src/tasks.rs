@@ -92,6 +92,7 @@ pub fn start_sweeper(
             queue: JobQueue::new(redis.clone(), &jobs.ns),
             interval: Duration::from_secs(settings.worker_sweep_interval_secs),
             grace: Duration::from_secs(settings.worker_sweep_grace_secs),
+            max_messages: usize::try_from(settings.worker_sweep_max_messages).unwrap_or(usize::MAX),
         };
         tokio::spawn(sweeper.run(stop.subscribe()))
     })

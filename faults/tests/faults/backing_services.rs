@@ -437,3 +437,112 @@ async fn the_sweeper_requeues_exactly_the_messages_whose_job_is_gone() {
     );
     env.finish(api, [worker]).await;
 }
+
+/// A backlog lost with Redis, larger than a page of the sweep (stored, never pushed: what a
+/// Redis that lost its data leaves). One sweep queues again exactly
+/// `WORKER_SWEEP_MAX_MESSAGES` of it, over two pages, the next sweep the rest; every message
+/// is answered once. The jobs made anew are their chat owner's: with
+/// `WORKER_PER_USER_CONCURRENCY` 1, no two model calls of one user overlap, although each
+/// user's messages are queued one after the other and the worker takes eight jobs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_backlog_is_queued_again_a_sweep_limit_at_a_time_as_its_owners_jobs() {
+    const USERS: usize = 8;
+    const PER_USER: usize = 44;
+    const LOST: usize = USERS * PER_USER;
+    const PER_SWEEP: usize = 300;
+    const MODEL_LATENCY_MS: u64 = 20;
+    let per_sweep = PER_SWEEP.to_string();
+    let env = Env::start(fake_with_latency(MODEL_LATENCY_MS)).await;
+    let (api, client) = env.api_client(&[]).await;
+    let mut lost = Vec::with_capacity(LOST);
+    for user in 0..USERS {
+        let owner = client.user(&format!("owner{user}")).await;
+        let chats = client.ai_chats(&owner, 2).await;
+        for i in 0..PER_USER {
+            let question = format!("user {user} lost {i}");
+            let message = aichat_testkit::store_user_message(
+                &env.pool,
+                chats[i % chats.len()],
+                &question,
+                DEFAULT_CONTEXT,
+            )
+            .await;
+            lost.push(message.id);
+        }
+    }
+    let flags = with_sweeper(
+        "3",
+        "0",
+        &[
+            "--worker-sweep-max-messages",
+            &per_sweep,
+            "--worker-concurrency",
+            "8",
+            "--worker-per-user-concurrency",
+            "1",
+        ],
+    );
+    let mut worker = env
+        .ready_worker_process(env!("CARGO_BIN_EXE_faults-worker"), &flags)
+        .await;
+    // The counter moves once per sweep, by what that sweep queued; sweeps are 2.25 s apart at
+    // the least, so the first value seen above 0 is the first sweep's.
+    let metric = "aichat_worker_swept_messages_total";
+    let first_sweep = eventually(Duration::from_secs(15), "a first sweep", || async {
+        let swept = worker_metric(worker.port, metric).await;
+        (swept > 0.0).then_some(swept)
+    })
+    .await;
+    assert_eq!(
+        first_sweep, PER_SWEEP as f64,
+        "the first sweep's re-queued messages"
+    );
+    let audit = env.settled(Duration::from_secs(90)).await;
+    audit.assert_answered_once(&lost);
+    assert_eq!(
+        worker_metric(worker.port, metric).await,
+        LOST as f64,
+        "re-queued messages in all"
+    );
+    let requests = env.fake.requests();
+    assert_eq!(requests.len(), LOST, "one model call per message");
+    let mut asked: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for request in &requests {
+        let question = request
+            .messages
+            .last()
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default();
+        let user = question.split(" lost ").next().unwrap_or_default();
+        asked
+            .entry(user.to_owned())
+            .or_default()
+            .push(request.received_at_ms);
+    }
+    assert_eq!(asked.len(), USERS, "{:?}", asked.keys());
+    let mut closest = u64::MAX;
+    for (user, times) in &mut asked {
+        times.sort_unstable();
+        let user_closest = times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .min()
+            .unwrap_or(u64::MAX);
+        assert!(
+            user_closest >= MODEL_LATENCY_MS,
+            "two calls of {user} {user_closest} ms apart: its re-queued jobs ran past its limit of one"
+        );
+        closest = closest.min(user_closest);
+    }
+    report(
+        "sweeper_backlog",
+        &[
+            ("lost", LOST.to_string()),
+            ("first_sweep", first_sweep.to_string()),
+            ("closest_calls_of_a_user_ms", closest.to_string()),
+        ],
+    );
+    worker.kill().await;
+    api.stop().await;
+    env.cleanup().await;
+}

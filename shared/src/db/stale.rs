@@ -9,6 +9,8 @@ use crate::error::Result;
 pub struct StaleMessage {
     pub id: i64,
     pub ai_chat_id: i64,
+    /// The chat's owner: the user the message is answered for.
+    pub user_id: i64,
     pub options: ContextOptions,
 }
 
@@ -22,11 +24,13 @@ pub async fn list_stale_queued(
     limit: i64,
 ) -> Result<Vec<StaleMessage>> {
     let rows = sqlx::query!(
-        r"select id, ai_chat_id, include_related_chat_context, context_message_limit
-          from ai_messages
-          where role = 'user' and status in ('queued', 'answering') and id > $1
-            and coalesce(dispatched_at, timestamp) < now() - make_interval(secs => $2)
-          order by id limit $3",
+        r"select m.id, m.ai_chat_id, a.user_id, m.include_related_chat_context,
+                 m.context_message_limit
+          from ai_messages m
+          join ai_chats a on a.id = m.ai_chat_id
+          where m.role = 'user' and m.status in ('queued', 'answering') and m.id > $1
+            and coalesce(m.dispatched_at, m.timestamp) < now() - make_interval(secs => $2)
+          order by m.id limit $3",
         after_id,
         grace_secs,
         limit,
@@ -34,6 +38,7 @@ pub async fn list_stale_queued(
     .map(|row| StaleMessage {
         id: row.id,
         ai_chat_id: row.ai_chat_id,
+        user_id: row.user_id,
         options: ContextOptions {
             include_related_chat_context: row.include_related_chat_context,
             context_message_limit: row.context_message_limit,
