@@ -45,7 +45,7 @@ pub async fn answer_message(
     task_id: TaskId,
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
-    let _running = ctx.stopping.job_started();
+    let _running = ctx.stopping.job_started(worker.name());
     let result = answer(args, &ctx, attempt).await;
     // After the stop began apalis no longer acknowledges jobs: the worker does it on exit.
     let ack = match &result {

@@ -58,11 +58,15 @@ pub struct Stopping {
     begun: AtomicBool,
     finished: Mutex<HashMap<String, Vec<(String, Ack)>>>,
     names: Mutex<Vec<String>>,
+    /// Running jobs by the name of the consumer that took them: a consumer that failed and was
+    /// started again under a new name leaves its jobs running under the old one.
+    running_under: Mutex<HashMap<String, usize>>,
 }
 
 /// Counts one running job until dropped.
 pub struct RunningJob {
     stopping: Arc<Stopping>,
+    worker: String,
 }
 
 impl Drop for RunningJob {
@@ -70,6 +74,13 @@ impl Drop for RunningJob {
         self.stopping
             .running
             .send_modify(|n| *n = n.saturating_sub(1));
+        let mut running_under = lock(&self.stopping.running_under);
+        if let Some(n) = running_under.get_mut(&self.worker) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running_under.remove(&self.worker);
+            }
+        }
     }
 }
 
@@ -81,13 +92,19 @@ impl Stopping {
             begun: AtomicBool::new(false),
             finished: Mutex::new(HashMap::new()),
             names: Mutex::new(Vec::new()),
+            running_under: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn job_started(self: &Arc<Self>) -> RunningJob {
+    /// Counts a job taken by the consumer named `worker` as running, until the guard drops.
+    pub fn job_started(self: &Arc<Self>, worker: &str) -> RunningJob {
         self.running.send_modify(|n| *n += 1);
+        *lock(&self.running_under)
+            .entry(worker.to_owned())
+            .or_default() += 1;
         RunningJob {
             stopping: self.clone(),
+            worker: worker.to_owned(),
         }
     }
 
@@ -107,6 +124,18 @@ impl Stopping {
 
     pub fn current_name(&self) -> Option<String> {
         lock(&self.names).last().cloned()
+    }
+
+    /// The names to keep registered: the current consumer's, and every earlier one's that
+    /// still has jobs running here.
+    fn live_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.running_under).keys().cloned().collect();
+        if let Some(current) = self.current_name()
+            && !names.contains(&current)
+        {
+            names.push(current);
+        }
+        names
     }
 
     /// Marks the start of the stop: from now on finished jobs are remembered for [`settle`].
@@ -152,8 +181,12 @@ impl Stopping {
         }
     }
 
-    /// Refreshes the current registration every `interval` until `done` turns true, so other
-    /// workers do not take over jobs this process is still finishing.
+    /// Refreshes the registrations every `interval` until `done` turns true, so other
+    /// workers do not take over jobs this process is still finishing: the current
+    /// consumer's, and each earlier consumer's while jobs it took still run here (after a
+    /// consumer failed, apalis starts a new one under a new name, and nothing else would keep
+    /// the old name alive). A name already gone from the set (taken over, or settled) is not
+    /// added back.
     pub async fn keep_alive(
         &self,
         mut conn: ConnectionManager,
@@ -162,15 +195,15 @@ impl Stopping {
         mut done: watch::Receiver<bool>,
     ) {
         loop {
-            if let Some(name) = self.current_name() {
+            let names = self.live_names();
+            if !names.is_empty() {
                 let now = unix_seconds();
-                let refreshed: redis::RedisResult<i64> = redis::cmd("ZADD")
-                    .arg(&workers_set)
-                    .arg("XX")
-                    .arg(now)
-                    .arg(&name)
-                    .query_async(&mut conn)
-                    .await;
+                let mut refresh = redis::cmd("ZADD");
+                refresh.arg(&workers_set).arg("XX");
+                for name in &names {
+                    refresh.arg(now).arg(name);
+                }
+                let refreshed: redis::RedisResult<i64> = refresh.query_async(&mut conn).await;
                 if let Err(err) = refreshed {
                     tracing::warn!(error = %err, "could not refresh the worker registration");
                 }
@@ -269,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn drain_ends_when_the_last_job_ends() {
         let stopping = Stopping::new();
-        let job = stopping.job_started();
+        let job = stopping.job_started("w");
         let waiter = {
             let stopping = stopping.clone();
             tokio::spawn(async move { stopping.drain(Duration::from_secs(10)).await })
@@ -284,7 +317,7 @@ mod tests {
     #[tokio::test]
     async fn drain_abandons_jobs_still_running_after_the_grace() {
         let stopping = Stopping::new();
-        let job = stopping.job_started();
+        let job = stopping.job_started("w");
         let mut abandoned = stopping.abandoned();
         let holder = tokio::spawn(async move {
             let _ = abandoned.wait_for(|a| *a).await;

@@ -10,6 +10,7 @@ use aichat_testkit::{DEFAULT_CONTEXT, PrivateRedis};
 use apalis::prelude::TaskBuilder;
 use futures::StreamExt;
 use redis::AsyncCommands;
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn a_job_queued_twice_is_answered_exactly_once() {
@@ -104,6 +105,61 @@ async fn a_busy_worker_keeps_heart_beating_so_its_jobs_are_not_run_twice() {
     assert_eq!(events.of_type("assistant_message").len(), 3);
 
     env.finish([busy, idle]).await;
+}
+
+/// A queue consumer that fails and starts again (its Redis connections were cut) leaves the
+/// job it was running to finish here, under the failed consumer's name: the process keeps
+/// that name registered while the job runs, so no consumer takes the job over after the 2 s
+/// orphan window, and the model is asked once.
+#[tokio::test]
+async fn a_job_running_through_a_consumer_restart_is_not_run_twice() {
+    let redis = PrivateRedis::start().await;
+    let env = TestEnv::start_with_redis(fake_with_latency(8000), redis.url()).await;
+    let worker = env.spawn_worker(&[]).await;
+    env.wait_ready(worker.port).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let sent = env.ask(chat, "through a restart").await;
+    env.fake.wait_for_requests(1, WAIT).await;
+
+    // Every plain connection cut (not the subscriptions): the consumer's next poll fails and
+    // it starts again, under a name ending its restart count (`test-{pid}-1-…`).
+    let workers_set =
+        aichat_shared::jobs::queue_config(&Namespace::new(env.ns.clone())).workers_set();
+    let mut conn = env.redis.clone();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+            .query_async(&mut conn)
+            .await;
+        let names: Vec<String> = conn.zrange(&workers_set, 0, -1).await.unwrap_or_default();
+        if names
+            .iter()
+            .any(|n| n.contains(&format!("-{}-1-", std::process::id())))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no consumer restart: {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    events.reply_to(sent.id, WAIT).await;
+    env.wait_queue_set("done", 1, WAIT).await;
+    let active: usize = conn
+        .llen(env.queue_key("active"))
+        .await
+        .expect("active list");
+    assert_eq!(active, 0, "a job is queued again");
+    assert_eq!(
+        env.fake.requests().len(),
+        1,
+        "the job running through the restart was taken over and run again"
+    );
+    events.drain(&env, chat).await;
+    assert_eq!(events.of_type("assistant_message").len(), 1);
+    env.assert_answered_once(chat, sent.id).await;
+    env.finish([worker]).await;
+    drop(redis);
 }
 
 #[tokio::test]
