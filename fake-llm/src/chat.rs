@@ -39,7 +39,7 @@ pub(crate) async fn chat_completions(
     let seq = state.record(
         &request,
         &outcome,
-        outcome.answers().then_some(usage),
+        (outcome.answers() && config.report_usage).then_some(usage),
         config.max_recorded,
     );
     tracing::debug!(
@@ -88,7 +88,7 @@ pub(crate) async fn chat_completions(
                     let frames = completion.stream_frames(
                         &split_word_chunks(&reply),
                         usage,
-                        request.include_usage,
+                        request.include_usage && config.report_usage,
                     );
                     let delay = Duration::from_millis(config.chunk_delay_ms);
                     return stream_response(

@@ -48,6 +48,7 @@ impl Cli {
             reply_words: self.reply_words,
             reply: None,
             max_recorded: self.max_recorded,
+            ..FakeConfig::default()
         }
     }
 }

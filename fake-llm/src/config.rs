@@ -32,6 +32,9 @@ pub struct FakeConfig {
     pub reply: Option<String>,
     /// Only the newest `max_recorded` requests are kept.
     pub max_recorded: usize,
+    /// Whether a streamed answer reports its usage when the request asks for it
+    /// (`stream_options.include_usage`); false: never, as servers that ignore the option.
+    pub report_usage: bool,
 }
 
 impl Default for FakeConfig {
@@ -46,6 +49,7 @@ impl Default for FakeConfig {
             reply_words: None,
             reply: None,
             max_recorded: DEFAULT_MAX_RECORDED,
+            report_usage: true,
         }
     }
 }

@@ -64,14 +64,12 @@ pub async fn save_and_announce(
     let to_i32 = |n: u64| i32::try_from(n).unwrap_or(i32::MAX);
     // Priced by the model that answered (a fallback's prices when one did).
     let pricing = ctx.models.get(model).and_then(|m| m.pricing.as_ref());
-    let cost = pricing
-        .zip(usage)
-        .map(|(p, u)| p.cost(u.prompt, u.completion));
+    let cost = pricing.map(|p| p.cost(usage.prompt, usage.completion));
     let reply = NewReply {
         content: completion.content,
-        prompt_tokens: usage.map(|u| to_i32(u.prompt)),
-        completion_tokens: usage.map(|u| to_i32(u.completion)),
-        total_tokens: usage.map(|u| to_i32(u.total())),
+        prompt_tokens: Some(to_i32(usage.prompt)),
+        completion_tokens: Some(to_i32(usage.completion)),
+        total_tokens: Some(to_i32(usage.total())),
         model: model.to_owned(),
         latency_ms: i32::try_from(completion.latency.as_millis()).unwrap_or(i32::MAX),
         content_tokens: reply_tokens.and_then(|n| i32::try_from(n).ok()),
@@ -82,9 +80,7 @@ pub async fn save_and_announce(
     };
     let latency_ms = reply.latency_ms;
     let saved = save_reply(ctx, subject.message_id, reply).await?;
-    if let Some(usage) = usage {
-        metrics::tokens(model, usage.prompt, usage.completion);
-    }
+    metrics::tokens(model, usage.prompt, usage.completion);
     let Some(saved) = saved else {
         // Another run answered first (or the message went away): its reply stands.
         metrics::duplicate_reply();
@@ -95,7 +91,7 @@ pub async fn save_and_announce(
         after_save();
     }
     // Settled before the event goes out, so whoever the event wakes sees the real use.
-    let used = usage.map(|u| i64::try_from(u.total()).unwrap_or(i64::MAX));
+    let used = i64::try_from(usage.total()).unwrap_or(i64::MAX);
     settle_budget(ctx, job, subject, used).await;
     let event = ChatEvent::AssistantMessage {
         message: EventMessage::assistant(&saved),
@@ -128,25 +124,25 @@ impl ReplyUsage {
     }
 }
 
-/// What a reply used: as the provider reported it; for a reply stopped before the provider
-/// reported anything, the prompt as counted here and the text received so far, counted with
-/// the tokenizer (the provider bills what it generated, which is at least that); `None` when
-/// neither is known.
+/// What a reply used: as the provider reported it; when it reported nothing (a reply stopped
+/// before the provider's usage came, or a provider that ignores `include_usage`), the prompt
+/// as counted here and the reply's text counted with the tokenizer (the provider bills what it
+/// generated, which is at least that), so the reply is counted and its reservation settled
+/// all the same.
 fn reply_usage(
     completion: &Completion,
     request: &ChatRequest,
     reply_tokens: Option<usize>,
-) -> Option<ReplyUsage> {
+) -> ReplyUsage {
     match &completion.usage {
-        Some(usage) => Some(ReplyUsage {
+        Some(usage) => ReplyUsage {
             prompt: u64::from(usage.prompt_tokens),
             completion: u64::from(usage.completion_tokens),
-        }),
-        None if completion.stopped => Some(ReplyUsage {
+        },
+        None => ReplyUsage {
             prompt: request.prompt_tokens,
             completion: reply_tokens.map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX)),
-        }),
-        None => None,
+        },
     }
 }
 
@@ -203,7 +199,7 @@ async fn record_failure(
     })
     .await?;
     if changed {
-        settle_budget(ctx, job, subject, Some(0)).await;
+        settle_budget(ctx, job, subject, 0).await;
         let event = ChatEvent::Error {
             message: message.to_owned(),
             message_id: Some(subject.message_id),
@@ -219,7 +215,7 @@ async fn record_failure(
 }
 
 /// Replaces the message's budget reservation by what it really used (nothing, when it failed
-/// or was cancelled; the reservation stands when the provider reported no usage). Only the run
+/// or was cancelled). Only the run
 /// that saved the reply or marked the failure or the cancellation settles, so a job that runs
 /// twice settles once.
 ///
@@ -230,7 +226,7 @@ async fn settle_budget(
     ctx: &JobContext,
     job: &CompletionJob,
     subject: &CompletionSubject,
-    used: Option<i64>,
+    used: i64,
 ) {
     let reservation = Reservation::of_message(
         &ctx.ns,
@@ -239,7 +235,7 @@ async fn settle_budget(
         subject.budget_tokens,
     )
     .or_else(|| job.budget.clone());
-    let (Some(reservation), Some(used)) = (reservation, used) else {
+    let Some(reservation) = reservation else {
         return;
     };
     let mut redis = ctx.redis.clone();
@@ -266,7 +262,7 @@ pub async fn cancel(
         announce_stored_reply(ctx, claim, subject).await?;
         return Ok(Done::NotWaiting);
     }
-    settle_budget(ctx, job, subject, Some(0)).await;
+    settle_budget(ctx, job, subject, 0).await;
     metrics::job_skipped("cancelled");
     let event = ChatEvent::MessageCancelled {
         message_id: subject.message_id,

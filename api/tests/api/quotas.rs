@@ -371,6 +371,48 @@ async fn the_quota_numbers_add_up_before_and_after_a_reply() {
     app.cleanup().await;
 }
 
+/// A provider that ignores `stream_options.include_usage` reports no usage: the reply is
+/// counted with the tokenizer (its prompt as the worker counted it, and its text), stored
+/// with it, and settled in the budget, leaving nothing reserved.
+#[tokio::test]
+async fn a_reply_whose_provider_reports_no_usage_is_counted_with_the_tokenizer() {
+    let api_flags = format!("{SEVENTEEN_A_SEND} --daily-token-budget 1000");
+    let app = spawn_app_with_flags(&flags(&api_flags)).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let fake = FakeLlm::start(FakeConfig {
+        report_usage: false,
+        ..FakeConfig::default()
+    })
+    .await
+    .expect("fake");
+    let _worker = start_worker(&app, &fake, &[]).await;
+    let waited = app.send_reply(&alice, chat, "?wait=true").await;
+    assert_eq!(waited.status, StatusCode::OK, "{}", waited.text);
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|r| r.include_usage && r.usage.is_none()),
+        "the worker asked for usage and the fake reported none"
+    );
+    let reply = waited.json();
+    let (prompt, completion, total) = (
+        reply["prompt_tokens"].as_i64().expect("prompt tokens"),
+        reply["completion_tokens"]
+            .as_i64()
+            .expect("completion tokens"),
+        reply["total_tokens"].as_i64().expect("total tokens"),
+    );
+    assert!(prompt > 0 && completion > 0, "{reply}");
+    assert_eq!(total, prompt + completion);
+    let daily = &app.quota(&alice).await["daily"];
+    assert_eq!(
+        (&daily["used"], &daily["reserved"]),
+        (&json!(total), &json!(0)),
+        "the reply's counted tokens replace its reservation"
+    );
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_refusals_of_the_send_path_carry_the_limit_headers_and_retry_after_their_reset() {
     let api_flags =
