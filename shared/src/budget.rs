@@ -81,14 +81,21 @@ return {1, total}
 
 /// Replaces a reservation of ARGV[1] tokens by ARGV[2] really used: the total (KEYS[1]) moves
 /// by the difference, the reserved part (KEYS[2]) gives the reservation up. A day whose total
-/// is gone (expired, or lost with Redis) is left alone: nothing would hold the use against a
-/// budget any more. The reserved part never goes below 0: a reservation made before it was
-/// counted (by an older version) has nothing there to give up.
+/// is gone is left alone when it is past (expired: nothing would hold the use against a budget
+/// any more) or when the settle would take tokens off it (lost with Redis: the total would go
+/// below 0); a use beyond the reservation on today's missing total (ARGV[3] = 1) starts it, as
+/// a re-drive's reservation of 0 does on a day its user has sent nothing. The reserved part
+/// never goes below 0: a reservation made before it was counted (by an older version) has
+/// nothing there to give up.
 const SETTLE: &str = r#"
 local reserved = tonumber(ARGV[1])
 local delta = tonumber(ARGV[2]) - reserved
-if delta ~= 0 and redis.call('exists', KEYS[1]) == 1 then
-  redis.call('incrby', KEYS[1], delta)
+if delta ~= 0 then
+  if redis.call('exists', KEYS[1]) == 1 then
+    redis.call('incrby', KEYS[1], delta)
+  elseif delta > 0 and ARGV[3] == '1' then
+    redis.call('set', KEYS[1], delta, 'EX', 172800)
+  end
 end
 local held = tonumber(redis.call('get', KEYS[2]) or '0')
 local give = math.min(held, reserved)
@@ -141,11 +148,13 @@ pub async fn settle(
     reservation: &Reservation,
     used: i64,
 ) -> Result<()> {
+    let today = reservation.day == Some(day_of(Utc::now()));
     redis::Script::new(SETTLE)
         .key(&reservation.key)
         .key(reserved_key(&reservation.key))
         .arg(reservation.tokens)
         .arg(used)
+        .arg(if today { "1" } else { "0" })
         .invoke_async::<i64>(conn)
         .await?;
     Ok(())

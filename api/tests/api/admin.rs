@@ -148,6 +148,23 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     assert_eq!(dead[0]["ai_chat_id"], chat);
     let task_id = dead[0]["task_id"].as_str().unwrap().to_owned();
 
+    // As on a day after the failure on which alice has sent nothing yet: no budget of the day
+    // is counted until the re-drive's reply is.
+    let today = chrono::Utc::now()
+        .date_naive()
+        .format("%Y-%m-%d")
+        .to_string();
+    let day_total = app.keys.budget(alice.id, &today);
+    let mut redis = app.redis().await;
+    let _: i64 = redis::AsyncCommands::del(
+        &mut redis,
+        &[day_total.clone(), format!("{day_total}:reserved")],
+    )
+    .await
+    .expect("forget today's budget");
+    let (_, quota) = app.get("/api/ai/quota/", &alice.token).await;
+    assert_eq!(quota["daily"]["used"], 0, "{quota}");
+
     // The model is back; the re-drive answers the message, once.
     app.fake.set_config(FakeConfig::default());
     let redrive = format!("/api/admin/dead-jobs/{task_id}/redrive/");
@@ -173,8 +190,8 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     let messages = app.messages(&alice, chat).await;
     assert_eq!(texts(&messages, "status"), ["answered", "complete"]);
 
-    // The budget counts the reply once: the failure gave the send's reservation back, and the
-    // re-driven reply gives nothing back a second time.
+    // The budget of the day of the re-drive counts the reply once: the failure gave the send's
+    // reservation back, and the re-driven reply gives nothing back a second time.
     let (status, quota) = app.get("/api/ai/quota/", &alice.token).await;
     assert_eq!(status, StatusCode::OK, "{quota}");
     let used = reply["message"]["usage"]["total_tokens"].clone();
