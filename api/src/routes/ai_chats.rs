@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
 use aichat_shared::db::ai_messages::Branches;
@@ -254,11 +255,20 @@ async fn delete_ai_chat(
     auth: AuthUser,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
-    if db::ai_chats::delete_ai_chat(&state.db, id, auth.user.id).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound)
+    let Some(reservations) = db::ai_chats::delete_ai_chat(&state.db, id, auth.user.id).await?
+    else {
+        return Err(ApiError::NotFound);
+    };
+    // The deleted questions that still waited held their budget reservations: their jobs find
+    // them gone and settle nothing.
+    for (day, tokens) in reservations {
+        if let Some(reservation) =
+            Reservation::of_message(&state.ns, auth.user.id, Some(day), Some(tokens))
+        {
+            crate::send::budget::release(&state, &reservation).await;
+        }
     }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

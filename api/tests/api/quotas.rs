@@ -413,6 +413,44 @@ async fn a_reply_whose_provider_reports_no_usage_is_counted_with_the_tokenizer()
     app.cleanup().await;
 }
 
+/// Deleting a chat gives back what its waiting questions reserved (their jobs find them gone
+/// and settle nothing), and only that: an answered question's reply stays counted.
+#[tokio::test]
+async fn deleting_a_chat_gives_back_what_its_waiting_questions_reserved() {
+    let api_flags = format!("{SEVENTEEN_A_SEND} --daily-token-budget 1000");
+    let app = spawn_app_with_flags(&flags(&api_flags)).await;
+    let (alice, answered_chat) = app.user_with_ai_chat("alice").await;
+    let fake = FakeLlm::start(FakeConfig::default()).await.expect("fake");
+    let worker = start_worker(&app, &fake, &[]).await;
+    let answered = app.send_reply(&alice, answered_chat, "?wait=true").await;
+    assert_eq!(answered.status, StatusCode::OK, "{}", answered.text);
+    let used = answered.json()["total_tokens"].clone();
+    worker.stop().await;
+
+    // No worker now: two questions wait in another chat, holding 17 tokens each.
+    let waiting_chat = app.ai_chat_id(&alice).await;
+    for _ in 0..2 {
+        let sent = app.send_reply(&alice, waiting_chat, "").await;
+        assert_eq!(sent.status, StatusCode::ACCEPTED, "{}", sent.text);
+    }
+    let daily = &app.quota(&alice).await["daily"];
+    assert_eq!((&daily["used"], &daily["reserved"]), (&used, &json!(34)));
+
+    for chat in [waiting_chat, answered_chat] {
+        let (status, body) = app
+            .delete(&format!("/api/ai/chats/{chat}/"), &alice.token)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let daily = &app.quota(&alice).await["daily"];
+        assert_eq!(
+            (&daily["used"], &daily["reserved"]),
+            (&used, &json!(0)),
+            "after deleting chat {chat}"
+        );
+    }
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_refusals_of_the_send_path_carry_the_limit_headers_and_retry_after_their_reset() {
     let api_flags =

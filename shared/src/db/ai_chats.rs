@@ -6,7 +6,8 @@
 //! `db/mod.rs`), and ordering by it reads one index entry per chat. `message_count` counts the
 //! messages of the chat's active path. `related_chat_name` comes from a left join, and sqlx's inference does not always see that it can be null: the statements
 //! say so (`as "related_chat_name?"`).
-use sqlx::PgExecutor;
+use chrono::NaiveDate;
+use sqlx::{PgExecutor, PgPool};
 
 use crate::domain::AiChat;
 use crate::error::Result;
@@ -149,17 +150,49 @@ pub async fn update_ai_chat(
     Ok(done.rows_affected() == 1)
 }
 
-/// Deletes a chat `user_id` owns, with its messages; false when there is none.
+/// Deletes a chat `user_id` owns, with its messages; `None` when there is none, else the
+/// budget reservations (day, tokens) its waiting questions held, for the caller to give back:
+/// nothing else will (their jobs find the messages gone).
+///
+/// The chat's row is taken first, then the waiting questions' rows in id order (the lock order
+/// of `db/mod.rs`), so the questions read are the ones deleted: a reply save (which takes the
+/// chat's row `for key share` first) or a stop (which takes the question's row) that ended one
+/// of them either committed before, and the question is no longer waiting, or waits for the
+/// deletion and then finds nothing.
 #[tracing::instrument(skip(db))]
-pub async fn delete_ai_chat(db: impl PgExecutor<'_>, id: i64, user_id: i64) -> Result<bool> {
-    let done = sqlx::query!(
-        r#"delete from ai_chats where id = $1 and user_id = $2"#,
+pub async fn delete_ai_chat(
+    db: &PgPool,
+    id: i64,
+    user_id: i64,
+) -> Result<Option<Vec<(NaiveDate, i32)>>> {
+    let mut tx = db.begin().await?;
+    let owned = sqlx::query_scalar!(
+        r#"select id from ai_chats where id = $1 and user_id = $2 for update"#,
         id,
         user_id,
     )
-    .execute(db)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if owned.is_none() {
+        return Ok(None);
+    }
+    let reservations = sqlx::query!(
+        r#"select budget_day as "day!", budget_tokens as "tokens!"
+           from ai_messages
+           where ai_chat_id = $1 and role = 'user' and status in ('queued', 'answering')
+             and budget_day is not null and budget_tokens is not null
+           order by id
+           for update"#,
+        id,
+    )
+    .map(|row| (row.day, row.tokens))
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query!(r#"delete from ai_chats where id = $1"#, id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(reservations))
 }
 
 /// Whether `user_id` owns AI chat `id`: the cheap check for routes that need no chat fields.
