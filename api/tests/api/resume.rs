@@ -93,6 +93,63 @@ async fn a_socket_reopened_on_another_instance_mid_stream_gets_the_reply_byte_fo
     a.cleanup().await;
 }
 
+/// A socket that caught up in the middle of a reply filters, at the seam, what the catch-up
+/// already sent; once the reply is announced, that question's later events are new: its
+/// regeneration's `user_message` and every delta of the new reply, from the first, reach the
+/// socket.
+#[tokio::test]
+async fn a_socket_that_caught_up_mid_stream_sees_a_later_regeneration_whole() {
+    let stack = Stack::start(slow_reply(30, 20), &[], &FLUSH_AT_ONCE).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let mut first = stack.ws(chat, &alice.token, None).await;
+    let question = id(&stack.send_ok(&alice, chat, "a story").await);
+    let mut deltas = 0;
+    while deltas < 5 {
+        if next_event(&mut first, 10).await["type"] == "assistant_delta" {
+            deltas += 1;
+        }
+    }
+    drop(first);
+    let mut second = stack.ws(chat, &alice.token, Some(question - 1)).await;
+    let (reply, before) = event_of(&mut second, "assistant_message", 10).await;
+    assert!(
+        before.iter().any(|e| e["type"] == "assistant_partial"),
+        "caught up mid-stream: {before:?}"
+    );
+    assert_eq!(reply["message"]["reply_to"], question);
+
+    let (status, body) = stack
+        .post(
+            &format!("/api/ai/messages/{question}/regenerate/"),
+            &alice.token,
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (regenerated, events) = event_of(&mut second, "assistant_message", 30).await;
+    assert_eq!(regenerated["message"]["reply_to"], question);
+    assert_eq!(regenerated["message"]["version"], 2);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "user_message" && e["message"]["id"] == question),
+        "the regeneration's user_message: {events:?}"
+    );
+    let mut text = Reassembled::default();
+    for event in &events {
+        text.apply(event, question);
+    }
+    assert_eq!(
+        text.text,
+        regenerated["message"]["content"]
+            .as_str()
+            .unwrap_or_default(),
+        "every delta of the new reply, from the first"
+    );
+    stack.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_reply_retried_after_part_of_it_streamed_starts_over_for_its_followers() {
     let stack = Stack::start(slow_reply(30, 10), &[], &FLUSH_AT_ONCE).await;

@@ -1,7 +1,10 @@
 //! Catch-up: a socket opened with `after_id` first gets the chat's stored messages after it, as
 //! the events they produced (a failed message followed by its `error`, a cancelled one by
 //! `message_cancelled`), then each reply in progress as `assistant_partial`; the live events of
-//! those messages are then not sent again, nor the deltas the partials hold (by `seq`).
+//! those messages are then not sent again, nor the deltas the partials hold (by `seq`). The
+//! filtering covers the seam only: a message's event is held back once, and a question's end
+//! (its reply, `error` or `message_cancelled`) ends the filtering of its events and deltas, so
+//! a later regeneration or retry of it reaches the socket whole.
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -40,9 +43,11 @@ pub(super) struct CaughtUp {
 }
 
 impl CaughtUp {
-    /// Whether a live event repeats what the catch-up already sent: a stored message, or a
-    /// delta a partial holds. A live `assistant_partial` (the reply started over) goes through
-    /// and ends the filtering of that reply's deltas: what follows it is numbered from 1.
+    /// Whether a live event repeats what the catch-up already sent: a stored message (its
+    /// event is held back once: the same event again is new), or a delta a partial holds. A
+    /// live `assistant_partial` (the reply started over) goes through and ends the filtering
+    /// of that reply's deltas: what follows it is numbered from 1. A question's reply, `error`
+    /// or `message_cancelled` ends the filtering of the question: what follows is a new run.
     pub(super) fn repeats(&mut self, event: &str) -> bool {
         if self.messages.is_empty() && self.partials.is_empty() {
             return false;
@@ -50,11 +55,11 @@ impl CaughtUp {
         let Ok(ids) = serde_json::from_str::<EventIds>(event) else {
             return false;
         };
-        if let Some(id) = ids
-            .message
-            .and_then(|m| m.get("id").and_then(|id| id.as_i64()))
-        {
-            return self.messages.contains(&id);
+        if let Some(message) = ids.message {
+            if let Some(question) = message.reply_to {
+                self.ended(question);
+            }
+            return message.id.is_some_and(|id| self.messages.remove(&id));
         }
         match (ids.kind.as_deref(), ids.message_id, ids.seq) {
             (Some("assistant_delta"), Some(id), Some(seq)) => {
@@ -64,8 +69,18 @@ impl CaughtUp {
                 self.partials.remove(&id);
                 false
             }
+            (Some("error" | "message_cancelled"), Some(id), _) => {
+                self.ended(id);
+                false
+            }
             _ => false,
         }
+    }
+
+    /// The run of `question` the catch-up saw is over: nothing of it is filtered any more.
+    fn ended(&mut self, question: i64) {
+        self.messages.remove(&question);
+        self.partials.remove(&question);
     }
 }
 
@@ -73,9 +88,16 @@ impl CaughtUp {
 struct EventIds {
     #[serde(rename = "type")]
     kind: Option<String>,
-    message: Option<serde_json::Value>,
+    message: Option<MessageIds>,
     message_id: Option<i64>,
     seq: Option<u64>,
+}
+
+/// The ids of an event's `message`.
+#[derive(Deserialize)]
+struct MessageIds {
+    id: Option<i64>,
+    reply_to: Option<i64>,
 }
 
 /// Sends the stored messages after `after_id` (at most [`CATCH_UP_LIMIT`], then
