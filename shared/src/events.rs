@@ -132,9 +132,23 @@ pub enum ChatEvent {
     ActivePathChanged {
         message_id: i64,
     },
+    /// The chat was deleted, with its messages: its sockets close after this event, and its
+    /// replies' streams end.
+    ChatDeleted {
+        ai_chat_id: i64,
+    },
 }
 
+/// How a [`ChatEvent::ChatDeleted`] event's JSON begins (its tag comes first): what a socket
+/// looks for in the events it forwards, without parsing each one.
+const CHAT_DELETED_PREFIX: &str = r#"{"type":"chat_deleted""#;
+
 impl ChatEvent {
+    /// Whether `text`, an event as published, is a [`ChatEvent::ChatDeleted`].
+    pub fn is_chat_deleted(text: &str) -> bool {
+        text.starts_with(CHAT_DELETED_PREFIX)
+    }
+
     /// Whether this event ends user message `message_id`: its reply (a stopped one
     /// included), its failure, or its cancellation.
     pub fn ends(&self, message_id: i64) -> bool {
@@ -182,4 +196,19 @@ pub async fn publish_stop_request(
 ) -> Result<()> {
     let _receivers: usize = conn.publish(ns.stop_requests(), message_id).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChatEvent;
+
+    #[test]
+    fn a_chat_deleted_event_is_told_by_its_beginning_and_no_other_is() {
+        let deleted =
+            serde_json::to_string(&ChatEvent::ChatDeleted { ai_chat_id: 7 }).expect("serialized");
+        assert!(ChatEvent::is_chat_deleted(&deleted), "{deleted}");
+        let other = serde_json::to_string(&ChatEvent::MessageCancelled { message_id: 7 })
+            .expect("serialized");
+        assert!(!ChatEvent::is_chat_deleted(&other), "{other}");
+    }
 }

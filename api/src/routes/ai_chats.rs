@@ -11,6 +11,7 @@ use aichat_shared::db;
 use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
 use aichat_shared::db::ai_messages::Branches;
 use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
+use aichat_shared::events::{self, ChatEvent};
 use aichat_shared::models::Registry;
 
 use crate::access::{NOT_OWNED, owned_chat};
@@ -267,6 +268,13 @@ async fn delete_ai_chat(
         {
             crate::send::budget::release(&state, &reservation).await;
         }
+    }
+    // Its sockets close and its replies' streams end on this event. Lost (Redis down), they
+    // stay open until they end otherwise; every request on them finds the chat gone (404).
+    let deleted = ChatEvent::ChatDeleted { ai_chat_id: id };
+    if let Err(err) = events::publish_event(&mut state.redis.clone(), &state.ns, id, &deleted).await
+    {
+        tracing::warn!(error = %err, "could not announce a chat's deletion");
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -46,7 +46,7 @@ const BUFFER: usize = 64;
 )]
 pub struct ReplyStreamEvent {
     /// The JSON of the WebSocket event of the same name (`assistant_partial`,
-    /// `assistant_delta`, `assistant_message`, `error` or `message_cancelled`).
+    /// `assistant_delta`, `assistant_message`, `error`, `message_cancelled` or `chat_deleted`).
     data: String,
     /// The SSE event name: always the default, `message`.
     event: Option<String>,
@@ -63,7 +63,7 @@ pub struct ReplyStreamEvent {
     responses(
         (status = 200, description = "`text/event-stream`: `assistant_partial` (or, after `Last-Event-ID`, \
             the missed `assistant_delta`s), live `assistant_delta`s with `id: <seq>`, then `assistant_message`, \
-            `error` or `message_cancelled`; each event's data is the WebSocket event's JSON",
+            `error` or `message_cancelled` (`chat_deleted` when the chat was deleted meanwhile); each event's data is the WebSocket event's JSON",
             content_type = "text/event-stream", body = ReplyStreamEvent),
         (status = 404, description = "No such user message of the user's", body = ErrorBody),
         (status = 503, description = "Redis unreachable: events cannot be followed", body = ErrorBody)))]
@@ -198,6 +198,7 @@ async fn feed(
                 ..
             } if *failed == id => (None, true),
             ChatEvent::MessageCancelled { message_id } if *message_id == id => (None, true),
+            ChatEvent::ChatDeleted { .. } => (None, true),
             _ => continue,
         };
         if tx.send(sse_event(&event, seq)).await.is_err() || last {

@@ -80,6 +80,10 @@ pub async fn wait_for_reply(
                 Ok(ChatEvent::MessageCancelled { message_id: id }) if id == message_id => {
                     return Ok(Outcome::Cancelled);
                 }
+                // Gone with its chat: the database says so (404).
+                Ok(ChatEvent::ChatDeleted { .. }) => {
+                    return stored_outcome(state, message_id).await;
+                }
                 _ => {}
             },
             // Fell behind, the channel closed, or time is up: the database has the final word.

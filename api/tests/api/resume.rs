@@ -403,3 +403,62 @@ async fn the_sse_stream_of_a_failed_message_ends_with_its_error() {
     assert_eq!(last.data["message_id"], question);
     stack.cleanup().await;
 }
+
+/// Deleting a chat ends whatever follows it: its sockets get `chat_deleted` and close with
+/// 4404, its replies' streams end with `chat_deleted`, and a send waiting for its reply
+/// answers 404 at once instead of at the end of its wait.
+#[tokio::test]
+async fn deleting_a_chat_closes_its_sockets_and_ends_its_streams_and_waits() {
+    // No worker: the questions wait.
+    let app = common::spawn_app().await;
+    let alice = app.user("alice").await;
+    let chat = app.ai_chat_id(&alice).await;
+    let question = id(&app.send_ok(&alice, chat, "never answered").await);
+    let mut ws = app.ws(chat, &alice.token, None).await;
+    let mut stream = open_stream(&app, &alice, question, None).await;
+    let (mut buffer, mut sse) = (String::new(), Vec::new());
+    read_events(&mut stream, &mut buffer, &mut sse, |events| {
+        !events.is_empty()
+    })
+    .await;
+    assert_eq!(
+        sse[0].data["type"], "assistant_partial",
+        "{:?}",
+        sse[0].data
+    );
+
+    let waiting = {
+        let request = app
+            .client
+            .post(app.url(&format!("{}?wait=60", common::send_path(chat))))
+            .bearer_auth(&alice.token)
+            .json(&serde_json::json!({"content": "waiting for a reply"}))
+            .timeout(Duration::from_secs(30));
+        tokio::spawn(async move { request.send().await.map(|r| r.status()) })
+    };
+    // Stored and waiting once its user_message is out.
+    let (stored, _) = event_of(&mut ws, "user_message", 10).await;
+    assert_eq!(stored["message"]["content"], "waiting for a reply");
+
+    let (status, body) = app
+        .delete(&format!("/api/ai/chats/{chat}/"), &alice.token)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (events, code) = common::ws_events_until_closed(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(4404), "{events:?}");
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some(Value::from("chat_deleted")),
+        "{events:?}"
+    );
+    let ended = read_events(&mut stream, &mut buffer, &mut sse, |_| false).await;
+    assert!(ended, "the stream ended");
+    let last = &sse.last().expect("an event").data;
+    assert_eq!(
+        last,
+        &serde_json::json!({"type": "chat_deleted", "ai_chat_id": chat})
+    );
+    let waited = waiting.await.expect("the waiting send").expect("answered");
+    assert_eq!(waited, StatusCode::NOT_FOUND);
+    app.cleanup().await;
+}

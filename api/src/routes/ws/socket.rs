@@ -21,6 +21,8 @@ use crate::state::AppState;
 
 /// Close code for a client too slow to keep up ("try again later").
 const SLOW_CONSUMER: u16 = 1013;
+/// The close code of a socket whose chat was deleted (after its `chat_deleted` event).
+pub const CHAT_DELETED: u16 = 4404;
 
 /// Runs an upgraded socket until either loop ends.
 pub(super) async fn session(
@@ -151,12 +153,17 @@ async fn send_loop(
                 }
             },
             event = events.recv() => match event {
-                Ok(text) => {
-                    if !send_events(&mut sink, &mut events, text, &mut caught_up, send_timeout).await {
+                Ok(text) => match send_events(&mut sink, &mut events, text, &mut caught_up, send_timeout).await {
+                    Sent::All => {}
+                    Sent::ChatDeleted => {
+                        close(&mut sink, CHAT_DELETED, "chat deleted").await;
+                        return;
+                    }
+                    Sent::TooSlow => {
                         close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
                         return;
                     }
-                }
+                },
                 Err(Lagged) => {
                     tracing::info!("closing a WebSocket that fell behind");
                     close(&mut sink, SLOW_CONSUMER, "too slow to keep up").await;
@@ -233,44 +240,62 @@ fn is_too_big(err: &axum::Error) -> bool {
 /// write instead of one system call each.
 const BATCH: usize = 64;
 
-/// Writes `first` and the events already queued behind it (up to `BATCH`), then flushes once;
-/// events the catch-up already sent are skipped. False when the socket must be closed as too
-/// slow: the client did not take the frames within `limit`, or its queue overflowed meanwhile.
+/// What [`send_events`] got written.
+enum Sent {
+    /// Every event: the socket goes on.
+    All,
+    /// The events up to the chat's `chat_deleted`: the socket closes.
+    ChatDeleted,
+    /// The client did not take the frames within the limit, or its queue overflowed
+    /// meanwhile: the socket closes as too slow.
+    TooSlow,
+}
+
+/// Writes `first` and the events already queued behind it (up to `BATCH`, and none after a
+/// `chat_deleted`), then flushes once; events the catch-up already sent are skipped.
 async fn send_events(
     sink: &mut Sink,
     events: &mut Subscription,
     first: Event,
     caught_up: &mut CaughtUp,
     limit: Duration,
-) -> bool {
+) -> Sent {
     let write = async {
-        let mut lagged = false;
-        if !caught_up.repeats(&first) {
-            sink.feed(Message::Text(first)).await?;
-        }
-        for _ in 0..BATCH {
+        let mut text = first;
+        let mut sent = Sent::All;
+        let mut written = 0;
+        loop {
+            let deleted = ChatEvent::is_chat_deleted(&text);
+            if !caught_up.repeats(&text) {
+                sink.feed(Message::Text(text)).await?;
+            }
+            if deleted {
+                sent = Sent::ChatDeleted;
+                break;
+            }
+            written += 1;
+            if written > BATCH {
+                break;
+            }
             match events.try_recv() {
-                Ok(Some(text)) if !caught_up.repeats(&text) => {
-                    sink.feed(Message::Text(text)).await?
-                }
-                Ok(Some(_)) => {}
+                Ok(Some(queued)) => text = queued,
                 Ok(None) => break,
                 Err(Lagged) => {
-                    lagged = true;
+                    sent = Sent::TooSlow;
                     break;
                 }
             }
         }
         sink.flush().await?;
-        Ok::<bool, axum::Error>(lagged)
+        Ok::<Sent, axum::Error>(sent)
     };
     match timeout(limit, write).await {
-        Ok(Ok(false)) => true,
-        Ok(Ok(true)) => {
+        Ok(Ok(Sent::TooSlow)) => {
             tracing::info!("closing a WebSocket that fell behind");
-            false
+            Sent::TooSlow
         }
-        Ok(Err(_)) | Err(_) => false,
+        Ok(Ok(sent)) => sent,
+        Ok(Err(_)) | Err(_) => Sent::TooSlow,
     }
 }
 
