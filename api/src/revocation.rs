@@ -6,7 +6,7 @@
 //!
 //! Pub/sub delivers at most once: a revocation published while Redis is unreachable is lost.
 //! The database stays the truth, so REST requests are refused once a cache entry runs out
-//! (`SESSION_CACHE_SECS`), and a socket is closed at its session's expiry regardless.
+//! (`SESSION_CACHE_SECS`), and a socket looks its session up at every ping (`WS_PING_SECS`).
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};

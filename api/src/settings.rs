@@ -91,7 +91,8 @@ pub struct Settings {
     /// Largest WebSocket message a client may send, in bytes.
     #[arg(long, env = "WS_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub ws_max_message_bytes: usize,
-    /// Seconds between server pings; a socket silent for two intervals is dropped.
+    /// Seconds between server pings; a socket silent for two intervals is dropped. At each
+    /// ping a socket looks its session up, so a lost revocation ends it within this long.
     #[arg(long, env = "WS_PING_SECS", default_value_t = 30)]
     pub ws_ping_secs: u64,
     /// Seconds one frame may take to reach a client before the socket counts as stuck.

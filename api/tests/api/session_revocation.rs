@@ -50,6 +50,24 @@ async fn logout_closes_that_sessions_sockets_on_every_instance_and_logout_all_th
     a.cleanup().await;
 }
 
+/// A revocation that never reached an instance (published while Redis was unreachable, or
+/// lost while the instance's subscription reconnected; here the session is simply deleted
+/// from the database, and nothing is published) still ends the session's socket: at its next
+/// ping the socket finds the session gone, and closes with 4401.
+#[tokio::test]
+async fn a_socket_whose_revocation_was_lost_is_closed_at_its_next_ping() {
+    let app = spawn_app_with_flags(&["--session-cache-secs", "0", "--ws-ping-secs", "1"]).await;
+    let (bob, chat) = app.user_with_ai_chat("bob").await;
+    let mut socket = app.ws(chat, &bob.token, None).await;
+    sqlx::query("delete from sessions where user_id = $1")
+        .bind(bob.id)
+        .execute(&app.db)
+        .await
+        .expect("delete the session");
+    assert_eq!(closed_with(&mut socket, 5).await, Some(4401));
+    app.cleanup().await;
+}
+
 /// Item 8: a socket does not outlive its session: it is closed (4401) when the session
 /// expires, though the client keeps answering pings.
 #[tokio::test]

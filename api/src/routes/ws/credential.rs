@@ -30,6 +30,18 @@ impl Credential {
         Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
     }
 
+    /// Whether the session is gone from the database (logged out, revoked, deleted) though no
+    /// revocation reached this socket: one published while Redis was unreachable, or while
+    /// this instance's subscription was reconnecting, is lost. Read through the session cache
+    /// (`auth::live_session`); a database that cannot be asked says no, so an outage closes
+    /// no socket.
+    pub(super) async fn gone(&self, state: &AppState) -> bool {
+        matches!(
+            crate::auth::live_session(state, &self.token_hash).await,
+            Ok(None)
+        )
+    }
+
     /// Resolves when the session ends (its expiry, or its revocation on any instance), with
     /// the close reason. Cancel-safe: a revocation not yet received stays queued.
     pub(super) async fn ended(&mut self, state: &AppState) -> &'static str {

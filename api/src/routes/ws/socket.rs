@@ -137,6 +137,11 @@ async fn send_loop(
                     tracing::info!("dropping a WebSocket that stopped answering pings");
                     return;
                 }
+                // A revocation that never arrived ends the socket here, within a ping.
+                if credential.gone(&state).await {
+                    close(&mut sink, SESSION_ENDED, "session ended").await;
+                    return;
+                }
                 if !send_message(&mut sink, Message::Ping(Default::default()), send_timeout).await {
                     return;
                 }
