@@ -90,6 +90,9 @@ pub enum ApiError {
     /// `MAX_SOCKETS_PER_USER` reached on this instance.
     #[error("Too many open WebSockets, close one first")]
     TooManySockets,
+    /// `MAX_STREAMS_PER_USER` reached on this instance.
+    #[error("Too many open reply streams, close one first")]
+    TooManyStreams,
     /// Past the user's daily token budget; `left` as for `TooManyRequests`.
     #[error("Daily token budget exceeded; it resets at midnight UTC")]
     BudgetExceeded {
@@ -118,7 +121,8 @@ impl ApiError {
             ApiError::TooManyRequests { .. }
             | ApiError::TooManyAttempts { .. }
             | ApiError::BudgetExceeded { .. }
-            | ApiError::TooManySockets => StatusCode::TOO_MANY_REQUESTS,
+            | ApiError::TooManySockets
+            | ApiError::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -177,7 +181,7 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
-            ApiError::TooManySockets => Some(SOCKET_RETRY_AFTER_SECS),
+            ApiError::TooManySockets | ApiError::TooManyStreams => Some(SOCKET_RETRY_AFTER_SECS),
             _ => None,
         };
         let left = match &self {

@@ -85,6 +85,10 @@ pub struct Settings {
     /// upgrade is answered 429.
     #[arg(long, env = "MAX_SOCKETS_PER_USER", default_value_t = 20)]
     pub max_sockets_per_user: usize,
+    /// Reply streams (`GET /api/ai/messages/{id}/stream/`) one user may have open on one API
+    /// instance (0: no limit); past it the request is answered 429.
+    #[arg(long, env = "MAX_STREAMS_PER_USER", default_value_t = 20)]
+    pub max_streams_per_user: usize,
     /// Events a WebSocket may fall behind before it is closed (1013).
     #[arg(long, env = "WS_QUEUE_CAPACITY", default_value_t = 256)]
     pub ws_queue_capacity: usize,

@@ -59,11 +59,13 @@ pub struct Handles {
 }
 
 /// Counts open WebSockets, so shutdown can wait for their close frames to go out, and each
-/// user's, for `MAX_SOCKETS_PER_USER`.
+/// user's, for `MAX_SOCKETS_PER_USER`; and each user's reply streams, for
+/// `MAX_STREAMS_PER_USER`.
 #[derive(Clone)]
 pub struct SocketTracker {
     open: Arc<watch::Sender<usize>>,
     per_user: Arc<Mutex<HashMap<i64, usize>>>,
+    streams_per_user: Arc<Mutex<HashMap<i64, usize>>>,
 }
 
 impl Default for SocketTracker {
@@ -71,8 +73,28 @@ impl Default for SocketTracker {
         SocketTracker {
             open: Arc::new(watch::channel(0).0),
             per_user: Arc::default(),
+            streams_per_user: Arc::default(),
         }
     }
+}
+
+/// Takes one of `user_id`'s `max` places counted in `per_user` (0: no limit) until the guard
+/// is dropped; `None` when all are taken.
+fn reserve(
+    per_user: &Arc<Mutex<HashMap<i64, usize>>>,
+    user_id: i64,
+    max: usize,
+) -> Option<UserSocket> {
+    let mut counts = lock(per_user);
+    let open = counts.entry(user_id).or_default();
+    if max > 0 && *open >= max {
+        return None;
+    }
+    *open += 1;
+    Some(UserSocket {
+        user_id,
+        per_user: per_user.clone(),
+    })
 }
 
 impl SocketTracker {
@@ -87,16 +109,13 @@ impl SocketTracker {
     /// Takes one of `user_id`'s `max` sockets on this instance (0: no limit) until the guard
     /// is dropped; `None` when all are taken.
     pub(crate) fn reserve_for_user(&self, user_id: i64, max: usize) -> Option<UserSocket> {
-        let mut per_user = lock(&self.per_user);
-        let open = per_user.entry(user_id).or_default();
-        if max > 0 && *open >= max {
-            return None;
-        }
-        *open += 1;
-        Some(UserSocket {
-            user_id,
-            per_user: self.per_user.clone(),
-        })
+        reserve(&self.per_user, user_id, max)
+    }
+
+    /// Takes one of `user_id`'s `max` reply streams on this instance (0: no limit) until the
+    /// guard is dropped; `None` when all are taken.
+    pub(crate) fn reserve_stream_for_user(&self, user_id: i64, max: usize) -> Option<UserSocket> {
+        reserve(&self.streams_per_user, user_id, max)
     }
 
     pub fn open(&self) -> usize {

@@ -23,6 +23,7 @@ use aichat_shared::partial;
 
 use crate::access::own_user_message;
 use crate::auth::AuthUser;
+use crate::error::ApiError;
 use crate::error::ApiResult;
 use crate::extract::ApiPath;
 use crate::fanout::Subscription;
@@ -66,6 +67,7 @@ pub struct ReplyStreamEvent {
             `error` or `message_cancelled` (`chat_deleted` when the chat was deleted meanwhile); each event's data is the WebSocket event's JSON",
             content_type = "text/event-stream", body = ReplyStreamEvent),
         (status = 404, description = "No such user message of the user's", body = ErrorBody),
+        (status = 429, description = "`MAX_STREAMS_PER_USER` streams of the user open on this instance", body = ErrorBody),
         (status = 503, description = "Redis unreachable: events cannot be followed", body = ErrorBody)))]
 #[tracing::instrument(skip_all, fields(message_id = id))]
 async fn stream_message(
@@ -76,6 +78,13 @@ async fn stream_message(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let user_id = auth.user.id;
     let message = own_user_message(&state, user_id, id).await?;
+    // Held by the stream's task: the place is the user's until the stream ends.
+    let Some(place) = state
+        .sockets
+        .reserve_stream_for_user(user_id, state.settings.max_streams_per_user)
+    else {
+        return Err(ApiError::TooManyStreams);
+    };
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -92,6 +101,7 @@ async fn stream_message(
         if let Err(err) = feed(&state, message, events, after, limit, &tx).await {
             tracing::warn!(error = %err, "a reply stream failed");
         }
+        drop(place);
     });
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|e| e.map(Ok)));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))

@@ -462,3 +462,42 @@ async fn deleting_a_chat_closes_its_sockets_and_ends_its_streams_and_waits() {
     assert_eq!(waited, StatusCode::NOT_FOUND);
     app.cleanup().await;
 }
+
+/// A user's reply streams are bounded on each instance (`MAX_STREAMS_PER_USER`), as sockets
+/// are: at the limit the next is 429 with `Retry-After`, another user's is not held up, and
+/// a stream its client closed gives its place back.
+#[tokio::test]
+async fn a_users_reply_streams_are_bounded_and_a_closed_one_gives_its_place_back() {
+    // No worker: the question waits and its streams stay open.
+    let app = common::spawn_app_with_flags(&["--max-streams-per-user", "2"]).await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let chat = app.ai_chat_id(&alice).await;
+    let question = id(&app.send_ok(&alice, chat, "followed").await);
+    let bobs_chat = app.ai_chat_id(&bob).await;
+    let bobs_question = id(&app.send_ok(&bob, bobs_chat, "mine").await);
+    let first = open_stream(&app, &alice, question, None).await;
+    let _second = open_stream(&app, &alice, question, None).await;
+    let stream = |user: &TestUser, message: i64| {
+        app.client
+            .get(app.url(&format!("/api/ai/messages/{message}/stream/")))
+            .bearer_auth(&user.token)
+            .send()
+    };
+    let refused = stream(&alice, question).await.expect("answered");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        refused.json::<Value>().await.expect("JSON"),
+        serde_json::json!({"error": "Too many open reply streams, close one first"})
+    );
+    let _bobs = open_stream(&app, &bob, bobs_question, None).await;
+
+    drop(first);
+    aichat_testkit::eventually(Duration::from_secs(10), "a place given back", || async {
+        let again = stream(&alice, question).await.ok()?;
+        (again.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    app.cleanup().await;
+}
