@@ -120,6 +120,79 @@ async fn staff_search_chats_filter_messages_and_read_token_totals() {
     app.cleanup().await;
 }
 
+/// A failed regeneration whose question then had its older reply activated: the question's
+/// reply version points at a reply that exists. A staff re-drive answers it anew, as a retry
+/// would (a version above every reply of it): one model call, one new reply, the question
+/// answered (before, the save collided with the existing reply and the question stayed
+/// `answering`, its jobs pushed again by the sweeper, each asking the model).
+#[tokio::test]
+async fn a_redrive_after_an_older_reply_was_activated_answers_the_question_anew() {
+    let app = Stack::start(FakeConfig::default(), &[], &["--llm-max-attempts", "1"]).await;
+    let root = app.staff("root").await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let mut ws = app.ws(chat, &alice.token, None).await;
+    let (status, first) = app.send_waiting(&alice, chat, "hello", "true").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let question = first["reply_to"].as_i64().expect("the question");
+    let first_reply = first["id"].as_i64().expect("the reply");
+
+    // The regeneration fails for good: its job goes dead.
+    app.fake.set_config(fake_always(Outcome::ServerError));
+    let (status, body) = app
+        .post(
+            &format!("/api/ai/messages/{question}/regenerate/"),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    event_of(&mut ws, "error", 10).await;
+    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
+        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    let task_id = dead[0]["task_id"].as_str().expect("task id").to_owned();
+    // The older reply made active again: the failed question's version now names it.
+    let (status, body) = app
+        .post(
+            &format!("/api/ai/messages/{first_reply}/activate/"),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    app.fake.set_config(FakeConfig::default());
+    let calls_before = app.fake.requests().len();
+    let (status, body) = app
+        .post(
+            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
+            &root.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (reply, _) = event_of(&mut ws, "assistant_message", 15).await;
+    assert_eq!(reply["message"]["reply_to"], question);
+    assert!(
+        reply["message"]["version"].as_i64().is_some_and(|v| v >= 2),
+        "a new version: {reply}"
+    );
+    let messages = app.messages(&alice, chat).await;
+    let asked = messages
+        .iter()
+        .find(|m| m["id"] == question)
+        .expect("the question");
+    assert_eq!(asked["status"], "answered", "{asked}");
+    assert_eq!(
+        app.fake.requests().len(),
+        calls_before + 1,
+        "one model call"
+    );
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     let app = Stack::start(

@@ -162,9 +162,14 @@ pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) ->
                where q.id = $1 and q.role = 'user' and q.status = $3 and a.id = q.ai_chat_id
                returning a.id
            )
+           -- answered anew, as a retry is (`stops::requeue`): the reply the failed run was to
+           -- give may be stored already (an older reply activated since), and the new one may
+           -- not collide with it
            update ai_messages m set status = $2, error = null, stop_requested_at = null,
                dispatched_at = null, budget_day = (now() at time zone 'utc')::date,
-               budget_tokens = 0
+               budget_tokens = 0,
+               reply_version = coalesce((select max(r.version) from ai_messages r
+                                         where r.reply_to = m.id), 0) + 1
            from chat c
            where m.id = $1 and m.ai_chat_id = c.id and m.role = 'user' and m.status = $3"#,
         message_id,
