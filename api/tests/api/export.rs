@@ -502,6 +502,12 @@ async fn a_refused_import_names_the_problem_and_stores_nothing() {
             "messages[0]: timestamp is not between the years 1 and 9999",
         ),
         (
+            "a time in the future",
+            with(&|d| d["messages"][0]["timestamp"] = json!("2999-01-01T00:00:00Z")),
+            "messages",
+            "messages[0]: timestamp is in the future",
+        ),
+        (
             "version 0",
             with(&|d| d["messages"][0]["version"] = json!(0)),
             "messages",

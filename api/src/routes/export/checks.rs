@@ -48,6 +48,8 @@ const MAX_IMPORTED_VERSION: i32 = 1_000_000;
 /// Most digits of an imported cost before, and after, its point: far more than any price
 /// gives, and a number PostgreSQL's `numeric` stores exactly.
 const MAX_COST_DIGITS: usize = 20;
+/// How far past now an imported timestamp may be (another server's clock).
+const FUTURE_SKEW_MINUTES: i64 = 5;
 
 /// A cost as the server writes it: a non-negative decimal, digits with an optional fraction.
 fn is_cost(text: &str) -> bool {
@@ -128,6 +130,9 @@ fn check_messages<'a>(
     errors: &mut FieldErrors,
 ) -> Vec<ImportedMessage<'a>> {
     let mut problems = Problems::default();
+    // A message from the future would sort its chat first for good and count in usage reports
+    // of days to come; a few minutes allow for the exporting server's clock.
+    let latest_time = chrono::Utc::now() + chrono::Duration::minutes(FUTURE_SKEW_MINUTES);
     let mut positions: HashMap<i64, usize> = HashMap::with_capacity(messages.len());
     let mut siblings: HashMap<(Option<usize>, Role), Siblings> = HashMap::new();
     let mut imported: Vec<ImportedMessage<'a>> = Vec::with_capacity(messages.len());
@@ -191,8 +196,12 @@ fn check_messages<'a>(
                 m.version
             ));
         }
-        if m.timestamp.is_some_and(|t| !validate::storable_time(&t)) {
-            problem("timestamp is not between the years 1 and 9999".into());
+        if let Some(t) = m.timestamp {
+            if !validate::storable_time(&t) {
+                problem("timestamp is not between the years 1 and 9999".into());
+            } else if t > latest_time {
+                problem("timestamp is in the future".into());
+            }
         }
         let content = match m.role {
             Role::User => validate::check_text(Some(&m.content), max_content_chars).err(),
