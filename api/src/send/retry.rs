@@ -21,6 +21,7 @@ use crate::access::own_user_message;
 use crate::error::{ApiError, ApiResult};
 use crate::send::budget;
 use crate::send::limits::{self, LimitsLeft, Sender};
+use crate::send::versions::announce_path;
 use crate::state::AppState;
 
 /// Queues `message_id` again (see the module); the message as it is now (`queued`), and what
@@ -99,7 +100,7 @@ async fn requeue(
 ) -> ApiResult<AiMessage> {
     let message_id = previous.id;
     let budget = reservation.and_then(Reservation::stored);
-    let Some(requeued) = db::retry::on_conflict("retry", || {
+    let Some((requeued, activated)) = db::retry::on_conflict("retry", || {
         store_requeue(state, previous, user_id, budget, purpose)
     })
     .await?
@@ -108,6 +109,10 @@ async fn requeue(
         let now = db::ai_messages::get_user_message(&state.db, message_id, user_id).await?;
         return Err(now.map_or(ApiError::NotFound, |m| not_retriable(m.status)));
     };
+    if activated {
+        // Its branch was made the active path.
+        announce_path(state, previous.ai_chat, message_id).await;
+    }
     let after_answer = previous.status == MessageStatus::Answered;
     let pushed = push(
         state,
@@ -145,28 +150,37 @@ async fn requeue(
     Ok(requeued.message)
 }
 
-/// The requeue's statement. A regeneration of a question off the active path first makes its
-/// branch the active one, in the same transaction, so the new reply is shown when it comes.
+/// The requeue's statement, and whether it made the message's branch the active path. A
+/// regeneration of a question off the active path first makes its branch the active one, in
+/// the same transaction, so the new reply is shown when it comes. Whether it is off the path
+/// is read under the chat's lock, which every branch change takes: a change committed after
+/// the request read the question (an edit of an earlier turn in another tab) is seen.
 async fn store_requeue(
     state: &AppState,
     message: &AiMessage,
     user_id: i64,
     budget: Option<(chrono::NaiveDate, i32)>,
     purpose: Requeue,
-) -> aichat_shared::error::Result<Option<Requeued>> {
-    if purpose == Requeue::Retry || message.active {
-        return db::stops::requeue(&state.db, message.id, user_id, budget, purpose).await;
+) -> aichat_shared::error::Result<Option<(Requeued, bool)>> {
+    if purpose == Requeue::Retry {
+        let requeued = db::stops::requeue(&state.db, message.id, user_id, budget, purpose).await?;
+        return Ok(requeued.map(|requeued| (requeued, false)));
     }
     let mut tx = state.db.begin().await?;
     if !db::versions::lock_owned_chat(&mut tx, message.ai_chat, user_id).await? {
         return Ok(None);
     }
-    db::versions::activate(&mut tx, message.ai_chat, message.id).await?;
+    let Some(active) = db::versions::is_active(&mut tx, message.id).await? else {
+        return Ok(None);
+    };
+    if !active {
+        db::versions::activate(&mut tx, message.ai_chat, message.id).await?;
+    }
     let requeued = db::stops::requeue(&mut *tx, message.id, user_id, budget, purpose).await?;
     if requeued.is_some() {
         tx.commit().await?;
     }
-    Ok(requeued)
+    Ok(requeued.map(|requeued| (requeued, !active)))
 }
 
 /// Pushes the requeued message's job under the next key of its chain, unless a job of it is

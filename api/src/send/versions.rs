@@ -45,16 +45,11 @@ pub async fn regenerate(
     if is_waiting(question) {
         return Err(ApiError::Conflict(STILL_WAITING));
     }
-    let message = requeue_message(state, question, sender, request_id, Requeue::Regenerate).await?;
-    if !question.active {
-        // Its branch was made the active path.
-        announce_path(state, question.ai_chat, question.id).await;
-    }
-    Ok(message)
+    requeue_message(state, question, sender, request_id, Requeue::Regenerate).await
 }
 
 /// Publishes `active_path_changed`: the chat's other clients read its messages again.
-async fn announce_path(state: &AppState, ai_chat_id: i64, message_id: i64) {
+pub(crate) async fn announce_path(state: &AppState, ai_chat_id: i64, message_id: i64) {
     let event = ChatEvent::ActivePathChanged { message_id };
     let mut redis = state.redis.clone();
     if let Err(err) = publish_event(&mut redis, &state.ns, ai_chat_id, &event).await {

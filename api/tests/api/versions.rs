@@ -662,3 +662,63 @@ async fn the_next_prompt_comes_from_the_cached_history_until_an_earlier_turn_cha
     assert_eq!(prompt.len(), 9);
     stack.cleanup().await;
 }
+
+/// A regeneration racing a branch change: the question was on the active path when the
+/// request read it, and another tab's switch to another branch committed before the
+/// regeneration took the chat's lock. The regeneration sees the path as it is under the lock:
+/// it makes the question's branch active again (`active_path_changed`), and the new reply is
+/// shown (before, it was saved off the path, a model call nobody saw).
+#[tokio::test]
+async fn a_regeneration_racing_a_branch_switch_puts_its_question_back_on_the_path() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (first, _) = turn(&stack, &alice, chat, "first").await;
+    let (second, _) = turn(&stack, &alice, chat, "second").await;
+    // Another branch: "first" edited and answered; then back to the branch of "second".
+    let path = format!("{}?wait=true", edit_path(id(&first)));
+    let (status, edited) = stack
+        .post(&path, &alice.token, json!({"content": "first, edited"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{edited}");
+    let other_branch = edited["reply_to"].as_i64().expect("the edited question");
+    let (status, body) = stack
+        .post(&activate_path(id(&second)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ws = stack.ws(chat, &alice.token, None).await;
+
+    // The chat held as a branch change holds it: the regeneration reads "second" active, then
+    // waits; the switch to the other branch commits meanwhile.
+    let mut lock = stack.db.begin().await.expect("begin");
+    sqlx::query("select 1 from ai_chats where id = $1 for update")
+        .bind(chat)
+        .execute(&mut *lock)
+        .await
+        .expect("locking the chat");
+    let regenerate = regenerate_path(id(&second));
+    let mut request = Box::pin(stack.post(&regenerate, &alice.token, json!({})));
+    stack.until_it_waits_for_a_lock(&mut request).await;
+    aichat_shared::db::versions::activate(&mut lock, chat, other_branch)
+        .await
+        .expect("the other tab's switch");
+    lock.commit().await.expect("commit");
+    let (status, body) = request.await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    let (reply, events) = event_of(&mut ws, "assistant_message", 15).await;
+    assert_eq!(reply["message"]["reply_to"], second["id"]);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "active_path_changed" && e["message_id"] == second["id"]),
+        "{events:?}"
+    );
+    let shown = stack.messages(&alice, chat).await;
+    assert_eq!(
+        ids(&shown).last(),
+        reply["message"]["id"].as_i64().as_ref(),
+        "the new reply is on the active path: {shown:?}"
+    );
+    stack.cleanup().await;
+}

@@ -26,6 +26,20 @@ pub async fn lock_owned_chat(db: &mut PgConnection, ai_chat_id: i64, user_id: i6
     Ok(locked.is_some())
 }
 
+/// Whether message `message_id` is on its chat's active path; `None` when there is no such
+/// message. Read under the chat's lock ([`lock_owned_chat`]), it is what every branch change
+/// committed before says.
+#[tracing::instrument(skip(db))]
+pub async fn is_active(db: &mut PgConnection, message_id: i64) -> Result<Option<bool>> {
+    let active = sqlx::query_scalar!(
+        r#"select active from ai_messages where id = $1"#,
+        message_id
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(active)
+}
+
 /// Stores `content` as a new version of user message `question_id` (of the locked chat
 /// `ai_chat_id`): the same parent, the next version among that parent's user messages, the
 /// same context options, `queued` with the send's `budget`. `None` when the question is not a
