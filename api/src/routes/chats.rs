@@ -68,7 +68,13 @@ async fn create_chat(
     let mut errors = FieldErrors::default();
     let name = validate::required_text(&mut errors, "name", body.name.as_deref(), 255);
     let mut ids = body.participant_ids.unwrap_or_default();
-    let usernames = body.participant_usernames.unwrap_or_default();
+    // As stored and looked up at registration and login: a spelling that logs bob in names him.
+    let usernames: Vec<String> = body
+        .participant_usernames
+        .unwrap_or_default()
+        .iter()
+        .map(|username| validate::normalize_username(username))
+        .collect();
     let max = usize::try_from(state.settings.max_chat_participants).unwrap_or(usize::MAX);
     let too_many = format!("At most {max} participants, the creator included.");
     if ids.len() > max || usernames.len() > max {

@@ -5,6 +5,8 @@ use common::{app_with_users, ids};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+/// Participants by id and by username; a username in a look-alike spelling (full-width
+/// letters, folded by NFKC as at registration and login) names its user.
 #[tokio::test]
 async fn creating_a_chat_adds_the_creator_and_the_named_participants() {
     let (app, [alice, bob, carol]) = app_with_users(["alice", "bob", "carol"]).await;
@@ -12,7 +14,7 @@ async fn creating_a_chat_adds_the_creator_and_the_named_participants() {
         .post(
             "/api/chats/",
             &alice.token,
-            json!({"name": "Project", "participant_ids": [bob.id], "participant_usernames": ["carol", "ghost"]}),
+            json!({"name": "Project", "participant_ids": [bob.id], "participant_usernames": ["ｃａｒｏｌ", "ghost"]}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{chat}");
@@ -22,7 +24,7 @@ async fn creating_a_chat_adds_the_creator_and_the_named_participants() {
     assert_eq!(
         ids(participants),
         [alice.id, bob.id, carol.id],
-        "ghost is skipped"
+        "carol found by her full-width spelling; ghost is skipped"
     );
     assert_eq!(
         chat["participants"][1],
