@@ -496,6 +496,45 @@ async fn a_refused_import_names_the_problem_and_stores_nothing() {
             "messages[2]: messages[0] has another active reply",
         ),
         (
+            "no active first turn",
+            with(&|d| {
+                d["messages"][0]["active"] = json!(false);
+                d["messages"][1]["active"] = json!(false);
+            }),
+            "messages",
+            "messages[0]: no first turn is active",
+        ),
+        (
+            "an active path that stops before a later question",
+            document(vec![
+                message(1, None, "user", "hi", "answered"),
+                message(2, Some(1), "assistant", "hello", "complete"),
+                {
+                    let mut later = message(3, Some(1), "user", "and?", "cancelled");
+                    later["active"] = json!(false);
+                    later
+                },
+            ]),
+            "messages",
+            "messages[0]: an active question with later questions needs one of them active",
+        ),
+        (
+            "an answered question shown without a reply",
+            with(&|d| d["messages"][1]["active"] = json!(false)),
+            "messages",
+            "messages[0]: an active answered question needs an active reply",
+        ),
+        (
+            "two versions of a turn with one number",
+            document(vec![message(1, None, "user", "hi", "cancelled"), {
+                let mut again = message(2, None, "user", "hi again", "cancelled");
+                again["active"] = json!(false);
+                again
+            }]),
+            "messages",
+            "messages[1]: another version of the same turn is version 1",
+        ),
+        (
             "a year PostgreSQL cannot hold",
             with(&|d| d["messages"][0]["timestamp"] = json!("+10000-01-01T00:00:00Z")),
             "messages",

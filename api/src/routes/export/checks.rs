@@ -279,12 +279,16 @@ fn check_messages<'a>(
                 });
             }
             family.active |= m.active;
-            // A question's replies are told apart by their version (a unique index).
-            if !family.versions.insert(m.version) && m.role == Role::Assistant {
-                problem(format!(
-                    "another reply to the same question is version {}",
-                    m.version
-                ));
+            // A question's replies are told apart by their version (a unique index), and a
+            // turn's questions by theirs (an edit numbers the next one after them).
+            if !family.versions.insert(m.version) {
+                problem(match m.role {
+                    Role::Assistant => format!(
+                        "another reply to the same question is version {}",
+                        m.version
+                    ),
+                    _ => format!("another version of the same turn is version {}", m.version),
+                });
             }
         }
         imported.push(ImportedMessage {
@@ -319,9 +323,54 @@ fn check_messages<'a>(
             );
         }
     }
+    check_active_path(&imported, &mut problems);
     set_reply_versions(&mut imported);
     problems.into_errors(errors);
     imported
+}
+
+/// The active messages must be what the rest of the code keeps them: one path from an active
+/// first turn to its end, so that the chat's next message goes after that end (a message sent
+/// after a question that still has later ones would be another version 1 of their turn), and
+/// an answered question on it shows one of its replies. (That an active message's parent is
+/// active, and that no two siblings are, is checked with each message.)
+fn check_active_path(imported: &[ImportedMessage<'_>], problems: &mut Problems) {
+    let mut first_turns: Option<(usize, bool)> = None;
+    // A question's later questions: whether one of them is active.
+    let mut later_active: HashMap<usize, bool> = HashMap::new();
+    let mut with_active_reply: HashSet<usize> = HashSet::new();
+    for (i, m) in imported.iter().enumerate() {
+        match (m.role, m.parent) {
+            (Role::User, None) => {
+                first_turns.get_or_insert((i, false)).1 |= m.active;
+            }
+            (Role::User, Some(parent)) => *later_active.entry(parent).or_default() |= m.active,
+            (Role::Assistant, Some(question)) if m.active => {
+                with_active_reply.insert(question);
+            }
+            _ => {}
+        }
+    }
+    if let Some((first, false)) = first_turns {
+        problems.add(
+            first,
+            "no first turn is active: the active path starts at an active message without a parent_id",
+        );
+    }
+    for (i, m) in imported.iter().enumerate() {
+        if !m.active || m.role != Role::User {
+            continue;
+        }
+        if later_active.get(&i) == Some(&false) {
+            problems.add(
+                i,
+                "an active question with later questions needs one of them active (the active path goes on to its end)",
+            );
+        }
+        if m.status == MessageStatus::Answered && !with_active_reply.contains(&i) {
+            problems.add(i, "an active answered question needs an active reply");
+        }
+    }
 }
 
 /// Each question's `reply_version`: the version its last reply took when it is `answered`
