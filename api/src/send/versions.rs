@@ -84,8 +84,15 @@ pub async fn edit(
             }
             return Err(match other {
                 Err(err) => err.into(),
-                // Deleted, or requeued by a concurrent request, since it was read.
-                Ok(_) => ApiError::Conflict(STILL_WAITING),
+                // Deleted (with its chat), or requeued by a concurrent request, since it was
+                // read: which one, the message as it is now says.
+                Ok(_) => {
+                    match db::ai_messages::get_user_message(&state.db, question.id, user_id).await {
+                        Ok(Some(_)) => ApiError::Conflict(STILL_WAITING),
+                        Ok(None) => ApiError::NotFound,
+                        Err(err) => err.into(),
+                    }
+                }
             });
         }
     };

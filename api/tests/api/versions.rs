@@ -722,3 +722,31 @@ async fn a_regeneration_racing_a_branch_switch_puts_its_question_back_on_the_pat
     );
     stack.cleanup().await;
 }
+
+/// An edit racing the deletion of its chat (the chat found, then deleted while the edit waits
+/// for its row) answers 404, as the message is gone, not 409 "still waiting for its reply".
+#[tokio::test]
+async fn an_edit_whose_chat_is_deleted_meanwhile_is_not_found() {
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, _) = turn(&stack, &alice, chat, "first").await;
+    let mut lock = stack.db.begin().await.expect("begin");
+    sqlx::query("select 1 from ai_chats where id = $1 for update")
+        .bind(chat)
+        .execute(&mut *lock)
+        .await
+        .expect("locking the chat");
+    let edit = edit_path(id(&question));
+    let mut request = Box::pin(stack.post(&edit, &alice.token, json!({"content": "changed"})));
+    stack.until_it_waits_for_a_lock(&mut request).await;
+    sqlx::query("delete from ai_chats where id = $1")
+        .bind(chat)
+        .execute(&mut *lock)
+        .await
+        .expect("deleting the chat");
+    lock.commit().await.expect("commit");
+    let (status, body) = request.await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    stack.cleanup().await;
+}
