@@ -141,12 +141,7 @@ async fn a_write_racing_the_deletion_of_its_chat_is_a_conflict() {
     for what in ["send", "link"] {
         let chat = app.create_chat(&alice, "c", &[]).await;
         // The chat's row held `for update`: the write's foreign-key check waits for it.
-        let mut lock = app.db.begin().await.expect("begin");
-        sqlx::query("select 1 from chats where id = $1 for update")
-            .bind(chat)
-            .execute(&mut *lock)
-            .await
-            .expect("locking the chat");
+        let mut lock = app.holding_row("chats", chat).await;
         let mut request = Box::pin(async {
             match what {
                 "send" => {

@@ -245,21 +245,11 @@ async fn five_hundred_concurrent_logins_stay_within_memory_and_keep_health_answe
         })
         .collect();
     // While they run: health probes and the process's resident memory, until all answered.
-    let mut slowest_health = Duration::ZERO;
     let mut peak_rss_kib = 0u64;
-    while logins.iter().any(|l| !l.is_finished()) {
-        let started = Instant::now();
-        let health = client
-            .get(format!("{base}/healthz"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map(|r| r.status());
-        slowest_health = slowest_health.max(started.elapsed());
-        assert!(matches!(health, Ok(StatusCode::OK)), "{health:?}");
+    let slowest_health = slowest_health_while(&client, &base, &logins, || {
         peak_rss_kib = peak_rss_kib.max(rss_kib(pid));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     for login in logins {
         let (status, retry_after) = login.await.expect("login task");
@@ -343,19 +333,7 @@ async fn long_registrations_are_compared_off_the_request_threads_and_only_with_v
             tokio::spawn(async move { request.reply().await })
         })
         .collect();
-    let mut slowest_health = Duration::ZERO;
-    while registrations.iter().any(|r| !r.is_finished()) {
-        let started = Instant::now();
-        let health = client
-            .get(format!("{base}/healthz"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map(|r| r.status());
-        slowest_health = slowest_health.max(started.elapsed());
-        assert!(matches!(health, Ok(StatusCode::OK)), "{health:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slowest_health = slowest_health_while(&client, &base, &registrations, || {}).await;
     let mut checked = 0;
     for registration in registrations {
         let reply = registration.await.expect("registration task");
@@ -378,6 +356,31 @@ async fn long_registrations_are_compared_off_the_request_threads_and_only_with_v
         slowest_health < Duration::from_secs(1),
         "{slowest_health:?}"
     );
+}
+
+/// Probes `/healthz` of the API at `base` every 20 ms until every one of `tasks` has finished,
+/// calling `each` after each probe; every probe must answer 200 (within 5 s). The slowest.
+async fn slowest_health_while<T>(
+    client: &reqwest::Client,
+    base: &str,
+    tasks: &[tokio::task::JoinHandle<T>],
+    mut each: impl FnMut(),
+) -> Duration {
+    let mut slowest = Duration::ZERO;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let started = Instant::now();
+        let health = client
+            .get(format!("{base}/healthz"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map(|r| r.status());
+        slowest = slowest.max(started.elapsed());
+        assert!(matches!(health, Ok(StatusCode::OK)), "{health:?}");
+        each();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    slowest
 }
 
 /// The resident memory of process `pid` (0 when it cannot be read).

@@ -125,12 +125,7 @@ async fn a_keyed_send_whose_client_went_away_is_stored_once_and_a_repeat_answers
     let path = send_path(chat);
     // The chat's row held `for update`: the send's statement waits for it (it takes the row
     // `for key share`).
-    let mut lock = app.db.begin().await.expect("begin");
-    sqlx::query("select 1 from ai_chats where id = $1 for update")
-        .bind(chat)
-        .execute(&mut *lock)
-        .await
-        .expect("locking the chat");
+    let lock = app.holding_row("ai_chats", chat).await;
     let mut send = Box::pin(app.post_with_key(&path, &alice.token, "gone", "hello"));
     app.until_it_waits_for_a_lock(&mut send).await;
     drop(send); // the client goes away

@@ -690,12 +690,7 @@ async fn a_regeneration_racing_a_branch_switch_puts_its_question_back_on_the_pat
 
     // The chat held as a branch change holds it: the regeneration reads "second" active, then
     // waits; the switch to the other branch commits meanwhile.
-    let mut lock = stack.db.begin().await.expect("begin");
-    sqlx::query("select 1 from ai_chats where id = $1 for update")
-        .bind(chat)
-        .execute(&mut *lock)
-        .await
-        .expect("locking the chat");
+    let mut lock = stack.holding_row("ai_chats", chat).await;
     let regenerate = regenerate_path(id(&second));
     let mut request = Box::pin(stack.post(&regenerate, &alice.token, json!({})));
     stack.until_it_waits_for_a_lock(&mut request).await;
@@ -731,12 +726,7 @@ async fn an_edit_whose_chat_is_deleted_meanwhile_is_not_found() {
     let alice = stack.user("alice").await;
     let chat = stack.ai_chat_id(&alice).await;
     let (question, _) = turn(&stack, &alice, chat, "first").await;
-    let mut lock = stack.db.begin().await.expect("begin");
-    sqlx::query("select 1 from ai_chats where id = $1 for update")
-        .bind(chat)
-        .execute(&mut *lock)
-        .await
-        .expect("locking the chat");
+    let mut lock = stack.holding_row("ai_chats", chat).await;
     let edit = edit_path(id(&question));
     let mut request = Box::pin(stack.post(&edit, &alice.token, json!({"content": "changed"})));
     stack.until_it_waits_for_a_lock(&mut request).await;

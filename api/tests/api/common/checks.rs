@@ -74,6 +74,24 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// A transaction holding row `id` of `table` (`for update`), as a branch change or a
+    /// deletion holds it: requests that take the row wait until it ends.
+    pub async fn holding_row(
+        &self,
+        table: &str,
+        id: i64,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut lock = self.db.begin().await.expect("begin");
+        // `table` is the test's own literal.
+        let sql = format!("select 1 from {table} where id = $1 for update");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .execute(&mut *lock)
+            .await
+            .expect("locking the row");
+        lock
+    }
+
     /// Drives `request` until a statement of the app's database waits for a lock (one the test
     /// holds, in `pg_stat_activity`), and leaves it there, unanswered; panics if it is answered
     /// first.
