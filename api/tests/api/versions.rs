@@ -740,3 +740,55 @@ async fn an_edit_whose_chat_is_deleted_meanwhile_is_not_found() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     stack.cleanup().await;
 }
+
+/// A regeneration that fails leaves its question showing the reply it showed: left and come
+/// back to, the branch shows that reply, not the newest one (the failed run's version has
+/// no reply to show).
+#[tokio::test]
+async fn a_failed_regeneration_keeps_the_reply_its_question_showed() {
+    let stack = Stack::start(FakeConfig::default(), &[], &["--llm-max-attempts", "1"]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, first) = turn(&stack, &alice, chat, "first question").await;
+    regenerated(&stack, &alice, id(&question)).await;
+    let (status, _) = stack
+        .post(&activate_path(id(&first)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    stack.fake.set_config(aichat_testkit::fake_always(
+        aichat_fake_llm::Outcome::ServerError,
+    ));
+    let path = format!("{}?wait=true", regenerate_path(id(&question)));
+    let (status, body) = stack.post(&path, &alice.token, json!({})).await;
+    assert!(
+        status.is_client_error() || status.is_server_error(),
+        "{status} {body}"
+    );
+    assert_eq!(
+        ids(&stack.messages(&alice, chat).await),
+        vec![id(&question), id(&first)],
+        "the first reply is shown while the question is failed"
+    );
+
+    // Away from the branch with an edit, and back through the question.
+    stack.fake.set_config(FakeConfig::default());
+    let (status, edited) = stack
+        .post(
+            &format!("{}?wait=true", edit_path(id(&question))),
+            &alice.token,
+            json!({"content": "another first question"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{edited}");
+    let (status, _) = stack
+        .post(&activate_path(id(&question)), &alice.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ids(&stack.messages(&alice, chat).await),
+        vec![id(&question), id(&first)],
+        "the reply it showed, not the newest"
+    );
+    stack.cleanup().await;
+}

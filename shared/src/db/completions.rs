@@ -552,8 +552,13 @@ pub async fn save_replies(
 #[tracing::instrument(skip(db, error))]
 pub async fn mark_failed(db: impl PgExecutor<'_>, message_id: i64, error: &str) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $3, error = $2
-           where id = $1 and role = $4 and status in ($5, $6)"#,
+        r#"update ai_messages m set status = $3, error = $2,
+               -- a failed regeneration: the question shows again the reply it showed (its
+               -- active one), which a later return to its branch then finds by this version
+               reply_version = coalesce((select r.version from ai_messages r
+                                         where r.reply_to = m.id and r.active),
+                                        m.reply_version)
+           where m.id = $1 and m.role = $4 and m.status in ($5, $6)"#,
         message_id,
         error,
         MessageStatus::Failed.as_str(),

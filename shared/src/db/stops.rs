@@ -67,8 +67,13 @@ pub async fn request_stop(
 #[tracing::instrument(skip(db))]
 pub async fn cancel(db: impl PgExecutor<'_>, message_id: i64) -> Result<bool> {
     let done = sqlx::query!(
-        r#"update ai_messages set status = $3
-           where id = $1 and role = $2 and status in ($4, $5)"#,
+        r#"update ai_messages m set status = $3,
+               -- a regeneration stopped before any text: the question shows again the reply
+               -- it showed (`completions::mark_failed` does the same)
+               reply_version = coalesce((select r.version from ai_messages r
+                                         where r.reply_to = m.id and r.active),
+                                        m.reply_version)
+           where m.id = $1 and m.role = $2 and m.status in ($4, $5)"#,
         message_id,
         Role::User.as_str(),
         MessageStatus::Cancelled.as_str(),
