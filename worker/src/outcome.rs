@@ -175,6 +175,9 @@ pub async fn fail(
 ) -> Result<Done, JobError> {
     if record_failure(ctx, job, claim, subject, err).await? {
         metrics::job_failed(reason);
+        if let Some(after_failure) = &ctx.hooks.after_failure {
+            after_failure().await;
+        }
         Ok(Done::Failed)
     } else {
         announce_stored_reply(ctx, claim, subject).await?;

@@ -70,4 +70,8 @@ pub struct JobContext {
 pub struct Hooks {
     /// Runs right after this run's reply is committed, before anything is announced.
     pub after_save: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Awaited right after this run recorded its message's failure and announced it, before
+    /// the job ends: holds the failed job alive (not yet acknowledged) for as long as it takes.
+    pub after_failure:
+        Option<Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>>,
 }

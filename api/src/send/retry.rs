@@ -113,7 +113,13 @@ async fn requeue(
         // Its branch was made the active path.
         announce_path(state, previous.ai_chat, message_id).await;
     }
-    let after_answer = previous.status == MessageStatus::Answered;
+    // An answered message's jobs are done with it, and so are a failed one's: the job that
+    // failed it is only finishing (its acknowledgement may come after the `error` event that
+    // prompted this retry). A cancelled one's job may still be waiting to run it.
+    let after_answer = matches!(
+        previous.status,
+        MessageStatus::Answered | MessageStatus::Failed
+    );
     let pushed = push(
         state,
         user_id,
@@ -185,8 +191,9 @@ async fn store_requeue(
 
 /// Pushes the requeued message's job under the next key of its chain, unless a job of it is
 /// still alive (it was cancelled before a worker took its job: that job answers it). A
-/// regeneration of an answered message (`after_answer`) pushes past a job still alive: that
-/// one answered it and is only finishing. The job the new one follows, if any.
+/// regeneration of an answered message, or a retry of a failed one (`after_answer`), pushes
+/// past a job still alive: that one ended it and is only finishing. The job the new one
+/// follows, if any.
 pub(crate) async fn push(
     state: &AppState,
     user_id: i64,

@@ -236,3 +236,64 @@ async fn a_dead_model_fails_every_message_safely_and_staff_redrive_answers_each_
     );
     env.finish(api, [worker]).await;
 }
+
+/// A retry sent the moment a failure's `error` event arrives, while the job that failed the
+/// message is still finishing (held alive here for 5 s after it recorded the failure, as a
+/// slow acknowledgement would hold it), is queued at once and answered: it does not wait for
+/// the sweeper (off here) nor for the failed job's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_right_after_a_failure_is_answered_while_the_failed_job_finishes() {
+    let env = Env::start(aichat_testkit::fake_always(
+        aichat_fake_llm::Outcome::ServerError,
+    ))
+    .await;
+    let (api, client) = env.api_client(&[]).await;
+    let mut worker = env.worker_process_env(
+        env!("CARGO_BIN_EXE_faults-worker"),
+        &[
+            "--llm-max-attempts",
+            "1",
+            "--worker-sweep-interval-secs",
+            "0",
+        ],
+        &[("FAULTS_PAUSE_AFTER_FAILURE_MS", "5000")],
+    );
+    aichat_testkit::wait_worker_ready(worker.port, Duration::from_secs(30)).await;
+    let alice = client.user("alice").await;
+    let chat = client.ai_chat(&alice, "retried").await;
+    let socket = aichat_faults::WsCollector::start(
+        aichat_faults::ws_connect(&api, chat, &alice.token).await,
+    );
+    let message = client.send_ok(&alice, chat, "again, please").await;
+    socket
+        .wait_for(Duration::from_secs(15), "the failure", |e| {
+            e["type"] == "error" && e["message_id"] == message
+        })
+        .await;
+    env.fake.state().set_config(FakeConfig::default());
+    let retried = Instant::now();
+    let retry = client
+        .call(
+            Method::POST,
+            &format!("/api/ai/messages/{message}/retry/"),
+            Some(&alice.token),
+            None,
+        )
+        .await;
+    assert_eq!(retry.status, StatusCode::ACCEPTED, "{}", retry.body);
+    let reply = socket
+        .reply_to(
+            message,
+            Duration::from_secs(4),
+            "the retry's reply, before the failed job ends",
+        )
+        .await;
+    assert_eq!(reply["message"]["content"], "Echo: again, please");
+    report(
+        "retry_after_failure",
+        &[("answered_after_retry_s", secs(retried.elapsed()))],
+    );
+    worker.kill().await;
+    api.stop().await;
+    env.cleanup().await;
+}
