@@ -179,3 +179,32 @@ async fn the_socket_catch_up_stops_at_its_limit_and_says_where_rest_takes_over()
     assert_eq!(live["message"]["content"], "live", "{live}");
     app.cleanup().await;
 }
+
+/// At the limit exactly (500 stored messages, read in pages), the catch-up sends them all, in
+/// id order, and says nothing of a truncation; a message sent meanwhile arrives once, after
+/// them.
+#[tokio::test]
+async fn a_catch_up_of_exactly_its_limit_is_whole_and_not_truncated() {
+    let app = spawn_app_with_flags(NO_SEND_LIMIT).await;
+    let alice = app.user("alice").await;
+    let chat = app.ai_chat_id(&alice).await;
+    app.insert_messages(chat, 500, 0).await;
+    let mut ws = app.ws(chat, &alice.token, Some(0)).await;
+    app.send_ok(&alice, chat, "live").await;
+    let mut events = Vec::new();
+    while events.len() < 501 {
+        events.push(next_event(&mut ws, 5).await);
+    }
+    assert!(
+        events.iter().all(|e| e["type"] == "user_message"),
+        "no truncation, nothing else: {:?}",
+        events.iter().find(|e| e["type"] != "user_message")
+    );
+    let ids: Vec<i64> = events.iter().map(|e| id(&e["message"])).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in id order, each once"
+    );
+    assert_eq!(events[500]["message"]["content"], "live");
+    app.cleanup().await;
+}

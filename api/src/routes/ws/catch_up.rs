@@ -22,6 +22,9 @@ use crate::state::AppState;
 /// Stored messages a socket's catch-up sends at most; past it the socket says so
 /// (`catch_up_truncated`) and the client reads the rest over REST.
 const CATCH_UP_LIMIT: i64 = 500;
+/// Stored messages a catch-up reads at a time: what it holds while a slow client takes them
+/// (up to 32,000 characters each).
+const CATCH_UP_PAGE: i64 = 50;
 
 /// How a catch-up ended.
 pub(super) enum CatchUp {
@@ -110,44 +113,43 @@ pub(super) async fn catch_up(
     caught_up: &mut CaughtUp,
 ) -> CatchUp {
     let send_timeout = Duration::from_secs(state.settings.ws_send_timeout_secs);
-    let limit = Some(CATCH_UP_LIMIT + 1);
-    let mut messages = match db::ai_messages::list_chat_messages(
-        &state.db,
-        ai_chat_id,
-        Branches::Active,
-        Some(after_id),
-        limit,
-    )
-    .await
-    {
-        Ok(messages) => messages,
-        Err(err) => {
-            tracing::warn!(error = %err, "catch-up query failed");
-            return CatchUp::Unavailable;
+    // Pages of `CATCH_UP_PAGE` after the last message sent, each read one past what it may
+    // send, so that the last one knows whether more follow (`catch_up_truncated`). A message
+    // stored while the pages are read is in a later page and held back live like any at the
+    // seam; a branch switch meanwhile is announced live (`active_path_changed`).
+    let mut last_sent = after_id;
+    let mut sent = 0;
+    let truncated = loop {
+        let want = CATCH_UP_PAGE.min(CATCH_UP_LIMIT - sent);
+        let mut page = match db::ai_messages::list_chat_messages(
+            &state.db,
+            ai_chat_id,
+            Branches::Active,
+            Some(last_sent),
+            Some(want + 1),
+        )
+        .await
+        {
+            Ok(page) => page,
+            Err(err) => {
+                tracing::warn!(error = %err, "catch-up query failed");
+                return CatchUp::Unavailable;
+            }
+        };
+        let more = page.len() > want as usize;
+        page.truncate(want as usize);
+        if !send_stored(&page, sink, caught_up, send_timeout).await {
+            return CatchUp::Gone;
+        }
+        sent += page.len() as i64;
+        last_sent = page.last().map_or(last_sent, |m| m.id);
+        if !more {
+            break false;
+        }
+        if sent >= CATCH_UP_LIMIT {
+            break true;
         }
     };
-    let truncated = messages.len() > CATCH_UP_LIMIT as usize;
-    messages.truncate(CATCH_UP_LIMIT as usize);
-    for message in &messages {
-        // A user message that has ended may be queued again (a retry, a regeneration) and
-        // announced with its id again: only replies and questions still waiting, which a send
-        // in the few milliseconds between the subscription and this read announces live too,
-        // are filtered. (A question sent and ended within that window is seen twice, ending as
-        // stored.)
-        if message.role == Role::Assistant
-            || matches!(
-                message.status,
-                MessageStatus::Queued | MessageStatus::Answering
-            )
-        {
-            caught_up.messages.insert(message.id);
-        }
-        for event in stored_events(message) {
-            if !send_text(sink, event, send_timeout).await {
-                return CatchUp::Gone;
-            }
-        }
-    }
     let partials = match replies_in_progress(state, ai_chat_id).await {
         Ok(partials) => partials,
         Err(err) => {
@@ -167,9 +169,9 @@ pub(super) async fn catch_up(
             return CatchUp::Gone;
         }
     }
-    if let Some(last) = messages.last().filter(|_| truncated) {
+    if truncated {
         let event = ChatEvent::CatchUpTruncated {
-            next_after_id: last.id,
+            next_after_id: last_sent,
         };
         let text = serde_json::to_string(&event).unwrap_or_default();
         if !send_text(sink, text, send_timeout).await {
@@ -177,6 +179,37 @@ pub(super) async fn catch_up(
         }
     }
     CatchUp::Sent
+}
+
+/// Sends `messages` (stored, of the chat's active path) as the events they produced, noting in
+/// `caught_up` those whose live events are to be held back. False when the client is gone.
+async fn send_stored(
+    messages: &[AiMessage],
+    sink: &mut Sink,
+    caught_up: &mut CaughtUp,
+    send_timeout: Duration,
+) -> bool {
+    for message in messages {
+        // A user message that has ended may be queued again (a retry, a regeneration) and
+        // announced with its id again: only replies and questions still waiting, which a send
+        // in the few milliseconds between the subscription and this read announces live too,
+        // are filtered. (A question sent and ended within that window is seen twice, ending as
+        // stored.)
+        if message.role == Role::Assistant
+            || matches!(
+                message.status,
+                MessageStatus::Queued | MessageStatus::Answering
+            )
+        {
+            caught_up.messages.insert(message.id);
+        }
+        for event in stored_events(message) {
+            if !send_text(sink, event, send_timeout).await {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The replies in progress in the chat, as they stand: read after the socket subscribed, so
