@@ -181,8 +181,7 @@ async fn the_socket_catch_up_stops_at_its_limit_and_says_where_rest_takes_over()
 }
 
 /// At the limit exactly (500 stored messages, read in pages), the catch-up sends them all, in
-/// id order, and says nothing of a truncation; a message sent meanwhile arrives once, after
-/// them.
+/// id order, and says nothing of a truncation; the next event is live.
 #[tokio::test]
 async fn a_catch_up_of_exactly_its_limit_is_whole_and_not_truncated() {
     let app = spawn_app_with_flags(NO_SEND_LIMIT).await;
@@ -190,11 +189,13 @@ async fn a_catch_up_of_exactly_its_limit_is_whole_and_not_truncated() {
     let chat = app.ai_chat_id(&alice).await;
     app.insert_messages(chat, 500, 0).await;
     let mut ws = app.ws(chat, &alice.token, Some(0)).await;
-    app.send_ok(&alice, chat, "live").await;
     let mut events = Vec::new();
-    while events.len() < 501 {
+    while events.len() < 500 {
         events.push(next_event(&mut ws, 5).await);
     }
+    // Sent once the catch-up is out: a truncation would come before this.
+    app.send_ok(&alice, chat, "live").await;
+    events.push(next_event(&mut ws, 5).await);
     assert!(
         events.iter().all(|e| e["type"] == "user_message"),
         "no truncation, nothing else: {:?}",
