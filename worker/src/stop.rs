@@ -53,14 +53,14 @@ pub struct Drained {
 /// Shared by the worker and its jobs: running jobs, what finished after the signal, and the
 /// names this process registered under.
 pub struct Stopping {
-    running: watch::Sender<usize>,
+    /// Running jobs by the name of the consumer that took them (a consumer that failed and
+    /// was started again under a new name leaves its jobs running under the old one); a name
+    /// with none is not in the map.
+    running: watch::Sender<HashMap<String, usize>>,
     abandon: watch::Sender<bool>,
     begun: AtomicBool,
     finished: Mutex<HashMap<String, Vec<(String, Ack)>>>,
     names: Mutex<Vec<String>>,
-    /// Running jobs by the name of the consumer that took them: a consumer that failed and was
-    /// started again under a new name leaves its jobs running under the old one.
-    running_under: Mutex<HashMap<String, usize>>,
 }
 
 /// Counts one running job until dropped.
@@ -71,37 +71,32 @@ pub struct RunningJob {
 
 impl Drop for RunningJob {
     fn drop(&mut self) {
-        self.stopping
-            .running
-            .send_modify(|n| *n = n.saturating_sub(1));
-        let mut running_under = lock(&self.stopping.running_under);
-        if let Some(n) = running_under.get_mut(&self.worker) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                running_under.remove(&self.worker);
+        self.stopping.running.send_modify(|running| {
+            if let Some(n) = running.get_mut(&self.worker) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    running.remove(&self.worker);
+                }
             }
-        }
+        });
     }
 }
 
 impl Stopping {
     pub fn new() -> Arc<Stopping> {
         Arc::new(Stopping {
-            running: watch::channel(0).0,
+            running: watch::channel(HashMap::new()).0,
             abandon: watch::channel(false).0,
             begun: AtomicBool::new(false),
             finished: Mutex::new(HashMap::new()),
             names: Mutex::new(Vec::new()),
-            running_under: Mutex::new(HashMap::new()),
         })
     }
 
     /// Counts a job taken by the consumer named `worker` as running, until the guard drops.
     pub fn job_started(self: &Arc<Self>, worker: &str) -> RunningJob {
-        self.running.send_modify(|n| *n += 1);
-        *lock(&self.running_under)
-            .entry(worker.to_owned())
-            .or_default() += 1;
+        self.running
+            .send_modify(|running| *running.entry(worker.to_owned()).or_default() += 1);
         RunningJob {
             stopping: self.clone(),
             worker: worker.to_owned(),
@@ -109,7 +104,7 @@ impl Stopping {
     }
 
     pub fn running(&self) -> usize {
-        *self.running.borrow()
+        self.running.borrow().values().sum()
     }
 
     /// Turns true when the grace period is over: a job still waiting on the model gives up.
@@ -129,7 +124,7 @@ impl Stopping {
     /// The names to keep registered: the current consumer's, and every earlier one's that
     /// still has jobs running here.
     fn live_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = lock(&self.running_under).keys().cloned().collect();
+        let mut names: Vec<String> = self.running.borrow().keys().cloned().collect();
         if let Some(current) = self.current_name()
             && !names.contains(&current)
         {
@@ -163,7 +158,7 @@ impl Stopping {
     /// a moment to let go.
     pub async fn drain(&self, grace: Duration) -> Drained {
         let mut running = self.running.subscribe();
-        if tokio::time::timeout(grace, running.wait_for(|n| *n == 0))
+        if tokio::time::timeout(grace, running.wait_for(HashMap::is_empty))
             .await
             .is_ok()
         {
@@ -174,7 +169,8 @@ impl Stopping {
         }
         let abandoned = self.running();
         let _ = self.abandon.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(2), running.wait_for(|n| *n == 0)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), running.wait_for(HashMap::is_empty)).await;
         Drained {
             in_time: false,
             abandoned,
