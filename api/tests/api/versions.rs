@@ -49,6 +49,24 @@ async fn regenerated(app: &TestApp, user: &TestUser, id: i64) -> Value {
     reply
 }
 
+/// Makes the branch through `message` the active path, insisting on 200.
+async fn activated(app: &TestApp, user: &TestUser, message: i64) {
+    let (status, body) = app
+        .post(&activate_path(message), &user.token, json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Edits `question` to `content` and waits for the edit's reply: the reply.
+async fn edited(app: &TestApp, user: &TestUser, question: i64, content: &str) -> Value {
+    let path = format!("{}?wait=true", edit_path(question));
+    let (status, reply) = app
+        .post(&path, &user.token, json!({"content": content}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    reply
+}
+
 /// The chat's `message_count` as its list says.
 async fn message_count(app: &TestApp, user: &TestUser, chat: i64) -> i64 {
     let (status, body) = app
@@ -453,25 +471,12 @@ async fn a_branch_shows_again_the_reply_it_showed_when_it_was_left() {
     let (question, first) = turn(&stack, &alice, chat, "first question").await;
     regenerated(&stack, &alice, id(&question)).await;
     // Back to the first reply, then away from the whole branch with an edit.
-    let (status, _) = stack
-        .post(&activate_path(id(&first)), &alice.token, json!({}))
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let (status, edited) = stack
-        .post(
-            &format!("{}?wait=true", edit_path(id(&question))),
-            &alice.token,
-            json!({"content": "another first question"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{edited}");
+    activated(&stack, &alice, id(&first)).await;
+    edited(&stack, &alice, id(&question), "another first question").await;
     assert!(!ids(&stack.messages(&alice, chat).await).contains(&id(&question)));
 
     // Coming back through the question: its first reply, as it was left, not the newest.
-    let (status, _) = stack
-        .post(&activate_path(id(&question)), &alice.token, json!({}))
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    activated(&stack, &alice, id(&question)).await;
     assert_eq!(
         ids(&stack.messages(&alice, chat).await),
         vec![id(&question), id(&first)]
@@ -676,16 +681,9 @@ async fn a_regeneration_racing_a_branch_switch_puts_its_question_back_on_the_pat
     let (first, _) = turn(&stack, &alice, chat, "first").await;
     let (second, _) = turn(&stack, &alice, chat, "second").await;
     // Another branch: "first" edited and answered; then back to the branch of "second".
-    let path = format!("{}?wait=true", edit_path(id(&first)));
-    let (status, edited) = stack
-        .post(&path, &alice.token, json!({"content": "first, edited"}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{edited}");
+    let edited = edited(&stack, &alice, id(&first), "first, edited").await;
     let other_branch = edited["reply_to"].as_i64().expect("the edited question");
-    let (status, body) = stack
-        .post(&activate_path(id(&second)), &alice.token, json!({}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    activated(&stack, &alice, id(&second)).await;
     let mut ws = stack.ws(chat, &alice.token, None).await;
 
     // The chat held as a branch change holds it: the regeneration reads "second" active, then
@@ -751,10 +749,7 @@ async fn a_failed_regeneration_keeps_the_reply_its_question_showed() {
     let chat = stack.ai_chat_id(&alice).await;
     let (question, first) = turn(&stack, &alice, chat, "first question").await;
     regenerated(&stack, &alice, id(&question)).await;
-    let (status, _) = stack
-        .post(&activate_path(id(&first)), &alice.token, json!({}))
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    activated(&stack, &alice, id(&first)).await;
 
     stack.fake.set_config(aichat_testkit::fake_always(
         aichat_fake_llm::Outcome::ServerError,
@@ -773,18 +768,8 @@ async fn a_failed_regeneration_keeps_the_reply_its_question_showed() {
 
     // Away from the branch with an edit, and back through the question.
     stack.fake.set_config(FakeConfig::default());
-    let (status, edited) = stack
-        .post(
-            &format!("{}?wait=true", edit_path(id(&question))),
-            &alice.token,
-            json!({"content": "another first question"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{edited}");
-    let (status, _) = stack
-        .post(&activate_path(id(&question)), &alice.token, json!({}))
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    edited(&stack, &alice, id(&question), "another first question").await;
+    activated(&stack, &alice, id(&question)).await;
     assert_eq!(
         ids(&stack.messages(&alice, chat).await),
         vec![id(&question), id(&first)],
