@@ -49,16 +49,20 @@ pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
     }
 }
 
-/// The `sessionid` cookie's token.
+/// The `sessionid` cookie's token. A request carrying two different ones has none: a page on a
+/// sibling domain can set a `sessionid` for the parent domain that the browser sends beside
+/// (and before) ours, and taking either would let it sign the user in as someone else.
 pub(crate) fn cookie_token(headers: &axum::http::HeaderMap) -> Option<String> {
-    headers
+    let mut values = headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.to_owned())
+        .filter(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value);
+    let first = values.next()?;
+    values.all(|value| value == first).then(|| first.to_owned())
 }
 
 /// Resolves a token's hash to its session, if it is live: from this instance's session cache

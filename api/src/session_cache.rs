@@ -96,6 +96,10 @@ impl SessionCache {
         };
         let now = Instant::now();
         let until = now + self.ttl.min(left);
+        // The entries' lock is held across the check of the user's revocation, as `revoke_user`
+        // holds it across recording one: a revocation cannot fall between the check and the
+        // insert.
+        let mut entries = self.lock();
         {
             let mut revoked = lock(&self.revoked_users);
             revoked.retain(|_, until| *until > now);
@@ -103,7 +107,6 @@ impl SessionCache {
                 return;
             }
         }
-        let mut entries = self.lock();
         if let Some(Entry::Revoked { until }) = entries.get(token_hash)
             && *until > now
         {
@@ -145,8 +148,10 @@ impl SessionCache {
             return;
         }
         let until = Instant::now() + self.ttl;
+        // Entries first, then the revoked users: the order `insert` takes them in.
+        let mut entries = self.lock();
         lock(&self.revoked_users).insert(user_id, until);
-        for entry in self.lock().values_mut() {
+        for entry in entries.values_mut() {
             if matches!(entry, Entry::Live { session, .. } if session.user.id == user_id) {
                 *entry = Entry::Revoked { until };
             }

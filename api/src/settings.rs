@@ -20,8 +20,8 @@ pub struct Settings {
     pub openai: OpenAiSettings,
     #[command(flatten)]
     pub log: LogSettings,
-    /// Hours a login session lives (default 14 days).
-    #[arg(long, env = "SESSION_TTL_HOURS", default_value_t = 336)]
+    /// Hours a login session lives (default 14 days; 1 hour to 10 years).
+    #[arg(long, env = "SESSION_TTL_HOURS", default_value_t = 336, value_parser = clap::value_parser!(i64).range(1..=87_600))]
     pub session_ttl_hours: i64,
     /// Seconds an instance remembers a session it has looked up (0: look it up every time).
     /// Logout takes effect at once on the instance that served it; elsewhere a revoked or

@@ -3,9 +3,10 @@
 //! - Sliding windows of `AUTH_WINDOW_SECS`: login attempts per client address and per
 //!   username, registrations per client address. An attempt over any limit is refused with 429
 //!   before anything is looked up or hashed, with the same body whether or not the user exists.
-//! - Failures per username: after `LOGIN_FAILURES_BEFORE_BACKOFF` consecutive failures each
-//!   further one locks the username for twice as long as the last (1 s, 2 s, 4 s …, at most
-//!   `LOGIN_BACKOFF_MAX_SECS`); a successful login clears it.
+//! - Failures per username: after `LOGIN_FAILURES_BEFORE_BACKOFF` consecutive failures (each
+//!   within `AUTH_WINDOW_SECS` of the last until the first lock) each further one locks the
+//!   username for twice as long as the last (1 s, 2 s, 4 s …, at most `LOGIN_BACKOFF_MAX_SECS`);
+//!   a successful login clears it.
 //!
 //! Usernames are hashed into the keys, so key length is bounded and no name is stored.
 use std::net::IpAddr;
@@ -43,7 +44,10 @@ end
 return 0
 "#;
 
-/// Records a failed login of one username; `ARGV`: failures before backoff, longest lock ms.
+/// Records a failed login of one username; `ARGV`: failures before backoff, longest lock ms,
+/// window ms. Until a lock exists the count lives one window past its last failure, so a failed
+/// guess of an unknown name (every one of which is recorded, alike with known names) costs
+/// Redis a key for minutes, not a day; a locked name's count lives a day past its longest lock.
 const FAILED: &str = r#"
 local t = redis.call('time')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,8 +57,10 @@ local longest = tonumber(ARGV[2])
 if n >= free then
   local lock = math.min(1000 * 2 ^ math.min(n - free, 40), longest)
   redis.call('hset', KEYS[1], 'until', now + lock)
+  redis.call('pexpire', KEYS[1], longest + 86400000)
+else
+  redis.call('pexpire', KEYS[1], tonumber(ARGV[3]))
 end
-redis.call('pexpire', KEYS[1], longest + 86400000)
 return n
 "#;
 
@@ -142,6 +148,7 @@ pub async fn login_failed(state: &AppState, username: &str) -> ApiResult<()> {
         .key(state.ns.login_failures(&subject(username)))
         .arg(settings.login_failures_before_backoff.max(1))
         .arg(settings.login_backoff_max_secs.saturating_mul(1000))
+        .arg(settings.auth_window_secs.saturating_mul(1000))
         .invoke_async(&mut redis)
         .await
         .map_err(aichat_shared::Error::from)?;

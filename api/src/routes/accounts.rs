@@ -164,8 +164,11 @@ async fn login(
     ClientAddress(address): ClientAddress,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<impl IntoResponse> {
+    // Normalized before its length is checked, as at registration: a name registered as 150
+    // characters after NFKC logs in with the spelling it was registered with.
+    let username = body.username.as_deref().map(validate::normalize_username);
     let mut errors = FieldErrors::default();
-    validate::required_text(&mut errors, "username", body.username.as_deref(), 150);
+    validate::required_text(&mut errors, "username", username.as_deref(), 150);
     match body.password.as_deref() {
         None | Some("") => errors.add("password", validate::REQUIRED),
         Some(p) if p.len() > passwords::MAX_BYTES => {
@@ -174,10 +177,9 @@ async fn login(
         Some(_) => {}
     }
     errors.check()?;
-    let (Some(username), Some(password)) = (body.username, body.password) else {
+    let (Some(username), Some(password)) = (username, body.password) else {
         return Err(ApiError::InvalidCredentials);
     };
-    let username = validate::normalize_username(&username);
     // Before anything is looked up or hashed, and alike for known and unknown usernames.
     throttle::admit(&state, Attempt::Login, address, &username).await?;
     let credentials = db::users::find_credentials(&state.db, &username).await?;

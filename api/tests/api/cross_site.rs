@@ -110,6 +110,44 @@ async fn cookie_authenticated_requests_from_other_sites_are_refused_before_any_e
 }
 
 #[tokio::test]
+async fn a_second_session_cookie_from_a_sibling_domain_signs_no_one_in() {
+    let app = spawn_app().await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let mallory = app.user("mallory").await;
+    // A page on a sibling domain set mallory's session for the parent domain; the browser sends
+    // it beside alice's own, and first (a longer path, or the older cookie).
+    let both = format!("sessionid={}; sessionid={}", mallory.token, alice.token);
+    let with_both =
+        |method: Method, path: &str| app.request(method, path).header("cookie", both.as_str());
+    let me = with_both(Method::GET, "/api/me/").reply().await;
+    assert_eq!(me.status, StatusCode::UNAUTHORIZED, "{me:?}");
+    let chats = with_both(Method::GET, "/api/ai/chats/").reply().await;
+    assert_eq!(chats.status, StatusCode::UNAUTHORIZED, "{chats:?}");
+    let created = with_both(Method::POST, "/api/ai/chats/")
+        .json(&json!({"title": "my secrets"}))
+        .reply()
+        .await;
+    assert_eq!(created.status, StatusCode::UNAUTHORIZED, "{created:?}");
+    let (status, _) = upgrade(
+        &app.ws_url(&format!("/ws/ai-chat/{chat}/")),
+        &[("cookie", both.as_str())],
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(app.list("/api/ai/chats/", &mallory.token).await.is_empty());
+    // The same cookie sent twice is one credential.
+    let twice = format!("sessionid={0}; sessionid={0}", alice.token);
+    let me = app
+        .request(Method::GET, "/api/me/")
+        .header("cookie", twice)
+        .reply()
+        .await;
+    assert_eq!(me.status, StatusCode::OK, "{me:?}");
+    assert_eq!(me.json()["username"], "alice");
+    app.cleanup().await;
+}
+
+#[tokio::test]
 async fn api_answers_are_not_sniffed_or_cached_and_request_ids_are_kept_only_when_plain() {
     let (app, [alice]) = app_with_users(["alice"]).await;
     let me = |request_id: &str| {

@@ -180,3 +180,17 @@ async fn a_missing_database_is_named_with_the_command_that_creates_it() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_session_lifetime_out_of_its_range_is_refused_at_startup() {
+    // 0 would log users in with sessions already expired; ten billion hours would overflow the
+    // expiry date at each login.
+    for hours in ["0", "-1", "87601", "9999999999"] {
+        let flag = format!("--session-ttl-hours={hours}");
+        let (code, stderr, _) = against_a_missing_database(&[&flag]).await;
+        assert_eq!(code, Some(2), "{hours}: {stderr}");
+        assert!(stderr.contains("--session-ttl-hours"), "{hours}: {stderr}");
+    }
+    let (code, stderr, _) = against_a_missing_database(&["--session-ttl-hours", "87600"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+}

@@ -132,6 +132,40 @@ async fn repeated_failures_lock_a_username_for_longer_each_time_until_a_login_su
     app.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_failed_login_is_remembered_for_a_window_until_its_name_is_locked() {
+    let app = spawn_app_with_flags(&flags(&format!("{BACKING_OFF} --auth-window-secs 60"))).await;
+    let mut redis = app.redis().await;
+    let pattern = app.keys.login_failures("*");
+    // The milliseconds left to the one failure count of the app's namespace.
+    let mut expiry = async || -> i64 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut redis)
+            .await
+            .expect("keys");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        redis::cmd("PTTL")
+            .arg(&keys[0])
+            .query_async(&mut redis)
+            .await
+            .expect("pttl")
+    };
+    // A made-up name: its failure is kept one window, not a day.
+    let first = login(&app, "nobody-at-all", "guess 1", None).await;
+    assert_eq!(first.status, StatusCode::UNAUTHORIZED, "{first:?}");
+    let ttl = expiry().await;
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl} ms");
+    // The second failure locks the name: its count now outlives the longest lock by a day.
+    let second = login(&app, "nobody-at-all", "guess 2", None).await;
+    assert_eq!(second.status, StatusCode::UNAUTHORIZED, "{second:?}");
+    let ttl = expiry().await;
+    assert!(ttl > 86_400_000, "{ttl} ms");
+    let locked = login(&app, "nobody-at-all", "guess 3", None).await;
+    assert!(too_many(&locked), "{locked:?}");
+    app.cleanup().await;
+}
+
 /// `aichat_login_failures_total` as the API reports it (the recorder is shared by every app
 /// of this test binary: compare before and after).
 async fn failed_logins(app: &common::TestApp) -> f64 {
@@ -410,5 +444,13 @@ async fn usernames_are_nfkc_normalized_at_registration_and_login() {
     let (status, errors) = app.register("bob").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(errors["username"].is_array(), "{errors}");
+    // 300 code points that NFKC composes into 150 letters: the longest name there is, and it
+    // logs in spelled as it was registered.
+    let decomposed = "e\u{301}".repeat(150);
+    let (status, body) = app.register_password(&decomposed, PASSWORD).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["username"], "\u{e9}".repeat(150));
+    let (status, body) = app.login(&decomposed, PASSWORD).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     app.cleanup().await;
 }
