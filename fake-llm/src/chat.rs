@@ -64,8 +64,9 @@ pub(crate) async fn chat_completions(
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
     }
 
-    let cut_after = match outcome {
-        Outcome::Cut { after_chunks } => Some(after_chunks),
+    let cut = match outcome {
+        Outcome::Cut { after_chunks } => Some(Cut::AfterWords(after_chunks)),
+        Outcome::CutAfterFinish => Some(Cut::AfterFinish),
         _ => None,
     };
     let response = match outcome {
@@ -73,11 +74,17 @@ pub(crate) async fn chat_completions(
         Outcome::InsufficientQuota => protocol::insufficient_quota(),
         Outcome::ServerError => protocol::server_error(),
         // A plain answer has no stream to break; a 500 is the closest whole-response failure.
-        Outcome::Cut { .. } if delivery.is_none() => protocol::server_error(),
+        Outcome::Cut { .. } | Outcome::CutAfterFinish if delivery.is_none() => {
+            protocol::server_error()
+        }
         Outcome::BadRequest => {
             protocol::invalid_request("Invalid request (injected by aichat-fake-llm).")
         }
-        Outcome::Ok | Outcome::Slow { .. } | Outcome::Hang | Outcome::Cut { .. } => {
+        Outcome::Ok
+        | Outcome::Slow { .. }
+        | Outcome::Hang
+        | Outcome::Cut { .. }
+        | Outcome::CutAfterFinish => {
             let completion = Completion {
                 id: format!("chatcmpl-{seq}"),
                 created: unix_secs(),
@@ -91,12 +98,7 @@ pub(crate) async fn chat_completions(
                         request.include_usage && config.report_usage,
                     );
                     let delay = Duration::from_millis(config.chunk_delay_ms);
-                    return stream_response(
-                        &state,
-                        stream_events(frames, cut_after),
-                        delay,
-                        delivery,
-                    );
+                    return stream_response(&state, stream_events(frames, cut), delay, delivery);
                 }
                 None => Json(completion.body(&reply, usage)).into_response(),
             }
@@ -140,16 +142,28 @@ enum Event {
     Cut,
 }
 
-/// The events of a streamed answer: all of them, or, when `cut_after` is set, the role chunk
-/// and at most that many words followed by the cut.
-fn stream_events(frames: Frames, cut_after: Option<u32>) -> Vec<Event> {
+/// Where an injected cut breaks a stream.
+enum Cut {
+    /// After at most this many words ([`Outcome::Cut`]).
+    AfterWords(u32),
+    /// After the finish chunk ([`Outcome::CutAfterFinish`]).
+    AfterFinish,
+}
+
+/// The events of a streamed answer: all of them, or the ones before `cut` followed by it.
+fn stream_events(frames: Frames, cut: Option<Cut>) -> Vec<Event> {
     let mut events: Vec<Event> = Vec::with_capacity(frames.words.len() + 4);
     events.push(Event::Other(frames.role));
     let words = frames.words.into_iter().map(Event::Content);
-    match cut_after {
-        Some(after_chunks) => {
+    match cut {
+        Some(Cut::AfterWords(after_chunks)) => {
             let kept = usize::try_from(after_chunks).unwrap_or(usize::MAX);
             events.extend(words.take(kept));
+            events.push(Event::Cut);
+        }
+        Some(Cut::AfterFinish) => {
+            events.extend(words);
+            events.push(Event::Other(frames.finish));
             events.push(Event::Cut);
         }
         None => {

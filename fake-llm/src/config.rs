@@ -71,7 +71,8 @@ impl FakeConfig {
 ///
 /// JSON shape: `{"kind": "rate_limited", "retry_after": "1"}`, `{"kind": "slow", "latency_ms": 3000}`,
 /// `{"kind": "ok"}`, `{"kind": "insufficient_quota"}`, `{"kind": "server_error"}`,
-/// `{"kind": "bad_request"}`, `{"kind": "hang"}`, `{"kind": "cut", "after_chunks": 5}`.
+/// `{"kind": "bad_request"}`, `{"kind": "hang"}`, `{"kind": "cut", "after_chunks": 5}`,
+/// `{"kind": "cut_after_finish"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Outcome {
@@ -98,6 +99,9 @@ pub enum Outcome {
     /// `data: [DONE]`, no closing zero-length chunk, so clients see a body (transport) error.
     /// A request without `stream: true` gets the 500 of [`Outcome::ServerError`].
     Cut { after_chunks: u32 },
+    /// Stream the whole reply and its finish chunk, then abort the connection before the usage
+    /// chunk and `data: [DONE]`: a provider whose connection drops once the reply is whole.
+    CutAfterFinish,
 }
 
 fn default_retry_after() -> String {
@@ -116,6 +120,7 @@ impl Outcome {
             Outcome::Hang => "hang",
             Outcome::Slow { .. } => "slow",
             Outcome::Cut { .. } => "cut",
+            Outcome::CutAfterFinish => "cut_after_finish",
         }
     }
 

@@ -311,7 +311,7 @@ impl LlmClient {
             let delay = self
                 .policy
                 .delay(failures, err.retry_after, &mut rand::rng());
-            if Instant::now() + delay > deadline {
+            if delay > deadline.saturating_duration_since(Instant::now()) {
                 return Err(CompletionError::Failed {
                     reason: err.reason,
                     attempts: failures,
@@ -378,7 +378,13 @@ impl LlmClient {
                 next = tokio::time::timeout(silence, stream.next()) => next,
                 Ok(_) = stop.wait_for(|stopped| *stopped) => return Ok(stopped(content, usage)),
             };
-            let next = match next {
+            let chunk = match next {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => break,
+                // Past the finish reason the reply is whole: a connection that then breaks or
+                // goes silent (before the usage chunk or `[DONE]`) loses only the usage, which
+                // is then counted with the tokenizer, not the reply.
+                _ if finished => break,
                 Err(_) => {
                     return Err(AttemptError::retryable(
                         FailureReason::Timeout,
@@ -386,12 +392,7 @@ impl LlmClient {
                         "the stream went silent".into(),
                     ));
                 }
-                Ok(next) => next,
-            };
-            let chunk = match next {
-                None => break,
-                Some(Err(err)) => return Err(classify_failure(err, &slot)),
-                Some(Ok(chunk)) => chunk,
+                Ok(Some(Err(err))) => return Err(classify_failure(err, &slot)),
             };
             if chunk.usage.is_some() {
                 usage = chunk.usage;

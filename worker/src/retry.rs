@@ -39,21 +39,27 @@ impl RetryPolicy {
     }
 }
 
-/// `Retry-After` as seconds (integer or decimal) or an HTTP date.
+/// The longest `Retry-After` taken at its word: a longer one means the same (no job waits a
+/// day; it gives up at its deadline), and a wait added to an instant must not overflow it.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// `Retry-After` as seconds (integer or decimal) or an HTTP date, at most a day.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let at = DateTime::parse_from_rfc2822(value).ok()?;
-    Some(
+    let wait = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else if let Ok(secs) = value.parse::<f64>() {
+        if !(secs.is_finite() && secs >= 0.0) {
+            return None;
+        }
+        Duration::from_secs_f64(secs.min(LONGEST_RETRY_AFTER.as_secs_f64()))
+    } else {
+        let at = DateTime::parse_from_rfc2822(value).ok()?;
         (at.with_timezone(&Utc) - now)
             .to_std()
-            .unwrap_or(Duration::ZERO),
-    )
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(LONGEST_RETRY_AFTER))
 }
 
 /// Why a model call failed: a short fixed name for logs and metric labels, and what the user
@@ -312,6 +318,17 @@ mod tests {
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+        for huge in [
+            "1e20",
+            "18446744073709551615",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            assert_eq!(
+                parse_retry_after(huge, now),
+                Some(LONGEST_RETRY_AFTER),
+                "{huge}"
+            );
+        }
     }
 
     #[test]

@@ -186,3 +186,28 @@ async fn two_workers_never_exceed_the_shared_request_rate() {
 
     env.finish([first, second]).await;
 }
+
+#[tokio::test]
+async fn a_retry_after_too_long_to_wait_fails_the_message_instead_of_the_job() {
+    // 10^20 seconds does not fit a duration, 2^64 - 1 overflows an instant: both mean "not
+    // within this job's deadline".
+    let env = TestEnv::start(FakeConfig::default()).await;
+    env.fake.push_script([
+        Outcome::RateLimited {
+            retry_after: "1e20".into(),
+        },
+        Outcome::RateLimited {
+            retry_after: "18446744073709551615".into(),
+        },
+    ]);
+    let worker = env.spawn_worker(&["--llm-backoff-base-ms", "10"]).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let busy = "The AI service is busy right now. Please try again in a moment.";
+    for content in ["first", "second"] {
+        let sent = ask_and_fail(&env, &mut events, chat, content, busy).await;
+        assert_eq!(env.message(chat, sent.id).await.status, "failed");
+    }
+    let outcomes: Vec<String> = env.fake.requests().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["rate_limited", "rate_limited"]);
+    env.finish([worker]).await;
+}

@@ -152,3 +152,32 @@ async fn a_reply_holding_nul_characters_is_saved_with_replacement_characters() {
     assert_eq!(env.fake.requests().len(), 1, "asked once");
     env.finish([worker]).await;
 }
+
+/// A provider whose connection drops after the finish chunk, before the usage chunk and
+/// `[DONE]`: the reply was whole, so it is saved as it came, once, with its tokens counted by
+/// the tokenizer; the model is not asked again.
+#[tokio::test]
+async fn a_stream_broken_after_its_finish_reason_is_a_whole_reply() {
+    let env = TestEnv::start(FakeConfig::default()).await;
+    env.fake
+        .push_script([aichat_fake_llm::Outcome::CutAfterFinish]);
+    let worker = env.spawn_worker(&["--llm-backoff-base-ms", "10"]).await;
+    let (chat, mut events) = env.watched_chat().await;
+    let content = "one answer, please";
+    let sent = env.ask(chat, content).await;
+    let reply = events.reply_to(sent.id, WAIT).await;
+    let ChatEvent::AssistantMessage { message } = chat_event(&reply) else {
+        panic!("not an assistant_message: {reply}");
+    };
+    assert_eq!(message.content, format!("Echo: {content}"));
+    let outcomes: Vec<String> = env.fake.requests().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["cut_after_finish"]);
+    let usage = message.usage.expect("usage in the event");
+    let (prompt, completion) = (
+        usage.prompt_tokens.unwrap_or_default(),
+        usage.completion_tokens.unwrap_or_default(),
+    );
+    assert!(prompt > 0 && completion > 0, "{usage:?}");
+    assert_eq!(env.replies(chat).await.len(), 1);
+    env.finish([worker]).await;
+}
