@@ -28,7 +28,7 @@ pub use redis_server::{PrivateRedis, delete_namespace};
 pub use stack::{
     Api, Env, InProcessWorker, WorkerProcess, wait_worker_ready, worker_metric, worker_metrics_text,
 };
-pub use store::{DEFAULT_CONTEXT, queue_completion, store_user_message};
+pub use store::{DEFAULT_CONTEXT, chat_owner, queue_completion, store_user_message};
 pub use ws::{
     Ws, WsCollector, WsNext, closed_with, event_of, next_event, send_ws, ws_connect, ws_next,
     ws_open, ws_send, ws_until,

@@ -73,6 +73,15 @@ impl Env {
     }
 }
 
+/// The user whose AI chat `ai_chat_id` is.
+pub async fn chat_owner(db: &PgPool, ai_chat_id: i64) -> i64 {
+    sqlx::query_scalar("select user_id from ai_chats where id = $1")
+        .bind(ai_chat_id)
+        .fetch_one(db)
+        .await
+        .expect("the AI chat exists")
+}
+
 /// Stores a queued user message in `ai_chat_id`, sent by the chat's owner, without a job.
 pub async fn store_user_message(
     db: &PgPool,
@@ -80,11 +89,7 @@ pub async fn store_user_message(
     content: &str,
     options: ContextOptions,
 ) -> AiMessage {
-    let owner: i64 = sqlx::query_scalar("select user_id from ai_chats where id = $1")
-        .bind(ai_chat_id)
-        .fetch_one(db)
-        .await
-        .expect("the AI chat exists");
+    let owner = chat_owner(db, ai_chat_id).await;
     let stored = db::ai_messages::insert_owned_user_messages(
         db,
         &[NewUserMessage {
@@ -104,16 +109,18 @@ pub async fn store_user_message(
         .expect("the owner's message is stored")
 }
 
-/// Queues the completion job of `message` as the API's send does (same arguments, same
-/// de-duplication key); whether a new job was queued. A connection that lost its server
-/// reports the first command after as an error and reconnects: tried up to three times (the
-/// key makes a repeat harmless).
+/// Queues the completion job of `message`, sent by `owner`, as the API's send does (same
+/// arguments, the sender's id, same de-duplication key); whether a new job was queued. A
+/// connection that lost its server reports the first command after as an error and
+/// reconnects: tried up to three times (the key makes a repeat harmless).
 pub async fn queue_completion(
     queue: &JobQueue,
     message: &AiMessage,
+    owner: i64,
     options: ContextOptions,
 ) -> bool {
-    let job = CompletionJob::new(message.id, message.ai_chat, options, Some("test".into()));
+    let job = CompletionJob::new(message.id, message.ai_chat, options, Some("test".into()))
+        .for_user(owner);
     let key = queue.message_job_key(message.id);
     let mut tries = 0;
     loop {

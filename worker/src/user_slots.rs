@@ -25,7 +25,8 @@ use aichat_shared::keys::Namespace;
 
 /// Takes a turn for message `ARGV[1]` if one is free and no live job of the user sent before it
 /// waits. KEYS: 1 running, 2 waiting. ARGV: 1 message id, 2 the cap, 3 lease ms, 4 how long a
-/// waiting job's sign of life lasts (ms), 5 the prefix of the signs of life.
+/// waiting job's sign of life lasts (ms), 5 the prefix of the signs of life, 6 how long the two
+/// sets outlive their last use (ms, [`UserSlots::keep`]).
 /// Returns `{1, 0}` when the turn is taken (or renewed), else `{0, jobs waiting ahead}`.
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -36,7 +37,7 @@ local me = ARGV[1]
 local cap = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
 local alive = ARGV[5]
-local keep = math.max(lease, tonumber(ARGV[4])) + 60000
+local keep = tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], me) then
   redis.call('ZADD', KEYS[1], now + lease, me)
@@ -77,13 +78,19 @@ return {0, redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. me)}
     )
 });
 
-/// Extends a running job's lease. KEYS: 1 running. ARGV: 1 message id, 2 lease ms.
+/// Extends a running job's lease, and the running set's life with it: a job that holds its
+/// turn longer than the set's expiry must not see the set (every turn in it) vanish. KEYS: 1
+/// running. ARGV: 1 message id, 2 lease ms, 3 keep ms.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return changed
 "#,
     )
 });
@@ -144,6 +151,13 @@ impl UserSlots {
         u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// How long the user's sets outlive their last use (ms): twice the longer of a lease and a
+    /// sign of life, so every member's score ends before its set does. Each renewal and each
+    /// look of a waiting job (at least every [`MAX_NAP`]) extends it.
+    fn keep(&self) -> u64 {
+        Self::millis(self.lease.max(ALIVE_FOR)).saturating_mul(2)
+    }
+
     /// Waits for a turn of `user_id` for `message_id`; `None` when there is no cap.
     pub async fn take(
         &self,
@@ -168,6 +182,7 @@ impl UserSlots {
                 .arg(Self::millis(self.lease))
                 .arg(Self::millis(ALIVE_FOR))
                 .arg(&alive)
+                .arg(self.keep())
                 .invoke_async(&mut self.redis.clone())
                 .await?;
             if taken == 1 {
@@ -198,6 +213,7 @@ impl UserSlots {
         let slots = self.clone();
         let (running, _, _) = self.keys(user_id);
         let lease = self.lease;
+        let keep = self.keep();
         let renewal = tokio::spawn(async move {
             let mut redis = slots.redis.clone();
             loop {
@@ -206,6 +222,7 @@ impl UserSlots {
                     .key(&running)
                     .arg(message_id)
                     .arg(Self::millis(lease))
+                    .arg(keep)
                     .invoke_async(&mut redis)
                     .await;
                 if let Err(err) = renewed {

@@ -11,3 +11,4 @@ mod prompt;
 mod rate_limit;
 mod retries;
 mod streaming;
+mod user_turns;

@@ -20,7 +20,9 @@ use redis::aio::ConnectionManager;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use aichat_testkit::{DEFAULT_CONTEXT, Env, InProcessWorker, queue_completion, store_user_message};
+use aichat_testkit::{
+    DEFAULT_CONTEXT, Env, InProcessWorker, chat_owner, queue_completion, store_user_message,
+};
 
 pub use aichat_testkit::{fake_always, fake_with_latency, worker_metrics_text};
 
@@ -217,8 +219,9 @@ impl TestEnv {
         options: ContextOptions,
     ) -> AiMessage {
         let message = store_user_message(&self.db, ai_chat_id, content, options).await;
+        let owner = chat_owner(&self.db, ai_chat_id).await;
         assert!(
-            queue_completion(&self.queue, &message, options).await,
+            queue_completion(&self.queue, &message, owner, options).await,
             "job queued"
         );
         message
