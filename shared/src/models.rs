@@ -18,6 +18,9 @@ pub struct Price {
     scale: u32,
 }
 
+/// The longest model name there is: chats and replies store it in a `varchar(100)`.
+pub const MAX_MODEL_NAME_CHARS: usize = 100;
+
 /// Most digits after the point a price may have.
 const MAX_PRICE_SCALE: u32 = 12;
 /// Most digits a price may have in all (so costs stay far inside `i128`).
@@ -514,6 +517,13 @@ impl File<'_> {
         let Some((name, line)) = text("name")? else {
             return Err(self.error_at(table_line, "a model needs a `name`".into()));
         };
+        if name.chars().count() > MAX_MODEL_NAME_CHARS {
+            // A reply of it could never be saved: the worker would ask the model again and again.
+            return Err(self.error_at(
+                line,
+                format!("a model's `name` has at most {MAX_MODEL_NAME_CHARS} characters"),
+            ));
+        }
         let Some((base_url, url_line)) = text("base_url")? else {
             return Err(self.error_at(line, format!("model `{name}` needs a `base_url`")));
         };

@@ -313,6 +313,11 @@ async fn call_models(
     let mut last = None;
     for (i, model) in chain.iter().enumerate() {
         let next = chain.get(i + 1);
+        // A failure is handed over at once (instead of spending this model's own retries)
+        // only to a later model with room for the question.
+        let fallback_ready = chain[i + 1..]
+            .iter()
+            .any(|later| request::has_room(parts, later, ctx));
         let Some(request) = request::request_for(parts, model, ctx).await? else {
             tracing::info!(model = %model.name, "the question does not fit this model's window");
             if let Some(next) = next {
@@ -328,7 +333,7 @@ async fn call_models(
                 chunks,
                 shutdown,
                 stop,
-                next.is_some(),
+                fallback_ready,
             )
             .await;
         match (&result, next) {

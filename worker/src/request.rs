@@ -79,24 +79,39 @@ pub async fn prompt_parts(
     }))
 }
 
-/// The request to `model`: the prompt trimmed to the model's budget (its window less its reply
-/// cap, never more than `CONTEXT_TOKEN_BUDGET`), the system message within its share of that.
-/// `None` when the question alone does not fit.
+/// The prompt budget of `model`: its window less its reply cap, never more than
+/// `CONTEXT_TOKEN_BUDGET`.
+fn prompt_budget(model: &Model, ctx: &JobContext) -> usize {
+    usize::try_from(model.prompt_budget(ctx.token_budget as u64)).unwrap_or(usize::MAX)
+}
+
+/// What is left of `budget` once the question and the framing of it and the system message
+/// are in; `None` when the question alone does not fit.
+fn room_besides_question(parts: &PromptParts, budget: usize) -> Option<usize> {
+    let fixed = context::REPLY_PRIMING_TOKENS + 2 * context::TOKENS_PER_MESSAGE;
+    budget.checked_sub(parts.question_tokens + fixed)
+}
+
+/// Whether [`request_for`] makes a request to `model`: the question fits its budget.
+pub fn has_room(parts: &PromptParts, model: &Model, ctx: &JobContext) -> bool {
+    room_besides_question(parts, prompt_budget(model, ctx)).is_some()
+}
+
+/// The request to `model`: the prompt trimmed to the model's budget, the system message within
+/// its share of that. `None` when the question alone does not fit.
 pub async fn request_for(
     parts: &Arc<PromptParts>,
     model: &Model,
     ctx: &JobContext,
 ) -> anyhow::Result<Option<ChatRequest>> {
     let counter = ctx.tokens;
-    let budget =
-        usize::try_from(model.prompt_budget(ctx.token_budget as u64)).unwrap_or(usize::MAX);
+    let budget = prompt_budget(model, ctx);
     let system_cap = budget.saturating_mul(usize::from(ctx.system_share_percent)) / 100;
     let parts = parts.clone();
     let built = tokio::task::spawn_blocking(move || {
         // The system message gets its share of the budget, and never the room the question
         // and the framing of both need: then only history is dropped to fit.
-        let fixed = context::REPLY_PRIMING_TOKENS + 2 * context::TOKENS_PER_MESSAGE;
-        let room = budget.checked_sub(parts.question_tokens + fixed)?;
+        let room = room_besides_question(&parts, budget)?;
         let system = context::system_within(
             &parts.system_prompt,
             parts.related.as_deref(),

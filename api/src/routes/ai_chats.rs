@@ -12,7 +12,7 @@ use aichat_shared::db::ai_chats::{AiChatChanges, NewAiChat};
 use aichat_shared::db::ai_messages::Branches;
 use aichat_shared::domain::{AiChat, AiChatDetail, ContextMessage};
 use aichat_shared::events::{self, ChatEvent};
-use aichat_shared::models::Registry;
+use aichat_shared::models::{MAX_MODEL_NAME_CHARS, Registry};
 
 use crate::access::{NOT_OWNED, owned_chat};
 use crate::auth::AuthUser;
@@ -26,8 +26,6 @@ use crate::validate;
 const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
 const NOT_A_PARTICIPANT: &str = "You must be a participant in the related chat.";
 const MAX_SYSTEM_PROMPT_CHARS: usize = 20_000;
-/// The longest `model` the table holds (`varchar(100)`).
-pub const MAX_MODEL_CHARS: usize = 100;
 
 /// A chat's own text fields as a create, an edit or an import (`routes::export`) gives them;
 /// `None` for a field not given.
@@ -54,7 +52,8 @@ impl ChatFields<'_> {
             );
         }
         if let Some(model) = self.model
-            && validate::optional_text(errors, &name("model"), model, MAX_MODEL_CHARS).is_some()
+            && validate::optional_text(errors, &name("model"), model, MAX_MODEL_NAME_CHARS)
+                .is_some()
         {
             if !model
                 .chars()

@@ -338,6 +338,38 @@ async fn a_fallback_with_a_smaller_window_gets_a_prompt_that_fits_it() {
 }
 
 #[tokio::test]
+async fn a_failure_is_not_handed_to_a_fallback_without_room_for_the_question() {
+    // B's window leaves 150 tokens of prompt; the question alone is longer.
+    let models = Models::start(
+        FakeConfig::default(),
+        FakeConfig::default(),
+        |a, b| {
+            two(
+                a,
+                b,
+                "fallbacks = [\"m-b\"]",
+                "context_window = 250\nmax_completion_tokens = 100",
+            )
+        },
+        &["--llm-backoff-base-ms", "10"],
+    )
+    .await;
+    models.a.push_script([Outcome::ServerError]);
+    let alice = models.app.user("alice").await;
+    let chat = models.chat_on(&alice, "m-a").await;
+    let question = "alpha beta gamma delta epsilon zeta eta theta iota kappa ".repeat(30);
+    let messages = models.ask(&alice, chat, &question).await;
+    // A's own retry answered it: the 5xx was not handed to a model that could not take it.
+    let answered = replies(&messages);
+    assert_eq!(answered.len(), 1, "{messages:?}");
+    assert_eq!(answered[0]["model"], "m-a");
+    let outcomes: Vec<String> = models.a.requests().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, ["server_error", "ok"]);
+    assert!(models.b.requests().is_empty());
+    models.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_model_at_its_request_limit_does_not_hold_up_chats_on_another() {
     // A admits one request per minute; B has the default limits.
     let models = Models::start(
@@ -476,6 +508,13 @@ async fn a_broken_registry_stops_the_api_naming_the_line() {
         ),
         ("[[models]\n".to_owned(), "line 1"),
         (format!("{good}context_windw = 4000\n"), "context_windw"),
+        (
+            format!(
+                "{good}fallbacks = [\"{long}\"]\n[[models]]\nname = \"{long}\"\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+                long = "m".repeat(101)
+            ),
+            "line 6: a model's `name` has at most 100 characters",
+        ),
     ] {
         let (code, stderr) = api_with_registry(&registry).await;
         assert_eq!(code, Some(1), "{registry}: {stderr}");

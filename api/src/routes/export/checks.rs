@@ -3,11 +3,11 @@ use std::collections::{HashMap, HashSet};
 
 use aichat_shared::db::export::ImportedMessage;
 use aichat_shared::domain::{MessageStatus, Role};
-use aichat_shared::models::Registry;
+use aichat_shared::models::{MAX_MODEL_NAME_CHARS, Registry};
 
 use super::document::{ChatExport, ExportedMessage, FORMAT_TAG, FORMAT_VERSION};
 use crate::error::{ApiError, ApiResult, FieldErrors};
-use crate::routes::ai_chats::{ChatFields, MAX_MODEL_CHARS};
+use crate::routes::ai_chats::ChatFields;
 use crate::settings::Settings;
 use crate::validate::{self, TextProblem};
 
@@ -216,7 +216,7 @@ fn check_messages<'a>(
         }
         for (field, text, max) in [
             ("error", m.error.as_deref(), max_content_chars),
-            ("model", m.model.as_deref(), MAX_MODEL_CHARS),
+            ("model", m.model.as_deref(), MAX_MODEL_NAME_CHARS),
         ] {
             if let Some(text) = text {
                 if text.contains('\0') {
