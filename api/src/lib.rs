@@ -34,6 +34,7 @@ mod paging;
 mod passwords;
 mod revocation;
 mod routes;
+mod run_to_end;
 mod send;
 mod serve;
 mod session_cache;

@@ -19,6 +19,7 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery, RequestId};
 use crate::fanout::Subscription;
 use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
+use crate::run_to_end::run_to_end;
 use crate::send::idempotency::{self, Claim};
 use crate::send::retry;
 use crate::send::stop::{self, Recorded, StopResponse};
@@ -466,7 +467,9 @@ async fn retry_message(
     ApiPath(id): ApiPath<i64>,
     RequestId(request_id): RequestId,
 ) -> ApiResult<Response> {
-    let (message, left) = retry::retry(&state, auth.sender(), id, request_id).await?;
+    let sender = auth.sender();
+    let (message, left) =
+        run_to_end(async move { retry::retry(&state, sender, id, request_id).await }).await?;
     Ok(with_limits(queued(message).into_response(), left))
 }
 
@@ -643,10 +646,10 @@ async fn repeated(
 }
 
 /// Runs the work of a request that may have claimed an `Idempotency-Key`, then settles the
-/// key ([`settle`]). With a new claim the work runs on a task of its own, to its end even when
-/// the request is dropped first (the client went away): once under way the work may still
-/// store the message, and a key left `pending` would let a repeat store a second one once the
-/// claim expires.
+/// key ([`settle`]), to its end even when the request is dropped first (the client went away,
+/// [`run_to_end`]): once under way the work may still store the message, its budget
+/// reservation must be kept with it or given back, and a key left `pending` would let a repeat
+/// store a second one once the claim expires.
 async fn settled<W>(
     state: &AppState,
     claim: Option<Claim>,
@@ -656,20 +659,12 @@ where
     W: Future<Output = ApiResult<(AiMessage, LimitsLeft)>> + Send + 'static,
 {
     let work = work(state.clone());
-    if !matches!(claim, Some(Claim::New(_))) {
-        return settle(state, claim, work.await).await;
-    }
     let state = state.clone();
-    let task = async move {
+    run_to_end(async move {
         let result = work.await;
         settle(&state, claim, result).await
-    };
-    // In the request's span, so what the work logs still names its request.
-    tokio::spawn(tracing::Instrument::in_current_span(task))
-        .await
-        .map_err(|err| {
-            ApiError::Internal(anyhow::Error::new(err).context("a claimed send's task"))
-        })?
+    })
+    .await
 }
 
 /// Records what a new claim produced (or frees it when the request failed).

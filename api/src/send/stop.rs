@@ -23,6 +23,7 @@ use aichat_shared::events::{ChatEvent, publish_event, publish_stop_request};
 use crate::access::own_user_message;
 use crate::error::{ApiError, ApiResult};
 use crate::fanout::Subscription;
+use crate::run_to_end::run_to_end;
 use crate::send::rate;
 use crate::state::AppState;
 
@@ -72,20 +73,28 @@ where
     };
     let mut redis = state.redis.clone();
     if stopping.message.status == MessageStatus::Cancelled {
-        if let Some(reservation) = Reservation::of_message(
+        let reservation = Reservation::of_message(
             &state.ns,
             user_id,
             stopping.budget_day,
             stopping.budget_tokens,
-        ) {
-            crate::send::budget::release(state, &reservation).await;
-        }
-        let event = ChatEvent::MessageCancelled { message_id };
-        // The message is cancelled whatever happens to the event; clients see its status on
-        // their next read.
-        if let Err(err) = publish_event(&mut redis, &state.ns, message.ai_chat, &event).await {
-            tracing::warn!(error = %err, "could not publish message_cancelled");
-        }
+        );
+        let (state, ai_chat_id) = (state.clone(), message.ai_chat);
+        // To its end even when the request is dropped now: the cancellation is committed, and
+        // its reservation is given back and its event published whatever the client does.
+        run_to_end(async move {
+            if let Some(reservation) = reservation {
+                crate::send::budget::release(&state, &reservation).await;
+            }
+            let event = ChatEvent::MessageCancelled { message_id };
+            // The message is cancelled whatever happens to the event; clients see its status
+            // on their next read.
+            if let Err(err) = publish_event(&mut redis, &state.ns, ai_chat_id, &event).await {
+                tracing::warn!(error = %err, "could not publish message_cancelled");
+            }
+            Ok(())
+        })
+        .await?;
         return Ok(Recorded::Cancelled(Box::new(stopping.message)));
     }
     before_signal(message.ai_chat).await?;

@@ -1,7 +1,7 @@
 //! AI chats: create, read, change, delete, their messages and related-chat context.
 use crate::common;
 
-use common::{app_with_users, id, ids, messages_path, texts};
+use common::{Replied, app_with_users, id, ids, messages_path, texts};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -321,5 +321,46 @@ async fn related_chat_context_answers_the_latest_messages_oldest_first() {
     assert_eq!(all["message_count"], 6, "default limit 50");
     let bad = ["0", "201", "-1", "x"].map(|limit| format!("{path}?message_limit={limit}"));
     app.assert_bad_queries(&alice.token, bad).await;
+    app.cleanup().await;
+}
+
+/// A database that gives up on a statement (a `lock_timeout` or `statement_timeout` set on the
+/// server, as managed PostgreSQL often has) is a backing service out of time, not a bug:
+/// 503 with `Retry-After`, and nothing changed.
+#[tokio::test]
+async fn a_request_the_database_times_out_gets_503_and_changes_nothing() {
+    let (app, [alice]) = app_with_users(["alice"]).await;
+    let chat = id(&app.create_ai_chat(&alice, json!({"title": "kept"})).await);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "alter database \"{}\" set lock_timeout = '200ms'",
+        app.db_name
+    )))
+    .execute(&app.db)
+    .await
+    .expect("set the lock timeout");
+    // An instance whose connections are opened from now on, with the setting.
+    let timed = app.another_instance(&[]).await;
+    let lock = app.holding_row("ai_chats", chat).await;
+    let deleted = timed
+        .request(Method::DELETE, &format!("/api/ai/chats/{chat}/"))
+        .bearer_auth(&alice.token)
+        .reply()
+        .await;
+    assert_eq!(
+        deleted.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{deleted:?}"
+    );
+    assert!(
+        deleted.retry_after().is_some_and(|secs| secs >= 1),
+        "{deleted:?}"
+    );
+    assert!(deleted.json()["error"].is_string(), "{deleted:?}");
+    lock.rollback().await.expect("rollback");
+    let (status, _) = app
+        .get(&format!("/api/ai/chats/{chat}/"), &alice.token)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    drop(timed);
     app.cleanup().await;
 }

@@ -287,10 +287,9 @@ async fn a_model_that_fails_after_streaming_is_never_finished_by_another() {
     models.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_fallback_with_a_smaller_window_gets_a_prompt_that_fits_it() {
-    // B's window leaves 150 tokens of prompt: far less than the history A was sent.
-    let models = Models::start(
+/// Models A, falling back to B, and B, whose window leaves 150 tokens of prompt.
+async fn with_a_small_fallback(worker_flags: &[&str]) -> Models {
+    Models::start(
         FakeConfig::default(),
         FakeConfig::default(),
         |a, b| {
@@ -301,9 +300,15 @@ async fn a_fallback_with_a_smaller_window_gets_a_prompt_that_fits_it() {
                 "context_window = 250\nmax_completion_tokens = 100",
             )
         },
-        &[],
+        worker_flags,
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_fallback_with_a_smaller_window_gets_a_prompt_that_fits_it() {
+    // 150 tokens of prompt for B: far less than the history A was sent.
+    let models = with_a_small_fallback(&[]).await;
     let alice = models.app.user("alice").await;
     let chat = models.chat_on(&alice, "m-a").await;
     let long = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu ".repeat(3);
@@ -339,21 +344,8 @@ async fn a_fallback_with_a_smaller_window_gets_a_prompt_that_fits_it() {
 
 #[tokio::test]
 async fn a_failure_is_not_handed_to_a_fallback_without_room_for_the_question() {
-    // B's window leaves 150 tokens of prompt; the question alone is longer.
-    let models = Models::start(
-        FakeConfig::default(),
-        FakeConfig::default(),
-        |a, b| {
-            two(
-                a,
-                b,
-                "fallbacks = [\"m-b\"]",
-                "context_window = 250\nmax_completion_tokens = 100",
-            )
-        },
-        &["--llm-backoff-base-ms", "10"],
-    )
-    .await;
+    // The question alone is longer than B's 150 tokens of prompt.
+    let models = with_a_small_fallback(&["--llm-backoff-base-ms", "10"]).await;
     models.a.push_script([Outcome::ServerError]);
     let alice = models.app.user("alice").await;
     let chat = models.chat_on(&alice, "m-a").await;

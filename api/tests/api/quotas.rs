@@ -553,3 +553,107 @@ async fn staff_see_users_nearest_their_limit_first() {
     );
     app.cleanup().await;
 }
+
+/// An app counting budgets (17 tokens a send) and a worker, with one of alice's questions
+/// answered: the app, alice, her chat, the question's id, the worker.
+async fn with_an_answered_question() -> (
+    TestApp,
+    TestUser,
+    i64,
+    Value,
+    aichat_testkit::InProcessWorker,
+) {
+    let api_flags = format!("{SEVENTEEN_A_SEND} --daily-token-budget 1000");
+    let app = spawn_app_with_flags(&flags(&api_flags)).await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let fake = FakeLlm::start(FakeConfig::default()).await.expect("fake");
+    let worker = start_worker(&app, &fake, &[]).await;
+    let answered = app.send_reply(&alice, chat, "?wait=true").await;
+    assert_eq!(answered.status, StatusCode::OK, "{}", answered.text);
+    let question = answered.json()["reply_to"].clone();
+    (app, alice, chat, question, worker)
+}
+
+/// Waits until `user` has nothing reserved: the regeneration of `question` was stored,
+/// answered, and its reservation settled into `used` (the tokens of its two replies).
+async fn until_the_regeneration_is_settled(
+    app: &TestApp,
+    user: &TestUser,
+    chat: i64,
+    question: &Value,
+) {
+    let daily = eventually(
+        Duration::from_secs(15),
+        "the reservation settled",
+        || async {
+            let daily = app.quota(user).await["daily"].clone();
+            (daily["reserved"] == json!(0)).then_some(daily)
+        },
+    )
+    .await;
+    let replies: Vec<Value> = app
+        .list(
+            &format!("/api/ai/chats/{chat}/messages/?all=true"),
+            &user.token,
+        )
+        .await
+        .into_iter()
+        .filter(|m| m["reply_to"] == *question)
+        .collect();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    let total: i64 = replies
+        .iter()
+        .filter_map(|r| r["total_tokens"].as_i64())
+        .sum();
+    assert_eq!(daily["used"], json!(total));
+}
+
+/// A regeneration whose client goes away while it waits for its chat's lock (after its budget
+/// was reserved) still runs to its end: its reservation is answered and settled, not left
+/// reserved until midnight with nothing waiting.
+#[tokio::test]
+async fn a_regeneration_whose_client_goes_away_midway_keeps_or_gives_back_its_reservation() {
+    let (app, alice, chat, question, _worker) = with_an_answered_question().await;
+    let lock = app.holding_row("ai_chats", chat).await;
+    let path = format!("/api/ai/messages/{question}/regenerate/");
+    let mut request = Box::pin(app.post(&path, &alice.token, json!({})));
+    app.until_it_waits_for_a_lock(&mut request).await;
+    assert_eq!(app.quota(&alice).await["daily"]["reserved"], json!(17));
+    drop(request); // the client goes away
+    lock.rollback().await.expect("unlock the chat");
+    until_the_regeneration_is_settled(&app, &alice, chat, &question).await;
+    app.cleanup().await;
+}
+
+/// The same over a socket that closes (its session logged out) while the regeneration waits.
+#[tokio::test]
+async fn a_regeneration_whose_socket_closes_midway_keeps_or_gives_back_its_reservation() {
+    let (app, alice, chat, question, _worker) = with_an_answered_question().await;
+    // A second session of alice's, to read her quota once the first is logged out.
+    let (status, second) = app.login("alice", aichat_testkit::PASSWORD).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let reader = TestUser {
+        token: second["token"].as_str().expect("token").to_owned(),
+        ..alice.clone()
+    };
+    let mut socket = app.ws(chat, &alice.token, None).await;
+    let lock = app.holding_row("ai_chats", chat).await;
+    send_ws(
+        &mut socket,
+        json!({"type": "regenerate", "message_id": question}),
+    )
+    .await;
+    aichat_testkit::postgres::wait_for_a_lock_waiter(
+        &app.db,
+        "",
+        "the regeneration waiting for the chat",
+    )
+    .await;
+    assert_eq!(app.quota(&reader).await["daily"]["reserved"], json!(17));
+    let (status, body) = app.post("/api/logout/", &alice.token, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(common::closed_with(&mut socket, 5).await, Some(4401));
+    lock.rollback().await.expect("unlock the chat");
+    until_the_regeneration_is_settled(&app, &reader, chat, &question).await;
+    app.cleanup().await;
+}

@@ -777,3 +777,41 @@ async fn a_failed_regeneration_keeps_the_reply_its_question_showed() {
     );
     stack.cleanup().await;
 }
+
+/// A regeneration that failed points its question back at the reply it showed; a `?wait` that
+/// missed the failure's event (it lagged, or the event was lost) reads the outcome from the
+/// database at its deadline and must not take that older reply for the regeneration's answer.
+#[tokio::test]
+async fn a_regeneration_waited_for_whose_failure_was_not_heard_is_not_answered_with_the_old_reply()
+{
+    let stack = Stack::start(FakeConfig::default(), &[], &[]).await;
+    let alice = stack.user("alice").await;
+    let chat = stack.ai_chat_id(&alice).await;
+    let (question, _) = turn(&stack, &alice, chat, "once more").await;
+    let question = id(&question);
+    // The regeneration's model call never answers.
+    stack
+        .fake
+        .set_config(aichat_testkit::fake_always(aichat_fake_llm::Outcome::Hang));
+    let path = format!("{}?wait=3", regenerate_path(question));
+    let failed_unheard = async {
+        stack
+            .fake
+            .wait_for_requests(2, std::time::Duration::from_secs(10))
+            .await;
+        // What the worker's failure writes, with its `error` event lost.
+        sqlx::query(
+            "update ai_messages set status = 'failed', error = 'The AI service did not respond.', \
+             reply_version = (select max(version) from ai_messages where reply_to = $1) \
+             where id = $1",
+        )
+        .bind(question)
+        .execute(&stack.db)
+        .await
+        .expect("fail the regeneration");
+    };
+    let ((status, body), ()) =
+        tokio::join!(stack.post(&path, &alice.token, json!({})), failed_unheard);
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    stack.cleanup().await;
+}

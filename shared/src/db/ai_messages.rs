@@ -363,7 +363,9 @@ pub async fn get_user_message(
     Ok(message)
 }
 
-/// The assistant message answering `user_message_id` in its latest regeneration, once saved.
+/// The assistant message answering `user_message_id` in its latest regeneration, once saved:
+/// only while the question is `answered`. A regeneration that failed or was stopped points
+/// the question back at the reply it showed, which is not that regeneration's answer.
 #[tracing::instrument(skip(db))]
 pub async fn find_reply(
     db: impl PgExecutor<'_>,
@@ -376,8 +378,9 @@ pub async fn find_reply(
                   m.model, m.reply_to, m.stopped, m.parent_id, m.version, m.active,
                   m.cost::text as "cost?", m.currency
            from ai_messages m join ai_messages q on q.id = m.reply_to
-           where m.reply_to = $1 and m.version = q.reply_version"#,
+           where m.reply_to = $1 and m.version = q.reply_version and q.status = $2"#,
         user_message_id,
+        MessageStatus::Answered.as_str(),
     )
     .fetch_optional(db)
     .await?;

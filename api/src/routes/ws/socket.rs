@@ -1,6 +1,7 @@
 //! One socket's life: a send loop, the socket's only writer (catch-up, live events, pings,
 //! replies to the client's frames, the close), and a receive loop reading the client's frames,
 //! joined by `select!`: the socket ends when either does.
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, close_code};
@@ -187,6 +188,7 @@ async fn recv_loop(
     direct: mpsc::Sender<Direct>,
     alive: tokio::sync::watch::Sender<Instant>,
 ) -> RecvEnd {
+    let user = Arc::new(user);
     loop {
         let frame = match stream.next().await {
             Some(Ok(frame)) => frame,
@@ -202,10 +204,22 @@ async fn recv_loop(
         };
         let _ = alive.send(Instant::now());
         let refused = match frame {
-            // Boxed: a frame's handling (a send, an edit, a stop…) is a large future, and
-            // inline it would size this loop, and so every idle socket's task, for it
-            // (BENCHMARKS.md, fan-out memory).
-            Message::Text(text) => Box::pin(handle_frame(&state, &user, ai_chat_id, &text)).await,
+            // On a task of its own: a frame's handling (a send, an edit, a stop…) runs to its
+            // end when the socket closes meanwhile, so a budget reservation it took is kept
+            // with its message or given back, never left. And it is a large future: inline it
+            // would size this loop, and so every idle socket's task, for it (BENCHMARKS.md,
+            // fan-out memory).
+            Message::Text(text) => {
+                let (state, user) = (state.clone(), Arc::clone(&user));
+                let handled =
+                    tokio::spawn(
+                        async move { handle_frame(&state, &user, ai_chat_id, &text).await },
+                    );
+                handled.await.unwrap_or_else(|err| {
+                    tracing::error!(error = %err, "a WebSocket frame's task failed");
+                    Some("Internal server error".into())
+                })
+            }
             Message::Binary(_) => Some(BINARY_FRAME.to_owned()),
             Message::Close(_) => return RecvEnd::Gone,
             Message::Ping(_) | Message::Pong(_) => None,
