@@ -11,7 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use aichat_shared::db;
 use aichat_shared::db::admin::UsageRow;
 use aichat_shared::domain::{AiChat, AiMessage, MessageStatus, Role};
-use aichat_shared::jobs::DeadJob;
+use aichat_shared::jobs::{DeadJob, NextJob};
 
 use crate::auth::StaffUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
@@ -196,13 +196,23 @@ async fn redrive(
             Some(_) => Err(ApiError::Conflict("The message of this job is not failed")),
         };
     }
-    let pushed = state
-        .queue
-        .enqueue_completion(
-            &job,
-            &state.queue.redrive_job_key(dead.message_id, &task_id),
-        )
-        .await;
+    // Pushed where the message's chain of jobs goes on (past the dead job), as a retry of a
+    // failed message is: a sweep walking the chain finds this job alive, also when the chain's
+    // keys expired with a day-old dead job (the push starts the chain again).
+    let pushed: ApiResult<()> = match state.queue.next_job_key_after_answer(dead.message_id).await {
+        Ok(next @ NextJob::Push { .. }) => state
+            .queue
+            .enqueue_next(&job, &next)
+            .await
+            .map(drop)
+            .map_err(ApiError::from),
+        // Past every job of the message, there is none alive to run it.
+        Ok(NextJob::Alive) => Ok(()),
+        Ok(NextJob::GaveUp) => Err(ApiError::Unavailable(
+            "This message cannot be queued again right now; please try later",
+        )),
+        Err(err) => Err(err.into()),
+    };
     if let Err(err) = pushed {
         let error = before.as_ref().and_then(|m| m.error.as_deref());
         let restored =
@@ -211,7 +221,7 @@ async fn redrive(
             // Left `queued`: the sweeper pushes its job.
             tracing::warn!(error = %restore, "could not undo a re-drive whose job was not queued");
         }
-        return Err(err.into());
+        return Err(err);
     }
     state.queue.remove_dead_job(&task_id).await?;
     Ok((

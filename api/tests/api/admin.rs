@@ -193,6 +193,75 @@ async fn a_redrive_after_an_older_reply_was_activated_answers_the_question_anew(
     app.cleanup().await;
 }
 
+/// A re-drive of a dead job whose message's job keys have expired (they live a day): the
+/// re-drive's job starts the message's chain again, so the sweeps that run while it is being
+/// answered find it alive and push nothing of their own; the model is asked once.
+#[tokio::test]
+async fn a_redrive_of_a_job_older_than_its_keys_is_asked_once_while_sweeps_run() {
+    let app = Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &[
+            "--llm-max-attempts",
+            "1",
+            "--worker-sweep-interval-secs",
+            "1",
+            "--worker-sweep-grace-secs",
+            "1",
+        ],
+    )
+    .await;
+    let root = app.staff("root").await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let mut ws = app.ws(chat, &alice.token, None).await;
+    let (status, _) = app.send_waiting(&alice, chat, "hello", "true").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (_, sent) = event_of(&mut ws, "error", 10).await;
+    let message_id = sent[0]["message"]["id"].as_i64().expect("the message id");
+    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
+        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    let task_id = dead[0]["task_id"].as_str().expect("task id").to_owned();
+    // A day later: the message's first job key has expired.
+    let mut redis = app.redis().await;
+    let first_key: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:message:{message_id}", app.ns))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert_eq!(first_key.len(), 1, "{first_key:?}");
+    let _: i64 = redis::AsyncCommands::del(&mut redis, &first_key)
+        .await
+        .expect("expire the key");
+
+    // The model is back, and slow: several sweeps run while the re-drive is answered.
+    app.fake.set_config(FakeConfig {
+        latency_ms: 4000,
+        ..FakeConfig::default()
+    });
+    let redrive = format!("/api/admin/dead-jobs/{task_id}/redrive/");
+    let (status, body) = app.post(&redrive, &root.token, json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (reply, _) = event_of(&mut ws, "assistant_message", 20).await;
+    assert_eq!(reply["message"]["reply_to"], message_id);
+    let outcomes: Vec<String> = app.fake.requests().into_iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        ["server_error", "ok"],
+        "asked once by the re-drive"
+    );
+    let replies = app
+        .messages(&alice, chat)
+        .await
+        .into_iter()
+        .filter(|m| m["role"] == "assistant")
+        .count();
+    assert_eq!(replies, 1);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     let app = Stack::start(

@@ -147,8 +147,10 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
     Ok(rows)
 }
 
-/// Puts a failed user message back in the queue's hands (its stop request and dispatch time
-/// cleared, so the next sweep follows its jobs); false if it is not failed. Its budget
+/// Puts a failed user message back in the queue's hands (its stop request cleared, its
+/// dispatch time now: sweeps give the job pushed after this commits a full grace period before
+/// they follow its chain, and an API that died before the push is caught after it); false if
+/// it is not failed. Its budget
 /// reservation was given back when it failed: it now holds none (0 tokens, today), so its reply
 /// counts what it uses and gives nothing back a second time.
 #[tracing::instrument(skip(db))]
@@ -166,7 +168,7 @@ pub async fn requeue_failed_message(db: impl PgExecutor<'_>, message_id: i64) ->
            -- give may be stored already (an older reply activated since), and the new one may
            -- not collide with it
            update ai_messages m set status = $2, error = null, stop_requested_at = null,
-               dispatched_at = null, budget_day = (now() at time zone 'utc')::date,
+               dispatched_at = now(), budget_day = (now() at time zone 'utc')::date,
                budget_tokens = 0,
                reply_version = coalesce((select max(r.version) from ai_messages r
                                          where r.reply_to = m.id), 0) + 1

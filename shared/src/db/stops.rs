@@ -105,9 +105,9 @@ pub enum Requeue {
 /// Puts `message_id`, a `failed` or `cancelled` user message of one of `user_id`'s chats (or,
 /// to regenerate, an `answered` one), back to `queued`: its error and stop request cleared,
 /// its new budget reservation recorded, the version after its replies' for the reply to come,
-/// and `dispatched_at` cleared, so the next sweep follows
-/// its jobs (its job is pushed after this commits, under the key a sweep would push, so the
-/// two push one job between them). `None` when it is not such a message; concurrent requeues
+/// and `dispatched_at` now: its job is pushed after this commits, and sweeps give it a full
+/// grace period before they follow the message's chain (a sweep in between would push a job
+/// of its own that a regeneration's walk, which goes past live jobs, then goes past too). `None` when it is not such a message; concurrent requeues
 /// of one message change it once.
 #[tracing::instrument(skip(db))]
 pub async fn requeue(
@@ -129,7 +129,7 @@ pub async fn requeue(
                returning a.id
            )
            update ai_messages m
-           set status = $4, error = null, stop_requested_at = null, dispatched_at = null,
+           set status = $4, error = null, stop_requested_at = null, dispatched_at = now(),
                budget_day = $7, budget_tokens = $8,
                reply_version = coalesce((select max(r.version) from ai_messages r
                                          where r.reply_to = m.id), 0) + 1
