@@ -258,6 +258,8 @@ fn unix_seconds() -> i64 {
 
 /// KEYS: in-flight set, workers set, active list, done set, dead set, meta prefix, signal list.
 /// ARGV: worker name, now, then pairs of task id and outcome (`Done`, `Killed`, `Retry`).
+/// The name's registration goes, with its metadata hash (`{workers set}:metadata:{name}`, which
+/// apalis writes at registration and never deletes).
 /// Returns {acknowledged, handed back}.
 static SETTLE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
@@ -282,6 +284,7 @@ for _, id in ipairs(redis.call('smembers', KEYS[1])) do
 end
 redis.call('del', KEYS[1])
 redis.call('zrem', KEYS[2], ARGV[1])
+redis.call('del', KEYS[2] .. ':metadata:' .. ARGV[1])
 if handed_back > 0 then
   redis.call('del', KEYS[7])
   redis.call('lpush', KEYS[7], 1)

@@ -45,6 +45,9 @@ for _, worker in ipairs(workers) do
     end
 
     redis.call("zrem", KEYS[1], worker)
+    -- PATCHED (vendored copy): the worker's metadata hash (`register_worker.lua`) goes with
+    -- it; every consumer start registers a name of its own, so it was kept forever.
+    redis.call("del", KEYS[1] .. ":metadata:" .. worker)
 end
 
 if processed > 0 then

@@ -141,3 +141,43 @@ async fn a_worker_whose_registry_names_an_unset_key_variable_refuses_to_start() 
         "{stderr}"
     );
 }
+
+/// The metadata hashes of the workers' queue consumers (`{workers set}:metadata:{name}`).
+async fn consumer_metadata(env: &TestEnv) -> Vec<String> {
+    let workers_set =
+        aichat_shared::jobs::queue_config(&aichat_shared::keys::Namespace::new(env.ns.clone()))
+            .workers_set();
+    let mut conn = env.redis.clone();
+    redis::cmd("KEYS")
+        .arg(format!("{workers_set}:metadata:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys")
+}
+
+/// Every consumer start registers a name of its own, with a metadata hash: a worker killed
+/// loses its registration to the next worker's look for orphans, and one stopped removes its
+/// own; neither leaves its hash behind.
+#[tokio::test]
+async fn workers_leave_no_registration_behind() {
+    let env = TestEnv::start(fake_with_latency(0)).await;
+    let mut doomed = ready_binary(&env).await;
+    let mut survivor = ready_binary(&env).await;
+    assert_eq!(consumer_metadata(&env).await.len(), 2);
+    doomed.sigkill();
+    doomed
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("killed worker reaped");
+    aichat_testkit::eventually(Duration::from_secs(15), "the killed one's gone", || async {
+        (consumer_metadata(&env).await.len() == 1).then_some(())
+    })
+    .await;
+    survivor.sigterm();
+    survivor
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("the survivor stops");
+    assert_eq!(consumer_metadata(&env).await, Vec::<String>::new());
+    env.cleanup().await;
+}
