@@ -193,6 +193,47 @@ async fn a_redrive_after_an_older_reply_was_activated_answers_the_question_anew(
     app.cleanup().await;
 }
 
+/// A message of alice's that the model failed, on `app` (its model failing, one attempt a
+/// job), and its dead job as staff list it.
+struct Failed {
+    root: common::TestUser,
+    alice: common::TestUser,
+    chat: i64,
+    /// A socket on the chat, opened before the send.
+    ws: common::Ws,
+    message_id: i64,
+    task_id: String,
+}
+
+async fn a_failed_message(app: &Stack) -> Failed {
+    let root = app.staff("root").await;
+    let (alice, chat) = app.user_with_ai_chat("alice").await;
+    let mut ws = app.ws(chat, &alice.token, None).await;
+    let (status, _) = app.send_waiting(&alice, chat, "hello", "true").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (_, sent) = event_of(&mut ws, "error", 10).await;
+    let message_id = sent[0]["message"]["id"].as_i64().expect("the message id");
+    // The worker publishes the error before apalis moves the job to the dead set (after the
+    // handler returns), so the listing may lag the event by a moment.
+    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
+        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["message_id"], message_id);
+    assert_eq!(dead[0]["ai_chat_id"], chat);
+    let task_id = dead[0]["task_id"].as_str().expect("task id").to_owned();
+    Failed {
+        root,
+        alice,
+        chat,
+        ws,
+        message_id,
+        task_id,
+    }
+}
+
 /// A re-drive of a dead job whose message's job keys have expired (they live a day): the
 /// re-drive's job starts the message's chain again, so the sweeps that run while it is being
 /// answered find it alive and push nothing of their own; the model is asked once.
@@ -211,19 +252,14 @@ async fn a_redrive_of_a_job_older_than_its_keys_is_asked_once_while_sweeps_run()
         ],
     )
     .await;
-    let root = app.staff("root").await;
-    let (alice, chat) = app.user_with_ai_chat("alice").await;
-    let mut ws = app.ws(chat, &alice.token, None).await;
-    let (status, _) = app.send_waiting(&alice, chat, "hello", "true").await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    let (_, sent) = event_of(&mut ws, "error", 10).await;
-    let message_id = sent[0]["message"]["id"].as_i64().expect("the message id");
-    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
-        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
-    let task_id = dead[0]["task_id"].as_str().expect("task id").to_owned();
+    let Failed {
+        root,
+        alice,
+        chat,
+        mut ws,
+        message_id,
+        task_id,
+    } = a_failed_message(&app).await;
     // A day later: the message's first job key has expired.
     let mut redis = app.redis().await;
     let first_key: Vec<String> = redis::cmd("KEYS")
@@ -270,25 +306,14 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
         &["--llm-max-attempts", "1"],
     )
     .await;
-    let root = app.staff("root").await;
-    let (alice, chat) = app.user_with_ai_chat("alice").await;
-    let mut ws = app.ws(chat, &alice.token, None).await;
-    let (status, _) = app.send_waiting(&alice, chat, "hello", "true").await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    let (_, sent) = event_of(&mut ws, "error", 10).await;
-    let message_id = sent[0]["message"]["id"].as_i64().unwrap();
-
-    // The worker publishes the error before apalis moves the job to the dead set (after the
-    // handler returns), so the listing may lag the event by a moment.
-    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
-        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0]["message_id"], message_id);
-    assert_eq!(dead[0]["ai_chat_id"], chat);
-    let task_id = dead[0]["task_id"].as_str().unwrap().to_owned();
+    let Failed {
+        root,
+        alice,
+        chat,
+        mut ws,
+        message_id,
+        task_id,
+    } = a_failed_message(&app).await;
 
     // As on a day after the failure on which alice has sent nothing yet: no budget of the day
     // is counted until the re-drive's reply is.
