@@ -11,7 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use aichat_shared::db;
 use aichat_shared::db::admin::UsageRow;
 use aichat_shared::domain::{AiChat, AiMessage, MessageStatus, Role};
-use aichat_shared::jobs::{DeadJob, NextJob};
+use aichat_shared::jobs::DeadJob;
 
 use crate::auth::StaffUser;
 use crate::error::{ApiError, ApiResult, FieldErrors};
@@ -199,21 +199,7 @@ async fn redrive(
     // Pushed where the message's chain of jobs goes on (past the dead job), as a retry of a
     // failed message is: a sweep walking the chain finds this job alive, also when the chain's
     // keys expired with a day-old dead job (the push starts the chain again).
-    let pushed: ApiResult<()> = match state.queue.next_job_key_after_answer(dead.message_id).await {
-        Ok(next @ NextJob::Push { .. }) => state
-            .queue
-            .enqueue_next(&job, &next)
-            .await
-            .map(drop)
-            .map_err(ApiError::from),
-        // Past every job of the message, there is none alive to run it.
-        Ok(NextJob::Alive) => Ok(()),
-        Ok(NextJob::GaveUp) => Err(ApiError::Unavailable(
-            "This message cannot be queued again right now; please try later",
-        )),
-        Err(err) => Err(err.into()),
-    };
-    if let Err(err) = pushed {
+    if let Err(err) = crate::send::retry::push_on_chain(&state, &job, true).await {
         let error = before.as_ref().and_then(|m| m.error.as_deref());
         let restored =
             db::stops::unrequeue(&state.db, dead.message_id, MessageStatus::Failed, error).await;

@@ -203,20 +203,34 @@ pub(crate) async fn push(
     after_answer: bool,
 ) -> ApiResult<Option<String>> {
     let message = &requeued.message;
+    let job = CompletionJob {
+        budget: reservation.cloned(),
+        ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
+            .for_user(user_id)
+    };
+    push_on_chain(state, &job, after_answer).await
+}
+
+/// Pushes `job` where its message's chain of jobs ends (past jobs still alive when
+/// `after_answer`), unless a job of the message is alive; 503 when the chain is too long to
+/// follow. The job the new one follows, if any.
+pub(crate) async fn push_on_chain(
+    state: &AppState,
+    job: &CompletionJob,
+    after_answer: bool,
+) -> ApiResult<Option<String>> {
     let end = if after_answer {
-        state.queue.next_job_key_after_answer(message.id).await?
+        state
+            .queue
+            .next_job_key_after_answer(job.message_id)
+            .await?
     } else {
-        state.queue.next_job_key(message.id).await?
+        state.queue.next_job_key(job.message_id).await?
     };
     match &end {
         NextJob::Alive => Ok(None),
         NextJob::Push { .. } => {
-            let job = CompletionJob {
-                budget: reservation.cloned(),
-                ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
-                    .for_user(user_id)
-            };
-            state.queue.enqueue_next(&job, &end).await?;
+            state.queue.enqueue_next(job, &end).await?;
             Ok(end.last_job().map(str::to_owned))
         }
         NextJob::GaveUp => Err(ApiError::Unavailable(
