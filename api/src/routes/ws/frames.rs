@@ -177,7 +177,7 @@ async fn new_version(
 
 /// The text of an `error` event for `err`: its own words, or no detail for an internal error
 /// (logged with `what`).
-pub(super) fn socket_error(err: ApiError, what: &'static str) -> String {
+fn socket_error(err: ApiError, what: &'static str) -> String {
     match err {
         ApiError::Internal(err) => {
             tracing::error!(error = ?err, "{what}");

@@ -14,11 +14,10 @@ use aichat_shared::events::ChatEvent;
 
 use super::catch_up::{CatchUp, CaughtUp, catch_up};
 use super::credential::Credential;
-use super::frames::{SocketUser, handle_frame, socket_error};
+use super::frames::{SocketUser, handle_frame};
 use super::sink::{Sink, close, send_message, send_text};
 use crate::fanout::{Event, Lagged, Subscription};
 use crate::revocation::SESSION_ENDED;
-use crate::run_to_end::run_to_end;
 use crate::state::AppState;
 
 /// Close code for a client too slow to keep up ("try again later").
@@ -212,11 +211,14 @@ async fn recv_loop(
             // fan-out memory).
             Message::Text(text) => {
                 let (state, user) = (state.clone(), Arc::clone(&user));
-                run_to_end(async move { Ok(handle_frame(&state, &user, ai_chat_id, &text).await) })
-                    .await
-                    .unwrap_or_else(|err| {
-                        Some(socket_error(err, "a WebSocket frame's task failed"))
-                    })
+                let handled =
+                    tokio::spawn(
+                        async move { handle_frame(&state, &user, ai_chat_id, &text).await },
+                    );
+                handled.await.unwrap_or_else(|err| {
+                    tracing::error!(error = %err, "a WebSocket frame's task failed");
+                    Some("Internal server error".into())
+                })
             }
             Message::Binary(_) => Some(BINARY_FRAME.to_owned()),
             Message::Close(_) => return RecvEnd::Gone,
