@@ -345,12 +345,13 @@ impl JobQueue {
 /// The age of the oldest job waiting to be taken, in milliseconds of the Redis server's clock
 /// (`TIME`), so every API and worker reads the same figure: appended to [`DEPTH_SCRIPT`]'s
 /// counts, over the same keys. Two candidates, each found in O(log n):
-/// - the head of the active list, the next job a fetch takes (jobs reach the list from the
-///   scheduled set, oldest first, or from a stopped or dead worker): waiting since its task id,
-///   a ULID, was made at its push;
-/// - the first due job of the scheduled set, where every push lands: its score is when it
-///   became due (its push, in whole seconds, or a retry's due time); the ULID holds the
-///   milliseconds of a push within that second. Jobs due later are not waiting yet.
+/// - the head of the active list, the next job a fetch takes (jobs reach the list at their
+///   push, from the scheduled set once due, oldest first, or from a stopped or dead worker):
+///   waiting since its task id, a ULID, was made at its push;
+/// - the first due job of the scheduled set, where retries wait (and pushes landed before the
+///   vendored apalis-redis pushed due jobs onto the list): its score is when it became due, in
+///   whole seconds; the ULID holds the milliseconds of a push within that second. Jobs due
+///   later are not waiting yet.
 const OLDEST_WAITING_LUA: &str = r#"
 local function ulid_ms(id)
   local alphabet = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'

@@ -35,6 +35,8 @@ pub async fn push_tasks_then_publish<Conn>(
 where
     Conn: ConnectionLike,
 {
+    // One clock reading for the whole run: a task scheduled no later than it is due now.
+    let current = current_timestamp();
     let mut batch = BATCH_PUSH_SCRIPT.key(config.job_data_hash());
     let mut script = batch
         .key(config.active_jobs_list())
@@ -50,7 +52,8 @@ where
         )
         .arg(config.emit_events)
         .arg(publish.len())
-        .arg(wake_if_idle.unwrap_or_default());
+        .arg(wake_if_idle.unwrap_or_default())
+        .arg(current);
     for (channel, message) in publish {
         script = script.arg(channel).arg(message);
     }
@@ -64,7 +67,6 @@ where
         let job = &request.args;
         let meta = serde_json::to_string(request.metadata()).map_err(Error::Json)?;
         let run_at = request.run_at().unwrap_or_default();
-        let current = current_timestamp();
         // Ensure run_at is not in the past
         let run_at = if run_at > current { run_at } else { current };
 
