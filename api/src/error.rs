@@ -79,6 +79,10 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     Conflict(&'static str),
+    /// Well-formed, but at odds with what the request repeats (an `Idempotency-Key` reused
+    /// with another body).
+    #[error("{0}")]
+    Unprocessable(&'static str),
     /// Past the send rate; `left` becomes the response's limit headers (`send::limits`).
     #[error("Too many messages, please slow down")]
     TooManyRequests {
@@ -118,6 +122,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. }
             | ApiError::TooManyAttempts { .. }
             | ApiError::BudgetExceeded { .. }

@@ -20,7 +20,7 @@ use crate::fanout::Subscription;
 use crate::paging::{MAX_LIMIT, Order, Page, PageQuery};
 use crate::routes::schemas::{BAD_PAGE, BadRequestBody, ErrorBody};
 use crate::run_to_end::run_to_end;
-use crate::send::idempotency::{self, Claim};
+use crate::send::idempotency::{self, Asked, Claim};
 use crate::send::retry;
 use crate::send::stop::{self, Recorded, StopResponse};
 use crate::send::versions;
@@ -115,6 +115,8 @@ pub struct SendMessageHeaders {
         (status = 409, description = "A request with this `Idempotency-Key` is still being processed, \
             or the key was used for another chat; or (with `?wait`) the message was stopped before \
             the model answered", body = ErrorBody),
+        (status = 422, description = "The `Idempotency-Key` was used for this chat with another body \
+            (other `content` or options); nothing was stored", body = ErrorBody),
         (status = 429, description = PAST_RATE_OR_BUDGET, body = ErrorBody),
         (status = 502, description = MODEL_FAILED_WAITING, body = ErrorBody),
         (status = 503, description = "The queue or a backing service unreachable, or (with `?wait`) \
@@ -251,7 +253,7 @@ async fn prepare_send<'a>(
     let send = SendMessage::parse(body.fields(), state.settings.max_content_chars)?;
     // Subscribe before the message exists, so its reply cannot slip past.
     let events = subscribe_for_wait(state, id, wait).await?;
-    let claim = idempotent(state, user_id, headers).await?;
+    let claim = idempotent(state, user_id, headers, || Asked::send(id, &send)).await?;
     Ok(Prepared {
         wait,
         send,
@@ -505,7 +507,8 @@ async fn regenerate_message(
     let question = versions::question_of(&state, user_id, id).await?;
     let wait = wait::parse_wait(query.wait.as_deref(), state.settings.max_wait_secs)?;
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
-    let message = match idempotent(&state, user_id, &headers).await? {
+    let asked = || Asked::regenerate(question.id);
+    let message = match idempotent(&state, user_id, &headers, asked).await? {
         Some(Claim::Existing(message_id)) => {
             let message = repeated(&state, user_id, message_id, |m| m.id == question.id).await?;
             return Ok(repeat_response(message));
@@ -543,6 +546,8 @@ pub struct EditMessageRequest {
         (status = 409, description = "The question still waits for its reply; the `Idempotency-Key` is in \
             use or was used for another message; or (with `?wait`) the new version was stopped before \
             the model answered", body = ErrorBody),
+        (status = 422, description = "The `Idempotency-Key` was used for this turn with other `content`; \
+            nothing was stored", body = ErrorBody),
         (status = 429, description = PAST_RATE_OR_BUDGET, body = ErrorBody),
         (status = 502, description = MODEL_FAILED_WAITING, body = ErrorBody),
         (status = 503, description = QUEUE_UNREACHABLE, body = ErrorBody)))]
@@ -567,7 +572,8 @@ async fn edit_message(
     };
     let content = SendMessage::parse(fields, state.settings.max_content_chars)?.content;
     let mut events = subscribe_for_wait(&state, question.ai_chat, wait).await?;
-    let message = match idempotent(&state, user_id, &headers).await? {
+    let asked = || Asked::edit(question.ai_chat, question.parent_id, content);
+    let message = match idempotent(&state, user_id, &headers, asked).await? {
         Some(Claim::Existing(message_id)) => {
             let same_turn =
                 |m: &AiMessage| m.ai_chat == question.ai_chat && m.parent_id == question.parent_id;
@@ -617,14 +623,17 @@ async fn subscribe_for_wait(
     }
 }
 
-/// The request's `Idempotency-Key` claim, if it sent one.
+/// The request's `Idempotency-Key` claim, if it sent one, for what it `asked`.
 async fn idempotent(
     state: &AppState,
     user_id: i64,
     headers: &HeaderMap,
+    asked: impl FnOnce() -> Asked,
 ) -> ApiResult<Option<Claim>> {
     match idempotency::key_from(headers)? {
-        Some(key) => Ok(Some(idempotency::claim(state, user_id, &key).await?)),
+        Some(key) => Ok(Some(
+            idempotency::claim(state, user_id, &key, &asked()).await?,
+        )),
         None => Ok(None),
     }
 }
@@ -673,10 +682,10 @@ async fn settle(
     claim: Option<Claim>,
     result: ApiResult<(AiMessage, LimitsLeft)>,
 ) -> ApiResult<(AiMessage, LimitsLeft)> {
-    if let Some(Claim::New(redis_key)) = &claim {
+    if let Some(Claim::New(held)) = &claim {
         match &result {
-            Ok((message, _)) => idempotency::complete(state, redis_key, message.id).await,
-            Err(_) => idempotency::release(state, redis_key).await,
+            Ok((message, _)) => idempotency::complete(state, held, message.id).await,
+            Err(_) => idempotency::release(state, held).await,
         }
     }
     result

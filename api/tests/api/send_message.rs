@@ -204,6 +204,76 @@ async fn a_repeated_post_with_the_same_idempotency_key_returns_the_same_message_
     app.cleanup().await;
 }
 
+/// A key remembers what its first request asked for: a repeat with another body (content or
+/// options) is 422, one aimed at another chat or another route 409, and none of them stores
+/// or queues anything; the first request repeated as it was still answers its message.
+#[tokio::test]
+async fn an_idempotency_key_repeated_for_another_request_is_refused_and_stores_nothing() {
+    let (app, alice, chat) = app_with_ai_chat("alice").await;
+    let other = app.ai_chat_id(&alice).await;
+    let path = send_path(chat);
+    let (status, first) = app.post_with_key(&path, &alice.token, "k", "hello").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let keyed = |body: serde_json::Value, path: String| {
+        let app = &app;
+        let token = alice.token.clone();
+        async move {
+            let reply = app
+                .request(Method::POST, &path)
+                .bearer_auth(&token)
+                .header("Idempotency-Key", "k")
+                .json(&body)
+                .reply()
+                .await;
+            (reply.status, reply.expect_json())
+        }
+    };
+
+    let other_content = keyed(json!({"content": "hello!"}), path.clone()).await;
+    let text = assert_error(
+        "other content",
+        (other_content.0, &other_content.1),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+    assert!(text.contains("Idempotency-Key"), "{text}");
+    let other_limit = keyed(
+        json!({"content": "hello", "context_message_limit": 5}),
+        path.clone(),
+    )
+    .await;
+    assert_error(
+        "other options",
+        (other_limit.0, &other_limit.1),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+    let other_chat = keyed(json!({"content": "hello"}), send_path(other)).await;
+    assert_error(
+        "another chat",
+        (other_chat.0, &other_chat.1),
+        StatusCode::CONFLICT,
+    );
+    let message = id(&first["message"]);
+    let edit = keyed(
+        json!({"content": "hello"}),
+        format!("/api/ai/messages/{message}/edit/"),
+    )
+    .await;
+    let text = assert_error("another route", (edit.0, &edit.1), StatusCode::CONFLICT);
+    assert!(text.contains("Idempotency-Key"), "{text}");
+
+    // The same request, its options written out at their defaults: the first message.
+    let same = keyed(
+        json!({"content": "hello", "context_message_limit": 20, "include_related_chat_context": false}),
+        path.clone(),
+    )
+    .await;
+    assert_eq!(same.0, StatusCode::ACCEPTED, "{}", same.1);
+    assert_eq!(same.1["message"], first["message"]);
+    assert_eq!(app.my_messages(&alice).await.len(), 1);
+    assert_eq!(app.queued_jobs().await.len(), 1);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn past_the_per_user_send_rate_requests_get_429_with_retry_after() {
     let app = spawn_app_with_flags(&["--send-rate-per-minute", "3"]).await;
