@@ -266,16 +266,24 @@ impl JobQueue {
     }
 
     /// Pushes `job` where `next` says ([`NextJob::Push`]; anything else pushes nothing), and
-    /// returns whether a new job was queued. Then sets again each key of the chain that led
+    /// returns whether a new job was queued. Each `(channel, message)` of `then_publish`
+    /// (`events::encode_events`) is published in the push's own script run, once the job is
+    /// there: before any worker can take it. Then sets again each key of the chain that led
     /// there, where it is missing: the sweeper deletes a message's keys once all its jobs are
     /// finished (`trim_done`), and a chain read just before that would otherwise leave the new
     /// job where no walk from the message's first key finds it (a later sweep would push a
     /// second one). A key taken meanwhile by another push is left alone.
-    pub async fn enqueue_next(&self, job: &CompletionJob, next: &NextJob) -> Result<bool> {
+    pub async fn enqueue_next(
+        &self,
+        job: &CompletionJob,
+        next: &NextJob,
+        then_publish: &[(String, String)],
+    ) -> Result<bool> {
         let NextJob::Push { key, chain, .. } = next else {
             return Ok(false);
         };
-        let pushed = self.enqueue_completion(job, key).await?;
+        let (enqueued, scheduled) = self.push(&[self.task(job, key)?], then_publish).await?;
+        let pushed = enqueued + scheduled > 0;
         if !chain.is_empty() {
             let ttl = IDEMPOTENCY_TTL.as_secs();
             let mut restore = redis::pipe();

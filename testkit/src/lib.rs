@@ -12,6 +12,7 @@ pub mod postgres;
 pub mod process;
 pub mod queue;
 pub mod redis_server;
+pub mod slow_link;
 pub mod stack;
 pub mod store;
 pub mod ws;
@@ -25,6 +26,7 @@ pub use postgres::TestDb;
 pub use process::ApiProcess;
 pub use queue::QueueSnapshot;
 pub use redis_server::{PrivateRedis, delete_namespace};
+pub use slow_link::SlowLink;
 pub use stack::{
     Api, Env, InProcessWorker, WorkerProcess, wait_worker_ready, worker_metric, worker_metrics_text,
 };

@@ -195,7 +195,7 @@ impl Sweeper {
         });
         if !self
             .queue
-            .enqueue_next(&job, &next)
+            .enqueue_next(&job, &next, &[])
             .await
             .context("queueing a swept message")?
         {

@@ -199,7 +199,7 @@ async fn redrive(
     // Pushed where the message's chain of jobs goes on (past the dead job), as a retry of a
     // failed message is: a sweep walking the chain finds this job alive, also when the chain's
     // keys expired with a day-old dead job (the push starts the chain again).
-    if let Err(err) = crate::send::retry::push_on_chain(&state, &job, true).await {
+    if let Err(err) = crate::send::retry::push_on_chain(&state, &job, true, &[]).await {
         let error = before.as_ref().and_then(|m| m.error.as_deref());
         let restored =
             db::stops::unrequeue(&state.db, dead.message_id, MessageStatus::Failed, error).await;

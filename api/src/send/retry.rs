@@ -14,7 +14,7 @@ use aichat_shared::budget::Reservation;
 use aichat_shared::db;
 use aichat_shared::db::stops::{Requeue, Requeued};
 use aichat_shared::domain::{AiMessage, MessageStatus};
-use aichat_shared::events::{ChatEvent, EventMessage, publish_event};
+use aichat_shared::events::{ChatEvent, EventMessage, encode_events, publish_event};
 use aichat_shared::jobs::{CompletionJob, NextJob};
 
 use crate::access::own_user_message;
@@ -65,12 +65,28 @@ pub(crate) async fn requeue_message(
     if let (Err(_), Some(reservation)) = (&result, &reservation) {
         budget::release(state, reservation).await;
     }
-    let message = result?;
-    announce(state, &message).await;
+    let (message, chained) = result?;
+    if chained == Chained::Alive {
+        // No push to carry it: the job still alive answers the message.
+        announce(state, &message).await;
+    }
     Ok((message, left))
 }
 
-/// Publishes `user_message` for a message queued (again) outside the send batch.
+/// Where a requeued message's job went: pushed (its `user_message` event published in the
+/// push's own script run, before a worker could take the job and answer), or nowhere, a job
+/// of the message being alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Chained {
+    /// Pushed, after this job of the message's chain, if any.
+    Pushed {
+        follows: Option<String>,
+    },
+    Alive,
+}
+
+/// Publishes `user_message` for a message queued (again) outside the send batch and the
+/// pushes that carry it.
 pub(crate) async fn announce(state: &AppState, message: &AiMessage) {
     let event = ChatEvent::UserMessage {
         message: EventMessage::user(message),
@@ -97,7 +113,7 @@ async fn requeue(
     request_id: Option<String>,
     reservation: Option<&Reservation>,
     purpose: Requeue,
-) -> ApiResult<AiMessage> {
+) -> ApiResult<(AiMessage, Chained)> {
     let message_id = previous.id;
     let budget = reservation.and_then(Reservation::stored);
     let Some((requeued, activated)) = db::retry::on_conflict("retry", || {
@@ -129,8 +145,8 @@ async fn requeue(
         after_answer,
     )
     .await;
-    let last = match pushed {
-        Ok(last) => last,
+    let chained = match pushed {
+        Ok(chained) => chained,
         Err(err) => {
             let restored = db::stops::unrequeue(
                 &state.db,
@@ -146,14 +162,17 @@ async fn requeue(
             return Err(err);
         }
     };
-    if let Some(task) = last {
+    if let Chained::Pushed {
+        follows: Some(task),
+    } = &chained
+    {
         // The message is queued: a dead job left in the staff's list is only clutter there (a
         // re-drive of it answers 409).
-        if let Err(err) = remove_if_dead(state, &task).await {
+        if let Err(err) = remove_if_dead(state, task).await {
             tracing::warn!(error = %err, task, "could not remove the retried message's dead job");
         }
     }
-    Ok(requeued.message)
+    Ok((requeued.message, chained))
 }
 
 /// The requeue's statement, and whether it made the message's branch the active path. A
@@ -189,11 +208,10 @@ async fn store_requeue(
     Ok(requeued.map(|requeued| (requeued, !active)))
 }
 
-/// Pushes the requeued message's job under the next key of its chain, unless a job of it is
-/// still alive (it was cancelled before a worker took its job: that job answers it). A
-/// regeneration of an answered message, or a retry of a failed one (`after_answer`), pushes
-/// past a job still alive: that one ended it and is only finishing. The job the new one
-/// follows, if any.
+/// Pushes the requeued message's job under the next key of its chain, with its `user_message`
+/// event, unless a job of it is still alive (it was cancelled before a worker took its job:
+/// that job answers it). A regeneration of an answered message, or a retry of a failed one
+/// (`after_answer`), pushes past a job still alive: that one ended it and is only finishing.
 pub(crate) async fn push(
     state: &AppState,
     user_id: i64,
@@ -201,24 +219,33 @@ pub(crate) async fn push(
     request_id: Option<String>,
     reservation: Option<&Reservation>,
     after_answer: bool,
-) -> ApiResult<Option<String>> {
+) -> ApiResult<Chained> {
     let message = &requeued.message;
     let job = CompletionJob {
         budget: reservation.cloned(),
         ..CompletionJob::new(message.id, message.ai_chat, requeued.options, request_id)
             .for_user(user_id)
     };
-    push_on_chain(state, &job, after_answer).await
+    let event = ChatEvent::UserMessage {
+        message: EventMessage::user(message),
+    };
+    // Our own types: one that cannot be encoded is a bug to log; the job is pushed anyway.
+    let events = encode_events(&state.ns, &[(message.ai_chat, event)]).unwrap_or_else(|err| {
+        tracing::error!(error = %err, "could not encode a user_message event");
+        Vec::new()
+    });
+    push_on_chain(state, &job, after_answer, &events).await
 }
 
 /// Pushes `job` where its message's chain of jobs ends (past jobs still alive when
-/// `after_answer`), unless a job of the message is alive; 503 when the chain is too long to
-/// follow. The job the new one follows, if any.
+/// `after_answer`), publishing `then_publish` in the push's script run, unless a job of the
+/// message is alive (nothing is pushed or published); 503 when the chain is too long to follow.
 pub(crate) async fn push_on_chain(
     state: &AppState,
     job: &CompletionJob,
     after_answer: bool,
-) -> ApiResult<Option<String>> {
+    then_publish: &[(String, String)],
+) -> ApiResult<Chained> {
     let end = if after_answer {
         state
             .queue
@@ -228,10 +255,12 @@ pub(crate) async fn push_on_chain(
         state.queue.next_job_key(job.message_id).await?
     };
     match &end {
-        NextJob::Alive => Ok(None),
+        NextJob::Alive => Ok(Chained::Alive),
         NextJob::Push { .. } => {
-            state.queue.enqueue_next(job, &end).await?;
-            Ok(end.last_job().map(str::to_owned))
+            state.queue.enqueue_next(job, &end, then_publish).await?;
+            Ok(Chained::Pushed {
+                follows: end.last_job().map(str::to_owned),
+            })
         }
         NextJob::GaveUp => Err(ApiError::Unavailable(
             "This message cannot be queued again right now; please try later",

@@ -47,7 +47,12 @@ async fn a_message_whose_jobs_are_all_finished_keeps_no_job_keys() {
     assert_eq!(chain.len(), 1, "one job before: {next:?}");
     assert_eq!(*key, env.queue.rescue_job_key(second.id, &chain[0].1));
     let again = CompletionJob::new(second.id, chat, DEFAULT_CONTEXT, None);
-    assert!(env.queue.enqueue_next(&again, &next).await.expect("push"));
+    assert!(
+        env.queue
+            .enqueue_next(&again, &next, &[])
+            .await
+            .expect("push")
+    );
     // The third job finds its message answered and ends; then the sweeper trims all three.
     env.wait_queue_set("done", 3, WAIT).await;
 
@@ -90,7 +95,12 @@ async fn a_push_that_read_its_chain_before_the_trim_leaves_its_job_findable() {
     assert_eq!(env.queue.trim_done(100).await.expect("trim"), 1);
     assert_eq!(env.job_keys().await, Vec::<String>::new(), "keys trimmed");
     let job = CompletionJob::new(sent.id, chat, DEFAULT_CONTEXT, None);
-    assert!(env.queue.enqueue_next(&job, &next).await.expect("push"));
+    assert!(
+        env.queue
+            .enqueue_next(&job, &next, &[])
+            .await
+            .expect("push")
+    );
 
     // The waiting job is where a sweep looks: no second job for it.
     assert_eq!(

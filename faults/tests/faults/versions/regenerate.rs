@@ -2,9 +2,11 @@
 //! one requeue, one job, one new model call, one new reply.
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aichat_fake_llm::FakeConfig;
-use aichat_faults::{Answer, Client, Env, User, queue_settled, report};
+use aichat_faults::stack::{api_args, start_api};
+use aichat_faults::{Answer, Client, Env, SlowLink, User, queue_settled, report};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -207,4 +209,50 @@ async fn ten_concurrent_regenerates_without_a_key_make_one_new_reply() {
     let fault = "regenerate_ten_without_key";
     assert_regenerated_once(&env, &q, &replies, &by_status, fault).await;
     env.finish(api, [second]).await;
+}
+
+/// A regeneration's `user_message` (the question, `queued` again) reaches the chat's sockets
+/// before its new reply, even when the API's link to Redis is slow and the worker's is not:
+/// the event is published in the script run that pushes the job, before any worker can take
+/// it. Published in a round trip of its own after the push, it came a link's delay after the
+/// job was there, and a worker answered first (the web page then showed the question as
+/// queued under its own answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regenerations_user_message_comes_before_its_reply_over_a_slow_link_to_redis() {
+    let env = Env::start(FakeConfig::default()).await;
+    let upstream = env.redis_url.trim_start_matches("redis://");
+    let upstream = upstream.split('/').next().unwrap_or(upstream);
+    let link = SlowLink::start(upstream, Duration::from_secs(1)).await;
+    let api = start_api(api_args(
+        &env.db.url,
+        &link.redis_url(),
+        &env.ns,
+        &["--run-migrations", "false", "--send-rate-per-minute", "0"],
+    ))
+    .await;
+    let client = Client::new(&api);
+    let worker = env.ready_worker(&[]).await;
+    let q = answered_question(&api, &client, &env, "regenerate me over a slow link").await;
+    queue_settled(&env, 1).await;
+
+    let answer = regenerate(&client, &q.alice, q.question, None)
+        .await
+        .expect("the regeneration's answer");
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    wait_for_v2_announced(&q).await;
+    let events = q.socket.events();
+    // The question's last `user_message` is the regeneration's (the send's came first).
+    let requeued = events
+        .iter()
+        .rposition(|e| e["type"] == "user_message" && e["message"]["id"] == q.question);
+    let v2 = events.iter().position(|e| {
+        e["type"] == "assistant_message"
+            && e["message"]["reply_to"] == q.question
+            && e["message"]["version"] == 2
+    });
+    assert!(
+        matches!((requeued, v2), (Some(r), Some(v)) if r < v),
+        "the requeued question at {requeued:?}, its new reply at {v2:?}: {events:#?}"
+    );
+    env.finish(api, [worker]).await;
 }
