@@ -268,11 +268,14 @@ impl JobQueue {
     /// Pushes `job` where `next` says ([`NextJob::Push`]; anything else pushes nothing), and
     /// returns whether a new job was queued. Each `(channel, message)` of `then_publish`
     /// (`events::encode_events`) is published in the push's own script run, once the job is
-    /// there: before any worker can take it. Then sets again each key of the chain that led
-    /// there, where it is missing: the sweeper deletes a message's keys once all its jobs are
-    /// finished (`trim_done`), and a chain read just before that would otherwise leave the new
-    /// job where no walk from the message's first key finds it (a later sweep would push a
-    /// second one). A key taken meanwhile by another push is left alone.
+    /// there, before any worker can take it (also when the push was dropped, its key taken by
+    /// another push since `next` was read: that job was pushed without them). Then sets again
+    /// each key of the chain that led there, where it is missing: the sweeper deletes a
+    /// message's keys once all its jobs are finished (`trim_done`), and a chain read just
+    /// before that would otherwise leave the new job where no walk from the message's first key
+    /// finds it (a later sweep would push a second one). A key taken meanwhile by another push
+    /// is left alone. A restore that fails is logged, not returned: the job is queued, and its
+    /// caller must not undo what it queued it for.
     pub async fn enqueue_next(
         &self,
         job: &CompletionJob,
@@ -298,7 +301,10 @@ impl JobQueue {
                     .ignore();
             }
             let mut conn = self.conn.clone();
-            restore.query_async::<()>(&mut conn).await?;
+            if let Err(err) = restore.query_async::<()>(&mut conn).await {
+                tracing::warn!(error = %err, message_id = job.message_id,
+                    "could not set the chain's keys again after a push; a sweep may push its job again");
+            }
         }
         Ok(pushed)
     }

@@ -229,12 +229,18 @@ pub(crate) async fn push(
     let event = ChatEvent::UserMessage {
         message: EventMessage::user(message),
     };
-    // Our own types: one that cannot be encoded is a bug to log; the job is pushed anyway.
-    let events = encode_events(&state.ns, &[(message.ai_chat, event)]).unwrap_or_else(|err| {
+    // Our own types: one that cannot be encoded is a bug to log; the job is pushed anyway,
+    // and announced after it.
+    let encoded = encode_events(&state.ns, &[(message.ai_chat, event)]);
+    if let Err(err) = &encoded {
         tracing::error!(error = %err, "could not encode a user_message event");
-        Vec::new()
-    });
-    push_on_chain(state, &job, after_answer, &events).await
+    }
+    let events = encoded.as_deref().unwrap_or_default();
+    let chained = push_on_chain(state, &job, after_answer, events).await?;
+    if events.is_empty() && chained != Chained::Alive {
+        announce(state, message).await;
+    }
+    Ok(chained)
 }
 
 /// Pushes `job` where its message's chain of jobs ends (past jobs still alive when
