@@ -131,8 +131,18 @@ impl JobQueue {
     /// Returns whether a new job was queued.
     #[tracing::instrument(skip(self))]
     pub async fn enqueue_completion(&self, job: &CompletionJob, key: &str) -> Result<bool> {
-        let task = self.task(job, key)?;
-        let (enqueued, scheduled) = self.push(&[task], &[]).await?;
+        self.push_one(job, key, &[]).await
+    }
+
+    /// Pushes one job under `key`, then publishes `then_publish` in the same script run;
+    /// whether a new job was queued.
+    async fn push_one(
+        &self,
+        job: &CompletionJob,
+        key: &str,
+        then_publish: &[(String, String)],
+    ) -> Result<bool> {
+        let (enqueued, scheduled) = self.push(&[self.task(job, key)?], then_publish).await?;
         Ok(enqueued + scheduled > 0)
     }
 
@@ -285,8 +295,7 @@ impl JobQueue {
         let NextJob::Push { key, chain, .. } = next else {
             return Ok(false);
         };
-        let (enqueued, scheduled) = self.push(&[self.task(job, key)?], then_publish).await?;
-        let pushed = enqueued + scheduled > 0;
+        let pushed = self.push_one(job, key, then_publish).await?;
         if !chain.is_empty() {
             let ttl = IDEMPOTENCY_TTL.as_secs();
             let mut restore = redis::pipe();
