@@ -65,12 +65,7 @@ pub(crate) async fn requeue_message(
     if let (Err(_), Some(reservation)) = (&result, &reservation) {
         budget::release(state, reservation).await;
     }
-    let (message, chained) = result?;
-    if chained == Chained::Alive {
-        // No push to carry it: the job still alive answers the message.
-        announce(state, &message).await;
-    }
-    Ok((message, left))
+    Ok((result?, left))
 }
 
 /// Where a requeued message's job went: pushed (its `user_message` event published in the
@@ -113,7 +108,7 @@ async fn requeue(
     request_id: Option<String>,
     reservation: Option<&Reservation>,
     purpose: Requeue,
-) -> ApiResult<(AiMessage, Chained)> {
+) -> ApiResult<AiMessage> {
     let message_id = previous.id;
     let budget = reservation.and_then(Reservation::stored);
     let Some((requeued, activated)) = db::retry::on_conflict("retry", || {
@@ -172,7 +167,7 @@ async fn requeue(
             tracing::warn!(error = %err, task, "could not remove the retried message's dead job");
         }
     }
-    Ok((requeued.message, chained))
+    Ok(requeued.message)
 }
 
 /// The requeue's statement, and whether it made the message's branch the active path. A
@@ -210,8 +205,9 @@ async fn store_requeue(
 
 /// Pushes the requeued message's job under the next key of its chain, with its `user_message`
 /// event, unless a job of it is still alive (it was cancelled before a worker took its job:
-/// that job answers it). A regeneration of an answered message, or a retry of a failed one
-/// (`after_answer`), pushes past a job still alive: that one ended it and is only finishing.
+/// that job answers it, and the event is published on its own). A regeneration of an answered
+/// message, or a retry of a failed one (`after_answer`), pushes past a job still alive: that
+/// one ended it and is only finishing. When the push fails nothing is announced.
 pub(crate) async fn push(
     state: &AppState,
     user_id: i64,
@@ -237,7 +233,8 @@ pub(crate) async fn push(
     }
     let events = encoded.as_deref().unwrap_or_default();
     let chained = push_on_chain(state, &job, after_answer, events).await?;
-    if events.is_empty() && chained != Chained::Alive {
+    if events.is_empty() || chained == Chained::Alive {
+        // No push carried the event.
         announce(state, message).await;
     }
     Ok(chained)

@@ -11,7 +11,7 @@ use aichat_shared::events::{ChatEvent, publish_event};
 use crate::error::{ApiError, ApiResult};
 use crate::send::budget;
 use crate::send::limits::{self, LimitsLeft, Sender};
-use crate::send::retry::{Chained, announce, push, requeue_message};
+use crate::send::retry::{announce, push, requeue_message};
 use crate::state::AppState;
 
 const STILL_WAITING: &str = "This message is still waiting for its reply";
@@ -96,7 +96,8 @@ pub async fn edit(
             });
         }
     };
-    match push(
+    // A pushed job's `user_message` is published by `push`; a job not queued is the sweeper's.
+    if let Err(err) = push(
         state,
         user_id,
         &stored,
@@ -106,14 +107,9 @@ pub async fn edit(
     )
     .await
     {
-        // Its `user_message` was published with the push.
-        Ok(Chained::Pushed { .. }) => {}
-        Ok(Chained::Alive) => announce(state, &stored.message).await,
-        Err(err) => {
-            tracing::warn!(error = %err, message_id = stored.message.id,
-                "the edited message's job was not queued; the sweeper queues it");
-            announce(state, &stored.message).await;
-        }
+        tracing::warn!(error = %err, message_id = stored.message.id,
+            "the edited message's job was not queued; the sweeper queues it");
+        announce(state, &stored.message).await;
     }
     Ok((stored.message, left))
 }
