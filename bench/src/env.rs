@@ -27,10 +27,28 @@ pub struct Env {
     pub dir: PathBuf,
     pub release_dir: PathBuf,
     pub http: reqwest::Client,
+    /// Settings given on the command line, over the bench's own.
+    pub overrides: Overrides,
+}
+
+/// Settings for the children the scenarios start (`--api-env`, `--worker-env`), applied after
+/// the bench's own so they win; printed when the run starts and in the report's notes.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub api: Vec<(String, String)>,
+    pub worker: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE`, as `--api-env` and `--worker-env` take it.
+pub fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
 }
 
 impl Env {
-    pub async fn create(release_dir: PathBuf) -> anyhow::Result<Self> {
+    pub async fn create(release_dir: PathBuf, overrides: Overrides) -> anyhow::Result<Self> {
         // Children run in the bench directory: the path must not be relative.
         let release_dir = std::fs::canonicalize(&release_dir)
             .with_context(|| format!("release directory {}", release_dir.display()))?;
@@ -71,6 +89,7 @@ impl Env {
             dir,
             release_dir,
             http,
+            overrides,
         })
     }
 
@@ -138,6 +157,7 @@ impl Stack {
             ("MAX_CONNECTIONS", "65536"),
             ("MAX_SOCKETS_PER_USER", "0"),
         ]));
+        envs.extend(env.overrides.api.iter().cloned());
         let mut api = Proc::spawn(
             &format!("{scenario}-api"),
             &env.release_dir.join("aichat-api"),
@@ -211,6 +231,7 @@ impl Stack {
             ("RATE_LIMIT_TPM", "0"),
             ("WORKER_NAME_PREFIX", "bench"),
         ]));
+        envs.extend(env.overrides.worker.iter().cloned());
         let mut worker = Proc::spawn(
             &format!("{}-worker{}", self.ns, self.seq),
             &env.release_dir.join("aichat-worker"),

@@ -52,6 +52,14 @@ struct Cli {
     /// are private; fewer chats make every event a broadcast to clients ÷ chats sockets).
     #[arg(long)]
     fanout_chats: Option<usize>,
+    /// A setting for every API the scenarios start, `KEY=VALUE`, over the bench's own
+    /// (repeatable): to measure a setting against its default, e.g.
+    /// `--api-env SEND_BATCH_WRITERS=1`.
+    #[arg(long, value_parser = env::parse_setting)]
+    api_env: Vec<(String, String)>,
+    /// The same for every worker, e.g. `--worker-env DATABASE_MAX_CONNECTIONS=40`.
+    #[arg(long, value_parser = env::parse_setting)]
+    worker_env: Vec<(String, String)>,
 }
 
 fn main() -> ExitCode {
@@ -99,7 +107,14 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
             opts.fanout_clients
         );
     }
-    let env = Env::create(cli.release_dir.clone()).await?;
+    let env = Env::create(
+        cli.release_dir.clone(),
+        env::Overrides {
+            api: cli.api_env.clone(),
+            worker: cli.worker_env.clone(),
+        },
+    )
+    .await?;
     eprintln!(
         "bench database {}, namespace prefix {}, logs in {}",
         env.db_name,
@@ -116,6 +131,15 @@ async fn run(cli: Cli, nofile: u64) -> anyhow::Result<bool> {
         ingest_rps: None,
         pgbench_insert_tps: None,
     };
+    let overrides = &ctx.env.overrides;
+    if !overrides.api.is_empty() || !overrides.worker.is_empty() {
+        let note = format!(
+            "settings over the bench's own: API {:?}, workers {:?}",
+            overrides.api, overrides.worker
+        );
+        eprintln!("{note}");
+        ctx.report.note(note);
+    }
     let selected: Vec<&str> = ALL
         .iter()
         .copied()
