@@ -556,11 +556,11 @@ pub struct DeadJob {
 }
 
 impl JobQueue {
-    /// Dead jobs, at most `limit`, oldest task id (ULIDs sort by time) first.
+    /// Dead jobs, at most `limit`, newest task id (ULIDs sort by time) first.
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
         let mut conn = self.conn.clone();
         let mut ids: Vec<String> = conn.smembers(self.config.dead_jobs_set()).await?;
-        ids.sort_unstable();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
         ids.truncate(limit);
         let mut jobs = Vec::with_capacity(ids.len());
         for task_id in ids {
@@ -605,14 +605,23 @@ impl JobQueue {
 
     /// Forgets a dead job (after it was re-driven or its message is gone).
     pub async fn remove_dead_job(&self, task_id: &str) -> Result<()> {
+        self.remove_dead_jobs(&[task_id]).await
+    }
+
+    /// Forgets dead jobs, in one round trip.
+    pub async fn remove_dead_jobs(&self, task_ids: &[&str]) -> Result<()> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .srem(self.config.dead_jobs_set(), task_ids)
+            .hdel(self.config.job_data_hash(), task_ids);
+        for task_id in task_ids {
+            pipe.del(format!("{}:{task_id}", self.config.job_meta_hash()));
+        }
         let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
-            .srem(self.config.dead_jobs_set(), task_id)
-            .hdel(self.config.job_data_hash(), task_id)
-            .del(format!("{}:{task_id}", self.config.job_meta_hash()))
-            .exec_async(&mut conn)
-            .await?;
+        pipe.exec_async(&mut conn).await?;
         Ok(())
     }
 }

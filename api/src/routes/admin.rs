@@ -1,5 +1,7 @@
 //! Staff-only JSON: search AI chats, filter messages, token totals, and the dead jobs with
 //! their re-drive.
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -139,17 +141,42 @@ async fn usage(
     ))
 }
 
-/// Completion jobs the worker gave up on, newest first.
+/// Completion jobs the worker gave up on, newest first, but for those whose message has been
+/// answered, stopped or deleted since: those are forgotten here. A sweep answers a message whose
+/// job died in a database outage longer than the job's retries, and a retry more than a day
+/// after the first push follows no chain back to the dead job, so nothing else forgets them;
+/// a re-drive of one could only answer 409. A job whose message waits again is still listed
+/// (a sweep that gave up on the message leaves it to staff).
 #[utoipa::path(get, path = "/api/admin/dead-jobs/", tag = "admin",
-    responses((status = 200, description = "The dead jobs, at most 500", body = Vec<DeadJob>),
+    responses((status = 200, description = "The dead jobs whose message is failed or waiting, newest first, of the newest 500", body = Vec<DeadJob>),
         (status = 403, description = "Staff only", body = ErrorBody)))]
 #[tracing::instrument(skip_all)]
 async fn dead_jobs(
     State(state): State<AppState>,
     _staff: StaffUser,
 ) -> ApiResult<Json<Vec<DeadJob>>> {
-    Ok(Json(state.queue.dead_jobs(500).await?))
+    let jobs = state.queue.dead_jobs(DEAD_JOBS_LISTED).await?;
+    let ids: Vec<i64> = jobs.iter().map(|job| job.message_id).collect();
+    let statuses: HashMap<i64, MessageStatus> = db::admin::message_statuses(&state.db, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let (listed, ended): (Vec<DeadJob>, Vec<DeadJob>) = jobs.into_iter().partition(|job| {
+        matches!(
+            statuses.get(&job.message_id),
+            Some(MessageStatus::Failed | MessageStatus::Queued | MessageStatus::Answering)
+        )
+    });
+    let ended: Vec<&str> = ended.iter().map(|job| job.task_id.as_str()).collect();
+    if let Err(err) = state.queue.remove_dead_jobs(&ended).await {
+        tracing::warn!(error = %err, jobs = ended.len(),
+            "could not forget the dead jobs of messages that ended since");
+    }
+    Ok(Json(listed))
 }
+
+/// Dead jobs one listing looks at, newest first.
+const DEAD_JOBS_LISTED: usize = 500;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Redriven {

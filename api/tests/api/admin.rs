@@ -370,3 +370,99 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
     );
     app.cleanup().await;
 }
+
+/// A failed message answered afterwards by a route that does not follow its chain of jobs back
+/// to the dead job (here its user's retry once the chain's keys have expired, as a day later):
+/// the dead job leaves the staff's list and the queue's dead set. The dead jobs of messages
+/// still failed stay, newest first.
+#[tokio::test]
+async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dead_set() {
+    let app = Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &["--llm-max-attempts", "1"],
+    )
+    .await;
+    let Failed {
+        root,
+        alice,
+        mut ws,
+        message_id,
+        task_id,
+        ..
+    } = a_failed_message(&app).await;
+    let (bob, bobs_chat) = app.user_with_ai_chat("bob").await;
+    for text in ["first", "second"] {
+        let (status, body) = app.send_waiting(&bob, bobs_chat, text, "true").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    }
+    let bobs: Vec<i64> = app
+        .messages(&bob, bobs_chat)
+        .await
+        .iter()
+        .filter_map(|m| m["id"].as_i64())
+        .collect();
+    assert_eq!(bobs.len(), 2, "{bobs:?}");
+    let listed = eventually(Duration::from_secs(10), "three dead jobs", || async {
+        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
+        (dead.len() == 3).then_some(dead)
+    })
+    .await;
+    let listed: Vec<i64> = listed
+        .iter()
+        .filter_map(|j| j["message_id"].as_i64())
+        .collect();
+    assert_eq!(listed, [bobs[1], bobs[0], message_id], "newest first");
+
+    // A day later: alice's chain of jobs has expired; her retry starts a new one and is answered.
+    let mut redis = app.redis().await;
+    let chain: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:message:{message_id}", app.ns))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert_eq!(chain.len(), 1, "{chain:?}");
+    let _: i64 = redis::AsyncCommands::del(&mut redis, &chain)
+        .await
+        .expect("expire the chain");
+    app.fake.set_config(FakeConfig::default());
+    let (status, body) = app
+        .post(
+            &format!("/api/ai/messages/{message_id}/retry/"),
+            &alice.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (reply, _) = event_of(&mut ws, "assistant_message", 15).await;
+    assert_eq!(reply["message"]["reply_to"], message_id);
+    let dead_set = aichat_shared::jobs::queue_config(&app.keys).dead_jobs_set();
+    let still_dead: bool = redis::AsyncCommands::sismember(&mut redis, &dead_set, &task_id)
+        .await
+        .expect("sismember");
+    assert!(
+        still_dead,
+        "nothing forgot the answered message's dead job yet"
+    );
+
+    let listed: Vec<i64> = app
+        .list("/api/admin/dead-jobs/", &root.token)
+        .await
+        .iter()
+        .filter_map(|j| j["message_id"].as_i64())
+        .collect();
+    assert_eq!(listed, [bobs[1], bobs[0]]);
+    let still_dead: bool = redis::AsyncCommands::sismember(&mut redis, &dead_set, &task_id)
+        .await
+        .expect("sismember");
+    assert!(!still_dead, "the answered message's dead job is forgotten");
+    let (status, _) = app
+        .post(
+            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
+            &root.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.cleanup().await;
+}

@@ -147,6 +147,21 @@ pub async fn usage_by_user_model_day(db: impl PgExecutor<'_>, days: i32) -> Resu
     Ok(rows)
 }
 
+/// The status of each of these messages that still exists (a deleted chat takes its messages).
+#[tracing::instrument(skip(db, ids), fields(messages = ids.len()))]
+pub async fn message_statuses(
+    db: impl PgExecutor<'_>,
+    ids: &[i64],
+) -> Result<Vec<(i64, MessageStatus)>> {
+    let rows = sqlx::query!(
+        r#"select id, status as "status: MessageStatus" from ai_messages where id = any($1)"#,
+        ids,
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
+}
+
 /// Puts a failed user message back in the queue's hands (its stop request cleared, its
 /// dispatch time now: sweeps give the job pushed after this commits a full grace period before
 /// they follow its chain, and an API that died before the push is caught after it); false if
