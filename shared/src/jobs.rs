@@ -579,12 +579,7 @@ impl JobQueue {
             return Ok(None);
         }
         let args: Option<Vec<u8>> = conn.hget(self.config.job_data_hash(), task_id).await?;
-        let attempts: Option<i64> = conn
-            .hget(
-                format!("{}:{task_id}", self.config.job_meta_hash()),
-                "attempts",
-            )
-            .await?;
+        let attempts: Option<i64> = conn.hget(self.meta_key(task_id), "attempts").await?;
         let Some(job) = args.and_then(|a| serde_json::from_slice::<CompletionJob>(&a).ok()) else {
             return Ok(None);
         };
@@ -603,6 +598,11 @@ impl JobQueue {
         Ok(args.and_then(|a| serde_json::from_slice(&a).ok()))
     }
 
+    /// The hash of a job's metadata (its attempts, status, ...), as apalis-redis names it.
+    fn meta_key(&self, task_id: &str) -> String {
+        format!("{}:{task_id}", self.config.job_meta_hash())
+    }
+
     /// Forgets a dead job (after it was re-driven or its message is gone).
     pub async fn remove_dead_job(&self, task_id: &str) -> Result<()> {
         self.remove_dead_jobs(&[task_id]).await
@@ -618,7 +618,7 @@ impl JobQueue {
             .srem(self.config.dead_jobs_set(), task_ids)
             .hdel(self.config.job_data_hash(), task_ids);
         for task_id in task_ids {
-            pipe.del(format!("{}:{task_id}", self.config.job_meta_hash()));
+            pipe.del(self.meta_key(task_id));
         }
         let mut conn = self.conn.clone();
         pipe.exec_async(&mut conn).await?;
