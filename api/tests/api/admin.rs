@@ -234,6 +234,20 @@ async fn a_failed_message(app: &Stack) -> Failed {
     }
 }
 
+/// Deletes the first job key of `message_id` (its only one), as a day after its push.
+async fn expire_first_job_key(app: &Stack, message_id: i64) {
+    let mut redis = app.redis().await;
+    let first_key: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:message:{message_id}", app.ns))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert_eq!(first_key.len(), 1, "{first_key:?}");
+    let _: i64 = redis::AsyncCommands::del(&mut redis, &first_key)
+        .await
+        .expect("expire the key");
+}
+
 /// A re-drive of a dead job whose message's job keys have expired (they live a day): the
 /// re-drive's job starts the message's chain again, so the sweeps that run while it is being
 /// answered find it alive and push nothing of their own; the model is asked once.
@@ -261,16 +275,7 @@ async fn a_redrive_of_a_job_older_than_its_keys_is_asked_once_while_sweeps_run()
         task_id,
     } = a_failed_message(&app).await;
     // A day later: the message's first job key has expired.
-    let mut redis = app.redis().await;
-    let first_key: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*:message:{message_id}", app.ns))
-        .query_async(&mut redis)
-        .await
-        .expect("keys");
-    assert_eq!(first_key.len(), 1, "{first_key:?}");
-    let _: i64 = redis::AsyncCommands::del(&mut redis, &first_key)
-        .await
-        .expect("expire the key");
+    expire_first_job_key(&app, message_id).await;
 
     // The model is back, and slow: several sweeps run while the re-drive is answered.
     app.fake.set_config(FakeConfig {
@@ -415,16 +420,8 @@ async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dea
     assert_eq!(listed, [bobs[1], bobs[0], message_id], "newest first");
 
     // A day later: alice's chain of jobs has expired; her retry starts a new one and is answered.
+    expire_first_job_key(&app, message_id).await;
     let mut redis = app.redis().await;
-    let chain: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*:message:{message_id}", app.ns))
-        .query_async(&mut redis)
-        .await
-        .expect("keys");
-    assert_eq!(chain.len(), 1, "{chain:?}");
-    let _: i64 = redis::AsyncCommands::del(&mut redis, &chain)
-        .await
-        .expect("expire the chain");
     app.fake.set_config(FakeConfig::default());
     let (status, body) = app
         .post(
