@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use aichat_shared::config::DatabaseSettings;
 use aichat_shared::models::Keys;
 use aichat_shared::{db, jobs::JobQueue, redis_conn};
 use secrecy::ExposeSecret;
@@ -113,8 +114,12 @@ impl Application {
         let queue = JobQueue::new(redis.clone(), &ns);
         // The send writers run only keyed statements: connections of their own that plan
         // them once and never as a scan (`db::Planning::KeyedGeneric`).
+        let writers_database = DatabaseSettings {
+            database_ping_after_idle_ms: settings.send_batch_ping_after_idle_ms,
+            ..settings.database.clone()
+        };
         let send_pool = db::pool(
-            &settings.database,
+            &writers_database,
             db::Planning::KeyedGeneric,
             settings.send_batch_writers.into(),
         )

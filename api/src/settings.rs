@@ -65,6 +65,14 @@ pub struct Settings {
     /// the API opens this many connections beside `DATABASE_MAX_CONNECTIONS`).
     #[arg(long, env = "SEND_BATCH_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub send_batch_writers: u16,
+    /// Milliseconds a send writer's connection must have been idle before it is checked (one
+    /// round trip) as a batch takes it; 0: every time (`DATABASE_PING_AFTER_IDLE_MS` is the
+    /// other pools'). Under load a writer's connection is never idle, so the check cost every
+    /// batch a round trip (BENCHMARKS.md, "Cost per answered message"); a batch whose
+    /// connection PostgreSQL ended meanwhile is answered with that error and runs again on
+    /// another connection.
+    #[arg(long, env = "SEND_BATCH_PING_AFTER_IDLE_MS", default_value_t = 1000)]
+    pub send_batch_ping_after_idle_ms: u64,
     /// Most sends written in one batch (one statement, one job push).
     #[arg(long, env = "SEND_BATCH_MAX", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub send_batch_max: u16,

@@ -29,6 +29,15 @@ impl Error {
         matches!(self, Error::Database(sqlx::Error::Database(_)))
     }
 
+    /// True when PostgreSQL ended the statement's session instead of answering it (`57P…`: the
+    /// backend was terminated, or the server is shutting down). It answered with an error, so
+    /// the statement was not committed ([`Error::is_refused_by_database`]) and can run again on
+    /// another connection.
+    pub fn is_session_ended(&self) -> bool {
+        matches!(self, Error::Database(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c.starts_with("57P")))
+    }
+
     /// True when a write referred to a row that is gone (`23503`): deleted by a request that
     /// ran at the same time as the one that checked it was there.
     pub fn is_reference_gone(&self) -> bool {

@@ -166,7 +166,9 @@ impl Writer {
             .collect()
     }
 
-    /// Stores the batch in one statement, run again while PostgreSQL reports a conflict, or
+    /// Stores the batch in one statement, run again while PostgreSQL reports a conflict or ends
+    /// the connection's session instead of answering (the writers' connections are checked
+    /// only after `SEND_BATCH_PING_AFTER_IDLE_MS` idle), or
     /// message by message when PostgreSQL refused the batch (`all_or_each`). A send that still
     /// cannot be stored gets 503 with `Retry-After` (nothing of it was kept; PostgreSQL's own
     /// words stay in the log).
@@ -175,13 +177,13 @@ impl Writer {
             "messages",
             messages,
             || {
-                db::retry::on_conflict("send_batch", || {
+                db::retry::on_conflict_or_ended_session("send_batch", || {
                     db::ai_messages::insert_owned_user_messages(&self.db, messages)
                 })
             },
             |message| async move {
                 let one = std::slice::from_ref(message);
-                db::retry::on_conflict("send", || {
+                db::retry::on_conflict_or_ended_session("send", || {
                     db::ai_messages::insert_owned_user_messages(&self.db, one)
                 })
                 .await

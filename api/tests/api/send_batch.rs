@@ -4,10 +4,12 @@
 use crate::common;
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use aichat_shared::db::ai_messages::{NewUserMessage, insert_owned_user_messages};
 use aichat_shared::domain::ContextOptions;
-use common::{app_with_ai_chat, id, ids, send_path, spawn_app, texts};
+use aichat_testkit::eventually;
+use common::{app_with_ai_chat, id, ids, send_path, spawn_app, spawn_app_with_flags, texts};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -161,5 +163,51 @@ async fn concurrent_sends_each_get_their_message_and_one_job_and_strangers_get_4
             .await
             .unwrap();
     assert_eq!(intrusions, 0);
+    app.cleanup().await;
+}
+
+/// The send writers' connections are not checked before each batch (under load they are never
+/// idle, and the check cost each batch a round trip). A batch whose connection PostgreSQL has
+/// ended since its last batch is answered with that error, nothing committed, and runs again on
+/// a new connection: the sender gets 202 and the message is stored and queued once.
+#[tokio::test]
+async fn a_batch_whose_connection_postgres_ended_runs_again_on_another() {
+    // Never checked here, however long the test takes.
+    let app = spawn_app_with_flags(&["--send-batch-ping-after-idle-ms", "600000"]).await;
+    let alice = app.user("alice").await;
+    let chat = app.ai_chat_id(&alice).await;
+    app.send_ok(&alice, chat, "before").await;
+    let ended: Vec<i32> = sqlx::query_scalar(
+        "with others as materialized (
+             select pid from pg_stat_activity
+             where datname = current_database() and pid <> pg_backend_pid()
+         )
+         select pid from others where pg_terminate_backend(pid)",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty(), "no session to end");
+    eventually(
+        Duration::from_secs(10),
+        "the ended sessions gone",
+        || async {
+            let left: i64 =
+                sqlx::query_scalar("select count(*) from pg_stat_activity where pid = any($1)")
+                    .bind(&ended)
+                    .fetch_one(&app.db)
+                    .await
+                    .ok()?;
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+
+    let (status, body) = app.send(&alice, chat, "after").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let messages = app.messages(&alice, chat).await;
+    assert_eq!(texts(&messages, "content"), ["before", "after"]);
+    let jobs = app.queued_jobs().await;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
     app.cleanup().await;
 }

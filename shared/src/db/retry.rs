@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Attempts in all, the first included, before the conflict is handed to the caller.
 pub const ATTEMPTS: u32 = 5;
@@ -19,7 +19,32 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_m
 /// Runs `op` until it succeeds, fails with anything but a conflict, or has failed with a
 /// conflict [`ATTEMPTS`] times. Each retry is counted in `aichat_db_conflict_retries_total`
 /// under `path` (a short fixed name of the request or job step).
-pub async fn on_conflict<T, F, Fut>(path: &'static str, mut op: F) -> Result<T>
+pub async fn on_conflict<T, F, Fut>(path: &'static str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    run_again_while(path, Error::is_conflict, op).await
+}
+
+/// [`on_conflict`], and also when PostgreSQL ended the session instead of answering
+/// ([`Error::is_session_ended`]: nothing was committed). For statements on connections that
+/// are not checked before each use (the send writers', `SEND_BATCH_PING_AFTER_IDLE_MS`): a
+/// connection PostgreSQL dropped since its last use is found by the statement itself, which
+/// then runs on another.
+pub async fn on_conflict_or_ended_session<T, F, Fut>(path: &'static str, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    run_again_while(path, |err| err.is_conflict() || err.is_session_ended(), op).await
+}
+
+async fn run_again_while<T, F, Fut>(
+    path: &'static str,
+    again: impl Fn(&Error) -> bool,
+    mut op: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
@@ -27,10 +52,10 @@ where
     let mut failures = 0;
     loop {
         match op().await {
-            Err(err) if err.is_conflict() && failures + 1 < ATTEMPTS => {
+            Err(err) if again(&err) && failures + 1 < ATTEMPTS => {
                 failures += 1;
                 metrics::counter!(RETRIES, "path" => path).increment(1);
-                tracing::warn!(error = %err, path, failures, "statement aborted by a conflict; running it again");
+                tracing::warn!(error = %err, path, failures, "statement not committed (a conflict, or its session ended); running it again");
                 tokio::time::sleep(BACKOFF.delay(failures)).await;
             }
             other => return other,
@@ -46,7 +71,7 @@ pub const RETRIES: &str = "aichat_db_conflict_retries_total";
 pub fn describe(paths: &[&'static str]) {
     metrics::describe_counter!(
         RETRIES,
-        "Statements run again after PostgreSQL aborted them for a deadlock or a serialization failure, by path"
+        "Statements run again after PostgreSQL aborted them for a deadlock or a serialization failure, or ended their session before answering, by path"
     );
     for path in paths {
         metrics::counter!(RETRIES, "path" => *path).increment(0);
