@@ -2,8 +2,8 @@
 //! a backlog of jobs queued beforehand. Reports the most model calls in flight (from the
 //! fake's arrival log) and jobs in flight (worker /metrics), and replies per second beside
 //! the ideal concurrency ÷ latency. Then, with that drain measured alone, a second backlog is
-//! queued, and while the worker drains it 64 closed-loop clients send into other chats for a
-//! few seconds: that ingest rate beside the run's first pgbench single-row insert (the ingest
+//! queued, and while the worker drains it 64 closed-loop clients send into other chats for
+//! 10 s: that ingest rate beside the run's first pgbench single-row insert (the ingest
 //! scenario's baseline, or measured here when it did not run), and beside pgbench run for as
 //! long just before this scenario.
 use std::sync::Arc;
@@ -260,9 +260,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Queues a second backlog (`opts.concurrency_jobs` messages into the backlog chats) for the
-/// running worker; once it holds its `concurrency` jobs (or after one model latency), runs the
-/// ingest into the ingest accounts' chats.
+/// Queues a second backlog (at least `opts.concurrency_jobs` messages into the backlog chats,
+/// enough to last through the ingest) for the running worker; once it holds its `concurrency`
+/// jobs (or after one model latency), runs the ingest into the ingest accounts' chats.
 async fn ingest_while_draining(
     ctx: &mut Ctx,
     stack: &mut Stack,
@@ -272,9 +272,13 @@ async fn ingest_while_draining(
     chats: &[i64],
     metrics_url: &str,
 ) -> anyhow::Result<IngestDuringDrain> {
-    let jobs = ctx.opts.concurrency_jobs;
     let concurrency = f64::from(ctx.opts.concurrency);
     let (secs, warm) = drain_ingest_secs(ctx.opts.quick);
+    // Enough for the worker to drain through the whole ingest: the jobs it holds when the
+    // ingest begins, then its ideal rate over the warm-up and the window, and half again.
+    let ideal = concurrency / (LATENCY_MS as f64 / 1000.0);
+    let through = concurrency + ideal * (warm + secs).as_secs_f64() * 1.5;
+    let jobs = ctx.opts.concurrency_jobs.max(through.ceil() as u64);
     eprintln!(
         "concurrency: queueing {jobs} more messages into the backlog chats for the worker, then ingest into other chats while it drains them"
     );
@@ -340,12 +344,14 @@ async fn ingest_while_draining(
     })
 }
 
-/// How long the ingest while draining runs, and its warm-up.
+/// How long the ingest while draining runs, and its warm-up. The worker's replies come in
+/// waves of 500 every 2 s: 10 s holds five, where 5 s held two or three and the figure moved
+/// with where they fell.
 fn drain_ingest_secs(quick: bool) -> (Duration, Duration) {
     if quick {
         (Duration::from_secs(2), Duration::from_millis(500))
     } else {
-        (Duration::from_secs(5), Duration::from_secs(1))
+        (Duration::from_secs(10), Duration::from_secs(1))
     }
 }
 
