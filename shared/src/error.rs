@@ -51,28 +51,30 @@ impl Error {
             if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
     }
 
-    /// True when the backing service could not be reached, or had no time or room for the
-    /// query (as opposed to refusing it): the caller should answer 503 rather than 500. Time and
-    /// room: a statement or lock time-out set on the server (`57014`, `55P03`), or insufficient
-    /// resources (`53…`: out of disk or memory, too many connections).
+    /// True when the backing service could not be reached, ended the session
+    /// ([`Error::is_session_ended`]), or had no time or room for the query (as opposed to
+    /// refusing it): the caller should answer 503 rather than 500. Time and room: a statement
+    /// or lock time-out set on the server (`57014`, `55P03`), or insufficient resources (`53…`:
+    /// out of disk or memory, too many connections).
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Database(e) => {
-                matches!(
-                    e,
-                    sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::Io(_)
-                        | sqlx::Error::Tls(_)
-                        | sqlx::Error::Protocol(_)
-                        | sqlx::Error::WorkerCrashed
-                ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
-                    c.starts_with("57P")
-                        || c.starts_with("08")
-                        || c.starts_with("53")
-                        || c == "57014"
-                        || c == "55P03"
-                }))
+                self.is_session_ended()
+                    || matches!(
+                        e,
+                        sqlx::Error::PoolTimedOut
+                            | sqlx::Error::PoolClosed
+                            | sqlx::Error::Io(_)
+                            | sqlx::Error::Tls(_)
+                            | sqlx::Error::Protocol(_)
+                            | sqlx::Error::WorkerCrashed
+                    )
+                    || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
+                        c.starts_with("08")
+                            || c.starts_with("53")
+                            || c == "57014"
+                            || c == "55P03"
+                    }))
             }
             Error::Redis(_) | Error::Queue(_) => true,
             Error::Json(_) => false,
