@@ -10,6 +10,7 @@
 //!
 //! Usernames are hashed into the keys, so key length is bounded and no name is stored.
 use std::net::IpAddr;
+use std::sync::LazyLock;
 
 use sha2::{Digest, Sha256};
 
@@ -20,7 +21,9 @@ use crate::state::AppState;
 /// `KEYS[1]` is held; answers the milliseconds to wait (0: admitted). `ARGV`: window ms, then
 /// the limit of each window key, then a member unique to this attempt. Redis's clock, so every
 /// instance agrees.
-const ADMIT: &str = r#"
+static ADMIT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local t = redis.call('time')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
@@ -42,13 +45,17 @@ for i = 2, #KEYS do
   redis.call('pexpire', KEYS[i], window)
 end
 return 0
-"#;
+"#,
+    )
+});
 
 /// Records a failed login of one username; `ARGV`: failures before backoff, longest lock ms,
 /// window ms. Until a lock exists the count lives one window past its last failure, so a failed
 /// guess of an unknown name (every one of which is recorded, alike with known names) costs
 /// Redis a key for minutes, not a day; a locked name's count lives a day past its longest lock.
-const FAILED: &str = r#"
+static FAILED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local t = redis.call('time')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('hincrby', KEYS[1], 'n', 1)
@@ -62,7 +69,9 @@ else
   redis.call('pexpire', KEYS[1], tonumber(ARGV[3]))
 end
 return n
-"#;
+"#,
+    )
+});
 
 /// Attempts refused by a window or a lock, by action.
 pub const THROTTLED_METRIC: &str = "aichat_auth_throttled_total";
@@ -116,8 +125,7 @@ pub async fn admit(
         ));
     }
     let lock = ns.login_failures(&user);
-    let admit = redis::Script::new(ADMIT);
-    let mut script = admit.prepare_invoke();
+    let mut script = ADMIT.prepare_invoke();
     script.key(&lock);
     script.arg(settings.auth_window_secs.saturating_mul(1000));
     for (key, limit) in &windows {
@@ -144,7 +152,7 @@ pub async fn login_failed(state: &AppState, username: &str) -> ApiResult<()> {
     metrics::counter!(FAILED_LOGINS_METRIC).increment(1);
     let settings = &state.settings;
     let mut redis = state.redis.clone();
-    let _: i64 = redis::Script::new(FAILED)
+    let _: i64 = FAILED
         .key(state.ns.login_failures(&subject(username)))
         .arg(settings.login_failures_before_backoff.max(1))
         .arg(settings.login_backoff_max_secs.saturating_mul(1000))

@@ -9,6 +9,8 @@
 //! run saved and died before publishing); when its own claim created the marker, the earlier
 //! run had announced and deleted its marker, so it only [`release`]s. Markers live only while
 //! a job is in progress: Redis returns to its size when the queue drains.
+use std::sync::LazyLock;
+
 use redis::aio::ConnectionManager;
 
 use crate::error::Result;
@@ -55,12 +57,16 @@ pub async fn claim(conn: &mut ConnectionManager, ns: &Namespace, message_id: i64
     }
 }
 
-const ANNOUNCE: &str = r"
+static ANNOUNCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 if redis.call('DEL', KEYS[1]) == 1 then
     redis.call('DEL', KEYS[3])
     return redis.call('PUBLISH', KEYS[2], ARGV[1])
 end
-return -1";
+return -1",
+    )
+});
 
 /// Publishes `event` on the chat's channel if the message's marker is still there, deleting
 /// it (and the reply in progress, `partial.rs`) in the same step. True when this call
@@ -73,7 +79,7 @@ pub async fn announce_once(
     event: &ChatEvent,
 ) -> Result<bool> {
     let payload = serde_json::to_string(event)?;
-    let receivers: i64 = redis::Script::new(ANNOUNCE)
+    let receivers: i64 = ANNOUNCE
         .key(ns.pending_announcement(message_id))
         .key(ns.chat_channel(ai_chat_id))
         .key(ns.partial_reply(message_id))

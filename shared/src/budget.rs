@@ -3,6 +3,8 @@
 //! real usage once the reply is saved (or releases it when the message fails). Each user-day
 //! has two counters: the total that counts against the budget (used and reserved), and the
 //! part of it still reserved; both change together in one script.
+use std::sync::LazyLock;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
@@ -67,7 +69,9 @@ fn day_key(ns: &Namespace, user_id: i64, day: NaiveDate) -> String {
 /// Reserves ARGV[1] tokens if the day's total (KEYS[1]) stays within ARGV[2], counting them in
 /// the total and in the reserved part (KEYS[2]); both live two days. Returns whether it did,
 /// and the total after.
-const RESERVE: &str = r#"
+static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local total = tonumber(redis.call('get', KEYS[1]) or '0')
 if total + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
   return {0, total}
@@ -77,7 +81,9 @@ redis.call('incrby', KEYS[2], ARGV[1])
 redis.call('expire', KEYS[1], 172800)
 redis.call('expire', KEYS[2], 172800)
 return {1, total}
-"#;
+"#,
+    )
+});
 
 /// Replaces a reservation of ARGV[1] tokens by ARGV[2] really used: the total (KEYS[1]) moves
 /// by the difference, the reserved part (KEYS[2]) gives the reservation up. A day whose total
@@ -87,7 +93,9 @@ return {1, total}
 /// a re-drive's reservation of 0 does on a day its user has sent nothing. The reserved part
 /// never goes below 0: a reservation made before it was counted (by an older version) has
 /// nothing there to give up.
-const SETTLE: &str = r#"
+static SETTLE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local reserved = tonumber(ARGV[1])
 local delta = tonumber(ARGV[2]) - reserved
 if delta ~= 0 then
@@ -103,7 +111,9 @@ if give > 0 then
   redis.call('decrby', KEYS[2], give)
 end
 return 1
-"#;
+"#,
+    )
+});
 
 /// What an attempt to reserve found: the reservation, when the budget could take it, and the
 /// day's total (used and reserved) after the attempt.
@@ -125,7 +135,7 @@ pub async fn reserve(
 ) -> Result<Attempt> {
     let day = day_of(now);
     let key = day_key(ns, user_id, day);
-    let (admitted, total): (i64, i64) = redis::Script::new(RESERVE)
+    let (admitted, total): (i64, i64) = RESERVE
         .key(&key)
         .key(reserved_key(&key))
         .arg(tokens)
@@ -149,7 +159,7 @@ pub async fn settle(
     used: i64,
 ) -> Result<()> {
     let today = reservation.day == Some(day_of(Utc::now()));
-    redis::Script::new(SETTLE)
+    SETTLE
         .key(&reservation.key)
         .key(reserved_key(&reservation.key))
         .arg(reservation.tokens)

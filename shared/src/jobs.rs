@@ -555,16 +555,38 @@ pub struct DeadJob {
     pub attempts: i64,
 }
 
+/// A dead job as listed, from its stored arguments and attempts; `None` when the arguments are
+/// gone or unreadable.
+fn dead_job_of(task_id: String, args: Option<&[u8]>, attempts: Option<i64>) -> Option<DeadJob> {
+    let job = serde_json::from_slice::<CompletionJob>(args?).ok()?;
+    Some(DeadJob {
+        task_id,
+        message_id: job.message_id,
+        ai_chat_id: job.ai_chat_id,
+        attempts: attempts.unwrap_or(0),
+    })
+}
+
 impl JobQueue {
-    /// Dead jobs, at most `limit`, newest task id (ULIDs sort by time) first.
+    /// Dead jobs, at most `limit`, newest task id (ULIDs sort by time) first: the set's members,
+    /// then the listed jobs' arguments in one round trip and their attempts in another.
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
         let mut conn = self.conn.clone();
         let mut ids: Vec<String> = conn.smembers(self.config.dead_jobs_set()).await?;
         ids.sort_unstable_by(|a, b| b.cmp(a));
         ids.truncate(limit);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let args: Vec<Option<Vec<u8>>> = conn.hmget(self.config.job_data_hash(), &ids).await?;
+        let mut pipe = redis::pipe();
+        for task_id in &ids {
+            pipe.hget(self.meta_key(task_id), "attempts");
+        }
+        let attempts: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
         let mut jobs = Vec::with_capacity(ids.len());
-        for task_id in ids {
-            if let Some(job) = self.dead_job(&task_id).await? {
+        for ((task_id, args), attempts) in ids.into_iter().zip(args).zip(attempts) {
+            if let Some(job) = dead_job_of(task_id, args.as_deref(), attempts) {
                 jobs.push(job);
             }
         }
@@ -580,15 +602,7 @@ impl JobQueue {
         }
         let args: Option<Vec<u8>> = conn.hget(self.config.job_data_hash(), task_id).await?;
         let attempts: Option<i64> = conn.hget(self.meta_key(task_id), "attempts").await?;
-        let Some(job) = args.and_then(|a| serde_json::from_slice::<CompletionJob>(&a).ok()) else {
-            return Ok(None);
-        };
-        Ok(Some(DeadJob {
-            task_id: task_id.to_owned(),
-            message_id: job.message_id,
-            ai_chat_id: job.ai_chat_id,
-            attempts: attempts.unwrap_or(0),
-        }))
+        Ok(dead_job_of(task_id.to_owned(), args.as_deref(), attempts))
     }
 
     /// The stored arguments of a job.

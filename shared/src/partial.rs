@@ -13,6 +13,8 @@
 //! A reply that starts over within a run (its model call retried after part of it streamed)
 //! empties its list and publishes an empty `assistant_partial` ([`restart`]): followers drop
 //! what they had, and the deltas that follow are numbered from 1 again.
+use std::sync::LazyLock;
+
 use redis::aio::ConnectionManager;
 
 use crate::error::Result;
@@ -24,12 +26,16 @@ pub const PARTIAL_TTL_SECS: u64 = 3600;
 
 /// KEYS: the list, the chat's channel. ARGV: the delta, the TTL, the user message id, the
 /// delta as a JSON string. Returns the delta's `seq`.
-const PUSH: &str = r#"
+static PUSH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local seq = redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], '{"type":"assistant_delta","message_id":' .. ARGV[3] ..
     ',"delta":' .. ARGV[4] .. ',"seq":' .. seq .. '}')
-return seq"#;
+return seq"#,
+    )
+});
 
 /// Appends `delta` to the reply in progress to `message_id` and publishes it as
 /// `assistant_delta` with its `seq`, in one step; returns the `seq`.
@@ -40,7 +46,7 @@ pub async fn push_delta(
     message_id: i64,
     delta: &str,
 ) -> Result<u64> {
-    let seq: u64 = redis::Script::new(PUSH)
+    let seq: u64 = PUSH
         .key(ns.partial_reply(message_id))
         .key(ns.chat_channel(ai_chat_id))
         .arg(delta)
@@ -53,9 +59,13 @@ pub async fn push_delta(
 }
 
 /// KEYS: the list, the chat's channel. ARGV: the `assistant_partial` event.
-const RESTART: &str = r"
+static RESTART: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 redis.call('DEL', KEYS[1])
-return redis.call('PUBLISH', KEYS[2], ARGV[1])";
+return redis.call('PUBLISH', KEYS[2], ARGV[1])",
+    )
+});
 
 /// Starts the reply in progress to `message_id` over (its model call is retried after part of
 /// it streamed): the list is emptied and an empty `assistant_partial` (`seq` 0) published in
@@ -71,7 +81,7 @@ pub async fn restart(
         content: String::new(),
         seq: 0,
     };
-    let _receivers: i64 = redis::Script::new(RESTART)
+    let _receivers: i64 = RESTART
         .key(ns.partial_reply(message_id))
         .key(ns.chat_channel(ai_chat_id))
         .arg(serde_json::to_string(&event)?)

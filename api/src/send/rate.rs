@@ -1,5 +1,6 @@
 //! The per-user send rate limit, shared by every API instance through Redis: a fixed window of
 //! a minute per user, opened by the first send after the last one ended.
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,13 +13,17 @@ const WINDOW: Duration = Duration::from_secs(60);
 
 /// Counts one send in the user's current window; returns the count and the window's
 /// remaining milliseconds.
-const SCRIPT: &str = r#"
+static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 local count = redis.call('incr', KEYS[1])
 if count == 1 then redis.call('pexpire', KEYS[1], ARGV[1]) end
 local ttl = redis.call('pttl', KEYS[1])
 if ttl < 0 then redis.call('pexpire', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
 return { count, ttl }
-"#;
+"#,
+    )
+});
 
 /// One send counted: whether it is within the limit, and where the user stands after it.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +39,7 @@ pub async fn count(state: &AppState, user_id: i64) -> ApiResult<Option<Counted>>
         return Ok(None);
     }
     let mut conn = state.redis.clone();
-    let (count, ttl_ms): (u64, u64) = redis::Script::new(SCRIPT)
+    let (count, ttl_ms): (u64, u64) = SCRIPT
         .key(state.ns.send_rate(user_id))
         .arg(WINDOW.as_millis() as u64)
         .invoke_async(&mut conn)
