@@ -70,8 +70,9 @@ impl DbCounters {
 /// publish when the statement ends, before it answers; each connection is held while the
 /// others are asked, so each is asked once.
 async fn publish_own(db: &PgPool) -> anyhow::Result<()> {
-    let mut held = Vec::with_capacity(db.num_idle());
-    for _ in 0..db.num_idle() {
+    let idle = db.num_idle();
+    let mut held = Vec::with_capacity(idle);
+    for _ in 0..idle {
         held.push(db.acquire().await?);
     }
     for conn in &mut held {

@@ -85,7 +85,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     stack.add_worker(&ctx.env, concurrency).await?;
     let cpu = CpuMeter::start(&stack.pids());
     let metrics_url = stack.worker_metrics.first().cloned().unwrap_or_default();
-    let ideal = f64::from(concurrency) / (LATENCY_MS as f64 / 1000.0);
+    let ideal = ideal_rate(concurrency);
     let limit = Duration::from_secs_f64(queued as f64 / ideal * 3.0 + 30.0);
     let start = Instant::now();
     let mut max_worker_in_flight = 0.0f64;
@@ -276,7 +276,7 @@ async fn ingest_while_draining(
     let (secs, warm) = drain_ingest_secs(ctx.opts.quick);
     // Enough for the worker to drain through the whole ingest: the jobs it holds when the
     // ingest begins, then its ideal rate over the warm-up and the window, and half again.
-    let ideal = concurrency / (LATENCY_MS as f64 / 1000.0);
+    let ideal = ideal_rate(ctx.opts.concurrency);
     let through = concurrency + ideal * (warm + secs).as_secs_f64() * 1.5;
     let jobs = ctx.opts.concurrency_jobs.max(through.ceil() as u64);
     eprintln!(
@@ -342,6 +342,12 @@ async fn ingest_while_draining(
         drain_rate: replies as f64 / elapsed,
         backlog_left,
     })
+}
+
+/// Replies per second of a worker whose `concurrency` slots are always full: each call lasts
+/// the model's latency.
+fn ideal_rate(concurrency: u32) -> f64 {
+    f64::from(concurrency) / (LATENCY_MS as f64 / 1000.0)
 }
 
 /// How long the ingest while draining runs, and its warm-up. The worker's replies come in
