@@ -463,3 +463,77 @@ async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dea
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.cleanup().await;
 }
+
+/// Three dead jobs are listed newest first, each entry with its own job's message, chat and
+/// attempts (the listing reads every job's arguments in one round trip and their attempts in
+/// another): a re-drive of the middle entry's task answers the middle message.
+#[tokio::test]
+async fn several_dead_jobs_are_listed_newest_first_each_with_its_own_message() {
+    let app = Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &["--llm-max-attempts", "1"],
+    )
+    .await;
+    let root = app.staff("root").await;
+    let alice = app.user("alice").await;
+    let mut sent = Vec::new();
+    for text in ["one", "two", "three"] {
+        let chat = app.ai_chat_id(&alice).await;
+        let mut ws = app.ws(chat, &alice.token, None).await;
+        let (status, _) = app.send_waiting(&alice, chat, text, "true").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let (_, events) = event_of(&mut ws, "error", 10).await;
+        let message_id = events[0]["message"]["id"].as_i64().expect("the message id");
+        sent.push((message_id, chat));
+    }
+    let dead = eventually(
+        Duration::from_secs(10),
+        "three dead jobs are listed",
+        || async {
+            let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
+            (dead.len() == 3).then_some(dead)
+        },
+    )
+    .await;
+    let listed: Vec<(i64, i64)> = dead
+        .iter()
+        .map(|job| {
+            (
+                job["message_id"].as_i64().expect("message id"),
+                job["ai_chat_id"].as_i64().expect("chat id"),
+            )
+        })
+        .collect();
+    let newest_first: Vec<(i64, i64)> = sent.iter().rev().copied().collect();
+    assert_eq!(listed, newest_first, "{dead:?}");
+    assert!(
+        dead.iter().all(|job| job["attempts"] == dead[0]["attempts"]
+            && job["attempts"].as_i64().is_some()),
+        "each job's attempts: {dead:?}"
+    );
+
+    app.fake.set_config(FakeConfig::default());
+    let (middle_message, middle_chat) = sent[1];
+    let mut ws = app.ws(middle_chat, &alice.token, None).await;
+    let task_id = dead[1]["task_id"].as_str().expect("task id");
+    let (status, body) = app
+        .post(
+            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
+            &root.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["message_id"], middle_message, "{body}");
+    let (reply, _) = event_of(&mut ws, "assistant_message", 15).await;
+    assert_eq!(reply["message"]["reply_to"], middle_message);
+    let left: Vec<i64> = app
+        .list("/api/admin/dead-jobs/", &root.token)
+        .await
+        .iter()
+        .map(|job| job["message_id"].as_i64().expect("message id"))
+        .collect();
+    assert_eq!(left, [sent[2].0, sent[0].0], "the other two stay listed");
+    app.cleanup().await;
+}
