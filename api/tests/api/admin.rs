@@ -193,6 +193,17 @@ async fn a_redrive_after_an_older_reply_was_activated_answers_the_question_anew(
     app.cleanup().await;
 }
 
+/// A stack whose model always fails and whose worker makes one attempt a job: every message
+/// fails for good and its job goes dead.
+async fn failing_for_good() -> Stack {
+    Stack::start(
+        fake_always(Outcome::ServerError),
+        &[],
+        &["--llm-max-attempts", "1"],
+    )
+    .await
+}
+
 /// A message of alice's that the model failed, on `app` (its model failing, one attempt a
 /// job), and its dead job as staff list it.
 struct Failed {
@@ -382,12 +393,7 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
 /// still failed stay, newest first.
 #[tokio::test]
 async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dead_set() {
-    let app = Stack::start(
-        fake_always(Outcome::ServerError),
-        &[],
-        &["--llm-max-attempts", "1"],
-    )
-    .await;
+    let app = failing_for_good().await;
     let Failed {
         root,
         alice,
@@ -469,12 +475,7 @@ async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dea
 /// another): a re-drive of the middle entry's task answers the middle message.
 #[tokio::test]
 async fn several_dead_jobs_are_listed_newest_first_each_with_its_own_message() {
-    let app = Stack::start(
-        fake_always(Outcome::ServerError),
-        &[],
-        &["--llm-max-attempts", "1"],
-    )
-    .await;
+    let app = failing_for_good().await;
     let root = app.staff("root").await;
     let alice = app.user("alice").await;
     let mut sent = Vec::new();
