@@ -165,13 +165,7 @@ async fn a_redrive_after_an_older_reply_was_activated_answers_the_question_anew(
 
     app.fake.set_config(FakeConfig::default());
     let calls_before = app.fake.requests().len();
-    let (status, body) = app
-        .post(
-            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
-            &root.token,
-            json!({}),
-        )
-        .await;
+    let (status, body) = redrive(&app, &root, &task_id).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let (reply, _) = event_of(&mut ws, "assistant_message", 15).await;
     assert_eq!(reply["message"]["reply_to"], question);
@@ -200,6 +194,20 @@ async fn failing_for_good() -> Stack {
         fake_always(Outcome::ServerError),
         &[],
         &["--llm-max-attempts", "1"],
+    )
+    .await
+}
+
+/// Staff's re-drive of the dead job `task_id`: the answer's status and body.
+async fn redrive(
+    app: &Stack,
+    staff: &common::TestUser,
+    task_id: &str,
+) -> (StatusCode, serde_json::Value) {
+    app.post(
+        &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
+        &staff.token,
+        json!({}),
     )
     .await
 }
@@ -293,8 +301,7 @@ async fn a_redrive_of_a_job_older_than_its_keys_is_asked_once_while_sweeps_run()
         latency_ms: 4000,
         ..FakeConfig::default()
     });
-    let redrive = format!("/api/admin/dead-jobs/{task_id}/redrive/");
-    let (status, body) = app.post(&redrive, &root.token, json!({})).await;
+    let (status, body) = redrive(&app, &root, &task_id).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let (reply, _) = event_of(&mut ws, "assistant_message", 20).await;
     assert_eq!(reply["message"]["reply_to"], message_id);
@@ -350,8 +357,7 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
 
     // The model is back; the re-drive answers the message, once.
     app.fake.set_config(FakeConfig::default());
-    let redrive = format!("/api/admin/dead-jobs/{task_id}/redrive/");
-    let (status, body) = app.post(&redrive, &root.token, json!({})).await;
+    let (status, body) = redrive(&app, &root, &task_id).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(
         body,
@@ -363,7 +369,7 @@ async fn a_dead_job_is_listed_and_a_redrive_answers_its_message_once() {
         app.get("/api/admin/dead-jobs/", &root.token).await.1,
         json!([])
     );
-    let (status, _) = app.post(&redrive, &root.token, json!({})).await;
+    let (status, _) = redrive(&app, &root, &task_id).await;
     assert_eq!(
         status,
         StatusCode::NOT_FOUND,
@@ -459,13 +465,7 @@ async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dea
         .await
         .expect("sismember");
     assert!(!still_dead, "the answered message's dead job is forgotten");
-    let (status, _) = app
-        .post(
-            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
-            &root.token,
-            json!({}),
-        )
-        .await;
+    let (status, _) = redrive(&app, &root, &task_id).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.cleanup().await;
 }
@@ -518,13 +518,7 @@ async fn several_dead_jobs_are_listed_newest_first_each_with_its_own_message() {
     let (middle_message, middle_chat) = sent[1];
     let mut ws = app.ws(middle_chat, &alice.token, None).await;
     let task_id = dead[1]["task_id"].as_str().expect("task id");
-    let (status, body) = app
-        .post(
-            &format!("/api/admin/dead-jobs/{task_id}/redrive/"),
-            &root.token,
-            json!({}),
-        )
-        .await;
+    let (status, body) = redrive(&app, &root, task_id).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["message_id"], middle_message, "{body}");
     let (reply, _) = event_of(&mut ws, "assistant_message", 15).await;
