@@ -42,7 +42,7 @@ struct Cli {
     /// Directory holding aichat-api, aichat-worker and aichat-fake-llm.
     #[arg(long, default_value = "target/release")]
     release_dir: PathBuf,
-    /// Soak length in minutes (default 10; 20 s with --quick).
+    /// Soak length in minutes (default 16; 20 s with --quick).
     #[arg(long)]
     soak_minutes: Option<f64>,
     /// WebSocket clients of the fan-out scenario (default 10,000; 500 with --quick).

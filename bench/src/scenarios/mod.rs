@@ -49,7 +49,8 @@ impl Opts {
         let soak_secs = match (quick, soak_minutes) {
             (_, Some(m)) => (m * 60.0).round().max(5.0) as u64,
             (true, None) => 20,
-            (false, None) => 600,
+            // The worker's memory warms up for ~9 minutes: the second half must start after it.
+            (false, None) => 960,
         };
         let fanout_clients = fanout_clients.unwrap_or(if quick { 500 } else { 10_000 });
         Opts {
