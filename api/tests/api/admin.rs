@@ -147,11 +147,7 @@ async fn a_redrive_after_an_older_reply_was_activated_answers_the_question_anew(
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     event_of(&mut ws, "error", 10).await;
-    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
-        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
+    let dead = dead_jobs_listed(&app, &root, 1).await;
     let task_id = dead[0]["task_id"].as_str().expect("task id").to_owned();
     // The older reply made active again: the failed question's version now names it.
     let (status, body) = app
@@ -212,6 +208,40 @@ async fn redrive(
     .await
 }
 
+/// Sends `text` into `chat` with `?wait=true` on a stack whose model fails for good: the send
+/// answers 502, and the message's id comes with the `error` event on `ws`.
+async fn send_failing(
+    app: &Stack,
+    user: &common::TestUser,
+    chat: i64,
+    ws: &mut common::Ws,
+    text: &str,
+) -> i64 {
+    let (status, _) = app.send_waiting(user, chat, text, "true").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (_, events) = event_of(ws, "error", 10).await;
+    events[0]["message"]["id"].as_i64().expect("the message id")
+}
+
+/// The dead jobs staff list, once at least `count` are listed. The worker publishes the error
+/// before apalis moves the job to the dead set (after the handler returns), so the listing may
+/// lag the event by a moment.
+async fn dead_jobs_listed(
+    app: &Stack,
+    staff: &common::TestUser,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    eventually(
+        Duration::from_secs(10),
+        "the dead jobs are listed",
+        || async {
+            let dead = app.list("/api/admin/dead-jobs/", &staff.token).await;
+            (dead.len() >= count).then_some(dead)
+        },
+    )
+    .await
+}
+
 /// A message of alice's that the model failed, on `app` (its model failing, one attempt a
 /// job), and its dead job as staff list it.
 struct Failed {
@@ -228,17 +258,8 @@ async fn a_failed_message(app: &Stack) -> Failed {
     let root = app.staff("root").await;
     let (alice, chat) = app.user_with_ai_chat("alice").await;
     let mut ws = app.ws(chat, &alice.token, None).await;
-    let (status, _) = app.send_waiting(&alice, chat, "hello", "true").await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    let (_, sent) = event_of(&mut ws, "error", 10).await;
-    let message_id = sent[0]["message"]["id"].as_i64().expect("the message id");
-    // The worker publishes the error before apalis moves the job to the dead set (after the
-    // handler returns), so the listing may lag the event by a moment.
-    let dead = eventually(Duration::from_secs(10), "a dead job is listed", || async {
-        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
+    let message_id = send_failing(app, &alice, chat, &mut ws, "hello").await;
+    let dead = dead_jobs_listed(app, &root, 1).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["message_id"], message_id);
     assert_eq!(dead[0]["ai_chat_id"], chat);
@@ -420,11 +441,8 @@ async fn a_dead_job_whose_message_was_answered_since_leaves_the_list_and_the_dea
         .filter_map(|m| m["id"].as_i64())
         .collect();
     assert_eq!(bobs.len(), 2, "{bobs:?}");
-    let listed = eventually(Duration::from_secs(10), "three dead jobs", || async {
-        let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
-        (dead.len() == 3).then_some(dead)
-    })
-    .await;
+    let listed = dead_jobs_listed(&app, &root, 3).await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
     let listed: Vec<i64> = listed
         .iter()
         .filter_map(|j| j["message_id"].as_i64())
@@ -482,21 +500,11 @@ async fn several_dead_jobs_are_listed_newest_first_each_with_its_own_message() {
     for text in ["one", "two", "three"] {
         let chat = app.ai_chat_id(&alice).await;
         let mut ws = app.ws(chat, &alice.token, None).await;
-        let (status, _) = app.send_waiting(&alice, chat, text, "true").await;
-        assert_eq!(status, StatusCode::BAD_GATEWAY);
-        let (_, events) = event_of(&mut ws, "error", 10).await;
-        let message_id = events[0]["message"]["id"].as_i64().expect("the message id");
+        let message_id = send_failing(&app, &alice, chat, &mut ws, text).await;
         sent.push((message_id, chat));
     }
-    let dead = eventually(
-        Duration::from_secs(10),
-        "three dead jobs are listed",
-        || async {
-            let dead = app.list("/api/admin/dead-jobs/", &root.token).await;
-            (dead.len() == 3).then_some(dead)
-        },
-    )
-    .await;
+    let dead = dead_jobs_listed(&app, &root, 3).await;
+    assert_eq!(dead.len(), 3, "{dead:?}");
     let listed: Vec<(i64, i64)> = dead
         .iter()
         .map(|job| {
